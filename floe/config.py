@@ -1,0 +1,286 @@
+"""One typed tree of settings.
+
+Every knob floe has is declared here once, with its help text, its default and its validation.
+The CLI flag (``--max-batch-tokens``) and the environment variable (``FLOE_MAX_BATCH_TOKENS``) are
+derived from the field name, so a flag can never drift from the setting it sets. Components receive
+the sub-tree they need (``BatchSettings`` for the scheduler, ``ReplicaSetSettings`` for the manager)
+and never read the environment themselves.
+
+Precedence: command-line flag > ``FLOE_*`` environment variable > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from floe.errors import ConfigError
+
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+Balancing = Literal["round_robin", "random", "least_loaded"]
+GpuAssignment = Literal["dedicated", "shared"]
+EngineKind = Literal["torch", "fake"]
+LogFormat = Literal["text", "json"]
+
+
+def _knob(default: Any, help: str, *, flag: Optional[str] = None, factory: Any = None) -> Any:
+    """A settings field: ``help`` becomes the ``--help`` text; ``flag`` overrides the flag name."""
+    meta = {"help": help, "flag": flag}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """What to load and how to run it."""
+
+    model: str = _knob(
+        "default",
+        "Model to serve: a local sentence-transformers or transformers folder, 'default' for the "
+        "embedded all-MiniLM-L6-v2, or a hub id (resolved through huggingface_hub; needs a network).",
+    )
+    served_model_name: Optional[str] = _knob(
+        None, "Name reported by /v1/models and accepted in the request's `model` field "
+        "(default: the model folder's name)."
+    )
+    device: Device = _knob("auto", "auto (cuda when present, else cpu), cpu or cuda.")
+    dtype: DType = _knob(
+        "auto",
+        "Compute precision. auto: bfloat16 on CPUs with AMX/avx512_bf16 and on GPUs that support it, "
+        "float16 on older GPUs, float32 otherwise.",
+    )
+    max_seq_length: Optional[int] = _knob(
+        None, "Override the model's max_seq_length (tokens per input, special tokens included)."
+    )
+    pooling: Optional[Literal["mean", "cls", "last_token", "max"]] = _knob(
+        None, "Override the pooling mode read from the model folder."
+    )
+    default_prompt_name: Optional[str] = _knob(
+        None, "Prompt (from the model's config_sentence_transformers.json) applied when a request "
+        "names none."
+    )
+    revision: Optional[str] = _knob(None, "Hub revision, for a hub id.")
+    trust_remote_code: bool = _knob(False, "Allow custom modelling code from the model folder.")
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """The dynamic batcher inside each replica (see floe/replica/scheduler.py)."""
+
+    max_batch_tokens: int = _knob(
+        16384,
+        "Token budget of one forward pass, counted in padded tokens (longest input x batch size). "
+        "Larger budgets raise throughput until the device saturates; they cost memory.",
+    )
+    max_batch_size: int = _knob(256, "Most sequences in one forward pass.")
+    batch_timeout_ms: float = _knob(
+        2.0,
+        "Longest a sequence waits for its batch to fill while the engine is idle. 0 runs whatever "
+        "is queued at once; a few ms raises fill under light concurrent load.",
+    )
+    max_queued_tokens: int = _knob(
+        4_000_000,
+        "Admission limit per replica: tokens waiting for a forward pass. Beyond it requests get "
+        "429 / RESOURCE_EXHAUSTED with Retry-After.",
+    )
+
+
+@dataclass(frozen=True)
+class ReplicaSetSettings:
+    """Replica processes behind one endpoint (see floe/router/manager.py)."""
+
+    num_replicas: int = _knob(2, "Model replica processes behind the endpoint.")
+    replica_host: str = _knob("127.0.0.1", "Address replicas bind to.")
+    start_port: int = _knob(50100, "Replica i listens on start_port + i.")
+    num_gpus: int = _knob(1, "GPUs to place replicas on.")
+    gpu_assignment: GpuAssignment = _knob(
+        "dedicated",
+        "dedicated: replica i gets GPU (i mod num_gpus) alone through CUDA_VISIBLE_DEVICES; "
+        "shared: every replica sees all num_gpus GPUs and they share them (several replicas on one GPU).",
+    )
+    tensor_parallel_size: int = _knob(
+        1, "GPUs per replica. The torch engine runs a replica on one device: values > 1 are refused."
+    )
+    gpu_memory_utilization: float = _knob(
+        0.9,
+        "Fraction of one GPU's memory that all replicas on it may use together; split evenly "
+        "between them, and it bounds each replica's batch token budget.",
+    )
+    load_balancing: Balancing = _knob(
+        "least_loaded",
+        "round_robin, random, or least_loaded (fewest in-flight tokens, counted by the front end).",
+    )
+    health_interval: float = _knob(1.0, "Seconds between health probes of each replica.")
+    forward_timeout: float = _knob(
+        120.0, "Seconds a replica may take to answer one request before it is treated as failed."
+    )
+    startup_timeout: float = _knob(120.0, "Seconds a replica may take to load and become ready.")
+    max_restarts: int = _knob(
+        5, "Restarts of one replica within restart_window before it is given up (crash loop)."
+    )
+    restart_window: float = _knob(300.0, "Seconds over which max_restarts is counted.")
+    workers: int = _knob(
+        4, "Threads per replica for tokenizing string requests sent to the replica directly."
+    )
+    engine: EngineKind = _knob(
+        "torch", "torch: the real model; fake: a deterministic stand-in for API and load tests."
+    )
+    threads_per_replica: Optional[int] = _knob(
+        None, "CPU threads per replica (default: the machine's cores split between replicas)."
+    )
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The front end: HTTP and gRPC listeners, admission and validation limits."""
+
+    host: str = _knob("127.0.0.1", "Address the HTTP and gRPC listeners bind to.")
+    port: int = _knob(8080, "HTTP port (OpenAI /v1/embeddings, /embed, /metrics ...). 0 disables HTTP.")
+    grpc_port: int = _knob(50050, "Public gRPC port (floe.v1.Embedder and arctic_inference). 0 disables it.")
+    api_key: Optional[str] = _knob(
+        None, "Require `Authorization: Bearer KEY` (HTTP) or `authorization` metadata (gRPC)."
+    )
+    auto_truncate: bool = _knob(
+        True, "Truncate inputs longer than max_seq_length unless a request says otherwise."
+    )
+    max_client_batch_size: int = _knob(2048, "Most inputs in one request (more: 413).")
+    max_input_chars: Optional[int] = _knob(
+        None, "Longest input string in characters, checked before tokenizing (default 250 x max_seq_length)."
+    )
+    payload_limit: int = _knob(16_000_000, "Largest HTTP request body in bytes (more: 413).")
+    max_concurrent_requests: int = _knob(
+        1024, "Requests admitted at once across the endpoint; beyond it 429 with Retry-After."
+    )
+    tokenization_workers: Optional[int] = _knob(
+        None, "Tokenizer threads in the front end (default: cores - 1, at least 1)."
+    )
+    drain_timeout: float = _knob(30.0, "Seconds SIGTERM waits for in-flight requests before exit.")
+    log_level: str = _knob("info", "debug, info, warning or error.")
+    log_format: LogFormat = _knob("text", "text or json (one object per line).")
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    batch: BatchSettings = field(default_factory=BatchSettings)
+    replicas: ReplicaSetSettings = field(default_factory=ReplicaSetSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
+
+    def validate(self) -> "Settings":
+        """Refuse values that cannot be honoured, with a message that says what to change."""
+        b, r, s = self.batch, self.replicas, self.server
+        if b.max_batch_tokens < 1 or b.max_batch_size < 1:
+            raise ConfigError("--max-batch-tokens and --max-batch-size must be positive")
+        if b.batch_timeout_ms < 0:
+            raise ConfigError("--batch-timeout-ms must be >= 0")
+        if r.num_replicas < 1:
+            raise ConfigError("--num-replicas must be at least 1")
+        if r.num_gpus < 1:
+            raise ConfigError("--num-gpus must be at least 1")
+        if r.tensor_parallel_size != 1:
+            raise ConfigError(
+                f"--tensor-parallel-size {r.tensor_parallel_size} is not supported: the torch engine "
+                "runs each replica on one device. Use --num-replicas with --gpu-assignment dedicated "
+                "to use several GPUs."
+            )
+        if not 0.0 < r.gpu_memory_utilization <= 1.0:
+            raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
+        if s.max_client_batch_size < 1:
+            raise ConfigError("--max-client-batch-size must be positive")
+        if self.model.max_seq_length is not None and self.model.max_seq_length < 1:
+            raise ConfigError("--max-seq-length must be positive")
+        return self
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSettings,
+    "batch": BatchSettings,
+    "replicas": ReplicaSetSettings,
+    "server": ServerSettings,
+}
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _env(f: dataclasses.Field) -> str:
+    return "FLOE_" + f.name.upper()
+
+
+def _base_type(tp: Any) -> Any:
+    """Optional[X] -> X."""
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def _parse_value(f: dataclasses.Field, tp: Any, raw: str) -> Any:
+    tp = _base_type(tp)
+    if typing.get_origin(tp) is Literal:
+        choices = typing.get_args(tp)
+        if raw not in choices:
+            raise ConfigError(f"{_flag(f)}: {raw!r} is not one of {', '.join(choices)}")
+        return raw
+    if tp is bool:
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{_flag(f)}: {raw!r} is not a boolean")
+    try:
+        return tp(raw)
+    except ValueError:
+        raise ConfigError(f"{_flag(f)}: {raw!r} is not a valid {tp.__name__}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = tuple(SECTIONS),
+                  skip: tuple[str, ...] = ()) -> None:
+    """Adds one flag per settings field of the named sections (defaults come from the tree)."""
+    for name in sections:
+        cls = SECTIONS[name]
+        hints = typing.get_type_hints(cls)
+        group = parser.add_argument_group(f"{name} settings")
+        for f in dataclasses.fields(cls):
+            if f.name in skip:
+                continue
+            tp = _base_type(hints[f.name])
+            default = f.default if f.default is not dataclasses.MISSING else None
+            help_text = f"{f.metadata.get('help', '')} [env {_env(f)}; default {default}]"
+            dest = f"{name}.{f.name}"
+            if tp is bool:
+                group.add_argument(_flag(f), dest=dest, default=None,
+                                   action=argparse.BooleanOptionalAction, help=help_text)
+            else:
+                choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+                group.add_argument(_flag(f), dest=dest, default=None, metavar=None if choices else f.name.upper(),
+                                   choices=choices, help=help_text,
+                                   type=(lambda raw, f=f, tp=tp: _parse_value(f, tp, raw)))
+
+
+def settings_from(args: Optional[argparse.Namespace] = None, env: Optional[dict[str, str]] = None,
+                  **overrides: dict[str, Any]) -> Settings:
+    """Builds the tree: defaults, then FLOE_* variables, then flags, then ``overrides`` per section."""
+    env = os.environ if env is None else env
+    ns = vars(args) if args is not None else {}
+    built: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if _env(f) in env and env[_env(f)] != "":
+                values[f.name] = _parse_value(f, hints[f.name], env[_env(f)])
+            v = ns.get(f"{name}.{f.name}")
+            if v is not None:
+                values[f.name] = v
+        values.update(overrides.get(name, {}))
+        built[name] = cls(**values)
+    return Settings(**built).validate()

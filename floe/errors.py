@@ -1,0 +1,164 @@
+"""One error taxonomy, mapped once per transport.
+
+Code anywhere in floe raises a ``FloeError`` subclass; the HTTP front end turns it into an OpenAI
+error envelope with ``HTTP_STATUS[kind]``, the gRPC servers abort with ``GRPC_STATUS[kind]``.
+Anything that is not a FloeError is an internal error: it is logged with its traceback and the
+client sees a generic message (never the raw exception text).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Optional
+
+MAX_MESSAGE_CHARS = 400
+
+
+class ErrorKind(str, enum.Enum):
+    VALIDATION = "invalid_request_error"
+    AUTH = "authentication_error"
+    NOT_FOUND = "not_found_error"
+    TOO_LARGE = "request_too_large"
+    UNSUPPORTED_MEDIA = "unsupported_media_type"
+    OVERLOADED = "rate_limit_error"
+    UNAVAILABLE = "service_unavailable"
+    DEADLINE = "timeout_error"
+    CANCELLED = "cancelled"
+    INTERNAL = "internal_error"
+
+
+class FloeError(Exception):
+    """Base of every error floe reports to a client. ``message`` is safe to show to the client."""
+
+    kind: ErrorKind = ErrorKind.INTERNAL
+
+    def __init__(self, message: str, *, param: Optional[str] = None,
+                 retry_after: Optional[float] = None) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[: MAX_MESSAGE_CHARS - 3] + "..."
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+
+class ValidationError(FloeError):
+    kind = ErrorKind.VALIDATION
+
+
+class AuthError(FloeError):
+    kind = ErrorKind.AUTH
+
+
+class ModelNotFoundError(FloeError):
+    kind = ErrorKind.NOT_FOUND
+
+
+class TooLargeError(FloeError):
+    kind = ErrorKind.TOO_LARGE
+
+
+class UnsupportedMediaError(FloeError):
+    kind = ErrorKind.UNSUPPORTED_MEDIA
+
+
+class OverloadedError(FloeError):
+    kind = ErrorKind.OVERLOADED
+
+    def __init__(self, message: str = "server overloaded, retry later", **kw) -> None:
+        kw.setdefault("retry_after", 1.0)
+        super().__init__(message, **kw)
+
+
+class UnavailableError(FloeError):
+    """Not ready, draining, or no healthy replica."""
+
+    kind = ErrorKind.UNAVAILABLE
+
+    def __init__(self, message: str = "service unavailable, retry later", **kw) -> None:
+        kw.setdefault("retry_after", 1.0)
+        super().__init__(message, **kw)
+
+
+class DeadlineError(FloeError):
+    kind = ErrorKind.DEADLINE
+
+
+class CancelledError(FloeError):
+    kind = ErrorKind.CANCELLED
+
+
+class InternalError(FloeError):
+    kind = ErrorKind.INTERNAL
+
+    def __init__(self, message: str = "internal error", **kw) -> None:
+        super().__init__(message, **kw)
+
+
+class ConfigError(Exception):
+    """A setting that cannot be honoured; raised at start-up, printed, exit code 2."""
+
+
+class ModelLoadError(Exception):
+    """The model folder or hub id cannot be loaded; raised at start-up with a clear message."""
+
+
+# --- transport tables -------------------------------------------------------------------------
+
+HTTP_STATUS: dict[ErrorKind, int] = {
+    ErrorKind.VALIDATION: 400,
+    ErrorKind.AUTH: 401,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.TOO_LARGE: 413,
+    ErrorKind.UNSUPPORTED_MEDIA: 415,
+    ErrorKind.OVERLOADED: 429,
+    ErrorKind.UNAVAILABLE: 503,
+    ErrorKind.DEADLINE: 504,
+    ErrorKind.CANCELLED: 499,
+    ErrorKind.INTERNAL: 500,
+}
+
+# Names of grpc.StatusCode members (kept as strings so this module imports without grpc).
+GRPC_STATUS: dict[ErrorKind, str] = {
+    ErrorKind.VALIDATION: "INVALID_ARGUMENT",
+    ErrorKind.AUTH: "UNAUTHENTICATED",
+    ErrorKind.NOT_FOUND: "NOT_FOUND",
+    ErrorKind.TOO_LARGE: "RESOURCE_EXHAUSTED",
+    ErrorKind.UNSUPPORTED_MEDIA: "INVALID_ARGUMENT",
+    ErrorKind.OVERLOADED: "RESOURCE_EXHAUSTED",
+    ErrorKind.UNAVAILABLE: "UNAVAILABLE",
+    ErrorKind.DEADLINE: "DEADLINE_EXCEEDED",
+    ErrorKind.CANCELLED: "CANCELLED",
+    ErrorKind.INTERNAL: "INTERNAL",
+}
+
+# The reverse, for the front end reading a replica's status: which FloeError a gRPC code becomes.
+_FROM_GRPC: dict[str, type[FloeError]] = {
+    "INVALID_ARGUMENT": ValidationError,
+    "UNAUTHENTICATED": AuthError,
+    "NOT_FOUND": ModelNotFoundError,
+    "RESOURCE_EXHAUSTED": OverloadedError,
+    "UNAVAILABLE": UnavailableError,
+    "DEADLINE_EXCEEDED": DeadlineError,
+    "CANCELLED": CancelledError,
+}
+
+
+def from_grpc_code(code_name: str, details: str) -> FloeError:
+    """Rebuilds a FloeError from a replica's gRPC status (name of the grpc.StatusCode member)."""
+    cls = _FROM_GRPC.get(code_name)
+    if cls is None:
+        return InternalError(details or "internal error")
+    return cls(details) if details else cls()
+
+
+def error_envelope(err: FloeError) -> dict:
+    """The OpenAI error body: {"error": {"message", "type", "param", "code"}}."""
+    return {
+        "error": {
+            "message": err.message,
+            "type": err.kind.value,
+            "param": err.param,
+            "code": HTTP_STATUS[err.kind],
+        }
+    }

@@ -1,0 +1,46 @@
+"""What a model folder declares, read from its JSON files alone (no torch).
+
+The front end reads a ModelSpec to tokenize (max length, prompts, special tokens) and to validate
+requests (dimensions, vocabulary size); the engine reads the same spec to build the module pipeline.
+Loading it never imports torch, so the front end stays torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class DenseSpec:
+    """One sentence-transformers Dense module (a folder such as 2_Dense)."""
+
+    path: str
+    in_features: int
+    out_features: int
+    bias: bool = True
+    activation: str = "torch.nn.modules.linear.Identity"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    path: str                      # resolved local folder
+    name: str                      # served model name
+    architecture: str              # e.g. "BertModel", "Gemma3TextModel"
+    model_type: str                # config.json model_type, e.g. "bert"
+    hidden_size: int
+    dim: int                       # output dimension after Dense layers
+    max_seq_length: int            # tokens per input, special tokens included
+    vocab_size: int
+    pooling: str                   # "mean" | "cls" | "last_token" | "max"
+    include_prompt: bool = True    # Pooling's include_prompt (False: prompt tokens not pooled)
+    dense: tuple[DenseSpec, ...] = ()
+    normalize: bool = False        # pipeline ends in Normalize
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: Optional[str] = None
+    matryoshka_dims: tuple[int, ...] = ()
+    similarity_fn: str = "cosine"
+    refuse_float16: bool = False   # activations overflow in fp16 (embeddinggemma)
+    padding_side: str = "right"
+    is_sentence_transformers: bool = True
+    notices: tuple[str, ...] = ()  # things loading decided on its own, shown by `floe info`

@@ -1,0 +1,222 @@
+"""The process boundary, declared in one file.
+
+Everything that crosses between the front end and a replica is one of the types below, and the
+only code that converts them to and from the wire (floe/proto/floe.proto) lives here, with a
+round-trip test in tests/unit/test_protocol.py. Token ids and embeddings stay numpy arrays over
+raw little-endian bytes end to end: no per-float Python objects on the hot path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from floe.errors import ValidationError
+from floe.proto import floe_pb2
+
+# Output dtypes a client may ask for, by wire enum.
+OUTPUT_DTYPES = {"float32": floe_pb2.FLOAT32, "float16": floe_pb2.FLOAT16, "bfloat16": floe_pb2.BFLOAT16}
+_DTYPE_NAMES = {v: k for k, v in OUTPUT_DTYPES.items()}
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """Per-request options. ``None`` means "the server's or model's default"."""
+
+    normalize: Optional[bool] = None
+    truncate: Optional[bool] = None
+    truncation_direction: str = "right"  # "right" | "left"
+    prompt_name: Optional[str] = None
+    prompt: Optional[str] = None
+    dimensions: Optional[int] = None
+    output_dtype: str = "float32"  # "float32" | "float16" | "bfloat16"
+    priority: int = 0
+
+
+@dataclass
+class TokenBatch:
+    """The token ids of n inputs: ``ids`` int32 concatenated, ``lengths[i]`` ids for item i."""
+
+    ids: np.ndarray
+    lengths: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.ids = np.ascontiguousarray(self.ids, dtype=np.int32).reshape(-1)
+        self.lengths = np.ascontiguousarray(self.lengths, dtype=np.int64).reshape(-1)
+
+    @property
+    def n(self) -> int:
+        return int(self.lengths.shape[0])
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.ids.shape[0])
+
+    def offsets(self) -> np.ndarray:
+        """Start offset of each item (length n + 1; the last is total_tokens)."""
+        out = np.zeros(self.n + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=out[1:])
+        return out
+
+    def item(self, i: int) -> np.ndarray:
+        off = self.offsets()
+        return self.ids[off[i]: off[i + 1]]
+
+    @classmethod
+    def from_lists(cls, items: list[list[int]]) -> "TokenBatch":
+        lengths = np.fromiter((len(x) for x in items), dtype=np.int64, count=len(items))
+        ids = np.fromiter((t for x in items for t in x), dtype=np.int64, count=int(lengths.sum()))
+        if ids.size and (ids.min() < np.iinfo(np.int32).min or ids.max() > np.iinfo(np.int32).max):
+            raise ValidationError("token id out of int32 range", param="input")
+        return cls(ids=ids.astype(np.int32), lengths=lengths)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, lengths: list[int] | np.ndarray) -> "TokenBatch":
+        """Reads an int32 LE buffer; a size that does not match the lengths is a ValidationError."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if len(data) % 4:
+            raise ValidationError(
+                f"token_ids is {len(data)} bytes, not a multiple of 4 (int32 little-endian)",
+                param="token_ids")
+        expected = int(lengths.sum()) * 4
+        if len(data) != expected:
+            raise ValidationError(
+                f"token_ids holds {len(data)} bytes but lengths sum to {int(lengths.sum())} ids "
+                f"(expected {expected} bytes)", param="token_ids")
+        if (lengths < 0).any():
+            raise ValidationError("lengths must be non-negative", param="lengths")
+        return cls(ids=np.frombuffer(data, dtype="<i4"), lengths=lengths)
+
+
+@dataclass
+class Timings:
+    tokenize_s: float = 0.0
+    queue_s: float = 0.0
+    inference_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass
+class EmbedResult:
+    """n embeddings of ``dim`` values as one contiguous little-endian buffer of ``dtype``."""
+
+    n: int
+    dim: int
+    dtype: str
+    data: bytes
+    token_counts: np.ndarray
+    timings: Timings = field(default_factory=Timings)
+    model: str = ""
+    request_id: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.data) != self.n * self.dim * ITEMSIZE[self.dtype]:
+            raise ValueError(f"embedding buffer is {len(self.data)} bytes, expected "
+                             f"{self.n}x{self.dim}x{ITEMSIZE[self.dtype]}")
+
+    def as_float32(self) -> np.ndarray:
+        """The embeddings as an (n, dim) float32 array (bf16/fp16 widened exactly)."""
+        if self.dtype == "float32":
+            return np.frombuffer(self.data, dtype="<f4").reshape(self.n, self.dim)
+        if self.dtype == "float16":
+            return np.frombuffer(self.data, dtype="<f2").astype(np.float32).reshape(self.n, self.dim)
+        raw = np.frombuffer(self.data, dtype="<u2").astype(np.uint32) << 16
+        return raw.view(np.float32).reshape(self.n, self.dim)
+
+    @classmethod
+    def from_array(cls, arr: np.ndarray, dtype: str, token_counts, **kw) -> "EmbedResult":
+        """Packs an (n, dim) float32 array into the requested output dtype (round to nearest even)."""
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        n, dim = arr.shape
+        if dtype == "float32":
+            data = arr.astype("<f4", copy=False).tobytes()
+        elif dtype == "float16":
+            data = arr.astype("<f2").tobytes()
+        elif dtype == "bfloat16":
+            bits = arr.view(np.uint32).astype(np.uint64)
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            data = rounded.astype("<u2").tobytes()
+        else:
+            raise ValidationError(f"unknown output dtype {dtype!r}", param="output_dtype")
+        return cls(n=n, dim=dim, dtype=dtype, data=data,
+                   token_counts=np.asarray(token_counts, dtype=np.int64), **kw)
+
+
+# --- wire conversion --------------------------------------------------------------------------
+
+def options_to_proto(o: EncodeOptions) -> floe_pb2.EncodeOptions:
+    msg = floe_pb2.EncodeOptions(
+        truncation_direction=floe_pb2.LEFT if o.truncation_direction == "left" else floe_pb2.RIGHT,
+        prompt_name=o.prompt_name or "",
+        dimensions=o.dimensions or 0,
+        output_dtype=OUTPUT_DTYPES[o.output_dtype],
+        priority=o.priority,
+    )
+    if o.normalize is not None:
+        msg.normalize = o.normalize
+    if o.truncate is not None:
+        msg.truncate = o.truncate
+    if o.prompt is not None:
+        msg.prompt = o.prompt
+    return msg
+
+
+def options_from_proto(msg: floe_pb2.EncodeOptions) -> EncodeOptions:
+    if msg.output_dtype not in _DTYPE_NAMES:
+        raise ValidationError(f"unknown output_dtype {msg.output_dtype}", param="output_dtype")
+    if msg.truncation_direction not in (floe_pb2.LEFT, floe_pb2.RIGHT):
+        raise ValidationError(f"unknown truncation_direction {msg.truncation_direction}",
+                              param="truncation_direction")
+    return EncodeOptions(
+        normalize=msg.normalize if msg.HasField("normalize") else None,
+        truncate=msg.truncate if msg.HasField("truncate") else None,
+        truncation_direction="left" if msg.truncation_direction == floe_pb2.LEFT else "right",
+        prompt_name=msg.prompt_name or None,
+        prompt=msg.prompt if msg.HasField("prompt") else None,
+        dimensions=msg.dimensions or None,
+        output_dtype=_DTYPE_NAMES[msg.output_dtype],
+        priority=msg.priority,
+    )
+
+
+def request_to_proto(request_id: str, options: EncodeOptions, *, tokens: Optional[TokenBatch] = None,
+                     texts: Optional[list[str]] = None, model: str = "") -> floe_pb2.EncodeRequest:
+    msg = floe_pb2.EncodeRequest(request_id=request_id, model=model, options=options_to_proto(options))
+    if tokens is not None:
+        msg.token_ids = tokens.ids.astype("<i4", copy=False).tobytes()
+        msg.lengths.extend(tokens.lengths.tolist())
+    if texts is not None:
+        msg.texts.extend(texts)
+    return msg
+
+
+def tokens_from_proto(msg: floe_pb2.EncodeRequest) -> Optional[TokenBatch]:
+    """The request's token ids, or None when it carries texts. Both at once is a ValidationError."""
+    has_ids = bool(msg.token_ids) or len(msg.lengths) > 0
+    if has_ids and len(msg.texts):
+        raise ValidationError("send either texts or token_ids, not both", param="texts")
+    if not has_ids:
+        return None
+    return TokenBatch.from_bytes(msg.token_ids, list(msg.lengths))
+
+
+def result_to_proto(r: EmbedResult) -> floe_pb2.EncodeResponse:
+    return floe_pb2.EncodeResponse(
+        request_id=r.request_id, n=r.n, dim=r.dim, dtype=OUTPUT_DTYPES[r.dtype], embeddings=r.data,
+        token_counts=r.token_counts.tolist(), model=r.model,
+        timings=floe_pb2.Timings(**dataclasses.asdict(r.timings)),
+    )
+
+
+def result_from_proto(msg: floe_pb2.EncodeResponse) -> EmbedResult:
+    t = msg.timings
+    return EmbedResult(
+        n=msg.n, dim=msg.dim, dtype=_DTYPE_NAMES[msg.dtype], data=msg.embeddings,
+        token_counts=np.asarray(msg.token_counts, dtype=np.int64), model=msg.model,
+        request_id=msg.request_id,
+        timings=Timings(t.tokenize_s, t.queue_s, t.inference_s, t.total_s),
+    )
