@@ -1,0 +1,156 @@
+"""ReplicaClient against a real in-process grpc.aio server: error families and exact accounting."""
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+
+from floe import errors
+from floe.engine.fake import FakeEngine
+from floe.models.spec import ModelSpec
+from floe.proto import floe_pb2, floe_pb2_grpc
+from floe.protocol import EmbedResult, EncodeOptions, TokenBatch, result_to_proto, tokens_from_proto
+from floe.router.client import ReplicaClient, ReplicaFailedError
+
+SPEC = ModelSpec(path="", name="t", architecture="BertModel", model_type="bert", hidden_size=8,
+                 dim=8, max_seq_length=16, vocab_size=100, pooling="mean")
+
+
+class Servicer(floe_pb2_grpc.EmbedderServicer):
+    """Embeds with the fake engine; ``mode`` makes it fail the way a replica can."""
+
+    def __init__(self):
+        self.engine = FakeEngine(SPEC)
+        self.mode = "ok"
+        self.entered = asyncio.Event()
+
+    async def Encode(self, request, context):
+        self.entered.set()
+        if self.mode == "invalid":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "token id 999 out of range")
+        if self.mode == "overloaded":
+            context.set_trailing_metadata((("retry-after", "3"),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
+        if self.mode == "internal":
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        if self.mode == "draining":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "replica draining")
+        if self.mode == "hang":
+            await asyncio.sleep(30)
+        tb = tokens_from_proto(request)
+        seqs = [tb.item(i) for i in range(tb.n)]
+        out = self.engine.run(self.engine.prepare(seqs))
+        return result_to_proto(EmbedResult.from_array(out, "float32", tb.lengths,
+                                                      request_id=request.request_id))
+
+    async def HealthCheck(self, request, context):
+        return floe_pb2.HealthCheckResponse(healthy=True, ready=True)
+
+
+@pytest.fixture
+async def server():
+    srv = grpc.aio.server()
+    servicer = Servicer()
+    floe_pb2_grpc.add_EmbedderServicer_to_server(servicer, srv)
+    port = srv.add_insecure_port("127.0.0.1:0")
+    await srv.start()
+    yield servicer, f"127.0.0.1:{port}", srv
+    await srv.stop(None)
+
+
+TOKENS = TokenBatch.from_lists([[1, 2, 3], [4, 5]])
+
+
+def assert_idle(c):
+    assert c.in_flight_tokens == 0 and c.in_flight_requests == 0
+
+
+async def test_encode_ok_and_accounting(server):
+    servicer, addr, _ = server
+    c = ReplicaClient(addr, 0)
+    r = await c.encode(TOKENS, EncodeOptions(), "r1", timeout=5)
+    expected = servicer.engine.run(servicer.engine.prepare([TOKENS.item(0), TOKENS.item(1)]))
+    np.testing.assert_array_equal(r.as_float32(), expected)
+    assert r.request_id == "r1" and list(r.token_counts) == [3, 2]
+    assert_idle(c)
+    assert (c.completed, c.failed) == (1, 0)
+    assert (await c.health()).healthy
+    await c.close()
+
+
+@pytest.mark.parametrize("mode,exc,retryable", [
+    ("invalid", errors.ValidationError, False),
+    ("overloaded", errors.OverloadedError, False),
+    ("internal", errors.InternalError, False),
+    ("draining", ReplicaFailedError, True),
+])
+async def test_error_families(server, mode, exc, retryable):
+    servicer, addr, _ = server
+    servicer.mode = mode
+    c = ReplicaClient(addr, 3)
+    with pytest.raises(exc) as ei:
+        await c.encode(TOKENS, EncodeOptions(), "r", timeout=5)
+    assert isinstance(ei.value, ReplicaFailedError) == retryable
+    if mode == "overloaded":
+        assert ei.value.retry_after == 3.0
+    if retryable:
+        assert ei.value.replica_index == 3
+    assert_idle(c)
+    assert c.failed == 1
+    await c.close()
+
+
+async def test_timeout_is_replica_failure(server):
+    servicer, addr, _ = server
+    servicer.mode = "hang"
+    c = ReplicaClient(addr, 1)
+    with pytest.raises(ReplicaFailedError, match="within 0.2 s") as ei:
+        await c.encode(TOKENS, EncodeOptions(), "r", timeout=0.2)
+    assert ei.value.cause == "timeout"
+    assert_idle(c)
+    await c.close()
+
+
+async def test_cancellation_keeps_accounting_exact(server):
+    servicer, addr, _ = server
+    servicer.mode = "hang"
+    c = ReplicaClient(addr, 0)
+    tasks = [asyncio.create_task(c.encode(TOKENS, EncodeOptions(), f"r{i}", timeout=10))
+             for i in range(5)]
+    await asyncio.wait_for(servicer.entered.wait(), 5)
+    assert c.in_flight_requests == 5 and c.in_flight_tokens == 5 * TOKENS.total_tokens
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert_idle(c)
+    assert c.failed == 5
+    await c.close()
+
+
+async def test_dead_replica_is_replica_failure():
+    # Nothing listens on this port any more: connection refused -> UNAVAILABLE -> retryable.
+    srv = grpc.aio.server()
+    port = srv.add_insecure_port("127.0.0.1:0")
+    await srv.start()
+    await srv.stop(None)
+    c = ReplicaClient(f"127.0.0.1:{port}", 2)
+    with pytest.raises(ReplicaFailedError):
+        await c.encode(TOKENS, EncodeOptions(), "r", timeout=2)
+    with pytest.raises(ReplicaFailedError):
+        await c.health(timeout=1)
+    assert_idle(c)
+    await c.close()
+
+
+async def test_server_killed_mid_call_is_replica_failure(server):
+    servicer, addr, srv = server
+    servicer.mode = "hang"
+    c = ReplicaClient(addr, 0)
+    task = asyncio.create_task(c.encode(TOKENS, EncodeOptions(), "r", timeout=10))
+    await asyncio.wait_for(servicer.entered.wait(), 5)
+    await srv.stop(None)  # no grace: in-flight calls are cut off like a dying process
+    with pytest.raises(ReplicaFailedError):
+        await task
+    assert_idle(c)
+    await c.close()
