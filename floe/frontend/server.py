@@ -1,0 +1,105 @@
+"""`floe serve`: the front-end process.
+
+Start-up order: read the model spec (JSON only) -> tokenizer pool -> replica manager (spawns the
+replica processes and waits for the first to be ready) -> public gRPC server -> HTTP server.
+SIGTERM/SIGINT drain: readiness goes false at once, new requests get 503, in-flight requests finish
+(up to --drain-timeout), then the replicas are stopped and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from typing import Optional
+
+import uvicorn
+
+from floe.config import Settings
+from floe.frontend.http import create_app
+from floe.frontend.service import EmbedService
+
+log = logging.getLogger("floe.server")
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: floe's drain decides when HTTP stops."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
+
+
+async def serve(settings: Settings, ready_event: Optional[asyncio.Event] = None) -> int:
+    from floe.models import load_spec
+    from floe.router.manager import ReplicaManager
+    from floe.tokenize import TokenizerPool
+
+    t_start = time.perf_counter()
+    spec = load_spec(settings.model)
+    srv = settings.server
+    workers = srv.tokenization_workers or max(1, (_cpu_count() - 1))
+    tokenizers = TokenizerPool(spec, workers)
+    manager = ReplicaManager(settings, spec)
+    service = EmbedService(settings, spec, tokenizers, manager)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    grpc_server = None
+    http_server = None
+    http_task = None
+    try:
+        await manager.start()
+        if srv.grpc_port:
+            from floe.frontend.grpc import start_grpc_server
+            grpc_server = await start_grpc_server(service, srv.host, srv.grpc_port, api_key=srv.api_key)
+        if srv.port:
+            config = uvicorn.Config(create_app(service), host=srv.host, port=srv.port, loop="asyncio",
+                                    http="h11", lifespan="off", log_level="warning",
+                                    access_log=False, timeout_keep_alive=75)
+            http_server = _Uvicorn(config)
+            http_task = asyncio.create_task(http_server.serve())
+            while not http_server.started:
+                if http_task.done():
+                    await http_task
+                    raise SystemExit(f"HTTP server failed to start on {srv.host}:{srv.port}")
+                await asyncio.sleep(0.02)
+        log.info("floe ready in %.1f s: model %s (%s), http %s, grpc %s", time.perf_counter() - t_start,
+                 spec.name, spec.architecture,
+                 f"http://{srv.host}:{srv.port}" if srv.port else "off",
+                 f"{srv.host}:{srv.grpc_port}" if srv.grpc_port else "off")
+        if ready_event is not None:
+            ready_event.set()
+        await stop.wait()
+        log.info("draining: readiness off, waiting for %d in-flight requests", service.in_flight)
+        service.draining = True
+        deadline = time.monotonic() + srv.drain_timeout
+        while service.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return 0
+    finally:
+        if http_server is not None:
+            http_server.should_exit = True
+            if http_task is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(http_task, timeout=5)
+        if grpc_server is not None:
+            await grpc_server.stop(grace=1.0)
+        await manager.drain(timeout=srv.drain_timeout)
+        await manager.stop()
+        tokenizers.close()
+        log.info("floe stopped")
+
+
+def _cpu_count() -> int:
+    import os
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
