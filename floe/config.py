@@ -242,6 +242,16 @@ def _parse_value(f: dataclasses.Field, tp: Any, raw: str) -> Any:
         raise ConfigError(f"{_flag(f)}: {raw!r} is not a valid {tp.__name__}") from None
 
 
+def _argparse_type(f: dataclasses.Field, tp: Any):
+    def convert(raw: str) -> Any:
+        try:
+            return _parse_value(f, tp, raw)
+        except ConfigError as e:  # argparse prints usage + message and exits 2
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = f.name
+    return convert
+
+
 def add_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = tuple(SECTIONS),
                   skip: tuple[str, ...] = ()) -> None:
     """Adds one flag per settings field of the named sections (defaults come from the tree)."""
@@ -263,7 +273,7 @@ def add_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = t
                 choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else None
                 group.add_argument(_flag(f), dest=dest, default=None, metavar=None if choices else f.name.upper(),
                                    choices=choices, help=help_text,
-                                   type=(lambda raw, f=f, tp=tp: _parse_value(f, tp, raw)))
+                                   type=_argparse_type(f, tp))
 
 
 def settings_from(args: Optional[argparse.Namespace] = None, env: Optional[dict[str, str]] = None,

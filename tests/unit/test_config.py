@@ -1,0 +1,57 @@
+"""The settings tree: flags and FLOE_* variables map onto fields; bad values are refused."""
+
+import argparse
+
+import pytest
+
+from floe.config import Settings, add_arguments, settings_from
+from floe.errors import ConfigError
+
+
+def parse(argv, env=None):
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return settings_from(p.parse_args(argv), env=env or {})
+
+
+def test_defaults_are_the_documented_ones():
+    s = parse([])
+    assert s.server.host == "127.0.0.1" and s.server.port == 8080 and s.server.grpc_port == 50050
+    assert s.replicas.start_port == 50100 and s.replicas.num_replicas == 2
+    assert s.model.model == "default"
+    assert s == Settings()
+
+
+def test_flag_beats_env_beats_default():
+    s = parse(["--max-batch-tokens", "512"], env={"FLOE_MAX_BATCH_TOKENS": "1024", "FLOE_PORT": "9000"})
+    assert s.batch.max_batch_tokens == 512
+    assert s.server.port == 9000
+
+
+def test_booleans_and_choices():
+    s = parse(["--no-auto-truncate", "--load-balancing", "round_robin"])
+    assert s.server.auto_truncate is False
+    assert s.replicas.load_balancing == "round_robin"
+    with pytest.raises(SystemExit):
+        parse(["--load-balancing", "fastest"])
+    with pytest.raises(ConfigError, match="not one of"):
+        parse([], env={"FLOE_DTYPE": "int4"})
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--tensor-parallel-size", "2"], "tensor-parallel-size"),
+    (["--num-replicas", "0"], "num-replicas"),
+    (["--gpu-memory-utilization", "1.5"], "gpu-memory-utilization"),
+    (["--max-batch-tokens", "0"], "max-batch-tokens"),
+])
+def test_values_that_cannot_be_honoured_are_refused(argv, match):
+    with pytest.raises(ConfigError, match=match):
+        parse(argv)
+
+
+def test_every_field_has_help_text():
+    import dataclasses
+    from floe.config import SECTIONS
+    for cls in SECTIONS.values():
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
