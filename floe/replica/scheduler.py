@@ -1,0 +1,270 @@
+"""The dynamic batcher: a pure policy over queued sequences and a clock.
+
+It imports neither torch, grpc nor asyncio and never reads the time itself: the caller passes
+``now`` (seconds on any monotonic clock, the same clock as ``Sequence.arrival``). The replica core
+(floe/replica/core.py) owns one Scheduler on one thread; tests drive it with a fake clock.
+
+Rules
+-----
+* **Cost.** A batch costs its padded tokens, ``longest length x count``. It never exceeds
+  ``max_batch_tokens`` nor ``max_batch_size`` sequences, except that a single sequence longer than
+  the budget runs alone (the config keeps max_seq_length inside the budget; this is robustness).
+* **Anchor, then fill by length.** Every batch is built around one *anchor* sequence and filled
+  with the waiting sequences of the closest lengths (walking outwards from the anchor in a
+  length-sorted index), so similar lengths share a batch and padding stays small.
+* **Anchor choice (priority and the starvation bound).** The anchor is the oldest sequence of the
+  highest waiting priority, unless some sequence has waited ``max_wait_s`` or more: then the oldest
+  waiting sequence is the anchor whatever its priority. With one priority level (the common case)
+  every batch therefore contains the oldest waiting sequence. Bound: a sequence is in a batch at the
+  latest ``max_wait_s`` after it arrived plus the time for the engine to take the batches already
+  formed, and at the latest once every older sequence is gone, whatever arrives after it.
+  Fill order is by priority too: first sequences of the highest priority, then lower ones, each
+  by closeness of length.
+* **When a batch is formed.** ``next_batch(now, engine_idle)`` hands out a batch when it is *full*
+  (the size cap is reached, the budget has no room for one more token row, or sequences were left
+  out for lack of budget). While the engine is idle it also hands out a partial batch once the
+  oldest waiting sequence has waited ``batch_timeout_s`` (the bounded wait for a batch to fill).
+  While the engine is busy (``engine_idle=False``: a forward pass runs but the engine's input slot
+  is empty) only full batches are handed out: the caller prepares that batch during the running
+  pass (pipelining), and waiting longer costs nothing when the engine is busy anyway.
+* **Cancellation.** ``remove_request`` drops a request's queued sequences before compute.
+
+Complexity: adding k sequences to a queue of n is O(k log n + n) worst case (a sort of nearly
+sorted data); forming a batch of b sequences is O(b log n) plus skipped other-priority entries;
+removed entries are tombstoned and compacted when they outnumber the live ones.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Iterable, Optional
+
+# A sequence that has waited this long anchors the next batch whatever its priority.
+DEFAULT_MAX_WAIT_S = 1.0
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One input of one request, as the scheduler sees it.
+
+    ``request_key`` groups the sequences of one request (for ``remove_request``); ``index`` is the
+    item's position in its request; ``payload`` is opaque to the scheduler (the core stores the ids
+    and its request record there). ``arrival`` uses the same clock as ``now``.
+    """
+
+    request_key: Hashable
+    index: int
+    length: int
+    arrival: float
+    priority: int = 0
+    payload: Any = None
+    # assigned by the scheduler: a unique, increasing id (tie-breaker and index key)
+    seq_id: int = field(default=-1, compare=False)
+
+
+class Scheduler:
+    """Length-bucketed, token-budgeted batch formation. Not thread-safe: one owner."""
+
+    def __init__(self, max_batch_tokens: int, max_batch_size: int, batch_timeout_s: float,
+                 max_wait_s: float = DEFAULT_MAX_WAIT_S) -> None:
+        if max_batch_tokens < 1 or max_batch_size < 1:
+            raise ValueError("max_batch_tokens and max_batch_size must be positive")
+        if batch_timeout_s < 0 or max_wait_s < 0:
+            raise ValueError("batch_timeout_s and max_wait_s must be >= 0")
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_size = max_batch_size
+        self.batch_timeout_s = batch_timeout_s
+        self.max_wait_s = max_wait_s
+        self._next_id = 0
+        self._live: dict[int, Sequence] = {}               # seq_id -> queued sequence
+        self._by_len: list[tuple[int, int]] = []           # sorted (length, seq_id), tombstones allowed
+        self._oldest: list[tuple[float, int]] = []         # heap (arrival, seq_id), lazy deletion
+        self._by_prio: list[tuple[int, float, int]] = []   # heap (-priority, arrival, seq_id), lazy
+        self._by_request: dict[Hashable, set[int]] = {}
+        self._prio_counts: dict[int, int] = {}
+        self._queued_tokens = 0
+
+    # --- queue state ------------------------------------------------------------------------
+
+    @property
+    def queued_sequences(self) -> int:
+        return len(self._live)
+
+    @property
+    def queued_tokens(self) -> int:
+        """Real (unpadded) tokens waiting."""
+        return self._queued_tokens
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    # --- mutation ---------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        self.add_many((seq,))
+
+    def add_many(self, seqs: Iterable[Sequence]) -> None:
+        """Queues sequences. Lengths must be >= 1 (an empty input is refused before this)."""
+        new: list[tuple[int, int]] = []
+        for seq in seqs:
+            if seq.length < 1:
+                raise ValueError(f"sequence length must be >= 1, got {seq.length}")
+            seq.seq_id = sid = self._next_id
+            self._next_id += 1
+            self._live[sid] = seq
+            new.append((seq.length, sid))
+            heapq.heappush(self._oldest, (seq.arrival, sid))
+            heapq.heappush(self._by_prio, (-seq.priority, seq.arrival, sid))
+            self._by_request.setdefault(seq.request_key, set()).add(sid)
+            self._prio_counts[seq.priority] = self._prio_counts.get(seq.priority, 0) + 1
+            self._queued_tokens += seq.length
+        if len(new) == 1:
+            bisect.insort(self._by_len, new[0])
+        elif new:
+            # timsort merges the two sorted runs in linear time
+            new.sort()
+            self._by_len.extend(new)
+            self._by_len.sort()
+
+    def remove_request(self, request_key: Hashable) -> int:
+        """Drops every queued sequence of a request; returns how many were dropped."""
+        sids = self._by_request.pop(request_key, None)
+        if not sids:
+            return 0
+        for sid in list(sids):
+            self._forget(sid, keep_request_index=True)
+        self._maybe_compact()
+        return len(sids)
+
+    def _forget(self, sid: int, keep_request_index: bool = False) -> Sequence:
+        seq = self._live.pop(sid)
+        self._queued_tokens -= seq.length
+        c = self._prio_counts[seq.priority] - 1
+        if c:
+            self._prio_counts[seq.priority] = c
+        else:
+            del self._prio_counts[seq.priority]
+        if not keep_request_index:
+            sids = self._by_request.get(seq.request_key)
+            if sids is not None:
+                sids.discard(sid)
+                if not sids:
+                    del self._by_request[seq.request_key]
+        return seq
+
+    def _maybe_compact(self) -> None:
+        # tombstones in the sorted index and the heaps are purged once they outnumber live entries
+        live = len(self._live)
+        if len(self._by_len) > 2 * live + 64:
+            self._by_len = [e for e in self._by_len if e[1] in self._live]
+        if len(self._oldest) > 2 * live + 64:
+            self._oldest = [e for e in self._oldest if e[1] in self._live]
+            heapq.heapify(self._oldest)
+        if len(self._by_prio) > 2 * live + 64:
+            self._by_prio = [e for e in self._by_prio if e[2] in self._live]
+            heapq.heapify(self._by_prio)
+
+    # --- policy -----------------------------------------------------------------------------
+
+    def oldest_arrival(self) -> Optional[float]:
+        while self._oldest and self._oldest[0][1] not in self._live:
+            heapq.heappop(self._oldest)
+        return self._oldest[0][0] if self._oldest else None
+
+    def _anchor(self, now: float) -> Sequence:
+        oldest = self.oldest_arrival()
+        assert oldest is not None
+        if now - oldest >= self.max_wait_s or len(self._prio_counts) == 1:
+            return self._live[self._oldest[0][1]]
+        while self._by_prio[0][2] not in self._live:
+            heapq.heappop(self._by_prio)
+        return self._live[self._by_prio[0][2]]
+
+    def _form(self, now: float) -> tuple[list[Sequence], bool]:
+        """Builds the batch that would be handed out now; returns (batch, full). Pure: no removal."""
+        anchor = self._anchor(now)
+        budget, cap = self.max_batch_tokens, self.max_batch_size
+        chosen = [anchor]
+        taken = {anchor.seq_id}
+        longest = anchor.length
+        index = self._by_len
+        pos = bisect.bisect_left(index, (anchor.length, anchor.seq_id))
+        closed = False  # no further sequence of any length can fit
+        for prio in sorted(self._prio_counts, reverse=True):
+            if closed:
+                break
+            lo, hi = pos - 1, pos + 1
+            hi_open = True
+            while len(chosen) < cap:
+                if (len(chosen) + 1) * longest > budget:
+                    closed = True  # even a sequence no longer than the current longest won't fit
+                    break
+                while lo >= 0 and not self._eligible(index[lo][1], prio, taken):
+                    lo -= 1
+                while hi_open and hi < len(index) and not self._eligible(index[hi][1], prio, taken):
+                    hi += 1
+                lo_len = index[lo][0] if lo >= 0 else None
+                hi_len = index[hi][0] if hi_open and hi < len(index) else None
+                if hi_len is not None and (len(chosen) + 1) * max(longest, hi_len) > budget:
+                    hi_len, hi_open = None, False  # longer ones cannot fit either
+                if lo_len is None and hi_len is None:
+                    break
+                take_lo = hi_len is None or (
+                    lo_len is not None and anchor.length - lo_len <= hi_len - anchor.length)
+                if take_lo:
+                    sid = index[lo][1]
+                    lo -= 1
+                else:
+                    sid = index[hi][1]
+                    hi += 1
+                    longest = max(longest, hi_len)  # type: ignore[arg-type]
+                seq = self._live[sid]
+                taken.add(sid)
+                chosen.append(seq)
+        full = (len(chosen) >= cap or (len(chosen) + 1) * longest > budget
+                or len(chosen) < len(self._live))
+        return chosen, full
+
+    def _eligible(self, sid: int, prio: int, taken: set[int]) -> bool:
+        seq = self._live.get(sid)
+        return seq is not None and seq.priority == prio and sid not in taken
+
+    def next_batch(self, now: float, engine_idle: bool = True) -> Optional[list[Sequence]]:
+        """The next batch to run, removed from the queue, or None when it should wait.
+
+        ``engine_idle``: True when nothing is running and nothing is waiting for the engine; False
+        when a forward pass runs but the engine's input slot is free (only a full batch is formed).
+        The caller must not ask while the engine's input slot is occupied.
+        """
+        if not self._live:
+            return None
+        batch, full = self._form(now)
+        if not full:
+            if not engine_idle:
+                return None
+            oldest = self.oldest_arrival()
+            if oldest is not None and now < oldest + self.batch_timeout_s:
+                return None
+        for seq in batch:
+            self._forget(seq.seq_id)
+        self._maybe_compact()
+        return batch
+
+    def next_deadline(self, now: float) -> Optional[float]:
+        """When an idle engine's caller should call ``next_batch`` again if nothing arrives.
+
+        None when the queue is empty. A value <= ``now`` means "now". Arrivals and the engine
+        becoming idle are events the caller reacts to on its own.
+        """
+        oldest = self.oldest_arrival()
+        if oldest is None:
+            return None
+        return oldest + self.batch_timeout_s
+
+
+def padded_tokens(batch: Iterable[Sequence]) -> int:
+    """The cost of a batch: longest length x count."""
+    lengths = [s.length for s in batch]
+    return max(lengths) * len(lengths) if lengths else 0
