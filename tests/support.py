@@ -1,0 +1,71 @@
+"""Helpers shared by integration tests: free ports and a real `floe serve` subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Iterator, Optional
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, proc: subprocess.Popen, port: int, grpc_port: int, log_path: str) -> None:
+        self.proc, self.port, self.grpc_port, self.log_path = proc, port, grpc_port, log_path
+        self.url = f"http://127.0.0.1:{port}"
+        self.grpc_address = f"127.0.0.1:{grpc_port}"
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()[-4000:]
+
+
+@contextlib.contextmanager
+def floe_serve(*args: str, env: Optional[dict] = None, ready_timeout: float = 120.0,
+               tmp_dir: Optional[str] = None) -> Iterator[ServerProcess]:
+    """Runs `python -m floe serve` on ephemeral ports until /ready answers 200; always cleans up."""
+    port, grpc_port, start_port = free_port(), free_port(), free_port()
+    cmd = [sys.executable, "-m", "floe", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--grpc-port", str(grpc_port), "--start-port", str(start_port), *args]
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    log_dir = tmp_dir or os.environ.get("TMPDIR", "/tmp")
+    log_path = os.path.join(log_dir, f"floe-serve-{port}.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env,
+                                start_new_session=True)
+    server = ServerProcess(proc, port, grpc_port, log_path)
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"floe serve exited with {proc.returncode}:\n{server.log()}")
+            try:
+                if httpx.get(server.url + "/ready", timeout=1.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"floe serve not ready after {ready_timeout}s:\n{server.log()}")
+            time.sleep(0.2)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # any replica left behind
