@@ -1,21 +1,35 @@
 """Every Prometheus metric floe exports, defined once.
 
-Front-end metrics (requests, failures, latency, tokenization) are recorded where they happen.
-Replica metrics (batches, padding, queue wait, inference time, memory) are cumulative state kept
-inside each replica and shipped over gRPC (GetReplicaInfo -> ReplicaStats); ``render`` turns the
-latest snapshot into metric families at scrape time, so no multiprocess directory is needed.
+Front-end metrics (requests, failures, latency, tokenization, retries) are recorded where they
+happen. Replica metrics (batches, padding, queue wait, inference time, memory) are cumulative state
+kept inside each replica and shipped over gRPC (GetReplicaInfo -> ReplicaStats); ``render`` turns
+the latest snapshot into metric families at scrape time, so no multiprocess directory is needed.
+A replica's counters restart from zero when the replica restarts; Prometheus' rate() handles that
+as a counter reset.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import logging
+from typing import Any, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+log = logging.getLogger("floe.metrics")
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# --- front end ---------------------------------------------------------------------------------
 
 REQUESTS = Counter(
     "floe_requests_total", "Requests answered successfully, by endpoint and transport.",
@@ -29,8 +43,110 @@ REQUEST_SECONDS = Histogram(
 TOKENIZE_SECONDS = Histogram(
     "floe_tokenization_duration_seconds", "Time to tokenize one request in the front end.",
     buckets=LATENCY_BUCKETS, registry=REGISTRY)
+REPLICA_RETRIES = Counter(
+    "floe_replica_retries_total",
+    "Requests retried on another replica after their replica failed, by the failed replica.",
+    ["replica"], registry=REGISTRY)
+REPLICA_RESTARTS = Counter(
+    "floe_replica_restarts_total", "Replica processes restarted by the manager.", ["replica"],
+    registry=REGISTRY)
+
+# --- replica statistics, shipped over the wire ---------------------------------------------------
+
+# ReplicaStats counter field -> (exported name, help). Names end in _total as counters must.
+_REPLICA_COUNTERS = {
+    "requests": ("floe_replica_requests", "Requests a replica completed."),
+    "failed_requests": ("floe_replica_failed_requests", "Requests that failed inside a replica."),
+    "sequences": ("floe_sequences_embedded", "Sequences (inputs) embedded."),
+    "tokens": ("floe_tokens_embedded", "Real (non-padding) tokens embedded."),
+    "padded_tokens": ("floe_padded_tokens", "Tokens computed including padding; "
+                      "tokens_embedded / padded_tokens is the padding fill rate."),
+    "batches": ("floe_batches", "Forward passes run."),
+    "dropped_sequences": ("floe_dropped_sequences", "Sequences dropped before compute because "
+                          "their client went away or the request was aborted."),
+}
+_REPLICA_GAUGES = {
+    "in_flight_requests": ("floe_replica_in_flight_requests", "Requests inside a replica now."),
+    "queued_sequences": ("floe_replica_queued_sequences", "Sequences waiting for a forward pass."),
+    "queued_tokens": ("floe_replica_queued_tokens", "Tokens waiting for a forward pass."),
+    "rss_bytes": ("floe_replica_resident_memory_bytes", "Resident memory of the replica process."),
+    "device_memory_used_bytes": ("floe_replica_device_memory_used_bytes",
+                                 "GPU memory in use by the replica (0 on CPU)."),
+    "device_memory_total_bytes": ("floe_replica_device_memory_total_bytes",
+                                  "Total memory of the replica's GPU (0 on CPU)."),
+}
+_HISTOGRAM_HELP = {
+    "batch_size": "Sequences per forward pass.",
+    "batch_tokens": "Padded tokens per forward pass (longest sequence x batch size).",
+    "padding_efficiency": "Real tokens / padded tokens of each forward pass.",
+    "queue_wait_seconds": "Time a sequence waited before its forward pass began.",
+    "inference_seconds": "Duration of one forward pass (pre, forward, pooling, post).",
+}
 
 
-async def render(service: Any) -> tuple[bytes, str]:
+def replica_families(infos: Iterable[Any]) -> list:
+    """Metric families for the replicas' latest ReplicaInfo messages (floe_pb2.ReplicaInfo)."""
+    infos = list(infos)
+    fams: dict[str, Any] = {}
+    labels = ["replica"]
+    healthy = GaugeMetricFamily("floe_replica_healthy", "1 when the replica is in rotation.", labels=labels)
+    for field, (name, help_) in _REPLICA_COUNTERS.items():
+        fams[field] = CounterMetricFamily(name, help_, labels=labels)
+    for field, (name, help_) in _REPLICA_GAUGES.items():
+        fams[field] = GaugeMetricFamily(name, help_, labels=labels)
+    hists: dict[str, HistogramMetricFamily] = {}
+    model_info = None
+    for info in infos:
+        rid = info.replica_id or "?"
+        healthy.add_metric([rid], 1.0 if info.healthy else 0.0)
+        if info.HasField("stats"):
+            stats = info.stats
+            for field in _REPLICA_COUNTERS:
+                fams[field].add_metric([rid], float(getattr(stats, field)))
+            for field in _REPLICA_GAUGES:
+                fams[field].add_metric([rid], float(getattr(stats, field)))
+            for h in stats.histograms:
+                fam = hists.get(h.name)
+                if fam is None:
+                    fam = hists[h.name] = HistogramMetricFamily(
+                        f"floe_{h.name}", _HISTOGRAM_HELP.get(h.name, h.name), labels=labels)
+                buckets, running = [], 0
+                for bound, count in zip(list(h.bounds) + [float("inf")], h.counts):
+                    running += count
+                    buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), running))
+                fam.add_metric([rid], buckets, sum_value=h.sum)
+        if model_info is None and info.model:
+            model_info = InfoMetricFamily("floe_model", "The served model.")
+            model_info.add_metric([], {"name": info.model, "dim": str(info.dim), "dtype": info.dtype,
+                                       "device": info.device, "architecture": info.architecture,
+                                       "pooling": info.pooling})
+    out = [healthy, *fams.values(), *hists.values()]
+    if model_info is not None:
+        out.append(model_info)
+    return out
+
+
+class _Snapshot:
+    def __init__(self, families: list) -> None:
+        self.families = families
+
+    def collect(self):
+        return iter(self.families)
+
+
+async def render(service: Any, timeout: float = 2.0) -> tuple[bytes, str]:
     """The /metrics body: front-end metrics plus the replicas' shipped statistics."""
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    body = generate_latest(REGISTRY)
+    try:
+        infos = await asyncio.wait_for(service.router.replica_infos(), timeout)
+    except Exception:  # a scrape must never fail because a replica is slow or down
+        log.warning("replica statistics unavailable for this scrape", exc_info=True)
+        infos = []
+    snapshot = CollectorRegistry(auto_describe=False)
+    snapshot.register(_Snapshot(replica_families(infos)))
+    front = GaugeMetricFamily("floe_in_flight_requests", "Requests inside the front end now.")
+    front.add_metric([], float(getattr(service, "in_flight", 0)))
+    ready = GaugeMetricFamily("floe_ready", "1 when the endpoint accepts requests.")
+    ready.add_metric([], 1.0 if service.ready() else 0.0)
+    snapshot.register(_Snapshot([front, ready]))
+    return body + generate_latest(snapshot), CONTENT_TYPE_LATEST
