@@ -1,0 +1,485 @@
+"""The replica's loop as a plain class: tests drive it in-process, main.py wraps it in a server.
+
+Threads and who owns what
+-------------------------
+* **asyncio callers** (``submit``) validate a request, check admission and append it to an inbox
+  under ``_cv``; then they await a future. They never touch the Scheduler.
+* **the scheduler thread** owns the ``Scheduler``: it moves inbox requests into it, forms batches
+  and runs ``engine.prepare`` for the next batch while the engine thread runs the current one
+  (pipelining), then hands the prepared batch over through a one-slot handoff.
+* **the engine thread** runs ``engine.run`` on the slot's batch, writes each output row into its
+  request's result array and completes the request when its last row arrives.
+
+Nobody polls: every wait is a ``Condition.wait`` woken by an arrival, a free slot, a finished
+forward pass, or a timeout derived from ``Scheduler.next_deadline``.
+
+Failure isolation: an exception in ``prepare`` or ``run`` fails only the requests of that batch
+(InternalError, logged with its traceback); a non-finite output row fails only its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import psutil
+
+from floe.config import BatchSettings
+from floe.engine.base import Engine
+from floe.errors import (FloeError, InternalError, OverloadedError, TooLargeError,
+                         UnavailableError, ValidationError, CancelledError as FloeCancelled)
+from floe.protocol import ITEMSIZE, EmbedResult, EncodeOptions, Timings, TokenBatch
+from floe.proto import floe_pb2
+from floe.replica.scheduler import DEFAULT_MAX_WAIT_S, Scheduler, Sequence
+
+log = logging.getLogger("floe.replica")
+
+# Histogram bucket upper bounds (+Inf implied). floe/metrics.py exports the same bounds.
+BATCH_SIZE_BOUNDS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+BATCH_TOKENS_BOUNDS: tuple[float, ...] = (
+    64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+PADDING_EFFICIENCY_BOUNDS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+QUEUE_WAIT_SECONDS_BOUNDS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+INFERENCE_SECONDS_BOUNDS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+HISTOGRAMS: dict[str, tuple[float, ...]] = {
+    "batch_size": BATCH_SIZE_BOUNDS,
+    "batch_tokens": BATCH_TOKENS_BOUNDS,
+    "padding_efficiency": PADDING_EFFICIENCY_BOUNDS,
+    "queue_wait_seconds": QUEUE_WAIT_SECONDS_BOUNDS,
+    "inference_seconds": INFERENCE_SECONDS_BOUNDS,
+}
+
+# Post steps over this many floats leave the event loop for a worker thread.
+_INLINE_POST_FLOATS = 1 << 18
+
+
+class _Histogram:
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, v: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, v)] += 1  # first bound >= v
+        self.sum += v
+        self.count += 1
+
+    def to_proto(self, name: str) -> floe_pb2.Histogram:
+        return floe_pb2.Histogram(name=name, bounds=self.bounds, counts=self.counts,
+                                  sum=self.sum, count=self.count)
+
+
+@dataclass(eq=False)
+class _Request:
+    """One submitted request. After submit, only the engine thread writes its results."""
+
+    key: int
+    request_id: str
+    tokens: TokenBatch
+    options: EncodeOptions
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    submitted: float
+    out: np.ndarray
+    remaining: int
+    queue_s: float = 0.0
+    inference_s: float = 0.0
+    batches: set = field(default_factory=set)
+    error: Optional[FloeError] = None
+    dropped: bool = False   # cancelled or aborted: results are discarded
+    done: bool = False
+
+
+@dataclass
+class _Batch:
+    number: int
+    seqs: list[Sequence]
+    formed_at: float
+    prepared: Any = None
+    error: Optional[BaseException] = None
+
+
+class ReplicaCore:
+    """Dynamic batching in front of one Engine. ``start()`` it, ``await submit(...)``, ``stop()``."""
+
+    def __init__(self, engine: Engine, batch: BatchSettings, replica_id: str = "0",
+                 max_wait_s: float = DEFAULT_MAX_WAIT_S) -> None:
+        self.engine = engine
+        self.spec = engine.spec
+        self.settings = batch
+        self.replica_id = replica_id
+        self._sched = Scheduler(batch.max_batch_tokens, batch.max_batch_size,
+                                batch.batch_timeout_ms / 1000.0, max_wait_s)
+        self._cv = threading.Condition()
+        # --- guarded by _cv ---
+        self._inbox: list[tuple[str, Any]] = []   # ("add", _Request) | ("drop", key)
+        self._slot: Optional[_Batch] = None        # prepared batch waiting for the engine
+        self._running = False                      # engine thread inside engine.run
+        self._forming = False                      # scheduler thread preparing a batch
+        self._queued_tokens = 0                    # admitted, not yet in a formed batch
+        self._queued_seqs = 0
+        self._requests: dict[int, _Request] = {}   # in flight, by key
+        self._by_id: dict[str, list[_Request]] = {}
+        self._accepting = False
+        self._stopping = False
+        self._next_key = 0
+        # --- guarded by _stats_lock ---
+        self._stats_lock = threading.Lock()
+        self._c = dict(requests=0, failed_requests=0, sequences=0, tokens=0, padded_tokens=0,
+                       batches=0, dropped_sequences=0)
+        self._hist = {name: _Histogram(b) for name, b in HISTOGRAMS.items()}
+        self._threads: list[threading.Thread] = []
+        self._proc = psutil.Process()
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._cv:
+            if self._threads:
+                return
+            self._accepting = True
+            self._stopping = False
+        self._threads = [
+            threading.Thread(target=self._scheduler_loop, name=f"floe-sched-{self.replica_id}",
+                             daemon=True),
+            threading.Thread(target=self._engine_loop, name=f"floe-engine-{self.replica_id}",
+                             daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def ready(self) -> bool:
+        return (self._accepting and not self._stopping and len(self._threads) == 2
+                and all(t.is_alive() for t in self._threads))
+
+    def stop(self, drain_timeout: float = 0.0) -> bool:
+        """Refuses new requests, waits up to ``drain_timeout`` s for in-flight ones, then stops.
+
+        Requests still in flight after the drain fail with UnavailableError. Returns True when
+        everything in flight finished. Blocking: call it from a thread when a loop is running.
+        """
+        deadline = time.monotonic() + max(0.0, drain_timeout)
+        with self._cv:
+            self._accepting = False
+            while self._requests:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+            drained = not self._requests
+            self._stopping = True
+            leftovers = list(self._requests.values())
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join(timeout=10.0)
+        for req in leftovers:
+            self._complete(req, UnavailableError("replica is shutting down"))
+        return drained
+
+    # --- requests -------------------------------------------------------------------------
+
+    def _validate(self, tokens: TokenBatch, options: EncodeOptions) -> None:
+        spec = self.spec
+        if tokens.n == 0:
+            raise ValidationError("request has no inputs", param="input")
+        if (tokens.lengths < 1).any():
+            i = int(np.argmax(tokens.lengths < 1))
+            raise ValidationError(f"input {i} is empty (0 token ids)", param="input")
+        if (tokens.lengths > spec.max_seq_length).any():
+            i = int(np.argmax(tokens.lengths > spec.max_seq_length))
+            raise ValidationError(
+                f"input {i} has {int(tokens.lengths[i])} tokens, more than the model's "
+                f"max_seq_length {spec.max_seq_length}", param="input")
+        if int(tokens.lengths.sum()) != tokens.total_tokens:
+            raise ValidationError("token ids do not match the lengths", param="lengths")
+        if tokens.total_tokens and (int(tokens.ids.min()) < 0 or int(tokens.ids.max()) >= spec.vocab_size):
+            bad = int(np.argmax((tokens.ids < 0) | (tokens.ids >= spec.vocab_size)))
+            raise ValidationError(
+                f"token id {int(tokens.ids[bad])} is outside the vocabulary [0, {spec.vocab_size})",
+                param="input")
+        if options.dimensions is not None and not 1 <= options.dimensions <= spec.dim:
+            raise ValidationError(
+                f"dimensions must be between 1 and {spec.dim}, got {options.dimensions}",
+                param="dimensions")
+        if options.output_dtype not in ITEMSIZE:
+            raise ValidationError(f"unknown output dtype {options.output_dtype!r}",
+                                  param="output_dtype")
+
+    async def submit(self, tokens: TokenBatch, options: EncodeOptions, request_id: str) -> EmbedResult:
+        """Embeds one request's token ids; applies normalize, dimensions and output dtype.
+
+        Raises ValidationError (bad input), OverloadedError (queue full), UnavailableError (not
+        started or stopping) and InternalError (engine failure or non-finite output). Cancelling
+        the awaiting task drops the request's still-queued sequences.
+        """
+        t0 = time.monotonic()
+        self._validate(tokens, options)
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        n_tokens = tokens.total_tokens
+        with self._cv:
+            if not self._accepting or self._stopping:
+                raise UnavailableError("replica is not accepting requests")
+            if n_tokens > self.settings.max_queued_tokens:
+                raise TooLargeError(
+                    f"request has {n_tokens} tokens, more than this replica queues at once "
+                    f"({self.settings.max_queued_tokens})", param="input")
+            if self._queued_tokens + n_tokens > self.settings.max_queued_tokens:
+                raise OverloadedError(
+                    f"replica {self.replica_id} queue is full ({self._queued_tokens} tokens "
+                    "waiting), retry later", retry_after=1.0)
+            key = self._next_key
+            self._next_key += 1
+            req = _Request(key=key, request_id=request_id, tokens=tokens, options=options,
+                           loop=loop, future=fut, submitted=t0,
+                           out=np.empty((tokens.n, self.spec.dim), dtype=np.float32),
+                           remaining=tokens.n)
+            self._requests[key] = req
+            self._by_id.setdefault(request_id, []).append(req)
+            self._queued_tokens += n_tokens
+            self._queued_seqs += tokens.n
+            self._inbox.append(("add", req))
+            self._cv.notify_all()
+        try:
+            await fut
+        except asyncio.CancelledError:
+            # the client went away: queued sequences are dropped before compute
+            self._drop(req)
+            self._complete(req, FloeCancelled(f"request {request_id} was cancelled"))
+            raise
+        if req.error is not None:
+            raise req.error
+        if req.out.size > _INLINE_POST_FLOATS:
+            result = await loop.run_in_executor(None, self._post, req)
+        else:
+            result = self._post(req)
+        result.timings.total_s = time.monotonic() - t0
+        return result
+
+    def abort(self, request_id: str) -> bool:
+        """Cancels every in-flight request with this id; its awaiting caller gets CancelledError
+        (the FloeError). Returns False when no such request is in flight."""
+        with self._cv:
+            reqs = list(self._by_id.get(request_id, ()))
+        for req in reqs:
+            self._drop(req)
+            self._complete(req, FloeCancelled(f"request {request_id} was aborted"))
+        return bool(reqs)
+
+    def _drop(self, req: _Request) -> None:
+        # the scheduler thread removes the queued sequences; rows already in a batch are discarded
+        with self._cv:
+            if req.dropped:
+                return
+            req.dropped = True
+            self._inbox.append(("drop", req.key))
+            self._cv.notify_all()
+
+    def _post(self, req: _Request) -> EmbedResult:
+        """Per-request post steps: normalize, Matryoshka slice (renormalized), output dtype."""
+        o = req.options
+        arr = req.out
+        normalize = self.spec.normalize if o.normalize is None else o.normalize
+        if o.dimensions is not None and o.dimensions < arr.shape[1]:
+            arr = arr[:, : o.dimensions]
+        if normalize:
+            norms = np.linalg.norm(arr, axis=1, keepdims=True)
+            arr = arr / np.maximum(norms, 1e-12)
+        return EmbedResult.from_array(
+            arr, o.output_dtype, req.tokens.lengths, model=self.spec.name, request_id=req.request_id,
+            timings=Timings(queue_s=req.queue_s, inference_s=req.inference_s))
+
+    def _complete(self, req: _Request, error: Optional[FloeError] = None) -> None:
+        """Finishes a request once (from any thread) and wakes its awaiting task."""
+        with self._cv:
+            if req.done:
+                return
+            req.done = True
+            if error is not None:
+                req.error = error
+            self._requests.pop(req.key, None)
+            same = self._by_id.get(req.request_id)
+            if same is not None:
+                same.remove(req)
+                if not same:
+                    del self._by_id[req.request_id]
+            self._cv.notify_all()
+        with self._stats_lock:
+            self._c["requests"] += 1
+            if req.error is not None:
+                self._c["failed_requests"] += 1
+            else:
+                self._hist["queue_wait_seconds"].observe(req.queue_s)
+        req.loop.call_soon_threadsafe(_wake, req.future)
+
+    # --- scheduler thread -----------------------------------------------------------------
+
+    def _take_inbox(self) -> None:
+        # called with _cv held; only this thread touches self._sched
+        inbox, self._inbox = self._inbox, []
+        for kind, item in inbox:
+            if kind == "add":
+                req: _Request = item
+                if req.dropped or req.done:
+                    self._queued_tokens -= req.tokens.total_tokens
+                    self._queued_seqs -= req.tokens.n
+                    self._count_dropped(req.tokens.n)
+                    continue
+                off = req.tokens.offsets()
+                prio = req.options.priority
+                self._sched.add_many(
+                    Sequence(request_key=req.key, index=i, length=int(req.tokens.lengths[i]),
+                             arrival=req.submitted, priority=prio,
+                             payload=(req, req.tokens.ids[off[i]: off[i + 1]]))
+                    for i in range(req.tokens.n))
+            else:
+                before = self._sched.queued_tokens
+                n = self._sched.remove_request(item)
+                if n:
+                    self._queued_tokens -= before - self._sched.queued_tokens
+                    self._queued_seqs -= n
+                    self._count_dropped(n)
+
+    def _count_dropped(self, n: int) -> None:
+        with self._stats_lock:
+            self._c["dropped_sequences"] += n
+
+    def _scheduler_loop(self) -> None:
+        number = 0
+        while True:
+            with self._cv:
+                while True:
+                    self._take_inbox()
+                    if self._stopping:
+                        return
+                    timeout = None
+                    if self._slot is None:
+                        now = time.monotonic()
+                        idle = not self._running
+                        seqs = self._sched.next_batch(now, engine_idle=idle)
+                        if seqs:
+                            self._queued_tokens -= sum(s.length for s in seqs)
+                            self._queued_seqs -= len(seqs)
+                            self._forming = True
+                            break
+                        deadline = self._sched.next_deadline(now) if idle else None
+                        if deadline is not None:
+                            timeout = max(0.0, deadline - now)
+                    self._cv.wait(timeout)
+            number += 1
+            batch = _Batch(number=number, seqs=seqs, formed_at=time.monotonic())
+            try:
+                batch.prepared = self.engine.prepare([s.payload[1] for s in seqs])
+            except BaseException as e:  # noqa: BLE001 - isolate the failure to this batch
+                batch.error = e
+            with self._cv:
+                self._slot = batch
+                self._forming = False
+                self._cv.notify_all()
+
+    # --- engine thread --------------------------------------------------------------------
+
+    def _engine_loop(self) -> None:
+        while True:
+            with self._cv:
+                while self._slot is None and not self._stopping:
+                    self._cv.wait()
+                if self._slot is None:
+                    return
+                batch, self._slot = self._slot, None
+                self._running = True
+                self._cv.notify_all()   # the slot is free: the scheduler may form the next batch
+            try:
+                self._run_batch(batch)
+            finally:
+                with self._cv:
+                    self._running = False
+                    self._cv.notify_all()
+
+    def _run_batch(self, batch: _Batch) -> None:
+        seqs = batch.seqs
+        # queue time: until the request's last sequence entered a batch
+        for s in seqs:
+            req = s.payload[0]
+            req.queue_s = max(req.queue_s, batch.formed_at - req.submitted)
+        t0 = time.monotonic()
+        out = None
+        error = batch.error
+        if error is None:
+            try:
+                out = self.engine.run(batch.prepared)
+                if not isinstance(out, np.ndarray) or out.shape != (len(seqs), self.spec.dim):
+                    raise RuntimeError(f"engine returned {getattr(out, 'shape', type(out))}, "
+                                       f"expected ({len(seqs)}, {self.spec.dim})")
+            except BaseException as e:  # noqa: BLE001 - isolate the failure to this batch
+                error = e
+        elapsed = time.monotonic() - t0
+        real = sum(s.length for s in seqs)
+        padded = max(s.length for s in seqs) * len(seqs)
+        with self._stats_lock:
+            self._c["batches"] += 1
+            self._c["sequences"] += len(seqs)
+            self._c["tokens"] += real
+            self._c["padded_tokens"] += padded
+            self._hist["batch_size"].observe(len(seqs))
+            self._hist["batch_tokens"].observe(padded)
+            self._hist["padding_efficiency"].observe(real / padded)
+            self._hist["inference_seconds"].observe(elapsed)
+        if error is not None:
+            log.error("batch %d (%d sequences) failed:\n%s", batch.number, len(seqs),
+                      "".join(traceback.format_exception(error)))
+            for req in {s.payload[0] for s in seqs}:
+                self._complete(req, InternalError("inference failed for this batch"))
+            return
+        finite = np.isfinite(out).all(axis=1)
+        for row, s in enumerate(seqs):
+            req: _Request = s.payload[0]
+            if req.done or req.dropped:
+                continue
+            if batch.number not in req.batches:
+                req.batches.add(batch.number)
+                req.inference_s += elapsed
+            if not finite[row]:
+                log.error("non-finite embedding for request %s item %d", req.request_id, s.index)
+                self._complete(req, InternalError(
+                    f"the model produced a non-finite embedding for input {s.index}"))
+                continue
+            req.out[s.index] = out[row]
+            req.remaining -= 1
+            if req.remaining == 0:
+                self._complete(req)
+
+    # --- introspection --------------------------------------------------------------------
+
+    def stats(self) -> floe_pb2.ReplicaStats:
+        with self._cv:
+            queued_seqs, queued_tokens = self._queued_seqs, self._queued_tokens
+            in_flight = len(self._requests)
+        try:
+            used, total = self.engine.memory()
+        except Exception:  # noqa: BLE001 - stats must not fail because the device query did
+            used, total = 0, 0
+        with self._stats_lock:
+            msg = floe_pb2.ReplicaStats(
+                **self._c, queued_sequences=queued_seqs, queued_tokens=queued_tokens,
+                in_flight_requests=in_flight, rss_bytes=self._proc.memory_info().rss,
+                device_memory_used_bytes=used, device_memory_total_bytes=total,
+                histograms=[h.to_proto(name) for name, h in self._hist.items()])
+        return msg
+
+
+def _wake(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)

@@ -1,0 +1,299 @@
+"""ReplicaCore driven in-process with the fake engine (no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from floe.config import BatchSettings
+from floe.engine.fake import FakeEngine
+from floe.errors import CancelledError as FloeCancelled
+from floe.errors import (InternalError, OverloadedError, TooLargeError, UnavailableError,
+                         ValidationError)
+from floe.models.spec import ModelSpec
+from floe.protocol import EncodeOptions, TokenBatch
+from floe.replica.core import HISTOGRAMS, ReplicaCore
+
+DIM = 32
+
+
+def make_spec(normalize: bool = True) -> ModelSpec:
+    return ModelSpec(path="", name="fake-model", architecture="BertModel", model_type="bert",
+                     hidden_size=DIM, dim=DIM, max_seq_length=64, vocab_size=1000, pooling="mean",
+                     normalize=normalize)
+
+
+class LoggingEngine(FakeEngine):
+    """The fake engine, recording what it was asked to do and when (and failing on request)."""
+
+    POISON_RAISE = 999   # a batch holding this id raises in run()
+    POISON_NAN = 998     # a row holding this id comes out NaN
+
+    def __init__(self, spec, **kw):
+        super().__init__(spec, **kw)
+        self.events: list[tuple[str, int, float]] = []
+        self.batches: list[list[list[int]]] = []
+        self._lock = threading.Lock()
+        self._n = 0
+
+    def prepare(self, sequences):
+        with self._lock:
+            self._n += 1
+            n = self._n
+            self.events.append(("prepare", n, time.monotonic()))
+        return n, super().prepare(sequences)
+
+    def run(self, prepared):
+        n, seqs = prepared
+        self.events.append(("run_start", n, time.monotonic()))
+        self.batches.append([s.tolist() for s in seqs])
+        try:
+            if any(self.POISON_RAISE in s for s in seqs):
+                raise RuntimeError("simulated engine crash")
+            out = super().run(seqs)
+            for i, s in enumerate(seqs):
+                if self.POISON_NAN in s:
+                    out[i, 3] = np.nan
+            return out
+        finally:
+            self.events.append(("run_end", n, time.monotonic()))
+
+
+def expected_rows(engine: FakeEngine, items: list[list[int]], normalize=True, dims=None):
+    out = FakeEngine.run(engine, [np.asarray(x, dtype=np.int64) for x in items])
+    if dims:
+        out = out[:, :dims]
+    if normalize:
+        out = out / np.linalg.norm(out, axis=1, keepdims=True)
+    return out
+
+
+@pytest.fixture
+def make_core():
+    cores = []
+
+    def _make(normalize=True, **batch_kw):
+        kw = dict(max_batch_tokens=512, max_batch_size=64, batch_timeout_ms=1.0)
+        eng_kw = {k: batch_kw.pop(k) for k in ("seconds_per_batch", "seconds_per_token") if k in batch_kw}
+        kw.update(batch_kw)
+        engine = LoggingEngine(make_spec(normalize), **eng_kw)
+        core = ReplicaCore(engine, BatchSettings(**kw), replica_id="t")
+        core.start()
+        cores.append(core)
+        return core, engine
+
+    yield _make
+    for c in cores:
+        c.stop(drain_timeout=0.0)
+
+
+ITEMS = [[101, 7, 8, 9, 102], [101, 5, 102], [101] + list(range(10, 40)) + [102]]
+
+
+async def test_embeds_and_matches_engine_alone(make_core):
+    core, engine = make_core()
+    assert core.ready
+    r = await core.submit(TokenBatch.from_lists(ITEMS), EncodeOptions(), "r1")
+    assert (r.n, r.dim, r.dtype, r.request_id, r.model) == (3, DIM, "float32", "r1", "fake-model")
+    np.testing.assert_allclose(r.as_float32(), expected_rows(engine, ITEMS), rtol=1e-6, atol=1e-6)
+    assert r.token_counts.tolist() == [5, 3, 32]
+    t = r.timings
+    assert t.total_s >= t.queue_s >= 0 and t.inference_s >= 0 and t.total_s > 0
+
+
+async def test_concurrent_requests_batch_and_equal_alone(make_core):
+    core, engine = make_core(batch_timeout_ms=20.0)
+    reqs = [ITEMS[i % 3: i % 3 + 1] * (1 + i % 2) for i in range(8)]
+    results = await asyncio.gather(*(core.submit(TokenBatch.from_lists(x), EncodeOptions(), f"c{i}")
+                                     for i, x in enumerate(reqs)))
+    for x, r in zip(reqs, results):
+        np.testing.assert_allclose(r.as_float32(), expected_rows(engine, x), rtol=1e-6, atol=1e-6)
+    # they shared forward passes
+    assert len(engine.batches) < len(reqs)
+
+
+async def test_normalize_dimensions_and_dtypes(make_core):
+    core, engine = make_core(normalize=False)
+    tb = TokenBatch.from_lists(ITEMS)
+    raw = await core.submit(tb, EncodeOptions(), "raw")  # model default: not normalized
+    np.testing.assert_allclose(raw.as_float32(), expected_rows(engine, ITEMS, normalize=False),
+                               rtol=1e-6)
+    assert not np.allclose(np.linalg.norm(raw.as_float32(), axis=1), 1.0)
+
+    norm = await core.submit(tb, EncodeOptions(normalize=True, dimensions=8), "n8")
+    assert norm.dim == 8
+    np.testing.assert_allclose(norm.as_float32(), expected_rows(engine, ITEMS, dims=8), rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(norm.as_float32(), axis=1), 1.0, rtol=1e-5)
+
+    sliced = await core.submit(tb, EncodeOptions(dimensions=8), "s8")  # slice, no renormalize
+    np.testing.assert_allclose(sliced.as_float32(), raw.as_float32()[:, :8], rtol=1e-6)
+
+    ref = expected_rows(engine, ITEMS)
+    for dtype, tol in (("float16", 1e-3), ("bfloat16", 1e-2)):
+        r = await core.submit(tb, EncodeOptions(normalize=True, output_dtype=dtype), dtype)
+        assert r.dtype == dtype and len(r.data) == 3 * DIM * 2
+        np.testing.assert_allclose(r.as_float32(), ref, atol=tol)
+
+
+async def test_model_default_normalize(make_core):
+    core, engine = make_core(normalize=True)
+    r = await core.submit(TokenBatch.from_lists(ITEMS), EncodeOptions(), "d")
+    np.testing.assert_allclose(np.linalg.norm(r.as_float32(), axis=1), 1.0, rtol=1e-5)
+    off = await core.submit(TokenBatch.from_lists(ITEMS), EncodeOptions(normalize=False), "o")
+    np.testing.assert_allclose(off.as_float32(), expected_rows(engine, ITEMS, normalize=False), rtol=1e-6)
+
+
+@pytest.mark.parametrize("items,options,match", [
+    ([[1, 2], []], EncodeOptions(), "input 1 is empty"),
+    ([[1, 2000]], EncodeOptions(), "outside the vocabulary"),
+    ([[1, -3]], EncodeOptions(), "outside the vocabulary"),
+    ([list(range(1, 70))], EncodeOptions(), "max_seq_length"),
+    ([[1, 2]], EncodeOptions(dimensions=DIM + 1), "dimensions"),
+    ([[1, 2]], EncodeOptions(dimensions=-1), "dimensions"),
+    ([[1, 2]], EncodeOptions(output_dtype="int8"), "output dtype"),
+    ([], EncodeOptions(), "no inputs"),
+])
+async def test_validation_errors(make_core, items, options, match):
+    core, _ = make_core()
+    with pytest.raises(ValidationError, match=match):
+        await core.submit(TokenBatch.from_lists(items), options, "bad")
+    # the replica keeps serving
+    r = await core.submit(TokenBatch.from_lists([[1, 2]]), EncodeOptions(), "ok")
+    assert r.n == 1
+
+
+async def test_engine_failure_fails_only_its_batch(make_core, caplog):
+    core, engine = make_core(max_batch_size=1)
+    bad = core.submit(TokenBatch.from_lists([[1, LoggingEngine.POISON_RAISE]]), EncodeOptions(), "bad")
+    good = core.submit(TokenBatch.from_lists([[1, 2, 3]]), EncodeOptions(), "good")
+    res = await asyncio.gather(bad, good, return_exceptions=True)
+    assert isinstance(res[0], InternalError)
+    assert "simulated" not in res[0].message  # no raw exception text for the client
+    assert res[1].n == 1
+    assert "simulated engine crash" in caplog.text  # but the traceback is logged
+    after = await core.submit(TokenBatch.from_lists([[4, 5]]), EncodeOptions(), "after")
+    assert after.n == 1 and core.ready
+    st = core.stats()
+    assert st.failed_requests == 1 and st.requests == 3
+
+
+async def test_nan_row_fails_only_its_request(make_core):
+    core, engine = make_core(batch_timeout_ms=50.0)
+    poisoned = core.submit(TokenBatch.from_lists([[1, 2], [1, LoggingEngine.POISON_NAN]]),
+                           EncodeOptions(), "nan")
+    other = core.submit(TokenBatch.from_lists([[1, 2]]), EncodeOptions(), "other")
+    res = await asyncio.gather(poisoned, other, return_exceptions=True)
+    assert isinstance(res[0], InternalError) and "input 1" in res[0].message
+    assert res[1].n == 1 and np.isfinite(res[1].as_float32()).all()
+    assert len(engine.batches) == 1  # they really were in the same forward pass
+
+
+async def test_cancelled_task_drops_queued_sequences(make_core):
+    core, engine = make_core(max_batch_size=1, seconds_per_batch=0.2)
+    first = asyncio.create_task(core.submit(TokenBatch.from_lists([[1, 2]]), EncodeOptions(), "a"))
+    await asyncio.sleep(0.05)  # "a" is running
+    victim = asyncio.create_task(core.submit(TokenBatch.from_lists([[7, 7, 7]] * 3), EncodeOptions(), "b"))
+    await asyncio.sleep(0.02)
+    victim.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await victim
+    await first
+    r = await core.submit(TokenBatch.from_lists([[3, 4]]), EncodeOptions(), "c")
+    assert r.n == 1
+    ran = [seq for b in engine.batches for seq in b]
+    # the second item of "b" may have been formed during "a" (pipelining); the rest never ran
+    assert ran.count([7, 7, 7]) <= 1
+    st = core.stats()
+    assert st.dropped_sequences >= 2
+    assert st.queued_sequences == 0 and st.queued_tokens == 0 and st.in_flight_requests == 0
+
+
+async def test_abort_by_request_id(make_core):
+    core, engine = make_core(max_batch_size=1, seconds_per_batch=0.2)
+    first = asyncio.create_task(core.submit(TokenBatch.from_lists([[1, 2]]), EncodeOptions(), "a"))
+    await asyncio.sleep(0.05)
+    victim = asyncio.create_task(core.submit(TokenBatch.from_lists([[7, 7]] * 4), EncodeOptions(), "b"))
+    await asyncio.sleep(0.02)
+    assert core.abort("b") is True
+    assert core.abort("nope") is False
+    with pytest.raises(FloeCancelled):
+        await victim
+    await first
+    assert core.stats().dropped_sequences >= 3
+
+
+async def test_admission_limit(make_core):
+    core, _ = make_core(max_batch_size=1, max_queued_tokens=10, seconds_per_batch=0.2)
+    with pytest.raises(TooLargeError):
+        await core.submit(TokenBatch.from_lists([[1] * 11]), EncodeOptions(), "huge")
+    t1 = asyncio.create_task(core.submit(TokenBatch.from_lists([[1] * 4] * 2), EncodeOptions(), "a"))
+    await asyncio.sleep(0.05)  # item 1 runs, item 2 sits prepared in the engine's slot
+    t2 = asyncio.create_task(core.submit(TokenBatch.from_lists([[2] * 6]), EncodeOptions(), "b"))
+    await asyncio.sleep(0.01)  # "b" (6 tokens) waits in the queue: 6 + 6 > 10
+    with pytest.raises(OverloadedError) as ei:
+        await core.submit(TokenBatch.from_lists([[3] * 6]), EncodeOptions(), "c")
+    assert ei.value.retry_after and ei.value.retry_after > 0
+    await asyncio.gather(t1, t2)
+    # once drained, it admits again
+    assert (await core.submit(TokenBatch.from_lists([[3] * 6]), EncodeOptions(), "d")).n == 1
+
+
+async def test_pipelining_prepares_next_batch_during_forward(make_core):
+    core, engine = make_core(max_batch_size=2, seconds_per_batch=0.1)
+    r = await core.submit(TokenBatch.from_lists([[i + 1, i + 2] for i in range(6)]), EncodeOptions(), "p")
+    assert r.n == 6
+    ev = {(kind, n): t for kind, n, t in engine.events}
+    assert len(engine.batches) == 3
+    for n in (1, 2):
+        # batch n+1 was formed and prepared while batch n was still running
+        assert ev[("prepare", n + 1)] < ev[("run_end", n)]
+        # and the engine started it right after (no idle gap for preparing)
+        assert ev[("run_start", n + 1)] - ev[("run_end", n)] < 0.05
+    # queue time: the request's last sequence waited about two forward passes
+    assert 0.1 <= r.timings.queue_s < 0.3
+    assert r.timings.inference_s >= 0.29
+
+
+async def test_stats_counters_and_histograms(make_core):
+    core, _ = make_core(batch_timeout_ms=30.0)
+    await asyncio.gather(
+        core.submit(TokenBatch.from_lists([[1] * 4, [1] * 8]), EncodeOptions(), "x"),
+        core.submit(TokenBatch.from_lists([[2] * 2]), EncodeOptions(), "y"))
+    st = core.stats()
+    assert st.requests == 2 and st.failed_requests == 0
+    assert st.sequences == 3 and st.tokens == 14
+    assert st.batches == 1 and st.padded_tokens == 24
+    assert st.rss_bytes > 0
+    hist = {h.name: h for h in st.histograms}
+    assert set(hist) == set(HISTOGRAMS)
+    for h in hist.values():
+        assert len(h.counts) == len(h.bounds) + 1 and sum(h.counts) == h.count
+    assert hist["batch_size"].count == 1 and hist["batch_size"].sum == 3
+    assert hist["padding_efficiency"].sum == pytest.approx(14 / 24)
+    assert hist["queue_wait_seconds"].count == 2
+
+
+async def test_stop_drains_then_refuses(make_core):
+    core, _ = make_core(seconds_per_batch=0.1)
+    task = asyncio.create_task(core.submit(TokenBatch.from_lists([[1, 2]]), EncodeOptions(), "a"))
+    await asyncio.sleep(0.02)
+    drained = await asyncio.to_thread(core.stop, 2.0)
+    assert drained
+    assert (await task).n == 1
+    assert not core.ready
+    with pytest.raises(UnavailableError):
+        await core.submit(TokenBatch.from_lists([[1, 2]]), EncodeOptions(), "late")
+
+
+async def test_stop_without_drain_fails_in_flight(make_core):
+    core, _ = make_core(max_batch_size=1, seconds_per_batch=0.2)
+    tasks = [asyncio.create_task(core.submit(TokenBatch.from_lists([[i + 1]]), EncodeOptions(), f"r{i}"))
+             for i in range(3)]
+    await asyncio.sleep(0.05)
+    assert not await asyncio.to_thread(core.stop, 0.0)
+    res = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+    assert any(isinstance(x, UnavailableError) for x in res)
