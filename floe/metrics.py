@@ -43,13 +43,6 @@ REQUEST_SECONDS = Histogram(
 TOKENIZE_SECONDS = Histogram(
     "floe_tokenization_duration_seconds", "Time to tokenize one request in the front end.",
     buckets=LATENCY_BUCKETS, registry=REGISTRY)
-REPLICA_RETRIES = Counter(
-    "floe_replica_retries_total",
-    "Requests retried on another replica after their replica failed, by the failed replica.",
-    ["replica"], registry=REGISTRY)
-REPLICA_RESTARTS = Counter(
-    "floe_replica_restarts_total", "Replica processes restarted by the manager.", ["replica"],
-    registry=REGISTRY)
 
 # --- replica statistics, shipped over the wire ---------------------------------------------------
 
@@ -90,6 +83,8 @@ def replica_families(infos: Iterable[Any]) -> list:
     fams: dict[str, Any] = {}
     labels = ["replica"]
     healthy = GaugeMetricFamily("floe_replica_healthy", "1 when the replica is in rotation.", labels=labels)
+    restarts = CounterMetricFamily("floe_replica_restarts", "Restarts of the replica by the manager.",
+                                   labels=labels)
     for field, (name, help_) in _REPLICA_COUNTERS.items():
         fams[field] = CounterMetricFamily(name, help_, labels=labels)
     for field, (name, help_) in _REPLICA_GAUGES.items():
@@ -99,6 +94,7 @@ def replica_families(infos: Iterable[Any]) -> list:
     for info in infos:
         rid = info.replica_id or "?"
         healthy.add_metric([rid], 1.0 if info.healthy else 0.0)
+        restarts.add_metric([rid], float(info.restarts))
         if info.HasField("stats"):
             stats = info.stats
             for field in _REPLICA_COUNTERS:
@@ -120,7 +116,7 @@ def replica_families(infos: Iterable[Any]) -> list:
             model_info.add_metric([], {"name": info.model, "dim": str(info.dim), "dtype": info.dtype,
                                        "device": info.device, "architecture": info.architecture,
                                        "pooling": info.pooling})
-    out = [healthy, *fams.values(), *hists.values()]
+    out = [healthy, restarts, *fams.values(), *hists.values()]
     if model_info is not None:
         out.append(model_info)
     return out
@@ -148,5 +144,12 @@ async def render(service: Any, timeout: float = 2.0) -> tuple[bytes, str]:
     front.add_metric([], float(getattr(service, "in_flight", 0)))
     ready = GaugeMetricFamily("floe_ready", "1 when the endpoint accepts requests.")
     ready.add_metric([], 1.0 if service.ready() else 0.0)
-    snapshot.register(_Snapshot([front, ready]))
+    status = service.router.status()
+    retries = CounterMetricFamily("floe_replica_retries", "Requests retried on another replica "
+                                  "after their replica failed (the client saw success).")
+    retries.add_metric([], float(status.get("retried_requests", 0)))
+    failed_retries = CounterMetricFamily("floe_replica_failed_retries", "Requests whose retry "
+                                         "replica failed too.")
+    failed_retries.add_metric([], float(status.get("failed_retries", 0)))
+    snapshot.register(_Snapshot([front, ready, retries, failed_retries]))
     return body + generate_latest(snapshot), CONTENT_TYPE_LATEST
