@@ -41,7 +41,7 @@ async def serve(settings: Settings, ready_event: Optional[asyncio.Event] = None)
     spec = load_spec(settings.model)
     srv = settings.server
     workers = srv.tokenization_workers or max(1, (_cpu_count() - 1))
-    tokenizers = TokenizerPool(spec, workers)
+    tokenizers = TokenizerPool(spec, workers, max_input_chars=srv.max_input_chars)
     manager = ReplicaManager(settings, spec)
     service = EmbedService(settings, spec, tokenizers, manager)
 

@@ -121,7 +121,7 @@ class EmbedService:
                 tokens = await self.tokenize(list(texts or []), options)
             else:
                 self.check_count(tokens.n)
-                tokens = self.tokenizers.tokenizer.check_ids(
+                tokens = self.tokenizers.validate_ids(
                     tokens, options, auto_truncate=self.settings.server.auto_truncate)
             t_tok = time.perf_counter() - t0
             metrics.TOKENIZE_SECONDS.observe(t_tok)
