@@ -20,6 +20,7 @@ class DenseSpec:
     out_features: int
     bias: bool = True
     activation: str = "torch.nn.modules.linear.Identity"
+    use_residual: bool = False     # ST >= 5.7: out = act(linear(x)) + x (or + residual(x))
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,8 @@ class ModelSpec:
     dim: int                       # output dimension after Dense layers
     max_seq_length: int            # tokens per input, special tokens included
     vocab_size: int
-    pooling: str                   # "mean" | "cls" | "last_token" | "max"
+    pooling: str                   # "mean" | "cls" | "last_token" | "max" | "mean_sqrt_len_tokens"
+                                   # | "weightedmean"
     include_prompt: bool = True    # Pooling's include_prompt (False: prompt tokens not pooled)
     dense: tuple[DenseSpec, ...] = ()
     normalize: bool = False        # pipeline ends in Normalize
@@ -44,3 +46,13 @@ class ModelSpec:
     padding_side: str = "right"
     is_sentence_transformers: bool = True
     notices: tuple[str, ...] = ()  # things loading decided on its own, shown by `floe info`
+    transformer_path: str = ""     # folder of the backbone (config.json, weights, tokenizer.json);
+                                   # "" means ``path`` (ST saves the Transformer module in the root)
+    do_lower_case: bool = False    # sentence_bert_config.json: lowercase before tokenizing
+    pad_token_id: int = 0          # id used to pad a batch (position ids of RoBERTa-likes depend on it)
+    max_position_limit: int = 0    # longest sequence the position table allows (0: unknown)
+
+    @property
+    def backbone_path(self) -> str:
+        """Folder holding config.json, the backbone weights and tokenizer.json."""
+        return self.transformer_path or self.path

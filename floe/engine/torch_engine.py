@@ -1,0 +1,278 @@
+"""The torch engine: backbone forward -> pooling -> Dense, in the device's best precision.
+
+The model is cast to its dtype for real (``model.to(bfloat16)``), not run under autocast: on the
+CPUs floe targets, oneDNN's bf16 kernels (AMX / avx512_bf16) are several times faster than fp32,
+and autocast's per-op casts eat most of that. Pooling sums are accumulated in float32 (as
+sentence-transformers does) so bf16 does not lose the mean; the result leaves as float32.
+
+Normalize, Matryoshka slicing and the output dtype are per-request and belong to the replica.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from floe.engine.base import Engine
+from floe.errors import ConfigError, ModelLoadError
+from floe.models.spec import DenseSpec, ModelSpec
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_flags() -> set[str]:
+    """CPU feature flags from /proc/cpuinfo (empty where it does not exist)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_fast_bf16(flags: Optional[set[str]] = None) -> bool:
+    """True on CPUs with bf16 matmul instructions (Intel AMX, or avx512_bf16 on Intel/AMD)."""
+    flags = cpu_flags() if flags is None else flags
+    return bool({"amx_bf16", "avx512_bf16"} & flags)
+
+
+def pick_device_and_dtype(device: str, dtype: str, spec: Optional[ModelSpec] = None,
+                          *, cuda_available: Optional[bool] = None,
+                          cuda_capability: Optional[tuple[int, int]] = None,
+                          flags: Optional[set[str]] = None) -> tuple[str, str]:
+    """Resolves ("auto"|"cpu"|"cuda"[:i], "auto"|dtype) to a torch device string and a dtype name.
+
+    auto device: cuda when available, else cpu. auto dtype: bfloat16 on CPUs with AMX or
+    avx512_bf16 and on GPUs with compute capability >= 8 (Ampere+), float16 on older GPUs,
+    float32 otherwise; models whose activations overflow in float16 (``spec.refuse_float16``) get
+    float32 instead of float16, and an explicit float16 for them is a ConfigError. The keyword
+    arguments stand in for the hardware in tests.
+    """
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if device == "auto":
+        device = "cuda:0" if cuda_available else "cpu"
+    elif device == "cuda":
+        device = "cuda:0"
+    if device.startswith("cuda"):
+        if not cuda_available:
+            raise ConfigError(f"--device {device}: no CUDA device is available (use --device cpu)")
+    elif device != "cpu":
+        raise ConfigError(f"--device {device!r} is not one of auto, cpu, cuda")
+
+    refuse16 = bool(spec is not None and spec.refuse_float16)
+    if dtype not in ("auto", *_DTYPES):
+        raise ConfigError(f"--dtype {dtype!r} is not one of auto, float32, bfloat16, float16")
+    if dtype == "float16" and refuse16:
+        raise ConfigError(
+            f"--dtype float16 is refused for {spec.model_type} models: their activations overflow "
+            "in float16 and give NaN embeddings; use bfloat16 or float32")
+    if device == "cpu":
+        fast_bf16 = cpu_has_fast_bf16(flags)
+        if dtype == "auto":
+            return device, "bfloat16" if fast_bf16 else "float32"
+        if dtype == "bfloat16" and not fast_bf16:
+            log.warning("bfloat16 on a CPU without AMX/avx512_bf16 runs emulated and is slow")
+        if dtype == "float16":
+            log.warning("float16 on CPU is slow and less accurate than bfloat16")
+        return device, dtype
+    if dtype != "auto":
+        return device, dtype
+    if cuda_capability is None:
+        cuda_capability = torch.cuda.get_device_capability(torch.device(device))
+    if cuda_capability[0] >= 8:
+        return device, "bfloat16"
+    return device, "float32" if refuse16 else "float16"
+
+
+_ACTIVATIONS = {
+    "Identity": lambda x: x,
+    "Tanh": torch.tanh,
+    "ReLU": torch.relu,
+    "GELU": torch.nn.functional.gelu,
+    "Sigmoid": torch.sigmoid,
+    "SiLU": torch.nn.functional.silu,
+}
+
+
+def _load_state(folder: str) -> dict[str, torch.Tensor]:
+    st = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+
+        return load_file(st)
+    return torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+
+
+class _Dense:
+    """One ST Dense module: act(x W^T + b) (+ residual), weights from its folder."""
+
+    def __init__(self, d: DenseSpec, device: torch.device, dtype: torch.dtype) -> None:
+        state = _load_state(d.path)
+        try:
+            self.weight = state["linear.weight"].to(device=device, dtype=dtype)
+            self.bias = state["linear.bias"].to(device=device, dtype=dtype) if d.bias else None
+            self.residual = None
+            if d.use_residual and d.in_features != d.out_features:
+                self.residual = state["residual.weight"].to(device=device, dtype=dtype)
+        except KeyError as exc:
+            raise ModelLoadError(f"{d.path}: Dense weights lack {exc}") from None
+        if tuple(self.weight.shape) != (d.out_features, d.in_features):
+            raise ModelLoadError(f"{d.path}: weight shape {tuple(self.weight.shape)} does not match "
+                                 f"({d.out_features}, {d.in_features})")
+        self.act = _ACTIVATIONS[d.activation.rsplit(".", 1)[-1]]
+        self.use_residual = d.use_residual
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(torch.nn.functional.linear(x, self.weight, self.bias))
+        if self.use_residual:
+            out = out + (x if self.residual is None else torch.nn.functional.linear(x, self.residual))
+        return out
+
+
+class Prepared:
+    """A padded batch on the device: what ``run`` consumes."""
+
+    __slots__ = ("input_ids", "attention_mask", "lengths", "uniform")
+
+    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: torch.Tensor,
+                 uniform: bool) -> None:
+        self.input_ids = input_ids
+        self.attention_mask = attention_mask
+        self.lengths = lengths
+        self.uniform = uniform  # all rows the same length: no padding at all
+
+
+class TorchEngine(Engine):
+    """Runs one model folder (described by ``spec``) with transformers' AutoModel."""
+
+    def __init__(self, spec: ModelSpec, device: str = "auto", dtype: str = "auto",
+                 threads: Optional[int] = None) -> None:
+        self.spec = spec
+        self.device, self.dtype = pick_device_and_dtype(device, dtype, spec)
+        if threads:
+            torch.set_num_threads(int(threads))
+        self._torch_device = torch.device(self.device)
+        self._torch_dtype = _DTYPES[self.dtype]
+        self._lock = threading.Lock()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a resolved local folder never needs the hub
+        from transformers import AutoConfig, AutoModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # replica logs are lines, not progress bars
+
+        folder = spec.backbone_path
+        try:
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+            kwargs: dict[str, Any] = {"config": config, "dtype": self._torch_dtype}
+            try:
+                model = AutoModel.from_pretrained(folder, attn_implementation="sdpa", **kwargs)
+            except (ValueError, ImportError) as exc:
+                # Architectures without an SDPA path fall back to their eager attention.
+                log.info("sdpa attention unavailable for %s (%s); using eager", spec.architecture, exc)
+                model = AutoModel.from_pretrained(folder, attn_implementation="eager", **kwargs)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(f"cannot load the model in {folder}: {type(exc).__name__}: "
+                                 f"{str(exc)[:300]}") from None
+        model.to(device=self._torch_device, dtype=self._torch_dtype)
+        model.eval()
+        self.model = model
+        import inspect
+
+        params = inspect.signature(model.forward).parameters
+        self._takes_token_types = "token_type_ids" in params
+        self._dense = [_Dense(d, self._torch_device, self._torch_dtype) for d in spec.dense]
+        log.info("loaded %s on %s in %s (%s pooling, dim %d)", spec.name, self.device, self.dtype,
+                 spec.pooling, spec.dim)
+
+    # --- stages ------------------------------------------------------------------------------
+
+    def prepare(self, sequences: Sequence[np.ndarray]) -> Prepared:
+        """Right-pads int32 id arrays with the model's pad id into (n, longest) device tensors."""
+        n = len(sequences)
+        lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=n)
+        if n == 0 or lengths.min() <= 0:
+            raise ValueError("prepare() needs at least one sequence, each with at least one id")
+        width = int(lengths.max())
+        ids = np.full((n, width), self.spec.pad_token_id, dtype=np.int64)
+        for i, s in enumerate(sequences):
+            ids[i, : len(s)] = s
+        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        dev = self._torch_device
+        non_blocking = dev.type == "cuda"
+        return Prepared(
+            input_ids=torch.from_numpy(ids).to(dev, non_blocking=non_blocking),
+            attention_mask=torch.from_numpy(mask).to(dev, non_blocking=non_blocking),
+            lengths=torch.from_numpy(lengths).to(dev, non_blocking=non_blocking),
+            uniform=bool(lengths.min() == width),
+        )
+
+    def run(self, prepared: Prepared) -> np.ndarray:
+        """Forward, pool, Dense; returns (n, spec.dim) float32, not normalized."""
+        with self._lock, torch.inference_mode():
+            hidden = self._forward(prepared)
+            pooled = self._pool(hidden, prepared)
+            for layer in self._dense:
+                pooled = layer(pooled)
+            return pooled.float().cpu().numpy()
+
+    def _forward(self, p: Prepared) -> torch.Tensor:
+        kwargs: dict[str, Any] = {"input_ids": p.input_ids}
+        # A batch without padding needs no mask, which lets SDPA take its unmasked (faster) path.
+        # RoBERTa-likes still need the pad id only for position ids, which ids alone determine.
+        kwargs["attention_mask"] = None if p.uniform else p.attention_mask
+        if self._takes_token_types:
+            kwargs["token_type_ids"] = torch.zeros_like(p.input_ids)
+        out = self.model(**kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+
+    def _pool(self, hidden: torch.Tensor, p: Prepared) -> torch.Tensor:
+        mode = self.spec.pooling
+        if mode == "cls":
+            return hidden[:, 0]
+        if mode == "last_token":
+            # Right padding: the last real token of row i sits at lengths[i] - 1.
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            return hidden[rows, p.lengths - 1]
+        mask = p.attention_mask.unsqueeze(-1)
+        if mode == "max":
+            return hidden.masked_fill(mask == 0, float("-inf")).max(dim=1).values
+        if mode in ("mean", "mean_sqrt_len_tokens"):
+            summed = (hidden * mask.to(hidden.dtype)).sum(dim=1, dtype=torch.float32)
+            count = p.lengths.to(torch.float32).clamp(min=1).unsqueeze(-1)
+            denom = count if mode == "mean" else count.sqrt()
+            return (summed / denom).to(hidden.dtype)
+        if mode == "weightedmean":
+            weights = torch.arange(1, hidden.shape[1] + 1, device=hidden.device, dtype=torch.float32)
+            w = mask.to(torch.float32) * weights.view(1, -1, 1)
+            summed = (hidden.float() * w).sum(dim=1)
+            return (summed / w.sum(dim=1).clamp(min=1e-9)).to(hidden.dtype)
+        raise ModelLoadError(f"unsupported pooling mode {mode!r}")
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def warmup(self, max_batch_tokens: int) -> None:
+        """One forward at the full token budget (proves it fits), then a tiny one."""
+        seq = self.spec.max_seq_length
+        rows = max(1, int(max_batch_tokens) // seq)
+        filler = min(1000, self.spec.vocab_size - 1)  # any in-vocabulary id that is not padding
+        full = [np.full(seq, filler, dtype=np.int32)] * rows
+        self.run(self.prepare(full))
+        self.run(self.prepare([np.full(min(8, seq), filler, dtype=np.int32)]))
+        if self._torch_device.type == "cuda":
+            torch.cuda.synchronize(self._torch_device)
+
+    def memory(self) -> tuple[int, int]:
+        if self._torch_device.type != "cuda":
+            return (0, 0)
+        free, total = torch.cuda.mem_get_info(self._torch_device)
+        return (int(total - free), int(total))
