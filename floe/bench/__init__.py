@@ -28,7 +28,7 @@ import numpy as np
 from floe.bench.runner import Progress, run_closed, run_open
 from floe.bench.stats import format_table, summarize
 from floe.bench.workload import (DISTRIBUTIONS, BenchError, BenchTokenizer, build_requests,
-                                 poisson_schedule, resolve_model_dir)
+                                 load_model_spec, poisson_schedule)
 
 REPORT_SCHEMA = 1
 __all__ = ["main", "build_parser", "run", "BenchError", "REPORT_SCHEMA"]
@@ -187,7 +187,7 @@ def _nan_to_none(x):
 async def run(args: argparse.Namespace, log=print) -> dict:
     """Runs every batch size of the benchmark ``args`` describe and returns the JSON report."""
     _check(args)
-    tok = BenchTokenizer(resolve_model_dir(args.model), args.max_seq_length)
+    tok = BenchTokenizer(load_model_spec(args.model, args.max_seq_length))
     if args.prompt_length > tok.max_seq_length:
         raise BenchError(f"--prompt-length {args.prompt_length} exceeds max_seq_length "
                          f"{tok.max_seq_length}: pass --max-seq-length (and start the server with it)")

