@@ -402,13 +402,18 @@ class ReplicaManager:
             exit_task.cancel()
             r.client = ReplicaClient(r.address, r.index)
             return True
-        if exit_task not in done:
+        timed_out = not done
+        if not timed_out:
+            # stdout closed or the process exited: it is on its way out; collect its status.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(exit_task), 5.0)
+        if r.proc.returncode is None:
             r.proc.kill()
             await r.proc.wait()
-            r.last_exit = describe_exit(r.proc.returncode)
+        r.last_exit = describe_exit(r.proc.returncode)
+        if timed_out:
             why = f"not ready within --startup-timeout {rs.startup_timeout:g} s"
         else:
-            r.last_exit = describe_exit(r.proc.returncode)
             why = f"{r.last_exit} before becoming ready"
         await asyncio.wait(r.io_tasks, timeout=2.0)  # collect the last stderr lines
         tail = " | ".join(list(r.stderr_tail)[-5:])

@@ -1,0 +1,259 @@
+"""ReplicaManager in-process over real `python -m floe.replica` processes (fake engine).
+
+Balancing, failover with zero lost requests, restart, crash-loop give-up, drain, health-probe kill.
+"""
+
+import asyncio
+import os
+import signal
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from floe.config import settings_from
+from floe.engine.fake import FakeEngine
+from floe.errors import UnavailableError
+from floe.models import load_spec
+from floe.protocol import EncodeOptions, TokenBatch
+from floe.router.manager import ReplicaManager, ReplicaStartError
+
+pytestmark = pytest.mark.slow
+
+
+def free_port_range(n: int) -> int:
+    """A port p such that p .. p+n-1 are free right now."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n < 65000 and all(_free(base + k) for k in range(n)):
+            return base
+    raise RuntimeError("no free port range")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def make_settings(**replicas):
+    base = dict(num_replicas=2, engine="fake", start_port=free_port_range(2), health_interval=0.2,
+                startup_timeout=60.0, forward_timeout=10.0)
+    base.update(replicas)
+    return settings_from(env={}, model={"model": "default"}, batch={"batch_timeout_ms": 0.5},
+                         replicas=base)
+
+
+@pytest.fixture
+def fake_env(monkeypatch):
+    """Replicas inherit the environment: make the fake engine slow enough to overlap requests."""
+    def set_(seconds_per_batch=0.0, seconds_per_token=0.0):
+        monkeypatch.setenv("FLOE_FAKE_SECONDS_PER_BATCH", str(seconds_per_batch))
+        monkeypatch.setenv("FLOE_FAKE_SECONDS_PER_TOKEN", str(seconds_per_token))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    set_()
+    return set_
+
+
+async def started(settings):
+    spec = load_spec(settings.model)
+    m = ReplicaManager(settings, spec)
+    await m.start()
+    deadline = time.monotonic() + 60
+    while not all(r.healthy for r in m.replicas):
+        assert time.monotonic() < deadline, m.status()
+        await asyncio.sleep(0.05)
+    return m, spec
+
+
+def tokens(k: int, n_items: int = 1, length: int = 8) -> TokenBatch:
+    return TokenBatch.from_lists([[101 + (k * 7 + i * 3 + j) % 900 for j in range(length)]
+                                  for i in range(n_items)])
+
+
+def completed(m):
+    return [r.client.completed if r.client else 0 for r in m.replicas]
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "least_loaded", "random"])
+async def test_policy_distribution(fake_env, policy):
+    m, spec = await started(make_settings(load_balancing=policy))
+    try:
+        engine = FakeEngine(spec)
+        for k in range(40):
+            tb = tokens(k)
+            r = await m.encode(tb, EncodeOptions(normalize=False), f"r{k}")
+            expected = engine.run(engine.prepare([tb.item(0)]))
+            np.testing.assert_allclose(r.as_float32(), expected, rtol=1e-6, atol=1e-6)
+        counts = completed(m)
+        if policy == "random":
+            assert min(counts) >= 8 and sum(counts) == 40, counts
+        else:
+            # sequential requests: round robin alternates; least_loaded sees equal (zero) loads
+            # and breaks ties from a rotating offset, so it alternates too
+            assert counts == [20, 20], counts
+        # the replicas' own counters agree with the manager's
+        infos = await m.replica_infos()
+        assert [i.stats.requests for i in infos] == counts
+        assert all(i.healthy and i.ready for i in infos)
+    finally:
+        await m.stop()
+
+
+async def test_least_loaded_avoids_the_busy_replica(fake_env):
+    fake_env(seconds_per_token=0.0005)  # a 4000-token request takes ~2 s
+    m, _ = await started(make_settings(load_balancing="least_loaded"))
+    try:
+        big = asyncio.create_task(m.encode(tokens(0, n_items=16, length=250), EncodeOptions(), "big"))
+        await asyncio.sleep(0.1)
+        busy = next(r.index for r in m.replicas if r.client.in_flight_tokens)
+        for k in range(10):
+            await m.encode(tokens(k, length=4), EncodeOptions(), f"s{k}")
+        counts = completed(m)
+        assert counts[busy] == 0 and counts[1 - busy] == 10, counts
+        await big
+        assert [r.client.in_flight_tokens for r in m.replicas] == [0, 0]
+    finally:
+        await m.stop()
+
+
+async def test_sigkill_replica_mid_load_loses_nothing_and_it_comes_back(fake_env):
+    fake_env(seconds_per_batch=0.005)
+    m, spec = await started(make_settings(load_balancing="round_robin"))
+    try:
+        engine = FakeEngine(spec)
+        victim = m.replicas[0]
+        old_pid = victim.proc.pid
+        sem = asyncio.Semaphore(16)
+        done = 0
+
+        async def one(k):
+            nonlocal done
+            async with sem:
+                tb = tokens(k, n_items=2)
+                r = await m.encode(tb, EncodeOptions(normalize=False), f"q{k}")
+                done += 1
+                return tb, r
+
+        tasks = [asyncio.create_task(one(k)) for k in range(200)]
+        while done < 40:
+            await asyncio.sleep(0.005)
+        os.kill(old_pid, signal.SIGKILL)
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 60)  # raises on any failure
+        for tb, r in results[:20] + results[-20:]:
+            expected = engine.run(engine.prepare([tb.item(0), tb.item(1)]))
+            np.testing.assert_allclose(r.as_float32(), expected, rtol=1e-6, atol=1e-6)
+        # it is restarted and takes traffic again
+        deadline = time.monotonic() + 30
+        while not (victim.healthy and victim.proc.pid != old_pid):
+            assert time.monotonic() < deadline, m.status()
+            await asyncio.sleep(0.05)
+        assert victim.restarts == 1
+        for k in range(10):
+            await m.encode(tokens(k), EncodeOptions(), f"after{k}")
+        assert victim.client.completed >= 4
+        assert m.status()["ready"]
+    finally:
+        await m.stop()
+
+
+async def test_busy_port_crash_loops_then_given_up(fake_env):
+    s = make_settings(max_restarts=2, restart_window=60.0)
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", s.replicas.start_port + 1))
+    blocker.listen()
+    m = ReplicaManager(s, load_spec(s.model))
+    try:
+        await m.start()  # replica 0 is enough
+        deadline = time.monotonic() + 20
+        while m.replicas[1].state != "failed":
+            assert time.monotonic() < deadline, m.status()
+            await asyncio.sleep(0.05)
+        st = m.status()
+        r1 = st["replicas"][1]
+        assert r1["restarts"] == 2 and not r1["healthy"]
+        assert "crash-looped" in r1["message"] and "already in use" in r1["message"]
+        assert st["ready"] and st["healthy_replicas"] == 1
+        info = (await m.replica_infos())[1]
+        assert not info.healthy and "already in use" in info.status_message
+        r = await m.encode(tokens(1), EncodeOptions(), "x")
+        assert r.n == 1
+    finally:
+        blocker.close()
+        await m.stop()
+
+
+async def test_bad_model_path_is_given_up_with_the_reason(fake_env, tmp_path):
+    s = make_settings(num_replicas=1)
+    spec = load_spec(s.model)
+    bad = settings_from(env={}, model={"model": str(tmp_path / "missing")},
+                        replicas={**s.replicas.__dict__})
+    m = ReplicaManager(bad, spec)
+    t0 = time.monotonic()
+    with pytest.raises(ReplicaStartError, match="exit code 2") as ei:
+        await m.start()
+    assert "missing" in str(ei.value)  # the replica's own stderr line names the path
+    assert time.monotonic() - t0 < 30
+    st = m.status()
+    assert st["replicas"][0]["state"] == "failed" and not st["ready"]
+    assert st["replicas"][0]["stderr_tail"]
+
+
+async def test_drain_finishes_in_flight_then_stops_replicas(fake_env):
+    fake_env(seconds_per_batch=0.3)
+    m, _ = await started(make_settings())
+    procs = [r.proc for r in m.replicas]
+    tasks = [asyncio.create_task(m.encode(tokens(k), EncodeOptions(), f"d{k}")) for k in range(8)]
+    await asyncio.sleep(0.1)
+    drain = asyncio.create_task(m.drain(timeout=20))
+    await asyncio.sleep(0.05)
+    assert not m.ready()
+    with pytest.raises(UnavailableError, match="draining"):
+        await m.encode(tokens(99), EncodeOptions(), "late")
+    results = await asyncio.gather(*tasks)
+    assert all(r.n == 1 for r in results)
+    await asyncio.wait_for(drain, 30)
+    assert all(p.returncode is not None for p in procs)
+    assert all(r.state == "stopped" for r in m.replicas)
+
+
+async def test_hung_replica_is_killed_by_probes_and_requests_fail_over(fake_env):
+    m, _ = await started(make_settings(forward_timeout=1.5, load_balancing="round_robin"))
+    try:
+        victim = m.replicas[1]
+        pid = victim.proc.pid
+        os.kill(pid, signal.SIGSTOP)  # alive but answering nothing
+        results = await asyncio.gather(*(m.encode(tokens(k), EncodeOptions(), f"h{k}")
+                                         for k in range(6)))
+        assert all(r.n == 1 for r in results)
+        deadline = time.monotonic() + 30
+        while not (victim.healthy and victim.proc.pid != pid):
+            assert time.monotonic() < deadline, m.status()
+            await asyncio.sleep(0.05)
+        assert victim.restarts == 1
+    finally:
+        await m.stop()
+
+
+async def test_no_healthy_replica_is_unavailable(fake_env):
+    m, _ = await started(make_settings(num_replicas=1, max_restarts=0))
+    try:
+        proc = m.replicas[0].proc
+        proc.kill()
+        await proc.wait()
+        deadline = time.monotonic() + 5
+        while m.ready():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        with pytest.raises(UnavailableError) as ei:
+            await m.encode(tokens(1), EncodeOptions(), "x")
+        assert ei.value.retry_after
+        assert "killed by SIGKILL" in m.status()["replicas"][0]["message"]
+    finally:
+        await m.stop()
