@@ -69,7 +69,11 @@ class TokenBatch:
     @classmethod
     def from_lists(cls, items: list[list[int]]) -> "TokenBatch":
         lengths = np.fromiter((len(x) for x in items), dtype=np.int64, count=len(items))
-        ids = np.fromiter((t for x in items for t in x), dtype=np.int64, count=int(lengths.sum()))
+        try:
+            ids = np.fromiter((t for x in items for t in x), dtype=np.int64, count=int(lengths.sum()))
+        except (OverflowError, TypeError, ValueError):
+            # ids beyond int64, or not integers at all: the client's mistake, not a crash
+            raise ValidationError("token ids must be integers in int32 range", param="input") from None
         if ids.size and (ids.min() < np.iinfo(np.int32).min or ids.max() > np.iinfo(np.int32).max):
             raise ValidationError("token id out of int32 range", param="input")
         return cls(ids=ids.astype(np.int32), lengths=lengths)
@@ -139,6 +143,9 @@ class EmbedResult:
         elif dtype == "bfloat16":
             bits = arr.view(np.uint32).astype(np.uint64)
             rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            nan = np.isnan(arr)
+            if nan.any():  # rounding would carry a low-payload NaN into the exponent (infinity)
+                rounded[nan] = (bits[nan] >> 16) | 0x0040
             data = rounded.astype("<u2").tobytes()
         else:
             raise ValidationError(f"unknown output dtype {dtype!r}", param="output_dtype")

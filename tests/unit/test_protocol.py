@@ -1,0 +1,112 @@
+"""Round trips of the process-boundary types through floe.proto (floe/protocol.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from floe.errors import ValidationError
+from floe.proto import floe_pb2
+from floe.protocol import (EmbedResult, EncodeOptions, Timings, TokenBatch, options_from_proto,
+                           options_to_proto, request_to_proto, result_from_proto, result_to_proto,
+                           tokens_from_proto)
+
+
+@pytest.mark.parametrize("options", [
+    EncodeOptions(),
+    EncodeOptions(normalize=False, truncate=True, truncation_direction="left", prompt_name="query",
+                  dimensions=64, output_dtype="bfloat16", priority=-3),
+    EncodeOptions(normalize=True, truncate=False, prompt="Represent: ", output_dtype="float16",
+                  priority=7),
+    EncodeOptions(prompt=""),  # an explicit empty prompt is not "unset"
+])
+def test_options_round_trip(options):
+    wire = options_to_proto(options).SerializeToString()
+    msg = floe_pb2.EncodeOptions.FromString(wire)
+    assert options_from_proto(msg) == options
+
+
+def test_options_unset_fields_stay_none():
+    o = options_from_proto(floe_pb2.EncodeOptions())
+    assert (o.normalize, o.truncate, o.prompt, o.prompt_name, o.dimensions) == (None,) * 5
+    assert (o.output_dtype, o.truncation_direction, o.priority) == ("float32", "right", 0)
+
+
+def test_options_unknown_enums_are_validation_errors():
+    with pytest.raises(ValidationError, match="output_dtype"):
+        options_from_proto(floe_pb2.EncodeOptions(output_dtype=9))
+    with pytest.raises(ValidationError, match="truncation_direction"):
+        options_from_proto(floe_pb2.EncodeOptions(truncation_direction=5))
+
+
+def test_request_round_trip_tokens():
+    items = [[101, 7592, 102], [101, 102], [5] * 40]
+    tb = TokenBatch.from_lists(items)
+    msg = floe_pb2.EncodeRequest.FromString(
+        request_to_proto("r", EncodeOptions(dimensions=8), tokens=tb, model="m").SerializeToString())
+    assert (msg.request_id, msg.model, msg.options.dimensions) == ("r", "m", 8)
+    back = tokens_from_proto(msg)
+    assert back.n == 3 and back.total_tokens == 45
+    assert [back.item(i).tolist() for i in range(3)] == items
+    assert back.ids.dtype == np.int32 and back.offsets().tolist() == [0, 3, 5, 45]
+    # the wire layout is int32 little-endian, whatever the host
+    assert msg.token_ids[:4] == (101).to_bytes(4, "little")
+
+
+def test_request_round_trip_texts():
+    msg = request_to_proto("t", EncodeOptions(), texts=["a", "é ü"])
+    assert tokens_from_proto(msg) is None and list(msg.texts) == ["a", "é ü"]
+
+
+def test_tokens_from_proto_rejects_bad_payloads():
+    with pytest.raises(ValidationError, match="not both"):
+        tokens_from_proto(floe_pb2.EncodeRequest(texts=["a"], token_ids=b"\0" * 4, lengths=[1]))
+    with pytest.raises(ValidationError, match="multiple of 4"):
+        tokens_from_proto(floe_pb2.EncodeRequest(token_ids=b"\0" * 6, lengths=[1]))
+    with pytest.raises(ValidationError, match="lengths sum"):
+        tokens_from_proto(floe_pb2.EncodeRequest(token_ids=b"\0" * 8, lengths=[1]))
+    with pytest.raises(ValidationError, match="lengths sum"):
+        tokens_from_proto(floe_pb2.EncodeRequest(lengths=[2]))
+
+
+def test_from_lists_rejects_ids_out_of_range():
+    for bad in ([[1, 2**31]], [[-(2**31) - 1]], [[2**70]], [["a"]]):
+        with pytest.raises(ValidationError):
+            TokenBatch.from_lists(bad)
+    assert TokenBatch.from_lists([]).n == 0
+    assert TokenBatch.from_lists([[2**31 - 1]]).ids.tolist() == [2**31 - 1]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_result_round_trip(dtype):
+    rng = np.random.default_rng(0)
+    arr = rng.standard_normal((3, 16)).astype(np.float32)
+    r = EmbedResult.from_array(arr, dtype, [4, 5, 6], model="m", request_id="id",
+                               timings=Timings(0.1, 0.2, 0.3, 0.7))
+    back = result_from_proto(floe_pb2.EncodeResponse.FromString(result_to_proto(r).SerializeToString()))
+    assert (back.n, back.dim, back.dtype, back.model, back.request_id) == (3, 16, dtype, "m", "id")
+    assert back.data == r.data
+    assert back.token_counts.tolist() == [4, 5, 6]
+    assert back.timings == Timings(0.1, 0.2, 0.3, 0.7)
+    tol = {"float32": 0, "float16": 1e-3, "bfloat16": 8e-3}[dtype]
+    np.testing.assert_allclose(back.as_float32(), arr, rtol=tol, atol=tol)
+
+
+def test_bfloat16_rounds_to_nearest_even_and_keeps_specials():
+    vals = np.array([1.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, 1.0 + 2**-8 + 2**-20, -2.5,
+                     np.inf, -np.inf, np.nan, 0.0], dtype=np.float32)
+    r = EmbedResult.from_array(vals[None, :], "bfloat16", [1])
+    got = r.as_float32()[0]
+    # halfway cases go to the even mantissa; just above halfway rounds up
+    assert got[:5].tolist() == [1.0, 1.0, 1.0 + 4 * 2**-8, 1.0 + 2 * 2**-8, -2.5]
+    assert got[5] == np.inf and got[6] == -np.inf and np.isnan(got[7]) and got[8] == 0.0
+    # a NaN whose payload sits in the low bits must not round up into infinity
+    low_nan = np.array([[0x7F800001, 0xFF800001]], dtype=np.uint32).view(np.float32)
+    assert np.isnan(EmbedResult.from_array(low_nan, "bfloat16", [1]).as_float32()).all()
+
+
+def test_embed_result_checks_buffer_size():
+    with pytest.raises(ValueError):
+        EmbedResult(n=2, dim=4, dtype="float32", data=b"\0" * 31, token_counts=np.array([1, 1]))
+    with pytest.raises(ValidationError):
+        EmbedResult.from_array(np.zeros((1, 2), np.float32), "int8", [1])
