@@ -1,0 +1,73 @@
+"""Shared pytest fixtures: model folders (the embedded MiniLM and tiny random-weight models).
+
+The tiny models are built once per session into a temporary folder (a few seconds, no network);
+sentence-transformers (the test oracle, slow to import) is imported only by tests that ask for
+``st_model``, and each folder is loaded into it once per session.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Nothing in the test suite may reach the hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from tests.fixtures import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    """The embedded all-MiniLM-L6-v2 folder (real weights)."""
+    return tiny_models.minilm_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_root(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tiny_model_root) -> str:
+    """Tiny BERT, ST 6 layout: mean pooling + Normalize, max_seq_length 64."""
+    return tiny_models.build_tiny_bert(os.path.join(tiny_model_root, "bert_mean"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dense(tiny_model_root) -> str:
+    """Tiny BERT, legacy layout: CLS pooling + Dense(32->16, tanh) + Dense(16->12) + Normalize,
+    prompts query/passage, max_seq_length 48."""
+    return tiny_models.build_tiny_bert(
+        os.path.join(tiny_model_root, "bert_cls_dense"), pooling="cls", layout="legacy",
+        max_seq_length=48, seed=2,
+        dense=[(32, 16, "torch.nn.modules.activation.Tanh"), (16, 12, "torch.nn.modules.linear.Identity")],
+        prompts={"query": "query: ", "passage": "passage: "})
+
+
+@pytest.fixture(scope="session")
+def tiny_xlmr(tiny_model_root) -> str:
+    """Tiny XLM-RoBERTa with its own Unigram tokenizer: CLS pooling + Normalize, do_lower_case."""
+    return tiny_models.build_tiny_xlmr(os.path.join(tiny_model_root, "xlmr_cls"))
+
+
+@pytest.fixture(scope="session")
+def plain_bert(tiny_model_root) -> str:
+    """A plain transformers folder (no modules.json)."""
+    return tiny_models.build_plain_bert(os.path.join(tiny_model_root, "plain_bert"))
+
+
+@pytest.fixture(scope="session")
+def st_model():
+    """``st_model(path)``: a session-cached SentenceTransformer on CPU (the parity oracle)."""
+    cache: dict[str, object] = {}
+
+    def load(path: str):
+        if path not in cache:
+            from sentence_transformers import SentenceTransformer
+
+            cache[path] = SentenceTransformer(path, device="cpu")
+        return cache[path]
+
+    return load
