@@ -77,7 +77,9 @@ def replica_manager(tmp_path, *extra, env=None):
         while True:
             assert proc.poll() is None, log_path.read_text()[-3000:]
             with contextlib.suppress(grpc.RpcError):
-                info = stub.GetReplicaInfo(floe_pb2.GetReplicaInfoRequest(), timeout=1)
+                key = extra[extra.index("--api-key") + 1] if "--api-key" in extra else None
+                info = stub.GetReplicaInfo(floe_pb2.GetReplicaInfoRequest(), timeout=1,
+                                           metadata=(("authorization", f"Bearer {key}"),) if key else None)
                 if info.n_healthy_replicas == 2:
                     replica_pids = [r.pid for r in info.replicas]
                     break
@@ -169,3 +171,21 @@ def test_refused_settings_exit_2_with_message():
                          timeout=60)
     assert out.returncode == 2
     assert "--tensor-parallel-size 2 is not supported" in out.stderr
+
+
+def test_api_key_required_on_public_grpc_except_health(tmp_path):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with replica_manager(tmp_path, "--api-key", "s3cret") as (_, channel, _, _):
+        stub = floe_pb2_grpc.EmbedderStub(channel)
+        req = request_to_proto("k", EncodeOptions(), texts=["hi"])
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.Encode(req, timeout=10)
+        assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.Encode(req, timeout=10, metadata=(("authorization", "Bearer wrong"),))
+        assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        ok = stub.Encode(req, timeout=10, metadata=(("authorization", "Bearer s3cret"),))
+        assert ok.n == 1
+        h = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert h.status == health_pb2.HealthCheckResponse.SERVING
