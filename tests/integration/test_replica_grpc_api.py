@@ -1,0 +1,193 @@
+"""floe.grpc_api in-process: the replica backend over ReplicaCore and the fake engine, on an
+ephemeral port. Covers what needs a server but not a subprocess: auth, status mapping with
+retry-after, internal errors without their text, health flips, client cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from floe.config import BatchSettings, ModelSettings, settings_from
+from floe.engine.fake import FakeEngine
+from floe.grpc_api import GRPC_OPTIONS, add_services
+from floe.models import load_spec
+from floe.proto import arctic_inference_pb2 as apb
+from floe.proto import arctic_inference_pb2_grpc as agrpc
+from floe.proto import floe_pb2, floe_pb2_grpc
+from floe.replica.core import ReplicaCore
+from floe.replica.main import ReplicaBackend
+from floe.tokenize import TokenizerPool
+
+POISON = 999  # an id that makes the engine below raise
+
+
+class CrashOnPoison(FakeEngine):
+    def run(self, prepared):
+        if any(POISON in s for s in prepared):
+            raise RuntimeError("secret internal detail")
+        return super().run(prepared)
+
+
+class KeyedBackend(ReplicaBackend):
+    api_key = "s3cret"
+
+
+class BrokenInfoBackend(ReplicaBackend):
+    async def replica_info(self):
+        raise KeyError("secret internal detail")
+
+
+@pytest.fixture
+async def serve():
+    spec = load_spec(ModelSettings())
+    started = []
+
+    async def _serve(backend_cls=ReplicaBackend, **batch_kw):
+        engine = CrashOnPoison(spec, seconds_per_batch=batch_kw.pop("seconds_per_batch", 0.0),
+                               seconds_per_token=0.0)
+        settings = settings_from(env={}, batch=batch_kw)
+        core = ReplicaCore(engine, settings.batch, replica_id="x")
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        port = server.add_insecure_port("127.0.0.1:0")
+        tokenizers = TokenizerPool(spec, workers=1)
+        backend = backend_cls(core, tokenizers, settings, address=f"127.0.0.1:{port}")
+        health = add_services(server, backend)
+        core.start()
+        await server.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS)
+        started.append((server, core, channel, tokenizers))
+        return channel, core, health, backend
+
+    yield _serve
+    for server, core, channel, tokenizers in started:
+        await channel.close()
+        await server.stop(grace=None)
+        core.stop(0.0)
+        tokenizers.close()
+
+
+def ids_request(items, request_id=""):
+    ids = np.concatenate([np.asarray(x, dtype="<i4") for x in items]).tobytes()
+    return floe_pb2.EncodeRequest(request_id=request_id, token_ids=ids, lengths=[len(x) for x in items])
+
+
+async def test_api_key_required(serve):
+    channel, *_ = await serve(KeyedBackend)
+    stub = floe_pb2_grpc.EmbedderStub(channel)
+    req = floe_pb2.EncodeRequest(texts=["hi"])
+    for meta in (None, (("authorization", "Bearer wrong"),), (("authorization", "s3cret"),)):
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await stub.Encode(req, metadata=meta, timeout=10)
+        assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    ok = await stub.Encode(req, metadata=(("authorization", "Bearer s3cret"),), timeout=10)
+    assert ok.n == 1
+    astub = agrpc.InferenceServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await astub.Encode(apb.EncodeRequest(n_prompts=1, prompts=["hi"]), timeout=10)
+    assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # probes work without the key
+    h = health_pb2_grpc.HealthStub(channel)
+    assert (await h.Check(health_pb2.HealthCheckRequest(), timeout=10)).status == \
+        health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_engine_failure_is_internal_without_details(serve):
+    channel, core, *_ = await serve()
+    stub = floe_pb2_grpc.EmbedderStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await stub.Encode(ids_request([[101, POISON, 102]]), timeout=10)
+    assert ei.value.code() == grpc.StatusCode.INTERNAL
+    assert "secret" not in ei.value.details()
+    assert (await stub.Encode(ids_request([[101, 5, 102]]), timeout=10)).n == 1
+
+
+async def test_unexpected_exception_is_generic_internal(serve, caplog):
+    channel, *_ = await serve(BrokenInfoBackend)
+    stub = floe_pb2_grpc.EmbedderStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await stub.GetReplicaInfo(floe_pb2.GetReplicaInfoRequest(), timeout=10)
+    assert ei.value.code() == grpc.StatusCode.INTERNAL
+    assert ei.value.details() == "internal error"
+    assert "secret internal detail" in caplog.text
+
+
+async def test_overload_is_resource_exhausted_with_retry_after(serve):
+    channel, core, *_ = await serve(max_batch_size=1, max_queued_tokens=10, seconds_per_batch=0.3)
+    stub = floe_pb2_grpc.EmbedderStub(channel)
+    first = asyncio.ensure_future(stub.Encode(ids_request([[1, 2, 3]] * 3), timeout=10))
+    for _ in range(100):  # until item 1 runs, item 2 is prepared and item 3 waits in the queue
+        if core.stats().queued_tokens == 3:
+            break
+        await asyncio.sleep(0.01)
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await stub.Encode(ids_request([[1] * 8]), timeout=10)  # 3 + 8 > 10
+    assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert float(dict(ei.value.trailing_metadata())["retry-after"]) > 0
+    assert (await first).n == 3
+
+
+async def test_health_follows_set_serving_and_draining(serve):
+    channel, core, health, backend = await serve()
+    h = health_pb2_grpc.HealthStub(channel)
+    stub = floe_pb2_grpc.EmbedderStub(channel)
+    SERVING, NOT = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    # not flipped yet: follows the backend's readiness
+    assert (await h.Check(health_pb2.HealthCheckRequest(service="floe.v1.Embedder"))).status == SERVING
+    watch = h.Watch(health_pb2.HealthCheckRequest(service=""))
+    assert (await watch.read()).status == SERVING
+    health.set_serving(False)
+    assert (await asyncio.wait_for(watch.read(), 5)).status == NOT
+    watch.cancel()
+    for svc in ("", "floe.v1.Embedder", "arctic_inference.InferenceService"):
+        assert (await h.Check(health_pb2.HealthCheckRequest(service=svc))).status == NOT
+    health.set_serving(None)
+    backend.draining = True
+    assert (await h.Check(health_pb2.HealthCheckRequest())).status == NOT
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await stub.Encode(floe_pb2.EncodeRequest(texts=["a"]), timeout=10)
+    assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "retry-after" in dict(ei.value.trailing_metadata())
+    hc = await stub.HealthCheck(floe_pb2.HealthCheckRequest())
+    assert hc.healthy and not hc.ready and hc.message == "draining"
+
+
+async def test_client_cancellation_drops_queued_work(serve):
+    channel, core, *_ = await serve(max_batch_size=1, seconds_per_batch=0.2)
+    stub = floe_pb2_grpc.EmbedderStub(channel)
+    call = stub.Encode(ids_request([[7, 8]] * 5, request_id="gone"), timeout=10)
+    for _ in range(100):
+        if core.stats().batches or core.stats().queued_sequences:
+            break
+        await asyncio.sleep(0.01)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    for _ in range(200):
+        st = core.stats()
+        if st.in_flight_requests == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert st.in_flight_requests == 0 and st.queued_sequences == 0
+    assert st.dropped_sequences >= 3  # at most one running and one prepared were computed
+
+
+async def test_abort_rpc(serve):
+    channel, core, *_ = await serve(max_batch_size=1, seconds_per_batch=0.2)
+    stub = floe_pb2_grpc.EmbedderStub(channel)
+    call = asyncio.ensure_future(stub.Encode(ids_request([[7, 8]] * 4, request_id="victim"), timeout=10))
+    for _ in range(100):
+        if core.stats().in_flight_requests:
+            break
+        await asyncio.sleep(0.01)
+    resp = await stub.Abort(floe_pb2.AbortRequest(request_id="victim"), timeout=10)
+    assert resp.success
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await call
+    assert ei.value.code() == grpc.StatusCode.CANCELLED
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await stub.Abort(floe_pb2.AbortRequest(), timeout=10)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
