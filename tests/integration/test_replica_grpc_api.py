@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from floe.config import BatchSettings, ModelSettings, settings_from
+from floe.config import ModelSettings, settings_from
 from floe.engine.fake import FakeEngine
 from floe.grpc_api import GRPC_OPTIONS, add_services
 from floe.models import load_spec
