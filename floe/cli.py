@@ -113,9 +113,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    from floe.router.manager import ReplicaStartError
+
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ModelLoadError) as e:
+    except (ConfigError, ModelLoadError, ReplicaStartError) as e:
         print(f"floe: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
