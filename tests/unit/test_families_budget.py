@@ -1,0 +1,47 @@
+"""The batcher costs long-context families at their padded size: embeddinggemma's 2048-token inputs
+(and Qwen3-Embedding's longer ones) are never batched as if they were short."""
+
+from __future__ import annotations
+
+from floe.config import BatchSettings
+from floe.replica.scheduler import Scheduler, Sequence, padded_tokens
+
+
+def drain(sched: Scheduler, now: float) -> list[list[Sequence]]:
+    batches = []
+    for _ in range(10_000):  # bounded: each call removes at least one sequence
+        batch = sched.next_batch(now, engine_idle=True)
+        if batch is None:
+            break
+        batches.append(batch)
+    assert len(sched) == 0
+    return batches
+
+
+def test_embeddinggemma_max_length_inputs_respect_the_default_budget():
+    budget = BatchSettings().max_batch_tokens  # 16384 by default
+    sched = Scheduler(budget, max_batch_size=256, batch_timeout_s=0.0)
+    # Twenty 2048-token inputs (embeddinggemma's max_seq_length) among 200 short ones, all at once.
+    seqs = [Sequence(request_key=i, index=0, length=2048 if i % 11 == 0 else 12, arrival=0.0)
+            for i in range(220)]
+    sched.add_many(seqs)
+    batches = drain(sched, now=1.0)
+    assert sum(len(b) for b in batches) == 220
+    for b in batches:
+        assert padded_tokens(b) <= budget
+        if max(s.length for s in b) == 2048:
+            assert len(b) <= budget // 2048  # 8 rows: a short input rides along at 2048 cost
+    long_batches = [b for b in batches if max(s.length for s in b) == 2048]
+    assert len(long_batches) == 3  # ceil(20 / 8): the long inputs are grouped, not spread
+
+
+def test_input_longer_than_the_budget_runs_alone():
+    """Qwen3-Embedding allows 32768 tokens, twice the default budget: such an input runs alone
+    (its cost is what it is), and never drags other inputs into an over-budget batch."""
+    budget = 16384
+    sched = Scheduler(budget, max_batch_size=64, batch_timeout_s=0.0)
+    sched.add_many([Sequence(request_key="long", index=0, length=32768, arrival=0.0)] +
+                   [Sequence(request_key="short", index=i, length=20, arrival=0.1) for i in range(5)])
+    batches = drain(sched, now=1.0)
+    assert [len(b) for b in batches] == [1, 5]
+    assert padded_tokens(batches[0]) == 32768 and padded_tokens(batches[1]) == 100
