@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from floe.config import ModelSettings
 from floe.errors import ModelLoadError
+from floe.models.families import find_known_model
 from floe.models.source import resolve_model_path
 from floe.models.spec import DenseSpec, ModelSpec
 
@@ -271,6 +272,11 @@ def load_spec(settings: ModelSettings) -> ModelSpec:
                              f"(available: {names})")
 
     matryoshka = st_cfg.get("matryoshka_dims") or ()
+    if not matryoshka:  # published folders keep them in the model card (floe/models/families.py)
+        known = find_known_model(settings.model, path, model_type, dim)
+        if known is not None:
+            matryoshka = known.matryoshka_dims
+            notices.append(f"Matryoshka dimensions {list(matryoshka)} from {known.hub_id}'s model card")
     matryoshka = tuple(sorted({int(x) for x in matryoshka if 0 < int(x) <= dim}, reverse=True))
 
     pad_id = config.get("pad_token_id")

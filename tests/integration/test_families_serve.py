@@ -1,5 +1,6 @@
 """`floe serve --model DIR` on the tiny embeddinggemma and Qwen3-Embedding stand-ins: /v1/embeddings
-with `prompt_name`, `prompt` and `dimensions`, and `--default-prompt-name`, equal to
+(and, for embeddinggemma, gRPC Encode) with `prompt_name`, `prompt` and `dimensions`, and
+`--default-prompt-name`, equal to
 sentence-transformers (prompt applied, Matryoshka slice renormalized). `floe info` shows the
 prompts and Matryoshka dimensions. Few tests: each server start imports torch in a replica."""
 
@@ -63,12 +64,19 @@ def test_embeddinggemma_served_with_prompts_dimensions_default(built, tmp_path):
         clustering16 = embed(server, prompt_name="Clustering", dimensions=16)
         explicit = embed(server, prompt="task: search result | query: ")
         info = httpx.get(server.url + "/info", timeout=10).json()
+        from floe.client import Client
+
+        with Client(server.grpc_address, protocol="grpc") as grpc_client:
+            grpc_query16 = grpc_client.embed(TEXTS, prompt_name="query", dimensions=16)
+            grpc_default = grpc_client.embed(TEXTS)
         bad = httpx.post(server.url + "/v1/embeddings",
                          json={"input": "x", "prompt_name": "nope"}, timeout=10)
     assert_close(default, st_reference(folder, prompts["document"]))
     assert_close(query32, st_reference(folder, prompts["query"], 32))
     assert_close(clustering16, st_reference(folder, prompts["Clustering"], 16))
     assert_close(explicit, st_reference(folder, prompts["query"]))
+    assert_close(grpc_query16, st_reference(folder, prompts["query"], 16))
+    assert_close(grpc_default, default)
     assert bad.status_code == 400 and "nope" in bad.text
     assert info["matryoshka_dimensions"] == [32, 16, 8]
     assert info["default_prompt_name"] == "document"
