@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import time
@@ -18,6 +19,7 @@ from typing import Optional
 import uvicorn
 
 from floe.config import Settings
+from floe.errors import ConfigError
 from floe.frontend.http import create_app
 from floe.frontend.service import EmbedService
 
@@ -38,6 +40,7 @@ async def serve(settings: Settings, ready_event: Optional[asyncio.Event] = None)
     from floe.tokenize import TokenizerPool
 
     t_start = time.perf_counter()
+    settings = fit_max_length(settings, load_spec(settings.model).max_seq_length)
     spec = load_spec(settings.model)
     srv = settings.server
     workers = srv.tokenization_workers or max(1, (_cpu_count() - 1))
@@ -95,6 +98,25 @@ async def serve(settings: Settings, ready_event: Optional[asyncio.Event] = None)
         await manager.stop()
         tokenizers.close()
         log.info("floe stopped")
+
+
+def fit_max_length(settings: Settings, model_max_length: int) -> Settings:
+    """Keeps the longest input inside one batch's token budget (the scheduler's invariant).
+
+    A model whose max length exceeds --max-batch-tokens (Qwen3-Embedding: 32768) would otherwise
+    form batches over budget. With auto-truncate the max length is lowered to the budget, with a
+    notice; without it the server refuses to start, naming both settings (TEI does the same).
+    """
+    budget = settings.batch.max_batch_tokens
+    if model_max_length <= budget:
+        return settings
+    if not settings.server.auto_truncate:
+        raise ConfigError(
+            f"the model's max length ({model_max_length} tokens) is over --max-batch-tokens "
+            f"({budget}); raise --max-batch-tokens, lower --max-seq-length, or enable --auto-truncate")
+    log.warning("max length lowered from %d to --max-batch-tokens %d tokens; raise "
+                "--max-batch-tokens to serve longer inputs", model_max_length, budget)
+    return dataclasses.replace(settings, model=dataclasses.replace(settings.model, max_seq_length=budget))
 
 
 def _cpu_count() -> int:
