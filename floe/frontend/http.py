@@ -229,8 +229,8 @@ def create_app(service: EmbedService) -> FastAPI:
             options = EncodeOptions(dimensions=_opt_dimensions(data),
                                     prompt_name=_opt_str(data, "prompt_name"), prompt=user_prompt,
                                     truncate=_opt_bool(data, "truncate"))
-            result = await service.encode(request.headers.get("x-request-id", ""), texts, tokens,
-                                          options, model=model, transport="http")
+            result = await service.embed(request.headers.get("x-request-id", ""), texts, tokens,
+                                          options, model=model)
             arr = result.as_float32()
             if fmt == "base64":
                 rows = [{"object": "embedding", "index": i,
@@ -265,9 +265,8 @@ def create_app(service: EmbedService) -> FastAPI:
                 truncate=_opt_bool(data, "truncate"), truncation_direction=direction,
                 prompt_name=_opt_str(data, "prompt_name"), prompt=_opt_str(data, "prompt"),
                 dimensions=_opt_dimensions(data))
-            result = await service.encode(request.headers.get("x-request-id", ""), texts, tokens,
-                                          options, model=_opt_str(data, "model") or "",
-                                          transport="http")
+            result = await service.embed(request.headers.get("x-request-id", ""), texts, tokens,
+                                          options, model=_opt_str(data, "model") or "")
             headers = timing_headers(result)
             if _OCTET in request.headers.get("accept", ""):
                 headers.update({"x-embedding-count": str(result.n), "x-embedding-dim": str(result.dim),

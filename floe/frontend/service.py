@@ -7,6 +7,7 @@ their own wire format and map FloeError through their table in floe/errors.py.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -110,7 +111,24 @@ class EmbedService:
             default_prompt_name=self.settings.model.default_prompt_name)
 
     async def encode(self, request_id: str, texts: Optional[list[str]], tokens: Optional[TokenBatch],
-                     options: EncodeOptions, model: str = "", transport: str = "http") -> EmbedResult:
+                     options: EncodeOptions, model: str = "") -> EmbedResult:
+        """EncodeBackend entry for the public gRPC services (floe.v1 and arctic_inference): the
+        embed path plus the request metrics that HTTP records in its own wrapper."""
+        t0 = time.perf_counter()
+        try:
+            result = await self.embed(request_id, texts, tokens, options, model)
+            metrics.REQUESTS.labels(endpoint="Encode", transport="grpc").inc()
+            return result
+        except BaseException as err:
+            metrics.REQUEST_FAILURES.labels(endpoint="Encode", transport="grpc",
+                                            error=error_label(err)).inc()
+            raise
+        finally:
+            metrics.REQUEST_SECONDS.labels(endpoint="Encode", transport="grpc").observe(
+                time.perf_counter() - t0)
+
+    async def embed(self, request_id: str, texts: Optional[list[str]], tokens: Optional[TokenBatch],
+                    options: EncodeOptions, model: str = "") -> EmbedResult:
         """Embeds texts (tokenized here) or token ids; raises FloeError for anything the client did."""
         request_id = request_id or new_request_id()
         t0 = time.perf_counter()
@@ -181,4 +199,8 @@ class EmbedService:
 
 
 def error_label(err: BaseException) -> str:
-    return err.kind.name.lower() if isinstance(err, FloeError) else "internal"
+    if isinstance(err, FloeError):
+        return err.kind.name.lower()
+    if isinstance(err, asyncio.CancelledError):
+        return "cancelled"
+    return "internal"

@@ -21,6 +21,19 @@ WORKLOAD = [
 ]
 
 
+def grpc_encode(address: str, items: list[list[int]]) -> list[int]:
+    import grpc
+
+    from floe.proto import floe_pb2, floe_pb2_grpc
+    from floe.protocol import EncodeOptions, TokenBatch, request_to_proto
+
+    with grpc.insecure_channel(address) as channel:
+        stub = floe_pb2_grpc.EmbedderStub(channel)
+        resp = stub.Encode(request_to_proto("m1", EncodeOptions(), tokens=TokenBatch.from_lists(items)),
+                           timeout=30)
+    return list(resp.token_counts)
+
+
 def samples(text: str) -> dict[str, float]:
     out = {}
     for fam in text_string_to_metric_families(text):
@@ -40,27 +53,32 @@ def test_metrics_match_the_workload(tmp_path):
                 assert r.status_code == 200, r.text
                 assert r.json()["usage"]["prompt_tokens"] == sum(lengths)
             assert http.post("/v1/embeddings", json={"input": []}).status_code == 400
+            # one gRPC request: counted under its own transport, and one more batch of 3 + 5 tokens
+            grpc_tokens = grpc_encode(server.grpc_address, [[1000, 1001, 1002], [1000] * 5])
+            assert grpc_tokens == [3, 5]
             m = samples(http.get("/metrics").text)
 
-    real = sum(sum(x) for x in WORKLOAD)
-    padded = sum(max(x) * len(x) for x in WORKLOAD)
-    sequences = sum(len(x) for x in WORKLOAD)
+    assert m["floe_requests_total|endpoint=Encode|transport=grpc"] == 1
+    workload = WORKLOAD + [[3, 5]]
+    real = sum(sum(x) for x in workload)
+    padded = sum(max(x) * len(x) for x in workload)
+    sequences = sum(len(x) for x in workload)
     r0 = "|replica=0"
     assert m["floe_requests_total|endpoint=/v1/embeddings|transport=http"] == len(WORKLOAD)
     assert m["floe_request_failures_total|endpoint=/v1/embeddings|error=validation|transport=http"] == 1
     assert m["floe_tokens_embedded_total" + r0] == real
     assert m["floe_padded_tokens_total" + r0] == padded
     assert m["floe_sequences_embedded_total" + r0] == sequences
-    assert m["floe_batches_total" + r0] == len(WORKLOAD)
-    assert m["floe_batch_size_count" + r0] == len(WORKLOAD)
+    assert m["floe_batches_total" + r0] == len(workload)
+    assert m["floe_batch_size_count" + r0] == len(workload)
     assert m["floe_batch_size_sum" + r0] == sequences
     assert m["floe_batch_tokens_sum" + r0] == padded
-    # padding efficiency per batch: 0.8, 1.0, 0.6, 1.0
-    per_batch = [sum(x) / (max(x) * len(x)) for x in WORKLOAD]
-    assert m["floe_padding_efficiency_count" + r0] == len(WORKLOAD)
+    # padding efficiency per batch: 0.8, 1.0, 0.6, 1.0, 0.8
+    per_batch = [sum(x) / (max(x) * len(x)) for x in workload]
+    assert m["floe_padding_efficiency_count" + r0] == len(workload)
     assert m["floe_padding_efficiency_sum" + r0] == pytest.approx(sum(per_batch))
     assert m["floe_padding_efficiency_bucket|le=0.6" + r0] == 1
-    assert m["floe_padding_efficiency_bucket|le=0.8" + r0] == 2
+    assert m["floe_padding_efficiency_bucket|le=0.8" + r0] == 3
     assert m["floe_replica_healthy" + r0] == 1
     assert m["floe_ready"] == 1
     assert any(k.startswith("floe_model_info") for k in m)
