@@ -66,7 +66,6 @@ class ModelSettings:
         "names none."
     )
     revision: Optional[str] = _knob(None, "Hub revision, for a hub id.")
-    trust_remote_code: bool = _knob(False, "Allow custom modelling code from the model folder.")
 
 
 @dataclass(frozen=True)
