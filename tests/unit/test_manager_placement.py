@@ -68,7 +68,7 @@ def test_visible_gpus_from_env_without_torch():
 
 
 def test_replica_command_passes_non_default_settings():
-    s = settings_from(env={}, model={"model": "/m", "max_seq_length": 64, "trust_remote_code": True},
+    s = settings_from(env={}, model={"model": "/m", "max_seq_length": 64},
                       batch={"max_batch_tokens": 999}, replicas={"engine": "fake", "workers": 3})
     p = plan_placement(s, [], [0, 1])[1]
     argv = replica_command(s, 1, 50101, p, 4242)
@@ -84,7 +84,7 @@ def test_replica_command_passes_non_default_settings():
     assert pairs["--replica-id"] == "1" and pairs["--parent-pid"] == "4242"
     assert pairs["--workers"] == "3" and pairs["--threads"] == "1"
     assert "--max-batch-tokens" in flags and flags[flags.index("--max-batch-tokens") + 1] == "999"
-    assert "--max-seq-length" in flags and "--trust-remote-code" in flags
+    assert "--max-seq-length" in flags
     assert "--max-batch-size" not in flags  # defaults are left to the replica
     assert "--gpu-memory-fraction" not in flags
 
