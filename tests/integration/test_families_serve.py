@@ -1,4 +1,4 @@
-"""`floe serve --model DIR` on the tiny embeddinggemma and Qwen3-Embedding stand-ins: /v1/embeddings
+"""`floe serve --model DIR` on every tiny family stand-in; embeddinggemma and Qwen3-Embedding in depth: /v1/embeddings
 (and, for embeddinggemma, gRPC Encode) with `prompt_name`, `prompt` and `dimensions`, and
 `--default-prompt-name`, equal to
 sentence-transformers (prompt applied, Matryoshka slice renormalized). `floe info` shows the
@@ -112,3 +112,25 @@ def test_floe_info_shows_prompts_and_matryoshka(built):
     assert info["prompts"] == families.EMBEDDINGGEMMA_PROMPTS
     assert info["float16_refused"] is True
     assert info["architecture"] == "Gemma3TextModel" and info["pooling"] == "mean"
+
+
+@pytest.mark.parametrize("name", ["arctic-embed-m", "bge-m3", "modernbert-embed"])
+def test_other_families_served_equal_sentence_transformers(name, tmp_path):
+    """Each remaining family through a real `floe serve`: plain input and, where the model has
+    prompts, its query prompt by name (plus a Matryoshka slice where it declares dimensions)."""
+    from floe.config import ModelSettings
+    from floe.models import load_spec
+
+    folder = families.FAMILIES[name](str(tmp_path / name))
+    spec = load_spec(ModelSettings(model=folder))
+    with floe_serve("--model", folder, "--num-replicas", "1", "--dtype", "float32",
+                    tmp_dir=str(tmp_path)) as server:
+        plain = embed(server)
+        query = embed(server, prompt_name="query") if "query" in spec.prompts else None
+        dims = spec.matryoshka_dims[-1] if spec.matryoshka_dims else None
+        sliced = embed(server, dimensions=dims) if dims else None
+    assert_close(plain, st_reference(folder, None))
+    if query is not None:
+        assert_close(query, st_reference(folder, spec.prompts["query"]))
+    if sliced is not None:
+        assert_close(sliced, st_reference(folder, None, dims))
