@@ -132,7 +132,15 @@ GRPC_STATUS: dict[ErrorKind, str] = {
     ErrorKind.INTERNAL: "INTERNAL",
 }
 
-# The reverse, for the front end reading a replica's status: which FloeError a gRPC code becomes.
+# The error kind also travels as trailing metadata, so that a hop keeps it exactly: the gRPC code
+# alone is ambiguous (RESOURCE_EXHAUSTED is both "too large" and "overloaded"). Every floe gRPC
+# server sets it; every floe gRPC client reads it first and falls back to the code.
+KIND_METADATA_KEY = "floe-error-kind"
+RETRY_AFTER_METADATA_KEY = "retry-after"
+
+_CLASS_OF_KIND: dict[ErrorKind, type[FloeError]] = {}  # filled below, once the classes exist
+
+# The reverse for servers that send no kind (not floe): which FloeError a bare gRPC code becomes.
 _FROM_GRPC: dict[str, type[FloeError]] = {
     "INVALID_ARGUMENT": ValidationError,
     "UNAUTHENTICATED": AuthError,
@@ -144,12 +152,56 @@ _FROM_GRPC: dict[str, type[FloeError]] = {
 }
 
 
+def error_of_kind(kind: ErrorKind, message: str = "", **kw) -> FloeError:
+    """A FloeError of exactly ``kind`` (the class that declares it)."""
+    cls = _CLASS_OF_KIND[kind]
+    return cls(message, **kw) if message else cls(**kw)
+
+
+def grpc_trailing_metadata(err: FloeError) -> tuple[tuple[str, str], ...]:
+    """What a floe gRPC server sends with ``err``'s status: its kind, and Retry-After if any."""
+    md = [(KIND_METADATA_KEY, err.kind.name.lower())]
+    if err.retry_after is not None and err.kind in (ErrorKind.OVERLOADED, ErrorKind.UNAVAILABLE):
+        md.append((RETRY_AFTER_METADATA_KEY, f"{err.retry_after:g}"))
+    return tuple(md)
+
+
+def from_grpc_status(code_name: str, details: str, metadata=()) -> FloeError:
+    """Rebuilds the FloeError a gRPC status stands for: the kind named in the trailing metadata
+    when a floe server sent one, else the code's usual meaning. Retry-After is carried over."""
+    kind_name, retry_after = None, None
+    for key, value in metadata or ():
+        if isinstance(value, bytes):
+            value = value.decode("latin-1")
+        if key == KIND_METADATA_KEY:
+            kind_name = value
+        elif key == RETRY_AFTER_METADATA_KEY:
+            try:
+                retry_after = float(value)
+            except ValueError:
+                retry_after = None
+    kind = ErrorKind.__members__.get((kind_name or "").upper())
+    if kind is not None:
+        err = error_of_kind(kind, details)
+    else:
+        cls = _FROM_GRPC.get(code_name, InternalError)
+        err = cls(details) if details else cls()
+    if err.kind in (ErrorKind.OVERLOADED, ErrorKind.UNAVAILABLE):
+        if retry_after is not None:
+            err.retry_after = retry_after
+    else:
+        err.retry_after = None
+    return err
+
+
 def from_grpc_code(code_name: str, details: str) -> FloeError:
-    """Rebuilds a FloeError from a replica's gRPC status (name of the grpc.StatusCode member)."""
-    cls = _FROM_GRPC.get(code_name)
-    if cls is None:
-        return InternalError(details or "internal error")
-    return cls(details) if details else cls()
+    """``from_grpc_status`` without metadata (a bare status from a server that is not floe)."""
+    return from_grpc_status(code_name, details)
+
+
+for _cls in (ValidationError, AuthError, ModelNotFoundError, TooLargeError, UnsupportedMediaError,
+             OverloadedError, UnavailableError, DeadlineError, CancelledError, InternalError):
+    _CLASS_OF_KIND[_cls.kind] = _cls
 
 
 def error_envelope(err: FloeError) -> dict:
