@@ -61,14 +61,78 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _embed(args: argparse.Namespace) -> int:
-    from floe.client import Client
+def _embed_texts(args: argparse.Namespace) -> list[str]:
+    """Texts from the arguments, else --file (``-``: stdin), else stdin; blank lines are skipped."""
+    if args.texts:
+        return list(args.texts)
+    if args.file and args.file != "-":
+        with open(args.file, encoding="utf-8") as f:
+            return [line.rstrip("\r\n") for line in f if line.strip()]
+    if sys.stdin is None or (not args.file and sys.stdin.isatty()):
+        return []
+    return [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
 
-    texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    with Client(args.server, protocol=args.protocol, api_key=args.api_key) as client:
-        arr = client.embed(texts, dimensions=args.dimensions, prompt_name=args.prompt_name)
-    for text, row in zip(texts, arr):
-        print(json.dumps({"text": text, "embedding": [round(float(x), 6) for x in row]}))
+
+def _embed(args: argparse.Namespace) -> int:
+    """Embeds through floe.Client (which chunks to the server's limits and retries 429/503) and
+    writes JSON lines or one .npy; any failure is one line on stderr and a non-zero exit."""
+    import numpy as np
+    import orjson
+    from floe.client import Client, Retry
+    from floe.errors import HTTP_STATUS, FloeError
+
+    def fail(message: str, code: int = 1) -> int:
+        print(f"floe embed: error: {message}", file=sys.stderr)
+        return code
+
+    try:
+        texts = _embed_texts(args)
+    except (OSError, UnicodeDecodeError) as e:
+        return fail(f"cannot read {args.file}: {e}", 2)
+    if not texts:
+        return fail("nothing to embed: give texts as arguments, --file PATH, or lines on stdin", 2)
+    to_npy = bool(args.output) and args.output.endswith(".npy")
+    progress = sys.stderr.isatty() and not args.quiet
+    shown = False
+    rows: list = []
+    out = None
+    try:
+        out = (open(args.output, "wb") if args.output and not to_npy else sys.stdout.buffer)
+        with Client(args.server, protocol=args.protocol, api_key=args.api_key,
+                    timeout=args.timeout, max_batch_size=args.batch_size,
+                    retry=Retry(attempts=args.retries + 1)) as client:
+            done = 0
+            for arr in client.iter_embed(texts, dimensions=args.dimensions,
+                                         prompt_name=args.prompt_name, normalize=args.normalize,
+                                         output_dtype=args.output_dtype):
+                if to_npy:
+                    rows.append(arr)
+                else:
+                    f32 = arr.astype(np.float32, copy=False)
+                    out.write(b"".join(
+                        orjson.dumps({"text": t, "embedding": row}, option=orjson.OPT_SERIALIZE_NUMPY)
+                        + b"\n" for t, row in zip(texts[done:done + len(arr)], f32)))
+                done += len(arr)
+                if progress and (shown or done < len(texts)):
+                    shown = True
+                    print(f"\rfloe embed: {done}/{len(texts)} texts ({100 * done // len(texts)}%)",
+                          end="", file=sys.stderr, flush=True)
+        if shown:
+            print(file=sys.stderr)
+        if to_npy:
+            np.save(args.output, np.concatenate(rows))
+        out.flush()
+    except FloeError as e:
+        if shown:
+            print(file=sys.stderr)
+        return fail(f"{e.kind.value} ({HTTP_STATUS[e.kind]}): {e.message}")
+    except BrokenPipeError:
+        return 0  # the reader stopped (e.g. `| head`): not an error of ours
+    except OSError as e:
+        return fail(f"cannot write {args.output or 'stdout'}: {e}", 2)
+    finally:
+        if out is not None and out is not sys.stdout.buffer:
+            out.close()
     return 0
 
 
@@ -90,14 +154,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", dest="replicas.engine", default=None, choices=("torch", "fake"))
     p.set_defaults(func=_info)
 
-    p = sub.add_parser("embed", help="embed texts (arguments or stdin lines) with a running server")
-    p.add_argument("texts", nargs="*")
+    p = sub.add_parser("embed", help="embed texts (arguments, --file or stdin) with a running server",
+                       description="Embed texts with a running floe server. Input of any length is "
+                       "sent in requests within the server's limits (retried on 429/503); output is "
+                       "JSON lines {\"text\", \"embedding\"} on stdout, or --output FILE (.npy: "
+                       "one (n, dim) array, rows in input order). Blank input lines are skipped. "
+                       "Any failure: one line on stderr, exit status 1 (server) or 2 (usage, files).")
+    p.add_argument("texts", nargs="*", help="texts to embed (default: --file, else stdin lines)")
+    p.add_argument("--file", "-f", default=None, metavar="PATH",
+                   help="read texts from PATH, one per line ('-': stdin)")
+    p.add_argument("--output", "-o", default=None, metavar="PATH",
+                   help="write here instead of stdout: PATH.npy gets a numpy array, else JSON lines")
     p.add_argument("--server", default="http://127.0.0.1:8080",
                    help="http://host:port for HTTP or host:port for gRPC")
     p.add_argument("--protocol", choices=("http", "grpc"), default="http")
-    p.add_argument("--api-key", default=os.environ.get("FLOE_API_KEY"))
-    p.add_argument("--dimensions", type=int, default=None)
+    p.add_argument("--api-key", default=os.environ.get("FLOE_API_KEY"),
+                   help="bearer key (default: $FLOE_API_KEY)")
+    p.add_argument("--dimensions", type=int, default=None, help="Matryoshka truncation")
     p.add_argument("--prompt-name", default=None)
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="L2-normalize (default: the server's default for the protocol)")
+    p.add_argument("--output-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="float16 is stored as float16 in .npy; bfloat16 as float32 holding "
+                   "bfloat16 values")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="most texts per request (default: the server's limit over HTTP, 2048 "
+                   "over gRPC)")
+    p.add_argument("--retries", type=int, default=4,
+                   help="times a request refused with 429/503 is sent again (after Retry-After)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress line on a terminal")
     p.set_defaults(func=_embed)
 
     p = sub.add_parser("bench", help="load generator for floe or any OpenAI-compatible server",
@@ -113,7 +199,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    from floe.router.manager import ReplicaStartError
+    from floe.replicas.manager import ReplicaStartError
 
     try:
         return int(args.func(args) or 0)

@@ -92,11 +92,16 @@ class BatchSettings:
 
 @dataclass(frozen=True)
 class ReplicaSetSettings:
-    """Replica processes behind one endpoint (see floe/router/manager.py)."""
+    """Replica processes behind one endpoint (see floe/replicas/)."""
 
     num_replicas: int = _knob(2, "Model replica processes behind the endpoint.")
-    replica_host: str = _knob("127.0.0.1", "Address replicas bind to.")
-    start_port: int = _knob(50100, "Replica i listens on start_port + i.")
+    replica_transport: Literal["unix", "tcp"] = _knob(
+        "unix",
+        "How the front end reaches its replicas. unix: a Unix socket in a private directory "
+        "(mode 0700) that only this user can open; no ports to collide. tcp: replica_host:"
+        "start_port + i, for replicas another host must reach.")
+    replica_host: str = _knob("127.0.0.1", "Address replicas bind to (replica_transport tcp).")
+    start_port: int = _knob(50100, "Replica i listens on start_port + i (replica_transport tcp).")
     num_gpus: int = _knob(1, "GPUs to place replicas on.")
     gpu_assignment: GpuAssignment = _knob(
         "dedicated",
@@ -117,7 +122,9 @@ class ReplicaSetSettings:
     )
     health_interval: float = _knob(1.0, "Seconds between health probes of each replica.")
     forward_timeout: float = _knob(
-        120.0, "Seconds a replica may take to answer one request before it is treated as failed."
+        120.0, "Seconds a replica may take to answer one request. Past it the request gets 503 / "
+        "UNAVAILABLE with Retry-After (it is not retried: the replica is busy, not dead); a replica "
+        "that is hung is found and restarted by its health probes."
     )
     startup_timeout: float = _knob(120.0, "Seconds a replica may take to load and become ready.")
     max_restarts: int = _knob(
@@ -130,6 +137,10 @@ class ReplicaSetSettings:
     engine: EngineKind = _knob(
         "torch", "torch: the real model; fake: a deterministic stand-in for API and load tests."
     )
+    fake_seconds_per_token: float = _knob(
+        0.0, "fake engine only: simulated compute time per padded token (load and failover tests).")
+    fake_seconds_per_batch: float = _knob(
+        0.0, "fake engine only: simulated compute time per forward pass.")
     threads_per_replica: Optional[int] = _knob(
         None, "CPU threads per replica (default: the machine's cores split between replicas)."
     )
@@ -153,6 +164,20 @@ class ServerSettings:
         None, "Longest input string in characters, checked before tokenizing (default 250 x max_seq_length)."
     )
     payload_limit: int = _knob(16_000_000, "Largest HTTP request body in bytes (more: 413).")
+    grpc_payload_limit: int = _knob(
+        32 * 1024 * 1024,
+        "Largest gRPC request message in bytes (more: RESOURCE_EXHAUSTED). 2048 inputs of 4096 "
+        "token ids are 32 MiB.")
+    http_header_timeout: float = _knob(
+        10.0, "Seconds a connection may take to send a request's headers (also a new connection's "
+        "first request); then it is closed.")
+    http_body_timeout: float = _knob(
+        60.0, "Seconds a client may take to send a request body once its headers are in.")
+    keep_alive_timeout: float = _knob(
+        75.0, "Seconds an idle keep-alive connection stays open between requests. Keep it above "
+        "the idle timeout of any proxy in front (most use 60 s).")
+    max_connections: int = _knob(
+        2048, "Open HTTP connections at once; past it a new connection gets 503 and is closed.")
     max_concurrent_requests: int = _knob(
         1024, "Requests admitted at once across the endpoint; beyond it 429 with Retry-After."
     )
@@ -192,6 +217,19 @@ class Settings:
             raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
         if s.max_client_batch_size < 1:
             raise ConfigError("--max-client-batch-size must be positive")
+        if s.api_key is not None and not s.api_key.strip():
+            raise ConfigError("--api-key is empty: give a key, or leave the setting out to serve "
+                              "without authentication")
+        for name in ("payload_limit", "grpc_payload_limit", "max_connections",
+                     "max_concurrent_requests"):
+            if getattr(s, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        for name in ("http_header_timeout", "http_body_timeout", "keep_alive_timeout",
+                     "drain_timeout"):
+            if getattr(s, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if s.max_input_chars is not None and s.max_input_chars < 1:
+            raise ConfigError("--max-input-chars must be positive")
         if self.model.max_seq_length is not None and self.model.max_seq_length < 1:
             raise ConfigError("--max-seq-length must be positive")
         return self
@@ -273,6 +311,27 @@ def add_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = t
                 group.add_argument(_flag(f), dest=dest, default=None, metavar=None if choices else f.name.upper(),
                                    choices=choices, help=help_text,
                                    type=_argparse_type(f, tp))
+
+
+def settings_to_dict(settings: Settings) -> dict:
+    """The tree as plain JSON-able data (what crosses to a replica process)."""
+    return dataclasses.asdict(settings)
+
+
+def settings_from_dict(data: dict) -> Settings:
+    """The inverse of settings_to_dict; unknown sections or fields are a ConfigError."""
+    built = {}
+    for name, cls in SECTIONS.items():
+        values = dict(data.get(name) or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown {name} settings: {', '.join(sorted(unknown))}")
+        built[name] = cls(**values)
+    extra = set(data) - set(SECTIONS)
+    if extra:
+        raise ConfigError(f"unknown settings sections: {', '.join(sorted(extra))}")
+    return Settings(**built).validate()
 
 
 def settings_from(args: Optional[argparse.Namespace] = None, env: Optional[dict[str, str]] = None,

@@ -40,6 +40,10 @@ REQUEST_FAILURES = Counter(
 REQUEST_SECONDS = Histogram(
     "floe_request_duration_seconds", "End-to-end request latency in the front end.",
     ["endpoint", "transport"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
+HTTP_CONNECTIONS_CLOSED = Counter(
+    "floe_http_connections_closed_total",
+    "HTTP connections the server closed on its own: headers_timeout, body_timeout, "
+    "connection_limit.", ["reason"], registry=REGISTRY)
 TOKENIZE_SECONDS = Histogram(
     "floe_tokenization_duration_seconds", "Time to tokenize one request in the front end.",
     buckets=LATENCY_BUCKETS, registry=REGISTRY)
@@ -141,7 +145,7 @@ async def render(service: Any, timeout: float = 2.0) -> tuple[bytes, str]:
     snapshot = CollectorRegistry(auto_describe=False)
     snapshot.register(_Snapshot(replica_families(infos)))
     front = GaugeMetricFamily("floe_in_flight_requests", "Requests inside the front end now.")
-    front.add_metric([], float(getattr(service, "in_flight", 0)))
+    front.add_metric([], float(service.admission.in_flight))
     ready = GaugeMetricFamily("floe_ready", "1 when the endpoint accepts requests.")
     ready.add_metric([], 1.0 if service.ready() else 0.0)
     status = service.router.status()

@@ -9,6 +9,7 @@ raw little-endian bytes end to end: no per-float Python objects on the hot path.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -151,6 +152,73 @@ class EmbedResult:
             raise ValidationError(f"unknown output dtype {dtype!r}", param="output_dtype")
         return cls(n=n, dim=dim, dtype=dtype, data=data,
                    token_counts=np.asarray(token_counts, dtype=np.int64), **kw)
+
+
+# --- control plane: manager <-> replica process --------------------------------------------------
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one replica runs (computed by floe/replicas/placement.py)."""
+
+    cuda_visible_devices: Optional[str] = None
+    gpu_memory_fraction: Optional[float] = None
+    cpu_cores: Optional[list[int]] = None
+    threads: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class ReplicaLaunch:
+    """What the manager hands a replica process it starts (JSON in the FLOE_REPLICA_LAUNCH
+    environment variable, readable only by this user): the whole settings tree, so every
+    ``floe serve`` setting reaches the replica, plus the replica's slot.
+
+    ``address`` is "unix:/path" or "host:port"; ``token`` is a per-launch secret the replica
+    requires as a Bearer token on every call except health, so only its manager can use it.
+    """
+
+    settings: dict
+    index: int
+    address: str
+    parent_pid: int
+    token: str
+    placement: Placement = field(default_factory=Placement)
+
+    ENV = "FLOE_REPLICA_LAUNCH"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "ReplicaLaunch":
+        d = json.loads(text)
+        d["placement"] = Placement(**d.get("placement") or {})
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ReplicaHello:
+    """The replica's handshake: one stdout line ``FLOE_REPLICA_READY {json}`` once it serves."""
+
+    address: str
+    pid: int
+    engine: str
+    dtype: str
+    device: str
+
+    PREFIX = "FLOE_REPLICA_READY"
+
+    def to_line(self) -> str:
+        return f"{self.PREFIX} {json.dumps(dataclasses.asdict(self), separators=(',', ':'))}"
+
+    @classmethod
+    def from_line(cls, line: str) -> Optional["ReplicaHello"]:
+        """The hello in ``line``, or None when the line is something else."""
+        if not line.startswith(cls.PREFIX + " "):
+            return None
+        try:
+            return cls(**json.loads(line[len(cls.PREFIX) + 1:]))
+        except (ValueError, TypeError):
+            return None
 
 
 # --- wire conversion --------------------------------------------------------------------------

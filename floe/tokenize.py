@@ -12,12 +12,9 @@ transformers, never torch: the front end must stay light). It reproduces what
 The baked-in padding/truncation of tokenizer.json (MiniLM ships fixed padding to 128) is removed:
 batches are padded by the engine, to their real longest length.
 
-Character pre-limit: an input longer than ``max_input_chars`` (default 250 x max_seq_length) is
-cut to that many characters before tokenizing when truncation is on (head kept for right
-truncation, tail for left), and refused with TooLargeError (413) when truncation is off. This
-bounds tokenizer CPU per request. The cut cannot change the result unless the kept characters hold
-fewer than max_seq_length tokens, i.e. more than 250 characters per token on average (whitespace
-runs, not text).
+Checks (character limits, prompts, token-id ranges) live in floe/validate.py and run before any
+of this: ``encode_plan`` trusts its inputs. ``encode`` is the convenience entry that validates and
+tokenizes in one call, for library users (bench, corpus, tests).
 """
 
 from __future__ import annotations
@@ -32,11 +29,11 @@ import numpy as np
 from tokenizers import Tokenizer as _RustTokenizer
 from tokenizers import normalizers
 
-from floe.errors import ModelLoadError, TooLargeError, ValidationError
+from floe import validate
+from floe.errors import ModelLoadError, ValidationError
 from floe.models.spec import ModelSpec
 from floe.protocol import EncodeOptions, TokenBatch
-
-CHARS_PER_TOKEN_LIMIT = 250  # TEI's pre-limit: 250 characters per allowed token
+from floe.validate import CHARS_PER_TOKEN_LIMIT, Limits, Plan
 
 # Below this many inputs a request is tokenized in one call; above it, it is split across the
 # pool's threads (the Rust library also parallelizes inside one call, so small splits only add
@@ -52,14 +49,6 @@ def _has_lowercase(normalizer) -> bool:
     if isinstance(normalizer, normalizers.Sequence):
         return any(isinstance(n, normalizers.Lowercase) for n in normalizer)
     return False
-
-
-def _context_error(max_len: int, got: int, i: int) -> ValidationError:
-    # vLLM's wording, which clients and their retry logic already recognise.
-    return ValidationError(
-        f"This model's maximum context length is {max_len} tokens. However, you requested {got} "
-        f"tokens in input[{i}] for embedding generation. Please reduce the length of the input, or "
-        "enable truncation.", param=f"input[{i}]")
 
 
 class Tokenizer:
@@ -94,122 +83,46 @@ class Tokenizer:
             tok = _RustTokenizer.from_str(serialized)
             tok.enable_truncation(self.max_seq_length, strategy="longest_first", direction=direction)
             self._trunc[direction] = tok
+        self._limits = self.limits()
 
-    # --- prompts -----------------------------------------------------------------------------
-
-    def resolve_prompt(self, options: EncodeOptions, default_prompt_name: Optional[str] = None) -> str:
-        """The prompt string for a request: explicit ``prompt``, else ``prompt_name``, else default."""
-        if options.prompt is not None and options.prompt_name:
-            raise ValidationError("pass either prompt or prompt_name, not both", param="prompt_name")
-        if options.prompt is not None:
-            return options.prompt
-        name = options.prompt_name or default_prompt_name or self.spec.default_prompt_name
-        if not name:
-            return ""
-        try:
-            return self.spec.prompts[name]
-        except KeyError:
-            names = ", ".join(sorted(self.spec.prompts)) or "none (the model defines no prompts)"
-            raise ValidationError(f"unknown prompt_name {name!r}; available: {names}",
-                                  param="prompt_name") from None
+    def limits(self, max_items: int = 2 ** 31, auto_truncate: bool = True,
+               default_prompt_name: Optional[str] = None) -> Limits:
+        return Limits.build(self.spec, max_items=max_items, max_input_chars=self.max_input_chars,
+                            auto_truncate=auto_truncate, default_prompt_name=default_prompt_name)
 
     # --- encoding ----------------------------------------------------------------------------
 
     def encode(self, texts: Sequence[str], options: EncodeOptions, auto_truncate: bool = True,
                default_prompt_name: Optional[str] = None) -> TokenBatch:
-        """Tokenizes a batch as sentence-transformers would (prompt, lowercase, special tokens,
-        truncation). Raises ValidationError / TooLargeError naming ``input[i]``."""
-        prompt = self.resolve_prompt(options, default_prompt_name)
-        truncate = auto_truncate if options.truncate is None else bool(options.truncate)
-        return self.encode_resolved(texts, prompt, truncate, options.truncation_direction)
+        """Validates (floe/validate.py) and tokenizes a batch as sentence-transformers would.
+        Raises ValidationError / TooLargeError naming ``input[i]``."""
+        limits = self.limits(auto_truncate=auto_truncate, default_prompt_name=default_prompt_name)
+        plan = validate.check_options(limits, options)
+        return self.encode_plan(validate.check_texts(limits, texts, plan), plan)
 
-    def encode_resolved(self, texts: Sequence[str], prompt: str, truncate: bool, direction: str,
-                        base_index: int = 0) -> TokenBatch:
-        """``encode`` with the prompt and truncation already decided; ``base_index`` is the
-        position of ``texts[0]`` in the request, so errors name the client's index."""
-        if direction not in ("right", "left"):
-            raise ValidationError(f"truncation_direction must be 'right' or 'left', not {direction!r}",
-                                  param="truncation_direction")
-        limit = self.max_input_chars
-        prepared: list[str] = []
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise ValidationError(f"input[{base_index + i}] is not a string",
-                                      param=f"input[{base_index + i}]")
-            if len(text) > limit:
-                if not truncate:
-                    raise TooLargeError(
-                        f"input[{base_index + i}] has {len(text)} characters; the limit is {limit} "
-                        f"({CHARS_PER_TOKEN_LIMIT} x max_seq_length) when truncation is off",
-                        param=f"input[{base_index + i}]")
-                text = text[:limit] if direction == "right" else text[-limit:]
-            prepared.append(prompt + text if prompt else text)
-        tok = self._trunc[direction] if truncate else self._plain
+    def encode_plan(self, texts: Sequence[str], plan: Plan, base_index: int = 0) -> TokenBatch:
+        """Tokenizes texts that validation already accepted, with its prompt and truncation;
+        ``base_index`` is the position of ``texts[0]`` in the request, so errors name the
+        client's index."""
+        prompt = plan.prompt
+        prepared = [prompt + t for t in texts] if prompt else list(texts)
+        tok = self._trunc[plan.direction] if plan.truncate else self._plain
         try:
             encodings = tok.encode_batch_fast(prepared, add_special_tokens=True)
-        except Exception:
-            raise self._locate_bad_text(prepared, base_index) from None
+        except Exception:  # noqa: BLE001 - validation let through something the tokenizer refuses
+            raise ValidationError("the tokenizer rejected the input", param="input") from None
         lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
         ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int32,
                           count=int(lengths.sum()))
-        if lengths.size and lengths.min() == 0:
-            i = int(np.argmin(lengths))
-            raise ValidationError(f"input[{base_index + i}] produced no tokens", param=f"input[{base_index + i}]")
-        if not truncate and lengths.size and lengths.max() > self.max_seq_length:
-            i = int(np.argmax(lengths > self.max_seq_length))
-            raise _context_error(self.max_seq_length, int(lengths[i]), base_index + i)
+        validate.check_token_lengths(self._limits, lengths, plan.truncate, base_index=base_index)
         return TokenBatch(ids=ids, lengths=lengths)
-
-    @staticmethod
-    def _locate_bad_text(texts: Sequence[str], base_index: int) -> ValidationError:
-        for i, text in enumerate(texts):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                return ValidationError(
-                    f"input[{base_index + i}] is not valid Unicode text (it holds a lone surrogate "
-                    "or another code point UTF-8 cannot encode)", param=f"input[{base_index + i}]")
-        return ValidationError("the tokenizer rejected the input", param="input")
-
-    # --- token-id input ----------------------------------------------------------------------
 
     def validate_ids(self, tokens: TokenBatch, options: Optional[EncodeOptions] = None,
                      auto_truncate: bool = True) -> TokenBatch:
-        """Checks client-sent ids: 0 <= id < vocab_size, no empty item, length <= max_seq_length
-        (cut to it, from the side ``truncation_direction`` names, when truncation is on)."""
-        options = options or EncodeOptions()
-        truncate = auto_truncate if options.truncate is None else bool(options.truncate)
-        lengths = tokens.lengths
-        if lengths.size and lengths.min() <= 0:
-            i = int(np.argmin(lengths))
-            raise ValidationError(f"input[{i}] is an empty list of token ids", param=f"input[{i}]")
-        ids = tokens.ids
-        bad = (ids < 0) | (ids >= self.spec.vocab_size)
-        if bad.any():
-            pos = int(np.argmax(bad))
-            i = int(np.searchsorted(tokens.offsets(), pos, side="right") - 1)
-            raise ValidationError(
-                f"Token id {int(ids[pos])} in input[{i}] is out of vocabulary "
-                f"(valid ids are 0..{self.spec.vocab_size - 1})", param=f"input[{i}]")
-        max_len = self.max_seq_length
-        if not lengths.size or lengths.max() <= max_len:
-            return tokens
-        if not truncate:
-            i = int(np.argmax(lengths > max_len))
-            raise _context_error(max_len, int(lengths[i]), i)
-        if options.truncation_direction not in ("right", "left"):
-            raise ValidationError("truncation_direction must be 'right' or 'left'",
-                                  param="truncation_direction")
-        # Keep, per item, the first (right truncation) or last (left) max_len ids: one mask over
-        # the concatenated ids, no per-item Python loop.
-        off = tokens.offsets()
-        item_of = np.repeat(np.arange(tokens.n), lengths)
-        pos_in_item = np.arange(ids.shape[0]) - off[item_of]
-        if options.truncation_direction == "right":
-            keep = pos_in_item < max_len
-        else:
-            keep = pos_in_item >= (lengths[item_of] - max_len)
-        return TokenBatch(ids=ids[keep], lengths=np.minimum(lengths, max_len))
+        """Checks (and truncates) client-sent token ids; see validate.check_token_batch."""
+        limits = self.limits(auto_truncate=auto_truncate)
+        plan = validate.check_options(limits, options or EncodeOptions())
+        return validate.check_token_batch(limits, tokens, plan)
 
     # --- the other way -----------------------------------------------------------------------
 
@@ -229,7 +142,7 @@ class Tokenizer:
 
 
 class TokenizerPool:
-    """Runs ``Tokenizer.encode`` on a thread pool so the event loop never tokenizes.
+    """Runs ``Tokenizer.encode_plan`` on a thread pool so the event loop never tokenizes.
 
     A large request is split into chunks across the pool's threads (the Rust tokenizer releases
     the GIL), and the pieces are joined back in order.
@@ -240,25 +153,31 @@ class TokenizerPool:
         self.workers = max(1, int(workers))
         self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="floe-tokenize")
 
-    async def encode(self, texts: Sequence[str], options: EncodeOptions, auto_truncate: bool = True,
-                     default_prompt_name: Optional[str] = None) -> TokenBatch:
+    async def run(self, fn, *args):
+        """Runs ``fn(*args)`` on the pool (for per-item work that must stay off the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def encode_plan(self, texts: Sequence[str], plan: Plan) -> TokenBatch:
         tok = self.tokenizer
-        prompt = tok.resolve_prompt(options, default_prompt_name)
-        truncate = auto_truncate if options.truncate is None else bool(options.truncate)
-        direction = options.truncation_direction
         loop = asyncio.get_running_loop()
         n = len(texts)
         chunks = min(self.workers, max(1, n // _MIN_CHUNK))
         if chunks == 1:
-            return await loop.run_in_executor(self._executor, tok.encode_resolved, list(texts),
-                                              prompt, truncate, direction, 0)
+            return await loop.run_in_executor(self._executor, tok.encode_plan, texts, plan, 0)
         bounds = np.linspace(0, n, chunks + 1).astype(int)
         parts = await asyncio.gather(*(
-            loop.run_in_executor(self._executor, tok.encode_resolved, list(texts[a:b]), prompt,
-                                 truncate, direction, int(a))
+            loop.run_in_executor(self._executor, tok.encode_plan, texts[a:b], plan, int(a))
             for a, b in zip(bounds[:-1], bounds[1:])))
         return TokenBatch(ids=np.concatenate([p.ids for p in parts]),
                           lengths=np.concatenate([p.lengths for p in parts]))
+
+    async def encode(self, texts: Sequence[str], options: EncodeOptions, auto_truncate: bool = True,
+                     default_prompt_name: Optional[str] = None) -> TokenBatch:
+        """Validates and tokenizes (library convenience; servers validate once at their edge)."""
+        limits = self.tokenizer.limits(auto_truncate=auto_truncate,
+                                       default_prompt_name=default_prompt_name)
+        plan = validate.check_options(limits, options)
+        return await self.encode_plan(validate.check_texts(limits, texts, plan), plan)
 
     def validate_ids(self, tokens: TokenBatch, options: Optional[EncodeOptions] = None,
                      auto_truncate: bool = True) -> TokenBatch:

@@ -9,7 +9,6 @@ batching, back-pressure and failover can be exercised under load.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Sequence
 
@@ -22,16 +21,13 @@ _TABLE_ROWS = 4096  # ids are folded onto a fixed table so memory stays small fo
 
 
 class FakeEngine(Engine):
-    def __init__(self, spec: ModelSpec, seconds_per_token: float | None = None,
-                 seconds_per_batch: float | None = None) -> None:
+    def __init__(self, spec: ModelSpec, seconds_per_token: float = 0.0,
+                 seconds_per_batch: float = 0.0) -> None:
         self.spec = spec
         self.dtype = "float32"
         self.device = "cpu"
-        env = os.environ
-        self.seconds_per_token = (float(env.get("FLOE_FAKE_SECONDS_PER_TOKEN", "0"))
-                                  if seconds_per_token is None else seconds_per_token)
-        self.seconds_per_batch = (float(env.get("FLOE_FAKE_SECONDS_PER_BATCH", "0"))
-                                  if seconds_per_batch is None else seconds_per_batch)
+        self.seconds_per_token = seconds_per_token
+        self.seconds_per_batch = seconds_per_batch
         rng = np.random.default_rng(1234)
         self._table = rng.standard_normal((_TABLE_ROWS, spec.dim)).astype(np.float32)
 

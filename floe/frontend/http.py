@@ -8,8 +8,9 @@ bytes for base64 and application/octet-stream.
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import hmac
+import contextlib
 import logging
 import time
 from typing import Any, Optional
@@ -20,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from floe import metrics
+from floe import metrics, validate
 from floe.errors import (
     HTTP_STATUS,
     AuthError,
@@ -32,7 +33,8 @@ from floe.errors import (
     error_envelope,
 )
 from floe.frontend.service import EmbedService, error_label, new_request_id
-from floe.protocol import EmbedResult, EncodeOptions, TokenBatch
+from floe.protocol import EmbedResult, EncodeOptions
+from floe.transport.auth import AUTH_HINT, bearer_ok
 
 log = logging.getLogger("floe.http")
 
@@ -45,19 +47,22 @@ def _json(obj: Any, status: int = 200, headers: Optional[dict] = None) -> Respon
                     media_type=_JSON, headers=headers)
 
 
-def error_response(err: FloeError) -> Response:
-    headers = {}
-    if err.retry_after is not None:
-        headers["retry-after"] = str(max(1, int(round(err.retry_after))))
-    return _json(error_envelope(err), status=HTTP_STATUS[err.kind], headers=headers)
-
-
 # --- request parsing ---------------------------------------------------------------------------
 
-async def read_json(request: Request, limit: int) -> Any:
+# Bodies larger than this are parsed and checked on a worker thread, so that a big or deeply
+# structured body does not hold the event loop (the 413 for 2 million one-id lists included).
+_INLINE_BODY_BYTES = 64 * 1024
+
+
+def check_content_type(request: Request) -> None:
     ctype = request.headers.get("content-type", _JSON).split(";")[0].strip().lower()
     if ctype not in (_JSON, "") and not ctype.endswith("+json"):
         raise UnsupportedMediaError(f"content-type must be application/json, got {ctype[:60]!r}")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to be over ``limit`` bytes (from the
+    Content-Length header, or while a chunked body streams in)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise TooLargeError(f"request body of {declared} bytes is over the limit of {limit} bytes")
@@ -70,13 +75,44 @@ async def read_json(request: Request, limit: int) -> Any:
     body = b"".join(chunks)
     if not body:
         raise ValidationError("request body is empty; send a JSON object")
+    return body
+
+
+def parse_json(body: bytes) -> dict:
+    """orjson: strict UTF-8, bounded nesting. A lone surrogate escape is located, so the error
+    names the item (``input[3]``) rather than the body."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as e:
-        raise ValidationError(f"request body is not valid JSON: {str(e)[:160]}") from None
+        msg = str(e)
+        if "surrogate" in msg.lower():
+            raise _locate_surrogate(body) from None
+        raise ValidationError(f"request body is not valid JSON: {msg[:160]}") from None
     if not isinstance(data, dict):
         raise ValidationError("request body must be a JSON object")
     return data
+
+
+def _locate_surrogate(body: bytes) -> ValidationError:
+    """The stdlib parser accepts lone surrogates: use it to find which field holds one."""
+    import json
+
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return ValidationError("request body is not valid JSON (a lone surrogate escape)")
+    if isinstance(data, dict):
+        for key, value in data.items():
+            items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+            for i, x in enumerate(items):
+                if isinstance(x, str):
+                    try:
+                        x.encode("utf-8")
+                    except UnicodeEncodeError:
+                        param = key if isinstance(value, str) else f"{key}[{i}]"
+                        return ValidationError(f"`{param}` is not valid Unicode text (it holds a "
+                                               "lone surrogate)", param=param)
+    return ValidationError("request body holds a lone surrogate escape, which is not valid Unicode")
 
 
 def _opt_bool(data: dict, key: str) -> Optional[bool]:
@@ -101,52 +137,9 @@ def _opt_dimensions(data: dict) -> Optional[int]:
     v = data.get("dimensions")
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ValidationError("`dimensions` must be a positive integer", param="dimensions")
-    if v < 1:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValidationError("`dimensions` must be a positive integer", param="dimensions")
     return v
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def parse_input(value: Any, param: str) -> tuple[Optional[list[str]], Optional[TokenBatch]]:
-    """OpenAI input: a string, a list of strings, a list of token ids, or a list of such lists."""
-    if isinstance(value, str):
-        return [value], None
-    if not isinstance(value, list):
-        raise ValidationError(
-            f"`{param}` must be a string, a list of strings, a list of token ids or a list of "
-            "lists of token ids", param=param)
-    if not value:
-        raise ValidationError(f"`{param}` must not be empty", param=param)
-    first = value[0]
-    if isinstance(first, str):
-        for i, x in enumerate(value):
-            if not isinstance(x, str):
-                raise ValidationError(f"`{param}[{i}]` must be a string like the other items",
-                                      param=f"{param}[{i}]")
-        return value, None
-    if _is_int(first):
-        for i, x in enumerate(value):
-            if not _is_int(x):
-                raise ValidationError(f"`{param}[{i}]` must be a token id (integer)",
-                                      param=f"{param}[{i}]")
-        return None, TokenBatch.from_lists([value])
-    if isinstance(first, list):
-        for i, item in enumerate(value):
-            if not isinstance(item, list) or not item:
-                raise ValidationError(f"`{param}[{i}]` must be a non-empty list of token ids",
-                                      param=f"{param}[{i}]")
-            for j, x in enumerate(item):
-                if not _is_int(x):
-                    raise ValidationError(f"`{param}[{i}][{j}]` must be a token id (integer)",
-                                          param=f"{param}[{i}][{j}]")
-        return None, TokenBatch.from_lists(value)
-    raise ValidationError(
-        f"`{param}` items must be strings or token ids, got {type(first).__name__}", param=f"{param}[0]")
 
 
 def timing_headers(result: EmbedResult) -> dict[str, str]:
@@ -163,145 +156,212 @@ def timing_headers(result: EmbedResult) -> dict[str, str]:
 
 # --- the app -----------------------------------------------------------------------------------
 
+class ClientGone(Exception):
+    """The HTTP client disconnected before its answer was ready."""
+
+
+async def _wait_disconnect(request: Request) -> None:
+    # Once the body is read, the server's receive() only returns when the client goes away.
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnect(request: Request, work: Any) -> Any:
+    """Runs ``work`` (a coroutine) unless the client disconnects first; then cancels it, which
+    drops its still-queued sequences in the replica (as gRPC cancellation does)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    raise ClientGone()
+
+
+def _request_id(request: Request) -> str:
+    rid = request.headers.get("x-request-id", "")
+    # a client's id is echoed in headers and logs: keep it short and printable
+    if rid and len(rid) <= 128 and rid.isprintable():
+        return rid
+    return new_request_id()
+
+
 def create_app(service: EmbedService) -> FastAPI:
     settings = service.settings
     limit = settings.server.payload_limit
-    app = FastAPI(title="floe", version="0.1.0", docs_url="/docs", redoc_url=None)
+    key = service.api_key
+    # The API description follows the key: public without one, behind it with one.
+    app = FastAPI(title="floe", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
 
     def authorize(request: Request) -> None:
-        key = service.api_key
-        if not key:
-            return
-        got = request.headers.get("authorization", "")
-        scheme, _, token = got.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-            raise AuthError("missing or invalid API key (send `Authorization: Bearer KEY`)")
+        if key and not bearer_ok(request.headers.get("authorization"), key):
+            raise AuthError(AUTH_HINT)
 
     @app.exception_handler(FloeError)
     async def _floe_error(request: Request, err: FloeError) -> Response:
-        return error_response(err)
+        return error_response(err, _request_id(request))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException) -> Response:
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(err.status_code, "error")
         body = {"error": {"message": str(err.detail), "type": kind, "param": None, "code": err.status_code}}
-        return _json(body, status=err.status_code)
+        return _json(body, status=err.status_code, headers={"x-request-id": _request_id(request)})
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, err: Exception) -> Response:
         log.exception("internal error on %s", request.url.path)
-        return error_response(InternalError())
+        return error_response(InternalError(), _request_id(request))
 
-    async def run_embed(request: Request, endpoint: str, handler) -> Response:
-        """Shared wrapper: auth, request metrics, error accounting."""
+    async def run_compute(request: Request, endpoint: str, parse, respond) -> Response:
+        """Every compute route: auth, admission (before the body is read), body limit, parsing
+        (off the event loop for large bodies), the work (cancelled if the client goes away),
+        and one count per outcome."""
         t0 = time.perf_counter()
+        rid = _request_id(request)
         try:
             authorize(request)
-            response = await handler()
+            check_content_type(request)
+            with service.admission.admitted():
+                body = await read_body(request, limit)
+                if len(body) > _INLINE_BODY_BYTES:
+                    parsed = await service.tokenizers.run(_parse_body, body, parse)
+                else:
+                    parsed = _parse_body(body, parse)
+                del body
+                response = await until_disconnect(request, respond(parsed, rid))
             metrics.REQUESTS.labels(endpoint=endpoint, transport="http").inc()
             return response
+        except ClientGone:
+            metrics.REQUEST_FAILURES.labels(endpoint=endpoint, transport="http",
+                                            error="cancelled").inc()
+            log.info("request %s on %s: client disconnected; its queued work was dropped", rid,
+                     endpoint)
+            return Response(status_code=499)  # nobody reads it; uvicorn needs a response
         except FloeError as err:
             metrics.REQUEST_FAILURES.labels(endpoint=endpoint, transport="http",
                                             error=error_label(err)).inc()
-            return error_response(err)
+            return error_response(err, rid)
         except Exception:
             metrics.REQUEST_FAILURES.labels(endpoint=endpoint, transport="http", error="internal").inc()
             log.exception("internal error on %s", endpoint)
-            return error_response(InternalError())
+            return error_response(InternalError(), rid)
         finally:
             metrics.REQUEST_SECONDS.labels(endpoint=endpoint, transport="http").observe(
                 time.perf_counter() - t0)
 
+    limits = service.limits
+
     # OpenAI -----------------------------------------------------------------------------------
 
+    def parse_openai(data: dict) -> tuple:
+        if "input" not in data:
+            raise ValidationError("`input` is required", param="input")
+        texts, tokens = validate.parse_json_input(limits, data["input"], "input")
+        fmt = data.get("encoding_format") or "float"
+        if fmt not in ("float", "base64"):
+            raise ValidationError("`encoding_format` must be 'float' or 'base64'",
+                                  param="encoding_format")
+        options = EncodeOptions(dimensions=_opt_dimensions(data),
+                                prompt_name=_opt_str(data, "prompt_name"), prompt=_opt_str(data, "prompt"),
+                                truncate=_opt_bool(data, "truncate"))
+        return texts, tokens, options, fmt, _opt_str(data, "model") or ""
+
+    async def respond_openai(parsed: tuple, rid: str) -> Response:
+        texts, tokens, options, fmt, model = parsed
+        result = await service.embed(rid, texts, tokens, options, model=model)
+        arr = result.as_float32()
+        if fmt == "base64":
+            rows = [{"object": "embedding", "index": i,
+                     "embedding": base64.b64encode(arr[i].tobytes()).decode("ascii")}
+                    for i in range(result.n)]
+        else:
+            rows = [{"object": "embedding", "index": i, "embedding": arr[i]} for i in range(result.n)]
+        tokens_used = int(result.token_counts.sum())
+        body = {"object": "list", "data": rows, "model": service.model_name,
+                "usage": {"prompt_tokens": tokens_used, "total_tokens": tokens_used}}
+        return _json(body, headers=timing_headers(result))
+
     async def openai_embeddings(request: Request) -> Response:
-        async def handle() -> Response:
-            data = await read_json(request, limit)
-            if "input" not in data:
-                raise ValidationError("`input` is required", param="input")
-            texts, tokens = parse_input(data["input"], "input")
-            fmt = data.get("encoding_format") or "float"
-            if fmt not in ("float", "base64"):
-                raise ValidationError("`encoding_format` must be 'float' or 'base64'",
-                                      param="encoding_format")
-            model = _opt_str(data, "model") or ""
-            user_prompt = _opt_str(data, "prompt")
-            options = EncodeOptions(dimensions=_opt_dimensions(data),
-                                    prompt_name=_opt_str(data, "prompt_name"), prompt=user_prompt,
-                                    truncate=_opt_bool(data, "truncate"))
-            result = await service.embed(request.headers.get("x-request-id", ""), texts, tokens,
-                                          options, model=model)
-            arr = result.as_float32()
-            if fmt == "base64":
-                rows = [{"object": "embedding", "index": i,
-                         "embedding": base64.b64encode(arr[i].tobytes()).decode("ascii")}
-                        for i in range(result.n)]
-            else:
-                rows = [{"object": "embedding", "index": i, "embedding": arr[i]} for i in range(result.n)]
-            tokens_used = int(result.token_counts.sum())
-            body = {"object": "list", "data": rows, "model": service.model_name,
-                    "usage": {"prompt_tokens": tokens_used, "total_tokens": tokens_used}}
-            return _json(body, headers=timing_headers(result))
-        return await run_embed(request, "/v1/embeddings", handle)
+        return await run_compute(request, "/v1/embeddings", parse_openai, respond_openai)
 
     app.add_api_route("/v1/embeddings", openai_embeddings, methods=["POST"])
     app.add_api_route("/embeddings", openai_embeddings, methods=["POST"], include_in_schema=False)
 
     # TEI-style -----------------------------------------------------------------------------
 
-    async def embed(request: Request) -> Response:
-        async def handle() -> Response:
-            data = await read_json(request, limit)
-            if "inputs" not in data:
-                raise ValidationError("`inputs` is required", param="inputs")
-            texts, tokens = parse_input(data["inputs"], "inputs")
-            direction = (_opt_str(data, "truncation_direction") or "right").lower()
-            if direction not in ("left", "right"):
-                raise ValidationError("`truncation_direction` must be 'left' or 'right'",
-                                      param="truncation_direction")
-            normalize = _opt_bool(data, "normalize")
-            options = EncodeOptions(
-                normalize=True if normalize is None else normalize,
-                truncate=_opt_bool(data, "truncate"), truncation_direction=direction,
-                prompt_name=_opt_str(data, "prompt_name"), prompt=_opt_str(data, "prompt"),
-                dimensions=_opt_dimensions(data))
-            result = await service.embed(request.headers.get("x-request-id", ""), texts, tokens,
-                                          options, model=_opt_str(data, "model") or "")
+    def parse_embed(data: dict) -> tuple:
+        if "inputs" not in data:
+            raise ValidationError("`inputs` is required", param="inputs")
+        texts, tokens = validate.parse_json_input(limits, data["inputs"], "inputs")
+        direction = (_opt_str(data, "truncation_direction") or "right").lower()
+        if direction not in ("left", "right"):
+            raise ValidationError("`truncation_direction` must be 'left' or 'right'",
+                                  param="truncation_direction")
+        normalize = _opt_bool(data, "normalize")
+        options = EncodeOptions(
+            normalize=True if normalize is None else normalize,
+            truncate=_opt_bool(data, "truncate"), truncation_direction=direction,
+            prompt_name=_opt_str(data, "prompt_name"), prompt=_opt_str(data, "prompt"),
+            dimensions=_opt_dimensions(data))
+        return texts, tokens, options, _opt_str(data, "model") or ""
+
+    def embed_route(accept_raw: bool):
+        async def respond(parsed: tuple, rid: str, request: Request) -> Response:
+            texts, tokens, options, model = parsed
+            result = await service.embed(rid, texts, tokens, options, model=model)
             headers = timing_headers(result)
-            if _OCTET in request.headers.get("accept", ""):
+            if accept_raw and _OCTET in request.headers.get("accept", ""):
                 headers.update({"x-embedding-count": str(result.n), "x-embedding-dim": str(result.dim),
                                 "x-embedding-dtype": "float32-le"})
                 return Response(result.as_float32().astype("<f4", copy=False).tobytes(),
                                 media_type=_OCTET, headers=headers)
             return _json(result.as_float32(), headers=headers)
-        return await run_embed(request, "/embed", handle)
 
-    app.add_api_route("/embed", embed, methods=["POST"])
+        async def embed(request: Request) -> Response:
+            return await run_compute(request, "/embed", parse_embed,
+                                     lambda parsed, rid: respond(parsed, rid, request))
+        return embed
+
+    app.add_api_route("/embed", embed_route(True), methods=["POST"])
+
+    def parse_tokenize(data: dict) -> tuple:
+        if "inputs" not in data:
+            raise ValidationError("`inputs` is required", param="inputs")
+        texts, tokens = validate.parse_json_input(limits, data["inputs"], "inputs")
+        if texts is None:
+            raise ValidationError("`inputs` must be a string or a list of strings", param="inputs")
+        options = EncodeOptions(prompt_name=_opt_str(data, "prompt_name"),
+                                prompt=_opt_str(data, "prompt"), truncate=_opt_bool(data, "truncate"))
+        return texts, options
+
+    async def respond_tokenize(parsed: tuple, rid: str) -> Response:
+        texts, options = parsed
+        batch = await service.tokenize(texts, options)
+        offsets = batch.offsets()
+        tok = service.tokenizers.tokenizer
+        out = []
+        for i in range(batch.n):
+            ids = batch.ids[offsets[i]:offsets[i + 1]]
+            pieces = tok.decode_tokens(ids)
+            out.append([{"id": int(t), "text": p} for t, p in zip(ids.tolist(), pieces)])
+        return _json(out, headers={"x-request-id": rid})
 
     async def tokenize(request: Request) -> Response:
-        async def handle() -> Response:
-            data = await read_json(request, limit)
-            if "inputs" not in data:
-                raise ValidationError("`inputs` is required", param="inputs")
-            texts, tokens = parse_input(data["inputs"], "inputs")
-            if texts is None:
-                raise ValidationError("`inputs` must be a string or a list of strings", param="inputs")
-            options = EncodeOptions(prompt_name=_opt_str(data, "prompt_name"),
-                                    prompt=_opt_str(data, "prompt"), truncate=_opt_bool(data, "truncate"))
-            batch = await service.tokenize(texts, options)
-            offsets = batch.offsets()
-            tok = service.tokenizers.tokenizer
-            out = []
-            for i in range(batch.n):
-                ids = batch.ids[offsets[i]:offsets[i + 1]]
-                pieces = tok.decode_tokens(ids)
-                out.append([{"id": int(t), "text": p} for t, p in zip(ids.tolist(), pieces)])
-            return _json(out)
-        return await run_embed(request, "/tokenize", handle)
+        return await run_compute(request, "/tokenize", parse_tokenize, respond_tokenize)
 
     app.add_api_route("/tokenize", tokenize, methods=["POST"])
 
-    # Health, info, models, metrics ---------------------------------------------------------
+    # Health, info, models, metrics, API description --------------------------------------
 
     @app.get("/health")
     async def health() -> Response:
@@ -315,7 +375,7 @@ def create_app(service: EmbedService) -> FastAPI:
             return _json({"status": "ready"})
         status = service.router.status()
         reason = "draining" if service.draining else status.get("reason", "no healthy replica")
-        return _json({"status": "not ready", "reason": reason, "replicas": status},
+        return _json({"status": "not ready", "reason": reason},
                      status=503, headers={"retry-after": "1"})
 
     @app.get("/info")
@@ -334,4 +394,22 @@ def create_app(service: EmbedService) -> FastAPI:
         body, ctype = await metrics.render(service)
         return Response(body, media_type=ctype)
 
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> Response:
+        authorize(request)
+        return _json(app.openapi())
+
     return app
+
+
+def _parse_body(body: bytes, parse) -> Any:
+    return parse(parse_json(body))
+
+
+def error_response(err: FloeError, request_id: str = "") -> Response:
+    headers = {}
+    if err.retry_after is not None:
+        headers["retry-after"] = str(max(1, int(round(err.retry_after))))
+    if request_id:
+        headers["x-request-id"] = request_id
+    return _json(error_envelope(err), status=HTTP_STATUS[err.kind], headers=headers)

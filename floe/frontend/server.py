@@ -36,7 +36,7 @@ class _Uvicorn(uvicorn.Server):
 
 async def serve(settings: Settings, ready_event: Optional[asyncio.Event] = None) -> int:
     from floe.models import load_spec
-    from floe.router.manager import ReplicaManager
+    from floe.replicas.manager import ReplicaManager
     from floe.tokenize import TokenizerPool
 
     t_start = time.perf_counter()
@@ -60,13 +60,12 @@ async def serve(settings: Settings, ready_event: Optional[asyncio.Event] = None)
     try:
         await manager.start()
         if srv.grpc_port:
-            from floe.frontend.grpc import start_grpc_server
-            grpc_server = await start_grpc_server(service, srv.host, srv.grpc_port, api_key=srv.api_key)
+            from floe.transport.grpc import grpc_target, start_server
+            grpc_server, _health, _ports = await start_server(
+                service, [grpc_target(srv.host, srv.grpc_port)],
+                receive_limit=srv.grpc_payload_limit, api_key=srv.api_key)
         if srv.port:
-            config = uvicorn.Config(create_app(service), host=srv.host, port=srv.port, loop="asyncio",
-                                    http="h11", lifespan="off", log_level="warning",
-                                    access_log=False, timeout_keep_alive=75)
-            http_server = _Uvicorn(config)
+            http_server = _Uvicorn(http_config(service, settings))
             http_task = asyncio.create_task(http_server.serve())
             while not http_server.started:
                 if http_task.done():
@@ -80,11 +79,11 @@ async def serve(settings: Settings, ready_event: Optional[asyncio.Event] = None)
         if ready_event is not None:
             ready_event.set()
         await stop.wait()
-        log.info("draining: readiness off, waiting for %d in-flight requests", service.in_flight)
-        service.draining = True
-        deadline = time.monotonic() + srv.drain_timeout
-        while service.in_flight > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        log.info("draining: readiness off, waiting for %d in-flight requests (up to %.0f s)",
+                 service.admission.in_flight, srv.drain_timeout)
+        if not await service.admission.drain(srv.drain_timeout):
+            log.warning("drain timeout: %d requests still in flight are cut off",
+                        service.admission.in_flight)
         return 0
     finally:
         if http_server is not None:
@@ -94,10 +93,21 @@ async def serve(settings: Settings, ready_event: Optional[asyncio.Event] = None)
                     await asyncio.wait_for(http_task, timeout=5)
         if grpc_server is not None:
             await grpc_server.stop(grace=1.0)
-        await manager.drain(timeout=srv.drain_timeout)
         await manager.stop()
         tokenizers.close()
         log.info("floe stopped")
+
+
+def http_config(service: EmbedService, settings: Settings) -> uvicorn.Config:
+    """uvicorn over httptools (strict framing), with floe's deadlines and connection cap."""
+    from floe.frontend.connections import guarded_protocol
+
+    srv = settings.server
+    protocol = guarded_protocol(srv.http_header_timeout, srv.http_body_timeout, srv.max_connections)
+    return uvicorn.Config(create_app(service), host=srv.host, port=srv.port, loop="asyncio",
+                          http=protocol, lifespan="off", log_level="warning", access_log=False,
+                          timeout_keep_alive=int(max(1, srv.keep_alive_timeout)),
+                          timeout_graceful_shutdown=5)
 
 
 def fit_max_length(settings: Settings, model_max_length: int) -> Settings:

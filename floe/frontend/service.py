@@ -1,34 +1,32 @@
 """The one embed path that HTTP and gRPC both call.
 
-admission (concurrency, draining, readiness) -> validation -> tokenization in the front end's
-thread pool -> the router picks a replica -> an EmbedResult of raw bytes. Transports only parse
-their own wire format and map FloeError through their table in floe/errors.py.
+admission (floe/frontend/admission.py, checked by the transport before it reads the body) ->
+validation (floe/validate.py, once, here: this is the edge) -> tokenization in the front end's
+thread pool -> the router sends token ids to a replica -> an EmbedResult of raw bytes. Transports
+only parse their own wire format and map FloeError through their table in floe/errors.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Optional, Sequence
+from typing import Any, Optional
 
-from floe import metrics
+from floe import metrics, validate
 from floe.config import Settings
-from floe.errors import (
-    FloeError,
-    ModelNotFoundError,
-    TooLargeError,
-    UnavailableError,
-    ValidationError,
-    OverloadedError,
-)
+from floe.errors import FloeError
+from floe.frontend.admission import Admission
 from floe.models.spec import ModelSpec
 from floe.proto import floe_pb2
 from floe.protocol import EmbedResult, EncodeOptions, TokenBatch
 
 log = logging.getLogger("floe.service")
+
+# Requests with more inputs than this are checked item by item on the tokenizer pool's threads,
+# not on the event loop (per-item work proportional to the input never blocks other clients).
+_INLINE_ITEMS = 32
 
 
 def new_request_id() -> str:
@@ -36,87 +34,46 @@ def new_request_id() -> str:
 
 
 class EmbedService:
-    """Implements floe.grpc_api.EncodeBackend for the public gRPC server; HTTP calls it directly."""
+    """Implements the EncodeBackend of floe/transport/grpc.py for the public gRPC server; the HTTP
+    app calls ``embed`` and ``tokenize`` directly, inside ``admission.admitted()``."""
 
     def __init__(self, settings: Settings, spec: ModelSpec, tokenizers: Any, router: Any) -> None:
         self.settings = settings
         self.spec = spec
         self.tokenizers = tokenizers      # floe.tokenize.TokenizerPool
-        self.router = router              # floe.router.manager.ReplicaManager
+        self.router = router              # floe.replicas.manager.ReplicaManager
         self.api_key = settings.server.api_key
         self.model_name = spec.name
-        self.in_flight = 0
-        self.draining = False
         srv = settings.server
-        self.max_input_chars = srv.max_input_chars or 250 * spec.max_seq_length
+        self.limits = validate.Limits.build(
+            spec, max_items=srv.max_client_batch_size, max_input_chars=srv.max_input_chars,
+            auto_truncate=srv.auto_truncate, default_prompt_name=settings.model.default_prompt_name)
+        self.admission = Admission(srv.max_concurrent_requests, router.ready)
 
-    # -- admission --------------------------------------------------------------------------
-
-    @contextlib.asynccontextmanager
-    async def admit(self) -> AsyncIterator[None]:
-        """Counts the request in flight; refuses it when draining, not ready or over the limit."""
-        if self.draining:
-            raise UnavailableError("server is draining, retry on another instance")
-        if self.in_flight >= self.settings.server.max_concurrent_requests:
-            raise OverloadedError(
-                f"too many concurrent requests (limit {self.settings.server.max_concurrent_requests})")
-        if not self.router.ready():
-            raise UnavailableError("no healthy replica is ready, retry later")
-        self.in_flight += 1
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
-
-    def check_model(self, model: Optional[str]) -> None:
-        if model and model != self.model_name:
-            raise ModelNotFoundError(
-                f"model {model!r} is not served here; this server serves {self.model_name!r}",
-                param="model")
-
-    def check_options(self, options: EncodeOptions) -> None:
-        d = options.dimensions
-        if d is not None:
-            if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-                raise ValidationError("`dimensions` must be a positive integer", param="dimensions")
-            if d > self.spec.dim:
-                raise ValidationError(
-                    f"`dimensions` is {d} but the model's embedding dimension is {self.spec.dim}",
-                    param="dimensions")
-
-    def check_count(self, n: int, param: str = "input") -> None:
-        if n == 0:
-            raise ValidationError("input must not be empty", param=param)
-        limit = self.settings.server.max_client_batch_size
-        if n > limit:
-            raise TooLargeError(
-                f"batch of {n} inputs is over the limit of {limit} per request "
-                "(--max-client-batch-size)", param=param)
-
-    def check_texts(self, texts: Sequence[str], param: str = "input") -> None:
-        limit = self.max_input_chars
-        for i, t in enumerate(texts):
-            if len(t) > limit:
-                raise TooLargeError(
-                    f"{param}[{i}] has {len(t)} characters, over the limit of {limit}",
-                    param=f"{param}[{i}]")
+    @property
+    def draining(self) -> bool:
+        return self.admission.draining
 
     # -- the embed path ---------------------------------------------------------------------
 
     async def tokenize(self, texts: list[str], options: EncodeOptions) -> TokenBatch:
-        self.check_count(len(texts))
-        self.check_texts(texts)
-        return await self.tokenizers.encode(
-            texts, options, auto_truncate=self.settings.server.auto_truncate,
-            default_prompt_name=self.settings.model.default_prompt_name)
+        """Validates and tokenizes texts (for /tokenize and the embed path)."""
+        plan = validate.check_options(self.limits, options)
+        validate.check_count(self.limits, len(texts))
+        if len(texts) <= _INLINE_ITEMS:
+            texts = validate.check_texts(self.limits, texts, plan)
+        else:
+            texts = await self.tokenizers.run(validate.check_texts, self.limits, texts, plan)
+        return await self.tokenizers.encode_plan(texts, plan)
 
     async def encode(self, request_id: str, texts: Optional[list[str]], tokens: Optional[TokenBatch],
                      options: EncodeOptions, model: str = "") -> EmbedResult:
-        """EncodeBackend entry for the public gRPC services (floe.v1 and arctic_inference): the
-        embed path plus the request metrics that HTTP records in its own wrapper."""
+        """EncodeBackend entry for the public gRPC services (floe.v1 and arctic_inference):
+        admission, the embed path, and the request metrics HTTP records in its own wrapper."""
         t0 = time.perf_counter()
         try:
-            result = await self.embed(request_id, texts, tokens, options, model)
+            with self.admission.admitted():
+                result = await self.embed(request_id, texts, tokens, options, model)
             metrics.REQUESTS.labels(endpoint="Encode", transport="grpc").inc()
             return result
         except BaseException as err:
@@ -129,33 +86,29 @@ class EmbedService:
 
     async def embed(self, request_id: str, texts: Optional[list[str]], tokens: Optional[TokenBatch],
                     options: EncodeOptions, model: str = "") -> EmbedResult:
-        """Embeds texts (tokenized here) or token ids; raises FloeError for anything the client did."""
+        """Embeds texts (tokenized here) or token ids; raises FloeError for anything the client
+        did. The caller has admitted the request."""
         request_id = request_id or new_request_id()
         t0 = time.perf_counter()
-        self.check_model(model)
-        self.check_options(options)
-        async with self.admit():
-            if tokens is None:
-                tokens = await self.tokenize(list(texts or []), options)
-            else:
-                self.check_count(tokens.n)
-                tokens = self.tokenizers.validate_ids(
-                    tokens, options, auto_truncate=self.settings.server.auto_truncate)
-            t_tok = time.perf_counter() - t0
-            metrics.TOKENIZE_SECONDS.observe(t_tok)
-            result = await self.router.encode(tokens, options, request_id)
+        validate.check_model(self.limits, model)
+        if tokens is None:
+            tokens = await self.tokenize(list(texts or []), options)
+        else:
+            plan = validate.check_options(self.limits, options)
+            tokens = validate.check_token_batch(self.limits, tokens, plan)
+        t_tok = time.perf_counter() - t0
+        metrics.TOKENIZE_SECONDS.observe(t_tok)
+        result = await self.router.encode(tokens, options, request_id)
         result.timings.tokenize_s = t_tok
         result.timings.total_s = time.perf_counter() - t0
         result.request_id = request_id
         result.model = self.model_name
-        log.debug("request %s: %d inputs, %d tokens, %.1f ms", request_id, result.n,
-                  int(result.token_counts.sum()), result.timings.total_s * 1e3)
         return result
 
     # -- EncodeBackend: health, info, abort ---------------------------------------------------
 
     def ready(self) -> bool:
-        return (not self.draining) and self.router.ready()
+        return (not self.admission.draining) and self.router.ready()
 
     async def health(self) -> floe_pb2.HealthCheckResponse:
         ready = self.ready()

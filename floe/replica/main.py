@@ -1,60 +1,60 @@
 """`python -m floe.replica`: one model replica as a gRPC server.
 
-This file only wraps ReplicaCore (floe/replica/core.py) with a socket, a tokenizer for string
-requests, signals and the parent-death watch. The start-up contract with the replica manager
-(floe/router/manager.py):
+This file only wraps ReplicaCore (floe/replica/core.py) with a socket, signals and the parent's
+watch. A replica runs in one of two ways:
 
-* the line ``FLOE_REPLICA_READY <port>`` on stdout once the server is serving and the model warmed
-  up (``--port 0`` prints the port actually bound);
-* a start-up failure prints one line ``floe.replica: error: ...`` to stderr and exits 2 for a
-  ModelLoadError / ConfigError (1 for anything unexpected, with the traceback);
-* SIGTERM (or SIGINT, or the death of ``--parent-pid``): health turns NOT_SERVING, new requests get
-  UNAVAILABLE, in-flight ones finish within ``--drain-timeout``, exit 0.
+* **managed** (started by the replica manager, floe/replicas/supervisor.py): the whole settings
+  tree, its address (a Unix socket by default), placement and a per-launch token arrive as a
+  ``ReplicaLaunch`` (floe/protocol.py) in FLOE_REPLICA_LAUNCH. It requires the token on every
+  call but health, trusts the front end's validation (its core only asserts invariants), writes
+  JSON log lines to stderr for the supervisor to re-emit, and prints a ``ReplicaHello`` line on
+  stdout once it serves.
+* **standalone** (run by hand, flags below): a complete server on its own. It is then the edge,
+  so it validates requests with floe/validate.py and tokenizes strings itself.
+
+A start-up failure prints one line ``floe.replica: error: ...`` to stderr and exits 2 for a
+ModelLoadError / ConfigError (1 for anything unexpected, with the traceback). SIGTERM (or SIGINT,
+or the death of the parent): health turns NOT_SERVING, new requests get UNAVAILABLE, in-flight
+ones finish within the drain timeout, exit 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import logging
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from typing import Optional
 
-from floe.config import Settings, add_arguments, settings_from
-from floe.errors import ConfigError, ModelLoadError, ModelNotFoundError, UnavailableError
+from floe import validate
+from floe.config import Settings, add_arguments, settings_from, settings_from_dict
+from floe.errors import ConfigError, ModelLoadError, UnavailableError
 from floe.proto import floe_pb2
-from floe.protocol import EmbedResult, EncodeOptions, TokenBatch
+from floe.protocol import EmbedResult, EncodeOptions, ReplicaHello, ReplicaLaunch, TokenBatch
 
 log = logging.getLogger("floe.replica")
 
-READY_LINE = "FLOE_REPLICA_READY"
-_PR_SET_PDEATHSIG = 1
-# Server-settings fields a replica honours (flags and FLOE_* variables); the rest are the front end's.
-_SERVER_FIELDS = ("drain_timeout", "log_level", "log_format")
+# Server-settings fields a standalone replica honours; the rest are the front end's.
+_SERVER_FIELDS = ("drain_timeout", "log_level", "log_format", "api_key", "max_client_batch_size",
+                  "max_input_chars", "auto_truncate", "grpc_payload_limit")
 
 
-def arm_parent_death(parent_pid: Optional[int]) -> bool:
-    """Asks Linux to SIGTERM this process when its parent dies; False where that is unavailable.
+@dataclass(frozen=True)
+class Runtime:
+    """How this replica process runs: from a manager's launch or from the command line."""
 
-    Returns after checking that the parent is still the one named: if it died before the signal
-    was armed, this process was re-parented and the signal will never come, so exit now.
-    """
-    if not parent_pid:
-        return False
-    armed = False
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            armed = libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0
-        except (OSError, AttributeError):
-            armed = False
-    if os.getppid() != parent_pid:
-        sys.exit(0)
-    return armed
+    settings: Settings
+    address: str              # gRPC target to bind: "unix:/path" or "host:port"
+    replica_id: str
+    parent_pid: Optional[int]
+    token: Optional[str]      # required Bearer token (managed: the launch token; standalone: --api-key)
+    threads: Optional[int]
+    gpu_memory_fraction: Optional[float]
+    managed: bool
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host", default="127.0.0.1", help="Address to bind. [default 127.0.0.1]")
     g.add_argument("--port", type=int, default=0,
                    help="Port to bind; 0 picks a free one (printed on the ready line). [default 0]")
+    g.add_argument("--unix-socket", default=None, help="Bind this Unix socket path instead of a port.")
     g.add_argument("--workers", dest="replicas.workers", type=int, default=None, metavar="N",
                    help="Threads tokenizing string requests sent to this replica directly.")
     g.add_argument("--engine", dest="replicas.engine", choices=("torch", "fake"), default=None,
@@ -76,41 +77,60 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="CPU threads for the engine.")
     g.add_argument("--replica-id", default="0", help="Name in logs, stats and GetReplicaInfo.")
     g.add_argument("--parent-pid", type=int, default=None,
-                   help="Exit when this process (the replica manager) dies.")
+                   help="Exit when this process dies.")
     g.add_argument("--gpu-memory-fraction", type=float, default=None,
                    help="Cap this process's share of its GPU's memory (torch engine on CUDA).")
     return p
 
 
+def runtime_from_launch(launch: ReplicaLaunch) -> Runtime:
+    return Runtime(settings=settings_from_dict(launch.settings), address=launch.address,
+                   replica_id=str(launch.index), parent_pid=launch.parent_pid, token=launch.token,
+                   threads=launch.placement.threads,
+                   gpu_memory_fraction=launch.placement.gpu_memory_fraction, managed=True)
+
+
+def runtime_from_args(args: argparse.Namespace) -> Runtime:
+    settings = settings_from(args)
+    from floe.transport.grpc import grpc_target
+    address = f"unix:{args.unix_socket}" if args.unix_socket else grpc_target(args.host, args.port)
+    return Runtime(settings=settings, address=address, replica_id=args.replica_id,
+                   parent_pid=args.parent_pid, token=settings.server.api_key, threads=args.threads,
+                   gpu_memory_fraction=args.gpu_memory_fraction, managed=False)
+
+
 class ReplicaBackend:
-    """The EncodeBackend of one replica: tokenizes strings itself, validates ids, runs ReplicaCore."""
+    """The EncodeBackend of one replica. Standalone it is the edge: it validates (floe/validate.py)
+    and tokenizes strings; managed, the front end did both and the core asserts invariants."""
 
-    api_key = None  # replicas listen on loopback / a private network; the front end authenticates
-
-    def __init__(self, core, tokenizers, settings: Settings, address: str) -> None:
+    def __init__(self, core, tokenizers, settings: Settings, address: str, trusted: bool) -> None:
         self.core = core
         self.spec = core.spec
         self.tokenizers = tokenizers
         self.settings = settings
         self.address = address
+        self.trusted = trusted
         self.draining = False
+        srv = settings.server
+        self.limits = validate.Limits.build(
+            self.spec, max_items=srv.max_client_batch_size, max_input_chars=srv.max_input_chars,
+            auto_truncate=srv.auto_truncate, default_prompt_name=settings.model.default_prompt_name)
 
     async def encode(self, request_id: str, texts: Optional[list[str]], tokens: Optional[TokenBatch],
                      options: EncodeOptions, model: str = "") -> EmbedResult:
         t0 = time.monotonic()
-        if model and model != self.spec.name:
-            raise ModelNotFoundError(
-                f"model {model!r} is not served here; this replica serves {self.spec.name!r}",
-                param="model")
         if self.draining:
             raise UnavailableError("replica is draining, retry on another replica")
-        if tokens is None:
-            tokens = await self.tokenizers.encode(
-                texts or [], options, auto_truncate=self.settings.server.auto_truncate,
-                default_prompt_name=self.settings.model.default_prompt_name)
-        else:
-            tokens = self.tokenizers.validate_ids(tokens, options,
-                                                  auto_truncate=self.settings.server.auto_truncate)
+        if not self.trusted:
+            validate.check_model(self.limits, model)
+            plan = validate.check_options(self.limits, options)
+            if tokens is None:
+                texts = validate.check_texts(self.limits, texts or [], plan)
+                tokens = await self.tokenizers.encode_plan(texts, plan)
+            else:
+                tokens = validate.check_token_batch(self.limits, tokens, plan)
+        elif tokens is None:
+            raise UnavailableError("this replica takes token ids from its manager only")
         t_tok = time.monotonic() - t0
         result = await self.core.submit(tokens, options, request_id)
         result.timings.tokenize_s = t_tok
@@ -149,37 +169,45 @@ class ReplicaBackend:
         return self.core.abort(request_id)
 
 
-def _setup_logging(settings: Settings, replica_id: str) -> None:
+def _setup_logging(rt: Runtime) -> None:
+    from floe.logs import JsonFormatter
+
     handler = logging.StreamHandler(sys.stderr)
-    if settings.server.log_format == "json":
-        from floe.logs import JsonFormatter
+    # Managed: JSON lines, which the supervisor re-emits at their level in the front end's log.
+    if rt.managed or rt.settings.server.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter(
-            f"%(asctime)s %(levelname)s replica {replica_id} %(name)s: %(message)s"))
+            f"%(asctime)s %(levelname)s replica {rt.replica_id} %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(settings.server.log_level.upper())
+    root.setLevel(rt.settings.server.log_level.upper())
 
 
-def load(args: argparse.Namespace, settings: Settings):
+def load(rt: Runtime):
     """Model spec, engine (warmed up at the full token budget) and tokenizer pool."""
     from floe.engine import create_engine
     from floe.models import load_spec
     from floe.tokenize import TokenizerPool
 
+    settings = rt.settings
     spec = load_spec(settings.model)
-    kind = settings.replicas.engine
-    if args.gpu_memory_fraction is not None and kind == "torch":
-        if not 0.0 < args.gpu_memory_fraction <= 1.0:
+    r = settings.replicas
+    if rt.gpu_memory_fraction is not None and r.engine == "torch":
+        if not 0.0 < rt.gpu_memory_fraction <= 1.0:
             raise ConfigError("--gpu-memory-fraction must be in (0, 1]")
         import torch  # only the torch engine pays for it
         if settings.model.device != "cpu" and torch.cuda.is_available():
-            torch.cuda.set_per_process_memory_fraction(args.gpu_memory_fraction)
-    engine = create_engine(spec, kind, device=settings.model.device, dtype=settings.model.dtype,
-                           threads=args.threads)
+            torch.cuda.set_per_process_memory_fraction(rt.gpu_memory_fraction)
+    if r.engine == "fake":
+        from floe.engine.fake import FakeEngine
+        engine = FakeEngine(spec, seconds_per_token=r.fake_seconds_per_token,
+                            seconds_per_batch=r.fake_seconds_per_batch)
+    else:
+        engine = create_engine(spec, r.engine, device=settings.model.device,
+                               dtype=settings.model.dtype, threads=rt.threads)
     engine.warmup(settings.batch.max_batch_tokens)
-    tokenizers = TokenizerPool(spec, workers=settings.replicas.workers)
+    tokenizers = TokenizerPool(spec, workers=r.workers, max_input_chars=settings.server.max_input_chars)
     return spec, engine, tokenizers
 
 
@@ -206,37 +234,42 @@ async def _watch_pid(pid: int, on_exit) -> None:
     on_exit()
 
 
-async def serve(args: argparse.Namespace, settings: Settings, engine, tokenizers) -> int:
-    import grpc
-
-    from floe.grpc_api import GRPC_OPTIONS, add_services
+async def serve(rt: Runtime, engine, tokenizers) -> int:
     from floe.replica.core import ReplicaCore
+    from floe.transport.grpc import start_server
 
-    core = ReplicaCore(engine, settings.batch, replica_id=args.replica_id)
-    server = grpc.aio.server(options=GRPC_OPTIONS)
-    target = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
-    try:
-        port = server.add_insecure_port(target)
-    except RuntimeError:
-        port = 0
-    if not port:
-        raise ConfigError(f"cannot bind {target}: address in use or not available")
-    backend = ReplicaBackend(core, tokenizers, settings, address=f"{args.host}:{port}")
-    health = add_services(server, backend)
+    settings = rt.settings
+    core = ReplicaCore(engine, settings.batch, replica_id=rt.replica_id)
+    # Managed: the front end already bounded the request; its token ids are at most
+    # max_client_batch_size x max_seq_length int32s.
+    limit = settings.server.grpc_payload_limit
+    if rt.managed:
+        limit = max(limit, settings.server.max_client_batch_size * engine.spec.max_seq_length * 4
+                    + (1 << 20))
+    backend = ReplicaBackend(core, tokenizers, settings, address=rt.address, trusted=rt.managed)
+    server, health, ports = await start_server(backend, [rt.address], receive_limit=limit,
+                                               api_key=rt.token)
+    address = rt.address
+    if ports and ports[0]:
+        host = rt.address.rsplit(":", 1)[0]
+        address = f"{host}:{ports[0]}"
+        backend.address = address
     core.start()
-    await server.start()
     health.set_serving(True)
+    if rt.address.startswith("unix:"):
+        os.chmod(rt.address[len("unix:"):], 0o600)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    watcher = (asyncio.create_task(_watch_pid(args.parent_pid, stop.set))
-               if args.parent_pid else None)
+    watcher = (asyncio.create_task(_watch_pid(rt.parent_pid, stop.set)) if rt.parent_pid else None)
 
-    print(f"{READY_LINE} {port}", flush=True)
-    log.info("replica %s serving %s on %s:%d (engine %s, %s on %s)", args.replica_id,
-             engine.spec.name, args.host, port, settings.replicas.engine, engine.dtype, engine.device)
+    hello = ReplicaHello(address=address, pid=os.getpid(), engine=settings.replicas.engine,
+                         dtype=engine.dtype, device=engine.device)
+    print(hello.to_line(), flush=True)
+    log.info("replica %s serving %s on %s (engine %s, %s on %s)", rt.replica_id,
+             engine.spec.name, address, settings.replicas.engine, engine.dtype, engine.device)
     await stop.wait()
 
     log.info("draining (up to %.1f s)", settings.server.drain_timeout)
@@ -249,23 +282,25 @@ async def serve(args: argparse.Namespace, settings: Settings, engine, tokenizers
     if watcher is not None:
         watcher.cancel()
     tokenizers.close()
-    log.info("replica %s stopped", args.replica_id)
+    log.info("replica %s stopped", rt.replica_id)
     return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    arm_parent_death(args.parent_pid)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a replica never downloads on its own
+    raw_launch = os.environ.pop(ReplicaLaunch.ENV, None)
     try:
-        settings = settings_from(args)
+        if raw_launch:
+            rt = runtime_from_launch(ReplicaLaunch.from_json(raw_launch))
+        else:
+            rt = runtime_from_args(build_parser().parse_args(argv))
     except ConfigError as e:
         print(f"floe.replica: error: {e}", file=sys.stderr, flush=True)
         return 2
-    _setup_logging(settings, args.replica_id)
+    _setup_logging(rt)
     try:
-        _spec, engine, tokenizers = load(args, settings)
-        return asyncio.run(serve(args, settings, engine, tokenizers))
+        _spec, engine, tokenizers = load(rt)
+        return asyncio.run(serve(rt, engine, tokenizers))
     except (ConfigError, ModelLoadError) as e:
         print(f"floe.replica: error: {e}", file=sys.stderr, flush=True)
         return 2

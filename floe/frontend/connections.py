@@ -1,0 +1,96 @@
+"""The HTTP connection guard: deadlines and a connection cap in front of the ASGI app.
+
+floe serves HTTP/1.1 with uvicorn's httptools protocol (llhttp). llhttp is strict about framing:
+a request with both Content-Length and Transfer-Encoding, or two Content-Length headers, is a
+parse error; uvicorn then answers 400 and closes the connection, so nothing smuggled behind it on
+the same connection is ever read. What uvicorn lacks, this subclass adds:
+
+* a deadline to receive a request's headers, armed when a connection opens (so a connection that
+  never sends a byte is closed too) and again when each request begins;
+* a deadline to receive the request's body once its headers are in;
+* a cap on open connections: past it a new connection gets 503 with Retry-After and is closed.
+
+The idle keep-alive timeout between requests is uvicorn's own ``timeout_keep_alive``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Optional
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from floe import metrics
+from floe.errors import UnavailableError, error_envelope
+
+log = logging.getLogger("floe.http")
+
+
+def _overload_bytes() -> bytes:
+    body = orjson.dumps(error_envelope(UnavailableError(
+        "too many open connections, retry later")))
+    return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+            b"retry-after: 1\r\nconnection: close\r\ncontent-length: " + str(len(body)).encode()
+            + b"\r\n\r\n" + body)
+
+
+def guarded_protocol(header_timeout: float, body_timeout: float, max_connections: int) -> type:
+    """The protocol class uvicorn should use (``uvicorn.Config(http=...)``) for these limits."""
+
+    overload = _overload_bytes()
+
+    class GuardedHttpToolsProtocol(HttpToolsProtocol):
+        _deadline: Optional[asyncio.TimerHandle] = None
+
+        def _arm(self, seconds: float, what: str) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(seconds, self._expire, what)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expire(self, what: str) -> None:
+            self._deadline = None
+            if self.transport is not None and not self.transport.is_closing():
+                metrics.HTTP_CONNECTIONS_CLOSED.labels(reason=f"{what}_timeout").inc()
+                log.info("closing connection from %s: no complete request %s within the deadline",
+                         self.client[0] if self.client else "?", what)
+                self.transport.close()
+
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            if len(self.connections) >= max_connections:
+                metrics.HTTP_CONNECTIONS_CLOSED.labels(reason="connection_limit").inc()
+                transport.write(overload)
+                transport.close()
+                return
+            super().connection_made(transport)
+            self._arm(header_timeout, "headers")
+
+        def connection_lost(self, exc: Optional[Exception]) -> None:
+            self._disarm()
+            if self.transport is None:  # refused at the cap: uvicorn never saw it
+                return
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self.transport is None:
+                return
+            super().data_received(data)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm(header_timeout, "headers")
+
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            self._arm(body_timeout, "body")
+
+        def on_message_complete(self) -> None:
+            self._disarm()
+            super().on_message_complete()
+
+    return GuardedHttpToolsProtocol

@@ -1,0 +1,1 @@
+"""Several replica processes of one model behind one endpoint: placement, supervision, routing."""

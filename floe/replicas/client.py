@@ -1,0 +1,149 @@
+"""The front end's connection to one replica process (floe.v1.Embedder over one grpc.aio channel).
+
+``ReplicaClient.encode`` turns the replica's status back into exactly the FloeError the replica
+raised (its kind travels in trailing metadata, see floe/errors.py), and marks the two outcomes the
+router treats specially:
+
+- ``ReplicaFailedError``: the replica, not the request, failed (connection refused or reset, the
+  replica is shutting down). Embedding is idempotent, so the router retries once elsewhere.
+- ``ReplicaTimeoutError``: the replica did not answer within forward_timeout. It is busy or hung,
+  not dead: the request is answered 503 with Retry-After and not retried (that would double the
+  load on an overloaded server); the supervisor's health probes decide whether it is hung.
+
+Messages of these two name the replica's address for the log; clients never see them.
+In-flight accounting (tokens and requests, read by the least_loaded balancer) is done here in one
+try/finally, so it is exact whether the call succeeds, fails or is cancelled.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import grpc
+
+from floe import errors
+from floe.errors import FloeError, UnavailableError
+from floe.proto import floe_pb2, floe_pb2_grpc
+from floe.protocol import EmbedResult, EncodeOptions, TokenBatch, request_to_proto, result_from_proto
+from floe.transport.grpc import channel_options
+
+# INTERNAL statuses whose details show a broken transport rather than an error the replica chose
+# to report (gRPC reports a stream reset by a dying peer as INTERNAL on some paths).
+_TRANSPORT_HINTS = ("rst_stream", "stream removed", "socket closed", "connection reset",
+                    "broken pipe", "goaway", "eof")
+
+
+class ReplicaFailedError(UnavailableError):
+    """The replica failed to answer (not the request's fault); safe to retry on another replica."""
+
+    def __init__(self, message: str, replica_index: int, cause: str = "") -> None:
+        super().__init__(message)
+        self.replica_index = replica_index
+        self.cause = cause  # the gRPC code name
+
+
+class ReplicaTimeoutError(UnavailableError):
+    """The replica did not answer within forward_timeout."""
+
+    def __init__(self, message: str, replica_index: int) -> None:
+        super().__init__(message)
+        self.replica_index = replica_index
+
+
+def _has_kind(err: grpc.aio.AioRpcError) -> bool:
+    return any(k == errors.KIND_METADATA_KEY for k, _ in (err.trailing_metadata() or ()))
+
+
+class ReplicaClient:
+    """One channel to one replica. Cheap to create; the supervisor makes one per (re)start."""
+
+    def __init__(self, address: str, replica_index: int, token: str = "",
+                 receive_limit: int = 256 * 1024 * 1024) -> None:
+        self.address = address
+        self.replica_index = replica_index
+        options = channel_options(receive_limit) + [
+            # A restarted replica must be reachable again within a health interval, not after
+            # gRPC's default reconnect backoff (up to 120 s).
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+            # Our own policy decides what is retried, and where; no transparent gRPC retries.
+            ("grpc.enable_retries", 0),
+        ]
+        self._channel = grpc.aio.insecure_channel(address, options=options)
+        self._stub = floe_pb2_grpc.EmbedderStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self.in_flight_tokens = 0
+        self.in_flight_requests = 0
+        self.completed = 0   # calls that returned an embedding
+        self.failed = 0      # calls that raised (any reason, cancellation included)
+
+    def map_error(self, err: grpc.aio.AioRpcError, timeout: Optional[float]) -> FloeError:
+        """The FloeError a failed call becomes."""
+        code = err.code()
+        details = err.details() or ""
+        where = f"replica {self.replica_index} ({self.address})"
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and not _has_kind(err):
+            return ReplicaTimeoutError(f"{where} did not answer within {timeout:g} s"
+                                       if timeout else f"{where} timed out", self.replica_index)
+        if code == grpc.StatusCode.UNAVAILABLE or (
+                code == grpc.StatusCode.CANCELLED and not _has_kind(err)):
+            # CANCELLED from the server side (our own cancellation raises asyncio.CancelledError
+            # instead): the replica is shutting down.
+            return ReplicaFailedError(f"{where} unavailable: {details[:200]}", self.replica_index,
+                                      code.name)
+        if not _has_kind(err) and code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and any(
+                h in details.lower() for h in _TRANSPORT_HINTS):
+            return ReplicaFailedError(f"{where} connection failed: {details[:200]}",
+                                      self.replica_index, code.name)
+        return errors.from_grpc_status(code.name, details, err.trailing_metadata())
+
+    async def encode(self, tokens: TokenBatch, options: EncodeOptions, request_id: str,
+                     timeout: Optional[float] = None) -> EmbedResult:
+        """Embeds token ids on this replica; raises FloeError."""
+        msg = request_to_proto(request_id, options, tokens=tokens)
+        n_tokens = tokens.total_tokens
+        self.in_flight_tokens += n_tokens
+        self.in_flight_requests += 1
+        ok = False
+        try:
+            try:
+                reply = await self._stub.Encode(msg, timeout=timeout, metadata=self._metadata)
+            except grpc.aio.AioRpcError as e:
+                raise self.map_error(e, timeout) from None
+            result = result_from_proto(reply)
+            ok = True
+            return result
+        finally:
+            self.in_flight_tokens -= n_tokens
+            self.in_flight_requests -= 1
+            if ok:
+                self.completed += 1
+            else:
+                self.failed += 1
+
+    async def health(self, timeout: float = 1.0) -> floe_pb2.HealthCheckResponse:
+        """The replica's HealthCheck; raises a FloeError when it does not answer in time."""
+        try:
+            return await self._stub.HealthCheck(floe_pb2.HealthCheckRequest(), timeout=timeout,
+                                                metadata=self._metadata)
+        except grpc.aio.AioRpcError as e:
+            raise self.map_error(e, timeout) from None
+
+    async def info(self, timeout: float = 5.0) -> floe_pb2.GetReplicaInfoResponse:
+        try:
+            return await self._stub.GetReplicaInfo(floe_pb2.GetReplicaInfoRequest(), timeout=timeout,
+                                                   metadata=self._metadata)
+        except grpc.aio.AioRpcError as e:
+            raise self.map_error(e, timeout) from None
+
+    async def abort(self, request_id: str, timeout: float = 1.0) -> bool:
+        try:
+            reply = await self._stub.Abort(floe_pb2.AbortRequest(request_id=request_id),
+                                           timeout=timeout, metadata=self._metadata)
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.success
+
+    async def close(self) -> None:
+        await self._channel.close(grace=None)

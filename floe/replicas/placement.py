@@ -1,0 +1,74 @@
+"""Where each replica runs: pure functions of the settings, the visible GPUs and the CPU cores."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from floe.config import Settings
+from floe.errors import ConfigError
+from floe.protocol import Placement
+
+__all__ = ["Placement", "plan_placement", "visible_gpus", "usable_cores"]
+
+
+def visible_gpus(device: str, env: Optional[dict] = None) -> list[str]:
+    """GPU ids this process may use, found without importing torch (the front end never does)."""
+    env = os.environ if env is None else env
+    if device == "cpu":
+        return []
+    cvd = env.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None:
+        return [d.strip() for d in cvd.split(",") if d.strip() and d.strip() != "-1"]
+    try:
+        n = len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        n = 0
+    return [str(i) for i in range(n)]
+
+
+def usable_cores() -> list[int]:
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def plan_placement(settings: Settings, gpus: list[str], cores: list[int]) -> list[Placement]:
+    """Places every replica (pure: the tests call it with made-up GPUs and cores).
+
+    GPU (when ``gpus`` is non-empty): ``dedicated`` gives replica i GPU gpus[i % num_gpus];
+    ``shared`` gives every replica all num_gpus GPUs. Each replica's memory fraction is
+    gpu_memory_utilization divided by the number of replicas on its GPU.
+    CPU: the cores are split into num_replicas disjoint contiguous sets (when there are fewer cores
+    than replicas, replica i gets core i mod cores); threads = cores in the set unless
+    threads_per_replica says otherwise.
+    """
+    r = settings.replicas
+    n = r.num_replicas
+    out: list[Placement] = []
+    if gpus:
+        if r.num_gpus > len(gpus):
+            raise ConfigError(f"--num-gpus {r.num_gpus} but only {len(gpus)} GPU(s) are visible "
+                              f"({','.join(gpus)})")
+        use = gpus[: r.num_gpus]
+        for i in range(n):
+            if r.gpu_assignment == "dedicated":
+                sharing = len(range(i % r.num_gpus, n, r.num_gpus))
+                out.append(Placement(cuda_visible_devices=use[i % r.num_gpus],
+                                     gpu_memory_fraction=r.gpu_memory_utilization / sharing,
+                                     threads=r.threads_per_replica))
+            else:
+                out.append(Placement(cuda_visible_devices=",".join(use),
+                                     gpu_memory_fraction=r.gpu_memory_utilization / n,
+                                     threads=r.threads_per_replica))
+        return out
+    cores = sorted(cores) or [0]
+    for i in range(n):
+        if len(cores) >= n:
+            base, extra = divmod(len(cores), n)
+            start = i * base + min(i, extra)
+            mine = cores[start: start + base + (1 if i < extra else 0)]
+        else:
+            mine = [cores[i % len(cores)]]
+        out.append(Placement(cpu_cores=mine, threads=r.threads_per_replica or len(mine)))
+    return out

@@ -1,0 +1,112 @@
+"""The router: pick a replica, send the request, retry once elsewhere when the replica failed.
+
+It knows replicas only through the small ``Target`` interface (a supervisor slot in production,
+a fake in the unit tests), and decides by the kind of error:
+
+- ``ReplicaFailedError`` (connection lost, replica shutting down), an OverloadedError from a
+  replica's own queue, or an InternalError after which the replica's process is seen to exit:
+  nothing useful was computed, so the request goes once to another healthy replica;
+- ``ReplicaTimeoutError``: 503 with Retry-After, not retried (the replica is busy or hung; the
+  supervisor finds out which) and the input is not blamed;
+- anything else (validation, too large, an engine error the replica survived) is the answer.
+
+Client-facing messages never name replica addresses; the log line does.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Protocol, Sequence
+
+from floe.errors import FloeError, InternalError, OverloadedError, UnavailableError
+from floe.protocol import EmbedResult, EncodeOptions, TokenBatch
+from floe.replicas.balance import Balancer, ReplicaLoad
+from floe.replicas.client import ReplicaClient, ReplicaFailedError, ReplicaTimeoutError
+
+log = logging.getLogger("floe.router")
+
+
+class Target(Protocol):
+    index: int
+
+    @property
+    def client(self) -> Optional[ReplicaClient]: ...
+
+    def load(self) -> ReplicaLoad: ...
+
+    def leave_rotation(self) -> None:
+        """Takes the replica out of rotation until its next good health probe."""
+
+    async def died_within(self, client: ReplicaClient, seconds: float) -> bool:
+        """True when the process behind ``client`` exits within ``seconds``."""
+
+
+class Router:
+    def __init__(self, balancer: Balancer, targets: Sequence[Target], forward_timeout: float) -> None:
+        self.balancer = balancer
+        self.targets = list(targets)
+        self.forward_timeout = forward_timeout
+        self._routes: dict[str, Target] = {}   # request id -> replica running it (for abort)
+        self.retried = 0          # requests that succeeded on their retry replica
+        self.failed_retries = 0   # requests whose retry failed too
+
+    def _pick(self, exclude: list[int]) -> Optional[Target]:
+        i = self.balancer.pick([t.load() for t in self.targets], exclude)
+        return None if i is None else self.targets[i]
+
+    async def encode(self, tokens: TokenBatch, options: EncodeOptions, request_id: str) -> EmbedResult:
+        tried: list[int] = []
+        last: Optional[FloeError] = None
+        died = 0
+        try:
+            for attempt in range(2):
+                target = self._pick(tried)
+                if target is None or target.client is None:
+                    break
+                client = target.client
+                self._routes[request_id] = target
+                try:
+                    result = await client.encode(tokens, options, request_id,
+                                                 timeout=self.forward_timeout)
+                except ReplicaTimeoutError as e:
+                    log.warning("request %s: %s; answered 503", request_id, e.message)
+                    raise UnavailableError(
+                        f"the model did not answer within {self.forward_timeout:g} s; the server "
+                        "is busy, retry later") from None
+                except ReplicaFailedError as e:
+                    if e.cause in ("UNAVAILABLE", "CANCELLED") and target.client is client:
+                        target.leave_rotation()
+                    last = e
+                except OverloadedError as e:
+                    last = e
+                except InternalError as e:
+                    if not await target.died_within(client, 1.0):
+                        raise
+                    died += 1
+                    last = e
+                else:
+                    if attempt:
+                        self.retried += 1
+                    return result
+                tried.append(target.index)
+                log.warning("request %s failed on replica %d (%s); %s", request_id, target.index,
+                            last.message if last else "?",
+                            "retrying on another replica" if attempt == 0 else "giving up")
+        finally:
+            self._routes.pop(request_id, None)
+        if tried:
+            self.failed_retries += len(tried) > 1
+        if died == 2:
+            raise InternalError("the request failed twice, and each time the replica running it "
+                                "exited; it is not retried further")
+        if isinstance(last, OverloadedError):
+            raise OverloadedError("every replica tried is at its queue limit, retry later",
+                                  retry_after=last.retry_after or 1.0)
+        raise UnavailableError("no healthy replica could take the request, retry later")
+
+    async def abort(self, request_id: str) -> bool:
+        """Asks the replica running ``request_id`` to drop its queued sequences."""
+        target = self._routes.get(request_id)
+        if target is None or target.client is None:
+            return False
+        return await target.client.abort(request_id)
