@@ -362,7 +362,6 @@ def add_services(server: grpc.aio.Server, backend: EncodeBackend) -> HealthServi
     Returns the health servicer: its ``set_serving(bool | None)`` flips readiness.
     """
     from floe.proto import arctic_inference_pb2, floe_pb2 as floe_module
-    from grpc_reflection.v1alpha import reflection
 
     _register(server, floe_module.DESCRIPTOR.services_by_name["Embedder"], floe_module,
               EmbedderServicer(backend))
@@ -370,10 +369,33 @@ def add_services(server: grpc.aio.Server, backend: EncodeBackend) -> HealthServi
               arctic_inference_pb2, ArcticServicer(backend))
     health_servicer = HealthServicer(backend)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    # grpcio-reflection serves grpc.reflection.v1alpha and, since 1.62, grpc.reflection.v1 too.
-    reflection.enable_server_reflection(
-        (EMBEDDER_SERVICE, ARCTIC_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    _add_reflection(server)
     return health_servicer
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _add_reflection(server: grpc.aio.Server) -> None:
+    """Server reflection as grpc.reflection.v1 and v1alpha.
+
+    grpcio-reflection ships only the v1alpha service. v1 is the same protocol under a new package
+    name: its messages are field-for-field those of v1alpha, so the v1alpha servicer answers
+    both, registered under each name with the same (wire-identical) message codecs. grpcurl and
+    grpcui ask for v1 first.
+    """
+    from grpc_reflection.v1alpha import _async, reflection, reflection_pb2
+
+    names = (EMBEDDER_SERVICE, ARCTIC_SERVICE, health.SERVICE_NAME, REFLECTION_V1,
+             reflection.SERVICE_NAME)
+    servicer = _async.ReflectionServicer(names)
+    for service_name in (reflection.SERVICE_NAME, REFLECTION_V1):
+        handler = grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            service_name, {"ServerReflectionInfo": handler}),))
 
 
 async def start_server(backend: EncodeBackend, targets: Sequence[str], *, receive_limit: int,

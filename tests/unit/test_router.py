@@ -1,0 +1,126 @@
+"""The router with fake replica clients: what is retried, what is not, and what the client sees."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Optional
+
+import numpy as np
+import pytest
+
+from floe.errors import (InternalError, OverloadedError, TooLargeError, UnavailableError,
+                         ValidationError)
+from floe.protocol import EmbedResult, EncodeOptions, TokenBatch
+from floe.replicas.balance import Balancer, ReplicaLoad
+from floe.replicas.client import ReplicaFailedError, ReplicaTimeoutError
+from floe.replicas.router import Router
+
+TOKENS = TokenBatch.from_lists([[1, 2, 3]])
+
+
+class FakeClient:
+    def __init__(self, index: int, outcome) -> None:
+        self.index, self.outcome, self.calls = index, outcome, 0
+        self.address = f"unix:/private/replica-{index}.sock"
+
+    async def encode(self, tokens, options, request_id, timeout=None):
+        self.calls += 1
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return EmbedResult.from_array(np.ones((tokens.n, 4), np.float32), "float32", tokens.lengths)
+
+    async def abort(self, request_id):
+        return True
+
+
+class FakeTarget:
+    def __init__(self, index: int, outcome, dies: bool = False) -> None:
+        self.index = index
+        self.client: Optional[FakeClient] = FakeClient(index, outcome)
+        self.healthy = True
+        self.dies = dies
+
+    def load(self) -> ReplicaLoad:
+        return ReplicaLoad(self.index, self.healthy)
+
+    def leave_rotation(self) -> None:
+        self.healthy = False
+
+    async def died_within(self, client, seconds: float) -> bool:
+        return self.dies
+
+
+def run(router: Router):
+    return asyncio.run(router.encode(TOKENS, EncodeOptions(), "r1"))
+
+
+def router(*targets) -> Router:
+    return Router(Balancer("round_robin"), list(targets), forward_timeout=5.0)
+
+
+def test_replica_failure_is_retried_once_elsewhere():
+    bad = FakeTarget(0, ReplicaFailedError("replica 0 (unix:/x) unavailable", 0, "UNAVAILABLE"))
+    good = FakeTarget(1, None)
+    r = router(bad, good)
+    assert run(r).n == 1
+    assert bad.client.calls == 1 and good.client.calls == 1 and r.retried == 1
+    assert not bad.healthy  # out of rotation until its next good probe
+
+
+def test_two_failures_give_503_without_addresses():
+    a = FakeTarget(0, ReplicaFailedError("replica 0 (unix:/a) unavailable", 0, "UNAVAILABLE"))
+    b = FakeTarget(1, ReplicaFailedError("replica 1 (127.0.0.1:50101) unavailable", 1, "UNAVAILABLE"))
+    with pytest.raises(UnavailableError) as e:
+        run(router(a, b))
+    assert "unix:" not in e.value.message and "127.0.0.1" not in e.value.message
+    assert e.value.retry_after
+
+
+def test_timeout_is_503_and_not_retried():
+    slow = FakeTarget(0, ReplicaTimeoutError("replica 0 (unix:/a) did not answer within 5 s", 0))
+    other = FakeTarget(1, None)
+    with pytest.raises(UnavailableError) as e:
+        run(router(slow, other))
+    assert other.client.calls == 0
+    assert e.value.retry_after and "unix:" not in e.value.message
+    assert "crash" not in e.value.message
+
+
+@pytest.mark.parametrize("err", [TooLargeError("too many tokens"), ValidationError("bad")])
+def test_request_errors_are_the_answer(err):
+    a, b = FakeTarget(0, err), FakeTarget(1, None)
+    with pytest.raises(type(err)):
+        run(router(a, b))
+    assert b.client.calls == 0
+
+
+def test_overloaded_replica_is_retried_elsewhere():
+    full = FakeTarget(0, OverloadedError("queue full", retry_after=2.0))
+    good = FakeTarget(1, None)
+    assert run(router(full, good)).n == 1
+    both = router(FakeTarget(0, OverloadedError("full", retry_after=2.0)),
+                  FakeTarget(1, OverloadedError("full", retry_after=2.0)))
+    with pytest.raises(OverloadedError) as e:
+        run(both)
+    assert e.value.retry_after == 2.0
+
+
+def test_internal_error_retried_only_when_the_replica_died():
+    lived = FakeTarget(0, InternalError("inference failed for this batch"))
+    other = FakeTarget(1, None)
+    with pytest.raises(InternalError):
+        run(router(lived, other))
+    assert other.client.calls == 0
+    died = FakeTarget(0, InternalError("x"), dies=True)
+    assert run(router(died, FakeTarget(1, None))).n == 1
+    poison = router(FakeTarget(0, InternalError("x"), dies=True),
+                    FakeTarget(1, InternalError("x"), dies=True))
+    with pytest.raises(InternalError, match="failed twice"):
+        run(poison)
+
+
+def test_no_healthy_replica():
+    t = FakeTarget(0, None)
+    t.healthy = False
+    with pytest.raises(UnavailableError):
+        run(router(t))
