@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from floe.router.balance import Balancer, ReplicaLoad
+from floe.replicas.balance import Balancer, ReplicaLoad
 
 
 def loads(n, unhealthy=(), tokens=None):

@@ -1,19 +1,15 @@
-"""Pure parts of the replica manager: placement, the replica's argv, port checks, exit text."""
+"""Pure parts of the replica manager: placement, the replica's launch, port checks, exit text."""
 
-import socket
+import asyncio
 
 import pytest
 
-from floe.config import settings_from
+from floe.config import settings_from, settings_to_dict
 from floe.errors import ConfigError
-from floe.router.manager import (
-    _LAUNCHER,
-    describe_exit,
-    plan_placement,
-    port_in_use,
-    replica_command,
-    visible_gpus,
-)
+from floe.protocol import ReplicaLaunch
+from floe.replica.main import runtime_from_launch
+from floe.replicas.placement import plan_placement, visible_gpus
+from floe.replicas.supervisor import _LAUNCHER, describe_exit
 
 
 def settings(**replicas):
@@ -67,42 +63,55 @@ def test_visible_gpus_from_env_without_torch():
     assert visible_gpus("cpu", {"CUDA_VISIBLE_DEVICES": "0"}) == []
 
 
-def test_replica_command_passes_non_default_settings():
+def _launch_round_trip(s, index, placement, parent_pid):
+    """What a managed replica reads back from the launch its supervisor hands it."""
+    launch = ReplicaLaunch(settings=settings_to_dict(s), index=index,
+                           address=f"unix:/tmp/floe-test/replica-{index}.sock",
+                           parent_pid=parent_pid, token="t0k", placement=placement)
+    env = {ReplicaLaunch.ENV: launch.to_json()}
+    return runtime_from_launch(ReplicaLaunch.from_json(env[ReplicaLaunch.ENV]))
+
+
+def test_launch_carries_the_whole_settings_tree_and_the_slot():
     s = settings_from(env={}, model={"model": "/m", "max_seq_length": 64},
                       batch={"max_batch_tokens": 999}, replicas={"engine": "fake", "workers": 3})
     p = plan_placement(s, [], [0, 1])[1]
-    argv = replica_command(s, 1, 50101, p, 4242)
-    assert argv[1:3] == ["-c", _LAUNCHER]
-    flags = argv[3:]
-
-    def val(flag):
-        return flags[flags.index(flag) + 1]
-
-    pairs = {f: val(f) for f in ("--model", "--port", "--engine", "--replica-id", "--parent-pid",
-                                 "--workers", "--threads")}
-    assert pairs["--model"] == "/m" and pairs["--port"] == "50101" and pairs["--engine"] == "fake"
-    assert pairs["--replica-id"] == "1" and pairs["--parent-pid"] == "4242"
-    assert pairs["--workers"] == "3" and pairs["--threads"] == "1"
-    assert "--max-batch-tokens" in flags and flags[flags.index("--max-batch-tokens") + 1] == "999"
-    assert "--max-seq-length" in flags
-    assert "--max-batch-size" not in flags  # defaults are left to the replica
-    assert "--gpu-memory-fraction" not in flags
+    rt = _launch_round_trip(s, 1, p, 4242)
+    assert rt.managed and rt.replica_id == "1" and rt.parent_pid == 4242
+    assert rt.address == "unix:/tmp/floe-test/replica-1.sock" and rt.token == "t0k"
+    assert rt.settings.model.model == "/m" and rt.settings.model.max_seq_length == 64
+    assert rt.settings.batch.max_batch_tokens == 999
+    assert rt.settings.replicas.engine == "fake" and rt.settings.replicas.workers == 3
+    assert rt.settings == s  # every setting, defaults included, reaches the replica
+    assert rt.threads == 1 and rt.gpu_memory_fraction is None
 
 
-def test_replica_command_gpu_fraction_flag():
+def test_launch_gpu_fraction():
     s = settings(num_replicas=2, gpu_assignment="shared", gpu_memory_utilization=0.5)
     p = plan_placement(s, ["0"], [0])[0]
-    argv = replica_command(s, 0, 1, p, 1)
-    assert argv[argv.index("--gpu-memory-fraction") + 1] == "0.2500"
+    rt = _launch_round_trip(s, 0, p, 1)
+    assert rt.gpu_memory_fraction == pytest.approx(0.25)
 
 
-def test_port_in_use():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        port = s.getsockname()[1]
-        assert port_in_use("127.0.0.1", port)
-    assert not port_in_use("127.0.0.1", port)
+def test_launcher_runs_the_replica_module_and_reads_the_launch():
+    assert "FLOE_REPLICA_LAUNCH" in _LAUNCHER and ReplicaLaunch.ENV == "FLOE_REPLICA_LAUNCH"
+    assert 'run_module("floe.replica"' in _LAUNCHER
+    compile(_LAUNCHER, "<launcher>", "exec")
+
+
+def test_port_in_use_is_refused_at_bind():
+    """A second server must not share a port (no SO_REUSEPORT): the bind fails, naming it."""
+    from floe.transport.grpc import start_server
+
+    async def go():
+        first, _, ports = await start_server(None, ["127.0.0.1:0"], receive_limit=1 << 20)
+        try:
+            with pytest.raises(ConfigError, match=f"127.0.0.1:{ports[0]}"):
+                await start_server(None, [f"127.0.0.1:{ports[0]}"], receive_limit=1 << 20)
+        finally:
+            await first.stop(None)
+
+    asyncio.run(go())
 
 
 def test_describe_exit():
