@@ -11,7 +11,7 @@ from floe.engine.fake import FakeEngine
 from floe.models.spec import ModelSpec
 from floe.proto import floe_pb2, floe_pb2_grpc
 from floe.protocol import EmbedResult, EncodeOptions, TokenBatch, result_to_proto, tokens_from_proto
-from floe.router.client import ReplicaClient, ReplicaFailedError
+from floe.replicas.client import ReplicaClient, ReplicaFailedError, ReplicaTimeoutError
 
 SPEC = ModelSpec(path="", name="t", architecture="BertModel", model_type="bert", hidden_size=8,
                  dim=8, max_seq_length=16, vocab_size=100, pooling="mean")
@@ -32,6 +32,14 @@ class Servicer(floe_pb2_grpc.EmbedderServicer):
         if self.mode == "overloaded":
             context.set_trailing_metadata((("retry-after", "3"),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
+        if self.mode == "too_large":  # a floe replica names the kind: not "overloaded"
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many tokens",
+                                trailing_metadata=errors.grpc_trailing_metadata(
+                                    errors.TooLargeError("too many tokens")))
+        if self.mode == "replica_deadline":  # the replica's own deadline, not our timeout
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline",
+                                trailing_metadata=errors.grpc_trailing_metadata(
+                                    errors.DeadlineError("deadline")))
         if self.mode == "internal":
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
         if self.mode == "draining":
@@ -83,6 +91,8 @@ async def test_encode_ok_and_accounting(server):
     ("invalid", errors.ValidationError, False),
     ("overloaded", errors.OverloadedError, False),
     ("internal", errors.InternalError, False),
+    ("too_large", errors.TooLargeError, False),
+    ("replica_deadline", errors.DeadlineError, False),
     ("draining", ReplicaFailedError, True),
 ])
 async def test_error_families(server, mode, exc, retryable):
@@ -101,14 +111,17 @@ async def test_error_families(server, mode, exc, retryable):
     await c.close()
 
 
-async def test_timeout_is_replica_failure(server):
+async def test_timeout_is_its_own_error_not_a_replica_failure(server):
+    # A timeout is answered 503 and not retried: it must not look like a dead replica.
     servicer, addr, _ = server
     servicer.mode = "hang"
     c = ReplicaClient(addr, 1)
-    with pytest.raises(ReplicaFailedError, match="within 0.2 s") as ei:
+    with pytest.raises(ReplicaTimeoutError, match="within 0.2 s") as ei:
         await c.encode(TOKENS, EncodeOptions(), "r", timeout=0.2)
-    assert ei.value.cause == "timeout"
+    assert not isinstance(ei.value, ReplicaFailedError)
+    assert ei.value.kind == errors.ErrorKind.UNAVAILABLE and ei.value.replica_index == 1
     assert_idle(c)
+    assert c.failed == 1
     await c.close()
 
 
