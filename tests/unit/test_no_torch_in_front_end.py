@@ -1,13 +1,18 @@
-"""The front end (HTTP, gRPC, router, tokenizer, CLI) never imports torch: it must start fast and
-leave the cores to the replicas."""
+"""The front end (HTTP, gRPC, replica supervision and routing, validation, tokenizer, CLI) never
+imports torch: it must start fast and leave the cores to the replicas."""
 
 import subprocess
 import sys
 
 FRONT_END_MODULES = [
-    "floe.cli", "floe.frontend.http", "floe.frontend.service", "floe.frontend.server",
-    "floe.frontend.grpc", "floe.router.manager", "floe.router.balance", "floe.router.client",
-    "floe.tokenize", "floe.models", "floe.client", "floe.metrics", "floe.grpc_api",
+    "floe.cli", "floe.replica_manager",
+    "floe.frontend.http", "floe.frontend.service", "floe.frontend.server",
+    "floe.frontend.admission", "floe.frontend.connections",
+    "floe.transport.grpc", "floe.transport.auth",
+    "floe.replicas.manager", "floe.replicas.balance", "floe.replicas.client",
+    "floe.replicas.placement", "floe.replicas.router", "floe.replicas.supervisor",
+    "floe.validate", "floe.protocol", "floe.config", "floe.errors",
+    "floe.tokenize", "floe.models", "floe.client", "floe.metrics",
 ]
 
 
