@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from floe.config import Settings, add_arguments, settings_from
+from floe.config import Settings, add_arguments, settings_from, settings_from_dict, settings_to_dict
 from floe.errors import ConfigError
 
 
@@ -43,6 +43,8 @@ def test_booleans_and_choices():
     (["--num-replicas", "0"], "num-replicas"),
     (["--gpu-memory-utilization", "1.5"], "gpu-memory-utilization"),
     (["--max-batch-tokens", "0"], "max-batch-tokens"),
+    (["--api-key", ""], "--api-key is empty"),
+    (["--api-key", "  "], "--api-key is empty"),
 ])
 def test_values_that_cannot_be_honoured_are_refused(argv, match):
     with pytest.raises(ConfigError, match=match):
@@ -55,3 +57,16 @@ def test_every_field_has_help_text():
     for cls in SECTIONS.values():
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+
+
+def test_the_tree_crosses_to_a_replica_whole():
+    """A managed replica gets the whole tree as JSON (floe/protocol.py ReplicaLaunch)."""
+    s = parse(["--max-batch-tokens", "777", "--engine", "fake", "--no-auto-truncate"],
+              env={"FLOE_FAKE_SECONDS_PER_TOKEN": "0.25"})
+    assert s.replicas.fake_seconds_per_token == 0.25  # the fake engine's knob, through the tree
+    back = settings_from_dict(settings_to_dict(s))
+    assert back == s
+    with pytest.raises(ConfigError, match="unknown batch settings: bogus"):
+        settings_from_dict({**settings_to_dict(s), "batch": {"bogus": 1}})
+    with pytest.raises(ConfigError, match="max-batch-tokens"):
+        settings_from_dict({**settings_to_dict(s), "batch": {"max_batch_tokens": 0}})

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from floe import validate
 from floe.config import BatchSettings
 from floe.engine.fake import FakeEngine
 from floe.errors import CancelledError as FloeCancelled
@@ -147,20 +148,35 @@ async def test_model_default_normalize(make_core):
     np.testing.assert_allclose(off.as_float32(), expected_rows(engine, ITEMS, normalize=False), rtol=1e-6)
 
 
-@pytest.mark.parametrize("items,options,match", [
-    ([[1, 2], []], EncodeOptions(), "input 1 is empty"),
-    ([[1, 2000]], EncodeOptions(), "outside the vocabulary"),
-    ([[1, -3]], EncodeOptions(), "outside the vocabulary"),
-    ([list(range(1, 70))], EncodeOptions(), "max_seq_length"),
+# Requests that must never reach the model: the edge (floe/validate.py) refuses each as a client
+# error; if one slips past it anyway, the core refuses it as an internal error and keeps serving.
+BAD_REQUESTS = [
+    ([[1, 2], []], EncodeOptions(), "input\\[1\\] is an empty list of token ids"),
+    ([[1, 2000]], EncodeOptions(), "Token id 2000 in input\\[0\\] is out of vocabulary"),
+    ([[1, -3]], EncodeOptions(), "Token id -3 in input\\[0\\] is out of vocabulary"),
+    ([list(range(1, 70))], EncodeOptions(truncate=False), "maximum context length is 64"),
     ([[1, 2]], EncodeOptions(dimensions=DIM + 1), "dimensions"),
     ([[1, 2]], EncodeOptions(dimensions=-1), "dimensions"),
     ([[1, 2]], EncodeOptions(output_dtype="int8"), "output dtype"),
-    ([], EncodeOptions(), "no inputs"),
-])
-async def test_validation_errors(make_core, items, options, match):
-    core, _ = make_core()
+    ([], EncodeOptions(), "must not be empty"),
+]
+
+
+@pytest.mark.parametrize("items,options,match", BAD_REQUESTS)
+def test_edge_validation_refuses_what_the_core_must_not_see(items, options, match):
+    limits = validate.Limits.build(make_spec(), max_items=32)
     with pytest.raises(ValidationError, match=match):
+        plan = validate.check_options(limits, options)
+        validate.check_token_batch(limits, TokenBatch.from_lists(items), plan)
+
+
+@pytest.mark.parametrize("items,options,match", BAD_REQUESTS)
+async def test_broken_invariants_are_internal_errors(make_core, items, options, match, caplog):
+    core, engine = make_core()
+    with pytest.raises(InternalError, match="without validation"):
         await core.submit(TokenBatch.from_lists(items), options, "bad")
+    assert "violates the replica's invariants" in caplog.text
+    assert engine.batches == []  # nothing reached the model
     # the replica keeps serving
     r = await core.submit(TokenBatch.from_lists([[1, 2]]), EncodeOptions(), "ok")
     assert r.n == 1

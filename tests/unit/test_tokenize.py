@@ -101,7 +101,8 @@ def test_left_truncation_keeps_the_tail_and_the_special_tokens(tok):
 def test_character_pre_limit(spec):
     small = Tokenizer(spec, max_input_chars=1000)
     long_text = "hello " * 1000  # 6000 characters
-    with pytest.raises(TooLargeError, match="input\\[0\\] has 6000 characters; the limit is 1000"):
+    with pytest.raises(TooLargeError,
+                       match="input\\[0\\] has 6000 characters with its prompt; the limit is 1000"):
         small.encode([long_text], EncodeOptions(truncate=False))
     # truncation on: cut to the limit by characters, then tokenized and truncated as usual
     cut = small.encode([long_text], EncodeOptions(truncate=True))
