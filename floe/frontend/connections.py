@@ -65,7 +65,9 @@ def guarded_protocol(header_timeout: float, body_timeout: float, max_connections
             if len(self.connections) >= max_connections:
                 metrics.HTTP_CONNECTIONS_CLOSED.labels(reason="connection_limit").inc()
                 transport.write(overload)
-                transport.close()
+                # Close a moment later, not at once: closing with the client's request unread
+                # would reset the connection and lose the 503 before the client reads it.
+                self.loop.call_later(0.5, transport.close)
                 return
             super().connection_made(transport)
             self._arm(header_timeout, "headers")
