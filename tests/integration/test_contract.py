@@ -171,7 +171,11 @@ def _hold(server, results: list) -> threading.Thread:
         results.append(post(server, "/v1/embeddings", {"input": "held"}, headers=AUTH))
     t = threading.Thread(target=go)
     t.start()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:   # until the held request is admitted
+        if "floe_in_flight_requests 1.0" in httpx.get(server.url + "/metrics", timeout=10).text:
+            break
+        time.sleep(0.05)
     return t
 
 
@@ -197,8 +201,7 @@ def test_vanished_http_client_is_cancelled(slow_server):
         s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n"
                   b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
         time.sleep(0.3)
-    time.sleep(4.0)
-    after = httpx.get(slow_server.url + "/metrics", timeout=10).text
+
 
     def cancelled(text: str) -> float:
         for line in text.splitlines():
@@ -206,6 +209,12 @@ def test_vanished_http_client_is_cancelled(slow_server):
                     and "/v1/embeddings" in line:
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        after = httpx.get(slow_server.url + "/metrics", timeout=10).text
+        if cancelled(after) > cancelled(before):
+            break
+        time.sleep(0.2)
     assert cancelled(after) == cancelled(before) + 1
     log = slow_server.log()
     assert "client disconnected" in log
