@@ -13,7 +13,8 @@ watch. A replica runs in one of two ways:
   so it validates requests with floe/validate.py and tokenizes strings itself.
 
 A start-up failure prints one line ``floe.replica: error: ...`` to stderr and exits 2 for a
-ModelLoadError / ConfigError (1 for anything unexpected, with the traceback). SIGTERM (or SIGINT,
+ModelLoadError / ConfigError (1 for anything unexpected, with the traceback, and for a managed
+replica whose address is busy: that may change on a restart). SIGTERM (or SIGINT,
 or the death of the parent): health turns NOT_SERVING, new requests get UNAVAILABLE, in-flight
 ones finish within the drain timeout, exit 0.
 """
@@ -97,6 +98,10 @@ def runtime_from_args(args: argparse.Namespace) -> Runtime:
     return Runtime(settings=settings, address=address, replica_id=args.replica_id,
                    parent_pid=args.parent_pid, token=settings.server.api_key, threads=args.threads,
                    gpu_memory_fraction=args.gpu_memory_fraction, managed=False)
+
+
+class AddressBusyError(Exception):
+    """A managed replica could not bind its address (exit 1: its supervisor retries)."""
 
 
 class ReplicaBackend:
@@ -247,8 +252,15 @@ async def serve(rt: Runtime, engine, tokenizers) -> int:
         limit = max(limit, settings.server.max_client_batch_size * engine.spec.max_seq_length * 4
                     + (1 << 20))
     backend = ReplicaBackend(core, tokenizers, settings, address=rt.address, trusted=rt.managed)
-    server, health, ports = await start_server(backend, [rt.address], receive_limit=limit,
-                                               api_key=rt.token)
+    try:
+        server, health, ports = await start_server(backend, [rt.address], receive_limit=limit,
+                                                   api_key=rt.token)
+    except ConfigError as e:
+        if rt.managed:
+            # A busy address may be freed: not the "bad configuration" exit (2) the supervisor
+            # gives up on at once, but a failed start counted towards the crash-loop cap.
+            raise AddressBusyError(str(e)) from None
+        raise
     address = rt.address
     if ports and ports[0]:
         host = rt.address.rsplit(":", 1)[0]
@@ -304,6 +316,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, ModelLoadError) as e:
         print(f"floe.replica: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except AddressBusyError as e:
+        print(f"floe.replica: error: {e}", file=sys.stderr, flush=True)
+        return 1
     except Exception as e:  # noqa: BLE001 - report, with the traceback, and exit non-zero
         log.exception("replica failed")
         print(f"floe.replica: error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)

@@ -1,9 +1,11 @@
 """ReplicaManager in-process over real `python -m floe.replica` processes (fake engine).
 
 Balancing, failover with zero lost requests, restart, crash-loop give-up, drain, health-probe kill.
+Replicas listen on Unix sockets (the default) unless a test asks for --replica-transport tcp.
 """
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -15,9 +17,10 @@ import pytest
 from floe.config import settings_from
 from floe.engine.fake import FakeEngine
 from floe.errors import UnavailableError
+from floe.frontend.admission import Admission
 from floe.models import load_spec
 from floe.protocol import EncodeOptions, TokenBatch
-from floe.router.manager import ReplicaManager, ReplicaStartError
+from floe.replicas.manager import ReplicaManager, ReplicaStartError
 
 pytestmark = pytest.mark.slow
 
@@ -43,6 +46,8 @@ def _free(port: int) -> bool:
 
 
 def make_settings(**replicas):
+    """Replicas get the whole settings tree: fake_seconds_per_batch / fake_seconds_per_token make
+    the fake engine slow enough to overlap requests."""
     base = dict(num_replicas=2, engine="fake", start_port=free_port_range(2), health_interval=0.2,
                 startup_timeout=60.0, forward_timeout=10.0)
     base.update(replicas)
@@ -52,13 +57,9 @@ def make_settings(**replicas):
 
 @pytest.fixture
 def fake_env(monkeypatch):
-    """Replicas inherit the environment: make the fake engine slow enough to overlap requests."""
-    def set_(seconds_per_batch=0.0, seconds_per_token=0.0):
-        monkeypatch.setenv("FLOE_FAKE_SECONDS_PER_BATCH", str(seconds_per_batch))
-        monkeypatch.setenv("FLOE_FAKE_SECONDS_PER_TOKEN", str(seconds_per_token))
+    """Replicas inherit the environment, but their settings come from the launch, not from it."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    set_()
-    return set_
+    monkeypatch.setenv("FLOE_FAKE_SECONDS_PER_BATCH", "5")  # must not reach a managed replica
 
 
 async def started(settings):
@@ -66,7 +67,7 @@ async def started(settings):
     m = ReplicaManager(settings, spec)
     await m.start()
     deadline = time.monotonic() + 60
-    while not all(r.healthy for r in m.replicas):
+    while not all(r.healthy for r in m.slots):
         assert time.monotonic() < deadline, m.status()
         await asyncio.sleep(0.05)
     return m, spec
@@ -78,7 +79,7 @@ def tokens(k: int, n_items: int = 1, length: int = 8) -> TokenBatch:
 
 
 def completed(m):
-    return [r.client.completed if r.client else 0 for r in m.replicas]
+    return [r.client.completed if r.client else 0 for r in m.slots]
 
 
 @pytest.mark.parametrize("policy", ["round_robin", "least_loaded", "random"])
@@ -107,28 +108,27 @@ async def test_policy_distribution(fake_env, policy):
 
 
 async def test_least_loaded_avoids_the_busy_replica(fake_env):
-    fake_env(seconds_per_token=0.0005)  # a 4000-token request takes ~2 s
-    m, _ = await started(make_settings(load_balancing="least_loaded"))
+    # a 4000-token request takes ~2 s
+    m, _ = await started(make_settings(load_balancing="least_loaded", fake_seconds_per_token=0.0005))
     try:
         big = asyncio.create_task(m.encode(tokens(0, n_items=16, length=250), EncodeOptions(), "big"))
         await asyncio.sleep(0.1)
-        busy = next(r.index for r in m.replicas if r.client.in_flight_tokens)
+        busy = next(r.index for r in m.slots if r.client.in_flight_tokens)
         for k in range(10):
             await m.encode(tokens(k, length=4), EncodeOptions(), f"s{k}")
         counts = completed(m)
         assert counts[busy] == 0 and counts[1 - busy] == 10, counts
         await big
-        assert [r.client.in_flight_tokens for r in m.replicas] == [0, 0]
+        assert [r.client.in_flight_tokens for r in m.slots] == [0, 0]
     finally:
         await m.stop()
 
 
 async def test_sigkill_replica_mid_load_loses_nothing_and_it_comes_back(fake_env):
-    fake_env(seconds_per_batch=0.005)
-    m, spec = await started(make_settings(load_balancing="round_robin"))
+    m, spec = await started(make_settings(load_balancing="round_robin", fake_seconds_per_batch=0.005))
     try:
         engine = FakeEngine(spec)
-        victim = m.replicas[0]
+        victim = m.slots[0]
         old_pid = victim.proc.pid
         sem = asyncio.Semaphore(16)
         done = 0
@@ -164,24 +164,28 @@ async def test_sigkill_replica_mid_load_loses_nothing_and_it_comes_back(fake_env
 
 
 async def test_busy_port_crash_loops_then_given_up(fake_env):
-    s = make_settings(max_restarts=2, restart_window=60.0)
+    # --replica-transport tcp: replica i binds replica_host:start_port + i (no SO_REUSEPORT)
+    s = make_settings(max_restarts=2, restart_window=60.0, replica_transport="tcp")
+    port = s.replicas.start_port + 1
     blocker = socket.socket()
-    blocker.bind(("127.0.0.1", s.replicas.start_port + 1))
+    blocker.bind(("127.0.0.1", port))
     blocker.listen()
     m = ReplicaManager(s, load_spec(s.model))
     try:
         await m.start()  # replica 0 is enough
-        deadline = time.monotonic() + 20
-        while m.replicas[1].state != "failed":
+        deadline = time.monotonic() + 60
+        while m.slots[1].state != "failed":
             assert time.monotonic() < deadline, m.status()
             await asyncio.sleep(0.05)
         st = m.status()
         r1 = st["replicas"][1]
         assert r1["restarts"] == 2 and not r1["healthy"]
-        assert "crash-looped" in r1["message"] and "already in use" in r1["message"]
+        assert "crash-looped" in r1["message"], r1
+        assert f"cannot bind 127.0.0.1:{port}" in r1["message"], r1
         assert st["ready"] and st["healthy_replicas"] == 1
         info = (await m.replica_infos())[1]
-        assert not info.healthy and "already in use" in info.status_message
+        assert not info.healthy and f"cannot bind 127.0.0.1:{port}" in info.status_message
+        assert info.address == ""  # internal addresses are never shown
         r = await m.encode(tokens(1), EncodeOptions(), "x")
         assert r.n == 1
     finally:
@@ -206,45 +210,83 @@ async def test_bad_model_path_is_given_up_with_the_reason(fake_env, tmp_path):
 
 
 async def test_drain_finishes_in_flight_then_stops_replicas(fake_env):
-    fake_env(seconds_per_batch=0.3)
-    m, _ = await started(make_settings())
-    procs = [r.proc for r in m.replicas]
-    tasks = [asyncio.create_task(m.encode(tokens(k), EncodeOptions(), f"d{k}")) for k in range(8)]
+    """The front end's drain (floe/frontend/admission.py), then manager.stop(), as floe serve does."""
+    m, _ = await started(make_settings(fake_seconds_per_batch=0.3))
+    admission = Admission(100, m.ready)
+    procs = [r.proc for r in m.slots]
+
+    async def request(k):
+        with admission.admitted():
+            return await m.encode(tokens(k), EncodeOptions(), f"d{k}")
+
+    tasks = [asyncio.create_task(request(k)) for k in range(8)]
     await asyncio.sleep(0.1)
-    drain = asyncio.create_task(m.drain(timeout=20))
+    assert admission.in_flight == 8
+
+    async def drain_then_stop():
+        assert await admission.drain(timeout=20)
+        await m.stop()
+
+    drain = asyncio.create_task(drain_then_stop())
     await asyncio.sleep(0.05)
-    assert not m.ready()
     with pytest.raises(UnavailableError, match="draining"):
-        await m.encode(tokens(99), EncodeOptions(), "late")
+        await request(99)
     results = await asyncio.gather(*tasks)
     assert all(r.n == 1 for r in results)
     await asyncio.wait_for(drain, 30)
+    assert not m.ready()
     assert all(p.returncode is not None for p in procs)
-    assert all(r.state == "stopped" for r in m.replicas)
+    assert all(r.state == "stopped" for r in m.slots)
 
 
-async def test_hung_replica_is_killed_by_probes_and_requests_fail_over(fake_env):
+async def test_stop_lets_each_replica_drain_its_in_flight_work(fake_env):
+    m, _ = await started(make_settings(fake_seconds_per_batch=0.3))
+    procs = [r.proc for r in m.slots]
+    tasks = [asyncio.create_task(m.encode(tokens(k), EncodeOptions(), f"s{k}")) for k in range(4)]
+    await asyncio.sleep(0.1)
+    await asyncio.wait_for(m.stop(), 30)
+    assert all(p.returncode == 0 for p in procs)  # SIGTERM: drained and exited cleanly
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(not isinstance(r, BaseException) and r.n == 1 for r in results), results
+
+
+async def test_hung_replica_times_out_with_503_not_retried_and_probes_kill_it(fake_env):
     m, _ = await started(make_settings(forward_timeout=1.5, load_balancing="round_robin"))
     try:
-        victim = m.replicas[1]
+        victim = m.slots[1]
         pid = victim.proc.pid
         os.kill(pid, signal.SIGSTOP)  # alive but answering nothing
         results = await asyncio.gather(*(m.encode(tokens(k), EncodeOptions(), f"h{k}")
-                                         for k in range(6)))
-        assert all(r.n == 1 for r in results)
+                                         for k in range(6)), return_exceptions=True)
+        # round robin: half went to the hung replica. A timeout is the server being busy, not the
+        # replica being dead: 503 with Retry-After, not retried (that would double the load).
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert len(failed) == 3, results
+        for e in failed:
+            assert isinstance(e, UnavailableError) and e.retry_after, repr(e)
+            assert "did not answer within 1.5 s" in e.message
+            assert "unix:" not in e.message and "replica-" not in e.message  # no internal address
+        assert all(r.n == 1 for r in results if not isinstance(r, BaseException))
+        assert m.router.retried == 0 and m.router.failed_retries == 0
+        # the health probes find the replica hung, kill it, and it is restarted
         deadline = time.monotonic() + 30
         while not (victim.healthy and victim.proc.pid != pid):
             assert time.monotonic() < deadline, m.status()
             await asyncio.sleep(0.05)
         assert victim.restarts == 1
+        results = await asyncio.gather(*(m.encode(tokens(k), EncodeOptions(), f"a{k}")
+                                         for k in range(4)))
+        assert all(r.n == 1 for r in results)
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
         await m.stop()
 
 
 async def test_no_healthy_replica_is_unavailable(fake_env):
     m, _ = await started(make_settings(num_replicas=1, max_restarts=0))
     try:
-        proc = m.replicas[0].proc
+        proc = m.slots[0].proc
         proc.kill()
         await proc.wait()
         deadline = time.monotonic() + 5
