@@ -1,30 +1,47 @@
-"""Model runners. ``create_engine`` picks one; the torch backend is imported only when asked for,
-so the fake engine (API, client and load tests) never pays for importing torch."""
+"""Model runners. ``create_engine`` picks one (``choice.choose_engine``); each backend is imported
+only when asked for, so the fake engine (API, client and load tests) never pays for importing
+torch, and the OpenVINO engine with a cached graph does not either."""
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 from floe.engine.base import Engine
-from floe.errors import ConfigError
+from floe.engine.choice import EngineChoice, choose_engine
 from floe.models.spec import ModelSpec
 
-__all__ = ["Engine", "create_engine"]
+__all__ = ["Engine", "EngineChoice", "choose_engine", "create_engine"]
+
+log = logging.getLogger(__name__)
 
 
-def create_engine(spec: ModelSpec, kind: str = "torch", device: str = "auto", dtype: str = "auto",
-                  threads: Optional[int] = None) -> Engine:
-    """Builds the engine for ``spec``: "torch" (the real model) or "fake" (deterministic stand-in).
+def create_engine(spec: ModelSpec, kind: str = "auto", device: str = "auto", dtype: str = "auto",
+                  threads: Optional[int] = None, cache_dir: Optional[str] = None) -> Engine:
+    """Builds the engine for ``spec``: "auto", "torch", "openvino" or "fake".
+
+    ``auto`` logs which backend it picked and why. When OpenVINO cannot convert the model (or the
+    conversion differs from the torch model), the replica falls back to torch with a WARNING.
+    ``cache_dir`` holds converted models (default: ``openvino_engine.default_cache_dir()``).
 
     Raises ConfigError for an unknown kind or an impossible device/dtype, ModelLoadError when the
     weights cannot be loaded.
     """
-    if kind == "fake":
+    choice = choose_engine(kind, spec, device, dtype)
+    if kind == "auto":
+        log.info("engine: %s (%s)", choice.kind, choice.reason)
+    if choice.kind == "fake":
         from floe.engine.fake import FakeEngine
 
         return FakeEngine(spec)
-    if kind == "torch":
-        from floe.engine.torch_engine import TorchEngine
+    if choice.kind == "openvino":
+        from floe.engine.openvino_engine import ConversionError, OpenVINOEngine
 
-        return TorchEngine(spec, device=device, dtype=dtype, threads=threads)
-    raise ConfigError(f"unknown engine {kind!r} (expected torch or fake)")
+        try:
+            return OpenVINOEngine(spec, dtype=dtype, threads=threads, cache_dir=cache_dir)
+        except ConversionError as exc:
+            log.warning("engine: OpenVINO cannot run %s (%s): falling back to the torch engine",
+                        spec.name, exc)
+    from floe.engine.torch_engine import TorchEngine
+
+    return TorchEngine(spec, device=device, dtype=dtype, threads=threads)

@@ -20,6 +20,7 @@ class Engine(abc.ABC):
     spec: ModelSpec
     dtype: str      # "float32" | "bfloat16" | "float16"
     device: str     # "cpu" | "cuda:0" ...
+    backend: str = ""  # "torch" | "openvino" | "fake": what runs the forward pass
 
     @abc.abstractmethod
     def prepare(self, sequences: Sequence[np.ndarray]) -> Any:

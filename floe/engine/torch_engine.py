@@ -19,30 +19,13 @@ import numpy as np
 import torch
 
 from floe.engine.base import Engine
+from floe.engine.hardware import cpu_flags, cpu_has_fast_bf16  # noqa: F401  (re-exported)
 from floe.errors import ConfigError, ModelLoadError
 from floe.models.spec import DenseSpec, ModelSpec
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cpu_flags() -> set[str]:
-    """CPU feature flags from /proc/cpuinfo (empty where it does not exist)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_has_fast_bf16(flags: Optional[set[str]] = None) -> bool:
-    """True on CPUs with bf16 matmul instructions (Intel AMX, or avx512_bf16 on Intel/AMD)."""
-    flags = cpu_flags() if flags is None else flags
-    return bool({"amx_bf16", "avx512_bf16"} & flags)
 
 
 def pick_device_and_dtype(device: str, dtype: str, spec: Optional[ModelSpec] = None,
@@ -154,6 +137,8 @@ class Prepared:
 
 class TorchEngine(Engine):
     """Runs one model folder (described by ``spec``) with transformers' AutoModel."""
+
+    backend = "torch"
 
     def __init__(self, spec: ModelSpec, device: str = "auto", dtype: str = "auto",
                  threads: Optional[int] = None) -> None:

@@ -1,0 +1,96 @@
+"""Which backend runs a model: ``--engine auto|torch|openvino|fake`` resolved against the device,
+the dtype and the model's architecture.
+
+``auto`` picks OpenVINO on CPU for the architectures whose conversion has been verified against
+sentence-transformers (``OPENVINO_MODEL_TYPES``; tests/integration/test_openvino_engine.py checks
+each), and torch everywhere else: on GPUs, for float16, for any other architecture. The choice
+never imports torch when no GPU driver is present (a CPU machine), so a replica that runs a cached
+OpenVINO model does not pay for importing torch at all.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from floe.errors import ConfigError
+from floe.models.spec import ModelSpec
+
+# config.json model_type values whose OpenVINO conversion equals sentence-transformers (cosine
+# >= 0.99999 in f32, >= 0.999 in bf16, batched equals alone): each has a stand-in in
+# tests/fixtures and a parity test in tests/integration/test_openvino_engine.py.
+OPENVINO_MODEL_TYPES = frozenset({
+    "bert",          # all-MiniLM, BGE, arctic-embed-m/s, E5, GTE-base ...
+    "xlm-roberta",   # bge-m3, multilingual-e5, arctic-embed-l-v2
+    "gemma3_text",   # embeddinggemma-300m
+    "qwen3",         # Qwen3-Embedding
+    "modernbert",    # modernbert-embed, gte-modernbert
+})
+
+KINDS = ("auto", "torch", "openvino", "fake")
+
+# Device nodes a GPU driver creates (NVIDIA CUDA, AMD ROCm). Without any of them no GPU can be
+# used, which settles "auto" without importing torch.
+_GPU_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    kind: str     # "torch" | "openvino" | "fake"
+    reason: str   # one line for the log and for `floe info`
+
+
+def gpu_available() -> bool:
+    """True when torch can use a GPU here; imports torch only where a GPU driver is present."""
+    if not any(os.path.exists(p) for p in _GPU_NODES):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def openvino_installed() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+def choose_engine(kind: str, spec: ModelSpec, device: str = "auto", dtype: str = "auto", *,
+                  gpu: Optional[Callable[[], bool]] = None,
+                  have_openvino: Optional[Callable[[], bool]] = None) -> EngineChoice:
+    """Resolves ``kind`` for ``spec`` on ``device`` at ``dtype``.
+
+    ``gpu`` and ``have_openvino`` stand in for the machine in tests. Raises ConfigError for an
+    unknown kind and for ``openvino`` where it cannot run (a GPU device, float16).
+    """
+    gpu = gpu_available if gpu is None else gpu
+    have_openvino = openvino_installed if have_openvino is None else have_openvino
+    if kind not in KINDS:
+        raise ConfigError(f"unknown engine {kind!r} (expected one of {', '.join(KINDS)})")
+    if kind in ("torch", "fake"):
+        return EngineChoice(kind, f"--engine {kind}")
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise ConfigError(f"--device {device!r} is not one of auto, cpu, cuda")
+    on_cpu = device == "cpu" or (device == "auto" and not gpu())
+    if kind == "openvino":
+        if not on_cpu:
+            raise ConfigError(f"--engine openvino runs on the CPU; use --device cpu or --engine torch "
+                              f"for --device {device}")
+        if dtype == "float16":
+            raise ConfigError("--engine openvino runs bfloat16 or float32 on the CPU; "
+                              "use --dtype bfloat16, float32 or auto")
+        if not have_openvino():
+            raise ConfigError("--engine openvino needs the openvino package (pip install openvino)")
+        return EngineChoice("openvino", "--engine openvino")
+    if not on_cpu:
+        return EngineChoice("torch", "auto: a GPU is present, and GPUs run the torch engine")
+    if dtype == "float16":
+        return EngineChoice("torch", "auto: float16 on the CPU is run by the torch engine only")
+    if spec.model_type not in OPENVINO_MODEL_TYPES:
+        return EngineChoice("torch", f"auto: OpenVINO conversion is not verified for model_type "
+                                     f"{spec.model_type!r} (verified: "
+                                     f"{', '.join(sorted(OPENVINO_MODEL_TYPES))})")
+    if not have_openvino():
+        return EngineChoice("torch", "auto: the openvino package is not installed")
+    return EngineChoice("openvino", f"auto: CPU, and OpenVINO conversion is verified for "
+                                    f"{spec.model_type}")

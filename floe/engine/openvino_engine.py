@@ -1,0 +1,389 @@
+"""The OpenVINO engine: the model converted once to an OpenVINO graph, run on the CPU.
+
+Conversion builds the same torch pipeline the torch engine runs (AutoModel backbone, pooling,
+Dense: ``TorchEngine``'s own code, in float32) and hands it to ``openvino.convert_model`` with
+dynamic batch and sequence dimensions. Pooling and Dense are part of the graph, so a forward pass
+returns (n, dim) rather than (n, length, hidden): less to copy out, and the pooling runs in the
+same optimised graph. The inputs are ``input_ids`` and ``attention_mask`` (int64, right padded);
+whatever else an architecture needs (token type ids, position ids) is derived inside the graph.
+
+Before it is used, a fresh conversion is checked against the torch pipeline on a padded probe
+batch of other shapes than the one traced, so a conversion that baked in a shape or dropped the
+mask is refused instead of served (``ConversionError``; ``create_engine`` then falls back to
+torch).
+
+The converted graph is cached on disk (``openvino.save_model``: XML + BIN, float32 weights) under
+``<cache dir>/openvino/<key>/``, the key hashing the model folder's files (names, sizes, mtimes),
+the pipeline options (pooling, Dense), and the OpenVINO, transformers and torch versions. It is
+written to a temporary folder and renamed into place, under a per-key file lock, so replicas that
+start together convert once and never read a half-written model. A start that finds the cache
+imports neither torch nor transformers. The compiled form (precision- and thread-specific) is
+cached by OpenVINO itself in ``<cache dir>/openvino/compiled``.
+
+Precision: the ``INFERENCE_PRECISION_HINT`` is bf16 on CPUs with AMX or avx512_bf16 (read from
+/proc/cpuinfo flags) and f32 elsewhere or when float32 is asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+
+from floe.engine.base import Engine
+from floe.engine.hardware import cpu_has_fast_bf16
+from floe.errors import ConfigError
+from floe.models.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1          # bump when the graph floe builds changes
+ENV_CACHE_DIR = "FLOE_ENGINE_CACHE_DIR"
+_INPUTS = ("input_ids", "attention_mask")
+_PRECISION = {"bfloat16": "bf16", "float32": "f32"}
+_PROBE_MIN_COSINE = {"float32": 0.9999, "bfloat16": 0.999}
+
+
+class ConversionError(RuntimeError):
+    """The model could not be converted to OpenVINO, or the result differs from the torch model."""
+
+
+# --- where and under which key ------------------------------------------------------------------
+
+def default_cache_dir(env: Optional[dict[str, str]] = None) -> str:
+    """$FLOE_ENGINE_CACHE_DIR, else $XDG_CACHE_HOME/floe, else ~/.cache/floe."""
+    env = os.environ if env is None else env
+    if env.get(ENV_CACHE_DIR):
+        return env[ENV_CACHE_DIR]
+    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "floe")
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def _folder_files(spec: ModelSpec) -> list[tuple[str, int, int]]:
+    """(path relative to the model folder, size, mtime_ns) of every file the pipeline reads from."""
+    roots = sorted({os.path.realpath(p) for p in (spec.path, spec.backbone_path, *(d.path for d in spec.dense))})
+    base = os.path.realpath(spec.path)
+    out: set[tuple[str, int, int]] = set()
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                full = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(full)
+                except OSError:
+                    continue
+                out.add((os.path.relpath(full, base), st.st_size, st.st_mtime_ns))
+    return sorted(out)
+
+
+def cache_key(spec: ModelSpec, versions: Optional[dict[str, str]] = None) -> str:
+    """Hex key of the converted graph: model files, pipeline options and library versions.
+
+    The inference precision is not part of it: the graph is stored in float32 and the precision is
+    a compile-time hint (OpenVINO's compiled-model cache, keyed by its own hash of the graph and
+    the compile options, holds the precision-specific form).
+    """
+    if versions is None:
+        versions = {d: _version(d) for d in ("openvino", "transformers", "torch")}
+    parts = {
+        "format": CACHE_FORMAT,
+        "versions": versions,
+        "files": _folder_files(spec),
+        "architecture": spec.architecture,
+        "pooling": spec.pooling,
+        "dense": [[d.in_features, d.out_features, d.bias, d.activation, d.use_residual] for d in spec.dense],
+        "pad_token_id": spec.pad_token_id,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def openvino_dir(cache_dir: Optional[str] = None) -> str:
+    return os.path.join(cache_dir or default_cache_dir(), "openvino")
+
+
+def cached_state(spec: ModelSpec, cache_dir: Optional[str] = None) -> tuple[str, str]:
+    """("converted" | "failed" | "absent", detail) for ``spec`` in the cache (for `floe info`)."""
+    root, key = openvino_dir(cache_dir), cache_key(spec)
+    if os.path.isfile(os.path.join(root, key, "model.xml")):
+        return "converted", os.path.join(root, key)
+    failed = _read_failure(root, key)
+    if failed is not None:
+        return "failed", failed
+    return "absent", os.path.join(root, key)
+
+
+def _read_failure(root: str, key: str) -> Optional[str]:
+    try:
+        with open(os.path.join(root, key + ".failed"), encoding="utf-8") as f:
+            return f.read().strip() or "conversion failed"
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (a process that dies releases it)."""
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# --- conversion ---------------------------------------------------------------------------------
+
+def _sliding_window(spec: ModelSpec) -> int:
+    """The attention window of a model with sliding-window layers (0 if it has none)."""
+    try:
+        with open(os.path.join(spec.backbone_path, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return 0
+    config = config.get("text_config", config)
+    if "sliding_attention" in (config.get("layer_types") or []):
+        return int(config.get("sliding_window") or 0)
+    return 0
+
+
+def _batch(spec: ModelSpec, lengths: Sequence[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded random in-vocabulary ids and their mask."""
+    rng = np.random.default_rng(seed)
+    width = max(lengths)
+    low = min(5, spec.vocab_size - 1)
+    ids = np.full((len(lengths), width), spec.pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(lengths), width), dtype=np.int64)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = rng.integers(low, spec.vocab_size, n)
+        mask[i, :n] = 1
+    return ids, mask
+
+
+def _trace_lengths(spec: ModelSpec) -> tuple[list[int], list[int]]:
+    """Row lengths of the traced example and of the probe: padded, of different widths, and
+    longer than the sliding window where there is one (so the windowed mask is what gets traced)."""
+    window = _sliding_window(spec)
+    cap = spec.max_seq_length
+    trace = min(cap, max(16, window + 4))
+    probe = min(cap, max(29, window + 11))
+    return [trace, max(1, trace - 5)], [probe, min(3, probe), max(1, probe - 7)]
+
+
+def _convert(spec: ModelSpec, threads: Optional[int]) -> tuple[Any, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The torch pipeline converted to an ov.Model, plus a probe batch and its torch output."""
+    import openvino as ov
+    import torch
+
+    from floe.engine.torch_engine import Prepared, TorchEngine
+
+    source = TorchEngine(spec, device="cpu", dtype="float32", threads=threads)
+
+    class Pipeline(torch.nn.Module):
+        """(input_ids, attention_mask) -> pooled, Dense-projected float32 rows."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = source.model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            batch = Prepared(input_ids, attention_mask, attention_mask.sum(dim=1), uniform=False)
+            pooled = source._pool(source._forward(batch), batch)
+            for layer in source._dense:
+                pooled = layer(pooled)
+            return pooled.float()
+
+    pipeline = Pipeline().eval()
+    trace_lengths, probe_lengths = _trace_lengths(spec)
+    ids, mask = _batch(spec, trace_lengths, seed=0)
+    probe_ids, probe_mask = _batch(spec, probe_lengths, seed=1)
+    with torch.no_grad():
+        try:
+            model = ov.convert_model(pipeline, example_input={"input_ids": torch.from_numpy(ids),
+                                                               "attention_mask": torch.from_numpy(mask)})
+        except Exception as exc:  # the converter raises many kinds; all mean "does not convert"
+            raise ConversionError(f"openvino.convert_model failed: {type(exc).__name__}: "
+                                  f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from exc
+        want = pipeline(torch.from_numpy(probe_ids), torch.from_numpy(probe_mask)).numpy()
+    names = [port.get_any_name() for port in model.inputs]
+    if sorted(names) != sorted(_INPUTS):
+        raise ConversionError(f"converted graph has inputs {names}, expected {list(_INPUTS)}")
+    model.reshape({name: ov.PartialShape([-1, -1]) for name in _INPUTS})
+    del pipeline, source
+    return model, (probe_ids, probe_mask, want)
+
+
+# --- the engine ---------------------------------------------------------------------------------
+
+class Prepared:
+    """A right-padded batch: what ``run`` consumes."""
+
+    __slots__ = ("input_ids", "attention_mask")
+
+    def __init__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
+        self.input_ids = input_ids
+        self.attention_mask = attention_mask
+
+
+def pick_precision(dtype: str, flags: Optional[set[str]] = None) -> str:
+    """The engine dtype ("bfloat16" | "float32") for a requested --dtype on this CPU."""
+    if dtype == "auto":
+        return "bfloat16" if cpu_has_fast_bf16(flags) else "float32"
+    if dtype in _PRECISION:
+        if dtype == "bfloat16" and not cpu_has_fast_bf16(flags):
+            log.warning("bfloat16 on a CPU without AMX/avx512_bf16 runs emulated and is slow")
+        return dtype
+    raise ConfigError(f"--dtype {dtype!r}: the OpenVINO engine runs bfloat16 or float32 "
+                      "(use --engine torch for float16)")
+
+
+class OpenVINOEngine(Engine):
+    """Runs ``spec`` converted to OpenVINO on the CPU with ``threads`` threads."""
+
+    backend = "openvino"
+
+    def __init__(self, spec: ModelSpec, dtype: str = "auto", threads: Optional[int] = None,
+                 cache_dir: Optional[str] = None) -> None:
+        import openvino as ov
+
+        self.spec = spec
+        self.device = "cpu"
+        self.dtype = pick_precision(dtype)
+        self.threads = int(threads) if threads else len(os.sched_getaffinity(0))
+        self.cache_dir = cache_dir or default_cache_dir()
+        self.converted = False  # True when this construction converted (no cache hit)
+        self._lock = threading.Lock()
+        root = openvino_dir(self.cache_dir)
+        os.makedirs(root, exist_ok=True)
+        key = cache_key(spec)
+        self.model_dir = os.path.join(root, key)
+        failure = _read_failure(root, key)
+        if failure is not None:
+            raise ConversionError(f"{failure} (recorded in {root}/{key}.failed; delete it to retry)")
+
+        self._core = ov.Core()
+        self._core.set_property("CPU", {"CACHE_DIR": os.path.join(root, "compiled")})
+        self._config = {
+            "INFERENCE_PRECISION_HINT": _PRECISION[self.dtype],
+            "INFERENCE_NUM_THREADS": self.threads,
+            "NUM_STREAMS": 1,
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        xml = os.path.join(self.model_dir, "model.xml")
+        with _locked(os.path.join(root, key + ".lock")):
+            if os.path.isfile(xml):
+                self._compile(xml)
+            else:
+                failure = _read_failure(root, key)  # another replica may have just failed
+                if failure is not None:
+                    raise ConversionError(failure)
+                self._convert_check_save(root, key)
+        actual = str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
+        if actual.endswith("f32") or actual == "float32":
+            self.dtype = "float32"  # a CPU that cannot run the bf16 hint runs f32
+        log.info("OpenVINO engine: %s %s on cpu in %s, %d threads (%s pooling, dim %d; graph %s)",
+                 spec.name, "converted" if self.converted else "loaded from the cache", self.dtype,
+                 self.threads, spec.pooling, spec.dim, self.model_dir)
+
+    def _compile(self, model: Any) -> None:
+        try:
+            self._compiled = self._core.compile_model(model, "CPU", self._config)
+        except RuntimeError as exc:
+            raise ConversionError(f"OpenVINO could not compile the converted graph: {str(exc)[:300]}") from exc
+        self._request = self._compiled.create_infer_request()
+
+    def _convert_check_save(self, root: str, key: str) -> None:
+        """Converts, compiles, checks the probe, then publishes the graph (caller holds the lock)."""
+        import openvino as ov
+
+        log.info("converting %s to OpenVINO (first start with these files; cached in %s)",
+                 self.spec.name, self.model_dir)
+        try:
+            model, probe = _convert(self.spec, self.threads)
+            self._compile(model)
+            self._check_probe(probe)
+        except ConversionError as exc:
+            self._record_failure(root, key, str(exc))
+            raise
+        tmp = tempfile.mkdtemp(prefix=f".{key}.", dir=root)
+        try:
+            ov.save_model(model, os.path.join(tmp, "model.xml"), compress_to_fp16=False)
+            with open(os.path.join(tmp, "floe.json"), "w", encoding="utf-8") as f:
+                json.dump({"model": self.spec.path, "architecture": self.spec.architecture,
+                           "pooling": self.spec.pooling, "format": CACHE_FORMAT,
+                           "openvino": _version("openvino")}, f, indent=1)
+            os.rename(tmp, self.model_dir)
+        except OSError:
+            if not os.path.isfile(os.path.join(self.model_dir, "model.xml")):
+                raise  # not "another process published it first": a real write error
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.converted = True
+
+    def _check_probe(self, probe) -> None:
+        """Refuses a conversion whose output differs from the torch pipeline's on the probe."""
+        ids, mask, want = probe
+        got = self.run(Prepared(ids, mask))
+        norms = np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1)
+        cos = (got * want).sum(1) / np.maximum(norms, 1e-30)
+        limit = _PROBE_MIN_COSINE[self.dtype]
+        if not np.isfinite(got).all() or cos.min() < limit:
+            raise ConversionError(f"the converted graph differs from the torch model on a probe batch "
+                                  f"(cosine {float(np.nan_to_num(cos).min()):.6f} < {limit})")
+
+    @staticmethod
+    def _record_failure(root: str, key: str, message: str) -> None:
+        try:
+            with open(os.path.join(root, key + ".failed"), "w", encoding="utf-8") as f:
+                f.write(message + "\n")
+        except OSError:
+            pass
+
+    # --- stages ------------------------------------------------------------------------------
+
+    def prepare(self, sequences: Sequence[np.ndarray]) -> Prepared:
+        """Right-pads int32 id arrays with the model's pad id into (n, longest) int64 arrays."""
+        n = len(sequences)
+        lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=n)
+        if n == 0 or lengths.min() <= 0:
+            raise ValueError("prepare() needs at least one sequence, each with at least one id")
+        width = int(lengths.max())
+        ids = np.full((n, width), self.spec.pad_token_id, dtype=np.int64)
+        for i, s in enumerate(sequences):
+            ids[i, : len(s)] = s
+        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        return Prepared(ids, mask)
+
+    def run(self, prepared: Prepared) -> np.ndarray:
+        """Forward, pool, Dense in one graph; returns (n, spec.dim) float32, not normalized."""
+        with self._lock:
+            self._request.infer({"input_ids": prepared.input_ids,
+                                 "attention_mask": prepared.attention_mask}, share_inputs=True)
+            return np.array(self._request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def warmup(self, max_batch_tokens: int) -> None:
+        """One forward at the full token budget (proves it fits), then a tiny one."""
+        seq = self.spec.max_seq_length
+        rows = max(1, int(max_batch_tokens) // seq)
+        filler = min(1000, self.spec.vocab_size - 1)
+        self.run(self.prepare([np.full(seq, filler, dtype=np.int32)] * rows))
+        self.run(self.prepare([np.full(min(8, seq), filler, dtype=np.int32)]))
