@@ -41,12 +41,9 @@ def _info(args: argparse.Namespace) -> int:
     from floe.models import describe, load_spec
 
     spec = load_spec(settings.model)
-    if settings.replicas.engine == "fake":
-        device, dtype = "cpu", "float32"
-    else:
-        from floe.engine.torch_engine import pick_device_and_dtype
-        device, dtype = pick_device_and_dtype(settings.model.device, settings.model.dtype, spec)
-    info = describe(spec, device, dtype)
+    r = settings.replicas
+    info = describe(spec, settings.model.device, settings.model.dtype, engine=r.engine,
+                    engine_cache_dir=r.engine_cache_dir)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -151,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model folder, 'default' or hub id (default: --model or the embedded model)")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_arguments(p, sections=("model",))
-    p.add_argument("--engine", dest="replicas.engine", default=None, choices=("torch", "fake"))
+    p.add_argument("--engine", dest="replicas.engine", default=None,
+                   choices=("auto", "torch", "openvino", "fake"))
     p.set_defaults(func=_info)
 
     p = sub.add_parser("embed", help="embed texts (arguments, --file or stdin) with a running server",

@@ -24,7 +24,7 @@ Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Balancing = Literal["round_robin", "random", "least_loaded"]
 GpuAssignment = Literal["dedicated", "shared"]
-EngineKind = Literal["torch", "fake"]
+EngineKind = Literal["auto", "torch", "openvino", "fake"]
 LogFormat = Literal["text", "json"]
 
 
@@ -135,7 +135,15 @@ class ReplicaSetSettings:
         4, "Threads per replica for tokenizing string requests sent to the replica directly."
     )
     engine: EngineKind = _knob(
-        "torch", "torch: the real model; fake: a deterministic stand-in for API and load tests."
+        "auto",
+        "auto: OpenVINO on the CPU for the architectures verified with it (floe info says which), "
+        "torch on GPUs and for everything else; torch: transformers in torch; openvino: the model "
+        "converted to OpenVINO (CPU only; falls back to torch when it does not convert); fake: a "
+        "deterministic stand-in for API and load tests."
+    )
+    engine_cache_dir: Optional[str] = _knob(
+        None, "Where converted models are cached (OpenVINO), so that later starts skip the "
+        "conversion (default: $XDG_CACHE_HOME/floe, else ~/.cache/floe)."
     )
     fake_seconds_per_token: float = _knob(
         0.0, "fake engine only: simulated compute time per padded token (load and failover tests).")

@@ -21,6 +21,8 @@ _TABLE_ROWS = 4096  # ids are folded onto a fixed table so memory stays small fo
 
 
 class FakeEngine(Engine):
+    backend = "fake"
+
     def __init__(self, spec: ModelSpec, seconds_per_token: float = 0.0,
                  seconds_per_batch: float = 0.0) -> None:
         self.spec = spec

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from floe.models.spec import ModelSpec
 
 
-def describe(spec: ModelSpec, device: str = "auto", dtype: str = "auto") -> dict[str, Any]:
-    """A JSON-ready summary of ``spec`` plus the device and dtype ``create_engine`` would pick.
+def describe(spec: ModelSpec, device: str = "auto", dtype: str = "auto", engine: str = "auto",
+             engine_cache_dir: Optional[str] = None) -> dict[str, Any]:
+    """A JSON-ready summary of ``spec`` plus the engine, device and dtype ``create_engine`` would
+    pick, and why that engine ("engine_reason"); for OpenVINO also whether the converted graph is
+    already cached, and a recorded conversion failure (the replica then runs torch).
 
     Picking the device imports torch (to ask for CUDA) but never loads the model. A device/dtype
     request that cannot be honoured is reported under "device_error" instead of raising, so that
@@ -40,6 +43,27 @@ def describe(spec: ModelSpec, device: str = "auto", dtype: str = "auto") -> dict
     from floe.errors import ConfigError
     from floe.engine.torch_engine import pick_device_and_dtype
 
+    from floe.engine.choice import choose_engine
+
+    try:
+        choice = choose_engine(engine, spec, device, dtype)
+        out["engine"], out["engine_reason"] = choice.kind, choice.reason
+    except ConfigError as exc:
+        out["engine"], out["engine_reason"] = engine, f"cannot run: {exc}"
+        choice = None
+    if choice is not None and choice.kind == "openvino":
+        from floe.engine.openvino_engine import cached_state
+
+        state, detail = cached_state(spec, engine_cache_dir)
+        if state == "failed":
+            out["engine"] = "torch"
+            out["engine_reason"] = f"OpenVINO conversion failed ({detail}); falling back to torch"
+        else:
+            out["engine_cache"] = (f"converted graph cached in {detail}" if state == "converted"
+                                   else f"converted at first start into {detail}")
+    if choice is not None and choice.kind == "fake":
+        out["device"], out["dtype"] = "cpu", "float32"
+        return out
     try:
         out["device"], out["dtype"] = pick_device_and_dtype(device, dtype, spec)
     except ConfigError as exc:

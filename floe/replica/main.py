@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--unix-socket", default=None, help="Bind this Unix socket path instead of a port.")
     g.add_argument("--workers", dest="replicas.workers", type=int, default=None, metavar="N",
                    help="Threads tokenizing string requests sent to this replica directly.")
-    g.add_argument("--engine", dest="replicas.engine", choices=("torch", "fake"), default=None,
-                   metavar="{torch,fake}", help="torch (the real model) or fake (deterministic stand-in). [default torch]")
+    g.add_argument("--engine", dest="replicas.engine", choices=("auto", "torch", "openvino", "fake"), default=None,
+                   metavar="{auto,torch,openvino,fake}", help="auto (OpenVINO on CPU where verified, else torch), torch, openvino or fake (deterministic stand-in). [default auto]")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for the engine.")
     g.add_argument("--replica-id", default="0", help="Name in logs, stats and GetReplicaInfo.")
     g.add_argument("--parent-pid", type=int, default=None,
