@@ -18,6 +18,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from tests.fixtures import tiny_models  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def engine_cache_dir(tmp_path_factory) -> str:
+    """One converted-model cache (OpenVINO) for the whole session, shared by in-process engines
+    and replica subprocesses (they inherit the variable): each model converts once per session."""
+    path = str(tmp_path_factory.mktemp("engine_cache"))
+    os.environ["FLOE_ENGINE_CACHE_DIR"] = path
+    return path
+
+
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     """The embedded all-MiniLM-L6-v2 folder (real weights)."""
