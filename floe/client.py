@@ -1,11 +1,48 @@
 """Python client for a floe server: HTTP or gRPC, sync (``Client``) or async (``AsyncClient``).
 
-Embeddings come back as an (n, dim) float32 numpy array decoded straight from the server's bytes
+Embeddings come back as an (n, dim) numpy array decoded straight from the server's bytes
 (gRPC: floe.v1.Embedder's embedding buffer; HTTP: /embed with ``Accept: application/octet-stream``),
 never through a list of Python floats. Server errors are raised as floe.errors types.
 
     with floe.Client("127.0.0.1:50050", protocol="grpc") as c:
         vectors = c.embed(["a query", "a document"])
+
+Bulk input
+    ``embed`` takes any number of inputs: it splits them into requests the server accepts (at most
+    ``max_batch_size`` inputs and about ``max_chunk_chars`` characters each), sends them one after
+    the other and returns one array in input order. ``iter_embed`` yields the array of each request
+    as it arrives, for input too large to hold twice in memory. The item limit is learned from the
+    server: over HTTP from ``GET /info`` (``max_client_batch_size``, asked once per client); over gRPC
+    the server does not report it (GetReplicaInfo describes replicas, not the front end's admission
+    limit), so it is ``max_batch_size``, default 2048 (the server's default ``--max-client-batch-size``):
+    pass the server's value when it was started with a smaller one.
+
+Retries
+    A request the server refused as overloaded (HTTP 429, gRPC RESOURCE_EXHAUSTED with kind
+    ``overloaded``) or unavailable (HTTP 503, gRPC UNAVAILABLE from a floe server: not ready,
+    draining) is sent again after the Retry-After the server named, within ``Retry``'s bounds (tries
+    per request and seconds of waiting). Nothing else is retried: not 400 or 413 (the same request
+    fails the same way), not a failure to connect (raised at once as UnavailableError with
+    ``retry_after`` None, so a wrong address fails fast). When the bounds run out the server's error
+    is raised, its ``retry_after`` still set.
+
+Errors
+    Every failure is a ``floe.errors.FloeError`` of the kind the server decided, the same over both
+    protocols: ``TooLargeError`` (413; too many inputs or an input too long), ``OverloadedError``
+    (429), ``UnavailableError`` (503 or unreachable), ``ValidationError`` (400), ``AuthError`` (401),
+    ``ModelNotFoundError`` (404) and so on. Over gRPC the kind comes from the ``floe-error-kind``
+    trailing metadata, never from message text.
+
+Output dtypes
+    ``output_dtype="float32"`` (default) returns float32; ``"float16"`` returns a float16 array
+    (over gRPC the server's own float16 bytes; over HTTP, which ships float32, the same
+    round-to-nearest-even cast done here). numpy has no bfloat16, so ``"bfloat16"`` returns a
+    float32 array whose values are exactly the bfloat16 values (the low 16 bits of every float are
+    zero): ``arr.view(np.uint32) >> 16`` gives the raw bfloat16 bits.
+
+Sync and async share everything but the I/O: each operation is written once as a generator (a
+"plan") that yields what to send (an HTTP request, an RPC, a pause) and receives the answer;
+``Client`` and ``AsyncClient`` only carry those steps out, blocking or awaited.
 
 ``python -m floe.client --prompt TEXT`` prints one embedding's dimension, norm and first values.
 """
@@ -13,26 +50,70 @@ never through a list of Python floats. Server errors are raised as floe.errors t
 from __future__ import annotations
 
 import argparse
+import asyncio
+import random
 import sys
+import time
 import uuid
-from typing import Any, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import (Any, AsyncIterator, Callable, Generator, Iterator, Optional, Sequence, Union)
 
 import numpy as np
 
 from floe import errors
-from floe.errors import FloeError
+from floe.errors import ErrorKind, FloeError
 from floe.protocol import EmbedResult, EncodeOptions, TokenBatch
 
 Inputs = Union[str, Sequence[str], Sequence[Sequence[int]]]
 
 DEFAULT_TIMEOUT = 60.0
+DEFAULT_MAX_BATCH_SIZE = 2048  # the server's default --max-client-batch-size
+# Keeps one HTTP body well under the server's default --payload-limit (16 MB) even for text that
+# takes 4 bytes a character in UTF-8; a token id is counted as 8 characters of JSON.
+DEFAULT_MAX_CHUNK_CHARS = 3_000_000
+_ID_CHARS = 8
 _MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _HTTP_KIND = {status: kind for kind, status in errors.HTTP_STATUS.items()}
-_KIND_CLASS = {cls.kind: cls for cls in (
-    errors.ValidationError, errors.AuthError, errors.ModelNotFoundError, errors.TooLargeError,
-    errors.UnsupportedMediaError, errors.OverloadedError, errors.UnavailableError,
-    errors.DeadlineError, errors.CancelledError, errors.InternalError)}
+_RETRIED = (ErrorKind.OVERLOADED, ErrorKind.UNAVAILABLE)
 
+
+@dataclass(frozen=True)
+class Retry:
+    """When a request refused as overloaded or unavailable is sent again.
+
+    ``attempts``: tries per request, the first included (1 = never retry). ``max_wait``: seconds
+    one request may spend waiting between its tries, all waits together; a Retry-After that would
+    pass it is not waited for (the error is raised at once). ``jitter``: each wait is the server's
+    Retry-After stretched by up to this fraction at random, so that clients refused together do not
+    come back together.
+    """
+
+    attempts: int = 5
+    max_wait: float = 60.0
+    jitter: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.max_wait < 0 or self.jitter < 0:
+            raise ValueError("Retry needs attempts >= 1, max_wait >= 0 and jitter >= 0")
+
+    def delay(self, err: FloeError, attempt: int, waited: float,
+              rand: Callable[[], float] = random.random) -> Optional[float]:
+        """Seconds to wait before try ``attempt + 1`` after ``err``, or None to give up.
+
+        Only an overloaded or unavailable answer that names a Retry-After is retried (a floe server
+        always names one; a connection failure has none)."""
+        if err.kind not in _RETRIED or err.retry_after is None or attempt >= self.attempts:
+            return None
+        wait = max(0.0, err.retry_after) * (1.0 + self.jitter * rand())
+        if waited + err.retry_after > self.max_wait:
+            return None
+        return min(wait, self.max_wait - waited)
+
+
+NO_RETRY = Retry(attempts=1)
+
+
+# --- input, options, chunks (pure) -------------------------------------------------------------
 
 def _split_inputs(inputs: Inputs) -> tuple[Optional[list[str]], Optional[list[list[int]]]]:
     """Texts or token-id lists; anything else is a ValidationError raised before any I/O."""
@@ -57,35 +138,120 @@ def _options(normalize, dimensions, prompt_name, truncate, output_dtype) -> Enco
                          truncate=truncate, output_dtype=output_dtype)
 
 
-def _http_body(texts, ids, o: EncodeOptions) -> dict:
-    body: dict[str, Any] = {"inputs": texts if texts is not None else ids}
-    for key in ("normalize", "truncate", "prompt_name", "dimensions"):
-        value = getattr(o, key)
-        if value is not None:
-            body[key] = value
-    return body
+def chunk_bounds(sizes: Sequence[int], max_items: int, max_chars: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) of consecutive chunks holding at most ``max_items`` items and, unless one
+    item alone is larger, at most ``max_chars`` of ``sizes`` together. Covers every item once, in
+    order."""
+    start, total = 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and (i - start >= max_items or total + size > max_chars):
+            yield start, i
+            start, total = i, 0
+        total += size
+    if start < len(sizes):
+        yield start, len(sizes)
+
+
+@dataclass
+class _Request:
+    """One embed call after validation: the inputs, the options, and the chunks they go out in."""
+
+    texts: Optional[list[str]]
+    ids: Optional[list[list[int]]]
+    options: EncodeOptions
+
+    @property
+    def n(self) -> int:
+        return len(self.texts if self.texts is not None else self.ids)
+
+    def chunks(self, max_items: int, max_chars: int) -> Iterator[tuple[Optional[list[str]],
+                                                                       Optional[list[list[int]]]]]:
+        if self.texts is not None:
+            sizes = [len(t) for t in self.texts]
+        else:
+            sizes = [_ID_CHARS * len(x) for x in self.ids]
+        for a, b in chunk_bounds(sizes, max_items, max_chars):
+            yield (self.texts[a:b] if self.texts is not None else None,
+                   self.ids[a:b] if self.ids is not None else None)
+
+
+# --- the steps a plan yields, and their answers ---------------------------------------------
+
+@dataclass(frozen=True)
+class _Http:
+    method: str
+    path: str
+    content: Optional[bytes] = None
+    headers: Optional[dict] = None
+
+
+@dataclass(frozen=True)
+class _Rpc:
+    method: str  # a floe.v1.Embedder method name
+    request: Any
+
+
+@dataclass(frozen=True)
+class _Sleep:
+    seconds: float
+
+
+Plan = Generator[Union[_Http, _Rpc, _Sleep], Any, Any]
 
 
 def _http_error(status: int, payload: Any, retry_after: Optional[str]) -> FloeError:
     message = f"HTTP {status}"
     if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
         message = str(payload["error"].get("message") or message)
-    cls = _KIND_CLASS.get(_HTTP_KIND.get(status, errors.ErrorKind.INTERNAL), errors.InternalError)
-    err = cls(message)
+    seconds = None
     if retry_after:
         try:
-            err.retry_after = float(retry_after)
+            seconds = float(retry_after)
         except ValueError:
-            pass
+            seconds = None
+    kind = _HTTP_KIND.get(status, ErrorKind.INTERNAL)
+    return errors.error_of_kind(kind, message, retry_after=seconds if kind in _RETRIED else None)
+
+
+def _check_http(r) -> None:
+    if r.status_code != 200:
+        raise _http_error(r.status_code, _json_or_none(r), r.headers.get("retry-after"))
+
+
+def _grpc_error(e) -> FloeError:
+    """The FloeError a failed RPC stands for. A status that names neither a kind nor a
+    Retry-After did not come from a floe server's handler (most often: the server cannot be
+    reached), so it carries no retry_after and is never retried."""
+    metadata = [(k, v) for k, v in (e.trailing_metadata() or ())]
+    err = errors.from_grpc_status(e.code().name, e.details() or "", metadata)
+    if not any(k in (errors.KIND_METADATA_KEY, errors.RETRY_AFTER_METADATA_KEY)
+               for k, _ in metadata):
+        err.retry_after = None
     return err
 
 
-def _http_array(content: bytes, headers, o: EncodeOptions) -> np.ndarray:
-    n, dim = int(headers["x-embedding-count"]), int(headers["x-embedding-dim"])
-    arr = np.frombuffer(content, dtype="<f4").reshape(n, dim)
-    if o.output_dtype != "float32":
+def _unreachable(target: str, e: BaseException) -> FloeError:
+    return errors.UnavailableError(f"cannot reach {target}: {e}", retry_after=None)
+
+
+def _http_body(texts, ids, o: EncodeOptions) -> bytes:
+    import orjson
+    body: dict[str, Any] = {"inputs": texts if texts is not None else ids}
+    for key in ("normalize", "truncate", "prompt_name", "dimensions"):
+        value = getattr(o, key)
+        if value is not None:
+            body[key] = value
+    return orjson.dumps(body)
+
+
+def _http_array(r, o: EncodeOptions) -> np.ndarray:
+    n, dim = int(r.headers["x-embedding-count"]), int(r.headers["x-embedding-dim"])
+    arr = np.frombuffer(r.content, dtype="<f4").reshape(n, dim)
+    if o.output_dtype == "float16":
+        return arr.astype(np.float16)  # round to nearest even, as the replica casts
+    if o.output_dtype == "bfloat16":
         # HTTP ships float32; apply the same round-to-nearest-even cast the replica would.
-        return EmbedResult.from_array(arr, o.output_dtype, np.zeros(n)).as_float32().copy()
+        return EmbedResult.from_array(arr, "bfloat16", np.zeros(n)).as_float32().copy()
     return arr.astype(np.float32, copy=True)
 
 
@@ -95,113 +261,230 @@ def _grpc_request(texts, ids, o: EncodeOptions):
     return request_to_proto(uuid.uuid4().hex, o, tokens=tokens, texts=texts)
 
 
-def _grpc_error(e) -> FloeError:
-    return errors.from_grpc_code(e.code().name, e.details() or "")
-
-
 def _grpc_array(reply) -> np.ndarray:
     from floe.protocol import result_from_proto
-    return result_from_proto(reply).as_float32().copy()
+    result = result_from_proto(reply)
+    if result.dtype == "float16":
+        return np.frombuffer(result.data, dtype="<f2").reshape(result.n, result.dim).astype(np.float16)
+    return result.as_float32().copy()
 
 
-def _target(url_or_address: str, protocol: Optional[str]) -> tuple[str, str]:
-    proto = protocol or ("http" if url_or_address.startswith(("http://", "https://")) else "grpc")
-    if proto not in ("http", "grpc"):
-        raise ValueError(f"protocol must be 'http' or 'grpc', not {proto!r}")
-    if proto == "http":
-        url = url_or_address if "://" in url_or_address else "http://" + url_or_address
-        return proto, url.rstrip("/")
-    return proto, url_or_address.split("://", 1)[-1].rstrip("/")
+def _json_or_none(response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
 
 
-def _grpc_metadata(api_key: Optional[str]):
-    return (("authorization", f"Bearer {api_key}"),) if api_key else None
+# --- plans: each operation written once --------------------------------------------------------
 
+class _Base:
+    """What ``Client`` and ``AsyncClient`` share: settings and every operation as a plan."""
 
-def _grpc_channel_options():
-    return [("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES)]
-
-
-class Client:
-    """Blocking client. ``protocol`` defaults from the address: http(s):// -> HTTP, else gRPC."""
-
-    def __init__(self, url_or_address: str = "127.0.0.1:50050", protocol: Optional[str] = None,
-                 api_key: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, url_or_address: str, protocol: Optional[str], api_key: Optional[str],
+                 timeout: float, max_batch_size: Optional[int], max_chunk_chars: int,
+                 retry: Optional[Retry]) -> None:
         self.protocol, self.target = _target(url_or_address, protocol)
         self.api_key = api_key
         self.timeout = timeout
+        if max_batch_size is not None and max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        self._max_batch_size = max_batch_size
+        self._server_limit: Optional[int] = None
+        self.max_chunk_chars = max_chunk_chars
+        self.retry = retry or NO_RETRY
+
+    def _limit_plan(self) -> Plan:
+        """Most inputs per request: the server's max_client_batch_size (HTTP, learned once), the
+        constructor's max_batch_size, or 2048; the smaller of those that are known."""
+        if self.protocol == "http" and self._server_limit is None:
+            try:
+                r = yield _Http("GET", "/info")
+                _check_http(r)
+                self._server_limit = int((r.json() or {}).get("max_client_batch_size") or 0) or None
+            except (FloeError, ValueError, TypeError):
+                pass  # not a floe /info: the request itself will say what is wrong
+        known = [x for x in (self._max_batch_size, self._server_limit) if x]
+        return min(known) if known else DEFAULT_MAX_BATCH_SIZE
+
+    def _prepare(self, inputs: Inputs, normalize, dimensions, prompt_name, truncate,
+                 output_dtype) -> _Request:
+        texts, ids = _split_inputs(inputs)
+        return _Request(texts, ids, _options(normalize, dimensions, prompt_name, truncate,
+                                             output_dtype))
+
+    def _chunk_plan(self, texts, ids, o: EncodeOptions) -> Plan:
+        """One request, retried as ``self.retry`` allows; returns its array."""
+        attempt, waited = 1, 0.0
+        while True:
+            try:
+                if self.protocol == "http":
+                    r = yield _Http("POST", "/embed", _http_body(texts, ids, o),
+                                    {"accept": "application/octet-stream",
+                                     "content-type": "application/json"})
+                    _check_http(r)
+                    return _http_array(r, o)
+                reply = yield _Rpc("Encode", _grpc_request(texts, ids, o))
+                return _grpc_array(reply)
+            except FloeError as err:
+                wait = self.retry.delay(err, attempt, waited)
+                if wait is None:
+                    raise
+            yield _Sleep(wait)
+            attempt, waited = attempt + 1, waited + wait
+
+    def _health_plan(self) -> Plan:
+        if self.protocol == "http":
+            try:
+                live = (yield _Http("GET", "/health")).status_code == 200
+                ready = yield _Http("GET", "/ready")
+            except FloeError as e:
+                return {"healthy": False, "ready": False, "message": e.message}
+            body = _json_or_none(ready) or {}
+            return {"healthy": live, "ready": ready.status_code == 200,
+                    "message": str(body.get("reason") or body.get("status", ""))}
+        from floe.proto import floe_pb2
+        try:
+            h = yield _Rpc("HealthCheck", floe_pb2.HealthCheckRequest())
+        except FloeError as e:
+            return {"healthy": False, "ready": False, "message": e.message or e.kind.name}
+        return {"healthy": h.healthy, "ready": h.ready, "message": h.message}
+
+    def _info_plan(self) -> Plan:
+        if self.protocol == "http":
+            r = yield _Http("GET", "/info")
+            _check_http(r)
+            return r.json()
+        from google.protobuf.json_format import MessageToDict
+        from floe.proto import floe_pb2
+        reply = yield _Rpc("GetReplicaInfo", floe_pb2.GetReplicaInfoRequest())
+        return MessageToDict(reply, preserving_proto_field_name=True)
+
+    def _http_headers(self) -> dict:
+        return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def _grpc_metadata(self):
+        return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else None
+
+
+class _Collector:
+    """Fills one (n, dim) array from the chunks' arrays, in order."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.row, self.out = n, 0, None
+
+    def add(self, arr: np.ndarray) -> None:
+        if self.out is None:
+            self.out = np.empty((self.n, arr.shape[1]), dtype=arr.dtype)
+        self.out[self.row:self.row + len(arr)] = arr
+        self.row += len(arr)
+
+    def result(self) -> np.ndarray:
+        assert self.out is not None and self.row == self.n
+        return self.out
+
+
+_EMBED_DOC = """Embeds strings or token-id lists; returns an (n, dim) array in input order.
+
+        Any number of inputs: they go out in requests the server accepts (see the module
+        docstring), and a request refused as overloaded or unavailable is retried as ``retry``
+        allows. ``output_dtype`` float32 or float16 gives an array of that dtype; bfloat16 gives
+        float32 holding bfloat16 values. Raises a floe.errors.FloeError subclass."""
+
+
+class Client(_Base):
+    """Blocking client. ``protocol`` defaults from the address: http(s):// -> HTTP, else gRPC.
+
+    ``max_batch_size``: most inputs per request (default: the server's limit over HTTP, 2048 over
+    gRPC). ``max_chunk_chars``: about how many characters one request carries. ``retry``: a
+    ``Retry`` (default ``Retry()``); ``floe.client.NO_RETRY`` turns retries off.
+    """
+
+    def __init__(self, url_or_address: str = "127.0.0.1:50050", protocol: Optional[str] = None,
+                 api_key: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT, *,
+                 max_batch_size: Optional[int] = None,
+                 max_chunk_chars: int = DEFAULT_MAX_CHUNK_CHARS,
+                 retry: Optional[Retry] = Retry()) -> None:
+        super().__init__(url_or_address, protocol, api_key, timeout, max_batch_size,
+                         max_chunk_chars, retry)
         if self.protocol == "http":
             import httpx
-            headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-            self._http = httpx.Client(base_url=self.target, timeout=timeout, headers=headers)
+            self._http = httpx.Client(base_url=self.target, timeout=timeout,
+                                      headers=self._http_headers())
         else:
             import grpc
             from floe.proto import floe_pb2_grpc
             self._channel = grpc.insecure_channel(self.target, options=_grpc_channel_options())
             self._stub = floe_pb2_grpc.EmbedderStub(self._channel)
 
+    def _step(self, step) -> Any:
+        if isinstance(step, _Sleep):
+            time.sleep(step.seconds)
+            return None
+        if isinstance(step, _Http):
+            import httpx
+            try:
+                return self._http.request(step.method, step.path, content=step.content,
+                                          headers=step.headers)
+            except httpx.TransportError as e:
+                raise _unreachable(self.target, e) from None
+        import grpc
+        try:
+            return getattr(self._stub, step.method)(step.request, timeout=self.timeout,
+                                                    metadata=self._grpc_metadata())
+        except grpc.RpcError as e:
+            raise _grpc_error(e) from None
+
+    def _run(self, plan: Plan) -> Any:
+        """Carries a plan out: each step's answer is sent back in, each failure thrown in."""
+        answer, failure = None, None
+        while True:
+            try:
+                step = plan.throw(failure) if failure is not None else plan.send(answer)
+            except StopIteration as done:
+                return done.value
+            answer, failure = None, None
+            try:
+                answer = self._step(step)
+            except FloeError as e:
+                failure = e
+
+    def iter_embed(self, inputs: Inputs, *, normalize: Optional[bool] = None,
+                   dimensions: Optional[int] = None, prompt_name: Optional[str] = None,
+                   truncate: Optional[bool] = None, output_dtype: str = "float32"
+                   ) -> Iterator[np.ndarray]:
+        """Like ``embed``, one array per request as it arrives (their rows, in order, are the
+        inputs). Bad inputs or options raise here, before anything is sent."""
+        return self._iter(self._prepare(inputs, normalize, dimensions, prompt_name, truncate,
+                                        output_dtype))
+
+    def _iter(self, req: _Request) -> Iterator[np.ndarray]:
+        limit = self._run(self._limit_plan())
+        for texts, ids in req.chunks(limit, self.max_chunk_chars):
+            yield self._run(self._chunk_plan(texts, ids, req.options))
+
     def embed(self, inputs: Inputs, *, normalize: Optional[bool] = None,
               dimensions: Optional[int] = None, prompt_name: Optional[str] = None,
               truncate: Optional[bool] = None, output_dtype: str = "float32") -> np.ndarray:
-        """Embeds strings or token-id lists; returns an (n, dim) float32 array."""
-        texts, ids = _split_inputs(inputs)
-        o = _options(normalize, dimensions, prompt_name, truncate, output_dtype)
-        if self.protocol == "http":
-            import httpx
-            try:
-                r = self._http.post("/embed", json=_http_body(texts, ids, o),
-                                    headers={"accept": "application/octet-stream"})
-            except httpx.TransportError as e:
-                raise errors.UnavailableError(f"cannot reach {self.target}: {e}") from None
-            if r.status_code != 200:
-                raise _http_error(r.status_code, _json_or_none(r), r.headers.get("retry-after"))
-            return _http_array(r.content, r.headers, o)
-        import grpc
-        try:
-            reply = self._stub.Encode(_grpc_request(texts, ids, o), timeout=self.timeout,
-                                      metadata=_grpc_metadata(self.api_key))
-        except grpc.RpcError as e:
-            raise _grpc_error(e) from None
-        return _grpc_array(reply)
+        req = self._prepare(inputs, normalize, dimensions, prompt_name, truncate, output_dtype)
+        out = _Collector(req.n)
+        for arr in self._iter(req):
+            out.add(arr)
+        return out.result()
+
+    embed.__doc__ = _EMBED_DOC
+
+    def max_batch_size(self) -> int:
+        """Most inputs this client sends in one request (asks the server once over HTTP)."""
+        return self._run(self._limit_plan())
 
     def health(self) -> dict:
         """{"healthy", "ready", "message"}: the server answers, and can embed right now."""
-        if self.protocol == "http":
-            import httpx
-            try:
-                live = self._http.get("/health").status_code == 200
-                ready = self._http.get("/ready")
-            except httpx.TransportError as e:
-                return {"healthy": False, "ready": False, "message": str(e)}
-            body = _json_or_none(ready) or {}
-            return {"healthy": live, "ready": ready.status_code == 200,
-                    "message": str(body.get("reason") or body.get("status", ""))}
-        import grpc
-        from floe.proto import floe_pb2
-        try:
-            h = self._stub.HealthCheck(floe_pb2.HealthCheckRequest(), timeout=self.timeout,
-                                       metadata=_grpc_metadata(self.api_key))
-        except grpc.RpcError as e:
-            return {"healthy": False, "ready": False, "message": e.details() or e.code().name}
-        return {"healthy": h.healthy, "ready": h.ready, "message": h.message}
+        return self._run(self._health_plan())
 
     def info(self) -> dict:
         """HTTP: the server's /info; gRPC: GetReplicaInfo as a dict."""
-        if self.protocol == "http":
-            r = self._http.get("/info")
-            if r.status_code != 200:
-                raise _http_error(r.status_code, _json_or_none(r), r.headers.get("retry-after"))
-            return r.json()
-        import grpc
-        from google.protobuf.json_format import MessageToDict
-        from floe.proto import floe_pb2
-        try:
-            reply = self._stub.GetReplicaInfo(floe_pb2.GetReplicaInfoRequest(), timeout=self.timeout,
-                                              metadata=_grpc_metadata(self.api_key))
-        except grpc.RpcError as e:
-            raise _grpc_error(e) from None
-        return MessageToDict(reply, preserving_proto_field_name=True)
+        return self._run(self._info_plan())
 
     def close(self) -> None:
         if self.protocol == "http":
@@ -216,83 +499,91 @@ class Client:
         self.close()
 
 
-class AsyncClient:
-    """The asyncio twin of ``Client`` (httpx.AsyncClient / grpc.aio); same arguments and results."""
+class AsyncClient(_Base):
+    """The asyncio twin of ``Client`` (httpx.AsyncClient / grpc.aio); same arguments and results.
+    Requests of one ``embed`` call go out one after the other; run several calls concurrently for
+    more throughput."""
 
     def __init__(self, url_or_address: str = "127.0.0.1:50050", protocol: Optional[str] = None,
-                 api_key: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT) -> None:
-        self.protocol, self.target = _target(url_or_address, protocol)
-        self.api_key = api_key
-        self.timeout = timeout
+                 api_key: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT, *,
+                 max_batch_size: Optional[int] = None,
+                 max_chunk_chars: int = DEFAULT_MAX_CHUNK_CHARS,
+                 retry: Optional[Retry] = Retry()) -> None:
+        super().__init__(url_or_address, protocol, api_key, timeout, max_batch_size,
+                         max_chunk_chars, retry)
         if self.protocol == "http":
             import httpx
-            headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-            self._http = httpx.AsyncClient(base_url=self.target, timeout=timeout, headers=headers)
+            self._http = httpx.AsyncClient(base_url=self.target, timeout=timeout,
+                                           headers=self._http_headers())
         else:
             import grpc
             from floe.proto import floe_pb2_grpc
             self._channel = grpc.aio.insecure_channel(self.target, options=_grpc_channel_options())
             self._stub = floe_pb2_grpc.EmbedderStub(self._channel)
 
+    async def _step(self, step) -> Any:
+        if isinstance(step, _Sleep):
+            await asyncio.sleep(step.seconds)
+            return None
+        if isinstance(step, _Http):
+            import httpx
+            try:
+                return await self._http.request(step.method, step.path, content=step.content,
+                                                headers=step.headers)
+            except httpx.TransportError as e:
+                raise _unreachable(self.target, e) from None
+        import grpc
+        try:
+            return await getattr(self._stub, step.method)(step.request, timeout=self.timeout,
+                                                          metadata=self._grpc_metadata())
+        except grpc.aio.AioRpcError as e:
+            raise _grpc_error(e) from None
+
+    async def _run(self, plan: Plan) -> Any:
+        answer, failure = None, None
+        while True:
+            try:
+                step = plan.throw(failure) if failure is not None else plan.send(answer)
+            except StopIteration as done:
+                return done.value
+            answer, failure = None, None
+            try:
+                answer = await self._step(step)
+            except FloeError as e:
+                failure = e
+
+    def iter_embed(self, inputs: Inputs, *, normalize: Optional[bool] = None,
+                   dimensions: Optional[int] = None, prompt_name: Optional[str] = None,
+                   truncate: Optional[bool] = None, output_dtype: str = "float32"
+                   ) -> AsyncIterator[np.ndarray]:
+        """``async for arr in client.iter_embed(...)``: one array per request, in order."""
+        return self._iter(self._prepare(inputs, normalize, dimensions, prompt_name, truncate,
+                                        output_dtype))
+
+    async def _iter(self, req: _Request) -> AsyncIterator[np.ndarray]:
+        limit = await self._run(self._limit_plan())
+        for texts, ids in req.chunks(limit, self.max_chunk_chars):
+            yield await self._run(self._chunk_plan(texts, ids, req.options))
+
     async def embed(self, inputs: Inputs, *, normalize: Optional[bool] = None,
                     dimensions: Optional[int] = None, prompt_name: Optional[str] = None,
                     truncate: Optional[bool] = None, output_dtype: str = "float32") -> np.ndarray:
-        texts, ids = _split_inputs(inputs)
-        o = _options(normalize, dimensions, prompt_name, truncate, output_dtype)
-        if self.protocol == "http":
-            import httpx
-            try:
-                r = await self._http.post("/embed", json=_http_body(texts, ids, o),
-                                          headers={"accept": "application/octet-stream"})
-            except httpx.TransportError as e:
-                raise errors.UnavailableError(f"cannot reach {self.target}: {e}") from None
-            if r.status_code != 200:
-                raise _http_error(r.status_code, _json_or_none(r), r.headers.get("retry-after"))
-            return _http_array(r.content, r.headers, o)
-        import grpc
-        try:
-            reply = await self._stub.Encode(_grpc_request(texts, ids, o), timeout=self.timeout,
-                                            metadata=_grpc_metadata(self.api_key))
-        except grpc.aio.AioRpcError as e:
-            raise _grpc_error(e) from None
-        return _grpc_array(reply)
+        req = self._prepare(inputs, normalize, dimensions, prompt_name, truncate, output_dtype)
+        out = _Collector(req.n)
+        async for arr in self._iter(req):
+            out.add(arr)
+        return out.result()
+
+    embed.__doc__ = _EMBED_DOC
+
+    async def max_batch_size(self) -> int:
+        return await self._run(self._limit_plan())
 
     async def health(self) -> dict:
-        if self.protocol == "http":
-            import httpx
-            try:
-                live = (await self._http.get("/health")).status_code == 200
-                ready = await self._http.get("/ready")
-            except httpx.TransportError as e:
-                return {"healthy": False, "ready": False, "message": str(e)}
-            body = _json_or_none(ready) or {}
-            return {"healthy": live, "ready": ready.status_code == 200,
-                    "message": str(body.get("reason") or body.get("status", ""))}
-        import grpc
-        from floe.proto import floe_pb2
-        try:
-            h = await self._stub.HealthCheck(floe_pb2.HealthCheckRequest(), timeout=self.timeout,
-                                             metadata=_grpc_metadata(self.api_key))
-        except grpc.aio.AioRpcError as e:
-            return {"healthy": False, "ready": False, "message": e.details() or e.code().name}
-        return {"healthy": h.healthy, "ready": h.ready, "message": h.message}
+        return await self._run(self._health_plan())
 
     async def info(self) -> dict:
-        if self.protocol == "http":
-            r = await self._http.get("/info")
-            if r.status_code != 200:
-                raise _http_error(r.status_code, _json_or_none(r), r.headers.get("retry-after"))
-            return r.json()
-        import grpc
-        from google.protobuf.json_format import MessageToDict
-        from floe.proto import floe_pb2
-        try:
-            reply = await self._stub.GetReplicaInfo(floe_pb2.GetReplicaInfoRequest(),
-                                                    timeout=self.timeout,
-                                                    metadata=_grpc_metadata(self.api_key))
-        except grpc.aio.AioRpcError as e:
-            raise _grpc_error(e) from None
-        return MessageToDict(reply, preserving_proto_field_name=True)
+        return await self._run(self._info_plan())
 
     async def close(self) -> None:
         if self.protocol == "http":
@@ -307,11 +598,19 @@ class AsyncClient:
         await self.close()
 
 
-def _json_or_none(response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return None
+def _target(url_or_address: str, protocol: Optional[str]) -> tuple[str, str]:
+    proto = protocol or ("http" if url_or_address.startswith(("http://", "https://")) else "grpc")
+    if proto not in ("http", "grpc"):
+        raise ValueError(f"protocol must be 'http' or 'grpc', not {proto!r}")
+    if proto == "http":
+        url = url_or_address if "://" in url_or_address else "http://" + url_or_address
+        return proto, url.rstrip("/")
+    return proto, url_or_address.split("://", 1)[-1].rstrip("/")
+
+
+def _grpc_channel_options():
+    return [("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES)]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
