@@ -1,6 +1,7 @@
-"""floe.grpc_api in-process: the replica backend over ReplicaCore and the fake engine, on an
-ephemeral port. Covers what needs a server but not a subprocess: auth, status mapping with
-retry-after, internal errors without their text, health flips, client cancellation."""
+"""floe/transport/grpc.py in-process: a standalone replica's backend over ReplicaCore and the fake
+engine, on an ephemeral port. Covers what needs a server but not a subprocess: auth (the
+interceptor), status mapping with the error kind and retry-after, internal errors without their
+text, validation at the edge, health flips, reflection, client cancellation."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from floe import errors
 from floe.config import ModelSettings, settings_from
 from floe.engine.fake import FakeEngine
-from floe.grpc_api import GRPC_OPTIONS, add_services
+from floe.transport.grpc import channel_options, start_server
 from floe.models import load_spec
 from floe.proto import arctic_inference_pb2 as apb
 from floe.proto import arctic_inference_pb2_grpc as agrpc
@@ -32,10 +34,6 @@ class CrashOnPoison(FakeEngine):
         return super().run(prepared)
 
 
-class KeyedBackend(ReplicaBackend):
-    api_key = "s3cret"
-
-
 class BrokenInfoBackend(ReplicaBackend):
     async def replica_info(self):
         raise KeyError("secret internal detail")
@@ -46,19 +44,19 @@ async def serve():
     spec = load_spec(ModelSettings())
     started = []
 
-    async def _serve(backend_cls=ReplicaBackend, **batch_kw):
+    async def _serve(backend_cls=ReplicaBackend, api_key=None, trusted=False, **batch_kw):
         engine = CrashOnPoison(spec, seconds_per_batch=batch_kw.pop("seconds_per_batch", 0.0),
                                seconds_per_token=0.0)
         settings = settings_from(env={}, batch=batch_kw)
         core = ReplicaCore(engine, settings.batch, replica_id="x")
-        server = grpc.aio.server(options=GRPC_OPTIONS)
-        port = server.add_insecure_port("127.0.0.1:0")
         tokenizers = TokenizerPool(spec, workers=1)
-        backend = backend_cls(core, tokenizers, settings, address=f"127.0.0.1:{port}")
-        health = add_services(server, backend)
+        backend = backend_cls(core, tokenizers, settings, address="", trusted=trusted)
+        limit = 64 * 1024 * 1024
+        server, health, ports = await start_server(backend, ["127.0.0.1:0"], receive_limit=limit,
+                                                   api_key=api_key)
+        backend.address = f"127.0.0.1:{ports[0]}"
         core.start()
-        await server.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS)
+        channel = grpc.aio.insecure_channel(backend.address, options=channel_options(limit))
         started.append((server, core, channel, tokenizers))
         return channel, core, health, backend
 
@@ -76,15 +74,18 @@ def ids_request(items, request_id=""):
 
 
 async def test_api_key_required(serve):
-    channel, *_ = await serve(KeyedBackend)
+    channel, *_ = await serve(api_key="s3cret")
     stub = floe_pb2_grpc.EmbedderStub(channel)
     req = floe_pb2.EncodeRequest(texts=["hi"])
-    for meta in (None, (("authorization", "Bearer wrong"),), (("authorization", "s3cret"),)):
+    for meta in (None, (("authorization", "Bearer wrong"),), (("authorization", "s3cret"),),
+                 (("authorization", "Basic s3cret"),)):
         with pytest.raises(grpc.aio.AioRpcError) as ei:
             await stub.Encode(req, metadata=meta, timeout=10)
         assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    ok = await stub.Encode(req, metadata=(("authorization", "Bearer s3cret"),), timeout=10)
-    assert ok.n == 1
+        assert dict(ei.value.trailing_metadata())[errors.KIND_METADATA_KEY] == "auth"
+    for good in ("Bearer s3cret", "bearer  s3cret"):  # RFC 6750: the scheme is case-insensitive
+        ok = await stub.Encode(req, metadata=(("authorization", good),), timeout=10)
+        assert ok.n == 1
     astub = agrpc.InferenceServiceStub(channel)
     with pytest.raises(grpc.aio.AioRpcError) as ei:
         await astub.Encode(apb.EncodeRequest(n_prompts=1, prompts=["hi"]), timeout=10)
@@ -102,7 +103,56 @@ async def test_engine_failure_is_internal_without_details(serve):
         await stub.Encode(ids_request([[101, POISON, 102]]), timeout=10)
     assert ei.value.code() == grpc.StatusCode.INTERNAL
     assert "secret" not in ei.value.details()
+    assert dict(ei.value.trailing_metadata())[errors.KIND_METADATA_KEY] == "internal"
     assert (await stub.Encode(ids_request([[101, 5, 102]]), timeout=10)).n == 1
+
+
+async def test_a_standalone_replica_validates_at_the_edge(serve):
+    channel, *_ = await serve()
+    stub = floe_pb2_grpc.EmbedderStub(channel)
+    for req, match in ((ids_request([[101, 10 ** 6, 102]]), "out of vocabulary"),
+                       (floe_pb2.EncodeRequest(token_ids=np.asarray([1, 2], "<i4").tobytes(),
+                                               lengths=[2], model="not-this-one"),
+                        "not served here")):
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await stub.Encode(req, timeout=10)
+        assert match in ei.value.details()
+        kind = dict(ei.value.trailing_metadata())[errors.KIND_METADATA_KEY]
+        assert errors.from_grpc_status(ei.value.code().name, ei.value.details(),
+                                       ei.value.trailing_metadata()).kind.name.lower() == kind
+    long = await stub.Encode(ids_request([[101] + [5] * 600 + [102]]), timeout=10)
+    assert long.n == 1 and list(long.token_counts) == [256]  # truncated at the edge (auto-truncate)
+
+
+async def test_a_managed_replica_takes_token_ids_only(serve):
+    channel, *_ = await serve(trusted=True)
+    stub = floe_pb2_grpc.EmbedderStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await stub.Encode(floe_pb2.EncodeRequest(texts=["hi"]), timeout=10)
+    assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert (await stub.Encode(ids_request([[101, 5, 102]]), timeout=10)).n == 1
+
+
+@pytest.mark.parametrize("service", ["grpc.reflection.v1alpha.ServerReflection",
+                                     "grpc.reflection.v1.ServerReflection"])
+async def test_reflection_v1_and_v1alpha_follow_the_key(serve, service):
+    from grpc_reflection.v1alpha import reflection_pb2 as rpb
+
+    channel, *_ = await serve(api_key="s3cret")
+    call = channel.stream_stream(f"/{service}/ServerReflectionInfo",
+                                 request_serializer=rpb.ServerReflectionRequest.SerializeToString,
+                                 response_deserializer=rpb.ServerReflectionResponse.FromString)
+    req = rpb.ServerReflectionRequest(list_services="")
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        async for _ in call(iter([req]), timeout=10):
+            pass
+    assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    replies = [r async for r in call(iter([req]), timeout=10,
+                                     metadata=(("authorization", "Bearer s3cret"),))]
+    names = {s.name for s in replies[0].list_services_response.service}
+    assert {"floe.v1.Embedder", "arctic_inference.InferenceService", "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection"} <= names
 
 
 async def test_unexpected_exception_is_generic_internal(serve, caplog):
