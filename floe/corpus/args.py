@@ -1,0 +1,89 @@
+"""``floe embed-corpus`` options. Imported by floe.cli: nothing heavy at import time."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+DESCRIPTION = """\
+Embed a corpus offline: INPUT (a Parquet file or dataset folder, JSONL or CSV) -> OUTPUT, a
+Parquet file (OUTPUT ending in .parquet) or a Parquet dataset folder with columns `id` and
+`embedding` (fixed-size list), rows in input order. The engine runs in-process (no HTTP);
+--ray runs the same job on Ray Data. Killed at any point, the same command resumes it; a changed
+input, model or option is refused."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", metavar="INPUT", help="Parquet file or folder, .jsonl or .csv file")
+    p.add_argument("-o", "--output", required=True, metavar="OUTPUT",
+                   help="output: NAME.parquet (one file, appears when complete) or a folder")
+    p.add_argument("--model", default="default",
+                   help="model folder, 'default' (the embedded all-MiniLM-L6-v2) or hub id")
+    p.add_argument("--text-column", default="text", help="column (or JSON key) holding the text")
+    p.add_argument("--id-column", default=None,
+                   help="column copied to the output's `id` (default: the row number)")
+    p.add_argument("--input-format", choices=("parquet", "jsonl", "csv"), default=None,
+                   help="input format (default: from the name)")
+    p.add_argument("--prompt-name", default=None, help="prompt from the model's config (e.g. query)")
+    p.add_argument("--dimensions", type=int, default=None, help="Matryoshka: keep the first N dims")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="L2-normalize (default: as the model's pipeline does)")
+    p.add_argument("--output-dtype", choices=("float32", "float16"), default="float32")
+    p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                   help="bad rows (null or non-string text): fail naming the row, or skip them "
+                        "and list them in a side file (OUTPUT/_skipped.jsonl or OUTPUT.skipped.jsonl)")
+    p.add_argument("--engine", default=None,
+                   help="engine kind passed to floe's engine factory (default: its default)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--workers", type=int, default=1,
+                   help="engine workers (Ray: actors); on CPU they share the compute threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="compute threads in all (Ray: per actor; default: all cores)")
+    p.add_argument("--tokenize-threads", type=int, default=None, help="tokenizer threads")
+    p.add_argument("--batch-tokens", type=int, default=16384,
+                   help="token budget of one forward pass (padded: longest x count)")
+    p.add_argument("--max-batch-size", type=int, default=256, help="most sequences in one pass")
+    p.add_argument("--shard-rows", type=int, default=10_000,
+                   help="rows per output part: the unit of length-sorting, commit and resume")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run on Ray Data: a new local Ray instance, or the cluster at ADDRESS "
+                        "('auto' for the one this machine belongs to); needs floe[ray]")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: when stderr is a terminal; log lines otherwise)")
+    p.add_argument("--log-level", default="info")
+
+
+def job_from_args(args: argparse.Namespace):
+    from floe.corpus.embed import CorpusOptions
+    from floe.corpus.job import CorpusJob
+
+    options = CorpusOptions(
+        text_column=args.text_column, id_column=args.id_column, prompt_name=args.prompt_name,
+        dimensions=args.dimensions, normalize=args.normalize, output_dtype=args.output_dtype,
+        on_error=args.on_error, shard_rows=args.shard_rows)
+    return CorpusJob(
+        input=args.input, output=args.output, options=options, model=args.model, engine=args.engine,
+        device=args.device, dtype=args.dtype, workers=args.workers, threads=args.threads,
+        tokenize_threads=args.tokenize_threads, batch_tokens=args.batch_tokens,
+        max_batch_size=args.max_batch_size, input_format=args.input_format, ray=args.ray,
+        progress=args.progress)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Runs the job; prints the one-line summary on stdout. Exit 2 on a refused or failed job."""
+    from floe.cli import setup_logging
+
+    setup_logging(args.log_level)
+    from floe.corpus.job import run
+    from floe.errors import ConfigError, FloeError, ModelLoadError
+
+    try:
+        result = run(job_from_args(args))
+    except (FloeError, ConfigError, ModelLoadError) as exc:
+        print(f"floe embed-corpus: error: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger("floe.corpus").debug("result %s", result)
+    print(result["summary"])
+    return 0

@@ -1,0 +1,233 @@
+"""The embedding step shared by the local and the Ray path: rows of one shard -> a result table.
+
+    tokenize   texts -> token ids with floe's Tokenizer (sentence-transformers parity: prompt,
+               lowercase, special tokens, truncation to max_seq_length), split over a thread pool
+               (the Rust tokenizer releases the GIL)
+    plan       the shard's sequences sorted by length and cut into batches under a token budget
+               (padded cost = longest x count, the replica scheduler's rule). The whole window is
+               known up front, so a sort gives the least padding; the replica's Scheduler, built
+               for arrivals over time and a clock, has nothing to add here.
+    run        engine.prepare + engine.run per batch -> (n, dim) float32 pooled rows
+    post       normalize (as sentence-transformers does), Matryoshka slice then renormalize,
+               output dtype -- the same steps as the replica's per-request post step
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import Executor
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from floe.corpus.reader import CorpusError, Rows
+from floe import validate
+from floe.errors import FloeError
+from floe.protocol import EncodeOptions, TokenBatch
+
+# Rows per tokenizer call: big enough that a call's overhead is small, small enough to spread a
+# shard over the pool's threads.
+TOKENIZE_CHUNK = 512
+OUTPUT_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+
+
+@dataclass(frozen=True)
+class CorpusOptions:
+    """Everything that decides the content of the output (and so goes into the manifest)."""
+
+    text_column: str = "text"
+    id_column: Optional[str] = None
+    prompt_name: Optional[str] = None
+    dimensions: Optional[int] = None
+    normalize: Optional[bool] = None    # None: the model's own pipeline decides (Normalize module)
+    output_dtype: str = "float32"       # float32 | float16
+    on_error: str = "fail"              # fail | skip
+    shard_rows: int = 10_000
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Tokenized:
+    """A shard after tokenizing: token ids of its good rows (in row order) and the bad rows."""
+
+    rows: Rows
+    good: np.ndarray            # positions in the shard of the rows that are embedded
+    tokens: TokenBatch          # ids of the good rows, in the order of ``good``
+    bad: dict                   # position -> reason
+
+    @property
+    def n_tokens(self) -> int:
+        return self.tokens.total_tokens
+
+
+def plan_batches(lengths: np.ndarray, max_tokens: int, max_size: int) -> list[np.ndarray]:
+    """Indices into ``lengths`` grouped into batches: sorted by length, each batch's padded cost
+    (longest x count) within ``max_tokens`` and at most ``max_size`` sequences. A sequence longer
+    than the budget runs alone."""
+    if max_tokens < 1 or max_size < 1:
+        raise ValueError("max_tokens and max_size must be positive")
+    order = np.argsort(lengths, kind="stable")
+    batches: list[np.ndarray] = []
+    start = 0
+    n = len(order)
+    while start < n:
+        end = start + 1
+        # lengths ascend, so the batch's longest is its last sequence
+        while end < n and end - start < max_size and (end - start + 1) * int(lengths[order[end]]) <= max_tokens:
+            end += 1
+        batches.append(order[start:end])
+        start = end
+    return batches
+
+
+def post_process(arr: np.ndarray, normalize: bool, dimensions: Optional[int]) -> np.ndarray:
+    """Matryoshka slice, then L2 normalization (x / max(||x||, 1e-12), as torch's F.normalize)."""
+    if dimensions is not None and dimensions < arr.shape[1]:
+        arr = arr[:, :dimensions]
+    if normalize:
+        norms = np.linalg.norm(arr, axis=1, keepdims=True)
+        arr = arr / np.maximum(norms, 1e-12)
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def embedding_type(dim: int, output_dtype: str) -> pa.DataType:
+    return pa.list_(OUTPUT_DTYPES[output_dtype], dim)
+
+
+def embedding_array(arr: np.ndarray, output_dtype: str) -> pa.FixedSizeListArray:
+    n, dim = arr.shape
+    flat = arr.astype(np.float16 if output_dtype == "float16" else np.float32, copy=False).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=OUTPUT_DTYPES[output_dtype]), dim)
+
+
+class ShardEmbedder:
+    """Tokenizes, batches and post-processes the shards of one job for a given model.
+
+    It holds no engine: ``embed`` takes a ``run_batch(list of int32 id arrays) -> (n, dim)``
+    callable, so the local path can spread batches over several engines and a Ray actor can use
+    its own.
+    """
+
+    def __init__(self, spec, tokenizer, options: CorpusOptions, max_batch_tokens: int,
+                 max_batch_size: int = 256) -> None:
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.options = options
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_size = max_batch_size
+        if options.dimensions is not None and not 1 <= options.dimensions <= spec.dim:
+            raise CorpusError(f"--dimensions must be between 1 and {spec.dim} for {spec.name}, "
+                              f"got {options.dimensions}")
+        # The server's checks, once: prompt resolution, option ranges. Texts are cut to the
+        # character budget and truncated to max_seq_length tokens, as the server does by default.
+        self.limits = tokenizer.limits()
+        try:
+            self.plan = validate.check_options(
+                self.limits, EncodeOptions(prompt_name=options.prompt_name, truncate=True))
+        except FloeError as exc:
+            raise CorpusError(f"--prompt-name: {exc}") from None
+        if options.output_dtype not in OUTPUT_DTYPES:
+            raise CorpusError(f"--output-dtype must be float32 or float16, not {options.output_dtype!r}")
+        self.normalize = spec.normalize if options.normalize is None else options.normalize
+        self.dim = options.dimensions or spec.dim
+
+    # --- tokenize ------------------------------------------------------------------------------
+
+    def _encode(self, texts: list) -> TokenBatch:
+        return self.tokenizer.encode_plan(validate.check_texts(self.limits, texts, self.plan),
+                                          self.plan)
+
+    def _encode_chunk(self, texts: list) -> tuple[TokenBatch, dict]:
+        """Token ids of ``texts``; a text the tokenizer refuses becomes a bad row (by position)."""
+        try:
+            return self._encode(texts), {}
+        except FloeError:
+            pass
+        bad: dict = {}
+        parts: list[np.ndarray] = []
+        lengths: list[int] = []
+        for i, t in enumerate(texts):
+            try:
+                tb = self._encode([t])
+            except FloeError as exc:
+                bad[i] = f"cannot be tokenized: {exc}"
+                continue
+            parts.append(tb.ids)
+            lengths.append(tb.total_tokens)
+        ids = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+        return TokenBatch(ids=ids, lengths=np.asarray(lengths, dtype=np.int64)), bad
+
+    def check_bad(self, rows: Rows, bad: dict) -> None:
+        """With --on-error fail, raises naming the first bad row."""
+        if bad and self.options.on_error == "fail":
+            pos = min(bad)
+            row = rows.shard.start + pos
+            ident = rows.ids[pos].as_py()
+            id_part = f" (id {ident!r})" if self.options.id_column and ident is not None else ""
+            raise CorpusError(f"row {row}{id_part}: {bad[pos]}; pass --on-error skip to skip bad rows "
+                              f"({len(bad)} bad row(s) in rows {rows.shard.start}-{rows.shard.end - 1})")
+
+    def tokenize(self, rows: Rows, pool: Optional[Executor] = None) -> Tokenized:
+        bad = dict(rows.bad)
+        self.check_bad(rows, bad)
+        good = np.array([i for i in range(len(rows.texts)) if i not in bad], dtype=np.int64)
+        texts = [rows.texts[i] for i in good]
+        chunks = [(a, texts[a:a + TOKENIZE_CHUNK]) for a in range(0, len(texts), TOKENIZE_CHUNK)]
+        if pool is not None and len(chunks) > 1:
+            results = list(pool.map(lambda c: self._encode_chunk(c[1]), chunks))
+        else:
+            results = [self._encode_chunk(c[1]) for c in chunks]
+        keep = np.ones(len(good), dtype=bool)
+        for (a, _), (_, chunk_bad) in zip(chunks, results):
+            for i, reason in chunk_bad.items():
+                bad[int(good[a + i])] = reason
+                keep[a + i] = False
+        if len(bad) > len(rows.bad):
+            self.check_bad(rows, bad)
+        ids = [r[0].ids for r in results]
+        lengths = [r[0].lengths for r in results]
+        tokens = TokenBatch(ids=np.concatenate(ids) if ids else np.zeros(0, np.int32),
+                            lengths=np.concatenate(lengths) if lengths else np.zeros(0, np.int64))
+        return Tokenized(rows=rows, good=good[keep], tokens=tokens, bad=bad)
+
+    # --- batches and results -----------------------------------------------------------------
+
+    def batches(self, tok: Tokenized) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+        """[(positions in ``tok.good`` order, list of id arrays)] for the shard's forward passes."""
+        offsets = tok.tokens.offsets()
+        ids = tok.tokens.ids
+        out = []
+        for idx in plan_batches(tok.tokens.lengths, self.max_batch_tokens, self.max_batch_size):
+            out.append((idx, [ids[offsets[i]:offsets[i + 1]] for i in idx]))
+        return out
+
+    def embed(self, tok: Tokenized, run_batch: Callable[[list[np.ndarray]], np.ndarray]) -> np.ndarray:
+        """Runs every batch of the shard in this thread; returns the pooled (n_good, dim) rows."""
+        out = np.empty((len(tok.good), self.spec.dim), dtype=np.float32)
+        for idx, seqs in self.batches(tok):
+            out[idx] = run_batch(seqs)
+        return out
+
+    def result_table(self, tok: Tokenized, pooled: np.ndarray) -> tuple[pa.Table, list[dict]]:
+        """The shard's output rows (good rows, in input order) and its skipped-row records."""
+        arr = post_process(pooled, self.normalize, self.options.dimensions)
+        if not np.isfinite(arr).all():
+            bad_rows = np.nonzero(~np.isfinite(arr).all(axis=1))[0]
+            raise CorpusError(f"the engine returned non-finite values for row "
+                              f"{tok.rows.shard.start + int(tok.good[bad_rows[0]])}")
+        ids = tok.rows.ids.take(pa.array(tok.good, type=pa.int64()))
+        table = pa.Table.from_arrays([ids, embedding_array(arr, self.options.output_dtype)],
+                                     names=["id", "embedding"])
+        skipped = []
+        for pos in sorted(tok.bad):
+            ident: Any = tok.rows.ids[pos].as_py()
+            skipped.append({"row": tok.rows.shard.start + pos, "id": ident, "reason": tok.bad[pos]})
+        return table, skipped
+
+
+def skipped_json(skipped: list[dict]) -> bytes:
+    return json.dumps(skipped, default=str).encode()

@@ -1,0 +1,146 @@
+"""A corpus job: its settings, and the set-up shared by the local and the Ray path.
+
+``run(job)`` resolves the model, plans the input's shards, opens (or checks) the output's
+manifest, then hands the shards still to do to ``local.run_local`` or ``ray_data.run_ray``, and
+finalizes the output. It returns the summary line's numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from floe.corpus.embed import CorpusOptions, ShardEmbedder
+from floe.corpus.reader import CorpusError, Shard, Source, open_source
+from floe.corpus.writer import FORMAT_VERSION, CorpusOutput, model_fingerprint
+
+log = logging.getLogger("floe.corpus")
+
+DEFAULT_BATCH_TOKENS = 16384
+
+
+@dataclass(frozen=True)
+class CorpusJob:
+    """One ``floe embed-corpus`` invocation. ``options`` decide the output's content; the rest
+    decides only how fast it is computed (and may change between a run and its resumption)."""
+
+    input: str
+    output: str
+    options: CorpusOptions = field(default_factory=CorpusOptions)
+    model: str = "default"
+    engine: Optional[str] = None         # None: create_engine's default
+    device: str = "auto"
+    dtype: str = "auto"
+    workers: int = 1                     # engine workers (local) or actors (Ray)
+    threads: Optional[int] = None        # compute threads in all (local) or per actor (Ray)
+    tokenize_threads: Optional[int] = None
+    batch_tokens: int = DEFAULT_BATCH_TOKENS
+    max_batch_size: int = 256
+    input_format: Optional[str] = None
+    ray: Optional[str] = None            # None: local; "local": a new local Ray; else an address
+    progress: Optional[bool] = None      # None: a bar when stderr is a terminal
+
+
+@dataclass
+class Plan:
+    """What ``prepare`` found: the model, the input's shards, the output and the work left."""
+
+    job: CorpusJob
+    spec: object
+    embedder: ShardEmbedder
+    source: Source
+    shards: list[Shard]
+    output: CorpusOutput
+    manifest: dict
+    pending: list[Shard]
+    finished: bool = False
+
+    @property
+    def total_rows(self) -> int:
+        return self.shards[-1].end if self.shards else 0
+
+    @property
+    def done_rows(self) -> int:
+        pending = {s.index for s in self.pending}
+        return sum(s.rows for s in self.shards if s.index not in pending)
+
+
+def _id_type_name(t) -> str:
+    return str(t)
+
+
+def prepare(job: CorpusJob) -> Plan:
+    from floe.config import ModelSettings
+    from floe.models import load_spec
+    from floe.tokenize import Tokenizer
+
+    opts = job.options
+    if opts.on_error not in ("fail", "skip"):
+        raise CorpusError(f"--on-error must be fail or skip, not {opts.on_error!r}")
+    if opts.shard_rows < 1:
+        raise CorpusError("--shard-rows must be positive")
+    if job.batch_tokens < 1 or job.max_batch_size < 1:
+        raise CorpusError("--batch-tokens and --max-batch-size must be positive")
+    if job.workers < 1:
+        raise CorpusError("--workers must be at least 1")
+    spec = load_spec(ModelSettings(model=job.model))
+    embedder = ShardEmbedder(spec, Tokenizer(spec), opts, job.batch_tokens, job.max_batch_size)
+    source = open_source(job.input, opts.text_column, opts.id_column, job.input_format)
+    output = CorpusOutput(job.output)
+    if os.path.abspath(job.input) in (output.output, output.work):
+        raise CorpusError("the output must not be the input")
+    t0 = time.monotonic()
+    shards = source.plan(opts.shard_rows)
+    log.info("planned %d rows in %d shard(s) of %d rows (%.1f s)", shards[-1].end, len(shards),
+             opts.shard_rows, time.monotonic() - t0)
+    manifest = {
+        "floe_corpus": FORMAT_VERSION,
+        "input": source.fingerprint(),
+        "model": model_fingerprint(spec),
+        "options": dict(opts.to_json(), engine=job.engine or "default", dtype=job.dtype),
+        "shards": len(shards),
+        "rows": shards[-1].end,
+        "id_type": _id_type_name(source.id_type),
+        "dim": embedder.dim,
+    }
+    if output.finished(manifest):
+        return Plan(job, spec, embedder, source, shards, output, manifest, [], finished=True)
+    done = output.open(manifest)
+    pending = [s for s in shards if s.index not in done]
+    return Plan(job, spec, embedder, source, shards, output, manifest, pending)
+
+
+def run(job: CorpusJob) -> dict:
+    """Runs (or resumes) the job; returns {"rows", "skipped", "wall_s", "summary", ...}."""
+    from floe.corpus.progress import Progress
+
+    t0 = time.monotonic()
+    plan = prepare(job)
+    if plan.finished:
+        msg = f"{job.output} is already complete ({plan.total_rows} input rows); nothing to do"
+        return {"rows": None, "skipped": None, "wall_s": time.monotonic() - t0, "summary": msg,
+                "already_complete": True}
+    if plan.done_rows:
+        log.info("resuming: %d of %d shards already written", len(plan.shards) - len(plan.pending),
+                 len(plan.shards))
+    progress = Progress(plan.total_rows, plan.done_rows, enabled=job.progress)
+    try:
+        if plan.pending:
+            if job.ray is not None:
+                from floe.corpus.ray_data import run_ray
+
+                run_ray(plan, progress)
+            else:
+                from floe.corpus.local import run_local
+
+                run_local(plan, progress)
+    finally:
+        progress.close()
+    result = plan.output.finalize()
+    wall = time.monotonic() - t0
+    result.update(wall_s=wall, tokens=progress.tokens, new_rows=progress.rows - progress.start_rows,
+                  summary=progress.summary(job.output, result["rows"], result["skipped"], wall))
+    return result

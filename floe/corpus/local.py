@@ -1,0 +1,196 @@
+"""The corpus job in one process: reading, tokenizing, compute and writing overlap.
+
+Threads and who owns what
+-------------------------
+* **the reader** (a one-thread pool) reads shard k+1 and k+2 and tokenizes them, spreading each
+  shard over the **tokenizer pool** (the Rust tokenizer releases the GIL), while shard k computes.
+* **the main thread** takes tokenized shards in order, cuts each into length-sorted batches and
+  puts them on a bounded queue (back-pressure: at most two batches per worker wait).
+* **N engine workers**, one engine each, take batches, run ``prepare`` + ``run`` and write the
+  pooled rows into their shard's array; the worker that finishes a shard's last batch hands the
+  shard to **the writer**.
+* **the writer** (a one-thread pool) post-processes the shard, writes its part file (atomic
+  rename) and counts progress.
+
+On CPU the workers split the compute threads (``--threads``, default all cores) between them; on
+several GPUs worker i runs on GPU i mod count. The first failure stops the job: queued batches
+are dropped, shards already committed stay for the rerun.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Optional
+
+import numpy as np
+
+from floe.corpus.embed import Tokenized
+from floe.corpus.job import Plan
+from floe.corpus.progress import Progress
+
+log = logging.getLogger("floe.corpus")
+
+READ_AHEAD = 2   # shards read and tokenized ahead of the one computing
+
+
+class _ShardState:
+    def __init__(self, tok: Tokenized, n_batches: int, dim: int) -> None:
+        self.tok = tok
+        self.pooled = np.empty((len(tok.good), dim), dtype=np.float32)
+        self.left = n_batches
+        self.lock = threading.Lock()
+
+    def batch_done(self) -> bool:
+        with self.lock:
+            self.left -= 1
+            return self.left == 0
+
+
+def _worker_devices(device: str, n: int) -> list[str]:
+    if n > 1 and device.startswith("cuda") and ":" not in device:
+        import torch
+
+        count = max(1, torch.cuda.device_count())
+        return [f"cuda:{i % count}" for i in range(n)]
+    return [device] * n
+
+
+def make_engines(plan: Plan) -> list:
+    from floe.engine import create_engine
+
+    job = plan.job
+    threads = job.threads or os.cpu_count() or 1
+    share = max(1, threads // job.workers)
+    kw = {} if job.engine is None else {"kind": job.engine}
+    engines = []
+    for dev in _worker_devices(job.device, job.workers):
+        engines.append(create_engine(plan.spec, device=dev, dtype=job.dtype, threads=share, **kw))
+    e = engines[0]
+    log.info("%d engine worker(s): %s on %s in %s, %d thread(s) each", len(engines),
+             type(e).__name__, e.device, e.dtype, share)
+    return engines
+
+
+class _Pipeline:
+    def __init__(self, plan: Plan, progress: Progress) -> None:
+        self.plan = plan
+        self.progress = progress
+        self.engines: list = []
+        self.embedder = plan.embedder
+        job = plan.job
+        tok_threads = job.tokenize_threads or max(1, min(8, os.cpu_count() or 1))
+        self.tok_pool = ThreadPoolExecutor(tok_threads, thread_name_prefix="floe-corpus-tok")
+        self.read_pool = ThreadPoolExecutor(1, thread_name_prefix="floe-corpus-read")
+        self.write_pool = ThreadPoolExecutor(1, thread_name_prefix="floe-corpus-write")
+        self.work: queue.Queue = queue.Queue(maxsize=2 * max(1, plan.job.workers))
+        self.error: Optional[BaseException] = None
+        self._err_lock = threading.Lock()
+        self.writes: list[Future] = []
+        self._writes_lock = threading.Lock()
+
+    def fail(self, exc: BaseException) -> None:
+        with self._err_lock:
+            if self.error is None:
+                self.error = exc
+
+    # --- stages ---------------------------------------------------------------------------------
+
+    def _read(self, shard) -> Tokenized:
+        rows = self.plan.source.read(shard)
+        return self.embedder.tokenize(rows, self.tok_pool)
+
+    def _worker(self, engine) -> None:
+        while True:
+            item = self.work.get()
+            if item is None:
+                return
+            state, idx, seqs = item
+            if self.error is not None:
+                continue  # the job failed: drop queued work
+            try:
+                state.pooled[idx] = engine.run(engine.prepare(seqs))
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                self.fail(exc)
+                continue
+            if state.batch_done():
+                self._submit_write(state)
+
+    def _submit_write(self, state: _ShardState) -> None:
+        fut = self.write_pool.submit(self._write, state)
+        fut.add_done_callback(lambda f: f.exception() and self.fail(f.exception()))
+        with self._writes_lock:
+            self.writes.append(fut)
+
+    def _write(self, state: _ShardState) -> None:
+        if self.error is not None:
+            return
+        tok = state.tok
+        table, skipped = self.embedder.result_table(tok, state.pooled)
+        self.plan.output.write_shard(tok.rows.shard.index, table, skipped)
+        self.progress.update(tok.rows.shard.rows, tok.n_tokens, len(skipped))
+
+    # --- driver ---------------------------------------------------------------------------------
+
+    def start_reading(self) -> None:
+        """Starts reading and tokenizing the first shards (before the engines are loaded)."""
+        self._pending = iter(self.plan.pending)
+        self._ahead: deque[Future] = deque()
+        for shard in self._pending:
+            self._ahead.append(self.read_pool.submit(self._read, shard))
+            if len(self._ahead) >= READ_AHEAD:
+                break
+
+    def run(self, engines: list) -> None:
+        self.engines = engines
+        workers = [threading.Thread(target=self._worker, args=(e,), name=f"floe-corpus-engine-{i}",
+                                    daemon=True) for i, e in enumerate(self.engines)]
+        for t in workers:
+            t.start()
+        pending, ahead = self._pending, self._ahead
+        try:
+            while ahead and self.error is None:
+                tok = ahead.popleft().result()
+                nxt = next(pending, None)
+                if nxt is not None:
+                    ahead.append(self.read_pool.submit(self._read, nxt))
+                batches = self.embedder.batches(tok)
+                state = _ShardState(tok, len(batches), self.plan.spec.dim)
+                if not batches:
+                    self._submit_write(state)
+                for idx, seqs in batches:
+                    if self.error is not None:
+                        break
+                    self.work.put((state, idx, seqs))
+        except BaseException as exc:
+            self.fail(exc)
+        finally:
+            for _ in workers:
+                self.work.put(None)
+            for t in workers:
+                t.join()
+            for f in ahead:
+                f.cancel()
+            self.read_pool.shutdown(wait=True, cancel_futures=True)
+            self.write_pool.shutdown(wait=True)
+            self.tok_pool.shutdown(wait=True, cancel_futures=True)
+        if self.error is not None:
+            raise self.error
+
+
+def run_local(plan: Plan, progress: Progress) -> None:
+    pipeline = _Pipeline(plan, progress)
+    pipeline.start_reading()  # the first shards read and tokenize while the model loads
+    try:
+        engines = make_engines(plan)
+    except BaseException:
+        pipeline.fail(RuntimeError("the engine could not be created"))
+        pipeline.read_pool.shutdown(wait=True, cancel_futures=True)
+        pipeline.tok_pool.shutdown(wait=True, cancel_futures=True)
+        pipeline.write_pool.shutdown(wait=True)
+        raise
+    pipeline.run(engines)

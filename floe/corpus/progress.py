@@ -1,0 +1,85 @@
+"""Progress of a corpus job: a bar on a terminal (tqdm), log lines otherwise, a summary line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from typing import Optional
+
+log = logging.getLogger("floe.corpus")
+
+LOG_EVERY_S = 10.0
+
+
+def _rate(x: float) -> str:
+    return f"{x / 1000:.1f}k" if x >= 1000 else f"{x:.0f}"
+
+
+def _duration(s: float) -> str:
+    s = int(max(0, s))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+class Progress:
+    """Thread-safe counters of rows and tokens. ``update`` is called once per written shard."""
+
+    def __init__(self, total_rows: int, done_rows: int, enabled: Optional[bool] = None,
+                 stream=None) -> None:
+        self.stream = stream or sys.stderr
+        self.total = total_rows
+        self.start_rows = done_rows
+        self.rows = done_rows
+        self.tokens = 0
+        self.skipped = 0
+        self.t0 = time.monotonic()
+        self._last_log = self.t0
+        self._lock = threading.Lock()
+        tty = enabled if enabled is not None else bool(getattr(self.stream, "isatty", lambda: False)())
+        self._bar = None
+        if tty:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self._bar = tqdm(total=total_rows, initial=done_rows, unit="row", file=self.stream,
+                                 dynamic_ncols=True, smoothing=0.1, desc="embedding")
+
+    def update(self, rows: int, tokens: int, skipped: int = 0) -> None:
+        with self._lock:
+            self.rows += rows
+            self.tokens += tokens
+            self.skipped += skipped
+            elapsed = time.monotonic() - self.t0
+            tps = self.tokens / elapsed if elapsed > 0 else 0.0
+            if self._bar is not None:
+                self._bar.update(rows)
+                self._bar.set_postfix_str(f"{_rate(tps)} tokens/s", refresh=False)
+                return
+            now = time.monotonic()
+            if now - self._last_log >= LOG_EVERY_S or self.rows >= self.total:
+                self._last_log = now
+                new_rows = self.rows - self.start_rows
+                rps = new_rows / elapsed if elapsed > 0 else 0.0
+                eta = (self.total - self.rows) / rps if rps > 0 else float("inf")
+                pct = 100.0 * self.rows / self.total if self.total else 100.0
+                log.info("%d/%d rows (%.1f%%), %s rows/s, %s tokens/s, ETA %s", self.rows, self.total,
+                         pct, _rate(rps), _rate(tps), _duration(eta) if eta != float("inf") else "?")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def summary(self, output: str, written_rows: int, skipped: int, wall_s: float) -> str:
+        new_rows = self.rows - self.start_rows
+        resumed = f" (resumed: {self.start_rows} rows were already written)" if self.start_rows else ""
+        return (f"embedded {new_rows} rows in {wall_s:.1f} s ({_rate(new_rows / wall_s if wall_s else 0)} "
+                f"rows/s, {_rate(self.tokens / wall_s if wall_s else 0)} tokens/s){resumed}; "
+                f"{output}: {written_rows} rows, {skipped} skipped")

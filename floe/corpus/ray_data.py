@@ -1,0 +1,258 @@
+"""The corpus job on Ray Data (``floe embed-corpus --ray [ADDRESS]``).
+
+    read_datasource(_ShardDatasource)    one read task per shard still to do, floe's own reader
+      -> map_batches(_EmbedActor)        an actor pool of floe engines (one per GPU, or per group
+                                         of cores); each batch is one whole shard: tokenize,
+                                         length-sorted batches, forward, post step
+      -> map_batches(_commit_shards)     write tasks: the shard's part file, atomic rename
+      -> the driver                      counts progress from one small status row per shard
+
+The shards, the manifest, the part files and the final step are the local path's (reader.py,
+writer.py), so the output is the same and a job can be resumed by either path. The output folder
+must be reachable from every node that runs a write task (a shared file system), as for any Ray
+Data write. The model folder must be at the same path on every node (the embedded default model is
+installed with floe).
+
+Ray Data's own ``write_parquet`` is not used: it has no notion of which rows were already
+written, so it cannot resume a job exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from floe.corpus.embed import CorpusOptions
+from floe.corpus.job import Plan
+from floe.corpus.progress import Progress
+from floe.corpus.reader import CorpusError, Rows, Shard, Source
+
+log = logging.getLogger("floe.corpus")
+
+try:
+    import ray
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise CorpusError('--ray needs Ray Data: pip install "floe[ray]"') from exc
+
+
+# --- read -------------------------------------------------------------------------------------
+
+def _shard_block(source: Source, shard: Shard) -> pa.Table:
+    rows = source.read(shard)
+    n = shard.rows
+    reasons = [rows.bad.get(i) for i in range(n)]
+    return pa.table({
+        "shard": pa.array(np.full(n, shard.index, dtype=np.int64)),
+        "start": pa.array(np.full(n, shard.start, dtype=np.int64)),
+        "shard_rows": pa.array(np.full(n, n, dtype=np.int64)),
+        "pos": pa.array(np.arange(n, dtype=np.int64)),
+        "id": rows.ids,
+        "text": pa.array(rows.texts, type=pa.string()),
+        "reason": pa.array(reasons, type=pa.string()),
+    })
+
+
+class _ShardDatasource(Datasource):
+    """One read task per shard; each returns the shard's rows as one block."""
+
+    def __init__(self, source: Source, shards: list[Shard]) -> None:
+        super().__init__()
+        self._source = source
+        self._shards = shards
+
+    def estimate_inmemory_data_size(self) -> Optional[int]:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None,
+                       data_context=None) -> list:
+        source = self._source
+        tasks = []
+        for shard in self._shards:
+            meta = BlockMetadata(num_rows=shard.rows, size_bytes=None, exec_stats=None,
+                                 input_files=None)
+            tasks.append(ReadTask(lambda s=shard: [_shard_block(source, s)], meta))
+        return tasks
+
+
+# --- embed (actors) ---------------------------------------------------------------------------
+
+def _rows_of(batch: pa.Table) -> list[Rows]:
+    """Splits a batch into whole shards (checks that no shard was cut between blocks)."""
+    out = []
+    shard_col = batch.column("shard").to_numpy()
+    for index in np.unique(shard_col):
+        part = batch.filter(pa.array(shard_col == index))
+        start = int(part.column("start")[0].as_py())
+        n = int(part.column("shard_rows")[0].as_py())
+        pos = part.column("pos").to_numpy()
+        if len(pos) != n or not np.array_equal(np.sort(pos), np.arange(n)):
+            raise RuntimeError(f"shard {index} reached the embedding stage split across blocks "
+                               f"({len(pos)} of {n} rows)")
+        order = np.argsort(pos)
+        part = part.take(pa.array(order))
+        texts = part.column("text").to_pylist()
+        reasons = part.column("reason").to_pylist()
+        bad = {i: r for i, r in enumerate(reasons) if r is not None}
+        out.append(Rows(Shard(int(index), start, start + n), part.column("id").combine_chunks(),
+                        texts, bad))
+    return out
+
+
+class _EmbedActor:
+    """One floe engine, its tokenizer and the job's embedding step; one call per shard."""
+
+    def __init__(self, model: str, options: dict, engine: Optional[str], device: str, dtype: str,
+                 threads: int, batch_tokens: int, max_batch_size: int) -> None:
+        from floe.config import ModelSettings
+        from floe.corpus.embed import ShardEmbedder
+        from floe.engine import create_engine
+        from floe.models import load_spec
+        from floe.tokenize import Tokenizer
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        spec = load_spec(ModelSettings(model=model))
+        kw = {} if engine is None else {"kind": engine}
+        self.engine = create_engine(spec, device=device, dtype=dtype, threads=threads, **kw)
+        self.embedder = ShardEmbedder(spec, Tokenizer(spec), CorpusOptions(**options),
+                                      batch_tokens, max_batch_size)
+        self.dim = self.embedder.dim
+        self.output_dtype = options["output_dtype"]
+
+    def _run(self, seqs: list) -> np.ndarray:
+        return self.engine.run(self.engine.prepare(seqs))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from floe.corpus.embed import embedding_array, post_process
+
+        tables = []
+        for rows in _rows_of(batch):
+            n = rows.shard.rows
+            error = None
+            emb = np.zeros((n, self.dim), dtype=np.float32)
+            reasons = [rows.bad.get(i) for i in range(n)]
+            tokens = np.zeros(n, dtype=np.int64)
+            try:
+                tok = self.embedder.tokenize(rows)
+            except CorpusError as exc:  # --on-error fail: reported by the driver, nothing written
+                error = str(exc)
+            else:
+                pooled = self.embedder.embed(tok, self._run)
+                emb[tok.good] = post_process(pooled, self.embedder.normalize,
+                                             self.embedder.options.dimensions)
+                tokens[tok.good] = tok.tokens.lengths
+                reasons = [tok.bad.get(i) for i in range(n)]
+            tables.append(pa.table({
+                "shard": pa.array(np.full(n, rows.shard.index, dtype=np.int64)),
+                "start": pa.array(np.full(n, rows.shard.start, dtype=np.int64)),
+                "shard_rows": pa.array(np.full(n, n, dtype=np.int64)),
+                "pos": pa.array(np.arange(n, dtype=np.int64)),
+                "id": rows.ids,
+                "embedding": embedding_array(emb, self.output_dtype),
+                "reason": pa.array(reasons, type=pa.string()),
+                "tokens": pa.array(tokens),
+                "error": pa.array([error] * n, type=pa.string()),
+            }))
+        return pa.concat_tables(tables)
+
+
+# --- write (tasks) ----------------------------------------------------------------------------
+
+def _commit_shards(batch: pa.Table, work: str, manifest: dict) -> pa.Table:
+    """Writes each whole shard of ``batch`` as its part file; returns one status row per shard."""
+    from floe.corpus.writer import schema_for, write_part
+
+    schema = schema_for(manifest)
+    status = {"shard": [], "rows": [], "tokens": [], "skipped": [], "error": []}
+    shard_col = batch.column("shard").to_numpy()
+    for index in np.unique(shard_col):
+        part = batch.filter(pa.array(shard_col == index))
+        n = int(part.column("shard_rows")[0].as_py())
+        start = int(part.column("start")[0].as_py())
+        pos = part.column("pos").to_numpy()
+        if len(pos) != n:
+            raise RuntimeError(f"shard {index} reached the write stage split across blocks")
+        part = part.take(pa.array(np.argsort(pos)))
+        error = part.column("error")[0].as_py()
+        reasons = part.column("reason").to_pylist()
+        skipped = []
+        if error is None:
+            good = np.array([r is None for r in reasons])
+            ids = part.column("id")
+            skipped = [{"row": start + i, "id": ids[i].as_py(), "reason": r}
+                       for i, r in enumerate(reasons) if r is not None]
+            table = pa.table({"id": ids, "embedding": part.column("embedding")}).filter(pa.array(good))
+            write_part(work, int(index), table, skipped, schema)
+        status["shard"].append(int(index))
+        status["rows"].append(n)
+        status["tokens"].append(int(pa.compute.sum(part.column("tokens")).as_py() or 0))
+        status["skipped"].append(len(skipped))
+        status["error"].append(error)
+    return pa.table({"shard": pa.array(status["shard"], pa.int64()),
+                     "rows": pa.array(status["rows"], pa.int64()),
+                     "tokens": pa.array(status["tokens"], pa.int64()),
+                     "skipped": pa.array(status["skipped"], pa.int64()),
+                     "error": pa.array(status["error"], pa.string())})
+
+
+# --- driver -----------------------------------------------------------------------------------
+
+def _connect(address: str) -> bool:
+    """Connects to (or starts) Ray; returns True when this call started it."""
+    if ray.is_initialized():
+        return False
+    kw = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    if address in ("", "local"):
+        ray.init(num_cpus=os.cpu_count() or 1, **kw)
+    else:
+        ray.init(address=address, **kw)
+    return True
+
+
+def run_ray(plan: Plan, progress: Progress) -> None:
+    import pyarrow.compute  # noqa: F401 - used by the write tasks through pa.compute
+
+    job = plan.job
+    started = _connect(job.ray or "local")
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = bool(job.progress)
+        ctx.target_max_block_size = max(ctx.target_max_block_size or 0, 1 << 30)  # a shard stays whole
+        cluster = ray.cluster_resources()
+        cpus = float(cluster.get("CPU", 1))
+        gpus = float(cluster.get("GPU", 0))
+        use_gpu = job.device.startswith("cuda") or (job.device == "auto" and gpus >= 1)
+        actors = job.workers
+        threads = job.threads or max(1, int(cpus // actors))
+        # Logical CPUs reserved per actor: leave room for the read and write tasks.
+        reserve = max(0.25, min(float(threads), (cpus - 0.5) / actors))
+        log.info("Ray: %d actor(s), %d thread(s) each, %s; cluster %s", actors, threads,
+                 "1 GPU each" if use_gpu else "CPU", {k: v for k, v in cluster.items()
+                                                       if k in ("CPU", "GPU", "memory")})
+        options = plan.embedder.options.to_json()
+        ds = ray.data.read_datasource(_ShardDatasource(plan.source, plan.pending),
+                                      override_num_blocks=len(plan.pending),
+                                      ray_remote_args={"num_cpus": 0.1})
+        ds = ds.map_batches(
+            _EmbedActor, batch_size=None, batch_format="pyarrow", concurrency=actors,
+            num_cpus=reserve, num_gpus=1 if use_gpu else 0,
+            fn_constructor_kwargs=dict(
+                model=plan.spec.path, options=options, engine=job.engine,
+                device="cuda" if use_gpu else job.device,
+                dtype=job.dtype, threads=threads, batch_tokens=job.batch_tokens,
+                max_batch_size=job.max_batch_size))
+        ds = ds.map_batches(_commit_shards, batch_size=None, batch_format="pyarrow", num_cpus=0.1,
+                            fn_kwargs={"work": plan.output.work, "manifest": plan.manifest})
+        for status in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in status.to_pylist():
+                if row["error"]:
+                    raise CorpusError(row["error"])
+                progress.update(row["rows"], row["tokens"], row["skipped"])
+    finally:
+        if started:
+            ray.shutdown()

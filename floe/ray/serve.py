@@ -1,0 +1,174 @@
+"""A Ray Serve deployment of the floe replica behind the OpenAI route (``POST /v1/embeddings``).
+
+Each Serve replica is one floe replica in-process: the model's tokenizer (sentence-transformers
+parity, floe/tokenize.py), the request checks of floe/validate.py, and a ReplicaCore (dynamic
+length-bucketed batcher + engine thread, floe/replica/core.py) driving one engine. Ray places the
+replicas (``ray_actor_options``: CPUs or a GPU each), routes requests between them, and restarts a
+replica whose health check fails (``check_health`` fails once the core's threads are gone).
+
+Run it with ``serve run floe.ray.serve:build_app model=default`` or a config file (docs/scale-out.md):
+
+    applications:
+      - name: floe
+        route_prefix: /
+        import_path: floe.ray.serve:build_app
+        args: {model: default, engine: torch, max_batch_tokens: 16384}
+        deployments:
+          - name: FloeEmbeddings
+            num_replicas: 2
+            ray_actor_options: {num_cpus: 1}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from ray import serve
+
+from floe import validate
+from floe.errors import (HTTP_STATUS, FloeError, InternalError, ValidationError, error_envelope)
+from floe.protocol import EncodeOptions
+
+log = logging.getLogger("floe.ray.serve")
+
+app = FastAPI(title="floe on Ray Serve", docs_url=None, redoc_url=None)
+
+# Inputs per request: the same default as `floe serve --max-client-batch-size`.
+MAX_ITEMS = 2048
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
+                    media_type="application/json")
+
+
+def _error(err: FloeError) -> Response:
+    return _json(error_envelope(err), status=HTTP_STATUS[err.kind])
+
+
+def _opt(data: dict, key: str, kind: type) -> Any:
+    v = data.get(key)
+    if v is not None and (not isinstance(v, kind) or isinstance(v, bool) and kind is not bool):
+        raise ValidationError(f"`{key}` must be a {kind.__name__}", param=key)
+    return v
+
+
+@serve.deployment(name="FloeEmbeddings", health_check_period_s=5, health_check_timeout_s=30,
+                  max_ongoing_requests=64)
+@serve.ingress(app)
+class FloeEmbeddings:
+    """One floe replica: tokenizer + ReplicaCore(engine). Arguments are the deployment's config."""
+
+    def __init__(self, model: str = "default", engine: Optional[str] = None, device: str = "auto",
+                 dtype: str = "auto", threads: Optional[int] = None, max_batch_tokens: int = 16384,
+                 max_batch_size: int = 256, batch_timeout_ms: float = 2.0,
+                 served_model_name: Optional[str] = None) -> None:
+        from floe.config import BatchSettings, ModelSettings
+        from floe.engine import create_engine
+        from floe.models import load_spec
+        from floe.replica.core import ReplicaCore
+        from floe.tokenize import Tokenizer
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        spec = load_spec(ModelSettings(model=model, served_model_name=served_model_name))
+        self.spec = spec
+        self.tokenizer = Tokenizer(spec)
+        self.limits = self.tokenizer.limits(max_items=MAX_ITEMS)
+        kw = {} if engine is None else {"kind": engine}
+        eng = create_engine(spec, device=device, dtype=dtype, threads=threads, **kw)
+        self.core = ReplicaCore(eng, BatchSettings(max_batch_tokens=max_batch_tokens,
+                                                   max_batch_size=max_batch_size,
+                                                   batch_timeout_ms=batch_timeout_ms))
+        self.core.start()
+        self._pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)),
+                                        thread_name_prefix="floe-serve-tok")
+        log.info("floe replica ready: %s on %s (%s)", spec.name, eng.device, eng.dtype)
+
+    def check_health(self) -> None:
+        """Called by Serve; an exception makes Serve replace this replica."""
+        if not self.core.ready:
+            raise RuntimeError("the floe replica core is not running")
+
+    def __del__(self) -> None:
+        core = getattr(self, "core", None)
+        if core is not None:
+            core.stop()
+
+    async def _embed(self, data: dict) -> Response:
+        if not isinstance(data, dict):
+            raise ValidationError("the body must be a JSON object")
+        if "input" not in data:
+            raise ValidationError("`input` is required", param="input")
+        validate.check_model(self.limits, _opt(data, "model", str))
+        fmt = _opt(data, "encoding_format", str) or "float"
+        if fmt not in ("float", "base64"):
+            raise ValidationError("`encoding_format` must be 'float' or 'base64'",
+                                  param="encoding_format")
+        options = EncodeOptions(dimensions=_opt(data, "dimensions", int),
+                                prompt_name=_opt(data, "prompt_name", str),
+                                prompt=_opt(data, "prompt", str),
+                                truncate=_opt(data, "truncate", bool))
+        plan = validate.check_options(self.limits, options)
+        texts, tokens = validate.parse_json_input(self.limits, data["input"], "input")
+        loop = asyncio.get_running_loop()
+        if texts is not None:
+            checked = validate.check_texts(self.limits, texts, plan)
+            tokens = await loop.run_in_executor(self._pool, self.tokenizer.encode_plan, checked, plan)
+        else:
+            tokens = self.tokenizer.validate_ids(tokens, options)
+        result = await self.core.submit(tokens, options, uuid.uuid4().hex)
+        arr = result.as_float32()
+        if fmt == "base64":
+            rows = [{"object": "embedding", "index": i,
+                     "embedding": base64.b64encode(arr[i].astype("<f4").tobytes()).decode("ascii")}
+                    for i in range(result.n)]
+        else:
+            rows = [{"object": "embedding", "index": i, "embedding": arr[i]} for i in range(result.n)]
+        used = int(result.token_counts.sum())
+        return _json({"object": "list", "data": rows, "model": self.spec.name,
+                      "usage": {"prompt_tokens": used, "total_tokens": used}})
+
+    @app.post("/v1/embeddings")
+    async def embeddings(self, request: Request) -> Response:
+        try:
+            try:
+                data = orjson.loads(await request.body())
+            except orjson.JSONDecodeError as exc:
+                raise ValidationError(f"the body is not valid JSON ({exc})") from None
+            return await self._embed(data)
+        except FloeError as err:
+            return _error(err)
+        except Exception:  # noqa: BLE001 - never a stack trace to the client
+            log.exception("internal error on /v1/embeddings")
+            return _error(InternalError())
+
+    @app.get("/v1/models")
+    async def models(self) -> Response:
+        return _json({"object": "list", "data": [
+            {"id": self.spec.name, "object": "model", "created": 0, "owned_by": "floe"}]})
+
+    @app.get("/health")
+    async def health(self) -> Response:
+        return _json({"status": "ok" if self.core.ready else "not ready"},
+                     status=200 if self.core.ready else 503)
+
+
+def build_app(args: Optional[dict] = None):
+    """Application builder for ``serve run floe.ray.serve:build_app key=value ...`` and config
+    files: ``args`` are FloeEmbeddings' constructor arguments."""
+    args = dict(args or {})
+    for key in ("threads", "max_batch_tokens", "max_batch_size"):
+        if key in args and args[key] is not None:
+            args[key] = int(args[key])
+    if "batch_timeout_ms" in args:
+        args["batch_timeout_ms"] = float(args["batch_timeout_ms"])
+    return FloeEmbeddings.bind(**args)
