@@ -184,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress line on a terminal")
     p.set_defaults(func=_embed)
 
+    from floe.corpus import args as corpus_args
+    p = sub.add_parser("embed-corpus", help="embed a Parquet/JSONL/CSV corpus offline (in-process or on Ray)",
+                       description=corpus_args.DESCRIPTION)
+    corpus_args.add_arguments(p)
+    p.set_defaults(func=corpus_args.main)
+
     p = sub.add_parser("bench", help="load generator for floe or any OpenAI-compatible server",
                        add_help=False)
     p.set_defaults(func=None)
