@@ -16,13 +16,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from floe.config import ModelSettings
+from floe.config import ModelSettings, settings_from, settings_to_dict
 from floe.engine.fake import FakeEngine
 from floe.models import load_spec
 from floe.proto import arctic_inference_pb2 as apb
 from floe.proto import arctic_inference_pb2_grpc as agrpc
 from floe.proto import floe_pb2, floe_pb2_grpc
-from floe.protocol import EncodeOptions, request_to_proto, result_from_proto
+from floe.protocol import (EncodeOptions, ReplicaHello, ReplicaLaunch, request_to_proto,
+                           result_from_proto)
 from floe.tokenize import Tokenizer
 
 READY = "FLOE_REPLICA_READY"
@@ -44,10 +45,16 @@ def _read_lines(stream, q: "queue.Queue[str | None]") -> None:
 
 
 def start_replica(*extra: str) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "floe.replica", "--engine", "fake", "--host", "127.0.0.1",
-         "--port", "0", "--workers", "2", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    proc, hello = start_process([sys.executable, "-m", "floe.replica", "--engine", "fake",
+                                 "--host", "127.0.0.1", "--port", "0", "--workers", "2", *extra])
+    assert hello.address == f"127.0.0.1:{hello.address.rsplit(':', 1)[1]}"
+    return proc, int(hello.address.rsplit(":", 1)[1])
+
+
+def start_process(cmd: list[str], env: dict | None = None) -> tuple[subprocess.Popen, ReplicaHello]:
+    """Starts a replica process and waits for its hello line (FLOE_REPLICA_READY {json})."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env or _env())
     q: "queue.Queue[str | None]" = queue.Queue()
     threading.Thread(target=_read_lines, args=(proc.stdout, q), daemon=True).start()
     deadline = time.monotonic() + START_TIMEOUT
@@ -58,8 +65,10 @@ def start_replica(*extra: str) -> tuple[subprocess.Popen, int]:
             break
         if line is None:
             break
-        if line.startswith(READY):
-            return proc, int(line.split()[1])
+        hello = ReplicaHello.from_line(line.rstrip("\n"))
+        if hello is not None:
+            assert hello.pid == proc.pid and hello.engine == "fake", hello
+            return proc, hello
     proc.kill()
     _, err = proc.communicate(timeout=10)
     raise AssertionError(f"replica did not become ready: {err[-2000:]}")
@@ -310,3 +319,61 @@ def test_bad_model_path_exits_2_with_one_line():
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("floe.replica: error:") and "nonexistent" in last
     assert READY not in proc.stdout
+
+
+def test_standalone_api_key_is_required_except_for_health():
+    proc, port = start_replica("--api-key", "k3y")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = floe_pb2_grpc.EmbedderStub(ch)
+            req = floe_pb2.EncodeRequest(texts=["hello"])
+            for meta in (None, (("authorization", "k3y"),), (("authorization", "Bearer nope"),)):
+                code, _ = _code(lambda: stub.Encode(req, timeout=10, metadata=meta))
+                assert code == grpc.StatusCode.UNAUTHENTICATED
+            assert stub.Encode(req, timeout=10, metadata=(("authorization", "Bearer k3y"),)).n == 1
+            h = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert h.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        stop(proc)
+
+
+def test_empty_api_key_is_refused_at_start():
+    proc = subprocess.run([sys.executable, "-m", "floe.replica", "--engine", "fake", "--port", "0",
+                           "--api-key", ""], capture_output=True, text=True, timeout=60, env=_env())
+    assert proc.returncode == 2
+    assert "--api-key is empty" in proc.stderr
+    assert READY not in proc.stdout
+
+
+def test_managed_launch_unix_socket_and_token(tmp_path):
+    """What the supervisor starts: a ReplicaLaunch in the environment, a Unix socket, a token."""
+    settings = settings_from(env={}, batch={"max_batch_tokens": 4096}, replicas={"engine": "fake"})
+    sock = tmp_path / "replica-3.sock"
+    launch = ReplicaLaunch(settings=settings_to_dict(settings), index=3, address=f"unix:{sock}",
+                           parent_pid=os.getpid(), token="t0ken")
+    env = {**_env(), ReplicaLaunch.ENV: launch.to_json()}
+    proc, hello = start_process([sys.executable, "-m", "floe.replica"], env=env)
+    try:
+        assert hello.address == f"unix:{sock}"
+        assert (os.stat(sock).st_mode & 0o777) == 0o600  # only this user may connect
+        with grpc.insecure_channel(hello.address) as ch:
+            stub = floe_pb2_grpc.EmbedderStub(ch)
+            ids = floe_pb2.EncodeRequest(token_ids=np.array([101, 7, 102], "<i4").tobytes(),
+                                         lengths=[3])
+            code, _ = _code(lambda: stub.Encode(ids, timeout=10))
+            assert code == grpc.StatusCode.UNAUTHENTICATED
+            token = (("authorization", "Bearer t0ken"),)
+            assert stub.Encode(ids, timeout=10, metadata=token).n == 1
+            # the front end tokenizes: a managed replica takes token ids only
+            code, _ = _code(lambda: stub.Encode(floe_pb2.EncodeRequest(texts=["a"]), timeout=10,
+                                                metadata=token))
+            assert code == grpc.StatusCode.UNAVAILABLE
+            info = stub.GetReplicaInfo(floe_pb2.GetReplicaInfoRequest(), timeout=10, metadata=token)
+            ri = info.replicas[0]
+            assert ri.replica_id == "3" and ri.max_batch_tokens == 4096  # the tree arrived whole
+            h = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert h.status == health_pb2.HealthCheckResponse.SERVING  # probes need no token
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        stop(proc)
