@@ -331,18 +331,20 @@ class ParquetSource(Source):
         else:
             self._files = [self.path]
         self._rows_per_file: list[int] = []
+        first_typed: Optional[str] = None
         for f in self._files:
             meta = pq.ParquetFile(f)
             schema = meta.schema_arrow
             for col in (text_column, id_column):
                 if col is not None and col not in schema.names:
                     raise CorpusError(f"{f}: no column {col!r} (columns: {', '.join(schema.names)})")
-            if id_column:
+            if id_column and meta.metadata.num_rows:
                 t = schema.field(id_column).type
-                if f == self._files[0]:
+                if first_typed is None:
+                    first_typed = f
                     self.id_type = t
                 elif t != self.id_type:
-                    raise CorpusError(f"{f}: column {id_column!r} is {t}, but {self._files[0]} has "
+                    raise CorpusError(f"{f}: column {id_column!r} is {t}, but {first_typed} has "
                                       f"{self.id_type}")
             self._rows_per_file.append(meta.metadata.num_rows)
 

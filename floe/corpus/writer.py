@@ -251,7 +251,7 @@ class CorpusOutput:
             _fsync_dir(os.path.dirname(self.output))
             shutil.rmtree(self.work, ignore_errors=True)
         else:
-            done = dict(self.manifest, complete=True, **summary)
+            done = dict(self.manifest, complete=True, written_rows=rows, skipped_rows=len(skipped))
             _atomic_write_bytes(os.path.join(self.work, MANIFEST), json.dumps(done, indent=1).encode())
         return summary
 
