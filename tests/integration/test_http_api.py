@@ -169,8 +169,30 @@ def test_hostile_bodies(http):
         for _ in range(30):
             yield b"x" * 100_000
     assert_error(http.post("/v1/embeddings", content=chunks(), headers={"content-type": "application/json"}), 413)
+    # the item count is checked before any item is looked at: one comparison refuses it
     many = json.dumps({"input": [1.5] * 100_000}).encode()
-    assert_error(http.post("/v1/embeddings", content=many, headers={"content-type": "application/json"}), 400)
+    assert_error(http.post("/v1/embeddings", content=many, headers={"content-type": "application/json"}),
+                 413, param="input", contains="limit of 64")
+    few = json.dumps({"input": [1.5] * 3}).encode()
+    assert_error(http.post("/v1/embeddings", content=few, headers={"content-type": "application/json"}),
+                 400, param="input[0]")
+
+
+def test_errors_carry_the_request_id(http):
+    resp = http.post("/v1/embeddings", json={"input": []}, headers={"x-request-id": "my-req-7"})
+    assert_error(resp, 400)
+    assert resp.headers["x-request-id"] == "my-req-7"
+    resp = http.post("/v1/embeddings", json={"input": "x", "dimensions": 0})
+    assert_error(resp, 400)
+    assert len(resp.headers["x-request-id"]) == 32  # generated when the client sent none
+    assert_error(resp := http.get("/v2/nothing"), 404)
+    assert resp.headers["x-request-id"]
+
+
+def test_api_description_is_public_without_a_key_and_docs_are_off(http):
+    spec = http.get("/openapi.json")
+    assert spec.status_code == 200 and "/v1/embeddings" in spec.json()["paths"]
+    assert_error(http.get("/docs"), 404)
 
 
 def test_empty_string_is_embedded_without_nan(http):
