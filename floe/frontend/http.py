@@ -1,7 +1,8 @@
 """HTTP transport: OpenAI /v1/embeddings, TEI-style /embed and /tokenize, health, info, metrics.
 
-Bodies are read with a hard size limit and parsed with orjson (strict UTF-8, no lone surrogates,
-bounded nesting), then validated by hand so that every error names its parameter and stays small.
+Every compute route runs through ``run_compute``: auth, admission before the body is read, the
+body limit, decoding with floe/frontend/schemas.py (bounded by the limits, every error naming its
+parameter), the work (cancelled if the client disconnects), one count per outcome.
 Embeddings are serialized straight from the float32 buffer: numpy rows for JSON floats, the raw
 bytes for base64 and application/octet-stream.
 """
@@ -15,13 +16,13 @@ import logging
 import time
 from typing import Any, Optional
 
-import numpy as np
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from floe import metrics, validate
+from floe import metrics
+from floe.frontend import schemas
 from floe.errors import (
     HTTP_STATUS,
     AuthError,
@@ -49,8 +50,8 @@ def _json(obj: Any, status: int = 200, headers: Optional[dict] = None) -> Respon
 
 # --- request parsing ---------------------------------------------------------------------------
 
-# Bodies larger than this are parsed and checked on a worker thread, so that a big or deeply
-# structured body does not hold the event loop (the 413 for 2 million one-id lists included).
+# Bodies larger than this are decoded and checked on a worker thread (floe/frontend/schemas.py
+# bounds that work by the limits, not by the body's contents).
 _INLINE_BODY_BYTES = 64 * 1024
 
 
@@ -76,70 +77,6 @@ async def read_body(request: Request, limit: int) -> bytes:
     if not body:
         raise ValidationError("request body is empty; send a JSON object")
     return body
-
-
-def parse_json(body: bytes) -> dict:
-    """orjson: strict UTF-8, bounded nesting. A lone surrogate escape is located, so the error
-    names the item (``input[3]``) rather than the body."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        msg = str(e)
-        if "surrogate" in msg.lower():
-            raise _locate_surrogate(body) from None
-        raise ValidationError(f"request body is not valid JSON: {msg[:160]}") from None
-    if not isinstance(data, dict):
-        raise ValidationError("request body must be a JSON object")
-    return data
-
-
-def _locate_surrogate(body: bytes) -> ValidationError:
-    """The stdlib parser accepts lone surrogates: use it to find which field holds one."""
-    import json
-
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        return ValidationError("request body is not valid JSON (a lone surrogate escape)")
-    if isinstance(data, dict):
-        for key, value in data.items():
-            items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
-            for i, x in enumerate(items):
-                if isinstance(x, str):
-                    try:
-                        x.encode("utf-8")
-                    except UnicodeEncodeError:
-                        param = key if isinstance(value, str) else f"{key}[{i}]"
-                        return ValidationError(f"`{param}` is not valid Unicode text (it holds a "
-                                               "lone surrogate)", param=param)
-    return ValidationError("request body holds a lone surrogate escape, which is not valid Unicode")
-
-
-def _opt_bool(data: dict, key: str) -> Optional[bool]:
-    v = data.get(key)
-    if v is None:
-        return None
-    if not isinstance(v, bool):
-        raise ValidationError(f"`{key}` must be a boolean", param=key)
-    return v
-
-
-def _opt_str(data: dict, key: str) -> Optional[str]:
-    v = data.get(key)
-    if v is None:
-        return None
-    if not isinstance(v, str):
-        raise ValidationError(f"`{key}` must be a string", param=key)
-    return v
-
-
-def _opt_dimensions(data: dict) -> Optional[int]:
-    v = data.get("dimensions")
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValidationError("`dimensions` must be a positive integer", param="dimensions")
-    return v
 
 
 def timing_headers(result: EmbedResult) -> dict[str, str]:
@@ -263,18 +200,17 @@ def create_app(service: EmbedService) -> FastAPI:
 
     # OpenAI -----------------------------------------------------------------------------------
 
-    def parse_openai(data: dict) -> tuple:
-        if "input" not in data:
-            raise ValidationError("`input` is required", param="input")
-        texts, tokens = validate.parse_json_input(limits, data["input"], "input")
-        fmt = data.get("encoding_format") or "float"
+    def parse_openai(body: bytes) -> tuple:
+        req = schemas.decode_body(schemas.OpenAIEmbeddingRequest, body)
+        texts, tokens = schemas.decode_input(limits, req.input, "input")
+        fmt = req.encoding_format or "float"
         if fmt not in ("float", "base64"):
             raise ValidationError("`encoding_format` must be 'float' or 'base64'",
                                   param="encoding_format")
-        options = EncodeOptions(dimensions=_opt_dimensions(data),
-                                prompt_name=_opt_str(data, "prompt_name"), prompt=_opt_str(data, "prompt"),
-                                truncate=_opt_bool(data, "truncate"))
-        return texts, tokens, options, fmt, _opt_str(data, "model") or ""
+        options = EncodeOptions(dimensions=schemas.check_dimensions(req.dimensions),
+                                prompt_name=req.prompt_name, prompt=req.prompt,
+                                truncate=req.truncate)
+        return texts, tokens, options, fmt, req.model or ""
 
     async def respond_openai(parsed: tuple, rid: str) -> Response:
         texts, tokens, options, fmt, model = parsed
@@ -299,21 +235,19 @@ def create_app(service: EmbedService) -> FastAPI:
 
     # TEI-style -----------------------------------------------------------------------------
 
-    def parse_embed(data: dict) -> tuple:
-        if "inputs" not in data:
-            raise ValidationError("`inputs` is required", param="inputs")
-        texts, tokens = validate.parse_json_input(limits, data["inputs"], "inputs")
-        direction = (_opt_str(data, "truncation_direction") or "right").lower()
+    def parse_embed(body: bytes) -> tuple:
+        req = schemas.decode_body(schemas.EmbedRequest, body)
+        texts, tokens = schemas.decode_input(limits, req.inputs, "inputs")
+        direction = (req.truncation_direction or "right").lower()
         if direction not in ("left", "right"):
             raise ValidationError("`truncation_direction` must be 'left' or 'right'",
                                   param="truncation_direction")
-        normalize = _opt_bool(data, "normalize")
         options = EncodeOptions(
-            normalize=True if normalize is None else normalize,
-            truncate=_opt_bool(data, "truncate"), truncation_direction=direction,
-            prompt_name=_opt_str(data, "prompt_name"), prompt=_opt_str(data, "prompt"),
-            dimensions=_opt_dimensions(data))
-        return texts, tokens, options, _opt_str(data, "model") or ""
+            normalize=True if req.normalize is None else req.normalize,
+            truncate=req.truncate, truncation_direction=direction,
+            prompt_name=req.prompt_name, prompt=req.prompt,
+            dimensions=schemas.check_dimensions(req.dimensions))
+        return texts, tokens, options, req.model or ""
 
     def embed_route(accept_raw: bool):
         async def respond(parsed: tuple, rid: str, request: Request) -> Response:
@@ -334,14 +268,13 @@ def create_app(service: EmbedService) -> FastAPI:
 
     app.add_api_route("/embed", embed_route(True), methods=["POST"])
 
-    def parse_tokenize(data: dict) -> tuple:
-        if "inputs" not in data:
-            raise ValidationError("`inputs` is required", param="inputs")
-        texts, tokens = validate.parse_json_input(limits, data["inputs"], "inputs")
+    def parse_tokenize(body: bytes) -> tuple:
+        req = schemas.decode_body(schemas.TokenizeRequest, body)
+        texts, tokens = schemas.decode_input(limits, req.inputs, "inputs")
         if texts is None:
             raise ValidationError("`inputs` must be a string or a list of strings", param="inputs")
-        options = EncodeOptions(prompt_name=_opt_str(data, "prompt_name"),
-                                prompt=_opt_str(data, "prompt"), truncate=_opt_bool(data, "truncate"))
+        options = EncodeOptions(prompt_name=req.prompt_name, prompt=req.prompt,
+                                truncate=req.truncate)
         return texts, options
 
     async def respond_tokenize(parsed: tuple, rid: str) -> Response:
@@ -403,7 +336,7 @@ def create_app(service: EmbedService) -> FastAPI:
 
 
 def _parse_body(body: bytes, parse) -> Any:
-    return parse(parse_json(body))
+    return parse(body)
 
 
 def error_response(err: FloeError, request_id: str = "") -> Response:

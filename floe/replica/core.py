@@ -34,7 +34,7 @@ import psutil
 from floe.config import BatchSettings
 from floe.engine.base import Engine
 from floe.errors import (FloeError, InternalError, OverloadedError, TooLargeError,
-                         UnavailableError, ValidationError, CancelledError as FloeCancelled)
+                         UnavailableError, CancelledError as FloeCancelled)
 from floe.protocol import ITEMSIZE, EmbedResult, EncodeOptions, Timings, TokenBatch
 from floe.proto import floe_pb2
 from floe.replica.scheduler import DEFAULT_MAX_WAIT_S, Scheduler, Sequence

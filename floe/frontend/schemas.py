@@ -1,0 +1,175 @@
+"""The HTTP request bodies, declared once as msgspec structs, and their decoding.
+
+Decoding is bounded by the limits, not by the input: the body is decoded into its struct with the
+``input`` field left as raw JSON (msgspec skips over it without building objects), then that raw
+field is decoded as a list of raw items whose length is capped by the item limit. A body holding
+two million one-id lists therefore costs one scan of its bytes and one comparison, never two
+million Python lists. Only then are the items decoded, with their exact type (strings, token ids,
+or lists of token ids), and every error names its parameter (``input[3]``, ``dimensions``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, Optional
+
+import msgspec
+
+from floe import validate
+from floe.errors import TooLargeError, ValidationError
+from floe.protocol import TokenBatch
+
+_PATH = re.compile(r" - at `\$(.*)`$")
+
+
+class OpenAIEmbeddingRequest(msgspec.Struct, kw_only=True):
+    """POST /v1/embeddings (OpenAI). Unknown fields (``user``, ...) are ignored, as OpenAI does."""
+
+    input: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b""))
+    model: Optional[str] = None
+    encoding_format: Optional[str] = None
+    dimensions: Optional[int] = None
+    # floe extensions
+    prompt_name: Optional[str] = None
+    prompt: Optional[str] = None
+    truncate: Optional[bool] = None
+
+
+class EmbedRequest(msgspec.Struct, kw_only=True):
+    """POST /embed (TEI)."""
+
+    inputs: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b""))
+    model: Optional[str] = None
+    normalize: Optional[bool] = None
+    truncate: Optional[bool] = None
+    truncation_direction: Optional[str] = None
+    prompt_name: Optional[str] = None
+    prompt: Optional[str] = None
+    dimensions: Optional[int] = None
+
+
+class TokenizeRequest(msgspec.Struct, kw_only=True):
+    """POST /tokenize (TEI)."""
+
+    inputs: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b""))
+    prompt_name: Optional[str] = None
+    prompt: Optional[str] = None
+    truncate: Optional[bool] = None
+
+
+_DECODERS = {cls: msgspec.json.Decoder(cls) for cls in (OpenAIEmbeddingRequest, EmbedRequest,
+                                                        TokenizeRequest)}
+
+
+def _param(err: msgspec.ValidationError, base: str = "") -> str:
+    m = _PATH.search(str(err))
+    path = m.group(1) if m else ""
+    if path.startswith("."):
+        path = path[1:]
+    return (base + path) if base else (path or "")
+
+
+def _message(err: Exception) -> str:
+    return _PATH.sub("", str(err))[:200]
+
+
+def decode_body(cls: type, body: bytes) -> Any:
+    """The request struct; any malformed body or wrongly typed field is a ValidationError."""
+    try:
+        return _DECODERS[cls].decode(body)
+    except msgspec.ValidationError as e:
+        param = _param(e)
+        if not param:
+            raise ValidationError(f"request body: {_message(e)}") from None
+        raise ValidationError(f"`{param}`: {_message(e)}", param=param) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        raise ValidationError(f"request body is not valid JSON: {str(e)[:160]}") from None
+    except RecursionError:
+        raise ValidationError("request body is nested too deeply") from None
+
+
+def _first_byte(raw: bytes) -> bytes:
+    for i in range(min(len(raw), 4096)):
+        c = raw[i:i + 1]
+        if c not in b" \t\r\n":
+            return c
+    return b""
+
+
+def decode_input(limits: validate.Limits, raw: msgspec.Raw, param: str
+                 ) -> tuple[Optional[list[str]], Optional[TokenBatch]]:
+    """A string, a list of strings, a list of token ids, or a list of such lists, decoded with
+    the item count checked before any item is built."""
+    data = bytes(raw)
+    if not data:
+        raise ValidationError(f"`{param}` is required", param=param)
+    try:
+        head = _first_byte(data)
+        if head == b'"':
+            text = msgspec.json.decode(data, type=str)
+            validate.check_text(text, param)
+            return [text], None
+        if head != b"[":
+            raise ValidationError(
+                f"`{param}` must be a string, a list of strings, a list of token ids or a list "
+                "of lists of token ids", param=param)
+        cap = max(limits.max_items, limits.max_ids_per_item)
+        items = msgspec.json.decode(data, type=Annotated[list[msgspec.Raw], msgspec.Meta(
+            max_length=cap)])
+        if not items:
+            raise ValidationError(f"`{param}` must not be empty", param=param)
+        first = _first_byte(bytes(items[0]))
+        if first in b"-0123456789" and first:
+            if len(items) > limits.max_ids_per_item:
+                raise TooLargeError(f"`{param}` has {len(items)} token ids, over the limit of "
+                                    f"{limits.max_ids_per_item}", param=param)
+            ids = msgspec.json.decode(data, type=list[int])
+            return None, validate.parse_json_input(limits, ids, param)[1]
+        validate.check_count(limits, len(items), param)
+        if first == b'"':
+            texts = msgspec.json.decode(data, type=list[str])
+            return texts, None
+        if first == b"[":
+            lists = msgspec.json.decode(data, type=list[list[int]])
+            return validate.parse_json_input(limits, lists, param)
+        raise ValidationError(f"`{param}` items must be strings or token ids", param=f"{param}[0]")
+    except msgspec.ValidationError as e:
+        if "length <=" in str(e):
+            raise TooLargeError(f"`{param}` has more than {cap} items, over the limit of "
+                                f"{limits.max_items} per request (--max-client-batch-size)",
+                                param=param) from None
+        where = _param(e, param)
+        raise ValidationError(f"`{where}`: {_message(e)}", param=where) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        if b"\\ud" in data.lower():
+            raise _locate_surrogate(data, param) from None
+        raise ValidationError(f"`{param}` is not valid JSON: {str(e)[:160]}", param=param) from None
+    except RecursionError:
+        raise ValidationError(f"`{param}` is nested too deeply", param=param) from None
+
+
+def _locate_surrogate(data: bytes, param: str) -> ValidationError:
+    """The stdlib parser accepts lone surrogates: it finds which item holds one."""
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError):
+        return ValidationError(f"`{param}` is not valid JSON", param=param)
+    items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    for i, x in enumerate(items):
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                where = param if isinstance(value, str) else f"{param}[{i}]"
+                return ValidationError(f"`{where}` is not valid Unicode text (it holds a lone "
+                                       "surrogate)", param=where)
+    return ValidationError(f"`{param}` holds an invalid \\u escape", param=param)
+
+
+def check_dimensions(value: Optional[int]) -> Optional[int]:
+    if value is not None and value < 1:
+        raise ValidationError("`dimensions` must be a positive integer", param="dimensions")
+    return value
+
+
