@@ -152,16 +152,17 @@ def _locked(path: str) -> Iterator[None]:
 # --- conversion ---------------------------------------------------------------------------------
 
 def _sliding_window(spec: ModelSpec) -> int:
-    """The attention window of a model with sliding-window layers (0 if it has none)."""
+    """The attention window of a model with sliding-window or local layers (0 if it has none)."""
     try:
         with open(os.path.join(spec.backbone_path, "config.json"), encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, ValueError):
         return 0
     config = config.get("text_config", config)
+    window = 0
     if "sliding_attention" in (config.get("layer_types") or []):
-        return int(config.get("sliding_window") or 0)
-    return 0
+        window = int(config.get("sliding_window") or 0)
+    return max(window, int(config.get("local_attention") or 0))  # ModernBERT's local layers
 
 
 def _batch(spec: ModelSpec, lengths: Sequence[int], seed: int) -> tuple[np.ndarray, np.ndarray]:

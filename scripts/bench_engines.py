@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""Forward throughput of the engines, in-process, no server: torch vs OpenVINO on one model.
+
+For each engine and workload it times ``engine.run(engine.prepare(batch))`` (padding, forward,
+pooling, Dense: what a replica's engine thread does per batch) and prints real (unpadded) tokens
+per second, the ratio OpenVINO / torch, and the share of the CPU's bf16 matmul peak, measured in
+the same run by a matmul of the model's own shapes (tokens x hidden @ hidden x intermediate).
+
+Workloads: ``64x50`` (64 inputs of 50 tokens per batch), ``16x256``, and ``mixed`` (inputs of
+uniform 16-256 tokens, sorted by length and cut into batches of at most --max-batch-tokens padded
+tokens, as the replica's scheduler does).
+
+    .venv/bin/python scripts/bench_engines.py --threads 2 --seconds 20
+    .venv/bin/python scripts/bench_engines.py --seconds 1 --workloads 64x50   # smoke run
+
+Run it with nothing else on the cores: a busy machine drops every figure 3-5x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+WORKLOADS = ("64x50", "16x256", "mixed")
+
+
+def batches_for(name: str, vocab: int, max_batch_tokens: int, seed: int = 0) -> list[list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    low = min(1000, vocab - 1)
+
+    def seq(n: int) -> np.ndarray:
+        return rng.integers(low, vocab, n).astype(np.int32)
+
+    if name == "mixed":
+        seqs = sorted((seq(int(n)) for n in rng.integers(16, 257, 1024)), key=len)
+        out, cur = [], []
+        for s in seqs:  # lengths ascend, so the padded cost of a batch is len(s) x count
+            if cur and len(s) * (len(cur) + 1) > max_batch_tokens:
+                out.append(cur)
+                cur = []
+            cur.append(s)
+        return out + [cur] if cur else out
+    rows, length = (int(x) for x in name.split("x"))
+    return [[seq(length) for _ in range(rows)] for _ in range(4)]
+
+
+def time_engine(engine, batches: list[list[np.ndarray]], seconds: float, min_rounds: int = 1) -> dict:
+    engine.run(engine.prepare(batches[0]))  # first call of a shape pays for kernel selection
+    tokens = rounds = 0
+    t0 = time.perf_counter()
+    while rounds < min_rounds or time.perf_counter() - t0 < seconds:
+        for b in batches:
+            engine.run(engine.prepare(b))
+            tokens += sum(len(s) for s in b)
+        rounds += 1
+    dt = time.perf_counter() - t0
+    return {"tokens_per_s": tokens / dt, "seconds": dt, "rounds": rounds}
+
+
+def model_shapes(spec) -> dict:
+    with open(os.path.join(spec.backbone_path, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg = cfg.get("text_config", cfg)
+    hidden = int(cfg["hidden_size"])
+    return {"hidden": hidden, "intermediate": int(cfg.get("intermediate_size", 4 * hidden)),
+            "layers": int(cfg["num_hidden_layers"])}
+
+
+def flops_per_token(shapes: dict, length: float) -> float:
+    """Multiply-adds x 2 of one encoder token: Q, K, V, O projections, the MLP, and attention."""
+    h, i = shapes["hidden"], shapes["intermediate"]
+    return shapes["layers"] * 2 * (4 * h * h + 2 * h * i + 2 * length * h)
+
+
+def matmul_peak(shapes: dict, threads: int, seconds: float, tokens: int = 4096) -> float:
+    """bf16 GFLOP/s of (tokens x hidden) @ (hidden x intermediate), the model's largest matmul."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.randn(tokens, shapes["hidden"]).to(torch.bfloat16)
+    b = torch.randn(shapes["hidden"], shapes["intermediate"]).to(torch.bfloat16)
+    for _ in range(3):
+        torch.matmul(a, b)
+    n, t0 = 0, time.perf_counter()
+    while n < 5 or time.perf_counter() - t0 < seconds:
+        torch.matmul(a, b)
+        n += 1
+    dt = time.perf_counter() - t0
+    return 2 * tokens * shapes["hidden"] * shapes["intermediate"] * n / dt / 1e9
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="default", help="model folder or 'default' (embedded MiniLM)")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--seconds", type=float, default=20.0, help="time per engine and workload")
+    p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument("--engines", default="torch,openvino")
+    p.add_argument("--max-batch-tokens", type=int, default=16384)
+    p.add_argument("--cache-dir", default=None, help="converted-model cache (default: floe's)")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from floe.config import ModelSettings
+    from floe.models import load_spec
+
+    spec = load_spec(ModelSettings(model=args.model))
+    shapes = model_shapes(spec)
+    engines = {}
+    for kind in args.engines.split(","):
+        t0 = time.perf_counter()
+        if kind == "torch":
+            from floe.engine.torch_engine import TorchEngine
+
+            engines[kind] = TorchEngine(spec, device="cpu", dtype=args.dtype, threads=args.threads)
+        elif kind == "openvino":
+            from floe.engine.openvino_engine import OpenVINOEngine
+
+            engines[kind] = OpenVINOEngine(spec, dtype=args.dtype, threads=args.threads,
+                                           cache_dir=args.cache_dir)
+        else:
+            raise SystemExit(f"unknown engine {kind!r}")
+        print(f"# {kind}: ready in {time.perf_counter() - t0:.1f} s ({engines[kind].dtype})", flush=True)
+
+    peak = matmul_peak(shapes, args.threads, min(args.seconds, 5.0))
+    print(f"# {spec.name}, {args.threads} threads, {args.dtype}; bf16 matmul peak "
+          f"({4096}x{shapes['hidden']} @ {shapes['hidden']}x{shapes['intermediate']}): {peak:.0f} GFLOP/s")
+    results = {"model": spec.name, "threads": args.threads, "dtype": args.dtype,
+               "matmul_peak_gflops": peak, "workloads": {}}
+    print(f"{'workload':<10} {'engine':<9} {'tokens/s':>10} {'vs torch':>9} {'% peak':>7}")
+    for w in args.workloads.split(","):
+        batches = batches_for(w, spec.vocab_size, args.max_batch_tokens)
+        lengths = [len(s) for b in batches for s in b]
+        mean_len = float(np.mean(lengths))
+        padded = sum(max(len(s) for s in b) * len(b) for b in batches)
+        row = results["workloads"].setdefault(w, {"real_over_padded": sum(lengths) / padded})
+        for kind, engine in engines.items():
+            r = time_engine(engine, batches, args.seconds)
+            r["percent_of_peak"] = 100 * r["tokens_per_s"] * flops_per_token(shapes, mean_len) / 1e9 / peak
+            row[kind] = r
+            ratio = (f"{r['tokens_per_s'] / row['torch']['tokens_per_s']:.2f}x"
+                     if "torch" in row and kind != "torch" else "")
+            print(f"{w:<10} {kind:<9} {r['tokens_per_s']:>10.0f} {ratio:>9} {r['percent_of_peak']:>6.0f}%",
+                  flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""The OpenVINO engine against sentence-transformers, the oracle, on every family floe serves.
+
+MiniLM with its real weights and the tiny random-weight stand-ins of the verified architectures
+(BERT with CLS + Dense, XLM-R, arctic-embed, Qwen3-Embedding, bge-m3) go through the converted
+graph: cosine >= 0.99999 in f32 and >= 0.999 in bf16 against ST's float32 embedding; an input
+inside a padded batch equals the same input alone. embeddinggemma and ModernBERT do not convert
+(yet): they are the fallback cases, served by torch with a WARNING. Then the cache (a second start
+converts nothing and imports no torch; replicas starting together convert once) and `floe info`.
+
+Conversions go to the session's engine cache (tests/conftest.py), so each model converts once per
+session however many tests use it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from floe.config import ModelSettings
+from floe.engine import create_engine
+from floe.engine.hardware import cpu_has_fast_bf16
+from floe.engine.openvino_engine import OpenVINOEngine, cache_key, openvino_dir
+from floe.models import load_spec
+from floe.protocol import EncodeOptions
+from floe.tokenize import Tokenizer
+from tests.fixtures import families, tiny_models
+from tests.integration.test_families import cosines, long_text
+
+pytestmark = pytest.mark.slow
+
+FP32_MIN_COS = 0.99999
+BF16_MIN_COS = 0.999
+MODELS = ["minilm", "tiny_bert_dense", "tiny_xlmr", "arctic-embed-m", "qwen3-embedding", "bge-m3"]
+UNCONVERTIBLE = ["embeddinggemma", "modernbert-embed"]  # see OPENVINO_MODEL_TYPES
+TEXTS = families.TEXTS + [long_text()]  # the long one is cut at max_seq_length
+
+_cache: dict = {}
+
+
+def _get(key, make):
+    if key not in _cache:
+        _cache[key] = make()
+    return _cache[key]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _clear_cache():
+    yield
+    _cache.clear()
+
+
+@pytest.fixture(scope="module")
+def folder(minilm_path, tiny_bert_dense, tiny_xlmr, tmp_path_factory):
+    """``folder(name)``: the model folder, families built on first use."""
+    root = str(tmp_path_factory.mktemp("ov_families"))
+    known = {"minilm": minilm_path, "tiny_bert_dense": tiny_bert_dense, "tiny_xlmr": tiny_xlmr}
+
+    def get(name: str) -> str:
+        if name in known:
+            return known[name]
+        return _get(("dir", name), lambda: families.FAMILIES[name](os.path.join(root, name)))
+
+    return get
+
+
+def spec_of(path: str):
+    return _get(("spec", path), lambda: load_spec(ModelSettings(model=path)))
+
+
+def ov_engine(path: str, dtype: str) -> OpenVINOEngine:
+    def make():
+        engine = create_engine(spec_of(path), "openvino", device="cpu", dtype=dtype)
+        assert engine.backend == "openvino"  # not a silent fallback to torch
+        return engine
+    return _get(("ov", path, dtype), make)
+
+
+def ids_of(path: str, texts) -> list[np.ndarray]:
+    tok = _get(("tok", path), lambda: Tokenizer(spec_of(path)))
+    batch = tok.encode(list(texts), EncodeOptions())
+    return [batch.item(i) for i in range(batch.n)]
+
+
+def embed(engine, path: str, texts) -> np.ndarray:
+    return engine.run(engine.prepare(ids_of(path, texts)))
+
+
+def st_embed(st_model, path: str, texts) -> np.ndarray:
+    return st_model(path).encode(list(texts), convert_to_numpy=True, batch_size=8)
+
+
+# --- parity, every family -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", MODELS)
+def test_float32_equals_sentence_transformers(name, folder, st_model):
+    path = folder(name)
+    engine = ov_engine(path, "float32")
+    assert engine.dtype == "float32"
+    got = embed(engine, path, TEXTS)
+    assert got.shape == (len(TEXTS), spec_of(path).dim) and got.dtype == np.float32
+    cos = cosines(got, st_embed(st_model, path, TEXTS))
+    assert cos.min() >= FP32_MIN_COS, cos
+    # Different texts give clearly different embeddings, so the threshold above can fail.
+    assert cosines(got[:1].repeat(len(TEXTS), 0), got)[1:].max() < 0.999
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_bfloat16_equals_sentence_transformers(name, folder, st_model):
+    path = folder(name)
+    engine = ov_engine(path, "bfloat16")
+    if cpu_has_fast_bf16():
+        assert engine.dtype == "bfloat16"
+    cos = cosines(embed(engine, path, TEXTS), st_embed(st_model, path, TEXTS))
+    assert cos.min() >= BF16_MIN_COS, cos
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", MODELS)
+def test_an_input_in_a_batch_equals_the_same_input_alone(name, dtype, folder):
+    path = folder(name)
+    engine = ov_engine(path, dtype)
+    texts = [long_text(), "a", long_text(37), "hello world", long_text(900), "x y"]
+    lengths = [len(x) for x in ids_of(path, texts)]
+    assert max(lengths) == spec_of(path).max_seq_length and min(lengths) < 8
+    together = embed(engine, path, texts)
+    alone = np.concatenate([embed(engine, path, [t]) for t in texts])
+    limit = FP32_MIN_COS if dtype == "float32" else BF16_MIN_COS
+    assert cosines(together, alone).min() >= limit
+
+
+@pytest.mark.parametrize("pooling", ["max", "weightedmean"])
+def test_other_pooling_modes_equal_sentence_transformers(pooling, tmp_path_factory, st_model):
+    path = tiny_models.build_tiny_bert(os.path.join(tmp_path_factory.mktemp("ov_pool"), pooling),
+                                       pooling=pooling, normalize=False, seed=5)
+    engine = ov_engine(path, "float32")
+    cos = cosines(embed(engine, path, TEXTS), st_embed(st_model, path, TEXTS))
+    assert cos.min() >= FP32_MIN_COS, cos
+
+
+# --- the converted-model cache --------------------------------------------------------------------
+
+def test_second_start_converts_nothing_and_imports_no_torch(tiny_bert, tmp_path):
+    cache = str(tmp_path / "cache")
+    spec = load_spec(ModelSettings(model=tiny_bert))
+    first = OpenVINOEngine(spec, dtype="float32", cache_dir=cache)
+    assert first.converted
+    graph = os.path.join(openvino_dir(cache), cache_key(spec))
+    assert first.model_dir == graph
+    assert {"model.xml", "model.bin", "floe.json"} <= set(os.listdir(graph))
+    assert not [n for n in os.listdir(openvino_dir(cache)) if n.startswith(".")]  # no temp left
+    ids = ids_of(tiny_bert, TEXTS)
+    want = first.run(first.prepare(ids))
+
+    second = OpenVINOEngine(spec, dtype="float32", cache_dir=cache)
+    assert not second.converted
+    np.testing.assert_array_equal(second.run(second.prepare(ids)), want)
+
+    # A new process with the cache: auto picks OpenVINO, logs why, and never imports torch.
+    code = (
+        "import json, logging, sys\n"
+        "logging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
+        "from floe.config import ModelSettings\n"
+        "from floe.engine import create_engine\n"
+        "from floe.models import load_spec\n"
+        f"e = create_engine(load_spec(ModelSettings(model={tiny_bert!r})), 'auto', device='cpu')\n"
+        "print(json.dumps({'backend': e.backend, 'converted': e.converted,\n"
+        "                  'torch': 'torch' in sys.modules, 'transformers': 'transformers' in sys.modules}))\n"
+    )
+    env = dict(os.environ, FLOE_ENGINE_CACHE_DIR=cache)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {
+        "backend": "openvino", "converted": False, "torch": False, "transformers": False}
+    assert "engine: openvino (auto: CPU, and OpenVINO conversion is verified for bert)" in out.stderr
+
+
+def test_replicas_starting_together_convert_once(tiny_bert, tmp_path):
+    cache = str(tmp_path / "cache")
+    code = (
+        "import json\n"
+        "from floe.config import ModelSettings\n"
+        "from floe.engine.openvino_engine import OpenVINOEngine\n"
+        "from floe.models import load_spec\n"
+        f"e = OpenVINOEngine(load_spec(ModelSettings(model={tiny_bert!r})), dtype='float32', "
+        f"cache_dir={cache!r}, threads=1)\n"
+        "print(json.dumps({'converted': e.converted, 'out': e.run(e.prepare([[101, 7592, 102]])).tolist()}))\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert sorted(r["converted"] for r in results) == [False, True]
+    np.testing.assert_array_equal(results[0]["out"], results[1]["out"])
+    assert len([n for n in os.listdir(openvino_dir(cache)) if not n.endswith((".lock", "compiled"))]) == 1
+
+
+# --- fallback and `floe info` ---------------------------------------------------------------------
+
+def test_every_verified_architecture_is_tested_and_no_other(folder):
+    from floe.engine.choice import OPENVINO_MODEL_TYPES
+
+    assert {spec_of(folder(n)).model_type for n in MODELS} == OPENVINO_MODEL_TYPES
+    assert not {spec_of(folder(n)).model_type for n in UNCONVERTIBLE} & OPENVINO_MODEL_TYPES
+
+
+@pytest.mark.parametrize("name", UNCONVERTIBLE)
+def test_a_model_that_does_not_convert_falls_back_to_torch(name, folder, tmp_path, caplog):
+    spec = load_spec(ModelSettings(model=folder(name)))
+    cache = str(tmp_path / "cache")
+    auto = create_engine(spec, "auto", device="cpu", dtype="float32", cache_dir=cache)
+    assert auto.backend == "torch"  # not verified: auto never tries
+    with caplog.at_level(logging.WARNING, logger="floe.engine"):
+        engine = create_engine(spec, "openvino", device="cpu", dtype="float32", cache_dir=cache)
+    assert engine.backend == "torch"
+    warning = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning and "falling back to the torch engine" in warning[-1].getMessage()
+    assert os.path.isfile(os.path.join(openvino_dir(cache), cache_key(spec) + ".failed"))
+    # The torch engine it fell back to serves the model.
+    out = engine.run(engine.prepare(ids_of(folder(name), ["hello world"])))
+    assert out.shape == (1, spec.dim) and np.isfinite(out).all()
+
+
+def test_floe_info_names_the_engine(tiny_bert, tmp_path):
+    cache = str(tmp_path / "cache")
+    env = dict(os.environ, FLOE_ENGINE_CACHE_DIR=cache)
+
+    def info(*flags: str) -> dict:
+        out = subprocess.run([sys.executable, "-m", "floe", "info", tiny_bert, "--json", *flags],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout)
+
+    before = info("--device", "cpu")
+    assert before["engine"] == "openvino" and "verified" in before["engine_reason"]
+    assert before["engine_cache"].startswith("converted at first start")
+    OpenVINOEngine(load_spec(ModelSettings(model=tiny_bert)), dtype="float32", cache_dir=cache)
+    assert info("--device", "cpu")["engine_cache"].startswith("converted graph cached in")
+    torch_info = info("--device", "cpu", "--engine", "torch")
+    assert torch_info["engine"] == "torch" and "engine_cache" not in torch_info
