@@ -341,7 +341,12 @@ class OpenVINOEngine(Engine):
     def _check_probe(self, probe) -> None:
         """Refuses a conversion whose output differs from the torch pipeline's on the probe."""
         ids, mask, want = probe
-        got = self.run(Prepared(ids, mask))
+        try:
+            got = self.run(Prepared(ids, mask))
+        except RuntimeError as exc:  # e.g. a reshape that baked in the traced shape
+            lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+            raise ConversionError("the converted graph fails on a probe batch of other shapes: "
+                                  + (lines[-1][:300] if lines else type(exc).__name__)) from exc
         norms = np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1)
         cos = (got * want).sum(1) / np.maximum(norms, 1e-30)
         limit = _PROBE_MIN_COSINE[self.dtype]
