@@ -46,8 +46,14 @@ class ModelSettings:
         "embedded all-MiniLM-L6-v2, or a hub id (resolved through huggingface_hub; needs a network).",
     )
     served_model_name: Optional[str] = _knob(
-        None, "Name reported by /v1/models and accepted in the request's `model` field "
-        "(default: the model folder's name)."
+        None, "Name(s) of the model, comma-separated: the first is reported by /v1/models and in "
+        "responses, every one is accepted in the request's `model` field (default: the model "
+        "folder's name)."
+    )
+    strict_model_name: bool = _knob(
+        False, "Refuse (404) a request whose `model` is none of the served names. Off: a single-model "
+        "server answers any name, logging each unknown name once, as TEI does (clients such as "
+        "LangChain send their own default name)."
     )
     device: Device = _knob("auto", "auto (cuda when present, else cpu), cpu or cuda.")
     dtype: DType = _knob(
@@ -168,6 +174,10 @@ class ServerSettings:
         True, "Truncate inputs longer than max_seq_length unless a request says otherwise."
     )
     max_client_batch_size: int = _knob(2048, "Most inputs in one request (more: 413).")
+    accept_token_ids: bool = _knob(
+        True, "Accept token ids as input (OpenAI and TEI allow lists of ids). Turn off when clients "
+        "may send ids of another tokenizer (LangChain's OpenAIEmbeddings sends tiktoken ids unless "
+        "check_embedding_ctx_length=False): they would be embedded as the wrong text.")
     max_input_chars: Optional[int] = _knob(
         None, "Longest input string in characters, checked before tokenizing (default 250 x max_seq_length)."
     )

@@ -205,12 +205,16 @@ for _cls in (ValidationError, AuthError, ModelNotFoundError, TooLargeError, Unsu
 
 
 def error_envelope(err: FloeError) -> dict:
-    """The OpenAI error body: {"error": {"message", "type", "param", "code"}}."""
+    """The OpenAI error body: {"error": {"message", "type", "param", "code"}}.
+
+    ``code`` is a string, as OpenAI sends it: the kind's name (the same name gRPC carries in
+    ``floe-error-kind``), e.g. "too_large", "overloaded"; the HTTP status is the response's own.
+    """
     return {
         "error": {
             "message": err.message,
             "type": err.kind.value,
             "param": err.param,
-            "code": HTTP_STATUS[err.kind],
+            "code": err.kind.name.lower(),
         }
     }

@@ -14,7 +14,7 @@ import asyncio
 import logging
 from typing import Any, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -24,6 +24,9 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 log = logging.getLogger("floe.metrics")
+
+# Counters and histograms without their *_created series (timestamps nobody alerts on).
+disable_created_metrics()
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -134,9 +137,15 @@ class _Snapshot:
         return iter(self.families)
 
 
-async def render(service: Any, timeout: float = 2.0) -> tuple[bytes, str]:
-    """The /metrics body: front-end metrics plus the replicas' shipped statistics."""
-    body = generate_latest(REGISTRY)
+async def render(service: Any, timeout: float = 2.0, accept: str = "") -> tuple[bytes, str]:
+    """The /metrics body: front-end metrics plus the replicas' shipped statistics, in the
+    Prometheus text format, or OpenMetrics when the scraper asks for it (``accept``)."""
+    if "application/openmetrics-text" in accept:
+        from prometheus_client.openmetrics import exposition as om
+        generate, content_type = om.generate_latest, om.CONTENT_TYPE_LATEST
+    else:
+        generate, content_type = generate_latest, CONTENT_TYPE_LATEST
+    body = generate(REGISTRY)
     try:
         infos = await asyncio.wait_for(service.router.replica_infos(), timeout)
     except Exception:  # a scrape must never fail because a replica is slow or down
@@ -156,4 +165,7 @@ async def render(service: Any, timeout: float = 2.0) -> tuple[bytes, str]:
                                          "replica failed too.")
     failed_retries.add_metric([], float(status.get("failed_retries", 0)))
     snapshot.register(_Snapshot([front, ready, retries, failed_retries]))
-    return body + generate_latest(snapshot), CONTENT_TYPE_LATEST
+    if generate is generate_latest:
+        return body + generate(snapshot), content_type
+    # OpenMetrics ends with one "# EOF": join the two registries' bodies around it
+    return body.replace(b"# EOF\n", b"") + generate(snapshot), content_type

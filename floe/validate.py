@@ -41,18 +41,35 @@ class Limits:
     prompts: tuple[tuple[str, str], ...] = ()
     default_prompt_name: Optional[str] = None
     served_names: tuple[str, ...] = ()   # names the `model` field may carry ("" always passes)
+    strict_model_name: bool = False      # unknown names: 404 (strict) or accepted (default)
+    accept_token_ids: bool = True
 
     @classmethod
     def build(cls, spec: Any, *, max_items: int, max_input_chars: Optional[int] = None,
               auto_truncate: bool = True, default_prompt_name: Optional[str] = None,
-              served_names: Sequence[str] = ()) -> "Limits":
+              served_names: Sequence[str] = (), strict_model_name: bool = False,
+              accept_token_ids: bool = True) -> "Limits":
         return cls(
             max_items=max_items,
             max_input_chars=max_input_chars or CHARS_PER_TOKEN_LIMIT * spec.max_seq_length,
             max_seq_length=spec.max_seq_length, vocab_size=spec.vocab_size, dim=spec.dim,
             auto_truncate=auto_truncate, prompts=tuple(sorted(dict(spec.prompts).items())),
             default_prompt_name=default_prompt_name or spec.default_prompt_name,
-            served_names=tuple(served_names) or (spec.name,))
+            served_names=tuple(served_names) or (spec.name,), strict_model_name=strict_model_name,
+            accept_token_ids=accept_token_ids)
+
+    @classmethod
+    def for_server(cls, spec: Any, settings: Any) -> "Limits":
+        """The limits a server applies: from the model spec and the settings tree."""
+        from floe.models.st_config import served_names
+
+        srv = settings.server
+        return cls.build(
+            spec, max_items=srv.max_client_batch_size, max_input_chars=srv.max_input_chars,
+            auto_truncate=srv.auto_truncate, default_prompt_name=settings.model.default_prompt_name,
+            served_names=served_names(settings.model) or (spec.name,),
+            strict_model_name=settings.model.strict_model_name,
+            accept_token_ids=srv.accept_token_ids)
 
     @property
     def max_ids_per_item(self) -> int:
@@ -75,11 +92,17 @@ def _p(param: str, i: int) -> str:
 
 # --- request-level ------------------------------------------------------------------------------
 
-def check_model(limits: Limits, model: Optional[str]) -> None:
-    if model and model not in limits.served_names:
+def check_model(limits: Limits, model: Optional[str]) -> bool:
+    """True when ``model`` is empty or a served name. An unknown name is a 404 with
+    ``strict_model_name``; otherwise it is answered by the one model served (returns False, so
+    the caller can log it)."""
+    if not model or model in limits.served_names:
+        return True
+    if limits.strict_model_name:
         raise ModelNotFoundError(
             f"model {model[:100]!r} is not served here; this server serves "
             f"{', '.join(repr(n) for n in limits.served_names)}", param="model")
+    return False
 
 
 def check_count(limits: Limits, n: int, param: str = "input") -> None:
@@ -193,6 +216,11 @@ def check_token_batch(limits: Limits, tokens: TokenBatch, plan: Plan,
     """Client-sent ids, vectorized: count, no empty item, 0 <= id < vocab_size, length within
     max_seq_length (cut from the side ``plan.direction`` names when truncating)."""
     check_count(limits, tokens.n, param)
+    if not limits.accept_token_ids:
+        raise ValidationError(
+            f"this server does not accept token ids in `{param}` (--no-accept-token-ids): send the "
+            "text itself. LangChain's OpenAIEmbeddings sends token ids of its own tokenizer unless "
+            "created with check_embedding_ctx_length=False", param=param)
     lengths = tokens.lengths
     if lengths.size and lengths.min() <= 0:
         i = int(np.argmin(lengths))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
 import time
 from typing import Any, Optional
@@ -22,12 +23,13 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from floe import metrics
-from floe.frontend import schemas
+from floe.frontend import openapi, schemas
 from floe.errors import (
     HTTP_STATUS,
     AuthError,
     FloeError,
     InternalError,
+    ModelNotFoundError,
     TooLargeError,
     UnsupportedMediaError,
     ValidationError,
@@ -150,8 +152,10 @@ def create_app(service: EmbedService) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException) -> Response:
-        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(err.status_code, "error")
-        body = {"error": {"message": str(err.detail), "type": kind, "param": None, "code": err.status_code}}
+        kind, code = {404: ("not_found_error", "not_found"),
+                      405: ("invalid_request_error", "method_not_allowed")}.get(
+            err.status_code, ("error", None))
+        body = {"error": {"message": str(err.detail), "type": kind, "param": None, "code": code}}
         return _json(body, status=err.status_code, headers={"x-request-id": _request_id(request)})
 
     @app.exception_handler(Exception)
@@ -267,6 +271,8 @@ def create_app(service: EmbedService) -> FastAPI:
         return embed
 
     app.add_api_route("/embed", embed_route(True), methods=["POST"])
+    # TEI clients (huggingface_hub's InferenceClient, Haystack) post to the server's root URL.
+    app.add_api_route("/", embed_route(True), methods=["POST"])
 
     def parse_tokenize(body: bytes) -> tuple:
         req = schemas.decode_body(schemas.TokenizeRequest, body)
@@ -296,13 +302,13 @@ def create_app(service: EmbedService) -> FastAPI:
 
     # Health, info, models, metrics, API description --------------------------------------
 
-    @app.get("/health")
-    async def health() -> Response:
+    async def health(request: Request) -> Response:
         """Liveness: the front end's event loop answers."""
         return _json({"status": "ok"})
 
-    @app.get("/ready")
-    async def ready() -> Response:
+    app.add_api_route("/health", health, methods=["GET", "HEAD"])
+
+    async def ready(request: Request) -> Response:
         """Readiness: at least one healthy replica and not draining."""
         if service.ready():
             return _json({"status": "ready"})
@@ -311,28 +317,64 @@ def create_app(service: EmbedService) -> FastAPI:
         return _json({"status": "not ready", "reason": reason},
                      status=503, headers={"retry-after": "1"})
 
+    app.add_api_route("/ready", ready, methods=["GET", "HEAD"])
+
     @app.get("/info")
     async def info(request: Request) -> Response:
         authorize(request)
         return _json(service.describe())
 
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "floe"}
+
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         authorize(request)
-        return _json({"object": "list", "data": [
-            {"id": service.model_name, "object": "model", "created": 0, "owned_by": "floe"}]})
+        return _json({"object": "list",
+                      "data": [model_card(n) for n in service.limits.served_names]})
+
+    @app.get("/v1/models/{model:path}")
+    async def one_model(request: Request, model: str) -> Response:
+        authorize(request)
+        if model not in service.limits.served_names:
+            raise ModelNotFoundError(f"model {model[:100]!r} is not served here", param="model")
+        return _json(model_card(model))
 
     @app.get("/metrics")
-    async def prometheus() -> Response:
-        body, ctype = await metrics.render(service)
+    async def prometheus(request: Request) -> Response:
+        body, ctype = await metrics.render(service, accept=request.headers.get("accept", ""))
         return Response(body, media_type=ctype)
 
+    document = orjson.dumps(openapi.openapi_document())
+
     @app.get("/openapi.json", include_in_schema=False)
-    async def openapi(request: Request) -> Response:
+    async def openapi_json(request: Request) -> Response:
         authorize(request)
-        return _json(app.openapi())
+        return Response(document, media_type=_JSON)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> Response:
+        authorize(request)
+        return Response(openapi.DOCS_HTML, media_type="text/html")
+
+    @app.get("/docs/static/{name}", include_in_schema=False)
+    async def docs_static(name: str) -> Response:
+        # Swagger UI from the swagger-ui-bundle package: the page works offline, with no CDN.
+        if name not in _DOCS_ASSETS:
+            raise StarletteHTTPException(status_code=404, detail="Not Found")
+        return Response(_docs_asset(name), media_type=_DOCS_ASSETS[name])
 
     return app
+
+
+_DOCS_ASSETS = {"swagger-ui.css": "text/css", "swagger-ui-bundle.js": "text/javascript"}
+
+
+@functools.lru_cache(maxsize=None)
+def _docs_asset(name: str) -> bytes:
+    import swagger_ui_bundle
+
+    return (swagger_ui_bundle.swagger_ui_path / name).read_bytes()
 
 
 def _parse_body(body: bytes, parse) -> Any:

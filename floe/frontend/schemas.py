@@ -8,11 +8,10 @@ million Python lists. Only then are the items decoded, with their exact type (st
 or lists of token ids), and every error names its parameter (``input[3]``, ``dimensions``).
 """
 
-from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, Union
 
 import msgspec
 
@@ -23,39 +22,103 @@ from floe.protocol import TokenBatch
 _PATH = re.compile(r" - at `\$(.*)`$")
 
 
+def _doc(tp: Any, text: str) -> Any:
+    return Annotated[tp, msgspec.Meta(description=text)]
+
+
+_INPUT_DOC = ("What to embed: a string, a list of strings, a list of token ids, or a list of lists "
+              "of token ids (at most --max-client-batch-size items).")
+_PROMPT_NAME = "floe extension: a prompt of the model (config_sentence_transformers.json) to prepend."
+_PROMPT = "floe extension: a literal prompt to prepend (counts against the character limit)."
+_TRUNCATE = "Cut inputs longer than the model's max length (default: --auto-truncate); false: 400."
+_DIMENSIONS = "Matryoshka: keep the first N values (renormalized when the model normalizes)."
+
+
 class OpenAIEmbeddingRequest(msgspec.Struct, kw_only=True):
     """POST /v1/embeddings (OpenAI). Unknown fields (``user``, ...) are ignored, as OpenAI does."""
 
-    input: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b""))
-    model: Optional[str] = None
-    encoding_format: Optional[str] = None
-    dimensions: Optional[int] = None
-    # floe extensions
-    prompt_name: Optional[str] = None
-    prompt: Optional[str] = None
-    truncate: Optional[bool] = None
+    input: _doc(msgspec.Raw, _INPUT_DOC) = msgspec.field(default_factory=lambda: msgspec.Raw(b""))
+    model: _doc(Optional[str], "A served model name; any name is answered unless "
+                "--strict-model-name.") = None
+    encoding_format: _doc(Optional[str], "float (default) or base64 (little-endian float32 "
+                          "bytes).") = None
+    dimensions: _doc(Optional[int], _DIMENSIONS) = None
+    prompt_name: _doc(Optional[str], _PROMPT_NAME) = None
+    prompt: _doc(Optional[str], _PROMPT) = None
+    truncate: _doc(Optional[bool], _TRUNCATE) = None
 
 
 class EmbedRequest(msgspec.Struct, kw_only=True):
-    """POST /embed (TEI)."""
+    """POST /embed and POST / (TEI)."""
 
-    inputs: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b""))
+    inputs: _doc(msgspec.Raw, _INPUT_DOC) = msgspec.field(default_factory=lambda: msgspec.Raw(b""))
     model: Optional[str] = None
-    normalize: Optional[bool] = None
-    truncate: Optional[bool] = None
-    truncation_direction: Optional[str] = None
-    prompt_name: Optional[str] = None
-    prompt: Optional[str] = None
-    dimensions: Optional[int] = None
+    normalize: _doc(Optional[bool], "L2-normalize (default true).") = None
+    truncate: _doc(Optional[bool], _TRUNCATE) = None
+    truncation_direction: _doc(Optional[str], "right (default) or left.") = None
+    prompt_name: _doc(Optional[str], _PROMPT_NAME) = None
+    prompt: _doc(Optional[str], _PROMPT) = None
+    dimensions: _doc(Optional[int], _DIMENSIONS) = None
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):
     """POST /tokenize (TEI)."""
 
-    inputs: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b""))
-    prompt_name: Optional[str] = None
-    prompt: Optional[str] = None
-    truncate: Optional[bool] = None
+    inputs: _doc(msgspec.Raw, "A string or a list of strings.") = msgspec.field(
+        default_factory=lambda: msgspec.Raw(b""))
+    prompt_name: _doc(Optional[str], _PROMPT_NAME) = None
+    prompt: _doc(Optional[str], _PROMPT) = None
+    truncate: _doc(Optional[bool], _TRUNCATE) = None
+
+
+# --- responses (described in the API document; built directly in the handlers for speed) ---------
+
+class EmbeddingItem(msgspec.Struct):
+    object: str
+    index: int
+    embedding: _doc(Union[list[float], str], "floats, or base64 of little-endian float32 bytes")
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: _doc(int, "Tokens embedded, after prompt and truncation, special tokens "
+                        "included.")
+    total_tokens: int
+
+
+class OpenAIEmbeddingResponse(msgspec.Struct):
+    object: str
+    data: list[EmbeddingItem]
+    model: str
+    usage: Usage
+
+
+class Token(msgspec.Struct):
+    id: int
+    text: str
+
+
+class ErrorBody(msgspec.Struct):
+    message: str
+    type: str
+    param: Optional[str]
+    code: _doc(Optional[str], "The error kind: validation, auth, not_found, too_large, "
+               "unsupported_media, overloaded, unavailable, internal ...")
+
+
+class ErrorEnvelope(msgspec.Struct):
+    error: ErrorBody
+
+
+class Model(msgspec.Struct):
+    id: str
+    object: str
+    created: int
+    owned_by: str
+
+
+class ModelList(msgspec.Struct):
+    object: str
+    data: list[Model]
 
 
 _DECODERS = {cls: msgspec.json.Decoder(cls) for cls in (OpenAIEmbeddingRequest, EmbedRequest,

@@ -45,10 +45,17 @@ class EmbedService:
         self.api_key = settings.server.api_key
         self.model_name = spec.name
         srv = settings.server
-        self.limits = validate.Limits.build(
-            spec, max_items=srv.max_client_batch_size, max_input_chars=srv.max_input_chars,
-            auto_truncate=srv.auto_truncate, default_prompt_name=settings.model.default_prompt_name)
+        self.limits = validate.Limits.for_server(spec, settings)
         self.admission = Admission(srv.max_concurrent_requests, router.ready)
+        self._unknown_models: set[str] = set()
+
+    def _note_unknown_model(self, model: str) -> None:
+        # once per name (and at most 100 names), so a client's default name is seen, not spammed
+        if model not in self._unknown_models and len(self._unknown_models) < 100:
+            self._unknown_models.add(model)
+            log.warning("request names model %r, which is not a served name (%s); answering with "
+                        "%s. --served-model-name adds aliases, --strict-model-name refuses.",
+                        model[:100], ", ".join(self.limits.served_names), self.model_name)
 
     @property
     def draining(self) -> bool:
@@ -90,7 +97,8 @@ class EmbedService:
         did. The caller has admitted the request."""
         request_id = request_id or new_request_id()
         t0 = time.perf_counter()
-        validate.check_model(self.limits, model)
+        if not validate.check_model(self.limits, model):
+            self._note_unknown_model(model)
         if tokens is None:
             tokens = await self.tokenize(list(texts or []), options)
         else:

@@ -156,6 +156,12 @@ def _read_dense(folder: str) -> DenseSpec:
                      activation=activation, use_residual=bool(cfg.get("use_residual", False)))
 
 
+def served_names(settings: ModelSettings) -> list[str]:
+    """The --served-model-name aliases, in order (empty when unset)."""
+    raw = settings.served_model_name or ""
+    return [n.strip() for n in raw.split(",") if n.strip()]
+
+
 def load_spec(settings: ModelSettings) -> ModelSpec:
     """Resolves ``settings.model`` to a folder and reads it into a ModelSpec (JSON only, no torch).
 
@@ -292,7 +298,7 @@ def load_spec(settings: ModelSettings) -> ModelSpec:
 
     spec = ModelSpec(
         path=path,
-        name=settings.served_model_name or _default_name(settings.model, path),
+        name=served_names(settings)[0] if settings.served_model_name else _default_name(settings.model, path),
         architecture=architecture,
         model_type=model_type,
         hidden_size=hidden,

@@ -116,10 +116,7 @@ class ReplicaBackend:
         self.address = address
         self.trusted = trusted
         self.draining = False
-        srv = settings.server
-        self.limits = validate.Limits.build(
-            self.spec, max_items=srv.max_client_batch_size, max_input_chars=srv.max_input_chars,
-            auto_truncate=srv.auto_truncate, default_prompt_name=settings.model.default_prompt_name)
+        self.limits = validate.Limits.for_server(self.spec, settings)
 
     async def encode(self, request_id: str, texts: Optional[list[str]], tokens: Optional[TokenBatch],
                      options: EncodeOptions, model: str = "") -> EmbedResult:

@@ -36,11 +36,18 @@ def embeddings(resp) -> np.ndarray:
     return np.array([d["embedding"] for d in resp.json()["data"]], dtype=np.float32)
 
 
+_KIND_OF_STATUS = {400: "validation", 401: "auth", 404: "not_found", 413: "too_large",
+                   415: "unsupported_media", 429: "overloaded", 503: "unavailable", 500: "internal"}
+
+
 def assert_error(resp, status: int, param=None, contains=None):
     assert resp.status_code == status, resp.text
     err = resp.json()["error"]
     assert set(err) >= {"message", "type", "param", "code"}
-    assert err["code"] == status
+    assert err["code"] is None or isinstance(err["code"], str)   # OpenAI sends a string or null
+    if status in _KIND_OF_STATUS:
+        assert err["code"] == _KIND_OF_STATUS[status]
+    assert resp.headers.get("x-request-id")
     if param is not None:
         assert err["param"] == param, err
     if contains is not None:

@@ -14,7 +14,7 @@ def test_every_kind_is_mapped_on_both_transports():
 def test_envelope_shape_and_retry_after():
     err = errors.OverloadedError()
     body = errors.error_envelope(err)
-    assert body["error"]["code"] == 429 and body["error"]["type"] == "rate_limit_error"
+    assert body["error"]["code"] == "overloaded" and body["error"]["type"] == "rate_limit_error"
     assert err.retry_after is not None
 
 

@@ -108,7 +108,14 @@ def test_options():
         validate.check_options(lim, EncodeOptions(prompt="a", prompt_name="query"))
     plan = validate.check_options(lim, EncodeOptions(prompt_name="query", truncate=False))
     assert plan == validate.Plan(prompt="query: ", truncate=False, direction="right")
+    assert validate.check_model(lim, "other") is False     # answered, logged once by the caller
+    assert validate.check_model(lim, "m") and validate.check_model(lim, "")
     with pytest.raises(ModelNotFoundError):
-        validate.check_model(lim, "other")
-    validate.check_model(lim, "m")
-    validate.check_model(lim, "")
+        validate.check_model(limits(strict_model_name=True), "other")
+
+
+def test_token_ids_can_be_refused():
+    lim = limits(accept_token_ids=False)
+    plan = validate.check_options(lim, EncodeOptions())
+    with pytest.raises(ValidationError, match="check_embedding_ctx_length=False"):
+        validate.check_token_batch(lim, TokenBatch.from_lists([[1, 2]]), plan)

@@ -1,0 +1,154 @@
+"""The API description (OpenAPI 3.1), built from the same msgspec structs that decode requests.
+
+``openapi_document()`` does not depend on the settings, so the served document can be diffed
+against the checked-in docs/openapi.json (tests/unit/test_openapi.py); regenerate that file with
+``python -m floe.frontend.openapi > docs/openapi.json``. The document is served at /openapi.json
+and rendered at /docs by a Swagger UI shipped in the package (no CDN); both follow the API key.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+
+from floe.frontend import schemas
+
+VERSION = "0.1.0"
+
+_INPUT_SCHEMA = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+        {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0},
+                                    "minItems": 1}, "minItems": 1},
+    ],
+}
+
+_ERRORS = {
+    "400": "Invalid request: bad JSON, wrong types, empty input, bad parameter, token id out of "
+           "vocabulary, too long with truncation off. `param` names the field (`input[3]`).",
+    "401": "Missing or invalid API key (`Authorization: Bearer KEY`).",
+    "404": "Unknown model (with --strict-model-name).",
+    "413": "Body, item count, prompt or input over a limit; never retried.",
+    "415": "Content type is not application/json.",
+    "429": "Overloaded; retry after the Retry-After header's seconds.",
+    "503": "Not ready, draining, no healthy replica or the forward timeout passed; retry after "
+           "Retry-After.",
+    "500": "Internal error (generic message; details in the server log).",
+}
+
+
+def _json_body(ref: str) -> dict:
+    return {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
+
+
+def _errors(*codes: str) -> dict:
+    return {c: {"description": _ERRORS[c], **_json_body("ErrorEnvelope"),
+                **({"headers": {"Retry-After": {"schema": {"type": "integer"}}}}
+                   if c in ("429", "503") else {})}
+            for c in codes}
+
+
+_COMPUTE_ERRORS = ("400", "401", "404", "413", "415", "429", "503", "500")
+_SECURED = [{"bearerAuth": []}]
+
+
+def openapi_document() -> dict[str, Any]:
+    _, components = msgspec.json.schema_components(
+        [schemas.OpenAIEmbeddingRequest, schemas.EmbedRequest, schemas.TokenizeRequest,
+         schemas.OpenAIEmbeddingResponse, schemas.ErrorEnvelope, schemas.ModelList, schemas.Token],
+        ref_template="#/components/schemas/{name}")
+    for name, field in (("OpenAIEmbeddingRequest", "input"), ("EmbedRequest", "inputs"),
+                        ("TokenizeRequest", "inputs")):
+        prop = components[name]["properties"][field]
+        components[name]["properties"][field] = {**_INPUT_SCHEMA, **prop}
+        components[name]["required"] = [field]
+    embed_json = {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}
+
+    def embed_op(summary: str) -> dict:
+        return {"summary": summary, "security": _SECURED, "requestBody": {
+            "required": True, **_json_body("EmbedRequest")}, "responses": {
+            "200": {"description": "One vector per input. With `Accept: application/octet-stream`: "
+                                   "the raw little-endian float32 buffer (n x dim, row-major), with "
+                                   "x-embedding-count and x-embedding-dim headers.",
+                    "content": {"application/json": {"schema": embed_json},
+                                "application/octet-stream": {"schema": {"type": "string",
+                                                                        "format": "binary"}}}},
+            **_errors(*_COMPUTE_ERRORS)}}
+
+    openai_op = {"summary": "Create embeddings (OpenAI API)", "security": _SECURED,
+                 "requestBody": {"required": True, **_json_body("OpenAIEmbeddingRequest")},
+                 "responses": {"200": {"description": "Embeddings",
+                                       **_json_body("OpenAIEmbeddingResponse")},
+                               **_errors(*_COMPUTE_ERRORS)}}
+    text = {"content": {"text/plain": {"schema": {"type": "string"}}}}
+    status_body = {"content": {"application/json": {"schema": {"type": "object"}}}}
+    paths = {
+        "/v1/embeddings": {"post": openai_op},
+        "/embeddings": {"post": {**openai_op, "summary": "Alias of /v1/embeddings"}},
+        "/embed": {"post": embed_op("Embed (TEI API)")},
+        "/": {"post": embed_op("Embed (TEI clients post to the root URL)")},
+        "/tokenize": {"post": {
+            "summary": "The token ids floe would embed, with their text", "security": _SECURED,
+            "requestBody": {"required": True, **_json_body("TokenizeRequest")},
+            "responses": {"200": {"description": "Per input, its tokens", "content": {
+                "application/json": {"schema": {"type": "array", "items": {
+                    "type": "array", "items": {"$ref": "#/components/schemas/Token"}}}}}},
+                **_errors(*_COMPUTE_ERRORS)}}},
+        "/v1/models": {"get": {"summary": "The served model and its aliases", "security": _SECURED,
+                               "responses": {"200": {"description": "Models",
+                                                     **_json_body("ModelList")},
+                                             **_errors("401")}}},
+        "/v1/models/{model}": {"get": {
+            "summary": "One served model", "security": _SECURED,
+            "parameters": [{"name": "model", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "The model", **_json_body("Model")},
+                          **_errors("401", "404")}}},
+        "/info": {"get": {"summary": "Model, batching configuration and replica status",
+                          "security": _SECURED,
+                          "responses": {"200": {"description": "Info", **status_body},
+                                        **_errors("401")}}},
+        "/health": {"get": {"summary": "Liveness (public); HEAD works too",
+                            "responses": {"200": {"description": "Alive", **status_body}}}},
+        "/ready": {"get": {"summary": "Readiness (public): a healthy replica exists, not draining",
+                           "responses": {"200": {"description": "Ready", **status_body},
+                                         "503": {"description": "Not ready; Retry-After",
+                                                 **status_body}}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics (public); OpenMetrics when asked for "
+                                        "with Accept: application/openmetrics-text",
+                             "responses": {"200": {"description": "Metrics", **text}}}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "floe", "version": VERSION,
+                 "description": "Text-embedding inference server: OpenAI /v1/embeddings, TEI "
+                                "/embed, gRPC floe.v1.Embedder (see docs/api.md). With --api-key "
+                                "set, routes marked with bearerAuth need `Authorization: Bearer "
+                                "KEY`, and this document itself does too."},
+        "paths": paths,
+        "components": {"schemas": components, "securitySchemes": {
+            "bearerAuth": {"type": "http", "scheme": "bearer"}}},
+    }
+
+
+def render() -> str:
+    return json.dumps(openapi_document(), indent=2, sort_keys=True) + "\n"
+
+
+DOCS_HTML = """<!doctype html>
+<html><head><meta charset="utf-8"><title>floe API</title>
+<link rel="stylesheet" href="/docs/static/swagger-ui.css"></head>
+<body><div id="ui"></div>
+<script src="/docs/static/swagger-ui-bundle.js"></script>
+<script>window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui",
+  requestInterceptor: function (r) { return r; }});</script>
+</body></html>
+"""
+
+
+if __name__ == "__main__":
+    print(render(), end="")
