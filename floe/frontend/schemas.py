@@ -22,10 +22,6 @@ from floe.protocol import TokenBatch
 _PATH = re.compile(r" - at `\$(.*)`$")
 
 
-def _doc(tp: Any, text: str) -> Any:
-    return Annotated[tp, msgspec.Meta(description=text)]
-
-
 _INPUT_DOC = ("What to embed: a string, a list of strings, a list of token ids, or a list of lists "
               "of token ids (at most --max-client-batch-size items).")
 _PROMPT_NAME = "floe extension: a prompt of the model (config_sentence_transformers.json) to prepend."
@@ -37,38 +33,38 @@ _DIMENSIONS = "Matryoshka: keep the first N values (renormalized when the model 
 class OpenAIEmbeddingRequest(msgspec.Struct, kw_only=True):
     """POST /v1/embeddings (OpenAI). Unknown fields (``user``, ...) are ignored, as OpenAI does."""
 
-    input: _doc(msgspec.Raw, _INPUT_DOC) = msgspec.field(default_factory=lambda: msgspec.Raw(b""))
-    model: _doc(Optional[str], "A served model name; any name is answered unless "
-                "--strict-model-name.") = None
-    encoding_format: _doc(Optional[str], "float (default) or base64 (little-endian float32 "
-                          "bytes).") = None
-    dimensions: _doc(Optional[int], _DIMENSIONS) = None
-    prompt_name: _doc(Optional[str], _PROMPT_NAME) = None
-    prompt: _doc(Optional[str], _PROMPT) = None
-    truncate: _doc(Optional[bool], _TRUNCATE) = None
+    input: Annotated[msgspec.Raw, msgspec.Meta(description=_INPUT_DOC)] = msgspec.field(default_factory=lambda: msgspec.Raw(b""))
+    model: Annotated[Optional[str], msgspec.Meta(description="A served model name; any name is answered unless "
+                "--strict-model-name.")] = None
+    encoding_format: Annotated[Optional[str], msgspec.Meta(description="float (default) or base64 (little-endian float32 "
+                          "bytes).")] = None
+    dimensions: Annotated[Optional[int], msgspec.Meta(description=_DIMENSIONS)] = None
+    prompt_name: Annotated[Optional[str], msgspec.Meta(description=_PROMPT_NAME)] = None
+    prompt: Annotated[Optional[str], msgspec.Meta(description=_PROMPT)] = None
+    truncate: Annotated[Optional[bool], msgspec.Meta(description=_TRUNCATE)] = None
 
 
 class EmbedRequest(msgspec.Struct, kw_only=True):
     """POST /embed and POST / (TEI)."""
 
-    inputs: _doc(msgspec.Raw, _INPUT_DOC) = msgspec.field(default_factory=lambda: msgspec.Raw(b""))
+    inputs: Annotated[msgspec.Raw, msgspec.Meta(description=_INPUT_DOC)] = msgspec.field(default_factory=lambda: msgspec.Raw(b""))
     model: Optional[str] = None
-    normalize: _doc(Optional[bool], "L2-normalize (default true).") = None
-    truncate: _doc(Optional[bool], _TRUNCATE) = None
-    truncation_direction: _doc(Optional[str], "right (default) or left.") = None
-    prompt_name: _doc(Optional[str], _PROMPT_NAME) = None
-    prompt: _doc(Optional[str], _PROMPT) = None
-    dimensions: _doc(Optional[int], _DIMENSIONS) = None
+    normalize: Annotated[Optional[bool], msgspec.Meta(description="L2-normalize (default true).")] = None
+    truncate: Annotated[Optional[bool], msgspec.Meta(description=_TRUNCATE)] = None
+    truncation_direction: Annotated[Optional[str], msgspec.Meta(description="right (default) or left.")] = None
+    prompt_name: Annotated[Optional[str], msgspec.Meta(description=_PROMPT_NAME)] = None
+    prompt: Annotated[Optional[str], msgspec.Meta(description=_PROMPT)] = None
+    dimensions: Annotated[Optional[int], msgspec.Meta(description=_DIMENSIONS)] = None
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):
     """POST /tokenize (TEI)."""
 
-    inputs: _doc(msgspec.Raw, "A string or a list of strings.") = msgspec.field(
+    inputs: Annotated[msgspec.Raw, msgspec.Meta(description="A string or a list of strings.")] = msgspec.field(
         default_factory=lambda: msgspec.Raw(b""))
-    prompt_name: _doc(Optional[str], _PROMPT_NAME) = None
-    prompt: _doc(Optional[str], _PROMPT) = None
-    truncate: _doc(Optional[bool], _TRUNCATE) = None
+    prompt_name: Annotated[Optional[str], msgspec.Meta(description=_PROMPT_NAME)] = None
+    prompt: Annotated[Optional[str], msgspec.Meta(description=_PROMPT)] = None
+    truncate: Annotated[Optional[bool], msgspec.Meta(description=_TRUNCATE)] = None
 
 
 # --- responses (described in the API document; built directly in the handlers for speed) ---------
@@ -76,12 +72,12 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
 class EmbeddingItem(msgspec.Struct):
     object: str
     index: int
-    embedding: _doc(Union[list[float], str], "floats, or base64 of little-endian float32 bytes")
+    embedding: Annotated[Union[list[float], str], msgspec.Meta(description="floats, or base64 of little-endian float32 bytes")]
 
 
 class Usage(msgspec.Struct):
-    prompt_tokens: _doc(int, "Tokens embedded, after prompt and truncation, special tokens "
-                        "included.")
+    prompt_tokens: Annotated[int, msgspec.Meta(description="Tokens embedded, after prompt and truncation, special tokens "
+                        "included.")]
     total_tokens: int
 
 
@@ -101,8 +97,8 @@ class ErrorBody(msgspec.Struct):
     message: str
     type: str
     param: Optional[str]
-    code: _doc(Optional[str], "The error kind: validation, auth, not_found, too_large, "
-               "unsupported_media, overloaded, unavailable, internal ...")
+    code: Annotated[Optional[str], msgspec.Meta(description="The error kind: validation, auth, not_found, too_large, "
+               "unsupported_media, overloaded, unavailable, internal ...")]
 
 
 class ErrorEnvelope(msgspec.Struct):
