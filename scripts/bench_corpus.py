@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""Wall time, start-up included: `floe embed-corpus` vs sentence-transformers' encode in bf16.
+
+Both sides run as fresh processes on the same Parquet corpus, one after the other, in the same
+run (so they see the same machine):
+
+  floe   python -m floe embed-corpus CORPUS -o OUT.parquet [--engine E] [extra floe args]
+  peer   python -c "<load SentenceTransformer in bfloat16; read CORPUS; encode(texts,
+         batch_size=64); write the embeddings as Parquet>"
+
+The corpus is synthetic text (words drawn from a fixed vocabulary, lengths uniform in
+[--min-words, --max-words]), written once. Prints one JSON line per run and a summary with the
+ratio peer_wall / floe_wall (> 1: floe is faster). Checks the two outputs agree (cosine).
+
+Example: python scripts/bench_corpus.py --rows 20000 --runs 2 --engine openvino
+Smoke:   python scripts/bench_corpus.py --rows 200 --runs 1
+Keep the machine otherwise idle while it runs: both sides use every core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+PEER = r"""
+import sys, time
+t0 = time.monotonic()
+import numpy as np, pyarrow as pa, pyarrow.parquet as pq, torch
+from sentence_transformers import SentenceTransformer
+corpus, out, model = sys.argv[1], sys.argv[2], sys.argv[3]
+st = SentenceTransformer(model, device="cpu", model_kwargs={"torch_dtype": torch.bfloat16})
+texts = pq.read_table(corpus, columns=["text"]).column("text").to_pylist()
+emb = st.encode(texts, batch_size=64, convert_to_numpy=True).astype(np.float32)
+flat = pa.array(emb.reshape(-1), type=pa.float32())
+pq.write_table(pa.table({"id": pa.array(np.arange(len(texts))),
+                         "embedding": pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])}), out)
+print(time.monotonic() - t0)
+"""
+
+WORDS = ("the of and to in is was for on that with as by at from his her an which be are this "
+         "have had not but were they all one their been has there who can more would when will "
+         "system search vector corpus document retrieval embedding model query passage index "
+         "language network training data learning large results method performance approach").split()
+
+
+def make_corpus(path: str, rows: int, min_words: int, max_words: int, seed: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(min_words, max_words + 1, size=rows)
+    texts = [" ".join(rng.choice(WORDS, size=int(k))) for k in lengths]
+    pq.write_table(pa.table({"text": texts}), path)
+
+
+def count_tokens(path: str, model: str) -> int:
+    from floe.config import ModelSettings
+    from floe.models import load_spec
+    from floe.protocol import EncodeOptions
+    from floe.tokenize import Tokenizer
+    import pyarrow.parquet as pq
+
+    tok = Tokenizer(load_spec(ModelSettings(model=model)))
+    texts = pq.read_table(path).column("text").to_pylist()
+    return sum(tok.encode(texts[i:i + 1024], EncodeOptions()).total_tokens
+               for i in range(0, len(texts), 1024))
+
+
+def timed(cmd: list[str], env: dict) -> float:
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.monotonic() - t0
+    if r.returncode != 0:
+        sys.exit(f"command failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-3000:]}")
+    return wall
+
+
+def embeddings(path: str) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    col = pq.read_table(path).column("embedding").combine_chunks()
+    return col.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), -1)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=20000)
+    ap.add_argument("--min-words", type=int, default=8)
+    ap.add_argument("--max-words", type=int, default=80)
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--model", default=None, help="model folder (default: the embedded MiniLM)")
+    ap.add_argument("--engine", default=None, help="floe --engine (default: floe's default)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("floe_args", nargs="*", help="extra floe embed-corpus arguments (after --)")
+    args = ap.parse_args()
+
+    from floe.models.source import embedded_model_path
+
+    model = args.model or embedded_model_path()
+    work = args.workdir or tempfile.mkdtemp(prefix="floe-bench-corpus-")
+    corpus = os.path.join(work, "corpus.parquet")
+    make_corpus(corpus, args.rows, args.min_words, args.max_words, args.seed)
+    tokens = count_tokens(corpus, model)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="true")
+    results = {"floe": [], "peer": []}
+    for run in range(args.runs):
+        out_f = os.path.join(work, f"floe-{run}.parquet")
+        for leftover in (out_f, out_f + ".parts"):
+            subprocess.run(["rm", "-rf", leftover])
+        cmd = [sys.executable, "-m", "floe", "embed-corpus", corpus, "-o", out_f, "--model", model,
+               "--no-progress", "--log-level", "warning"]
+        if args.engine:
+            cmd += ["--engine", args.engine]
+        floe_wall = timed(cmd + list(args.floe_args), env)
+        out_p = os.path.join(work, f"peer-{run}.parquet")
+        peer_wall = timed([sys.executable, "-c", PEER, corpus, out_p, model], env)
+        a, b = embeddings(out_f), embeddings(out_p)
+        cos = float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+        for name, wall in (("floe", floe_wall), ("peer", peer_wall)):
+            results[name].append(wall)
+            print(json.dumps({"run": run, "side": name, "wall_s": round(wall, 2), "rows": args.rows,
+                              "tokens": tokens, "tokens_per_s": round(tokens / wall)}))
+        print(json.dumps({"run": run, "min_cosine_floe_vs_peer": round(cos, 6)}))
+    f, p = min(results["floe"]), min(results["peer"])
+    print(json.dumps({"summary": True, "rows": args.rows, "tokens": tokens,
+                      "floe_best_wall_s": round(f, 2), "peer_best_wall_s": round(p, 2),
+                      "speedup_peer_over_floe": round(p / f, 3),
+                      "floe_tokens_per_s": round(tokens / f), "peer_tokens_per_s": round(tokens / p),
+                      "cpu_count": os.cpu_count()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

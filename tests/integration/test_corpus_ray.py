@@ -1,0 +1,143 @@
+"""floe on Ray: `floe embed-corpus --ray` (Ray Data) and the Ray Serve deployment.
+
+Ray listens on all interfaces, so these tests run a local Ray cluster inside a fresh network
+namespace that has only loopback: ``test_ray_in_loopback_namespace`` re-runs this file's ``inner``
+tests under ``unshare --net`` (with ``lo`` up) and asserts they pass. Where Ray is not installed
+or a namespace cannot be made, it skips and says why.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+IN_NETNS = os.environ.get("FLOE_TEST_LOOPBACK_NETNS") == "1"
+inner = pytest.mark.skipif(
+    not IN_NETNS, reason="runs inside the loopback-only network namespace that "
+                         "test_ray_in_loopback_namespace starts")
+
+
+def _netns_problem() -> str | None:
+    if importlib.util.find_spec("ray") is None:
+        return 'Ray is not installed (pip install "floe[ray]")'
+    if not shutil.which("unshare") or not shutil.which("ip"):
+        return "unshare or ip (util-linux, iproute2) is missing: cannot isolate Ray on loopback"
+    probe = subprocess.run(["unshare", "--net", "sh", "-c", "ip link set lo up && ip -o link"],
+                           capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        return f"cannot create a network namespace here ({probe.stderr.strip()[:200]})"
+    if any("lo" not in line.split(":")[1] for line in probe.stdout.strip().splitlines()):
+        return "the new network namespace has interfaces other than loopback"
+    return None
+
+
+@pytest.mark.slow
+def test_ray_in_loopback_namespace():
+    if IN_NETNS:
+        pytest.skip("this is the launcher; it runs outside the namespace")
+    problem = _netns_problem()
+    if problem:
+        pytest.skip(problem)
+    env = dict(os.environ, FLOE_TEST_LOOPBACK_NETNS="1", HF_HUB_OFFLINE="1",
+               RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
+    cmd = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
+           sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__, "-k", "inner"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    assert "3 passed" in r.stdout, r.stdout[-3000:]
+
+
+# --- inside the namespace -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    yield ray
+    ray.shutdown()
+
+
+def _corpus(tmp_path, n=23):
+    from tests.integration.test_corpus import make_texts, write_corpus
+
+    return write_corpus(tmp_path / "c.jsonl", make_texts(n, seed=7), "jsonl"), n
+
+
+@inner
+def test_inner_ray_data_equals_local(ray_cluster, tmp_path, tiny_bert):
+    from floe.corpus.job import run
+    from tests.integration.test_corpus import emb, job
+
+    inp, n = _corpus(tmp_path)
+    local = run(job(inp, tmp_path / "local.parquet", tiny_bert, id_column="doc", shard_rows=6))
+    assert local["rows"] == n
+    res = run(job(inp, tmp_path / "ray.parquet", tiny_bert, id_column="doc", shard_rows=6, ray="auto"))
+    assert res["rows"] == n
+    a, b = pq.read_table(str(tmp_path / "local.parquet")), pq.read_table(str(tmp_path / "ray.parquet"))
+    assert b.column("id").to_pylist() == a.column("id").to_pylist() == [f"id-{i}" for i in range(n)]
+    np.testing.assert_allclose(emb(b), emb(a), atol=1e-5)
+
+
+@inner
+def test_inner_ray_data_resumes_a_local_job_and_skips_bad_rows(ray_cluster, tmp_path, tiny_bert):
+    from floe.corpus.job import prepare, run
+    from floe.corpus.writer import part_name
+    from tests.integration.test_corpus import emb, job
+
+    inp, n = _corpus(tmp_path)
+    lines = open(inp).read().splitlines()
+    lines[3] = json.dumps({"body": None, "doc": "id-3"})
+    open(inp, "w").write("\n".join(lines) + "\n")
+    ref = run(job(inp, tmp_path / "ref", tiny_bert, id_column="doc", shard_rows=6, on_error="skip"))
+    assert ref["skipped"] == 1
+    # a job whose shards 0 and 2 were written before it died: copy them from the reference
+    out = tmp_path / "out"
+    j = job(inp, out, tiny_bert, id_column="doc", shard_rows=6, on_error="skip", ray="auto")
+    prepare(j)  # writes the manifest
+    for i in (0, 2):
+        shutil.copy(tmp_path / "ref" / part_name(i), out / part_name(i))
+    res = run(j)
+    assert res["rows"] == n - 1 and res["skipped"] == 1 and res["new_rows"] == n - 12
+    got, want = pq.read_table(str(out)), pq.read_table(str(tmp_path / "ref"))
+    assert got.column("id").to_pylist() == want.column("id").to_pylist()
+    np.testing.assert_allclose(emb(got), emb(want), atol=1e-5)
+    assert [json.loads(x)["row"] for x in open(out / "_skipped.jsonl")] == [3]
+
+
+@inner
+def test_inner_ray_serve_answers_openai_embeddings(ray_cluster, tiny_bert):
+    import httpx
+    from ray import serve
+
+    from floe.ray.serve import build_app
+    from tests.integration.test_corpus import alone
+    from tests.support import free_port
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app({"model": tiny_bert, "engine": "torch", "dtype": "float32",
+                             "device": "cpu", "threads": 1}), name="floe", route_prefix="/")
+        texts = ["hello ray serve", "a second, longer input about vectors and shards"]
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+            r = c.post("/v1/embeddings", json={"input": texts, "model": os.path.basename(tiny_bert)})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            got = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
+            np.testing.assert_allclose(got, alone(tiny_bert, texts), atol=2e-5)
+            assert body["usage"]["prompt_tokens"] > 0
+            bad = c.post("/v1/embeddings", json={"input": "x", "dimensions": 999})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "dimensions"
+            assert c.post("/v1/embeddings", json={"input": []}).status_code == 400
+    finally:
+        serve.shutdown()
