@@ -237,6 +237,9 @@ class CorpusOutput:
             os.remove(self.skipped_path)
         summary = {"rows": rows, "skipped": len(skipped)}
         if self.single_file:
+            parent, base = os.path.dirname(self.output), os.path.basename(self.output)
+            for stale in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(base)}.tmp-*")):
+                os.remove(stale)  # a final copy interrupted by a kill
             schema = self.schema().with_metadata({META_KEY: json.dumps(self.manifest).encode()})
             tmp = os.path.join(os.path.dirname(self.output),
                                f".{os.path.basename(self.output)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
