@@ -367,6 +367,15 @@ class _Base:
         return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else None
 
 
+def _advance(plan: Plan, answer: Any, failure: Optional[FloeError]) -> tuple[bool, Any]:
+    """Resumes a plan with the last step's answer (or throws its failure in): (False, next step)
+    or, once the plan returns, (True, its result)."""
+    try:
+        return False, (plan.throw(failure) if failure is not None else plan.send(answer))
+    except StopIteration as stop:
+        return True, stop.value
+
+
 class _Collector:
     """Fills one (n, dim) array from the chunks' arrays, in order."""
 
@@ -437,17 +446,14 @@ class Client(_Base):
 
     def _run(self, plan: Plan) -> Any:
         """Carries a plan out: each step's answer is sent back in, each failure thrown in."""
-        answer, failure = None, None
-        while True:
+        done, step = _advance(plan, None, None)
+        while not done:
             try:
-                step = plan.throw(failure) if failure is not None else plan.send(answer)
-            except StopIteration as done:
-                return done.value
-            answer, failure = None, None
-            try:
-                answer = self._step(step)
-            except FloeError as e:
-                failure = e
+                answer, failure = self._step(step), None
+            except FloeError as e:  # only the step's own failure goes back into the plan
+                answer, failure = None, e
+            done, step = _advance(plan, answer, failure)
+        return step
 
     def iter_embed(self, inputs: Inputs, *, normalize: Optional[bool] = None,
                    dimensions: Optional[int] = None, prompt_name: Optional[str] = None,
@@ -540,17 +546,14 @@ class AsyncClient(_Base):
             raise _grpc_error(e) from None
 
     async def _run(self, plan: Plan) -> Any:
-        answer, failure = None, None
-        while True:
+        done, step = _advance(plan, None, None)
+        while not done:
             try:
-                step = plan.throw(failure) if failure is not None else plan.send(answer)
-            except StopIteration as done:
-                return done.value
-            answer, failure = None, None
-            try:
-                answer = await self._step(step)
-            except FloeError as e:
-                failure = e
+                answer, failure = await self._step(step), None
+            except FloeError as e:  # only the step's own failure goes back into the plan
+                answer, failure = None, e
+            done, step = _advance(plan, answer, failure)
+        return step
 
     def iter_embed(self, inputs: Inputs, *, normalize: Optional[bool] = None,
                    dimensions: Optional[int] = None, prompt_name: Optional[str] = None,
