@@ -39,6 +39,9 @@ from floe.validate import CHARS_PER_TOKEN_LIMIT, Limits, Plan
 # pool's threads (the Rust library also parallelizes inside one call, so small splits only add
 # overhead).
 _MIN_CHUNK = 256
+# Requests at most this small are tokenized on the event loop (bounded: ~50 us of work).
+_INLINE_ITEMS = 4
+_INLINE_CHARS = 2048
 
 
 def _has_lowercase(normalizer) -> bool:
@@ -159,8 +162,11 @@ class TokenizerPool:
 
     async def encode_plan(self, texts: Sequence[str], plan: Plan) -> TokenBatch:
         tok = self.tokenizer
-        loop = asyncio.get_running_loop()
         n = len(texts)
+        if n <= _INLINE_ITEMS and sum(map(len, texts)) + n * len(plan.prompt) <= _INLINE_CHARS:
+            # A few short texts tokenize in tens of microseconds: less than the hop to a thread.
+            return tok.encode_plan(texts, plan)
+        loop = asyncio.get_running_loop()
         chunks = min(self.workers, max(1, n // _MIN_CHUNK))
         if chunks == 1:
             return await loop.run_in_executor(self._executor, tok.encode_plan, texts, plan, 0)

@@ -8,7 +8,10 @@ the same connection is ever read. What uvicorn lacks, this subclass adds:
 * a deadline to receive a request's headers, armed when a connection opens (so a connection that
   never sends a byte is closed too) and again when each request begins;
 * a deadline to receive the request's body once its headers are in;
-* a cap on open connections: past it a new connection gets 503 with Retry-After and is closed.
+* a cap on open connections: past it a new connection gets 503 with Retry-After and is closed;
+* a call to the request's ``floe.on_disconnect`` scope entry when its client goes away before the
+  response is complete, so the handler cancels its queued work at once (no watcher task per
+  request).
 
 The idle keep-alive timeout between requests is uvicorn's own ``timeout_keep_alive``.
 """
@@ -76,7 +79,13 @@ def guarded_protocol(header_timeout: float, body_timeout: float, max_connections
             self._disarm()
             if self.transport is None:  # refused at the cap: uvicorn never saw it
                 return
+            cycle = self.cycle
             super().connection_lost(exc)
+            if cycle is not None and not cycle.response_complete:
+                # the client went away mid-request: tell the handler (floe/frontend/http.py)
+                on_disconnect = cycle.scope.get("floe.on_disconnect")
+                if on_disconnect is not None:
+                    on_disconnect()
 
         def data_received(self, data: bytes) -> None:
             if self.transport is None:

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import functools
 import logging
+import sys
 import time
 from typing import Any, Optional
 
 import orjson
-from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
 
 from floe import metrics
 from floe.frontend import openapi, schemas
@@ -95,36 +96,9 @@ def timing_headers(result: EmbedResult) -> dict[str, str]:
 
 # --- the app -----------------------------------------------------------------------------------
 
-class ClientGone(Exception):
-    """The HTTP client disconnected before its answer was ready."""
-
-
-async def _wait_disconnect(request: Request) -> None:
-    # Once the body is read, the server's receive() only returns when the client goes away.
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def until_disconnect(request: Request, work: Any) -> Any:
-    """Runs ``work`` (a coroutine) unless the client disconnects first; then cancels it, which
-    drops its still-queued sequences in the replica (as gRPC cancellation does)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    finally:
-        watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
-    raise ClientGone()
+# The HTTP protocol (floe/frontend/connections.py) calls the function stored under this scope key
+# when the client's connection is lost before its response is complete.
+ON_DISCONNECT = "floe.on_disconnect"
 
 
 def _request_id(request: Request) -> str:
@@ -135,22 +109,21 @@ def _request_id(request: Request) -> str:
     return new_request_id()
 
 
-def create_app(service: EmbedService) -> FastAPI:
+def create_app(service: EmbedService) -> Starlette:
+    """The ASGI app: plain Starlette routes (the hot path pays for no dependency injection; the
+    API description is built from the request structs, floe/frontend/openapi.py)."""
     settings = service.settings
     limit = settings.server.payload_limit
     key = service.api_key
-    # The API description follows the key: public without one, behind it with one.
-    app = FastAPI(title="floe", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
+    app = Starlette()
 
     def authorize(request: Request) -> None:
         if key and not bearer_ok(request.headers.get("authorization"), key):
             raise AuthError(AUTH_HINT)
 
-    @app.exception_handler(FloeError)
     async def _floe_error(request: Request, err: FloeError) -> Response:
         return error_response(err, _request_id(request))
 
-    @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException) -> Response:
         kind, code = {404: ("not_found_error", "not_found"),
                       405: ("invalid_request_error", "method_not_allowed")}.get(
@@ -158,10 +131,19 @@ def create_app(service: EmbedService) -> FastAPI:
         body = {"error": {"message": str(err.detail), "type": kind, "param": None, "code": code}}
         return _json(body, status=err.status_code, headers={"x-request-id": _request_id(request)})
 
-    @app.exception_handler(Exception)
     async def _internal(request: Request, err: Exception) -> Response:
         log.exception("internal error on %s", request.url.path)
         return error_response(InternalError(), _request_id(request))
+
+    app.add_exception_handler(FloeError, _floe_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal)
+
+    def route(path: str, methods: tuple = ("GET",)):
+        def register(fn):
+            app.add_route(path, fn, methods=list(methods))
+            return fn
+        return register
 
     async def run_compute(request: Request, endpoint: str, parse, respond) -> Response:
         """Every compute route: auth, admission (before the body is read), body limit, parsing
@@ -169,6 +151,16 @@ def create_app(service: EmbedService) -> FastAPI:
         and one count per outcome."""
         t0 = time.perf_counter()
         rid = _request_id(request)
+        task = asyncio.current_task()
+        gone: list[bool] = []
+
+        def on_disconnect() -> None:
+            # cancelling the work drops its still-queued sequences in the replica, as a
+            # cancelled gRPC call does
+            gone.append(True)
+            task.cancel()
+
+        request.scope[ON_DISCONNECT] = on_disconnect
         try:
             authorize(request)
             check_content_type(request)
@@ -179,15 +171,19 @@ def create_app(service: EmbedService) -> FastAPI:
                 else:
                     parsed = _parse_body(body, parse)
                 del body
-                response = await until_disconnect(request, respond(parsed, rid))
+                response = await respond(parsed, rid)
             metrics.REQUESTS.labels(endpoint=endpoint, transport="http").inc()
             return response
-        except ClientGone:
+        except (asyncio.CancelledError, ClientDisconnect):
+            if not gone and not isinstance(sys.exc_info()[1], ClientDisconnect):
+                raise
+            if gone:
+                task.uncancel()
             metrics.REQUEST_FAILURES.labels(endpoint=endpoint, transport="http",
                                             error="cancelled").inc()
             log.info("request %s on %s: client disconnected; its queued work was dropped", rid,
                      endpoint)
-            return Response(status_code=499)  # nobody reads it; uvicorn needs a response
+            return Response(status_code=499)  # nobody reads it; the server needs a response
         except FloeError as err:
             metrics.REQUEST_FAILURES.labels(endpoint=endpoint, transport="http",
                                             error=error_label(err)).inc()
@@ -197,6 +193,7 @@ def create_app(service: EmbedService) -> FastAPI:
             log.exception("internal error on %s", endpoint)
             return error_response(InternalError(), rid)
         finally:
+            request.scope.pop(ON_DISCONNECT, None)
             metrics.REQUEST_SECONDS.labels(endpoint=endpoint, transport="http").observe(
                 time.perf_counter() - t0)
 
@@ -234,8 +231,8 @@ def create_app(service: EmbedService) -> FastAPI:
     async def openai_embeddings(request: Request) -> Response:
         return await run_compute(request, "/v1/embeddings", parse_openai, respond_openai)
 
-    app.add_api_route("/v1/embeddings", openai_embeddings, methods=["POST"])
-    app.add_api_route("/embeddings", openai_embeddings, methods=["POST"], include_in_schema=False)
+    app.add_route("/v1/embeddings", openai_embeddings, methods=["POST"])
+    app.add_route("/embeddings", openai_embeddings, methods=["POST"])
 
     # TEI-style -----------------------------------------------------------------------------
 
@@ -270,9 +267,9 @@ def create_app(service: EmbedService) -> FastAPI:
                                      lambda parsed, rid: respond(parsed, rid, request))
         return embed
 
-    app.add_api_route("/embed", embed_route(True), methods=["POST"])
+    app.add_route("/embed", embed_route(True), methods=["POST"])
     # TEI clients (huggingface_hub's InferenceClient, Haystack) post to the server's root URL.
-    app.add_api_route("/", embed_route(True), methods=["POST"])
+    app.add_route("/", embed_route(True), methods=["POST"])
 
     def parse_tokenize(body: bytes) -> tuple:
         req = schemas.decode_body(schemas.TokenizeRequest, body)
@@ -298,7 +295,7 @@ def create_app(service: EmbedService) -> FastAPI:
     async def tokenize(request: Request) -> Response:
         return await run_compute(request, "/tokenize", parse_tokenize, respond_tokenize)
 
-    app.add_api_route("/tokenize", tokenize, methods=["POST"])
+    app.add_route("/tokenize", tokenize, methods=["POST"])
 
     # Health, info, models, metrics, API description --------------------------------------
 
@@ -306,7 +303,7 @@ def create_app(service: EmbedService) -> FastAPI:
         """Liveness: the front end's event loop answers."""
         return _json({"status": "ok"})
 
-    app.add_api_route("/health", health, methods=["GET", "HEAD"])
+    app.add_route("/health", health, methods=["GET", "HEAD"])
 
     async def ready(request: Request) -> Response:
         """Readiness: at least one healthy replica and not draining."""
@@ -317,9 +314,9 @@ def create_app(service: EmbedService) -> FastAPI:
         return _json({"status": "not ready", "reason": reason},
                      status=503, headers={"retry-after": "1"})
 
-    app.add_api_route("/ready", ready, methods=["GET", "HEAD"])
+    app.add_route("/ready", ready, methods=["GET", "HEAD"])
 
-    @app.get("/info")
+    @route("/info")
     async def info(request: Request) -> Response:
         authorize(request)
         return _json(service.describe())
@@ -327,38 +324,40 @@ def create_app(service: EmbedService) -> FastAPI:
     def model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": 0, "owned_by": "floe"}
 
-    @app.get("/v1/models")
+    @route("/v1/models")
     async def models(request: Request) -> Response:
         authorize(request)
         return _json({"object": "list",
                       "data": [model_card(n) for n in service.limits.served_names]})
 
-    @app.get("/v1/models/{model:path}")
-    async def one_model(request: Request, model: str) -> Response:
+    @route("/v1/models/{model:path}")
+    async def one_model(request: Request) -> Response:
         authorize(request)
+        model = request.path_params["model"]
         if model not in service.limits.served_names:
             raise ModelNotFoundError(f"model {model[:100]!r} is not served here", param="model")
         return _json(model_card(model))
 
-    @app.get("/metrics")
+    @route("/metrics")
     async def prometheus(request: Request) -> Response:
         body, ctype = await metrics.render(service, accept=request.headers.get("accept", ""))
         return Response(body, media_type=ctype)
 
     document = orjson.dumps(openapi.openapi_document())
 
-    @app.get("/openapi.json", include_in_schema=False)
+    @route("/openapi.json")
     async def openapi_json(request: Request) -> Response:
         authorize(request)
         return Response(document, media_type=_JSON)
 
-    @app.get("/docs", include_in_schema=False)
+    @route("/docs")
     async def docs(request: Request) -> Response:
         authorize(request)
         return Response(openapi.DOCS_HTML, media_type="text/html")
 
-    @app.get("/docs/static/{name}", include_in_schema=False)
-    async def docs_static(name: str) -> Response:
+    @route("/docs/static/{name}")
+    async def docs_static(request: Request) -> Response:
+        name = request.path_params["name"]
         # Swagger UI from the swagger-ui-bundle package: the page works offline, with no CDN.
         if name not in _DOCS_ASSETS:
             raise StarletteHTTPException(status_code=404, detail="Not Found")
