@@ -208,9 +208,10 @@ def _connect(address: str) -> bool:
         return False
     kw = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
     if address in ("", "local"):
-        # Ray's agents start slowly on a small busy machine; its default wait (15 s) then kills
-        # the raylet. A local instance may take its time.
+        # Ray's agents start slowly on a small busy machine; its default waits (about a minute)
+        # then kill the raylet. A local instance may take its time.
         os.environ.setdefault("RAY_agent_register_timeout_ms", "300000")
+        os.environ.setdefault("RAY_raylet_start_wait_time_s", "300")
         ray.init(num_cpus=os.cpu_count() or 1, **kw)
     else:
         ray.init(address=address, **kw)

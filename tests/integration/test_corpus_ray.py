@@ -49,7 +49,7 @@ def test_ray_in_loopback_namespace():
     env = dict(os.environ, FLOE_TEST_LOOPBACK_NETNS="1", HF_HUB_OFFLINE="1",
                RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
                # a busy 2-core machine can take minutes to start Ray's agent processes
-               RAY_agent_register_timeout_ms="600000")
+               RAY_agent_register_timeout_ms="600000", RAY_raylet_start_wait_time_s="600")
     cmd = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
            sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__, "-k", "inner"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env,
