@@ -64,7 +64,6 @@ HISTOGRAMS: dict[str, tuple[float, ...]] = {
 }
 
 
-
 class _Histogram:
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
