@@ -203,7 +203,7 @@ def test_replicas_starting_together_convert_once(tiny_bert, tmp_path):
         assert p.returncode == 0, err[-3000:]
         results.append(json.loads(out.strip().splitlines()[-1]))
     assert sorted(r["converted"] for r in results) == [False, True]
-    np.testing.assert_array_equal(results[0]["out"], results[1]["out"])
+    np.testing.assert_allclose(results[0]["out"], results[1]["out"], rtol=1e-5, atol=1e-6)
     assert len([n for n in os.listdir(openvino_dir(cache)) if not n.endswith((".lock", "compiled"))]) == 1
 
 
