@@ -132,7 +132,10 @@ class ReplicaSetSettings:
         "UNAVAILABLE with Retry-After (it is not retried: the replica is busy, not dead); a replica "
         "that is hung is found and restarted by its health probes."
     )
-    startup_timeout: float = _knob(120.0, "Seconds a replica may take to load and become ready.")
+    startup_timeout: float = _knob(
+        300.0, "Seconds a replica may take to load and become ready. The first start of a model "
+        "with the OpenVINO engine includes its conversion (about 30 s for MiniLM on 2 cores, more "
+        "for larger models); later starts load the converted model from the cache in seconds.")
     max_restarts: int = _knob(
         5, "Restarts of one replica within restart_window before it is given up (crash loop)."
     )

@@ -195,7 +195,7 @@ def load(rt: Runtime):
     settings = rt.settings
     spec = load_spec(settings.model)
     r = settings.replicas
-    if rt.gpu_memory_fraction is not None and r.engine == "torch":
+    if rt.gpu_memory_fraction is not None and r.engine in ("torch", "auto"):
         if not 0.0 < rt.gpu_memory_fraction <= 1.0:
             raise ConfigError("--gpu-memory-fraction must be in (0, 1]")
         import torch  # only the torch engine pays for it
@@ -207,7 +207,8 @@ def load(rt: Runtime):
                             seconds_per_batch=r.fake_seconds_per_batch)
     else:
         engine = create_engine(spec, r.engine, device=settings.model.device,
-                               dtype=settings.model.dtype, threads=rt.threads)
+                               dtype=settings.model.dtype, threads=rt.threads,
+                               cache_dir=r.engine_cache_dir)
     engine.warmup(settings.batch.max_batch_tokens)
     tokenizers = TokenizerPool(spec, workers=r.workers, max_input_chars=settings.server.max_input_chars)
     return spec, engine, tokenizers
@@ -274,11 +275,12 @@ async def serve(rt: Runtime, engine, tokenizers) -> int:
         loop.add_signal_handler(sig, stop.set)
     watcher = (asyncio.create_task(_watch_pid(rt.parent_pid, stop.set)) if rt.parent_pid else None)
 
-    hello = ReplicaHello(address=address, pid=os.getpid(), engine=settings.replicas.engine,
+    backend = getattr(engine, "backend", settings.replicas.engine)
+    hello = ReplicaHello(address=address, pid=os.getpid(), engine=backend,
                          dtype=engine.dtype, device=engine.device)
     print(hello.to_line(), flush=True)
     log.info("replica %s serving %s on %s (engine %s, %s on %s)", rt.replica_id,
-             engine.spec.name, address, settings.replicas.engine, engine.dtype, engine.device)
+             engine.spec.name, address, backend, engine.dtype, engine.device)
     await stop.wait()
 
     log.info("draining (up to %.1f s)", settings.server.drain_timeout)

@@ -1,0 +1,209 @@
+"""floe against the strongest baselines a user would run, in one run on this machine.
+
+    python scripts/bench_peers.py [--texts 2048] [--infinity .venv-infinity] [--skip ...]
+
+For each workload (50 tokens, 256 tokens, uniform 16-256 tokens per input, exact under the
+default model's tokenizer):
+
+- sentence-transformers in-process, ``encode(all_texts, batch_size=64)`` once, bf16 and fp32
+  (what a user indexing a corpus with the library runs);
+- floe serve with the OpenVINO engine and with the torch engine (bf16), and Infinity (bf16, its
+  own environment: scripts/setup_infinity.sh), each over HTTP /v1/embeddings with
+  encoding_format=base64 (what the openai client sends), 16 inputs per request, 64 requests in
+  flight, every text sent twice;
+- the bf16 matmul peak of these cores with the model's own shapes (tokens x 384 @ 384 x 1536).
+
+Prints tokens/s per cell and floe's ratio to each baseline. The client is a Python asyncio loop on
+the same cores; at these rates (a few hundred requests/s) it takes a small share of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_texts(n: int, lengths: str, seed: int = 0) -> tuple[list[str], int]:
+    """n texts of exact token lengths (special tokens included); returns (texts, total tokens)."""
+    from floe.bench.workload import BenchTokenizer, load_model_spec
+
+    tok = BenchTokenizer(load_model_spec("default"))
+    rng = random.Random(seed)
+    if "-" in lengths:
+        lo, hi = map(int, lengths.split("-"))
+        sizes = [rng.randint(lo, hi) for _ in range(n)]
+    else:
+        sizes = [int(lengths)] * n
+    texts, ids = tok.exact_texts(sizes, np.random.default_rng(seed))
+    return texts, sum(len(x) for x in ids)
+
+
+def st_encode(texts: list[str], total_tokens: int, dtype: str) -> float:
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from floe.models.source import embedded_model_path
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = SentenceTransformer(embedded_model_path(), device="cpu")
+    if dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
+    model.encode(texts[:64], batch_size=64)
+    t0 = time.perf_counter()
+    model.encode(texts, batch_size=64)
+    return total_tokens / (time.perf_counter() - t0)
+
+
+def matmul_peak(seconds: float = 3.0) -> float:
+    """bf16 GFLOP/s of a matmul of MiniLM's shapes (4096 tokens x 384 @ 384 x 1536)."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    a = torch.randn(4096, 384).to(torch.bfloat16)
+    b = torch.randn(384, 1536).to(torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return 2 * 4096 * 384 * 1536 * n / (time.perf_counter() - t0) / 1e9
+
+
+class Server:
+    def __init__(self, argv: list[str], url: str, env: dict | None = None) -> None:
+        self.url = url
+        self.proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True,
+                                     env={**os.environ, **(env or {})})
+        import httpx
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{argv[0]} exited with {self.proc.returncode}")
+            try:
+                r = httpx.post(url, json={"input": ["warm up"] * 16, "model": "m"}, timeout=30)
+                if r.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise RuntimeError("server did not come up")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+async def drive(url: str, texts: list[str], per_request: int = 16, concurrency: int = 64,
+                model: str = "m") -> float:
+    import httpx
+
+    bodies = [json.dumps({"input": texts[i:i + per_request], "model": model,
+                          "encoding_format": "base64"}).encode()
+              for i in range(0, len(texts), per_request)]
+    queue = list(bodies)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def worker() -> None:
+            while queue:
+                body = queue.pop()
+                r = await client.post(url, content=body, headers={"content-type": "application/json"})
+                r.raise_for_status()
+                data = r.json()["data"]
+                np.frombuffer(base64.b64decode(data[0]["embedding"]), "<f4")
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - t0
+
+
+def serve_tokens_per_s(url: str, texts: list[str], total: int) -> float:
+    asyncio.run(drive(url, texts[:256], concurrency=16))   # warm-up
+    seconds = asyncio.run(drive(url, texts + texts))
+    return 2 * total / seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--texts", type=int, default=2048)
+    ap.add_argument("--workloads", default="50,256,16-256")
+    ap.add_argument("--infinity", default=os.path.join(REPO, ".venv-infinity"),
+                    help="Infinity's virtualenv (scripts/setup_infinity.sh)")
+    ap.add_argument("--skip", default="", help="comma list of st_fp32,st_bf16,openvino,torch,infinity")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    from floe.models.source import embedded_model_path
+
+    model_path = str(embedded_model_path())
+    rows = []
+    print(f"bf16 matmul peak (MiniLM shapes): {matmul_peak():.0f} GFLOP/s", flush=True)
+    for wl in args.workloads.split(","):
+        texts, total = make_texts(args.texts, wl)
+        cells: dict[str, float] = {}
+        if "st_bf16" not in skip:
+            cells["st_bf16"] = st_encode(texts, total, "bfloat16")
+        if "st_fp32" not in skip:
+            cells["st_fp32"] = st_encode(texts, total, "float32")
+        for engine in ("openvino", "torch"):
+            if engine in skip:
+                continue
+            port = free_port()
+            srv = Server([sys.executable, "-m", "floe", "serve", "--engine", engine, "--dtype",
+                          "bfloat16", "--port", str(port), "--grpc-port", "0",
+                          "--log-level", "warning"], f"http://127.0.0.1:{port}/v1/embeddings")
+            try:
+                cells[f"floe_{engine}"] = serve_tokens_per_s(srv.url, texts, total)
+            finally:
+                srv.stop()
+        inf = os.path.join(args.infinity, "bin", "infinity_emb")
+        if "infinity" not in skip and os.path.exists(inf):
+            port = free_port()
+            srv = Server([inf, "v2", "--model-id", model_path, "--served-model-name", "m",
+                          "--engine", "torch", "--dtype", "bfloat16", "--device", "cpu",
+                          "--port", str(port), "--url-prefix", "/v1", "--batch-size", "64",
+                          "--no-model-warmup"],
+                         f"http://127.0.0.1:{port}/v1/embeddings",
+                         env={"INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1",
+                              "HF_HUB_OFFLINE": "1"})
+            try:
+                cells["infinity"] = serve_tokens_per_s(srv.url, texts, total)
+            finally:
+                srv.stop()
+        rows.append((wl, cells))
+        print(wl, json.dumps({k: round(v) for k, v in cells.items()}), flush=True)
+    print()
+    print("| tokens per input | " + " | ".join(rows[0][1]) + " | floe best / ST bf16 | floe best / Infinity |")
+    print("|---" * (len(rows[0][1]) + 3) + "|")
+    for wl, cells in rows:
+        best = max(v for k, v in cells.items() if k.startswith("floe"))
+        st = cells.get("st_bf16")
+        inf = cells.get("infinity")
+        print(f"| {wl} | " + " | ".join(f"{v:,.0f}" for v in cells.values())
+              + f" | {best / st:.2f}x | " + (f"{best / inf:.2f}x |" if inf else "n/a |")
+              if st else "")
+
+
+if __name__ == "__main__":
+    main()
