@@ -109,7 +109,7 @@ def _request_id(request: Request) -> str:
     return new_request_id()
 
 
-def create_app(service: EmbedService) -> Starlette:
+def create_app(service: EmbedService) -> "RequestIdApp":
     """The ASGI app: plain Starlette routes (the hot path pays for no dependency injection; the
     API description is built from the request structs, floe/frontend/openapi.py)."""
     settings = service.settings
@@ -363,7 +363,31 @@ def create_app(service: EmbedService) -> Starlette:
             raise StarletteHTTPException(status_code=404, detail="Not Found")
         return Response(_docs_asset(name), media_type=_DOCS_ASSETS[name])
 
-    return app
+    return RequestIdApp(app)
+
+
+class RequestIdApp:
+    """Every HTTP response carries ``x-request-id``: the compute routes set their own; this pure
+    ASGI wrapper adds the client's (or a new) id to every other response, errors included."""
+
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = message.setdefault("headers", [])
+                if not any(k == b"x-request-id" for k, _ in headers):
+                    rid = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
+                    if not rid or len(rid) > 128 or not rid.isascii():
+                        rid = new_request_id().encode()
+                    headers.append((b"x-request-id", rid))
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 _DOCS_ASSETS = {"swagger-ui.css": "text/css", "swagger-ui-bundle.js": "text/javascript"}

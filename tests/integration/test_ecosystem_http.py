@@ -73,3 +73,12 @@ def test_docs_page_needs_no_cdn(server):
         assert r.status_code == 200 and len(r.content) > 10_000
     served = httpx.get(server.url + "/openapi.json", timeout=10).json()
     assert "/v1/embeddings" in served["paths"]
+
+
+def test_every_response_carries_a_request_id(server):
+    for method, path in (("GET", "/health"), ("GET", "/metrics"), ("GET", "/nope"),
+                         ("GET", "/v1/models"), ("POST", "/v1/embeddings")):
+        r = httpx.request(method, server.url + path, headers={"x-request-id": "trace-1"},
+                          json={"input": "x"} if method == "POST" else None, timeout=30)
+        assert r.headers["x-request-id"] == "trace-1", (path, r.status_code)
+    assert len(httpx.get(server.url + "/health", timeout=10).headers["x-request-id"]) == 32
