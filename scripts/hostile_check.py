@@ -189,6 +189,8 @@ def main() -> None:
     finally:
         log = srv.stop()
     out["tracebacks_in_log"] = log.count("Traceback")
+    if "Traceback" in log:
+        print(log[log.index("Traceback") - 300:][:3000], file=sys.stderr)
 
     srv = Server(src, "--num-replicas", "2", "--max-batch-size", "1", "--batch-timeout-ms", "0",
                  "--fake-seconds-per-batch", "1.0", "--forward-timeout", "2.5") \
@@ -229,6 +231,8 @@ def main() -> None:
     finally:
         log = srv.stop()
     out["disconnect"]["tracebacks_in_log"] = log.count("Traceback")  # type: ignore[index]
+    if "Traceback" in log:
+        print(log[log.index("Traceback") - 300:][:3000], file=sys.stderr)
     print(json.dumps(out, indent=1))
 
 
