@@ -275,12 +275,12 @@ async def serve(rt: Runtime, engine, tokenizers) -> int:
         loop.add_signal_handler(sig, stop.set)
     watcher = (asyncio.create_task(_watch_pid(rt.parent_pid, stop.set)) if rt.parent_pid else None)
 
-    backend = getattr(engine, "backend", settings.replicas.engine)
-    hello = ReplicaHello(address=address, pid=os.getpid(), engine=backend,
+    engine_kind = getattr(engine, "backend", settings.replicas.engine)
+    hello = ReplicaHello(address=address, pid=os.getpid(), engine=engine_kind,
                          dtype=engine.dtype, device=engine.device)
     print(hello.to_line(), flush=True)
     log.info("replica %s serving %s on %s (engine %s, %s on %s)", rt.replica_id,
-             engine.spec.name, address, backend, engine.dtype, engine.device)
+             engine.spec.name, address, engine_kind, engine.dtype, engine.device)
     await stop.wait()
 
     log.info("draining (up to %.1f s)", settings.server.drain_timeout)
