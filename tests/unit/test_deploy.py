@@ -51,8 +51,9 @@ def test_dockerfile_serves_on_all_interfaces_with_flags_floe_knows():
 # --- Helm chart -----------------------------------------------------------------------------------
 
 def _helm():
-    return pytest.importorskip("helm_python", reason="helm-python-sdk (Helm's Go SDK, in the test "
-                               "extra) is not installed: the chart is not rendered")
+    return pytest.importorskip("helm_python", reason="helm-python-sdk (Helm's Go SDK, the `lint` "
+                               "extra: pip install -e '.[test,lint]') is not installed: the chart "
+                               "is not rendered")
 
 
 def render(values: dict | None = None) -> dict:
