@@ -18,6 +18,8 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 # torch first, on its own, so that nothing else can pull a different (CUDA) build.
-"$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
-"$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[${EXTRAS}]"
+# --no-compile: byte-compiling every installed file (torch, ray, openvino ...) is most of the
+# install time on 2 cores; Python compiles what it imports, on first import.
+"$VENV/bin/python" -m pip install -q --no-compile "$TORCH_SPEC"
+"$VENV/bin/python" -m pip install -q --no-compile -c constraints.txt -e ".[${EXTRAS}]"
 echo "$want" > "$stamp"
