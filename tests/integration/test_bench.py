@@ -16,6 +16,8 @@ from concurrent import futures
 
 import numpy as np
 import pytest
+
+from floe.protocol import ReplicaHello
 from fastapi import Request  # module level: the handler's annotation is resolved from globals
 
 from floe.bench import main
@@ -236,8 +238,9 @@ def replica():
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
             line = proc.stdout.readline()
-            if line.startswith("FLOE_REPLICA_READY"):
-                port = int(line.split()[1])
+            hello = ReplicaHello.from_line(line.rstrip("\n"))
+            if hello is not None:
+                port = int(hello.address.rsplit(":", 1)[1])
                 break
         if port is None:
             proc.kill()
