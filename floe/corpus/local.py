@@ -69,6 +69,16 @@ def make_engines(plan: Plan) -> list:
     kw = {} if job.engine is None else {"kind": job.engine}
     engines = []
     for dev in _worker_devices(job.device, job.workers):
+        if job.engine == "fake":
+            # the fake engine's simulated compute time comes from the settings tree
+            # (--fake-seconds-per-* / FLOE_FAKE_SECONDS_PER_*), as for a replica
+            from floe.config import settings_from
+            from floe.engine.fake import FakeEngine
+
+            r = settings_from().replicas
+            engines.append(FakeEngine(plan.spec, seconds_per_token=r.fake_seconds_per_token,
+                                      seconds_per_batch=r.fake_seconds_per_batch))
+            continue
         engines.append(create_engine(plan.spec, device=dev, dtype=job.dtype, threads=share, **kw))
     e = engines[0]
     log.info("%d engine worker(s): %s on %s in %s, %d thread(s) each", len(engines),
