@@ -7,14 +7,11 @@ Threads and who owns what
 * **the scheduler thread** owns the ``Scheduler``: it moves inbox requests into it, forms batches
   and runs ``engine.prepare`` for the next batch while the engine thread runs the current one
   (pipelining), then hands the prepared batch over through a one-slot handoff.
-* **the engine thread** runs ``engine.run`` on the slot's batch and hands its output to the
-  finish thread through a queue, so the next forward pass starts at once.
-* **the finish thread** (the "finish" stage) writes each output row into its request's array and,
-  when a request's last row arrives, applies its options (normalize, Matryoshka slice, output
-  dtype) and completes it: that work runs neither on the forward thread nor on the event loop.
+* **the engine thread** runs ``engine.run`` on the slot's batch, writes each output row into its
+  request's result array and completes the request when its last row arrives.
 
 Nobody polls: every wait is a ``Condition.wait`` woken by an arrival, a free slot, a finished
-forward pass, or a timeout derived from ``Scheduler.next_deadline``, or a blocking queue get.
+forward pass, or a timeout derived from ``Scheduler.next_deadline``.
 
 Failure isolation: an exception in ``prepare`` or ``run`` fails only the requests of that batch
 (InternalError, logged with its traceback); a non-finite output row fails only its request.
@@ -25,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
-import queue
 import threading
 import time
 import traceback
@@ -63,6 +59,9 @@ HISTOGRAMS: dict[str, tuple[float, ...]] = {
     "inference_seconds": INFERENCE_SECONDS_BOUNDS,
 }
 
+# Post steps over this many floats leave the event loop for a worker thread.
+_INLINE_POST_FLOATS = 1 << 18
+
 
 class _Histogram:
     def __init__(self, bounds: tuple[float, ...]) -> None:
@@ -98,7 +97,6 @@ class _Request:
     inference_s: float = 0.0
     batches: set = field(default_factory=set)
     error: Optional[FloeError] = None
-    result: Optional[EmbedResult] = None   # set by the finish thread before completion
     dropped: bool = False   # cancelled or aborted: results are discarded
     done: bool = False
 
@@ -142,8 +140,6 @@ class ReplicaCore:
                        batches=0, dropped_sequences=0)
         self._hist = {name: _Histogram(b) for name, b in HISTOGRAMS.items()}
         self._threads: list[threading.Thread] = []
-        self._finished: queue.SimpleQueue = queue.SimpleQueue()   # engine -> finish thread
-        self._finish_thread: Optional[threading.Thread] = None
         self._proc = psutil.Process()
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -160,16 +156,13 @@ class ReplicaCore:
             threading.Thread(target=self._engine_loop, name=f"floe-engine-{self.replica_id}",
                              daemon=True),
         ]
-        self._finish_thread = threading.Thread(target=self._finish_loop,
-                                               name=f"floe-finish-{self.replica_id}", daemon=True)
-        for t in (*self._threads, self._finish_thread):
+        for t in self._threads:
             t.start()
 
     @property
     def ready(self) -> bool:
         return (self._accepting and not self._stopping and len(self._threads) == 2
-                and all(t.is_alive() for t in self._threads)
-                and self._finish_thread is not None and self._finish_thread.is_alive())
+                and all(t.is_alive() for t in self._threads))
 
     def stop(self, drain_timeout: float = 0.0) -> bool:
         """Refuses new requests, waits up to ``drain_timeout`` s for in-flight ones, then stops.
@@ -191,9 +184,6 @@ class ReplicaCore:
             self._cv.notify_all()
         for t in self._threads:
             t.join(timeout=10.0)
-        if self._finish_thread is not None:
-            self._finished.put(None)   # after the engine thread's last batch
-            self._finish_thread.join(timeout=10.0)
         for req in leftovers:
             self._complete(req, UnavailableError("replica is shutting down"))
         return drained
@@ -262,7 +252,10 @@ class ReplicaCore:
             raise
         if req.error is not None:
             raise req.error
-        result = req.result
+        if req.out.size > _INLINE_POST_FLOATS:
+            result = await loop.run_in_executor(None, self._post, req)
+        else:
+            result = self._post(req)
         result.timings.total_s = time.monotonic() - t0
         return result
 
@@ -435,23 +428,6 @@ class ReplicaCore:
             self._hist["batch_tokens"].observe(padded)
             self._hist["padding_efficiency"].observe(real / padded)
             self._hist["inference_seconds"].observe(elapsed)
-        self._finished.put((batch, out, error, elapsed))
-
-    # --- finish thread --------------------------------------------------------------------
-
-    def _finish_loop(self) -> None:
-        while True:
-            item = self._finished.get()
-            if item is None:
-                return
-            try:
-                self._finish_batch(*item)
-            except BaseException:  # noqa: BLE001 - never let the finish stage die
-                log.exception("finishing a batch failed")
-
-    def _finish_batch(self, batch: _Batch, out: Optional[np.ndarray],
-                      error: Optional[BaseException], elapsed: float) -> None:
-        seqs = batch.seqs
         if error is not None:
             log.error("batch %d (%d sequences) failed:\n%s", batch.number, len(seqs),
                       "".join(traceback.format_exception(error)))
@@ -474,12 +450,6 @@ class ReplicaCore:
             req.out[s.index] = out[row]
             req.remaining -= 1
             if req.remaining == 0:
-                try:
-                    req.result = self._post(req)
-                except Exception:  # noqa: BLE001 - fails this request only
-                    log.exception("finishing request %s failed", req.request_id)
-                    self._complete(req, InternalError("finishing the embeddings failed"))
-                    continue
                 self._complete(req)
 
     # --- introspection --------------------------------------------------------------------
