@@ -260,15 +260,10 @@ def _locate_surrogate(data: bytes, param: str) -> ValidationError:
         value = json.loads(data)
     except (ValueError, RecursionError):
         return ValidationError(f"`{param}` is not valid JSON", param=param)
-    items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
-    for i, x in enumerate(items):
-        if isinstance(x, str):
-            try:
-                x.encode("utf-8")
-            except UnicodeEncodeError:
-                where = param if isinstance(value, str) else f"{param}[{i}]"
-                return ValidationError(f"`{where}` is not valid Unicode text (it holds a lone "
-                                       "surrogate)", param=where)
+    if isinstance(value, (str, list)):
+        err = _surrogate_in(value, param)
+        if err is not None:
+            return err
     return ValidationError(f"`{param}` holds an invalid \\u escape", param=param)
 
 
