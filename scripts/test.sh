@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # Install everything, then run the test suite (unit + integration; GPU tests skip without a GPU).
+#   bash scripts/test.sh [pytest args]         the default tier (what CI runs)
+#   FLOE_EXTRAS=test,ray FLOE_TEST_FULL=1 bash scripts/test.sh
+#                                               every test, Ray included (tests/conftest.py, "tiers")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# Most of a test run is processes importing torch, transformers and OpenVINO. Let the first import
+# of each module leave its bytecode (install.sh skips compiling the whole tree) so every later
+# process reads it instead of compiling the sources again.
+unset PYTHONDONTWRITEBYTECODE
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -14,6 +14,11 @@ import pytest
 # Nothing in the test suite may reach the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Servers and replicas that tests start use the torch engine (the reference path, and the fastest
+# to start when nothing is converted yet) unless a test names another: the OpenVINO engine has its
+# own tests (test_openvino_engine.py, and `floe serve` on the default model in
+# test_http_real_model.py), so it is not converted once per tiny model in every module.
+os.environ.setdefault("FLOE_ENGINE", "torch")
 
 from tests.fixtures import tiny_models  # noqa: E402
 
@@ -80,3 +85,19 @@ def st_model():
         return cache[path]
 
     return load
+
+
+# --- tiers ----------------------------------------------------------------------------------------
+# `bash scripts/test.sh` (the README's test command, and CI) runs every test but those marked
+# `full`: the remaining model families served one process each, every OpenVINO conversion, the
+# corpus kill points past the first, and Ray. Each of those starts torch or Ray in a fresh process
+# (a minute each on 2 cores); the default tier already covers each path once.
+# FLOE_TEST_FULL=1 runs them too (docs/operations.md, "Tests").
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("FLOE_TEST_FULL", "") not in ("", "0"):
+        return
+    skip = pytest.mark.skip(reason="full tier only: FLOE_TEST_FULL=1 bash scripts/test.sh")
+    for item in items:
+        if "full" in item.keywords:
+            item.add_marker(skip)

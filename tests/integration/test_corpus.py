@@ -187,7 +187,10 @@ def _parts(out: str) -> int:
     return sum(1 for n in os.listdir(work) if n.startswith("part-"))
 
 
-@pytest.mark.parametrize("out_name,kill_after", [("o.parquet", 0), ("o.parquet", 4), ("odir", 7)])
+@pytest.mark.parametrize("out_name,kill_after", [
+    ("o.parquet", 4),
+    pytest.param("o.parquet", 0, marks=pytest.mark.full),
+    pytest.param("odir", 7, marks=pytest.mark.full)])
 def test_resume_after_sigkill_writes_every_row_once_in_order(tmp_path, out_name, kill_after):
     texts = make_texts(60, seed=5)
     inp = write_corpus(tmp_path / "c.jsonl", texts, "jsonl")

@@ -40,6 +40,7 @@ def _netns_problem() -> str | None:
 
 
 @pytest.mark.slow
+@pytest.mark.full
 def test_ray_in_loopback_namespace():
     if IN_NETNS:
         pytest.skip("this is the launcher; it runs outside the namespace")

@@ -44,10 +44,10 @@ async def serve():
     spec = load_spec(ModelSettings())
     started = []
 
-    async def _serve(backend_cls=ReplicaBackend, api_key=None, trusted=False, **batch_kw):
+    async def _serve(backend_cls=ReplicaBackend, api_key=None, trusted=False, model=None, **batch_kw):
         engine = CrashOnPoison(spec, seconds_per_batch=batch_kw.pop("seconds_per_batch", 0.0),
                                seconds_per_token=0.0)
-        settings = settings_from(env={}, batch=batch_kw)
+        settings = settings_from(env={}, batch=batch_kw, model=model or {})
         core = ReplicaCore(engine, settings.batch, replica_id="x")
         tokenizers = TokenizerPool(spec, workers=1)
         backend = backend_cls(core, tokenizers, settings, address="", trusted=trusted)
@@ -108,7 +108,7 @@ async def test_engine_failure_is_internal_without_details(serve):
 
 
 async def test_a_standalone_replica_validates_at_the_edge(serve):
-    channel, *_ = await serve()
+    channel, *_ = await serve(model={"strict_model_name": True})
     stub = floe_pb2_grpc.EmbedderStub(channel)
     for req, match in ((ids_request([[101, 10 ** 6, 102]]), "out of vocabulary"),
                        (floe_pb2.EncodeRequest(token_ids=np.asarray([1, 2], "<i4").tobytes(),
@@ -122,6 +122,15 @@ async def test_a_standalone_replica_validates_at_the_edge(serve):
                                        ei.value.trailing_metadata()).kind.name.lower() == kind
     long = await stub.Encode(ids_request([[101] + [5] * 600 + [102]]), timeout=10)
     assert long.n == 1 and list(long.token_counts) == [256]  # truncated at the edge (auto-truncate)
+
+
+async def test_a_standalone_replica_answers_any_model_name_by_default(serve):
+    # what LangChain & co. send (their own default model name) is served by the one model here
+    channel, *_ = await serve()
+    stub = floe_pb2_grpc.EmbedderStub(channel)
+    resp = await stub.Encode(floe_pb2.EncodeRequest(texts=["hello"], model="text-embedding-ada-002"),
+                             timeout=10)
+    assert resp.n == 1
 
 
 async def test_a_managed_replica_takes_token_ids_only(serve):

@@ -82,7 +82,9 @@ def stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def replica():
-    proc, port = start_replica("--replica-id", "it")
+    # strict model names, so that an unknown name is the NOT_FOUND these tests expect (the
+    # forgiving default is test_a_standalone_replica_answers_any_model_name_by_default)
+    proc, port = start_replica("--replica-id", "it", "--strict-model-name")
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     grpc.channel_ready_future(channel).result(timeout=10)
     try:

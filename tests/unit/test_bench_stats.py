@@ -115,14 +115,14 @@ async def test_open_loop_counts_latency_from_schedule():
     lat = sorted(s.latency for s in samples)
     assert client.peak == 1
     assert lat[-1] > 0.35  # the last one waited for nine others
-    assert lat[0] < 0.1
+    assert lat[-1] - lat[0] > 0.3  # ... and the first did not
 
 
 async def test_open_loop_does_not_wait_for_answers():
     client = SlowClient(0.2)
     samples = await run_open(client, _reqs(10), np.arange(10) * 0.01, max_in_flight=100)
+    # all ten were in flight at once: each was sent on its schedule, not after an answer
     assert client.peak == 10 and len(samples) == 10
-    assert max(s.latency for s in samples) < 0.35
 
 
 def test_progress_line_only_when_enabled():

@@ -208,12 +208,26 @@ async def test_nan_row_fails_only_its_request(make_core):
     assert len(engine.batches) == 1  # they really were in the same forward pass
 
 
+async def _until(condition, timeout: float = 30.0) -> None:
+    """Polls ``condition`` (the core's own state, not a guess of how long things take: this test
+    must hold on a loaded machine too)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.002)
+
+
+def _started(engine) -> bool:
+    """The engine has begun a forward pass."""
+    return any(kind == "run_start" for kind, _, _ in engine.events)
+
+
 async def test_cancelled_task_drops_queued_sequences(make_core):
-    core, engine = make_core(max_batch_size=1, seconds_per_batch=0.2)
+    core, engine = make_core(max_batch_size=1, seconds_per_batch=1.0)
     first = asyncio.create_task(core.submit(TokenBatch.from_lists([[1, 2]]), EncodeOptions(), "a"))
-    await asyncio.sleep(0.05)  # "a" is running
+    await _until(lambda: _started(engine))  # "a" is running
     victim = asyncio.create_task(core.submit(TokenBatch.from_lists([[7, 7, 7]] * 3), EncodeOptions(), "b"))
-    await asyncio.sleep(0.02)
+    await _until(lambda: core.stats().queued_sequences >= 2)
     victim.cancel()
     with pytest.raises(asyncio.CancelledError):
         await victim
@@ -229,11 +243,11 @@ async def test_cancelled_task_drops_queued_sequences(make_core):
 
 
 async def test_abort_by_request_id(make_core):
-    core, engine = make_core(max_batch_size=1, seconds_per_batch=0.2)
+    core, engine = make_core(max_batch_size=1, seconds_per_batch=1.0)
     first = asyncio.create_task(core.submit(TokenBatch.from_lists([[1, 2]]), EncodeOptions(), "a"))
-    await asyncio.sleep(0.05)
+    await _until(lambda: _started(engine))
     victim = asyncio.create_task(core.submit(TokenBatch.from_lists([[7, 7]] * 4), EncodeOptions(), "b"))
-    await asyncio.sleep(0.02)
+    await _until(lambda: core.stats().queued_sequences >= 3)
     assert core.abort("b") is True
     assert core.abort("nope") is False
     with pytest.raises(FloeCancelled):
@@ -243,13 +257,16 @@ async def test_abort_by_request_id(make_core):
 
 
 async def test_admission_limit(make_core):
-    core, _ = make_core(max_batch_size=1, max_queued_tokens=10, seconds_per_batch=0.2)
+    # forward passes long enough that nothing drains while the test looks at the queue
+    core, engine = make_core(max_batch_size=1, max_queued_tokens=10, seconds_per_batch=1.0)
     with pytest.raises(TooLargeError):
         await core.submit(TokenBatch.from_lists([[1] * 11]), EncodeOptions(), "huge")
     t1 = asyncio.create_task(core.submit(TokenBatch.from_lists([[1] * 4] * 2), EncodeOptions(), "a"))
-    await asyncio.sleep(0.05)  # item 1 runs, item 2 sits prepared in the engine's slot
+    # item 1 runs, item 2 sits prepared in the engine's slot
+    await _until(lambda: _started(engine))
     t2 = asyncio.create_task(core.submit(TokenBatch.from_lists([[2] * 6]), EncodeOptions(), "b"))
-    await asyncio.sleep(0.01)  # "b" (6 tokens) waits in the queue: 6 + 6 > 10
+    # "b" (6 tokens) waits in the queue: 6 + 6 > 10
+    await _until(lambda: core.stats().queued_tokens >= 6)
     with pytest.raises(OverloadedError) as ei:
         await core.submit(TokenBatch.from_lists([[3] * 6]), EncodeOptions(), "c")
     assert ei.value.retry_after and ei.value.retry_after > 0
@@ -267,10 +284,14 @@ async def test_pipelining_prepares_next_batch_during_forward(make_core):
     for n in (1, 2):
         # batch n+1 was formed and prepared while batch n was still running
         assert ev[("prepare", n + 1)] < ev[("run_end", n)]
-        # and the engine started it right after (no idle gap for preparing)
-        assert ev[("run_start", n + 1)] - ev[("run_end", n)] < 0.05
-    # queue time: the request's last sequence waited about two forward passes
-    assert 0.1 <= r.timings.queue_s < 0.3
+        # so the engine had it in hand when it came free (how soon it started is the OS
+        # scheduler's business on a loaded machine; the order is the core's)
+        assert ev[("run_start", n + 1)] > ev[("run_end", n)]
+    # queue time: the request's last sequence waited behind at least one forward pass, and the
+    # pass that ran it is not counted as waiting (relations, not wall-clock bounds: a loaded
+    # machine stretches every pass)
+    assert r.timings.queue_s >= 0.1
+    assert r.timings.queue_s <= r.timings.total_s - 0.1
     assert r.timings.inference_s >= 0.29
 
 
@@ -296,7 +317,7 @@ async def test_stats_counters_and_histograms(make_core):
 async def test_stop_drains_then_refuses(make_core):
     core, _ = make_core(seconds_per_batch=0.1)
     task = asyncio.create_task(core.submit(TokenBatch.from_lists([[1, 2]]), EncodeOptions(), "a"))
-    await asyncio.sleep(0.02)
+    await _until(lambda: core.stats().in_flight_requests >= 1)
     drained = await asyncio.to_thread(core.stop, 2.0)
     assert drained
     assert (await task).n == 1
@@ -306,10 +327,10 @@ async def test_stop_drains_then_refuses(make_core):
 
 
 async def test_stop_without_drain_fails_in_flight(make_core):
-    core, _ = make_core(max_batch_size=1, seconds_per_batch=0.2)
+    core, engine = make_core(max_batch_size=1, seconds_per_batch=1.0)
     tasks = [asyncio.create_task(core.submit(TokenBatch.from_lists([[i + 1]]), EncodeOptions(), f"r{i}"))
              for i in range(3)]
-    await asyncio.sleep(0.05)
+    await _until(lambda: _started(engine))
     assert not await asyncio.to_thread(core.stop, 0.0)
     res = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
     assert any(isinstance(x, UnavailableError) for x in res)
