@@ -58,7 +58,8 @@ def make_texts(n: int, lengths: str, seed: int = 0) -> tuple[list[str], int]:
     return texts, sum(len(x) for x in ids)
 
 
-def st_encode(texts: list[str], total_tokens: int, dtype: str) -> float:
+def st_encode(workloads: list[tuple[str, list[str], int]], dtype: str) -> dict[str, float]:
+    """tokens/s of one ``encode(all_texts, batch_size=64)`` call per workload, one model load."""
     import torch
     from sentence_transformers import SentenceTransformer
     from floe.models.source import embedded_model_path
@@ -67,10 +68,13 @@ def st_encode(texts: list[str], total_tokens: int, dtype: str) -> float:
     model = SentenceTransformer(embedded_model_path(), device="cpu")
     if dtype == "bfloat16":
         model = model.to(torch.bfloat16)
-    model.encode(texts[:64], batch_size=64)
-    t0 = time.perf_counter()
-    model.encode(texts, batch_size=64)
-    return total_tokens / (time.perf_counter() - t0)
+    out = {}
+    for name, texts, total in workloads:
+        model.encode(texts[:64], batch_size=64)
+        t0 = time.perf_counter()
+        model.encode(texts, batch_size=64)
+        out[name] = total / (time.perf_counter() - t0)
+    return out
 
 
 def matmul_peak(seconds: float = 3.0) -> float:
@@ -157,42 +161,48 @@ def main() -> None:
     from floe.models.source import embedded_model_path
 
     model_path = str(embedded_model_path())
-    rows = []
-    print(f"bf16 matmul peak (MiniLM shapes): {matmul_peak():.0f} GFLOP/s", flush=True)
-    for wl in args.workloads.split(","):
-        texts, total = make_texts(args.texts, wl)
-        cells: dict[str, float] = {}
-        if "st_bf16" not in skip:
-            cells["st_bf16"] = st_encode(texts, total, "bfloat16")
-        if "st_fp32" not in skip:
-            cells["st_fp32"] = st_encode(texts, total, "float32")
-        for engine in ("openvino", "torch"):
-            if engine in skip:
-                continue
-            port = free_port()
-            srv = Server([sys.executable, "-m", "floe", "serve", "--engine", engine, "--dtype",
-                          "bfloat16", "--port", str(port), "--grpc-port", "0",
-                          "--log-level", "warning"], f"http://127.0.0.1:{port}/v1/embeddings")
-            try:
-                cells[f"floe_{engine}"] = serve_tokens_per_s(srv.url, texts, total)
-            finally:
-                srv.stop()
-        inf = os.path.join(args.infinity, "bin", "infinity_emb")
-        if "infinity" not in skip and os.path.exists(inf):
-            port = free_port()
-            srv = Server([inf, "v2", "--model-id", model_path, "--served-model-name", "m",
-                          "--engine", "torch", "--dtype", "bfloat16", "--device", "cpu",
-                          "--port", str(port), "--url-prefix", "/v1", "--batch-size", "64",
-                          "--no-model-warmup"],
-                         f"http://127.0.0.1:{port}/v1/embeddings",
-                         env={"INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1",
-                              "HF_HUB_OFFLINE": "1"})
-            try:
-                cells["infinity"] = serve_tokens_per_s(srv.url, texts, total)
-            finally:
-                srv.stop()
-        rows.append((wl, cells))
-        print(wl, json.dumps({k: round(v) for k, v in cells.items()}), flush=True)
+    peak = matmul_peak()
+    print(f"bf16 matmul peak (MiniLM shapes): {peak:.0f} GFLOP/s", flush=True)
+    workloads = [(wl, *make_texts(args.texts, wl)) for wl in args.workloads.split(",")]
+    cells: dict[str, dict[str, float]] = {wl: {} for wl, _, _ in workloads}
+
+    def record(system: str, per_workload: dict[str, float]) -> None:
+        for wl, value in per_workload.items():
+            cells[wl][system] = value
+        print(system, json.dumps({k: round(v) for k, v in per_workload.items()}), flush=True)
+
+    # Each system is started once and measured on every workload (a start costs a minute here).
+    for system, dtype in (("st_bf16", "bfloat16"), ("st_fp32", "float32")):
+        if system not in skip:
+            record(system, st_encode(workloads, dtype))
+    for engine in ("openvino", "torch"):
+        if engine in skip:
+            continue
+        port = free_port()
+        srv = Server([sys.executable, "-m", "floe", "serve", "--engine", engine, "--dtype",
+                      "bfloat16", "--port", str(port), "--grpc-port", "0",
+                      "--log-level", "warning"], f"http://127.0.0.1:{port}/v1/embeddings")
+        try:
+            record(f"floe_{engine}", {wl: serve_tokens_per_s(srv.url, texts, total)
+                                      for wl, texts, total in workloads})
+        finally:
+            srv.stop()
+    inf = os.path.join(args.infinity, "bin", "infinity_emb")
+    if "infinity" not in skip and os.path.exists(inf):
+        port = free_port()
+        srv = Server([inf, "v2", "--model-id", model_path, "--served-model-name", "m",
+                      "--engine", "torch", "--dtype", "bfloat16", "--device", "cpu",
+                      "--port", str(port), "--url-prefix", "/v1", "--batch-size", "64",
+                      "--no-model-warmup"],
+                     f"http://127.0.0.1:{port}/v1/embeddings",
+                     env={"INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1",
+                          "HF_HUB_OFFLINE": "1"})
+        try:
+            record("infinity", {wl: serve_tokens_per_s(srv.url, texts, total)
+                                for wl, texts, total in workloads})
+        finally:
+            srv.stop()
+    rows = [(wl, cells[wl]) for wl, _, _ in workloads]
     print()
     print("| tokens per input | " + " | ".join(rows[0][1]) + " | floe best / ST bf16 | floe best / Infinity |")
     print("|---" * (len(rows[0][1]) + 3) + "|")
@@ -203,6 +213,17 @@ def main() -> None:
         print(f"| {wl} | " + " | ".join(f"{v:,.0f}" for v in cells.values())
               + f" | {best / st:.2f}x | " + (f"{best / inf:.2f}x |" if inf else "n/a |")
               if st else "")
+    # Share of the matmul peak: MiniLM's forward FLOPs per token (6 layers of QKV+output projections
+    # 4*384*384, FFN 2*384*1536, attention scores and mix 2*L*384) at the workload's mean length.
+    print()
+    print("share of the bf16 matmul peak: " + ", ".join(
+        f"{wl}: " + " ".join(f"{k} {100 * v * flops_per_token(total / len(texts)) / (peak * 1e9):.0f}%"
+                             for k, v in cells[wl].items())
+        for wl, texts, total in workloads))
+
+
+def flops_per_token(mean_length: float, layers: int = 6, hidden: int = 384, ffn: int = 1536) -> float:
+    return 2 * layers * (4 * hidden * hidden + 2 * hidden * ffn + 2 * mean_length * hidden)
 
 
 if __name__ == "__main__":

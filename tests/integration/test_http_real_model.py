@@ -1,5 +1,6 @@
-"""`floe serve` on the embedded all-MiniLM-L6-v2 with the real torch engine equals
-sentence-transformers: cosine >= 0.99999 in float32 and >= 0.999 in bfloat16, through HTTP."""
+"""`floe serve` on the embedded all-MiniLM-L6-v2 as a user starts it (`--engine auto`: OpenVINO on
+a CPU, converted on the first start) equals sentence-transformers: cosine >= 0.99999 in float32 and
+>= 0.999 in bfloat16, through HTTP."""
 
 from __future__ import annotations
 
@@ -37,7 +38,9 @@ def cosine(a, b):
 @pytest.mark.parametrize("dtype,threshold", [("float32", 0.99999), ("bfloat16", 0.999)])
 def test_http_embeddings_equal_sentence_transformers(reference, tmp_path, dtype, threshold):
     openai = pytest.importorskip("openai")
-    with floe_serve("--num-replicas", "1", "--dtype", dtype, tmp_dir=str(tmp_path)) as server:
+    # --engine auto overrides the tests' torch default (tests/conftest.py): this is the user's path
+    with floe_serve("--num-replicas", "1", "--dtype", dtype, "--engine", "auto",
+                    tmp_dir=str(tmp_path)) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
         model = client.models.list().data[0].id
         resp = client.embeddings.create(model=model, input=TEXTS, encoding_format="float")

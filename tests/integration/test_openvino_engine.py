@@ -37,6 +37,9 @@ pytestmark = pytest.mark.slow
 FP32_MIN_COS = 0.99999
 BF16_MIN_COS = 0.999
 MODELS = ["minilm", "tiny_bert_dense", "tiny_xlmr", "arctic-embed-m", "qwen3-embedding", "bge-m3"]
+# The default tier converts the default model and the decoder family; the rest is the full tier.
+DEFAULT_TIER = ("minilm", "qwen3-embedding")
+TIERED = [n if n in DEFAULT_TIER else pytest.param(n, marks=pytest.mark.full) for n in MODELS]
 UNCONVERTIBLE = ["embeddinggemma", "modernbert-embed"]  # see OPENVINO_MODEL_TYPES
 TEXTS = families.TEXTS + [long_text()]  # the long one is cut at max_seq_length
 
@@ -97,7 +100,7 @@ def st_embed(st_model, path: str, texts) -> np.ndarray:
 
 # --- parity, every family -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", TIERED)
 def test_float32_equals_sentence_transformers(name, folder, st_model):
     path = folder(name)
     engine = ov_engine(path, "float32")
@@ -112,7 +115,7 @@ def test_float32_equals_sentence_transformers(name, folder, st_model):
         assert cosines(got[:1].repeat(len(TEXTS), 0), got)[1:].max() < 0.999
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", TIERED)
 def test_bfloat16_equals_sentence_transformers(name, folder, st_model):
     path = folder(name)
     engine = ov_engine(path, "bfloat16")
@@ -123,7 +126,7 @@ def test_bfloat16_equals_sentence_transformers(name, folder, st_model):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", TIERED)
 def test_an_input_in_a_batch_equals_the_same_input_alone(name, dtype, folder):
     path = folder(name)
     engine = ov_engine(path, dtype)
@@ -136,6 +139,7 @@ def test_an_input_in_a_batch_equals_the_same_input_alone(name, dtype, folder):
     assert cosines(together, alone).min() >= limit
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("pooling", ["max", "weightedmean"])
 def test_other_pooling_modes_equal_sentence_transformers(pooling, tmp_path_factory, st_model):
     path = tiny_models.build_tiny_bert(os.path.join(tmp_path_factory.mktemp("ov_pool"), pooling),
