@@ -11,4 +11,9 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # of each module leave its bytecode (install.sh skips compiling the whole tree) so every later
 # process reads it instead of compiling the sources again.
 unset PYTHONDONTWRITEBYTECODE
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# Two workers (pytest-xdist, a test file each at a time): most of a run is single-threaded imports
+# in fresh processes, so both cores are busy instead of one. FLOE_TEST_WORKERS=0 runs in-process.
+WORKERS=${FLOE_TEST_WORKERS:-2}
+PARALLEL=()
+if [ "$WORKERS" -gt 0 ]; then PARALLEL=(-n "$WORKERS" --dist loadfile); fi
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" "$@"

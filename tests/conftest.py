@@ -27,7 +27,13 @@ from tests.fixtures import tiny_models  # noqa: E402
 def engine_cache_dir(tmp_path_factory) -> str:
     """One converted-model cache (OpenVINO) for the whole session, shared by in-process engines
     and replica subprocesses (they inherit the variable): each model converts once per session."""
-    path = str(tmp_path_factory.mktemp("engine_cache"))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # several workers (scripts/test.sh runs two): one cache beside their own temp folders, so
+        # a model converted by one is found by the other (the per-key lock makes them take turns)
+        path = str(tmp_path_factory.getbasetemp().parent / "engine_cache")
+        os.makedirs(path, exist_ok=True)
+    else:
+        path = str(tmp_path_factory.mktemp("engine_cache"))
     os.environ["FLOE_ENGINE_CACHE_DIR"] = path
     return path
 
@@ -101,3 +107,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "full" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report):
+    """FLOE_TEST_TIMES=FILE appends each phase's duration as it ends (which tests cost the run's
+    minutes, readable while the run goes on; pytest's --durations prints only at the end)."""
+    path = os.environ.get("FLOE_TEST_TIMES")
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"{report.duration:8.2f} {report.when:8} {report.outcome:7} {report.nodeid}\n")

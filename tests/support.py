@@ -32,7 +32,7 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def floe_serve(*args: str, env: Optional[dict] = None, ready_timeout: float = 120.0,
+def floe_serve(*args: str, env: Optional[dict] = None, ready_timeout: float = 300.0,
                tmp_dir: Optional[str] = None) -> Iterator[ServerProcess]:
     """Runs `python -m floe serve` on ephemeral ports until /ready answers 200; always cleans up."""
     port, grpc_port, start_port = free_port(), free_port(), free_port()

@@ -270,6 +270,7 @@ def test_grpc_against_fake_replica(replica, tmp_path):
 # --- sentence-transformers in-process ----------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.full  # the library baseline of `floe bench`; imports sentence-transformers in a process
 def test_in_process_sentence_transformers(tmp_path):
     rep = _report(tmp_path, ["--in-process", "--batch-sizes", "4", "--requests", "6",
                              "--prompt-length", "16", "--st-batch-size", "4", "--warmup", "1",

@@ -231,12 +231,14 @@ def test_timeout_under_load_is_503_not_500(tmp_path):
     """Requests queued behind a busy replica past --forward-timeout: 503 + Retry-After, never a
     500 naming replicas, not retried on another replica, and the replica is not restarted."""
     with floe_serve("--engine", "fake", "--num-replicas", "1", "--max-batch-size", "1",
-                    "--batch-timeout-ms", "0", "--fake-seconds-per-batch", "1.5",
-                    "--forward-timeout", "2.5", tmp_dir=str(tmp_path)) as srv:
+                    "--batch-timeout-ms", "0", "--fake-seconds-per-batch", "1.0",
+                    "--forward-timeout", "3.5", tmp_dir=str(tmp_path)) as srv:
+        # one forward pass at a time, 1 s each: the first answers well within the timeout even on
+        # a loaded machine, the sixth waits at least 5 s (past it) whatever the machine
         async def burst():
-            async with httpx.AsyncClient(timeout=30) as c:
+            async with httpx.AsyncClient(timeout=60) as c:
                 return await asyncio.gather(*(
-                    c.post(srv.url + "/v1/embeddings", json={"input": f"t{i}"}) for i in range(4)))
+                    c.post(srv.url + "/v1/embeddings", json={"input": f"t{i}"}) for i in range(6)))
         responses = asyncio.run(burst())
         codes = sorted(r.status_code for r in responses)
         assert 200 in codes and 503 in codes and 500 not in codes, codes

@@ -18,7 +18,9 @@ import pytest
 from tests.fixtures import families
 from tests.support import floe_serve
 
-pytestmark = pytest.mark.slow
+# Full tier: every family's parity is in test_families.py in-process, and `floe serve` on a real
+# model is test_http_real_model.py; these add a process per family (a minute each on 2 cores).
+pytestmark = [pytest.mark.slow, pytest.mark.full]
 
 TEXTS = families.TEXTS[:4] + [" ".join(["long input"] * 400)]  # the last one hits max_seq_length
 
@@ -54,7 +56,6 @@ def assert_close(got: np.ndarray, want: np.ndarray) -> None:
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-4)
 
 
-@pytest.mark.full  # embeddinggemma's parity, prompts and dimensions are in test_families.py in-process
 def test_embeddinggemma_served_with_prompts_dimensions_default(built, tmp_path):
     folder = built["embeddinggemma"]
     prompts = families.EMBEDDINGGEMMA_PROMPTS
@@ -115,7 +116,6 @@ def test_floe_info_shows_prompts_and_matryoshka(built):
     assert info["architecture"] == "Gemma3TextModel" and info["pooling"] == "mean"
 
 
-@pytest.mark.full  # in-process parity for each is in test_families.py
 @pytest.mark.parametrize("name", ["arctic-embed-m", "bge-m3", "modernbert-embed"])
 def test_other_families_served_equal_sentence_transformers(name, tmp_path):
     """Each remaining family through a real `floe serve`: plain input and, where the model has

@@ -251,7 +251,8 @@ async def test_stop_lets_each_replica_drain_its_in_flight_work(fake_env):
 
 
 async def test_hung_replica_times_out_with_503_not_retried_and_probes_kill_it(fake_env):
-    m, _ = await started(make_settings(forward_timeout=1.5, load_balancing="round_robin"))
+    # a timeout that a healthy replica meets even on a loaded machine
+    m, _ = await started(make_settings(forward_timeout=4.0, load_balancing="round_robin"))
     try:
         victim = m.slots[1]
         pid = victim.proc.pid
@@ -264,7 +265,7 @@ async def test_hung_replica_times_out_with_503_not_retried_and_probes_kill_it(fa
         assert len(failed) == 3, results
         for e in failed:
             assert isinstance(e, UnavailableError) and e.retry_after, repr(e)
-            assert "did not answer within 1.5 s" in e.message
+            assert "did not answer within 4 s" in e.message
             assert "unix:" not in e.message and "replica-" not in e.message  # no internal address
         assert all(r.n == 1 for r in results if not isinstance(r, BaseException))
         assert m.router.retried == 0 and m.router.failed_retries == 0
