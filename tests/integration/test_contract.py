@@ -161,9 +161,10 @@ def test_empty_api_key_is_refused_at_start():
 
 @pytest.fixture(scope="module")
 def slow_server(tmp_path_factory):
-    """One request at a time, each taking ~3 s."""
+    """One request at a time, each taking ~6 s (long enough that a test still holds it on a
+    loaded machine)."""
     with floe_serve("--engine", "fake", "--num-replicas", "1", "--max-concurrent-requests", "1",
-                    "--fake-seconds-per-batch", "3", "--forward-timeout", "20",
+                    "--fake-seconds-per-batch", "6", "--forward-timeout", "30",
                     "--api-key", "s3cret", "--batch-timeout-ms", "0",
                     tmp_dir=str(tmp_path_factory.mktemp("slow"))) as srv:
         yield srv
@@ -177,12 +178,12 @@ def _hold(server, results: list) -> threading.Thread:
         results.append(post(server, "/v1/embeddings", {"input": "held"}, headers=AUTH))
     t = threading.Thread(target=go)
     t.start()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:   # until the held request is admitted
+    deadline = time.monotonic() + 30
+    while True:   # until the held request is admitted
         if "floe_in_flight_requests 1.0" in httpx.get(server.url + "/metrics", timeout=10).text:
-            break
+            return t
+        assert time.monotonic() < deadline, "the held request was never admitted"
         time.sleep(0.05)
-    return t
 
 
 def test_admission_before_the_body(slow_server):
@@ -206,7 +207,12 @@ def test_vanished_http_client_is_cancelled(slow_server):
         body = json.dumps({"input": ["gone"] * 4}).encode()
         s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n"
                   b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while "floe_in_flight_requests 1.0" not in httpx.get(slow_server.url + "/metrics",
+                                                              timeout=10).text:
+            assert time.monotonic() < deadline, "the request was never admitted"
+            time.sleep(0.05)
+        # admitted and queued behind nothing but its own 6 s forward pass: now the client goes
 
 
     def cancelled(text: str) -> float:

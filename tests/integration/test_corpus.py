@@ -85,7 +85,8 @@ def job(inp, out, model, **kw) -> CorpusJob:
                      device="cpu", batch_tokens=kw.pop("batch_tokens", 300), progress=False, **kw)
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "csv"])
+@pytest.mark.parametrize("fmt", [
+    "parquet", pytest.param("jsonl", marks=pytest.mark.full), pytest.param("csv", marks=pytest.mark.full)])
 def test_formats_equal_each_text_embedded_alone(tmp_path, tiny_bert, fmt):
     texts = make_texts(30, seed=1)
     inp = write_corpus(tmp_path / f"c.{fmt}", texts, fmt)
@@ -115,6 +116,7 @@ def test_folder_output_two_workers_float16_dimensions(tmp_path, tiny_bert):
     assert manifest["complete"] is True and manifest["written_rows"] == 25
 
 
+@pytest.mark.full
 def test_no_normalize_keeps_the_pooled_vector(tmp_path, tiny_bert):
     texts = make_texts(10, seed=3)
     inp = write_corpus(tmp_path / "c.parquet", texts, "parquet")
@@ -125,6 +127,7 @@ def test_no_normalize_keeps_the_pooled_vector(tmp_path, tiny_bert):
 
 
 @pytest.mark.slow
+@pytest.mark.full  # the tiny BERT runs equal the engine alone; MiniLM's parity is test_parity.py
 def test_minilm_matches_sentence_transformers(tmp_path, minilm_path, st_model):
     texts = make_texts(12, seed=4)
     inp = write_corpus(tmp_path / "c.jsonl", texts, "jsonl")

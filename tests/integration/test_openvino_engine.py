@@ -188,6 +188,7 @@ def test_second_start_converts_nothing_and_imports_no_torch(tiny_bert, tmp_path)
     assert "engine: openvino (auto: CPU, and OpenVINO conversion is verified for bert)" in out.stderr
 
 
+@pytest.mark.full  # two fresh processes importing torch and converting: a minute and a half
 def test_replicas_starting_together_convert_once(tiny_bert, tmp_path):
     cache = str(tmp_path / "cache")
     code = (
@@ -220,7 +221,8 @@ def test_every_verified_architecture_is_tested_and_no_other(folder):
     assert not {spec_of(folder(n)).model_type for n in UNCONVERTIBLE} & OPENVINO_MODEL_TYPES
 
 
-@pytest.mark.parametrize("name", UNCONVERTIBLE)
+@pytest.mark.parametrize("name", [
+    "embeddinggemma", pytest.param("modernbert-embed", marks=pytest.mark.full)])
 def test_a_model_that_does_not_convert_falls_back_to_torch(name, folder, tmp_path, caplog):
     spec = load_spec(ModelSettings(model=folder(name)))
     cache = str(tmp_path / "cache")
@@ -240,6 +242,7 @@ def test_a_model_that_does_not_convert_falls_back_to_torch(name, folder, tmp_pat
 def test_floe_info_names_the_engine(tiny_bert, tmp_path):
     cache = str(tmp_path / "cache")
     env = dict(os.environ, FLOE_ENGINE_CACHE_DIR=cache)
+    env.pop("FLOE_ENGINE", None)  # the default (auto), not the tests' torch (tests/conftest.py)
 
     def info(*flags: str) -> dict:
         out = subprocess.run([sys.executable, "-m", "floe", "info", tiny_bert, "--json", *flags],

@@ -103,7 +103,9 @@ async def test_closed_loop_keeps_concurrency_and_counts():
 
 async def test_closed_loop_duration_cap():
     samples = await run_closed(SlowClient(0.02), _reqs(1000), concurrency=2, duration=0.2)
-    assert 10 <= len(samples) <= 30
+    # it stopped at the duration, far short of the 1000 requests (at most 2 x 0.2 / 0.02 = 20 fit;
+    # a loaded machine fits fewer, never more)
+    assert 2 <= len(samples) <= 30
 
 
 async def test_open_loop_counts_latency_from_schedule():
