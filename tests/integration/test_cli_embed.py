@@ -113,6 +113,7 @@ def test_connection_failure_and_usage_errors_are_one_line(tmp_path):
     assert empty.returncode == 2 and "nothing to embed" in one_line_error(empty)
 
 
+@pytest.mark.full  # a pseudo-terminal run of the CLI; the line output is tested without one
 def test_progress_on_a_terminal(server, tmp_path):
     path = tmp_path / "texts.txt"
     path.write_text("\n".join(TEXTS))

@@ -239,6 +239,7 @@ def test_a_model_that_does_not_convert_falls_back_to_torch(name, folder, tmp_pat
     assert out.shape == (1, spec.dim) and np.isfinite(out).all()
 
 
+@pytest.mark.full  # three `floe info` processes; the choice itself is tests/unit/test_engine_choice.py
 def test_floe_info_names_the_engine(tiny_bert, tmp_path):
     cache = str(tmp_path / "cache")
     env = dict(os.environ, FLOE_ENGINE_CACHE_DIR=cache)

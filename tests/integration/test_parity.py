@@ -107,7 +107,7 @@ def test_bfloat16_embeddings_match_float32_oracle(name, model_paths, floe_model,
 
 
 @pytest.mark.parametrize("name", ["minilm", "tiny_xlmr", "tiny_bert_dense"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.full)])
 def test_an_input_in_a_batch_equals_the_same_input_alone(name, dtype, model_paths, floe_model):
     model = floe_model(model_paths[name], dtype)
     together = floe_encode(model, TEXTS)

@@ -215,20 +215,21 @@ async def test_health_follows_set_serving_and_draining(serve):
 
 
 async def test_client_cancellation_drops_queued_work(serve):
-    channel, core, *_ = await serve(max_batch_size=1, seconds_per_batch=0.2)
+    # passes long enough that the queue is still there when the call is cancelled; the test
+    # waits for states, not for a guess of how long they take (a loaded machine is slow)
+    channel, core, *_ = await serve(max_batch_size=1, seconds_per_batch=1.0)
     stub = floe_pb2_grpc.EmbedderStub(channel)
-    call = stub.Encode(ids_request([[7, 8]] * 5, request_id="gone"), timeout=10)
-    for _ in range(100):
-        if core.stats().batches or core.stats().queued_sequences:
-            break
+    call = stub.Encode(ids_request([[7, 8]] * 5, request_id="gone"), timeout=60)
+    deadline = asyncio.get_running_loop().time() + 30
+    while not core.stats().queued_sequences:
+        assert asyncio.get_running_loop().time() < deadline, "the request never queued"
         await asyncio.sleep(0.01)
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
-    for _ in range(200):
-        st = core.stats()
-        if st.in_flight_requests == 0:
-            break
+    deadline = asyncio.get_running_loop().time() + 30
+    while (st := core.stats()).in_flight_requests:
+        assert asyncio.get_running_loop().time() < deadline, st
         await asyncio.sleep(0.01)
     assert st.in_flight_requests == 0 and st.queued_sequences == 0
     assert st.dropped_sequences >= 3  # at most one running and one prepared were computed

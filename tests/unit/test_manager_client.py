@@ -131,7 +131,7 @@ async def test_cancellation_keeps_accounting_exact(server):
     c = ReplicaClient(addr, 0)
     tasks = [asyncio.create_task(c.encode(TOKENS, EncodeOptions(), f"r{i}", timeout=10))
              for i in range(5)]
-    await asyncio.wait_for(servicer.entered.wait(), 5)
+    await asyncio.wait_for(servicer.entered.wait(), 30)
     assert c.in_flight_requests == 5 and c.in_flight_tokens == 5 * TOKENS.total_tokens
     for t in tasks:
         t.cancel()
@@ -161,7 +161,7 @@ async def test_server_killed_mid_call_is_replica_failure(server):
     servicer.mode = "hang"
     c = ReplicaClient(addr, 0)
     task = asyncio.create_task(c.encode(TOKENS, EncodeOptions(), "r", timeout=10))
-    await asyncio.wait_for(servicer.entered.wait(), 5)
+    await asyncio.wait_for(servicer.entered.wait(), 30)
     await srv.stop(None)  # no grace: in-flight calls are cut off like a dying process
     with pytest.raises(ReplicaFailedError):
         await task
