@@ -68,6 +68,14 @@ async def serve():
         tokenizers.close()
 
 
+async def _until(condition, timeout: float = 30.0) -> None:
+    """Waits for a state of the core (never a guess of how long it takes: machines get loaded)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
 def ids_request(items, request_id=""):
     ids = np.concatenate([np.asarray(x, dtype="<i4") for x in items]).tobytes()
     return floe_pb2.EncodeRequest(request_id=request_id, token_ids=ids, lengths=[len(x) for x in items])
@@ -175,13 +183,11 @@ async def test_unexpected_exception_is_generic_internal(serve, caplog):
 
 
 async def test_overload_is_resource_exhausted_with_retry_after(serve):
-    channel, core, *_ = await serve(max_batch_size=1, max_queued_tokens=10, seconds_per_batch=0.3)
+    # passes long enough that the queue still holds item 3 when the second call arrives
+    channel, core, *_ = await serve(max_batch_size=1, max_queued_tokens=10, seconds_per_batch=2.0)
     stub = floe_pb2_grpc.EmbedderStub(channel)
-    first = asyncio.ensure_future(stub.Encode(ids_request([[1, 2, 3]] * 3), timeout=10))
-    for _ in range(100):  # until item 1 runs, item 2 is prepared and item 3 waits in the queue
-        if core.stats().queued_tokens == 3:
-            break
-        await asyncio.sleep(0.01)
+    first = asyncio.ensure_future(stub.Encode(ids_request([[1, 2, 3]] * 3), timeout=60))
+    await _until(lambda: core.stats().queued_tokens == 3)  # item 1 runs, 2 prepared, 3 queued
     with pytest.raises(grpc.aio.AioRpcError) as ei:
         await stub.Encode(ids_request([[1] * 8]), timeout=10)  # 3 + 8 > 10
     assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -236,13 +242,10 @@ async def test_client_cancellation_drops_queued_work(serve):
 
 
 async def test_abort_rpc(serve):
-    channel, core, *_ = await serve(max_batch_size=1, seconds_per_batch=0.2)
+    channel, core, *_ = await serve(max_batch_size=1, seconds_per_batch=1.0)
     stub = floe_pb2_grpc.EmbedderStub(channel)
-    call = asyncio.ensure_future(stub.Encode(ids_request([[7, 8]] * 4, request_id="victim"), timeout=10))
-    for _ in range(100):
-        if core.stats().in_flight_requests:
-            break
-        await asyncio.sleep(0.01)
+    call = asyncio.ensure_future(stub.Encode(ids_request([[7, 8]] * 4, request_id="victim"), timeout=60))
+    await _until(lambda: core.stats().in_flight_requests > 0)
     resp = await stub.Abort(floe_pb2.AbortRequest(request_id="victim"), timeout=10)
     assert resp.success
     with pytest.raises(grpc.aio.AioRpcError) as ei:
