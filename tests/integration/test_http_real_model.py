@@ -9,7 +9,10 @@ import pytest
 
 from tests.support import floe_serve
 
-pytestmark = pytest.mark.slow
+# Full tier: a first OpenVINO conversion in a replica process (one and a half minutes on 2 cores).
+# The default tier has the same graph against sentence-transformers in-process
+# (test_openvino_engine.py) and `floe serve` end to end on the torch and fake engines.
+pytestmark = [pytest.mark.slow, pytest.mark.full]
 
 TEXTS = [
     "hello",
@@ -38,7 +41,7 @@ def cosine(a, b):
 @pytest.mark.parametrize("dtype,threshold", [
     ("float32", 0.99999),
     # bf16 through the same graph is in test_openvino_engine.py in-process
-    pytest.param("bfloat16", 0.999, marks=pytest.mark.full)])
+    ("bfloat16", 0.999)])
 def test_http_embeddings_equal_sentence_transformers(reference, tmp_path, dtype, threshold):
     openai = pytest.importorskip("openai")
     # --engine auto overrides the tests' torch default (tests/conftest.py): this is the user's path
