@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import floe
-from tests.support import floe_serve, free_port
+from tests.support import floe_cli, floe_serve, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -36,9 +36,14 @@ def expected(server):
         return c.embed(TEXTS)
 
 
-def floe_embed(*args: str, stdin: str = "", **kw) -> subprocess.CompletedProcess:
+def floe_embed(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return floe_cli("embed", *args, stdin=stdin)
+
+
+def floe_embed_process(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    """The real entry point, `python -m floe embed`, in a fresh interpreter."""
     return subprocess.run([sys.executable, "-m", "floe", "embed", *args], input=stdin,
-                          capture_output=True, text=True, timeout=300, **kw)
+                          capture_output=True, text=True, timeout=300)
 
 
 def rows(stdout: str) -> tuple[list[str], np.ndarray]:
@@ -57,7 +62,7 @@ def test_file_with_more_lines_than_the_server_takes(server, expected, tmp_path):
 
 
 def test_stdin_and_arguments(server, expected):
-    out = floe_embed("--server", server.url, stdin="\n".join(TEXTS) + "\n")
+    out = floe_embed_process("--server", server.url, stdin="\n".join(TEXTS) + "\n")
     assert out.returncode == 0, out.stderr
     np.testing.assert_array_equal(rows(out.stdout)[1], expected)
     out = floe_embed("--server", server.url, TEXTS[0], TEXTS[1])

@@ -22,6 +22,7 @@ from floe.corpus.job import CorpusJob, run
 from floe.models import load_spec
 from floe.protocol import EncodeOptions
 from floe.tokenize import Tokenizer
+from tests.support import floe_cli
 
 WORDS = ("search vector corpus shard parquet embedding index model token batch engine query "
          "passage offline resume kill order row column").split()
@@ -148,10 +149,9 @@ def _bad_corpus(tmp_path) -> str:
     return str(p)
 
 
-def _cli(*args: str, env=None, timeout=300) -> subprocess.CompletedProcess:
-    e = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "floe", "embed-corpus", *args], capture_output=True,
-                          text=True, timeout=timeout, env=e)
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    """`floe embed-corpus ARGS`, in this process (the SIGKILL test starts the real entry point)."""
+    return floe_cli("embed-corpus", *args)
 
 
 def test_bad_rows_fail_by_default_naming_the_row(tmp_path):

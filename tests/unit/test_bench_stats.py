@@ -120,11 +120,33 @@ async def test_open_loop_counts_latency_from_schedule():
     assert lat[-1] - lat[0] > 0.3  # ... and the first did not
 
 
+class HeldClient(SlowClient):
+    """Holds every answer until ``n`` requests are in flight at once (or the test's bound passes)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(0.0)
+        self.n, self.all_in = n, asyncio.Event()
+
+    async def send(self, req: Request) -> Outcome:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        if self.in_flight >= self.n:
+            self.all_in.set()
+        try:
+            await asyncio.wait_for(self.all_in.wait(), 30)
+        except asyncio.TimeoutError:
+            return Outcome(False, error="held")
+        finally:
+            self.in_flight -= 1
+        return Outcome(True, len(req.texts), 7 * len(req.texts))
+
+
 async def test_open_loop_does_not_wait_for_answers():
-    client = SlowClient(0.2)
+    # no answer comes until all ten are in flight: a loop that waited for answers before sending
+    # the next request would hold them all for the 30 s bound and record ten failures
+    client = HeldClient(10)
     samples = await run_open(client, _reqs(10), np.arange(10) * 0.01, max_in_flight=100)
-    # all ten were in flight at once: each was sent on its schedule, not after an answer
-    assert client.peak == 10 and len(samples) == 10
+    assert client.peak == 10 and len(samples) == 10 and all(s.ok for s in samples)
 
 
 def test_progress_line_only_when_enabled():
