@@ -69,6 +69,10 @@ class ReplicaClient:
             ("grpc.max_reconnect_backoff_ms", 1000),
             # Our own policy decides what is retried, and where; no transparent gRPC retries.
             ("grpc.enable_retries", 0),
+            # A channel of its own: gRPC otherwise shares connections between channels to the same
+            # target, and a restarted replica's new channel inherits the dead one's connection in
+            # backoff, so its first calls fail with the old "connect failed" until the next retry.
+            ("grpc.use_local_subchannel_pool", 1),
         ]
         self._channel = grpc.aio.insecure_channel(address, options=options)
         self._stub = floe_pb2_grpc.EmbedderStub(self._channel)
