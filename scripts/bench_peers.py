@@ -206,11 +206,11 @@ def main() -> None:
     print()
     print("| tokens per input | " + " | ".join(rows[0][1]) + " | floe best / ST bf16 | floe best / Infinity |")
     print("|---" * (len(rows[0][1]) + 3) + "|")
-    for wl, cells in rows:
-        best = max(v for k, v in cells.items() if k.startswith("floe"))
-        st = cells.get("st_bf16")
-        inf = cells.get("infinity")
-        print(f"| {wl} | " + " | ".join(f"{v:,.0f}" for v in cells.values())
+    for wl, row in rows:
+        best = max(v for k, v in row.items() if k.startswith("floe"))
+        st = row.get("st_bf16")
+        inf = row.get("infinity")
+        print(f"| {wl} | " + " | ".join(f"{v:,.0f}" for v in row.values())
               + f" | {best / st:.2f}x | " + (f"{best / inf:.2f}x |" if inf else "n/a |")
               if st else "")
     # Share of the matmul peak: MiniLM's forward FLOPs per token (6 layers of QKV+output projections
