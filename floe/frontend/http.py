@@ -10,7 +10,6 @@ bytes for base64 and application/octet-stream.
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
 import logging
 import sys
@@ -201,32 +200,13 @@ def create_app(service: EmbedService) -> "RequestIdApp":
 
     # OpenAI -----------------------------------------------------------------------------------
 
-    def parse_openai(body: bytes) -> tuple:
-        req = schemas.decode_body(schemas.OpenAIEmbeddingRequest, body)
-        texts, tokens = schemas.decode_input(limits, req.input, "input")
-        fmt = req.encoding_format or "float"
-        if fmt not in ("float", "base64"):
-            raise ValidationError("`encoding_format` must be 'float' or 'base64'",
-                                  param="encoding_format")
-        options = EncodeOptions(dimensions=schemas.check_dimensions(req.dimensions),
-                                prompt_name=req.prompt_name, prompt=req.prompt,
-                                truncate=req.truncate)
-        return texts, tokens, options, fmt, req.model or ""
+    def parse_openai(body: bytes) -> schemas.OpenAIRequest:
+        return schemas.parse_openai(limits, body)
 
-    async def respond_openai(parsed: tuple, rid: str) -> Response:
-        texts, tokens, options, fmt, model = parsed
-        result = await service.embed(rid, texts, tokens, options, model=model)
-        arr = result.as_float32()
-        if fmt == "base64":
-            rows = [{"object": "embedding", "index": i,
-                     "embedding": base64.b64encode(arr[i].tobytes()).decode("ascii")}
-                    for i in range(result.n)]
-        else:
-            rows = [{"object": "embedding", "index": i, "embedding": arr[i]} for i in range(result.n)]
-        tokens_used = int(result.token_counts.sum())
-        body = {"object": "list", "data": rows, "model": service.model_name,
-                "usage": {"prompt_tokens": tokens_used, "total_tokens": tokens_used}}
-        return _json(body, headers=timing_headers(result))
+    async def respond_openai(req: schemas.OpenAIRequest, rid: str) -> Response:
+        result = await service.embed(rid, req.texts, req.tokens, req.options, model=req.model)
+        return _json(schemas.openai_response(result, req.encoding_format, service.model_name),
+                     headers=timing_headers(result))
 
     async def openai_embeddings(request: Request) -> Response:
         return await run_compute(request, "/v1/embeddings", parse_openai, respond_openai)

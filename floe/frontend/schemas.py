@@ -9,15 +9,17 @@ or lists of token ids), and every error names its parameter (``input[3]``, ``dim
 """
 
 
+import base64
 import json
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Optional, Union
 
 import msgspec
 
 from floe import validate
 from floe.errors import TooLargeError, ValidationError
-from floe.protocol import TokenBatch
+from floe.protocol import EmbedResult, EncodeOptions, TokenBatch
 
 _PATH = re.compile(r" - at `\$(.*)`$")
 
@@ -206,6 +208,45 @@ def decode_input(limits: validate.Limits, raw: msgspec.Raw, param: str
         raise ValidationError(f"`{param}` is not valid JSON: {str(e)[:160]}", param=param) from None
     except RecursionError:
         raise ValidationError(f"`{param}` is nested too deeply", param=param) from None
+
+
+@dataclass(frozen=True)
+class OpenAIRequest:
+    """A checked POST /v1/embeddings body: what to embed, how, and how to answer."""
+
+    texts: Optional[list[str]]
+    tokens: Optional[TokenBatch]
+    options: EncodeOptions
+    encoding_format: str
+    model: str
+
+
+def parse_openai(limits: validate.Limits, body: bytes) -> OpenAIRequest:
+    """The OpenAI route's body, decoded and checked once (floe serve and the Ray Serve route)."""
+    req = decode_body(OpenAIEmbeddingRequest, body)
+    texts, tokens = decode_input(limits, req.input, "input")
+    fmt = req.encoding_format or "float"
+    if fmt not in ("float", "base64"):
+        raise ValidationError("`encoding_format` must be 'float' or 'base64'",
+                              param="encoding_format")
+    options = EncodeOptions(dimensions=check_dimensions(req.dimensions),
+                            prompt_name=req.prompt_name, prompt=req.prompt, truncate=req.truncate)
+    return OpenAIRequest(texts, tokens, options, fmt, req.model or "")
+
+
+def openai_response(result: EmbedResult, encoding_format: str, model_name: str) -> dict:
+    """The OpenAI response object, built straight from the float32 buffer: numpy rows for JSON
+    floats (orjson writes them without Python floats), the raw little-endian bytes for base64."""
+    arr = result.as_float32()
+    if encoding_format == "base64":
+        rows = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(arr[i].tobytes()).decode("ascii")}
+                for i in range(result.n)]
+    else:
+        rows = [{"object": "embedding", "index": i, "embedding": arr[i]} for i in range(result.n)]
+    used = int(result.token_counts.sum())
+    return {"object": "list", "data": rows, "model": model_name,
+            "usage": {"prompt_tokens": used, "total_tokens": used}}
 
 
 def _count_at_most(data: bytes, first: bytes) -> int:

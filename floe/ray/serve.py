@@ -19,10 +19,11 @@ Run it with ``serve run floe.ray.serve:build_app model=default`` or a config fil
             ray_actor_options: {num_cpus: 1}
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: Serve's ingress hands the methods to FastAPI,
+# which must see `Request` as the class itself, not as a string it cannot resolve from the
+# wrapped method (it then reads `request` as a required query parameter and answers 422).
 
 import asyncio
-import base64
 import logging
 import os
 import uuid
@@ -35,15 +36,18 @@ from fastapi.responses import Response
 from ray import serve
 
 from floe import validate
-from floe.errors import (HTTP_STATUS, FloeError, InternalError, ValidationError, error_envelope)
-from floe.protocol import EncodeOptions
+from floe.errors import HTTP_STATUS, FloeError, InternalError, error_envelope
+from floe.frontend import schemas
+from floe.frontend.http import check_content_type, read_body
 
 log = logging.getLogger("floe.ray.serve")
 
 app = FastAPI(title="floe on Ray Serve", docs_url=None, redoc_url=None)
 
-# Inputs per request: the same default as `floe serve --max-client-batch-size`.
+# Inputs per request and body bytes: the same defaults as `floe serve`
+# (--max-client-batch-size, --payload-limit).
 MAX_ITEMS = 2048
+PAYLOAD_LIMIT = 16_000_000
 
 
 def _json(obj: Any, status: int = 200) -> Response:
@@ -55,13 +59,6 @@ def _error(err: FloeError) -> Response:
     return _json(error_envelope(err), status=HTTP_STATUS[err.kind])
 
 
-def _opt(data: dict, key: str, kind: type) -> Any:
-    v = data.get(key)
-    if v is not None and (not isinstance(v, kind) or isinstance(v, bool) and kind is not bool):
-        raise ValidationError(f"`{key}` must be a {kind.__name__}", param=key)
-    return v
-
-
 @serve.deployment(name="FloeEmbeddings", health_check_period_s=5, health_check_timeout_s=30,
                   max_ongoing_requests=64)
 @serve.ingress(app)
@@ -71,7 +68,8 @@ class FloeEmbeddings:
     def __init__(self, model: str = "default", engine: Optional[str] = None, device: str = "auto",
                  dtype: str = "auto", threads: Optional[int] = None, max_batch_tokens: int = 16384,
                  max_batch_size: int = 256, batch_timeout_ms: float = 2.0,
-                 served_model_name: Optional[str] = None) -> None:
+                 served_model_name: Optional[str] = None, max_client_batch_size: int = MAX_ITEMS,
+                 payload_limit: int = PAYLOAD_LIMIT) -> None:
         from floe.config import BatchSettings, ModelSettings
         from floe.engine import create_engine
         from floe.models import load_spec
@@ -82,7 +80,8 @@ class FloeEmbeddings:
         spec = load_spec(ModelSettings(model=model, served_model_name=served_model_name))
         self.spec = spec
         self.tokenizer = Tokenizer(spec)
-        self.limits = self.tokenizer.limits(max_items=MAX_ITEMS)
+        self.limits = self.tokenizer.limits(max_items=max_client_batch_size)
+        self.payload_limit = payload_limit
         kw = {} if engine is None else {"kind": engine}
         eng = create_engine(spec, device=device, dtype=dtype, threads=threads, **kw)
         self.core = ReplicaCore(eng, BatchSettings(max_batch_tokens=max_batch_tokens,
@@ -103,48 +102,26 @@ class FloeEmbeddings:
         if core is not None:
             core.stop()
 
-    async def _embed(self, data: dict) -> Response:
-        if not isinstance(data, dict):
-            raise ValidationError("the body must be a JSON object")
-        if "input" not in data:
-            raise ValidationError("`input` is required", param="input")
-        validate.check_model(self.limits, _opt(data, "model", str))
-        fmt = _opt(data, "encoding_format", str) or "float"
-        if fmt not in ("float", "base64"):
-            raise ValidationError("`encoding_format` must be 'float' or 'base64'",
-                                  param="encoding_format")
-        options = EncodeOptions(dimensions=_opt(data, "dimensions", int),
-                                prompt_name=_opt(data, "prompt_name", str),
-                                prompt=_opt(data, "prompt", str),
-                                truncate=_opt(data, "truncate", bool))
-        plan = validate.check_options(self.limits, options)
-        texts, tokens = validate.parse_json_input(self.limits, data["input"], "input")
-        loop = asyncio.get_running_loop()
-        if texts is not None:
-            checked = validate.check_texts(self.limits, texts, plan)
+    async def _embed(self, request: Request) -> Response:
+        # the same checks, in the same order, as floe serve's OpenAI route (floe/frontend)
+        check_content_type(request)
+        body = await read_body(request, self.payload_limit)
+        req = schemas.parse_openai(self.limits, body)
+        validate.check_model(self.limits, req.model)
+        plan = validate.check_options(self.limits, req.options)
+        if req.texts is not None:
+            checked = validate.check_texts(self.limits, req.texts, plan)
+            loop = asyncio.get_running_loop()
             tokens = await loop.run_in_executor(self._pool, self.tokenizer.encode_plan, checked, plan)
         else:
-            tokens = self.tokenizer.validate_ids(tokens, options)
-        result = await self.core.submit(tokens, options, uuid.uuid4().hex)
-        arr = result.as_float32()
-        if fmt == "base64":
-            rows = [{"object": "embedding", "index": i,
-                     "embedding": base64.b64encode(arr[i].astype("<f4").tobytes()).decode("ascii")}
-                    for i in range(result.n)]
-        else:
-            rows = [{"object": "embedding", "index": i, "embedding": arr[i]} for i in range(result.n)]
-        used = int(result.token_counts.sum())
-        return _json({"object": "list", "data": rows, "model": self.spec.name,
-                      "usage": {"prompt_tokens": used, "total_tokens": used}})
+            tokens = self.tokenizer.validate_ids(req.tokens, req.options)
+        result = await self.core.submit(tokens, req.options, uuid.uuid4().hex)
+        return _json(schemas.openai_response(result, req.encoding_format, self.spec.name))
 
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> Response:
         try:
-            try:
-                data = orjson.loads(await request.body())
-            except orjson.JSONDecodeError as exc:
-                raise ValidationError(f"the body is not valid JSON ({exc})") from None
-            return await self._embed(data)
+            return await self._embed(request)
         except FloeError as err:
             return _error(err)
         except Exception:  # noqa: BLE001 - never a stack trace to the client
@@ -166,7 +143,8 @@ def build_app(args: Optional[dict] = None):
     """Application builder for ``serve run floe.ray.serve:build_app key=value ...`` and config
     files: ``args`` are FloeEmbeddings' constructor arguments."""
     args = dict(args or {})
-    for key in ("threads", "max_batch_tokens", "max_batch_size"):
+    for key in ("threads", "max_batch_tokens", "max_batch_size", "max_client_batch_size",
+                "payload_limit"):
         if key in args and args[key] is not None:
             args[key] = int(args[key])
     if "batch_timeout_ms" in args:
