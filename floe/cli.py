@@ -11,7 +11,7 @@ import sys
 from typing import Optional
 
 from floe.config import add_arguments, settings_from
-from floe.errors import ConfigError, ModelLoadError
+from floe.errors import ConfigError, ModelLoadError, ReplicaStartError, WorkerStartError
 
 
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
@@ -30,8 +30,22 @@ def _serve(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     setup_logging(settings.server.log_level, settings.server.log_format)
     os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
+    from floe.replicas.placement import frontend_workers, usable_cores, visible_gpus
+
+    metrics_dir = None
+    if frontend_workers(settings, visible_gpus(settings.model.device), usable_cores()) > 1:
+        # several front ends count into shared files (prometheus_client's multiprocess mode),
+        # so any of them answers /metrics for all; set before prometheus_client is imported
+        import tempfile
+        metrics_dir = tempfile.mkdtemp(prefix="floe-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     from floe.frontend.server import serve
-    return asyncio.run(serve(settings))
+    try:
+        return asyncio.run(serve(settings))
+    finally:
+        if metrics_dir:
+            import shutil
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -203,11 +217,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    from floe.replicas.manager import ReplicaStartError
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ModelLoadError, ReplicaStartError) as e:
+    except (ConfigError, ModelLoadError, ReplicaStartError, WorkerStartError) as e:
         print(f"floe: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -203,8 +203,12 @@ class ServerSettings:
         1024, "Requests admitted at once across the endpoint; beyond it 429 with Retry-After."
     )
     tokenization_workers: Optional[int] = _knob(
-        None, "Tokenizer threads in the front end (default: cores - 1, at least 1)."
+        None, "Tokenizer threads in each front-end process (default: cores - 1, at least 1)."
     )
+    frontend_workers: Optional[int] = _knob(
+        None, "Front-end processes sharing the HTTP and gRPC ports and the replicas (default: 1 "
+        "when the replicas compute on the CPU's cores; on GPU hosts what the cores allow beside "
+        "the replicas, one per 4 free cores, at most 8).")
     drain_timeout: float = _knob(30.0, "Seconds SIGTERM waits for in-flight requests before exit.")
     log_level: str = _knob("info", "debug, info, warning or error.")
     log_format: LogFormat = _knob("text", "text or json (one object per line).")
@@ -249,6 +253,8 @@ class Settings:
                      "drain_timeout"):
             if getattr(s, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if s.frontend_workers is not None and not 1 <= s.frontend_workers <= 64:
+            raise ConfigError("--frontend-workers must be between 1 and 64")
         if s.max_input_chars is not None and s.max_input_chars < 1:
             raise ConfigError("--max-input-chars must be positive")
         if self.model.max_seq_length is not None and self.model.max_seq_length < 1:

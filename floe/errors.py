@@ -99,6 +99,14 @@ class ConfigError(Exception):
     """A setting that cannot be honoured; raised at start-up, printed, exit code 2."""
 
 
+class ReplicaStartError(RuntimeError):
+    """No replica could be started; the message says why for each (exit status, stderr tail)."""
+
+
+class WorkerStartError(RuntimeError):
+    """A front-end worker could not start (``--frontend-workers``); its log lines say why."""
+
+
 class ModelLoadError(Exception):
     """The model folder or hub id cannot be loaded; raised at start-up with a clear message."""
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -47,6 +48,14 @@ HTTP_CONNECTIONS_CLOSED = Counter(
     "floe_http_connections_closed_total",
     "HTTP connections the server closed on its own: headers_timeout, body_timeout, "
     "connection_limit.", ["reason"], registry=REGISTRY)
+IN_FLIGHT = Gauge(
+    "floe_in_flight_requests", "Requests inside the front end now.", registry=REGISTRY,
+    multiprocess_mode="livesum")
+RETRIES = Counter(
+    "floe_replica_retries", "Requests retried on another replica after their replica failed "
+    "(the client saw success).", registry=REGISTRY)
+FAILED_RETRIES = Counter(
+    "floe_replica_failed_retries", "Requests whose retry replica failed too.", registry=REGISTRY)
 TOKENIZE_SECONDS = Histogram(
     "floe_tokenization_duration_seconds", "Time to tokenize one request in the front end.",
     buckets=LATENCY_BUCKETS, registry=REGISTRY)
@@ -129,6 +138,18 @@ def replica_families(infos: Iterable[Any]) -> list:
     return out
 
 
+def _front_end_registry() -> CollectorRegistry:
+    """This process' metrics, or with several front-end processes (``--frontend-workers``) the
+    sum over all of them from prometheus_client's multiprocess files, so any one answers."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    from prometheus_client import multiprocess
+
+    merged = CollectorRegistry(auto_describe=False)
+    multiprocess.MultiProcessCollector(merged)
+    return merged
+
+
 class _Snapshot:
     def __init__(self, families: list) -> None:
         self.families = families
@@ -145,7 +166,7 @@ async def render(service: Any, timeout: float = 2.0, accept: str = "") -> tuple[
         generate, content_type = om.generate_latest, om.CONTENT_TYPE_LATEST
     else:
         generate, content_type = generate_latest, CONTENT_TYPE_LATEST
-    body = generate(REGISTRY)
+    body = generate(_front_end_registry())
     try:
         infos = await asyncio.wait_for(service.router.replica_infos(), timeout)
     except Exception:  # a scrape must never fail because a replica is slow or down
@@ -153,18 +174,9 @@ async def render(service: Any, timeout: float = 2.0, accept: str = "") -> tuple[
         infos = []
     snapshot = CollectorRegistry(auto_describe=False)
     snapshot.register(_Snapshot(replica_families(infos)))
-    front = GaugeMetricFamily("floe_in_flight_requests", "Requests inside the front end now.")
-    front.add_metric([], float(service.admission.in_flight))
     ready = GaugeMetricFamily("floe_ready", "1 when the endpoint accepts requests.")
     ready.add_metric([], 1.0 if service.ready() else 0.0)
-    status = service.router.status()
-    retries = CounterMetricFamily("floe_replica_retries", "Requests retried on another replica "
-                                  "after their replica failed (the client saw success).")
-    retries.add_metric([], float(status.get("retried_requests", 0)))
-    failed_retries = CounterMetricFamily("floe_replica_failed_retries", "Requests whose retry "
-                                         "replica failed too.")
-    failed_retries.add_metric([], float(status.get("failed_retries", 0)))
-    snapshot.register(_Snapshot([front, ready, retries, failed_retries]))
+    snapshot.register(_Snapshot([ready]))
     if generate is generate_latest:
         return body + generate(snapshot), content_type
     # OpenMetrics ends with one "# EOF": join the two registries' bodies around it

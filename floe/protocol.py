@@ -221,6 +221,95 @@ class ReplicaHello:
             return None
 
 
+# --- control plane: main process <-> front-end worker processes --------------------------------
+
+@dataclass(frozen=True)
+class FrontendLaunch:
+    """What ``floe serve`` hands each extra front-end worker (JSON in FLOE_FRONTEND_LAUNCH): the
+    settings tree and the inherited listening HTTP socket. The replicas it may use arrive after
+    start as ``ReplicaTable`` lines on its stdin; a closed stdin means the main process is gone."""
+
+    settings: dict
+    index: int                      # 1 .. frontends - 1 (the main process is front end 0)
+    frontends: int
+    parent_pid: int
+    http_fd: Optional[int] = None   # a listening socket shared by every front end (accept balances)
+    metrics_dir: Optional[str] = None   # prometheus_client's multiprocess directory
+
+    ENV = "FLOE_FRONTEND_LAUNCH"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "FrontendLaunch":
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class ReplicaEndpoint:
+    """One replica as the main process' supervisor sees it, for a front-end worker's router.
+
+    ``generation`` changes on every (re)start, so the worker opens a fresh channel to the new
+    process; ``healthy`` is the supervisor's rotation state (last probe, process alive)."""
+
+    index: int
+    address: str
+    token: str
+    generation: int
+    healthy: bool
+    state: str
+    restarts: int = 0
+    message: str = ""
+    pid: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class ReplicaTable:
+    """The supervisor's view of every replica: one stdin line ``FLOE_REPLICAS {json}``, sent at
+    start, on every change, and at least every health interval."""
+
+    replicas: tuple[ReplicaEndpoint, ...]
+
+    PREFIX = "FLOE_REPLICAS"
+
+    def to_line(self) -> str:
+        body = [dataclasses.asdict(r) for r in self.replicas]
+        return f"{self.PREFIX} {json.dumps(body, separators=(',', ':'))}"
+
+    @classmethod
+    def from_line(cls, line: str) -> Optional["ReplicaTable"]:
+        if not line.startswith(cls.PREFIX + " "):
+            return None
+        try:
+            return cls(tuple(ReplicaEndpoint(**r) for r in json.loads(line[len(cls.PREFIX) + 1:])))
+        except (ValueError, TypeError):
+            return None
+
+
+@dataclass(frozen=True)
+class FrontendHello:
+    """A front-end worker's handshake: one stdout line ``FLOE_FRONTEND_READY {json}`` once its
+    HTTP and gRPC servers accept requests."""
+
+    index: int
+    pid: int
+
+    PREFIX = "FLOE_FRONTEND_READY"
+
+    def to_line(self) -> str:
+        return f"{self.PREFIX} {json.dumps(dataclasses.asdict(self), separators=(',', ':'))}"
+
+    @classmethod
+    def from_line(cls, line: str) -> Optional["FrontendHello"]:
+        if not line.startswith(cls.PREFIX + " "):
+            return None
+        try:
+            return cls(**json.loads(line[len(cls.PREFIX) + 1:]))
+        except (ValueError, TypeError):
+            return None
+
+
 # --- wire conversion --------------------------------------------------------------------------
 
 def options_to_proto(o: EncodeOptions) -> floe_pb2.EncodeOptions:

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from floe.cli import setup_logging
-    from floe.replicas.manager import ReplicaStartError
+    from floe.errors import ReplicaStartError
 
     try:
         settings = settings_from(args, server={"port": 0})

@@ -20,6 +20,8 @@ Keep the machine otherwise idle while it runs: both sides use every core.
 from __future__ import annotations
 
 import argparse
+import re
+from typing import Optional
 import json
 import os
 import subprocess
@@ -73,13 +75,16 @@ def count_tokens(path: str, model: str) -> int:
                for i in range(0, len(texts), 1024))
 
 
-def timed(cmd: list[str], env: dict) -> float:
+def timed(cmd: list[str], env: dict) -> tuple[float, Optional[float]]:
+    """The process' wall time, and the job's own (from its summary line: reading to the last
+    commit, without the interpreter's and Ray's start-up) where it prints one."""
     t0 = time.monotonic()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.monotonic() - t0
     if r.returncode != 0:
         sys.exit(f"command failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-3000:]}")
-    return wall
+    m = re.search(r"embedded \d+ rows in ([0-9.]+) s", r.stdout + r.stderr)
+    return wall, float(m.group(1)) if m else None
 
 
 def embeddings(path: str) -> np.ndarray:
@@ -99,6 +104,10 @@ def main() -> int:
     ap.add_argument("--engine", default=None, help="floe --engine (default: floe's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--ray", action="store_true",
+                    help="also run `floe embed-corpus --ray` (a new local Ray instance) in each run; "
+                         "run the script inside a loopback-only network namespace (Ray listens on "
+                         "every interface)")
     ap.add_argument("floe_args", nargs="*", help="extra floe embed-corpus arguments (after --)")
     args = ap.parse_args()
 
@@ -110,25 +119,47 @@ def main() -> int:
     make_corpus(corpus, args.rows, args.min_words, args.max_words, args.seed)
     tokens = count_tokens(corpus, model)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="true")
-    results = {"floe": [], "peer": []}
+    results: dict[str, list[float]] = {"floe": [], "peer": []}
+    job_walls: dict[str, list[float]] = {"floe": [], "floe-ray": []}
+    sides = ["floe", "floe-ray", "peer"] if args.ray else ["floe", "peer"]
     for run in range(args.runs):
-        out_f = os.path.join(work, f"floe-{run}.parquet")
-        for leftover in (out_f, out_f + ".parts"):
-            subprocess.run(["rm", "-rf", leftover])
-        cmd = [sys.executable, "-m", "floe", "embed-corpus", corpus, "-o", out_f, "--model", model,
-               "--no-progress", "--log-level", "warning"]
-        if args.engine:
-            cmd += ["--engine", args.engine]
-        floe_wall = timed(cmd + list(args.floe_args), env)
-        out_p = os.path.join(work, f"peer-{run}.parquet")
-        peer_wall = timed([sys.executable, "-c", PEER, corpus, out_p, model], env)
-        a, b = embeddings(out_f), embeddings(out_p)
-        cos = float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
-        for name, wall in (("floe", floe_wall), ("peer", peer_wall)):
-            results[name].append(wall)
-            print(json.dumps({"run": run, "side": name, "wall_s": round(wall, 2), "rows": args.rows,
-                              "tokens": tokens, "tokens_per_s": round(tokens / wall)}))
-        print(json.dumps({"run": run, "min_cosine_floe_vs_peer": round(cos, 6)}))
+        walls, outs = {}, {}
+        for side in sides:
+            out = outs[side] = os.path.join(work, f"{side}-{run}.parquet")
+            for leftover in (out, out + ".parts"):
+                subprocess.run(["rm", "-rf", leftover])
+            if side == "peer":
+                walls[side], _ = timed([sys.executable, "-c", PEER, corpus, out, model], env)
+                continue
+            cmd = [sys.executable, "-m", "floe", "embed-corpus", corpus, "-o", out, "--model", model,
+                   "--no-progress", "--log-level", "warning"]
+            if args.engine:
+                cmd += ["--engine", args.engine]
+            cmd += list(args.floe_args) + (["--ray"] if side == "floe-ray" else [])
+            walls[side], job = timed(cmd, env)
+            if job is not None:
+                job_walls[side].append(job)
+        ref = embeddings(outs["peer"])
+        for side in sides:
+            results.setdefault(side, []).append(walls[side])
+            print(json.dumps({"run": run, "side": side, "wall_s": round(walls[side], 2),
+                              "rows": args.rows, "tokens": tokens,
+                              "tokens_per_s": round(tokens / walls[side])}))
+            if side != "peer":
+                a = embeddings(outs[side])
+                cos = float(((a * ref).sum(1) / np.linalg.norm(a, axis=1)
+                             / np.linalg.norm(ref, axis=1)).min())
+                print(json.dumps({"run": run, f"min_cosine_{side}_vs_peer": round(cos, 6)}))
+    if args.ray:
+        lw, rw = min(results["floe"]), min(results["floe-ray"])
+        ray_line = {"ray_summary": True, "local_best_wall_s": round(lw, 2),
+                    "ray_best_wall_s": round(rw, 2),
+                    "ray_throughput_over_local_wall": round(lw / rw, 3)}
+        if job_walls["floe"] and job_walls["floe-ray"]:
+            lj, rj = min(job_walls["floe"]), min(job_walls["floe-ray"])
+            ray_line.update(local_job_s=lj, ray_job_s=rj,
+                            ray_throughput_over_local_job=round(lj / rj, 3))
+        print(json.dumps(ray_line))
     f, p = min(results["floe"]), min(results["peer"])
     print(json.dumps({"summary": True, "rows": args.rows, "tokens": tokens,
                       "floe_best_wall_s": round(f, 2), "peer_best_wall_s": round(p, 2),

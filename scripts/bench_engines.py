@@ -96,6 +96,30 @@ def matmul_peak(shapes: dict, threads: int, seconds: float, tokens: int = 4096) 
     return 2 * tokens * shapes["hidden"] * shapes["intermediate"] * n / dt / 1e9
 
 
+def budget_sweep(engines: dict, spec, budgets: list[int], rounds: int) -> dict:
+    """Real tokens/s of the mixed workload cut at each padded-token budget (sorted by length,
+    as sentence-transformers cuts a corpus), interleaved; the median of ``rounds`` passes."""
+    out: dict = {}
+    for kind, engine in engines.items():
+        cuts = {b: batches_for("mixed", spec.vocab_size, b) for b in budgets}
+        for b, batches in cuts.items():
+            engine.run(engine.prepare(batches[0]))
+        rates: dict[int, list[float]] = {b: [] for b in budgets}
+        for _ in range(rounds):
+            for b, batches in cuts.items():
+                rates[b].append(time_engine(engine, batches, 0.0)["tokens_per_s"])
+        for b in budgets:
+            padded = sum(max(len(s) for s in x) * len(x) for x in cuts[b])
+            real = sum(len(s) for x in cuts[b] for s in x)
+            med = float(np.median(rates[b]))
+            out.setdefault(kind, {})[b] = {"median_tokens_per_s": med, "rates": rates[b],
+                                           "batches": len(cuts[b]), "real_over_padded": real / padded}
+            print(f"sweep {kind:<9} budget {b:>6} batches {len(cuts[b]):>4} real/padded "
+                  f"{real / padded:.3f} median {med:>8.0f} tokens/s "
+                  f"(min {min(rates[b]):.0f}, max {max(rates[b]):.0f})", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default", help="model folder or 'default' (embedded MiniLM)")
@@ -105,6 +129,11 @@ def main(argv=None) -> int:
     p.add_argument("--workloads", default=",".join(WORKLOADS))
     p.add_argument("--engines", default="torch,openvino")
     p.add_argument("--max-batch-tokens", type=int, default=16384)
+    p.add_argument("--budget-sweep", default=None,
+                   help="comma-separated padded-token budgets: time the mixed workload cut "
+                        "at each budget, interleaved round by round (so a machine whose speed "
+                        "drifts shows in every budget alike), medians over --rounds")
+    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--cache-dir", default=None, help="converted-model cache (default: floe's)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
@@ -136,6 +165,13 @@ def main(argv=None) -> int:
           f"({4096}x{shapes['hidden']} @ {shapes['hidden']}x{shapes['intermediate']}): {peak:.0f} GFLOP/s")
     results = {"model": spec.name, "threads": args.threads, "dtype": args.dtype,
                "matmul_peak_gflops": peak, "workloads": {}}
+    if args.budget_sweep:
+        results["budget_sweep"] = budget_sweep(engines, spec, [int(b) for b in args.budget_sweep.split(",")],
+                                               args.rounds)
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(results, f, indent=1)
+        return 0
     print(f"{'workload':<10} {'engine':<9} {'tokens/s':>10} {'vs torch':>9} {'% peak':>7}")
     for w in args.workloads.split(","):
         batches = batches_for(w, spec.vocab_size, args.max_batch_tokens)

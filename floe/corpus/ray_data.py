@@ -212,6 +212,10 @@ def _connect(address: str) -> bool:
         # then kill the raylet. A local instance may take its time.
         os.environ.setdefault("RAY_agent_register_timeout_ms", "300000")
         os.environ.setdefault("RAY_raylet_start_wait_time_s", "300")
+        # Ray starts its workers at nice 15, below its own driver, raylet and agents: on a
+        # machine whose cores the job fills, the embedding actors then wait behind Ray's
+        # bookkeeping. In an instance started for this job, the actors are the job.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=os.cpu_count() or 1, **kw)
     else:
         ray.init(address=address, **kw)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 from typing import Callable, Iterator
 
+from floe import metrics
 from floe.errors import OverloadedError, UnavailableError
 
 
@@ -39,11 +40,13 @@ class Admission:
         """Counts the request in flight for the duration of the block, or refuses it."""
         self.check()
         self.in_flight += 1
+        metrics.IN_FLIGHT.inc()
         self._idle.clear()
         try:
             yield
         finally:
             self.in_flight -= 1
+            metrics.IN_FLIGHT.dec()
             if self.in_flight == 0:
                 self._idle.set()
 

@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
+import socket
 import time
 from typing import Optional
 
@@ -37,48 +39,84 @@ class _Uvicorn(uvicorn.Server):
 async def serve(settings: Settings, ready_event: Optional[asyncio.Event] = None) -> int:
     from floe.models import load_spec
     from floe.replicas.manager import ReplicaManager
+    from floe.replicas.placement import frontend_workers, usable_cores, visible_gpus
     from floe.tokenize import TokenizerPool
 
     t_start = time.perf_counter()
     settings = fit_max_length(settings, load_spec(settings.model).max_seq_length)
     spec = load_spec(settings.model)
     srv = settings.server
-    workers = srv.tokenization_workers or max(1, (_cpu_count() - 1))
-    tokenizers = TokenizerPool(spec, workers, max_input_chars=srv.max_input_chars)
+    n_frontends = frontend_workers(settings, visible_gpus(settings.model.device), usable_cores())
+    tokenizers = TokenizerPool(spec, tokenizer_threads(settings, n_frontends),
+                               max_input_chars=srv.max_input_chars)
     manager = ReplicaManager(settings, spec)
     service = EmbedService(settings, spec, tokenizers, manager)
+    service.frontends = n_frontends
+    # bound before the replicas start: a busy port fails at once, and every front end shares it
+    http_socket = bind_http(srv.host, srv.port) if srv.port else None
+    workers = None
+    try:
+        await manager.start()
+        if n_frontends > 1:
+            from floe.frontend.workers import FrontendWorkers
+            workers = FrontendWorkers(settings, manager, http_socket, n_frontends - 1,
+                                      os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+            await workers.start()
 
-    stop = asyncio.Event()
+        def on_ready() -> None:
+            log.info("floe ready in %.1f s: model %s (%s), http %s, grpc %s, %d front-end "
+                     "process%s", time.perf_counter() - t_start, spec.name, spec.architecture,
+                     f"http://{srv.host}:{srv.port}" if srv.port else "off",
+                     f"{srv.host}:{srv.grpc_port}" if srv.grpc_port else "off",
+                     n_frontends, "es" if n_frontends > 1 else "")
+            if ready_event is not None:
+                ready_event.set()
+
+        return await run_frontend(service, settings, http_socket, on_ready,
+                                  on_stop=workers.begin_drain if workers else None)
+    finally:
+        if workers is not None:
+            await workers.stop()
+        await manager.stop()
+        tokenizers.close()
+        if http_socket is not None:
+            http_socket.close()
+        log.info("floe stopped")
+
+
+async def run_frontend(service: EmbedService, settings: Settings, http_socket, on_ready,
+                       on_stop=None, stop: Optional[asyncio.Event] = None) -> int:
+    """One front end's life, in the main process and in every front-end worker alike: the
+    public gRPC server, HTTP on ``http_socket``, then on SIGTERM/SIGINT (or ``stop``) the drain.
+    ``on_stop`` runs as soon as the stop is asked (the main process tells its workers)."""
+    srv = settings.server
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-
     grpc_server = None
     http_server = None
     http_task = None
     try:
-        await manager.start()
         if srv.grpc_port:
             from floe.transport.grpc import grpc_target, start_server
             grpc_server, _health, _ports = await start_server(
                 service, [grpc_target(srv.host, srv.grpc_port)],
-                receive_limit=srv.grpc_payload_limit, api_key=srv.api_key)
-        if srv.port:
+                receive_limit=srv.grpc_payload_limit, api_key=srv.api_key,
+                share_port=service.frontends > 1)
+        if http_socket is not None:
             http_server = _Uvicorn(http_config(service, settings))
-            http_task = asyncio.create_task(http_server.serve())
+            http_task = asyncio.create_task(http_server.serve(sockets=[http_socket]))
             while not http_server.started:
                 if http_task.done():
                     await http_task
                     raise SystemExit(f"HTTP server failed to start on {srv.host}:{srv.port}")
                 await asyncio.sleep(0.02)
-        log.info("floe ready in %.1f s: model %s (%s), http %s, grpc %s", time.perf_counter() - t_start,
-                 spec.name, spec.architecture,
-                 f"http://{srv.host}:{srv.port}" if srv.port else "off",
-                 f"{srv.host}:{srv.grpc_port}" if srv.grpc_port else "off")
-        if ready_event is not None:
-            ready_event.set()
+        on_ready()
         await stop.wait()
+        if on_stop is not None:
+            on_stop()
         log.info("draining: readiness off, waiting for %d in-flight requests (up to %.0f s)",
                  service.admission.in_flight, srv.drain_timeout)
         if not await service.admission.drain(srv.drain_timeout):
@@ -93,9 +131,28 @@ async def serve(settings: Settings, ready_event: Optional[asyncio.Event] = None)
                     await asyncio.wait_for(http_task, timeout=5)
         if grpc_server is not None:
             await grpc_server.stop(grace=1.0)
-        await manager.stop()
-        tokenizers.close()
-        log.info("floe stopped")
+
+
+def bind_http(host: str, port: int) -> socket.socket:
+    """The public HTTP socket, listening and inheritable (front-end workers accept on it too)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen for HTTP on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def tokenizer_threads(settings: Settings, frontends: int) -> int:
+    """Tokenizer threads per front-end process: --tokenization-workers, else the cores less one
+    shared between the front ends (at least 1 each)."""
+    asked = settings.server.tokenization_workers
+    return asked or max(1, (_cpu_count() - 1) // max(1, frontends))
 
 
 def http_config(service: EmbedService, settings: Settings) -> uvicorn.Config:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from typing import Any, Optional
@@ -47,6 +48,9 @@ class EmbedService:
         srv = settings.server
         self.limits = validate.Limits.for_server(spec, settings)
         self.admission = Admission(srv.max_concurrent_requests, router.ready)
+        # which front-end process this is (0: the main one) of how many (--frontend-workers)
+        self.frontend_index = 0
+        self.frontends = 1
         self._unknown_models: set[str] = set()
 
     def _note_unknown_model(self, model: str) -> None:
@@ -156,6 +160,8 @@ class EmbedService:
             "ready": self.ready(),
             "draining": self.draining,
             "replicas": self.router.status(),
+            "frontend": {"index": self.frontend_index, "processes": self.frontends,
+                         "pid": os.getpid()},
         }
 
 

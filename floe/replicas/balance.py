@@ -34,12 +34,16 @@ class Balancer:
       index taking all of it (an idle system would otherwise always pick replica 0).
     """
 
-    def __init__(self, policy: str = "least_loaded", rng: Optional[_random.Random] = None) -> None:
+    def __init__(self, policy: str = "least_loaded", rng: Optional[_random.Random] = None,
+                 start: int = 0) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown load-balancing policy {policy!r}; one of {', '.join(POLICIES)}")
         self.policy = policy
         self._rng = rng or _random.Random()
-        self._next = 0  # round-robin cursor / tie-break offset; a replica index, not a position
+        # round-robin cursor / tie-break offset; a replica index, not a position. Front-end
+        # worker k starts at k: each worker balances only the load it sees, and equal starts
+        # would send every worker's first request (and every idle-time request) to replica 0.
+        self._next = start
 
     def pick(self, loads: Sequence[ReplicaLoad], exclude: Iterable[int] = ()) -> Optional[int]:
         """The index of the chosen replica, or None when no healthy, non-excluded replica exists."""

@@ -27,7 +27,7 @@ import tempfile
 from typing import Any, Optional
 
 from floe.config import Settings
-from floe.errors import FloeError
+from floe.errors import FloeError, ReplicaStartError
 from floe.models.spec import ModelSpec
 from floe.proto import floe_pb2
 from floe.protocol import EmbedResult, EncodeOptions, TokenBatch
@@ -38,10 +38,6 @@ from floe.replicas.supervisor import ReplicaSlot
 from floe.transport.grpc import grpc_target
 
 log = logging.getLogger("floe.manager")
-
-
-class ReplicaStartError(RuntimeError):
-    """No replica could be started; the message says why for each (exit status, stderr tail)."""
 
 
 class ReplicaManager:

@@ -9,7 +9,7 @@ from floe.config import Settings
 from floe.errors import ConfigError
 from floe.protocol import Placement
 
-__all__ = ["Placement", "plan_placement", "visible_gpus", "usable_cores"]
+__all__ = ["Placement", "plan_placement", "visible_gpus", "usable_cores", "frontend_workers"]
 
 
 def visible_gpus(device: str, env: Optional[dict] = None) -> list[str]:
@@ -72,3 +72,20 @@ def plan_placement(settings: Settings, gpus: list[str], cores: list[int]) -> lis
             mine = [cores[i % len(cores)]]
         out.append(Placement(cpu_cores=mine, threads=r.threads_per_replica or len(mine)))
     return out
+
+
+def frontend_workers(settings: Settings, gpus: list[str], cores: list[int]) -> int:
+    """How many front-end processes ``floe serve`` runs (pure).
+
+    ``--frontend-workers`` when given. Otherwise: with CPU replicas the cores compute embeddings
+    and one front end (whose tokenizer threads already use every core) is right; with GPU replicas
+    the cores are free for the front end: one process per 4 cores left beside one core per
+    replica, at least 1, at most 8 (past that the replicas, not the front end, are the limit).
+    """
+    asked = settings.server.frontend_workers
+    if asked is not None:
+        return asked
+    if not gpus:
+        return 1
+    free = max(0, len(cores) - settings.replicas.num_replicas)
+    return max(1, min(8, free // 4))

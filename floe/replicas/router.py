@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Optional, Protocol, Sequence
 
+from floe import metrics
 from floe.errors import FloeError, InternalError, OverloadedError, UnavailableError
 from floe.protocol import EmbedResult, EncodeOptions, TokenBatch
 from floe.replicas.balance import Balancer, ReplicaLoad
@@ -87,6 +88,7 @@ class Router:
                 else:
                     if attempt:
                         self.retried += 1
+                        metrics.RETRIES.inc()
                     return result
                 tried.append(target.index)
                 log.warning("request %s failed on replica %d (%s); %s", request_id, target.index,
@@ -95,7 +97,9 @@ class Router:
         finally:
             self._routes.pop(request_id, None)
         if tried:
-            self.failed_retries += len(tried) > 1
+            if len(tried) > 1:
+                self.failed_retries += 1
+                metrics.FAILED_RETRIES.inc()
         if died == 2:
             raise InternalError("the request failed twice, and each time the replica running it "
                                 "exited; it is not retried further")

@@ -399,18 +399,21 @@ def _add_reflection(server: grpc.aio.Server) -> None:
 
 
 async def start_server(backend: EncodeBackend, targets: Sequence[str], *, receive_limit: int,
-                       send_limit: int = MAX_SEND_BYTES, api_key: Optional[str] = None
+                       send_limit: int = MAX_SEND_BYTES, api_key: Optional[str] = None,
+                       share_port: bool = False
                        ) -> tuple[grpc.aio.Server, HealthServicer, list[int]]:
     """Starts a gRPC server over ``backend`` on every target ("host:port" or "unix:/path").
 
     Returns the server, its health servicer and the bound port per target (0 for Unix sockets).
-    A target that cannot be bound raises ConfigError naming it.
+    A target that cannot be bound raises ConfigError naming it. ``share_port``: the front ends
+    of one ``floe serve --frontend-workers N`` bind the same port (SO_REUSEPORT; the kernel
+    spreads connections over them, and only processes of the same user may join).
     """
     from floe.errors import ConfigError
 
     options = channel_options(receive_limit, send_limit) + [
         # Without this a second server could silently share the port (SO_REUSEPORT) and steal traffic.
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if share_port else 0),
     ]
     interceptors = [ApiKeyInterceptor(api_key)] if api_key else []
     server = grpc.aio.server(options=options, interceptors=interceptors)

@@ -1,0 +1,103 @@
+"""`python -m floe.frontend.worker`: one extra front-end process of ``floe serve``.
+
+Started by floe/frontend/workers.py with a ``FrontendLaunch`` (floe/protocol.py) in the
+environment: the settings tree, the inherited listening HTTP socket and the shared metrics
+directory. It runs the same front end as the main process (floe/frontend/server.py
+``run_frontend``: tokenizer pool, validation, HTTP and gRPC on the shared ports) and routes to
+the replicas that the main process supervises (floe/replicas/remote.py), whose table arrives on
+stdin. It prints a ``FrontendHello`` line once it serves, drains on SIGTERM, and drains and exits
+when stdin closes (the main process is gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+
+from floe.protocol import FrontendHello, FrontendLaunch, ReplicaTable
+
+log = logging.getLogger("floe.frontend.worker")
+
+
+async def _read_tables(replicas, first: asyncio.Event, stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=16 * 1024 * 1024)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while True:
+        line = await reader.readline()
+        if not line:
+            log.warning("the main floe process is gone (stdin closed); draining")
+            stop.set()
+            return
+        table = ReplicaTable.from_line(line.decode(errors="replace").strip())
+        if table is not None:
+            await replicas.apply(table)
+            first.set()
+
+
+async def run(launch: FrontendLaunch) -> int:
+    from floe.config import settings_from_dict
+    from floe.frontend.server import fit_max_length, run_frontend, tokenizer_threads
+    from floe.frontend.service import EmbedService
+    from floe.models import load_spec
+    from floe.replicas.remote import RemoteReplicas
+    from floe.tokenize import TokenizerPool
+
+    settings = settings_from_dict(launch.settings)
+    spec = load_spec(settings.model)
+    settings = fit_max_length(settings, spec.max_seq_length)
+    tokenizers = TokenizerPool(spec, tokenizer_threads(settings, launch.frontends),
+                               max_input_chars=settings.server.max_input_chars)
+    replicas = RemoteReplicas(settings, spec, worker_index=launch.index)
+    service = EmbedService(settings, spec, tokenizers, replicas)
+    service.frontend_index, service.frontends = launch.index, launch.frontends
+    http_socket = None
+    if launch.http_fd is not None:
+        http_socket = socket.socket(fileno=launch.http_fd)
+    stop = asyncio.Event()
+    first_table = asyncio.Event()
+    tables = asyncio.create_task(_read_tables(replicas, first_table, stop))
+    try:
+        waiter = asyncio.create_task(first_table.wait())
+        await asyncio.wait({waiter, tables}, return_when=asyncio.FIRST_COMPLETED)
+        if not first_table.is_set():
+            return 1
+
+        def on_ready() -> None:
+            print(FrontendHello(index=launch.index, pid=os.getpid()).to_line(), flush=True)
+            log.info("front-end worker %d ready (pid %d)", launch.index, os.getpid())
+
+        return await run_frontend(service, settings, http_socket, on_ready, stop=stop)
+    finally:
+        tables.cancel()
+        await replicas.stop()
+        tokenizers.close()
+
+
+def main() -> int:
+    raw = os.environ.get(FrontendLaunch.ENV)
+    if not raw:
+        print("floe.frontend.worker: error: started without a launch; it is run by `floe serve "
+              "--frontend-workers N`", file=sys.stderr)
+        return 2
+    launch = FrontendLaunch.from_json(raw)
+    os.environ.pop(FrontendLaunch.ENV, None)
+    if launch.metrics_dir:
+        # before prometheus_client is imported: count into the files every front end shares
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = launch.metrics_dir
+    from floe.cli import setup_logging
+    from floe.config import settings_from_dict
+
+    srv = settings_from_dict(launch.settings).server
+    setup_logging(srv.log_level, srv.log_format)
+    try:
+        return asyncio.run(run(launch))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""A front-end worker's view of replicas that another process supervises.
+
+With ``--frontend-workers N`` the main process of ``floe serve`` spawns, probes and restarts the
+replicas (floe/replicas/supervisor.py) and runs one front end; each extra front-end worker routes
+to the same replicas through this class. It has the replica manager's request interface (encode,
+abort, ready, status, replica_infos), so the EmbedService and the transports do not know which
+kind of process they run in.
+
+What it knows comes from ``ReplicaTable`` messages (floe/protocol.py) that the main process sends
+at start, on every change and at least every health interval. The worker keeps its own channel
+to each replica (a new one when the replica's generation changes), its own in-flight counts for
+least-loaded balancing, and a local out-of-rotation mark after a failed call, lifted by the next
+table that still says the replica is healthy (the supervisor probed it since).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any, Optional
+
+from floe.config import Settings
+from floe.errors import FloeError
+from floe.models.spec import ModelSpec
+from floe.proto import floe_pb2
+from floe.protocol import EmbedResult, EncodeOptions, ReplicaEndpoint, ReplicaTable, TokenBatch
+from floe.replicas.balance import Balancer, ReplicaLoad
+from floe.replicas.client import ReplicaClient
+from floe.replicas.router import Router
+
+
+class RemoteReplica:
+    """One replica for the router (the ``Target`` of floe/replicas/router.py)."""
+
+    def __init__(self, index: int, receive_limit: int) -> None:
+        self.index = index
+        self.endpoint: Optional[ReplicaEndpoint] = None
+        self.client: Optional[ReplicaClient] = None
+        self.out_of_rotation = False
+        self._receive_limit = receive_limit
+        self.changed = asyncio.Event()   # set (and replaced) on every table that touches it
+
+    @property
+    def healthy(self) -> bool:
+        e = self.endpoint
+        return bool(e and e.healthy and self.client is not None and not self.out_of_rotation)
+
+    def load(self) -> ReplicaLoad:
+        c = self.client
+        return ReplicaLoad(self.index, self.healthy, c.in_flight_tokens if c else 0,
+                           c.in_flight_requests if c else 0)
+
+    def leave_rotation(self) -> None:
+        self.out_of_rotation = True
+
+    async def died_within(self, client: ReplicaClient, seconds: float) -> bool:
+        """True when the supervisor reports, within ``seconds``, that the process behind
+        ``client`` is gone (a new generation, or the replica out of the ready state)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while True:
+            e = self.endpoint
+            if self.client is not client or e is None or e.state != "ready":
+                return True
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            waiter = self.changed
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(waiter.wait(), left)
+
+    async def apply(self, e: ReplicaEndpoint) -> None:
+        old, self.endpoint = self.endpoint, e
+        stale = old is None or (old.generation, old.address, old.token) != (
+            e.generation, e.address, e.token)
+        if (stale or e.state != "ready") and self.client is not None:
+            client, self.client = self.client, None
+            await client.close()
+        if e.state == "ready" and self.client is None:
+            self.client = ReplicaClient(e.address, e.index, e.token,
+                                        receive_limit=self._receive_limit)
+        if e.healthy:
+            self.out_of_rotation = False
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    async def close(self) -> None:
+        if self.client is not None:
+            client, self.client = self.client, None
+            await client.close()
+
+
+class RemoteReplicas:
+    """The replica manager's request interface over replicas supervised elsewhere."""
+
+    def __init__(self, settings: Settings, spec: ModelSpec, worker_index: int = 0) -> None:
+        self.settings = settings
+        self.spec = spec
+        r = settings.replicas
+        limit = 256 * 1024 * 1024
+        self.targets = [RemoteReplica(i, limit) for i in range(r.num_replicas)]
+        self.router = Router(Balancer(r.load_balancing, start=worker_index), self.targets, r.forward_timeout)
+        self._stopped = False
+        self.tables = 0   # tables applied (tests and /info)
+
+    async def apply(self, table: ReplicaTable) -> None:
+        for e in table.replicas:
+            if 0 <= e.index < len(self.targets):
+                await self.targets[e.index].apply(e)
+        self.tables += 1
+
+    def ready(self) -> bool:
+        return not self._stopped and any(t.healthy for t in self.targets)
+
+    async def stop(self) -> None:
+        self._stopped = True
+        for t in self.targets:
+            await t.close()
+
+    async def encode(self, tokens: TokenBatch, options: EncodeOptions, request_id: str) -> EmbedResult:
+        return await self.router.encode(tokens, options, request_id)
+
+    async def abort(self, request_id: str) -> bool:
+        return await self.router.abort(request_id)
+
+    def status(self) -> dict[str, Any]:
+        out = []
+        for t in self.targets:
+            e, c = t.endpoint, t.client
+            out.append({
+                "index": t.index, "pid": e.pid if e else None,
+                "state": e.state if e else "unknown", "healthy": t.healthy,
+                "restarts": e.restarts if e else 0, "message": e.message if e else "",
+                "in_flight_requests": c.in_flight_requests if c else 0,
+                "in_flight_tokens": c.in_flight_tokens if c else 0,
+                "completed": c.completed if c else 0,
+            })
+        ready = self.ready()
+        reason = "" if ready else ("stopping" if self._stopped else "no healthy replica: " + "; ".join(
+            f"replica {t.index} {t.endpoint.state if t.endpoint else 'unknown'}" for t in self.targets))
+        return {"ready": ready, "reason": reason,
+                "load_balancing": self.router.balancer.policy,
+                "healthy_replicas": sum(t.healthy for t in self.targets),
+                "num_replicas": len(self.targets),
+                "retried_requests": self.router.retried,
+                "failed_retries": self.router.failed_retries,
+                "replicas": out}
+
+    async def replica_infos(self) -> list[floe_pb2.ReplicaInfo]:
+        async def one(t: RemoteReplica) -> floe_pb2.ReplicaInfo:
+            info = floe_pb2.ReplicaInfo(replica_id=str(t.index), model=self.spec.name)
+            e = t.endpoint
+            if t.client is not None and e is not None and e.state == "ready":
+                with contextlib.suppress(FloeError):
+                    reply = await t.client.info(timeout=2.0)
+                    if reply.replicas:
+                        info = reply.replicas[0]
+            info.replica_id = str(t.index)
+            info.address = ""   # internal: never shown to clients
+            info.healthy = t.healthy
+            info.ready = info.ready and t.healthy
+            if e is not None:
+                info.restarts = e.restarts
+                if e.pid:
+                    info.pid = e.pid
+                if e.message:
+                    info.status_message = e.message
+            return info
+        return list(await asyncio.gather(*(one(t) for t in self.targets)))
