@@ -87,6 +87,68 @@ def timed(cmd: list[str], env: dict) -> tuple[float, Optional[float]]:
     return wall, float(m.group(1)) if m else None
 
 
+SERVE_CLIENT = r"""
+import asyncio, sys, time
+import numpy as np, pyarrow as pa, pyarrow.parquet as pq
+from floe.client import AsyncClient
+corpus, out, url, chunk, concurrency = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+texts = pq.read_table(corpus).column("text").to_pylist()
+async def main():
+    sem = asyncio.Semaphore(concurrency)
+    async with AsyncClient(url) as c:
+        async def one(i):
+            async with sem:
+                return await c.embed(texts[i:i + chunk])
+        t0 = time.monotonic()
+        parts = await asyncio.gather(*(one(i) for i in range(0, len(texts), chunk)))
+        print(f"embedded {len(texts)} rows in {time.monotonic() - t0:.3f} s over HTTP")
+    emb = np.concatenate(parts).astype(np.float32)
+    flat = pa.array(emb.reshape(-1), type=pa.float32())
+    pq.write_table(pa.table({"id": pa.array(np.arange(len(texts))),
+                             "embedding": pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])}), out)
+asyncio.run(main())
+"""
+
+
+def serve_side(corpus: str, out: str, model: str, engine: Optional[str], env: dict,
+               chunk: int = 64, concurrency: int = 32) -> tuple[float, Optional[float]]:
+    """`floe serve` started fresh, the corpus sent over HTTP by floe's AsyncClient (chunks of
+    ``chunk`` texts, ``concurrency`` in flight, like an indexing pipeline); returns the wall
+    time including the server's start and the time from the first request to the last answer."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "floe", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--grpc-port", "0", "--model", model, "--log-level", "warning"]
+    if engine:
+        cmd += ["--engine", engine]
+    t0 = time.monotonic()
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              start_new_session=True)
+    try:
+        while True:
+            if server.poll() is not None:
+                sys.exit(f"floe serve exited: {server.stderr.read().decode()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)
+        _, job = timed([sys.executable, "-c", SERVE_CLIENT, corpus, out,
+                        f"http://127.0.0.1:{port}", str(chunk), str(concurrency)], env)
+        return time.monotonic() - t0, job
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, 9)
+
+
 def embeddings(path: str) -> np.ndarray:
     import pyarrow.parquet as pq
 
@@ -104,6 +166,12 @@ def main() -> int:
     ap.add_argument("--engine", default=None, help="floe --engine (default: floe's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--serve", action="store_true",
+                    help="also time `floe serve` fed the corpus over HTTP by floe's AsyncClient "
+                         "(64 texts per request, 32 in flight): the offline path against the "
+                         "server's own best, in the same run")
+    ap.add_argument("--no-peer", action="store_true",
+                    help="skip the sentence-transformers side (to compare floe local with --ray)")
     ap.add_argument("--ray", action="store_true",
                     help="also run `floe embed-corpus --ray` (a new local Ray instance) in each run; "
                          "run the script inside a loopback-only network namespace (Ray listens on "
@@ -120,8 +188,12 @@ def main() -> int:
     tokens = count_tokens(corpus, model)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="true")
     results: dict[str, list[float]] = {"floe": [], "peer": []}
-    job_walls: dict[str, list[float]] = {"floe": [], "floe-ray": []}
+    job_walls: dict[str, list[float]] = {"floe": [], "floe-ray": [], "floe-serve": []}
     sides = ["floe", "floe-ray", "peer"] if args.ray else ["floe", "peer"]
+    if args.serve:
+        sides.insert(-1 if "peer" in sides else len(sides), "floe-serve")
+    if args.no_peer:
+        sides.remove("peer")
     for run in range(args.runs):
         walls, outs = {}, {}
         for side in sides:
@@ -131,6 +203,11 @@ def main() -> int:
             if side == "peer":
                 walls[side], _ = timed([sys.executable, "-c", PEER, corpus, out, model], env)
                 continue
+            if side == "floe-serve":
+                walls[side], job = serve_side(corpus, out, model, args.engine, env)
+                if job is not None:
+                    job_walls[side].append(job)
+                continue
             cmd = [sys.executable, "-m", "floe", "embed-corpus", corpus, "-o", out, "--model", model,
                    "--no-progress", "--log-level", "warning"]
             if args.engine:
@@ -139,17 +216,18 @@ def main() -> int:
             walls[side], job = timed(cmd, env)
             if job is not None:
                 job_walls[side].append(job)
-        ref = embeddings(outs["peer"])
+        ref_side = "peer" if "peer" in sides else "floe"
+        ref = embeddings(outs[ref_side])
         for side in sides:
             results.setdefault(side, []).append(walls[side])
             print(json.dumps({"run": run, "side": side, "wall_s": round(walls[side], 2),
                               "rows": args.rows, "tokens": tokens,
                               "tokens_per_s": round(tokens / walls[side])}))
-            if side != "peer":
+            if side != ref_side:
                 a = embeddings(outs[side])
                 cos = float(((a * ref).sum(1) / np.linalg.norm(a, axis=1)
                              / np.linalg.norm(ref, axis=1)).min())
-                print(json.dumps({"run": run, f"min_cosine_{side}_vs_peer": round(cos, 6)}))
+                print(json.dumps({"run": run, f"min_cosine_{side}_vs_{ref_side}": round(cos, 6)}))
     if args.ray:
         lw, rw = min(results["floe"]), min(results["floe-ray"])
         ray_line = {"ray_summary": True, "local_best_wall_s": round(lw, 2),
@@ -160,6 +238,16 @@ def main() -> int:
             ray_line.update(local_job_s=lj, ray_job_s=rj,
                             ray_throughput_over_local_job=round(lj / rj, 3))
         print(json.dumps(ray_line))
+    if args.serve and job_walls["floe"] and job_walls["floe-serve"]:
+        lj, sj = min(job_walls["floe"]), min(job_walls["floe-serve"])
+        print(json.dumps({"serve_summary": True, "tokens": tokens,
+                          "offline_tokens_per_s": round(tokens / lj),
+                          "http_tokens_per_s": round(tokens / sj),
+                          "offline_over_http": round(sj / lj, 3),
+                          "note": "both without start-up: the offline job's own summary time, "
+                                  "first request to last answer over HTTP"}))
+    if args.no_peer:
+        return 0
     f, p = min(results["floe"]), min(results["peer"])
     print(json.dumps({"summary": True, "rows": args.rows, "tokens": tokens,
                       "floe_best_wall_s": round(f, 2), "peer_best_wall_s": round(p, 2),
