@@ -79,6 +79,7 @@ def test_two_front_ends_share_ports_replicas_and_metrics(tmp_path):
             time.sleep(0.5)
 
 
+@pytest.mark.full
 def test_worker_and_replica_deaths_lose_nothing(tmp_path):
     with floe_serve(*ARGS, tmp_dir=str(tmp_path)) as srv:
         pids = _frontend_pids(srv.url)
