@@ -195,8 +195,27 @@ class ReplicaLaunch:
         return cls(**d)
 
 
+class _HelloLine:
+    """A process' handshake as one stdout line: ``PREFIX {json of the dataclass}``."""
+
+    PREFIX = ""
+
+    def to_line(self) -> str:
+        return f"{self.PREFIX} {json.dumps(dataclasses.asdict(self), separators=(',', ':'))}"
+
+    @classmethod
+    def from_line(cls, line: str):
+        """The hello in ``line``, or None when the line is something else."""
+        if not line.startswith(cls.PREFIX + " "):
+            return None
+        try:
+            return cls(**json.loads(line[len(cls.PREFIX) + 1:]))
+        except (ValueError, TypeError):
+            return None
+
+
 @dataclass(frozen=True)
-class ReplicaHello:
+class ReplicaHello(_HelloLine):
     """The replica's handshake: one stdout line ``FLOE_REPLICA_READY {json}`` once it serves."""
 
     address: str
@@ -206,19 +225,6 @@ class ReplicaHello:
     device: str
 
     PREFIX = "FLOE_REPLICA_READY"
-
-    def to_line(self) -> str:
-        return f"{self.PREFIX} {json.dumps(dataclasses.asdict(self), separators=(',', ':'))}"
-
-    @classmethod
-    def from_line(cls, line: str) -> Optional["ReplicaHello"]:
-        """The hello in ``line``, or None when the line is something else."""
-        if not line.startswith(cls.PREFIX + " "):
-            return None
-        try:
-            return cls(**json.loads(line[len(cls.PREFIX) + 1:]))
-        except (ValueError, TypeError):
-            return None
 
 
 # --- control plane: main process <-> front-end worker processes --------------------------------
@@ -288,7 +294,7 @@ class ReplicaTable:
 
 
 @dataclass(frozen=True)
-class FrontendHello:
+class FrontendHello(_HelloLine):
     """A front-end worker's handshake: one stdout line ``FLOE_FRONTEND_READY {json}`` once its
     HTTP and gRPC servers accept requests."""
 
@@ -296,18 +302,6 @@ class FrontendHello:
     pid: int
 
     PREFIX = "FLOE_FRONTEND_READY"
-
-    def to_line(self) -> str:
-        return f"{self.PREFIX} {json.dumps(dataclasses.asdict(self), separators=(',', ':'))}"
-
-    @classmethod
-    def from_line(cls, line: str) -> Optional["FrontendHello"]:
-        if not line.startswith(cls.PREFIX + " "):
-            return None
-        try:
-            return cls(**json.loads(line[len(cls.PREFIX) + 1:]))
-        except (ValueError, TypeError):
-            return None
 
 
 # --- wire conversion --------------------------------------------------------------------------

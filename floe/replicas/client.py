@@ -17,6 +17,7 @@ try/finally, so it is exact whether the call succeeds, fails or is cancelled.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import grpc
@@ -151,3 +152,26 @@ class ReplicaClient:
 
     async def close(self) -> None:
         await self._channel.close(grace=None)
+
+
+async def replica_info(client: Optional[ReplicaClient], index: int, model: str, *, running: bool,
+                       healthy: bool, restarts: int, pid: Optional[int], message: str
+                       ) -> floe_pb2.ReplicaInfo:
+    """One replica's own GetReplicaInfo (when it is running and answers within 2 s), overlaid
+    with what its supervisor knows (health, restarts, pid, why); never its internal address."""
+    info = floe_pb2.ReplicaInfo(replica_id=str(index), model=model)
+    if client is not None and running:
+        with contextlib.suppress(FloeError):
+            reply = await client.info(timeout=2.0)
+            if reply.replicas:
+                info = reply.replicas[0]
+    info.replica_id = str(index)
+    info.address = ""   # internal: never shown to clients
+    info.healthy = healthy
+    info.ready = info.ready and healthy
+    info.restarts = restarts
+    if pid:
+        info.pid = pid
+    if message:
+        info.status_message = message
+    return info

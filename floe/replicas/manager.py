@@ -19,7 +19,6 @@ the drain timeout. Admission and the front end's drain live in floe/frontend/adm
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import shutil
@@ -27,12 +26,13 @@ import tempfile
 from typing import Any, Optional
 
 from floe.config import Settings
-from floe.errors import FloeError, ReplicaStartError
+from floe.errors import ReplicaStartError
 from floe.models.spec import ModelSpec
 from floe.proto import floe_pb2
 from floe.protocol import EmbedResult, EncodeOptions, TokenBatch
 from floe.replicas.balance import Balancer
 from floe.replicas.placement import plan_placement, usable_cores, visible_gpus
+from floe.replicas.client import replica_info
 from floe.replicas.router import Router
 from floe.replicas.supervisor import ReplicaSlot
 from floe.transport.grpc import grpc_target
@@ -151,21 +151,9 @@ class ReplicaManager:
 
     async def replica_infos(self) -> list[floe_pb2.ReplicaInfo]:
         """Each replica's own GetReplicaInfo, with the manager's view (restarts, health, why)."""
-        async def one(s: ReplicaSlot) -> floe_pb2.ReplicaInfo:
-            info = floe_pb2.ReplicaInfo(replica_id=str(s.index), model=self.spec.name)
-            if s.client is not None and s.state == "ready":
-                with contextlib.suppress(FloeError):
-                    reply = await s.client.info(timeout=2.0)
-                    if reply.replicas:
-                        info = reply.replicas[0]
-            info.replica_id = str(s.index)
-            info.address = ""   # internal: never shown to clients
-            info.healthy = s.healthy
-            info.ready = info.ready and s.healthy
-            info.restarts = s.restarts
-            if s.proc and s.proc.returncode is None:
-                info.pid = s.proc.pid
-            if s.message:
-                info.status_message = s.message
-            return info
+        def one(s: ReplicaSlot):
+            alive = s.proc is not None and s.proc.returncode is None
+            return replica_info(s.client, s.index, self.spec.name, running=s.state == "ready",
+                                healthy=s.healthy, restarts=s.restarts,
+                                pid=s.proc.pid if alive else None, message=s.message)
         return list(await asyncio.gather(*(one(s) for s in self.slots)))

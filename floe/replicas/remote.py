@@ -20,12 +20,11 @@ import contextlib
 from typing import Any, Optional
 
 from floe.config import Settings
-from floe.errors import FloeError
 from floe.models.spec import ModelSpec
 from floe.proto import floe_pb2
 from floe.protocol import EmbedResult, EncodeOptions, ReplicaEndpoint, ReplicaTable, TokenBatch
 from floe.replicas.balance import Balancer, ReplicaLoad
-from floe.replicas.client import ReplicaClient
+from floe.replicas.client import ReplicaClient, replica_info
 from floe.replicas.router import Router
 
 
@@ -147,23 +146,10 @@ class RemoteReplicas:
                 "replicas": out}
 
     async def replica_infos(self) -> list[floe_pb2.ReplicaInfo]:
-        async def one(t: RemoteReplica) -> floe_pb2.ReplicaInfo:
-            info = floe_pb2.ReplicaInfo(replica_id=str(t.index), model=self.spec.name)
+        def one(t: RemoteReplica):
             e = t.endpoint
-            if t.client is not None and e is not None and e.state == "ready":
-                with contextlib.suppress(FloeError):
-                    reply = await t.client.info(timeout=2.0)
-                    if reply.replicas:
-                        info = reply.replicas[0]
-            info.replica_id = str(t.index)
-            info.address = ""   # internal: never shown to clients
-            info.healthy = t.healthy
-            info.ready = info.ready and t.healthy
-            if e is not None:
-                info.restarts = e.restarts
-                if e.pid:
-                    info.pid = e.pid
-                if e.message:
-                    info.status_message = e.message
-            return info
+            return replica_info(t.client, t.index, self.spec.name,
+                                running=e is not None and e.state == "ready", healthy=t.healthy,
+                                restarts=e.restarts if e else 0, pid=e.pid if e else None,
+                                message=e.message if e else "")
         return list(await asyncio.gather(*(one(t) for t in self.targets)))
