@@ -134,13 +134,14 @@ async def run_frontend(service: EmbedService, settings: Settings, http_socket, o
 
 
 def bind_http(host: str, port: int) -> socket.socket:
-    """The public HTTP socket, listening and inheritable (front-end workers accept on it too)."""
+    """The public HTTP socket, bound and inheritable (front-end workers accept on it too). Not
+    listening yet: until a front end serves, a client is refused at once instead of waiting in
+    the backlog while the replicas load (uvicorn listens when it starts serving)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-        sock.listen(2048)
     except OSError as e:
         sock.close()
         raise ConfigError(f"cannot listen for HTTP on {host}:{port}: {e.strerror or e}") from None

@@ -154,6 +154,13 @@ class ReplicaClient:
         await self._channel.close(grace=None)
 
 
+def load_fields(client: Optional[ReplicaClient]) -> dict:
+    """A replica's in-flight and completed counts as its router's channel sees them."""
+    return {"in_flight_requests": client.in_flight_requests if client else 0,
+            "in_flight_tokens": client.in_flight_tokens if client else 0,
+            "completed": client.completed if client else 0}
+
+
 async def replica_info(client: Optional[ReplicaClient], index: int, model: str, *, running: bool,
                        healthy: bool, restarts: int, pid: Optional[int], message: str
                        ) -> floe_pb2.ReplicaInfo:

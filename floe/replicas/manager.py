@@ -32,7 +32,7 @@ from floe.proto import floe_pb2
 from floe.protocol import EmbedResult, EncodeOptions, TokenBatch
 from floe.replicas.balance import Balancer
 from floe.replicas.placement import plan_placement, usable_cores, visible_gpus
-from floe.replicas.client import replica_info
+from floe.replicas.client import load_fields, replica_info
 from floe.replicas.router import Router
 from floe.replicas.supervisor import ReplicaSlot
 from floe.transport.grpc import grpc_target
@@ -117,37 +117,18 @@ class ReplicaManager:
 
     def status(self) -> dict[str, Any]:
         """A JSON-able summary for /info (behind the API key): every replica's state and why."""
-        out = []
-        for s in self.slots:
-            c = s.client
-            out.append({
-                "index": s.index,
-                "pid": s.proc.pid if s.proc and s.proc.returncode is None else None,
-                "state": s.state, "healthy": s.healthy, "restarts": s.restarts,
-                "last_exit": s.last_exit, "message": s.message,
-                "stderr_tail": list(s.stderr_tail) if s.state == "failed" else [],
-                "in_flight_requests": c.in_flight_requests if c else 0,
-                "in_flight_tokens": c.in_flight_tokens if c else 0,
-                "completed": c.completed if c else 0,
-                "cuda_visible_devices": s.placement.cuda_visible_devices,
-                "gpu_memory_fraction": s.placement.gpu_memory_fraction,
-                "cpu_cores": s.placement.cpu_cores, "threads": s.placement.threads,
-            })
-        ready = self.ready()
-        if ready:
-            reason = ""
-        elif self._stopped:
-            reason = "stopping"
-        else:
-            reason = "no healthy replica: " + "; ".join(
-                f"replica {s.index} {s.state}" for s in self.slots)
-        return {"ready": ready, "reason": reason,
-                "load_balancing": self.router.balancer.policy,
-                "healthy_replicas": sum(s.healthy for s in self.slots),
-                "num_replicas": len(self.slots),
-                "retried_requests": self.router.retried,
-                "failed_retries": self.router.failed_retries,
-                "replicas": out}
+        out = [{
+            "index": s.index,
+            "pid": s.proc.pid if s.proc and s.proc.returncode is None else None,
+            "state": s.state, "healthy": s.healthy, "restarts": s.restarts,
+            "last_exit": s.last_exit, "message": s.message,
+            "stderr_tail": list(s.stderr_tail) if s.state == "failed" else [],
+            **load_fields(s.client),
+            "cuda_visible_devices": s.placement.cuda_visible_devices,
+            "gpu_memory_fraction": s.placement.gpu_memory_fraction,
+            "cpu_cores": s.placement.cpu_cores, "threads": s.placement.threads,
+        } for s in self.slots]
+        return self.router.status(out, self.ready(), self._stopped)
 
     async def replica_infos(self) -> list[floe_pb2.ReplicaInfo]:
         """Each replica's own GetReplicaInfo, with the manager's view (restarts, health, why)."""

@@ -24,7 +24,7 @@ from floe.models.spec import ModelSpec
 from floe.proto import floe_pb2
 from floe.protocol import EmbedResult, EncodeOptions, ReplicaEndpoint, ReplicaTable, TokenBatch
 from floe.replicas.balance import Balancer, ReplicaLoad
-from floe.replicas.client import ReplicaClient, replica_info
+from floe.replicas.client import ReplicaClient, load_fields, replica_info
 from floe.replicas.router import Router
 
 
@@ -123,27 +123,14 @@ class RemoteReplicas:
         return await self.router.abort(request_id)
 
     def status(self) -> dict[str, Any]:
-        out = []
-        for t in self.targets:
-            e, c = t.endpoint, t.client
-            out.append({
-                "index": t.index, "pid": e.pid if e else None,
-                "state": e.state if e else "unknown", "healthy": t.healthy,
-                "restarts": e.restarts if e else 0, "message": e.message if e else "",
-                "in_flight_requests": c.in_flight_requests if c else 0,
-                "in_flight_tokens": c.in_flight_tokens if c else 0,
-                "completed": c.completed if c else 0,
-            })
-        ready = self.ready()
-        reason = "" if ready else ("stopping" if self._stopped else "no healthy replica: " + "; ".join(
-            f"replica {t.index} {t.endpoint.state if t.endpoint else 'unknown'}" for t in self.targets))
-        return {"ready": ready, "reason": reason,
-                "load_balancing": self.router.balancer.policy,
-                "healthy_replicas": sum(t.healthy for t in self.targets),
-                "num_replicas": len(self.targets),
-                "retried_requests": self.router.retried,
-                "failed_retries": self.router.failed_retries,
-                "replicas": out}
+        out = [{
+            "index": t.index, "pid": t.endpoint.pid if t.endpoint else None,
+            "state": t.endpoint.state if t.endpoint else "unknown", "healthy": t.healthy,
+            "restarts": t.endpoint.restarts if t.endpoint else 0,
+            "message": t.endpoint.message if t.endpoint else "",
+            **load_fields(t.client),
+        } for t in self.targets]
+        return self.router.status(out, self.ready(), self._stopped)
 
     async def replica_infos(self) -> list[floe_pb2.ReplicaInfo]:
         def one(t: RemoteReplica):

@@ -108,6 +108,16 @@ class Router:
                                   retry_after=last.retry_after or 1.0)
         raise UnavailableError("no healthy replica could take the request, retry later")
 
+    def status(self, replicas: list[dict], ready: bool, stopping: bool) -> dict:
+        """The /info summary of the replicas behind this router (``replicas``: one dict each,
+        with at least ``index``, ``state`` and ``healthy``), with the router's own counters."""
+        reason = "" if ready else ("stopping" if stopping else "no healthy replica: " + "; ".join(
+            f"replica {r['index']} {r['state']}" for r in replicas))
+        return {"ready": ready, "reason": reason, "load_balancing": self.balancer.policy,
+                "healthy_replicas": sum(bool(r["healthy"]) for r in replicas),
+                "num_replicas": len(replicas), "retried_requests": self.retried,
+                "failed_retries": self.failed_retries, "replicas": replicas}
+
     async def abort(self, request_id: str) -> bool:
         """Asks the replica running ``request_id`` to drop its queued sequences."""
         target = self._routes.get(request_id)
