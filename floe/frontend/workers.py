@@ -4,10 +4,11 @@ The main process runs the replica manager (placement, supervision, probes) and o
 this module starts the other N - 1 front ends (``python -m floe.frontend.worker``), keeps them
 running and tells them where the replicas are. Every front end serves the same public ports:
 
-- HTTP: one listening socket, bound here and inherited by every worker; the kernel hands each
-  new connection to one of the processes waiting in accept, and a worker that dies leaves the
-  queue of pending connections intact for the others.
-- gRPC: every process binds the same port (gRPC sets SO_REUSEPORT), and the kernel spreads new
+- HTTP: one socket, bound by the main process (floe/frontend/server.py ``bind_http``) and
+  inherited by every worker; the kernel hands each new connection to one of the processes
+  waiting in accept, and a worker that dies leaves the queue of pending connections intact.
+- gRPC: every process binds the same port with SO_REUSEPORT (``share_port`` in
+  floe/transport/grpc.py, only when there are several front ends), and the kernel spreads new
   connections over them.
 
 Each worker routes to every replica with its own channels and its own in-flight counts
