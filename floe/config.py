@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -132,6 +133,10 @@ class ReplicaSetSettings:
         "UNAVAILABLE with Retry-After (it is not retried: the replica is busy, not dead); a replica "
         "that is hung is found and restarted by its health probes."
     )
+    replica_wait: float = _knob(
+        10.0, "Seconds a request waits for a replica to come back into rotation when none is "
+        "healthy (one restarting, or out of rotation after a failed call or a missed probe) "
+        "before it gets 503 with Retry-After; replicas given up are not waited for. 0: at once.")
     startup_timeout: float = _knob(
         300.0, "Seconds a replica may take to load and become ready. The first start of a model "
         "with the OpenVINO engine includes its conversion (about 30 s for MiniLM on 2 cores, more "
@@ -240,6 +245,11 @@ class Settings:
             )
         if not 0.0 < r.gpu_memory_utilization <= 1.0:
             raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
+        for name in ("health_interval", "forward_timeout", "startup_timeout", "restart_window"):
+            if not getattr(r, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if not r.replica_wait >= 0 or r.max_restarts < 0:
+            raise ConfigError("--replica-wait and --max-restarts must be >= 0")
         if s.max_client_batch_size < 1:
             raise ConfigError("--max-client-batch-size must be positive")
         if s.api_key is not None and not s.api_key.strip():
@@ -301,9 +311,12 @@ def _parse_value(f: dataclasses.Field, tp: Any, raw: str) -> Any:
             return False
         raise ConfigError(f"{_flag(f)}: {raw!r} is not a boolean")
     try:
-        return tp(raw)
+        value = tp(raw)
     except ValueError:
         raise ConfigError(f"{_flag(f)}: {raw!r} is not a valid {tp.__name__}") from None
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"{_flag(f)}: {raw!r} is not a finite number")
+    return value
 
 
 def _argparse_type(f: dataclasses.Field, tp: Any):

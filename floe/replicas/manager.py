@@ -56,7 +56,8 @@ class ReplicaManager:
             addresses = [grpc_target(r.replica_host, r.start_port + i) for i in range(r.num_replicas)]
         self.slots = [ReplicaSlot(i, addresses[i], placements[i], settings, secrets.token_urlsafe(24))
                       for i in range(r.num_replicas)]
-        self.router = Router(Balancer(r.load_balancing), self.slots, r.forward_timeout)
+        self.router = Router(Balancer(r.load_balancing), self.slots, r.forward_timeout,
+                             r.replica_wait)
         self._tasks: list[asyncio.Task] = []
         self._stopped = False
 

@@ -36,6 +36,7 @@ class RemoteReplica:
         self.endpoint: Optional[ReplicaEndpoint] = None
         self.client: Optional[ReplicaClient] = None
         self.out_of_rotation = False
+        self.closed = False   # the worker is stopping
         self._receive_limit = receive_limit
         self.changed = asyncio.Event()   # set (and replaced) on every table that touches it
 
@@ -51,6 +52,11 @@ class RemoteReplica:
 
     def leave_rotation(self) -> None:
         self.out_of_rotation = True
+
+    def may_recover(self) -> bool:
+        e = self.endpoint
+        return (not self.closed and e is not None
+                and e.state in ("starting", "ready", "restarting"))
 
     async def died_within(self, client: ReplicaClient, seconds: float) -> bool:
         """True when the supervisor reports, within ``seconds``, that the process behind
@@ -84,6 +90,7 @@ class RemoteReplica:
         self.changed = asyncio.Event()
 
     async def close(self) -> None:
+        self.closed = True
         if self.client is not None:
             client, self.client = self.client, None
             await client.close()
@@ -98,7 +105,8 @@ class RemoteReplicas:
         r = settings.replicas
         limit = 256 * 1024 * 1024
         self.targets = [RemoteReplica(i, limit) for i in range(r.num_replicas)]
-        self.router = Router(Balancer(r.load_balancing, start=worker_index), self.targets, r.forward_timeout)
+        self.router = Router(Balancer(r.load_balancing, start=worker_index), self.targets,
+                             r.forward_timeout, r.replica_wait)
         self._stopped = False
         self.tables = 0   # tables applied (tests and /info)
 

@@ -117,6 +117,9 @@ class ReplicaSlot:
     def leave_rotation(self) -> None:
         self.healthy = False
 
+    def may_recover(self) -> bool:
+        return not self.stopping and self.state in ("starting", "ready", "restarting")
+
     async def died_within(self, client: ReplicaClient, seconds: float) -> bool:
         if self.client is not client:
             return True  # already replaced: the process behind this client is gone

@@ -45,10 +45,21 @@ def test_booleans_and_choices():
     (["--max-batch-tokens", "0"], "max-batch-tokens"),
     (["--api-key", ""], "--api-key is empty"),
     (["--api-key", "  "], "--api-key is empty"),
+    (["--health-interval", "0"], "health-interval"),
+    (["--forward-timeout", "-1"], "forward-timeout"),
+    (["--replica-wait", "-0.5"], "replica-wait"),
 ])
 def test_values_that_cannot_be_honoured_are_refused(argv, match):
     with pytest.raises(ConfigError, match=match):
         parse(argv)
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf"])
+def test_a_float_setting_must_be_finite(raw):
+    with pytest.raises(ConfigError, match="finite"):
+        parse([], env={"FLOE_FORWARD_TIMEOUT": raw})
+    with pytest.raises(SystemExit):
+        parse(["--health-interval", raw])
 
 
 def test_every_field_has_help_text():

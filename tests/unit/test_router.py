@@ -39,12 +39,16 @@ class FakeTarget:
         self.client: Optional[FakeClient] = FakeClient(index, outcome)
         self.healthy = True
         self.dies = dies
+        self.recoverable = True   # False: given up, never back in rotation
 
     def load(self) -> ReplicaLoad:
         return ReplicaLoad(self.index, self.healthy)
 
     def leave_rotation(self) -> None:
         self.healthy = False
+
+    def may_recover(self) -> bool:
+        return self.recoverable
 
     async def died_within(self, client, seconds: float) -> bool:
         return self.dies
@@ -54,8 +58,9 @@ def run(router: Router):
     return asyncio.run(router.encode(TOKENS, EncodeOptions(), "r1"))
 
 
-def router(*targets) -> Router:
-    return Router(Balancer("round_robin"), list(targets), forward_timeout=5.0)
+def router(*targets, replica_wait: float = 0.0) -> Router:
+    return Router(Balancer("round_robin"), list(targets), forward_timeout=5.0,
+                  replica_wait=replica_wait)
 
 
 def test_replica_failure_is_retried_once_elsewhere():
@@ -124,3 +129,62 @@ def test_no_healthy_replica():
     t.healthy = False
     with pytest.raises(UnavailableError):
         run(router(t))
+
+
+def test_no_healthy_replica_waits_for_one_that_comes_back():
+    t = FakeTarget(0, None)
+    t.healthy = False
+
+    async def scenario():
+        async def back_later():
+            await asyncio.sleep(0.3)
+            t.healthy = True
+        asyncio.get_running_loop().create_task(back_later())
+        return await router(t, replica_wait=5.0).encode(TOKENS, EncodeOptions(), "r1")
+
+    assert asyncio.run(scenario()).n == 1
+    assert t.client.calls == 1
+
+
+def test_the_wait_is_bounded_and_skipped_for_replicas_given_up():
+    t = FakeTarget(0, None)
+    t.healthy = False
+
+    async def timed(r: Router) -> float:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(UnavailableError):
+            await r.encode(TOKENS, EncodeOptions(), "r1")
+        return loop.time() - start
+
+    assert 0.3 <= asyncio.run(timed(router(t, replica_wait=0.3))) < 3.0
+    t.recoverable = False
+    assert asyncio.run(timed(router(t, replica_wait=30.0))) < 1.0
+    assert t.client.calls == 0
+
+
+def test_a_single_replica_takes_the_retry_once_back_in_rotation():
+    # a failed connection takes the only replica out of rotation; its next good probe puts it
+    # back, and the retry goes to it rather than failing with no replica to go to
+    t = FakeTarget(0, ReplicaFailedError("replica 0 (unix:/a) unavailable", 0, "UNAVAILABLE"))
+
+    async def scenario():
+        async def probed_healthy():
+            while t.healthy:
+                await asyncio.sleep(0.01)
+            t.client.outcome = None
+            await asyncio.sleep(0.2)
+            t.healthy = True
+        asyncio.get_running_loop().create_task(probed_healthy())
+        r = router(t, replica_wait=5.0)
+        return r, await r.encode(TOKENS, EncodeOptions(), "r1")
+
+    r, result = asyncio.run(scenario())
+    assert result.n == 1 and t.client.calls == 2 and r.retried == 1
+
+
+def test_an_overloaded_replica_is_not_retried_on_itself():
+    t = FakeTarget(0, OverloadedError("queue full", retry_after=2.0))
+    with pytest.raises(OverloadedError):
+        run(router(t, replica_wait=5.0))
+    assert t.client.calls == 1
