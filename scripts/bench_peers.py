@@ -1,6 +1,7 @@
 """floe against the strongest baselines a user would run, in one run on this machine.
 
     python scripts/bench_peers.py [--texts 2048] [--infinity .venv-infinity] [--skip ...]
+                                  [--budgets 16384,4096]
 
 For each workload (50 tokens, 256 tokens, uniform 16-256 tokens per input, exact under the
 default model's tokenizer):
@@ -13,7 +14,10 @@ default model's tokenizer):
   flight, every text sent twice;
 - the bf16 matmul peak of these cores with the model's own shapes (tokens x 384 @ 384 x 1536).
 
-Prints tokens/s per cell and floe's ratio to each baseline. The client is a Python asyncio loop on
+Prints tokens/s per cell and floe's ratio to each baseline, then the median request latency of
+each server (p50, the measured pass) and, for floe, the padding fill of its batches in that pass
+(real / padded tokens, from the server's /metrics). ``--budgets`` runs the OpenVINO server once
+per ``--max-batch-tokens`` value (columns ``floe_openvino_b<budget>``). The client is a Python asyncio loop on
 the same cores; at these rates (a few hundred requests/s) it takes a small share of them.
 """
 
@@ -122,31 +126,57 @@ class Server:
 
 
 async def drive(url: str, texts: list[str], per_request: int = 16, concurrency: int = 64,
-                model: str = "m") -> float:
+                model: str = "m") -> tuple[float, list[float]]:
+    """Sends ``texts`` in requests of ``per_request``, ``concurrency`` in flight; returns the
+    wall seconds from the first request to the last answer and each request's latency."""
     import httpx
 
     bodies = [json.dumps({"input": texts[i:i + per_request], "model": model,
                           "encoding_format": "base64"}).encode()
               for i in range(0, len(texts), per_request)]
     queue = list(bodies)
+    latencies: list[float] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         async def worker() -> None:
             while queue:
                 body = queue.pop()
+                sent = time.perf_counter()
                 r = await client.post(url, content=body, headers={"content-type": "application/json"})
                 r.raise_for_status()
+                latencies.append(time.perf_counter() - sent)
                 data = r.json()["data"]
                 np.frombuffer(base64.b64decode(data[0]["embedding"]), "<f4")
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, latencies
 
 
-def serve_tokens_per_s(url: str, texts: list[str], total: int) -> float:
+def padding_counters(url: str) -> tuple[float, float]:
+    """floe's (real, padded) token counters summed over replicas; (0, 0) for other servers."""
+    import httpx
+
+    base = url.rsplit("/v1/", 1)[0]
+    try:
+        text = httpx.get(base + "/metrics", timeout=30).text
+    except httpx.HTTPError:
+        return 0.0, 0.0
+    sums = {"floe_tokens_embedded_total": 0.0, "floe_padded_tokens_total": 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in sums:
+            sums[name] += float(line.rsplit(" ", 1)[1])
+    return sums["floe_tokens_embedded_total"], sums["floe_padded_tokens_total"]
+
+
+def serve_measure(url: str, texts: list[str], total: int) -> dict[str, float]:
+    """tokens/s, p50 latency (s) and padding fill (floe only, else 0) of one measured pass."""
     asyncio.run(drive(url, texts[:256], concurrency=16))   # warm-up
-    seconds = asyncio.run(drive(url, texts + texts))
-    return 2 * total / seconds
+    real0, padded0 = padding_counters(url)
+    seconds, latencies = asyncio.run(drive(url, texts + texts))
+    real1, padded1 = padding_counters(url)
+    fill = (real1 - real0) / (padded1 - padded0) if padded1 > padded0 else 0.0
+    return {"tokens_s": 2 * total / seconds, "p50_s": float(np.median(latencies)), "fill": fill}
 
 
 def main() -> None:
@@ -156,6 +186,9 @@ def main() -> None:
     ap.add_argument("--infinity", default=os.path.join(REPO, ".venv-infinity"),
                     help="Infinity's virtualenv (scripts/setup_infinity.sh)")
     ap.add_argument("--skip", default="", help="comma list of st_fp32,st_bf16,openvino,torch,infinity")
+    ap.add_argument("--budgets", default="",
+                    help="comma list of --max-batch-tokens values for the OpenVINO server "
+                         "(default: the server's own default, one run)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     from floe.models.source import embedded_model_path
@@ -165,26 +198,35 @@ def main() -> None:
     print(f"bf16 matmul peak (MiniLM shapes): {peak:.0f} GFLOP/s", flush=True)
     workloads = [(wl, *make_texts(args.texts, wl)) for wl in args.workloads.split(",")]
     cells: dict[str, dict[str, float]] = {wl: {} for wl, _, _ in workloads}
+    served: dict[str, dict[str, dict[str, float]]] = {wl: {} for wl, _, _ in workloads}
 
     def record(system: str, per_workload: dict[str, float]) -> None:
         for wl, value in per_workload.items():
             cells[wl][system] = value
         print(system, json.dumps({k: round(v) for k, v in per_workload.items()}), flush=True)
 
+    def record_served(system: str, url: str) -> None:
+        per = {wl: serve_measure(url, texts, total) for wl, texts, total in workloads}
+        for wl, m in per.items():
+            served[wl][system] = m
+        record(system, {wl: m["tokens_s"] for wl, m in per.items()})
+
     # Each system is started once and measured on every workload (a start costs a minute here).
     for system, dtype in (("st_bf16", "bfloat16"), ("st_fp32", "float32")):
         if system not in skip:
             record(system, st_encode(workloads, dtype))
-    for engine in ("openvino", "torch"):
+    budgets = [int(b) for b in args.budgets.split(",") if b] or [None]
+    runs = [("openvino", b) for b in budgets] + [("torch", None)]
+    for engine, budget in runs:
         if engine in skip:
             continue
         port = free_port()
+        extra = ["--max-batch-tokens", str(budget)] if budget else []
         srv = Server([sys.executable, "-m", "floe", "serve", "--engine", engine, "--dtype",
                       "bfloat16", "--port", str(port), "--grpc-port", "0",
-                      "--log-level", "warning"], f"http://127.0.0.1:{port}/v1/embeddings")
+                      "--log-level", "warning", *extra], f"http://127.0.0.1:{port}/v1/embeddings")
         try:
-            record(f"floe_{engine}", {wl: serve_tokens_per_s(srv.url, texts, total)
-                                      for wl, texts, total in workloads})
+            record_served(f"floe_{engine}" + (f"_b{budget}" if budget else ""), srv.url)
         finally:
             srv.stop()
     inf = os.path.join(args.infinity, "bin", "infinity_emb")
@@ -198,8 +240,7 @@ def main() -> None:
                      env={"INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1",
                           "HF_HUB_OFFLINE": "1"})
         try:
-            record("infinity", {wl: serve_tokens_per_s(srv.url, texts, total)
-                                for wl, texts, total in workloads})
+            record_served("infinity", srv.url)
         finally:
             srv.stop()
     rows = [(wl, cells[wl]) for wl, _, _ in workloads]
@@ -213,6 +254,12 @@ def main() -> None:
         print(f"| {wl} | " + " | ".join(f"{v:,.0f}" for v in row.values())
               + f" | {best / st:.2f}x | " + (f"{best / inf:.2f}x |" if inf else "n/a |")
               if st else "")
+    print()
+    print("p50 latency (s) and floe's padding fill (real / padded tokens), the measured pass:")
+    for wl, _, _ in workloads:
+        print(f"  {wl}: " + ", ".join(
+            f"{k} p50 {m['p50_s']:.2f}" + (f" fill {m['fill']:.3f}" if m["fill"] else "")
+            for k, m in served[wl].items()))
     # Share of the matmul peak: MiniLM's forward FLOPs per token (6 layers of QKV+output projections
     # 4*384*384, FFN 2*384*1536, attention scores and mix 2*L*384) at the workload's mean length.
     print()

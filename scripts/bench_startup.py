@@ -1,0 +1,99 @@
+"""Start-up time of `floe serve` per engine: from the command to the first embedding answered.
+
+    python scripts/bench_startup.py [--rounds 3] [--engines torch,openvino] [--replicas 1]
+
+Each round starts every engine once, in turn (interleaved, so a machine that slows down during
+the run slows every engine alike), and times launch -> /ready -> one POST /v1/embeddings answered.
+The OpenVINO engine reads its converted model from a cache directory made for this run: the first
+start converts (reported apart as "cold"), every later one loads the cached model. Prints each
+start and the median per engine; the issue's target is the cached OpenVINO start within 2 s of
+the torch start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_once(engine: str, replicas: int, cache_dir: str) -> float:
+    """Seconds from launch to the first embedding answered; the server is stopped afterwards."""
+    port = free_port()
+    argv = [sys.executable, "-m", "floe", "serve", "--engine", engine, "--num-replicas",
+            str(replicas), "--port", str(port), "--grpc-port", "0", "--log-level", "warning",
+            "--engine-cache-dir", cache_dir]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 900
+        with httpx.Client(base_url=url, timeout=60) as client:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"floe serve --engine {engine} exited with "
+                                       f"{proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"floe serve --engine {engine} did not start")
+                try:
+                    if client.get("/ready").status_code == 200:
+                        r = client.post("/v1/embeddings", json={"input": ["start-up probe"]})
+                        r.raise_for_status()
+                        return time.perf_counter() - t0
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--engines", default="torch,openvino")
+    ap.add_argument("--replicas", type=int, default=1)
+    args = ap.parse_args()
+    engines = [e for e in args.engines.split(",") if e]
+    times: dict[str, list[float]] = {e: [] for e in engines}
+    with tempfile.TemporaryDirectory(prefix="floe-startup-") as cache:
+        if "openvino" in engines:
+            cold = start_once("openvino", args.replicas, cache)
+            print(f"openvino cold (converts into an empty cache): {cold:.2f} s", flush=True)
+        for r in range(args.rounds):
+            for e in engines:
+                t = start_once(e, args.replicas, cache)
+                times[e].append(t)
+                print(f"round {r + 1} {e}: {t:.2f} s", flush=True)
+    print()
+    for e, ts in times.items():
+        print(f"{e}: median {statistics.median(ts):.2f} s (min {min(ts):.2f}, max {max(ts):.2f}, "
+              f"{len(ts)} starts)")
+    if {"torch", "openvino"} <= set(times):
+        d = statistics.median(times["openvino"]) - statistics.median(times["torch"])
+        print(f"cached openvino - torch: {d:+.2f} s (target: <= +2 s)")
+
+
+if __name__ == "__main__":
+    main()
