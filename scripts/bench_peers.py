@@ -1,7 +1,7 @@
 """floe against the strongest baselines a user would run, in one run on this machine.
 
     python scripts/bench_peers.py [--texts 2048] [--infinity .venv-infinity] [--skip ...]
-                                  [--budgets 16384,4096]
+                                  [--budgets 16384,4096] [--rounds 3]
 
 For each workload (50 tokens, 256 tokens, uniform 16-256 tokens per input, exact under the
 default model's tokenizer):
@@ -16,7 +16,8 @@ default model's tokenizer):
 
 Prints tokens/s per cell and floe's ratio to each baseline, then the median request latency of
 each server (p50, the measured pass) and, for floe, the padding fill of its batches in that pass
-(real / padded tokens, from the server's /metrics). ``--budgets`` runs the OpenVINO server once
+(real / padded tokens, from the server's /metrics). Every system is started once and stays up;
+``--rounds`` passes per cell interleave the systems, and the tables are medians. ``--budgets`` runs the OpenVINO server once
 per ``--max-batch-tokens`` value (columns ``floe_openvino_b<budget>``). The client is a Python asyncio loop on
 the same cores; at these rates (a few hundred requests/s) it takes a small share of them.
 """
@@ -34,6 +35,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
@@ -62,23 +64,25 @@ def make_texts(n: int, lengths: str, seed: int = 0) -> tuple[list[str], int]:
     return texts, sum(len(x) for x in ids)
 
 
-def st_encode(workloads: list[tuple[str, list[str], int]], dtype: str) -> dict[str, float]:
-    """tokens/s of one ``encode(all_texts, batch_size=64)`` call per workload, one model load."""
-    import torch
-    from sentence_transformers import SentenceTransformer
-    from floe.models.source import embedded_model_path
+class STEncode:
+    """sentence-transformers in-process: one ``encode(all_texts, batch_size=64)`` call per pass,
+    the model loaded once."""
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    model = SentenceTransformer(embedded_model_path(), device="cpu")
-    if dtype == "bfloat16":
-        model = model.to(torch.bfloat16)
-    out = {}
-    for name, texts, total in workloads:
-        model.encode(texts[:64], batch_size=64)
+    def __init__(self, dtype: str) -> None:
+        import torch
+        from sentence_transformers import SentenceTransformer
+        from floe.models.source import embedded_model_path
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        self.model = SentenceTransformer(embedded_model_path(), device="cpu")
+        if dtype == "bfloat16":
+            self.model = self.model.to(torch.bfloat16)
+        self.model.encode(["warm up"] * 64, batch_size=64)
+
+    def measure(self, texts: list[str], total: int) -> dict[str, float]:
         t0 = time.perf_counter()
-        model.encode(texts, batch_size=64)
-        out[name] = total / (time.perf_counter() - t0)
-    return out
+        self.model.encode(texts, batch_size=64)
+        return {"tokens_s": total / (time.perf_counter() - t0), "p50_s": 0.0, "fill": 0.0}
 
 
 def matmul_peak(seconds: float = 3.0) -> float:
@@ -183,12 +187,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--texts", type=int, default=2048)
     ap.add_argument("--workloads", default="50,256,16-256")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="passes per cell, the systems interleaved within each round; medians")
     ap.add_argument("--infinity", default=os.path.join(REPO, ".venv-infinity"),
                     help="Infinity's virtualenv (scripts/setup_infinity.sh)")
     ap.add_argument("--skip", default="", help="comma list of st_fp32,st_bf16,openvino,torch,infinity")
     ap.add_argument("--budgets", default="",
                     help="comma list of --max-batch-tokens values for the OpenVINO server "
-                         "(default: the server's own default, one run)")
+                         "(default: the server's own default, one server)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     from floe.models.source import embedded_model_path
@@ -197,75 +203,87 @@ def main() -> None:
     peak = matmul_peak()
     print(f"bf16 matmul peak (MiniLM shapes): {peak:.0f} GFLOP/s", flush=True)
     workloads = [(wl, *make_texts(args.texts, wl)) for wl in args.workloads.split(",")]
-    cells: dict[str, dict[str, float]] = {wl: {} for wl, _, _ in workloads}
-    served: dict[str, dict[str, dict[str, float]]] = {wl: {} for wl, _, _ in workloads}
 
-    def record(system: str, per_workload: dict[str, float]) -> None:
-        for wl, value in per_workload.items():
-            cells[wl][system] = value
-        print(system, json.dumps({k: round(v) for k, v in per_workload.items()}), flush=True)
+    # Every system is started once, up front, and stays up (idle while another is measured): the
+    # rounds then interleave them, so a machine whose speed drifts during the run (this one's
+    # does, by several times) shifts every system alike, and the medians compare like with like.
+    systems: dict[str, Any] = {}
+    servers: list[Server] = []
+    try:
+        for name, dtype in (("st_bf16", "bfloat16"), ("st_fp32", "float32")):
+            if name not in skip:
+                systems[name] = STEncode(dtype)
+        budgets = [int(b) for b in args.budgets.split(",") if b] or [None]
+        for engine, budget in [("openvino", b) for b in budgets] + [("torch", None)]:
+            if engine in skip:
+                continue
+            port = free_port()
+            extra = ["--max-batch-tokens", str(budget)] if budget else []
+            srv = Server([sys.executable, "-m", "floe", "serve", "--engine", engine, "--dtype",
+                          "bfloat16", "--port", str(port), "--grpc-port", "0",
+                          "--log-level", "warning", *extra],
+                         f"http://127.0.0.1:{port}/v1/embeddings")
+            servers.append(srv)
+            systems[f"floe_{engine}" + (f"_b{budget}" if budget else "")] = srv
+        inf = os.path.join(args.infinity, "bin", "infinity_emb")
+        if "infinity" not in skip and os.path.exists(inf):
+            port = free_port()
+            srv = Server([inf, "v2", "--model-id", model_path, "--served-model-name", "m",
+                          "--engine", "torch", "--dtype", "bfloat16", "--device", "cpu",
+                          "--port", str(port), "--url-prefix", "/v1", "--batch-size", "64",
+                          "--no-model-warmup"],
+                         f"http://127.0.0.1:{port}/v1/embeddings",
+                         env={"INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1",
+                              "HF_HUB_OFFLINE": "1"})
+            servers.append(srv)
+            systems["infinity"] = srv
 
-    def record_served(system: str, url: str) -> None:
-        per = {wl: serve_measure(url, texts, total) for wl, texts, total in workloads}
-        for wl, m in per.items():
-            served[wl][system] = m
-        record(system, {wl: m["tokens_s"] for wl, m in per.items()})
-
-    # Each system is started once and measured on every workload (a start costs a minute here).
-    for system, dtype in (("st_bf16", "bfloat16"), ("st_fp32", "float32")):
-        if system not in skip:
-            record(system, st_encode(workloads, dtype))
-    budgets = [int(b) for b in args.budgets.split(",") if b] or [None]
-    runs = [("openvino", b) for b in budgets] + [("torch", None)]
-    for engine, budget in runs:
-        if engine in skip:
-            continue
-        port = free_port()
-        extra = ["--max-batch-tokens", str(budget)] if budget else []
-        srv = Server([sys.executable, "-m", "floe", "serve", "--engine", engine, "--dtype",
-                      "bfloat16", "--port", str(port), "--grpc-port", "0",
-                      "--log-level", "warning", *extra], f"http://127.0.0.1:{port}/v1/embeddings")
-        try:
-            record_served(f"floe_{engine}" + (f"_b{budget}" if budget else ""), srv.url)
-        finally:
+        runs: dict[str, dict[str, list[dict[str, float]]]] = {
+            wl: {name: [] for name in systems} for wl, _, _ in workloads}
+        for r in range(args.rounds):
+            for wl, texts, total in workloads:
+                for name, system in systems.items():
+                    if isinstance(system, Server):
+                        m = serve_measure(system.url, texts, total)
+                    else:
+                        m = system.measure(texts, total)
+                    runs[wl][name].append(m)
+                    print(f"round {r + 1} {wl} {name}: {m['tokens_s']:,.0f} tokens/s"
+                          + (f", p50 {m['p50_s']:.2f} s" if m["p50_s"] else "")
+                          + (f", fill {m['fill']:.3f}" if m["fill"] else ""), flush=True)
+    finally:
+        for srv in servers:
             srv.stop()
-    inf = os.path.join(args.infinity, "bin", "infinity_emb")
-    if "infinity" not in skip and os.path.exists(inf):
-        port = free_port()
-        srv = Server([inf, "v2", "--model-id", model_path, "--served-model-name", "m",
-                      "--engine", "torch", "--dtype", "bfloat16", "--device", "cpu",
-                      "--port", str(port), "--url-prefix", "/v1", "--batch-size", "64",
-                      "--no-model-warmup"],
-                     f"http://127.0.0.1:{port}/v1/embeddings",
-                     env={"INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1",
-                          "HF_HUB_OFFLINE": "1"})
-        try:
-            record_served("infinity", srv.url)
-        finally:
-            srv.stop()
-    rows = [(wl, cells[wl]) for wl, _, _ in workloads]
+
+    def med(wl: str, name: str, key: str) -> float:
+        return float(np.median([m[key] for m in runs[wl][name]]))
+
+    names = list(systems)
     print()
-    print("| tokens per input | " + " | ".join(rows[0][1]) + " | floe best / ST bf16 | floe best / Infinity |")
-    print("|---" * (len(rows[0][1]) + 3) + "|")
-    for wl, row in rows:
-        best = max(v for k, v in row.items() if k.startswith("floe"))
-        st = row.get("st_bf16")
-        inf = row.get("infinity")
+    print(f"medians of {args.rounds} round(s), tokens/s:")
+    print("| tokens per input | " + " | ".join(names) + " | floe best / ST bf16 | floe best / Infinity |")
+    print("|---" * (len(names) + 3) + "|")
+    for wl, _, _ in workloads:
+        row = {n: med(wl, n, "tokens_s") for n in names}
+        best = max((v for k, v in row.items() if k.startswith("floe")), default=0.0)
+        st, inf_rate = row.get("st_bf16"), row.get("infinity")
         print(f"| {wl} | " + " | ".join(f"{v:,.0f}" for v in row.values())
-              + f" | {best / st:.2f}x | " + (f"{best / inf:.2f}x |" if inf else "n/a |")
-              if st else "")
+              + (f" | {best / st:.2f}x" if st else " | n/a")
+              + (f" | {best / inf_rate:.2f}x |" if inf_rate else " | n/a |"))
     print()
-    print("p50 latency (s) and floe's padding fill (real / padded tokens), the measured pass:")
+    print("p50 request latency (s) and floe's padding fill (real / padded tokens), medians:")
     for wl, _, _ in workloads:
         print(f"  {wl}: " + ", ".join(
-            f"{k} p50 {m['p50_s']:.2f}" + (f" fill {m['fill']:.3f}" if m["fill"] else "")
-            for k, m in served[wl].items()))
+            f"{n} p50 {med(wl, n, 'p50_s'):.2f}" + (f" fill {med(wl, n, 'fill'):.3f}"
+                                                     if med(wl, n, "fill") else "")
+            for n in names if isinstance(systems[n], Server)))
     # Share of the matmul peak: MiniLM's forward FLOPs per token (6 layers of QKV+output projections
     # 4*384*384, FFN 2*384*1536, attention scores and mix 2*L*384) at the workload's mean length.
     print()
     print("share of the bf16 matmul peak: " + ", ".join(
-        f"{wl}: " + " ".join(f"{k} {100 * v * flops_per_token(total / len(texts)) / (peak * 1e9):.0f}%"
-                             for k, v in cells[wl].items())
+        f"{wl}: " + " ".join(
+            f"{n} {100 * med(wl, n, 'tokens_s') * flops_per_token(total / len(texts)) / (peak * 1e9):.0f}%"
+            for n in names)
         for wl, texts, total in workloads))
 
 

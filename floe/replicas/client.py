@@ -18,6 +18,7 @@ try/finally, so it is exact whether the call succeeds, fails or is cancelled.
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Optional
 
 import grpc
@@ -82,6 +83,9 @@ class ReplicaClient:
         self.in_flight_requests = 0
         self.completed = 0   # calls that returned an embedding
         self.failed = 0      # calls that raised (any reason, cancellation included)
+        # monotonic time of the last Encode the replica answered (an embedding or an error of its
+        # own): proof of life that the supervisor weighs against a missed health probe
+        self.last_answer = 0.0
 
     def map_error(self, err: grpc.aio.AioRpcError, timeout: Optional[float]) -> FloeError:
         """The FloeError a failed call becomes."""
@@ -115,7 +119,10 @@ class ReplicaClient:
             try:
                 reply = await self._stub.Encode(msg, timeout=timeout, metadata=self._metadata)
             except grpc.aio.AioRpcError as e:
+                if _has_kind(e):
+                    self.last_answer = time.monotonic()
                 raise self.map_error(e, timeout) from None
+            self.last_answer = time.monotonic()
             result = result_from_proto(reply)
             ok = True
             return result

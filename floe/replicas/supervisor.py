@@ -12,7 +12,9 @@ about it; ``supervise()`` is its one task. The router reads a slot through ``cli
   gives up at once.
 - Watch: a process exit takes the replica out of rotation as soon as it is seen; a health probe
   every ``health_interval`` takes it out while it reports not ready, and kills it after
-  ``PROBE_FAILURES_TO_KILL`` failed probes in a row (a hung replica), never for one flap.
+  ``PROBE_FAILURES_TO_KILL`` failed probes in a row (a hung replica), never for one flap. A
+  probe that times out while the replica keeps answering requests is not counted: on a machine
+  whose cores the forward pass takes, slow is not hung.
 - Restart: exponential backoff from 0.5 s to 10 s, reset after a replica ran 30 s; more than
   ``max_restarts`` within ``restart_window`` and the slot gives up, saying why.
 - Logs: the replica writes JSON log lines to stderr; each is re-emitted here at its own level
@@ -291,6 +293,7 @@ class ReplicaSlot:
         # generous: a loaded machine must not turn slow answers into kills
         timeout = max(2.0, min(2 * rs.health_interval, 10.0))
         while True:
+            since = time.monotonic()
             await asyncio.sleep(rs.health_interval)
             client = self.client
             if client is None:
@@ -298,6 +301,12 @@ class ReplicaSlot:
             try:
                 h = await client.health(timeout=timeout)
             except FloeError as e:
+                if client.last_answer > since:
+                    # It answered requests since the last probe: busy (its cores taken by the
+                    # forward pass), not hung. Not counted; a hung replica answers nothing.
+                    log.info("replica %d health probe failed while it answers requests (busy, "
+                             "not hung): %s", self.index, e.message)
+                    continue
                 self.probe_failures += 1
                 log.warning("replica %d health probe failed (%d/%d): %s", self.index,
                             self.probe_failures, PROBE_FAILURES_TO_KILL, e.message)

@@ -53,6 +53,8 @@ class Servicer(floe_pb2_grpc.EmbedderServicer):
                                                       request_id=request.request_id))
 
     async def HealthCheck(self, request, context):
+        if self.mode == "slow_health":   # probes time out; Encode still answers
+            await asyncio.sleep(30)
         return floe_pb2.HealthCheckResponse(healthy=True, ready=True)
 
 
@@ -167,3 +169,38 @@ async def test_server_killed_mid_call_is_replica_failure(server):
         await task
     assert_idle(c)
     await c.close()
+
+
+class FakeProcess:
+    def __init__(self):
+        self.killed = False
+
+    def kill(self):
+        self.killed = True
+
+
+async def test_a_busy_replica_that_misses_probes_is_not_killed_a_silent_one_is(server):
+    from floe.config import ReplicaSetSettings, Settings
+    from floe.protocol import Placement
+    from floe.replicas.supervisor import PROBE_FAILURES_TO_KILL, ReplicaSlot
+
+    servicer, address, _ = server
+    servicer.mode = "slow_health"
+    settings = Settings(replicas=ReplicaSetSettings(health_interval=0.1))
+    slot = ReplicaSlot(0, address, Placement(), settings, token="")
+    slot.client, slot.proc = ReplicaClient(address, 0), FakeProcess()
+    probe = asyncio.get_running_loop().create_task(slot._probe())
+    try:
+        # answering requests the whole time: every probe times out (2 s) but none is counted
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 5.0
+        while loop.time() < until:
+            await slot.client.encode(TOKENS, EncodeOptions(), "busy")
+            await asyncio.sleep(0.05)
+        assert slot.probe_failures == 0 and not slot.proc.killed and not probe.done()
+        # silent: probes fail and are counted until the replica is killed as hung
+        await asyncio.wait_for(probe, 3 * (PROBE_FAILURES_TO_KILL + 1) * 2.5)
+        assert slot.proc.killed and slot.probe_failures == PROBE_FAILURES_TO_KILL
+    finally:
+        probe.cancel()
+        await slot.client.close()
