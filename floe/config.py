@@ -79,10 +79,13 @@ class ModelSettings:
 class BatchSettings:
     """The dynamic batcher inside each replica (see floe/replica/scheduler.py)."""
 
-    max_batch_tokens: int = _knob(
-        16384,
+    max_batch_tokens: Optional[int] = _knob(
+        None,
         "Token budget of one forward pass, counted in padded tokens (longest input x batch size). "
-        "Larger budgets raise throughput until the device saturates; they cost memory.",
+        "Default: 4096 on CPU (the same rate per token as larger budgets there, and batches of "
+        "closer lengths: less padding on mixed lengths), 16384 on GPUs (larger budgets raise "
+        "throughput until the device saturates; they cost memory); never below the model's max "
+        "length, up to 16384.",
     )
     max_batch_size: int = _knob(256, "Most sequences in one forward pass.")
     batch_timeout_ms: float = _knob(
@@ -229,7 +232,7 @@ class Settings:
     def validate(self) -> "Settings":
         """Refuse values that cannot be honoured, with a message that says what to change."""
         b, r, s = self.batch, self.replicas, self.server
-        if b.max_batch_tokens < 1 or b.max_batch_size < 1:
+        if (b.max_batch_tokens is not None and b.max_batch_tokens < 1) or b.max_batch_size < 1:
             raise ConfigError("--max-batch-tokens and --max-batch-size must be positive")
         if b.batch_timeout_ms < 0:
             raise ConfigError("--batch-timeout-ms must be >= 0")

@@ -169,13 +169,20 @@ def http_config(service: EmbedService, settings: Settings) -> uvicorn.Config:
 
 
 def fit_max_length(settings: Settings, model_max_length: int) -> Settings:
-    """Keeps the longest input inside one batch's token budget (the scheduler's invariant).
+    """Settles the batch budget and keeps the longest input inside it (the scheduler's invariant).
 
-    A model whose max length exceeds --max-batch-tokens (Qwen3-Embedding: 32768) would otherwise
-    form batches over budget. With auto-truncate the max length is lowered to the budget, with a
+    The budget is --max-batch-tokens, or the device's default (floe/replicas/placement.py
+    ``batch_budget``); the result carries it, so replicas and front-end workers get a number.
+    A model whose max length exceeds the budget (Qwen3-Embedding: 32768) would otherwise form
+    batches over budget. With auto-truncate the max length is lowered to the budget, with a
     notice; without it the server refuses to start, naming both settings (TEI does the same).
     """
-    budget = settings.batch.max_batch_tokens
+    from floe.replicas.placement import batch_budget, visible_gpus
+
+    budget = batch_budget(settings, visible_gpus(settings.model.device), model_max_length)
+    if budget != settings.batch.max_batch_tokens:
+        settings = dataclasses.replace(
+            settings, batch=dataclasses.replace(settings.batch, max_batch_tokens=budget))
     if model_max_length <= budget:
         return settings
     if not settings.server.auto_truncate:

@@ -12,7 +12,7 @@ Run it with ``serve run floe.ray.serve:build_app model=default`` or a config fil
       - name: floe
         route_prefix: /
         import_path: floe.ray.serve:build_app
-        args: {model: default, engine: torch, max_batch_tokens: 16384}
+        args: {model: default, engine: torch, max_batch_tokens: 4096}
         deployments:
           - name: FloeEmbeddings
             num_replicas: 2
@@ -66,8 +66,9 @@ class FloeEmbeddings:
     """One floe replica: tokenizer + ReplicaCore(engine). Arguments are the deployment's config."""
 
     def __init__(self, model: str = "default", engine: Optional[str] = None, device: str = "auto",
-                 dtype: str = "auto", threads: Optional[int] = None, max_batch_tokens: int = 16384,
-                 max_batch_size: int = 256, batch_timeout_ms: float = 2.0,
+                 dtype: str = "auto", threads: Optional[int] = None,
+                 max_batch_tokens: Optional[int] = None, max_batch_size: int = 256,
+                 batch_timeout_ms: float = 2.0,
                  served_model_name: Optional[str] = None, max_client_batch_size: int = MAX_ITEMS,
                  payload_limit: int = PAYLOAD_LIMIT) -> None:
         from floe.config import BatchSettings, ModelSettings
@@ -84,6 +85,11 @@ class FloeEmbeddings:
         self.payload_limit = payload_limit
         kw = {} if engine is None else {"kind": engine}
         eng = create_engine(spec, device=device, dtype=dtype, threads=threads, **kw)
+        if max_batch_tokens is None:   # the device's default, as `floe serve` settles it
+            from floe.config import Settings
+            from floe.replicas.placement import batch_budget
+            gpus = ["0"] if str(eng.device).startswith("cuda") else []
+            max_batch_tokens = batch_budget(Settings(), gpus, spec.max_seq_length)
         self.core = ReplicaCore(eng, BatchSettings(max_batch_tokens=max_batch_tokens,
                                                    max_batch_size=max_batch_size,
                                                    batch_timeout_ms=batch_timeout_ms))

@@ -119,6 +119,9 @@ class ReplicaCore:
         self.spec = engine.spec
         self.settings = batch
         self.replica_id = replica_id
+        if batch.max_batch_tokens is None:
+            raise ValueError("the batch budget is not settled: pass max_batch_tokens (the device "
+                             "default is floe/replicas/placement.py batch_budget)")
         self._sched = Scheduler(batch.max_batch_tokens, batch.max_batch_size,
                                 batch.batch_timeout_ms / 1000.0, max_wait_s)
         self._cv = threading.Condition()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -187,13 +188,21 @@ def _setup_logging(rt: Runtime) -> None:
 
 
 def load(rt: Runtime):
-    """Model spec, engine (warmed up at the full token budget) and tokenizer pool."""
+    """The runtime with its batch budget settled, the engine (warmed up at that budget) and the
+    tokenizer pool. A managed replica gets the budget from its front end; a standalone one
+    settles the device default here (floe/replicas/placement.py ``batch_budget``)."""
     from floe.engine import create_engine
     from floe.models import load_spec
+    from floe.replicas.placement import batch_budget, visible_gpus
     from floe.tokenize import TokenizerPool
 
     settings = rt.settings
     spec = load_spec(settings.model)
+    if settings.batch.max_batch_tokens is None:
+        budget = batch_budget(settings, visible_gpus(settings.model.device), spec.max_seq_length)
+        settings = dataclasses.replace(
+            settings, batch=dataclasses.replace(settings.batch, max_batch_tokens=budget))
+        rt = dataclasses.replace(rt, settings=settings)
     r = settings.replicas
     if rt.gpu_memory_fraction is not None and r.engine in ("torch", "auto"):
         if not 0.0 < rt.gpu_memory_fraction <= 1.0:
@@ -211,7 +220,7 @@ def load(rt: Runtime):
                                cache_dir=r.engine_cache_dir)
     engine.warmup(settings.batch.max_batch_tokens)
     tokenizers = TokenizerPool(spec, workers=r.workers, max_input_chars=settings.server.max_input_chars)
-    return spec, engine, tokenizers
+    return rt, engine, tokenizers
 
 
 async def _watch_pid(pid: int, on_exit) -> None:
@@ -310,7 +319,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     _setup_logging(rt)
     try:
-        _spec, engine, tokenizers = load(rt)
+        rt, engine, tokenizers = load(rt)
         return asyncio.run(serve(rt, engine, tokenizers))
     except (ConfigError, ModelLoadError) as e:
         print(f"floe.replica: error: {e}", file=sys.stderr, flush=True)

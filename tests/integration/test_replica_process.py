@@ -216,7 +216,7 @@ def test_arctic_inference_client(replica, spec, reference):
     assert info.n_replicas == 1 and info.n_healthy_replicas == 1
     ri = info.replica_infos[0]
     assert (ri.model_name, ri.task, ri.ready) == (spec.name, "embed", True)
-    assert '"max_batch_tokens": 16384' in ri.scheduler_config
+    assert '"max_batch_tokens": 4096' in ri.scheduler_config   # CPU default, settled at start
     assert stub.HealthCheck(apb.HealthCheckRequest(), timeout=10).healthy
     ab = stub.Abort(apb.AbortRequest(request_id="not-there"), timeout=10)
     assert ab.success is False

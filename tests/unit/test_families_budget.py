@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
-from floe.config import BatchSettings
+import pytest
+
+from floe.config import BatchSettings, Settings
+from floe.replicas.placement import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, batch_budget
 from floe.replica.scheduler import Scheduler, Sequence, padded_tokens
 
 
@@ -18,8 +21,11 @@ def drain(sched: Scheduler, now: float) -> list[list[Sequence]]:
     return batches
 
 
-def test_embeddinggemma_max_length_inputs_respect_the_default_budget():
-    budget = BatchSettings().max_batch_tokens  # 16384 by default
+@pytest.mark.parametrize("gpus", [[], ["0"]], ids=["cpu", "gpu"])
+def test_embeddinggemma_max_length_inputs_respect_the_default_budget(gpus):
+    budget = batch_budget(Settings(), gpus, 2048)   # 4096 on CPU, 16384 on a GPU
+    assert budget == (GPU_BATCH_TOKENS if gpus else CPU_BATCH_TOKENS)
+    rows = budget // 2048
     sched = Scheduler(budget, max_batch_size=256, batch_timeout_s=0.0)
     # Twenty 2048-token inputs (embeddinggemma's max_seq_length) among 200 short ones, all at once.
     seqs = [Sequence(request_key=i, index=0, length=2048 if i % 11 == 0 else 12, arrival=0.0)
@@ -30,9 +36,9 @@ def test_embeddinggemma_max_length_inputs_respect_the_default_budget():
     for b in batches:
         assert padded_tokens(b) <= budget
         if max(s.length for s in b) == 2048:
-            assert len(b) <= budget // 2048  # 8 rows: a short input rides along at 2048 cost
+            assert len(b) <= rows  # a short input rides along at 2048 cost
     long_batches = [b for b in batches if max(s.length for s in b) == 2048]
-    assert len(long_batches) == 3  # ceil(20 / 8): the long inputs are grouped, not spread
+    assert len(long_batches) == -(-20 // rows)  # the long inputs are grouped, not spread
 
 
 def test_input_longer_than_the_budget_runs_alone():
@@ -45,3 +51,13 @@ def test_input_longer_than_the_budget_runs_alone():
     batches = drain(sched, now=1.0)
     assert [len(b) for b in batches] == [1, 5]
     assert padded_tokens(batches[0]) == 32768 and padded_tokens(batches[1]) == 100
+
+
+def test_the_default_budget_follows_the_device_and_the_model():
+    s = Settings()
+    assert batch_budget(s, [], 256) == CPU_BATCH_TOKENS
+    assert batch_budget(s, [], 8192) == 8192            # bge-m3: its longest input still batches
+    assert batch_budget(s, [], 32768) == GPU_BATCH_TOKENS  # Qwen3: capped; max length lowered
+    assert batch_budget(s, ["0"], 256) == GPU_BATCH_TOKENS
+    asked = Settings(batch=BatchSettings(max_batch_tokens=1000))
+    assert batch_budget(asked, [], 256) == batch_budget(asked, ["0"], 256) == 1000
