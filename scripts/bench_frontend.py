@@ -1,6 +1,6 @@
 """The front end's cost per input, measured with h2load against `floe serve --engine fake`.
 
-    python scripts/bench_frontend.py [--replicas 2] [--duration 10] [--runs 3]
+    python scripts/bench_frontend.py [--replicas 2] [--duration 10] [--runs 3] [--frontend-workers N]
 
 Prints one table: the tokenizers library alone (encode_batch, all cores), then floe over gRPC
 with texts, gRPC with token ids, HTTP /v1/embeddings with base64 (16 inputs per request), and HTTP
@@ -92,6 +92,8 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--frontend-workers", type=int, default=None,
+                    help="floe serve --frontend-workers (default: the server's own choice)")
     args = ap.parse_args()
     ensure_h2load()
 
@@ -104,7 +106,9 @@ def main() -> None:
     proc = subprocess.Popen([sys.executable, "-m", "floe", "serve", "--engine", "fake",
                              "--num-replicas", str(args.replicas), "--port", str(port),
                              "--grpc-port", str(gport), "--max-concurrent-requests", "4096",
-                             "--log-level", "warning"],
+                             "--log-level", "warning",
+                             *(["--frontend-workers", str(args.frontend_workers)]
+                               if args.frontend_workers else [])],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
@@ -164,7 +168,8 @@ def main() -> None:
             ("HTTP /v1/embeddings, 1 text", 1, lambda: h2load(
                 ["-d", files["http_one"], *http_args, url + "/v1/embeddings"], args.duration)),
         ]
-        print(f"{args.replicas} fake replicas, {usage_tokens / 16:.0f} tokens per input, "
+        print(f"{args.replicas} fake replicas, {args.frontend_workers or 'default'} front-end "
+              f"process(es), {usage_tokens / 16:.0f} tokens per input, "
               f"h2load concurrency {args.concurrency}, {args.duration:g} s x {args.runs} runs (medians)")
         base = statistics.median(tokenizer_alone(min(5.0, args.duration)) for _ in range(args.runs))
         print(f"{'tokenizers encode_batch alone':40s} {'':>10s} {base:10.0f} inputs/s")
