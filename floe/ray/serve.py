@@ -85,11 +85,6 @@ class FloeEmbeddings:
         self.payload_limit = payload_limit
         kw = {} if engine is None else {"kind": engine}
         eng = create_engine(spec, device=device, dtype=dtype, threads=threads, **kw)
-        if max_batch_tokens is None:   # the device's default, as `floe serve` settles it
-            from floe.config import Settings
-            from floe.replicas.placement import batch_budget
-            gpus = ["0"] if str(eng.device).startswith("cuda") else []
-            max_batch_tokens = batch_budget(Settings(), gpus, spec.max_seq_length)
         self.core = ReplicaCore(eng, BatchSettings(max_batch_tokens=max_batch_tokens,
                                                    max_batch_size=max_batch_size,
                                                    batch_timeout_ms=batch_timeout_ms))

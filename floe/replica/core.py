@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import dataclasses
 import logging
 import threading
 import time
@@ -120,8 +121,15 @@ class ReplicaCore:
         self.settings = batch
         self.replica_id = replica_id
         if batch.max_batch_tokens is None:
-            raise ValueError("the batch budget is not settled: pass max_batch_tokens (the device "
-                             "default is floe/replicas/placement.py batch_budget)")
+            # not settled by a front end (a standalone core, the Ray Serve deployment): the
+            # device's default, as `floe serve` would settle it
+            from floe.config import Settings
+            from floe.replicas.placement import batch_budget
+
+            gpus = ["0"] if str(engine.device).startswith("cuda") else []
+            batch = dataclasses.replace(batch, max_batch_tokens=batch_budget(
+                Settings(batch=batch), gpus, engine.spec.max_seq_length))
+            self.settings = batch
         self._sched = Scheduler(batch.max_batch_tokens, batch.max_batch_size,
                                 batch.batch_timeout_ms / 1000.0, max_wait_s)
         self._cv = threading.Condition()

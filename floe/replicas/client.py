@@ -17,6 +17,7 @@ try/finally, so it is exact whether the call succeeds, fails or is cancelled.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from typing import Optional
@@ -86,6 +87,7 @@ class ReplicaClient:
         # monotonic time of the last Encode the replica answered (an embedding or an error of its
         # own): proof of life that the supervisor weighs against a missed health probe
         self.last_answer = 0.0
+        self.closed = False
 
     def map_error(self, err: grpc.aio.AioRpcError, timeout: Optional[float]) -> FloeError:
         """The FloeError a failed call becomes."""
@@ -118,6 +120,16 @@ class ReplicaClient:
         try:
             try:
                 reply = await self._stub.Encode(msg, timeout=timeout, metadata=self._metadata)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if self.closed and not (task and task.cancelling()):
+                    # Not the caller's cancellation: the supervisor closed this channel because
+                    # the replica exited, which cancels the calls still on it. The replica
+                    # failed, not the request: retried elsewhere like a reset connection.
+                    raise ReplicaFailedError(
+                        f"replica {self.replica_index} ({self.address}) exited with the call in "
+                        "flight", self.replica_index, "CANCELLED") from None
+                raise
             except grpc.aio.AioRpcError as e:
                 if _has_kind(e):
                     self.last_answer = time.monotonic()
@@ -158,6 +170,7 @@ class ReplicaClient:
         return reply.success
 
     async def close(self) -> None:
+        self.closed = True
         await self._channel.close(grace=None)
 
 

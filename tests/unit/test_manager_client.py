@@ -204,3 +204,18 @@ async def test_a_busy_replica_that_misses_probes_is_not_killed_a_silent_one_is(s
     finally:
         probe.cancel()
         await slot.client.close()
+
+
+async def test_a_call_cut_by_closing_the_channel_is_a_replica_failure(server):
+    # the supervisor closes a dead replica's channel; the calls still on it must come back as a
+    # replica failure (retried elsewhere), not as a cancellation of the caller's request
+    servicer, addr, _ = server
+    servicer.mode = "hang"
+    c = ReplicaClient(addr, 2)
+    call = asyncio.get_running_loop().create_task(c.encode(TOKENS, EncodeOptions(), "r", timeout=20))
+    await asyncio.wait_for(servicer.entered.wait(), 10)
+    await c.close()
+    with pytest.raises(ReplicaFailedError) as ei:
+        await call
+    assert ei.value.cause == "CANCELLED" and ei.value.replica_index == 2
+    assert_idle(c)
