@@ -16,8 +16,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -29,18 +27,13 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from bench_peers import free_port, stop_server  # noqa: E402 - the scripts' shared helpers
 
 # about 58 tokens with the default model's tokenizer, as in the issue's measurements
 TEXT = ("Search and retrieval pipelines embed billions of short passages, so the cost of every "
         "request outside the model matters as much as the model itself: parsing, checking, "
         "tokenizing, routing and answering must stay small next to the forward pass that a GPU "
         "runs in microseconds per input.")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ensure_h2load() -> str:
@@ -178,11 +171,7 @@ def main() -> None:
             ratio = "" if "token-id" in label else f"  {rps * per / base:.2f}x tokenization alone"
             print(f"{label:40s} {rps:8.0f} req/s {rps * per:10.0f} inputs/s{ratio}")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_server(proc, grace=40)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -49,6 +49,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_server(proc: subprocess.Popen, grace: float = 60.0) -> None:
+    """SIGTERM (the server drains), then SIGKILL to its process group after ``grace`` seconds."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def make_texts(n: int, lengths: str, seed: int = 0) -> tuple[list[str], int]:
     """n texts of exact token lengths (special tokens included); returns (texts, total tokens)."""
     from floe.bench.workload import BenchTokenizer, load_model_spec
@@ -122,11 +132,7 @@ class Server:
         raise RuntimeError("server did not come up")
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        stop_server(self.proc)
 
 
 async def drive(url: str, texts: list[str], per_request: int = 16, concurrency: int = 64,

@@ -13,9 +13,6 @@ the torch start.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,13 +21,7 @@ import time
 
 import httpx
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench_peers import REPO, free_port, stop_server  # noqa: E402 - the scripts' shared helpers
 
 
 def start_once(engine: str, replicas: int, cache_dir: str) -> float:
@@ -61,12 +52,7 @@ def start_once(engine: str, replicas: int, cache_dir: str) -> float:
                     pass
                 time.sleep(0.05)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_server(proc)
 
 
 def main() -> None:

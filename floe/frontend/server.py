@@ -179,7 +179,8 @@ def fit_max_length(settings: Settings, model_max_length: int) -> Settings:
     """
     from floe.replicas.placement import batch_budget, visible_gpus
 
-    budget = batch_budget(settings, visible_gpus(settings.model.device), model_max_length)
+    budget = batch_budget(settings.batch.max_batch_tokens,
+                          bool(visible_gpus(settings.model.device)), model_max_length)
     if budget != settings.batch.max_batch_tokens:
         settings = dataclasses.replace(
             settings, batch=dataclasses.replace(settings.batch, max_batch_tokens=budget))

@@ -121,14 +121,12 @@ class ReplicaCore:
         self.settings = batch
         self.replica_id = replica_id
         if batch.max_batch_tokens is None:
-            # not settled by a front end (a standalone core, the Ray Serve deployment): the
-            # device's default, as `floe serve` would settle it
-            from floe.config import Settings
+            # Not settled by a front end (a standalone replica, the Ray Serve deployment): the
+            # default for the device this engine runs on, as `floe serve` would settle it.
             from floe.replicas.placement import batch_budget
 
-            gpus = ["0"] if str(engine.device).startswith("cuda") else []
             batch = dataclasses.replace(batch, max_batch_tokens=batch_budget(
-                Settings(batch=batch), gpus, engine.spec.max_seq_length))
+                None, str(engine.device).startswith("cuda"), engine.spec.max_seq_length))
             self.settings = batch
         self._sched = Scheduler(batch.max_batch_tokens, batch.max_batch_size,
                                 batch.batch_timeout_ms / 1000.0, max_wait_s)

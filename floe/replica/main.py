@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import os
 import signal
@@ -150,7 +149,7 @@ class ReplicaBackend:
                                             message=msg)
 
     def info(self) -> floe_pb2.ReplicaInfo:
-        s, b, core = self.spec, self.settings.batch, self.core
+        s, b, core = self.spec, self.core.settings, self.core
         ready = self.ready()
         return floe_pb2.ReplicaInfo(
             replica_id=core.replica_id, model=s.name, architecture=s.architecture,
@@ -188,21 +187,14 @@ def _setup_logging(rt: Runtime) -> None:
 
 
 def load(rt: Runtime):
-    """The runtime with its batch budget settled, the engine (warmed up at that budget) and the
-    tokenizer pool. A managed replica gets the budget from its front end; a standalone one
-    settles the device default here (floe/replicas/placement.py ``batch_budget``)."""
+    """Model spec, engine and tokenizer pool (the engine is warmed up in ``serve``, at the
+    budget its core settles)."""
     from floe.engine import create_engine
     from floe.models import load_spec
-    from floe.replicas.placement import batch_budget, visible_gpus
     from floe.tokenize import TokenizerPool
 
     settings = rt.settings
     spec = load_spec(settings.model)
-    if settings.batch.max_batch_tokens is None:
-        budget = batch_budget(settings, visible_gpus(settings.model.device), spec.max_seq_length)
-        settings = dataclasses.replace(
-            settings, batch=dataclasses.replace(settings.batch, max_batch_tokens=budget))
-        rt = dataclasses.replace(rt, settings=settings)
     r = settings.replicas
     if rt.gpu_memory_fraction is not None and r.engine in ("torch", "auto"):
         if not 0.0 < rt.gpu_memory_fraction <= 1.0:
@@ -218,9 +210,8 @@ def load(rt: Runtime):
         engine = create_engine(spec, r.engine, device=settings.model.device,
                                dtype=settings.model.dtype, threads=rt.threads,
                                cache_dir=r.engine_cache_dir)
-    engine.warmup(settings.batch.max_batch_tokens)
     tokenizers = TokenizerPool(spec, workers=r.workers, max_input_chars=settings.server.max_input_chars)
-    return rt, engine, tokenizers
+    return spec, engine, tokenizers
 
 
 async def _watch_pid(pid: int, on_exit) -> None:
@@ -251,7 +242,10 @@ async def serve(rt: Runtime, engine, tokenizers) -> int:
     from floe.transport.grpc import start_server
 
     settings = rt.settings
+    # A managed replica gets its budget from the front end; standalone, the core settles the
+    # device's default. The warm-up runs one forward at that budget (before serving).
     core = ReplicaCore(engine, settings.batch, replica_id=rt.replica_id)
+    engine.warmup(core.settings.max_batch_tokens)
     # Managed: the front end already bounded the request; its token ids are at most
     # max_client_batch_size x max_seq_length int32s.
     limit = settings.server.grpc_payload_limit
@@ -319,7 +313,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     _setup_logging(rt)
     try:
-        rt, engine, tokenizers = load(rt)
+        _spec, engine, tokenizers = load(rt)
         return asyncio.run(serve(rt, engine, tokenizers))
     except (ConfigError, ModelLoadError) as e:
         print(f"floe.replica: error: {e}", file=sys.stderr, flush=True)

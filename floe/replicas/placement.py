@@ -100,15 +100,14 @@ def frontend_workers(settings: Settings, gpus: list[str], cores: list[int]) -> i
     return max(1, min(8, free // 4))
 
 
-def batch_budget(settings: Settings, gpus: list[str], model_max_length: int) -> int:
+def batch_budget(asked: Optional[int], on_gpu: bool, model_max_length: int) -> int:
     """The batch token budget replicas run with (pure).
 
-    ``--max-batch-tokens`` when given. Otherwise 16384 on GPUs and 4096 on CPU, raised to the
-    model's max length (so its longest input still batches) but never past 16384.
+    ``asked`` (--max-batch-tokens) when given. Otherwise 16384 on a GPU and 4096 on CPU, raised
+    to the model's max length (so its longest input still batches) but never past 16384.
     """
-    asked = settings.batch.max_batch_tokens
     if asked is not None:
         return asked
-    if gpus:
+    if on_gpu:
         return GPU_BATCH_TOKENS
     return min(GPU_BATCH_TOKENS, max(CPU_BATCH_TOKENS, model_max_length))

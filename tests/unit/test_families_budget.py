@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from floe.config import BatchSettings, Settings
 from floe.replicas.placement import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, batch_budget
 from floe.replica.scheduler import Scheduler, Sequence, padded_tokens
 
@@ -21,10 +20,10 @@ def drain(sched: Scheduler, now: float) -> list[list[Sequence]]:
     return batches
 
 
-@pytest.mark.parametrize("gpus", [[], ["0"]], ids=["cpu", "gpu"])
-def test_embeddinggemma_max_length_inputs_respect_the_default_budget(gpus):
-    budget = batch_budget(Settings(), gpus, 2048)   # 4096 on CPU, 16384 on a GPU
-    assert budget == (GPU_BATCH_TOKENS if gpus else CPU_BATCH_TOKENS)
+@pytest.mark.parametrize("on_gpu", [False, True], ids=["cpu", "gpu"])
+def test_embeddinggemma_max_length_inputs_respect_the_default_budget(on_gpu):
+    budget = batch_budget(None, on_gpu, 2048)   # 4096 on CPU, 16384 on a GPU
+    assert budget == (GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS)
     rows = budget // 2048
     sched = Scheduler(budget, max_batch_size=256, batch_timeout_s=0.0)
     # Twenty 2048-token inputs (embeddinggemma's max_seq_length) among 200 short ones, all at once.
@@ -54,10 +53,8 @@ def test_input_longer_than_the_budget_runs_alone():
 
 
 def test_the_default_budget_follows_the_device_and_the_model():
-    s = Settings()
-    assert batch_budget(s, [], 256) == CPU_BATCH_TOKENS
-    assert batch_budget(s, [], 8192) == 8192            # bge-m3: its longest input still batches
-    assert batch_budget(s, [], 32768) == GPU_BATCH_TOKENS  # Qwen3: capped; max length lowered
-    assert batch_budget(s, ["0"], 256) == GPU_BATCH_TOKENS
-    asked = Settings(batch=BatchSettings(max_batch_tokens=1000))
-    assert batch_budget(asked, [], 256) == batch_budget(asked, ["0"], 256) == 1000
+    assert batch_budget(None, False, 256) == CPU_BATCH_TOKENS
+    assert batch_budget(None, False, 8192) == 8192            # bge-m3: its longest input batches
+    assert batch_budget(None, False, 32768) == GPU_BATCH_TOKENS  # Qwen3: capped, max length lowered
+    assert batch_budget(None, True, 256) == GPU_BATCH_TOKENS
+    assert batch_budget(1000, False, 256) == batch_budget(1000, True, 256) == 1000
