@@ -88,6 +88,13 @@ class BatchSettings:
         "length, up to 16384.",
     )
     max_batch_size: int = _knob(256, "Most sequences in one forward pass.")
+    min_batch_fill: Optional[float] = _knob(
+        None,
+        "Fill floor of a batch (real tokens / padded tokens, 0-1): an input joins a batch only if "
+        "the batch stays at least this full, so a short input does not pad a hundred rows up to "
+        "the longest of them. Default: 0.9 on CPU, where a pass costs its padded tokens and little "
+        "else; 0 (off) on GPUs, where fewer, larger passes pay more than padding costs.",
+    )
     batch_timeout_ms: float = _knob(
         2.0,
         "Longest a sequence waits for its batch to fill while the engine is idle. 0 runs whatever "
@@ -140,6 +147,12 @@ class ReplicaSetSettings:
         10.0, "Seconds a request waits for a replica to come back into rotation when none is "
         "healthy (one restarting, or out of rotation after a failed call or a missed probe) "
         "before it gets 503 with Retry-After; replicas given up are not waited for. 0: at once.")
+    coalesce_tokens: int = _knob(
+        4096, "Requests that reach the same replica in one turn of the front end's event loop "
+        "with the same options travel as one call of up to this many tokens (the hop's cost paid "
+        "once per wave of small requests; each still gets exactly its own answer). A merged call "
+        "also stays within one forward pass (the batch token budget and --max-batch-size). "
+        "Larger requests go alone; 0 sends every request as its own call.")
     startup_timeout: float = _knob(
         300.0, "Seconds a replica may take to load and become ready. The first start of a model "
         "with the OpenVINO engine includes its conversion (about 30 s for MiniLM on 2 cores, more "
@@ -236,6 +249,8 @@ class Settings:
             raise ConfigError("--max-batch-tokens and --max-batch-size must be positive")
         if b.batch_timeout_ms < 0:
             raise ConfigError("--batch-timeout-ms must be >= 0")
+        if b.min_batch_fill is not None and not 0.0 <= b.min_batch_fill <= 1.0:
+            raise ConfigError("--min-batch-fill must be between 0 and 1")
         if r.num_replicas < 1:
             raise ConfigError("--num-replicas must be at least 1")
         if r.num_gpus < 1:
@@ -251,8 +266,8 @@ class Settings:
         for name in ("health_interval", "forward_timeout", "startup_timeout", "restart_window"):
             if not getattr(r, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-        if not r.replica_wait >= 0 or r.max_restarts < 0:
-            raise ConfigError("--replica-wait and --max-restarts must be >= 0")
+        if not r.replica_wait >= 0 or r.max_restarts < 0 or r.coalesce_tokens < 0:
+            raise ConfigError("--replica-wait, --max-restarts and --coalesce-tokens must be >= 0")
         if s.max_client_batch_size < 1:
             raise ConfigError("--max-client-batch-size must be positive")
         if s.api_key is not None and not s.api_key.strip():

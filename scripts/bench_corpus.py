@@ -75,15 +75,22 @@ def count_tokens(path: str, model: str) -> int:
                for i in range(0, len(texts), 1024))
 
 
-def timed(cmd: list[str], env: dict) -> tuple[float, Optional[float]]:
+STEADY: dict[str, list[float]] = {}   # side -> rows/s after the first shard, one per run
+
+
+def timed(cmd: list[str], env: dict, side: str = "") -> tuple[float, Optional[float]]:
     """The process' wall time, and the job's own (from its summary line: reading to the last
-    commit, without the interpreter's and Ray's start-up) where it prints one."""
+    commit, without the interpreter's and Ray's start-up) where it prints one. The summary's
+    rate after the first shard (start-up and pipeline fill excluded) goes to STEADY[side]."""
     t0 = time.monotonic()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.monotonic() - t0
     if r.returncode != 0:
         sys.exit(f"command failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-3000:]}")
     m = re.search(r"embedded \d+ rows in ([0-9.]+) s", r.stdout + r.stderr)
+    steady = re.search(r"([0-9.]+) rows/s after the first shard", r.stdout + r.stderr)
+    if steady and side:
+        STEADY.setdefault(side, []).append(float(steady.group(1)))
     return wall, float(m.group(1)) if m else None
 
 
@@ -213,7 +220,7 @@ def main() -> int:
             if args.engine:
                 cmd += ["--engine", args.engine]
             cmd += list(args.floe_args) + (["--ray"] if side == "floe-ray" else [])
-            walls[side], job = timed(cmd, env)
+            walls[side], job = timed(cmd, env, side)
             if job is not None:
                 job_walls[side].append(job)
         ref_side = "peer" if "peer" in sides else "floe"
@@ -237,6 +244,11 @@ def main() -> int:
             lj, rj = min(job_walls["floe"]), min(job_walls["floe-ray"])
             ray_line.update(local_job_s=lj, ray_job_s=rj,
                             ray_throughput_over_local_job=round(lj / rj, 3))
+        if STEADY.get("floe") and STEADY.get("floe-ray"):
+            # the rate a long job runs at: needs several shards (--shard-rows after --)
+            ls, rs = max(STEADY["floe"]), max(STEADY["floe-ray"])
+            ray_line.update(local_steady_rows_per_s=ls, ray_steady_rows_per_s=rs,
+                            ray_steady_over_local_steady=round(rs / ls, 3))
         print(json.dumps(ray_line))
     if args.serve and job_walls["floe"] and job_walls["floe-serve"]:
         lj, sj = min(job_walls["floe"]), min(job_walls["floe-serve"])

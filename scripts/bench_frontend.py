@@ -5,7 +5,8 @@
 Prints one table: the tokenizers library alone (encode_batch, all cores), then floe over gRPC
 with texts, gRPC with token ids, HTTP /v1/embeddings with base64 (16 inputs per request), and HTTP
 with one input per request, each as requests/s and inputs/s (median of --runs), with the ratio to
-tokenization alone. h2load (Debian's nghttp2-client; installed with apt-get when missing) only
+tokenization alone, and the CPU time all server processes (front end and replicas) spent per input
+during the run: on a machine whose speed swings, CPU per input moves less than the rates do. h2load (Debian's nghttp2-client; installed with apt-get when missing) only
 counts status codes, so every configuration is first checked with real clients: the answers must
 equal the fake engine's embeddings of the same inputs.
 """
@@ -61,17 +62,36 @@ def tokenizer_alone(seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def h2load(args: list[str], seconds: float) -> float:
-    """Requests/s of successful (2xx) answers."""
+def server_cpu(pid: int) -> float:
+    """CPU seconds (user + system) so far of the server and all its child processes."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def h2load(args: list[str], seconds: float, server_pid: int) -> tuple[float, float]:
+    """Requests/s of successful (2xx) answers, and server CPU seconds per answer."""
+    cpu0 = server_cpu(server_pid)
     proc = subprocess.run(["h2load", "-D", str(int(seconds)), "--warm-up-time", "1", *args],
                           capture_output=True, text=True)
     ok = 0
     for line in proc.stdout.splitlines():
         if line.startswith("status codes:"):
             ok = int(line.split()[2])
+    cpu = server_cpu(server_pid) - cpu0
     if not ok:
         print(f"h2load gave no 2xx answers:\n{proc.stdout[-800:]}{proc.stderr[-400:]}", file=sys.stderr)
-    return ok / int(seconds)
+        return 0.0, float("nan")
+    # h2load's warm-up second is served too: count its answers into the CPU share
+    return ok / int(seconds), cpu / (ok * (int(seconds) + 1) / int(seconds))
 
 
 def grpc_body(msg) -> bytes:
@@ -154,12 +174,12 @@ def main() -> None:
                      "-H", "te: trailers", f"http://127.0.0.1:{gport}/floe.v1.Embedder/Encode"]
         http_args = ["--h1", "-c", c, "-H", "content-type: application/json"]
         cases = [
-            ("gRPC Encode, 16 texts", 16, lambda: h2load(["-d", files["grpc_texts"], *grpc_args], args.duration)),
-            ("gRPC Encode, 16 token-id lists", 16, lambda: h2load(["-d", files["grpc_ids"], *grpc_args], args.duration)),
+            ("gRPC Encode, 16 texts", 16, lambda: h2load(["-d", files["grpc_texts"], *grpc_args], args.duration, proc.pid)),
+            ("gRPC Encode, 16 token-id lists", 16, lambda: h2load(["-d", files["grpc_ids"], *grpc_args], args.duration, proc.pid)),
             ("HTTP /v1/embeddings base64, 16 texts", 16, lambda: h2load(
-                ["-d", files["http_b64"], *http_args, url + "/v1/embeddings"], args.duration)),
+                ["-d", files["http_b64"], *http_args, url + "/v1/embeddings"], args.duration, proc.pid)),
             ("HTTP /v1/embeddings, 1 text", 1, lambda: h2load(
-                ["-d", files["http_one"], *http_args, url + "/v1/embeddings"], args.duration)),
+                ["-d", files["http_one"], *http_args, url + "/v1/embeddings"], args.duration, proc.pid)),
         ]
         print(f"{args.replicas} fake replicas, {args.frontend_workers or 'default'} front-end "
               f"process(es), {usage_tokens / 16:.0f} tokens per input, "
@@ -167,9 +187,12 @@ def main() -> None:
         base = statistics.median(tokenizer_alone(min(5.0, args.duration)) for _ in range(args.runs))
         print(f"{'tokenizers encode_batch alone':40s} {'':>10s} {base:10.0f} inputs/s")
         for label, per, fn in cases:
-            rps = statistics.median(fn() for _ in range(args.runs))
+            runs = [fn() for _ in range(args.runs)]
+            rps = statistics.median(r for r, _ in runs)
+            cpu_ms = statistics.median(c for _, c in runs) * 1000 / per
             ratio = "" if "token-id" in label else f"  {rps * per / base:.2f}x tokenization alone"
-            print(f"{label:40s} {rps:8.0f} req/s {rps * per:10.0f} inputs/s{ratio}")
+            print(f"{label:40s} {rps:8.0f} req/s {rps * per:10.0f} inputs/s  "
+                  f"{cpu_ms:6.3f} ms server CPU/input{ratio}")
     finally:
         stop_server(proc, grace=40)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,7 +1,7 @@
 """floe against the strongest baselines a user would run, in one run on this machine.
 
     python scripts/bench_peers.py [--texts 2048] [--infinity .venv-infinity] [--skip ...]
-                                  [--budgets 16384,4096] [--rounds 3]
+                                  [--budgets 16384,4096] [--fills 0,0.9] [--rounds 3]
 
 For each workload (50 tokens, 256 tokens, uniform 16-256 tokens per input, exact under the
 default model's tokenizer):
@@ -18,7 +18,8 @@ Prints tokens/s per cell and floe's ratio to each baseline, then the median requ
 each server (p50, the measured pass) and, for floe, the padding fill of its batches in that pass
 (real / padded tokens, from the server's /metrics). Every system is started once and stays up;
 ``--rounds`` passes per cell interleave the systems, and the tables are medians. ``--budgets`` runs the OpenVINO server once
-per ``--max-batch-tokens`` value (columns ``floe_openvino_b<budget>``). The client is a Python asyncio loop on
+per ``--max-batch-tokens`` value (columns ``floe_openvino_b<budget>``) and ``--fills`` once per
+``--min-batch-fill`` value (``_f<fill>``). The client is a Python asyncio loop on
 the same cores; at these rates (a few hundred requests/s) it takes a small share of them.
 """
 
@@ -201,6 +202,9 @@ def main() -> None:
     ap.add_argument("--budgets", default="",
                     help="comma list of --max-batch-tokens values for the OpenVINO server "
                          "(default: the server's own default, one server)")
+    ap.add_argument("--fills", default="",
+                    help="comma list of --min-batch-fill values for the OpenVINO server, crossed "
+                         "with --budgets (default: the server's own default)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     from floe.models.source import embedded_model_path
@@ -220,17 +224,21 @@ def main() -> None:
             if name not in skip:
                 systems[name] = STEncode(dtype)
         budgets = [int(b) for b in args.budgets.split(",") if b] or [None]
-        for engine, budget in [("openvino", b) for b in budgets] + [("torch", None)]:
+        fills = [f for f in args.fills.split(",") if f] or [None]
+        for engine, budget, fill in ([("openvino", b, f) for b in budgets for f in fills]
+                                     + [("torch", None, None)]):
             if engine in skip:
                 continue
             port = free_port()
-            extra = ["--max-batch-tokens", str(budget)] if budget else []
+            extra = (["--max-batch-tokens", str(budget)] if budget else []) + (
+                ["--min-batch-fill", fill] if fill else [])
             srv = Server([sys.executable, "-m", "floe", "serve", "--engine", engine, "--dtype",
                           "bfloat16", "--port", str(port), "--grpc-port", "0",
                           "--log-level", "warning", *extra],
                          f"http://127.0.0.1:{port}/v1/embeddings")
             servers.append(srv)
-            systems[f"floe_{engine}" + (f"_b{budget}" if budget else "")] = srv
+            systems[f"floe_{engine}" + (f"_b{budget}" if budget else "")
+                    + (f"_f{fill}" if fill else "")] = srv
         inf = os.path.join(args.infinity, "bin", "infinity_emb")
         if "infinity" not in skip and os.path.exists(inf):
             port = free_port()
@@ -249,10 +257,15 @@ def main() -> None:
         for r in range(args.rounds):
             for wl, texts, total in workloads:
                 for name, system in systems.items():
-                    if isinstance(system, Server):
-                        m = serve_measure(system.url, texts, total)
-                    else:
-                        m = system.measure(texts, total)
+                    try:
+                        if isinstance(system, Server):
+                            m = serve_measure(system.url, texts, total)
+                        else:
+                            m = system.measure(texts, total)
+                    except Exception as e:  # noqa: BLE001 - one system's failure ends only its cell
+                        print(f"round {r + 1} {wl} {name}: failed ({type(e).__name__}: {e})",
+                              flush=True)
+                        continue
                     runs[wl][name].append(m)
                     print(f"round {r + 1} {wl} {name}: {m['tokens_s']:,.0f} tokens/s"
                           + (f", p50 {m['p50_s']:.2f} s" if m["p50_s"] else "")
@@ -262,7 +275,8 @@ def main() -> None:
             srv.stop()
 
     def med(wl: str, name: str, key: str) -> float:
-        return float(np.median([m[key] for m in runs[wl][name]]))
+        got = [m[key] for m in runs[wl][name]]
+        return float(np.median(got)) if got else 0.0
 
     names = list(systems)
     print()

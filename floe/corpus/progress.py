@@ -39,6 +39,12 @@ class Progress:
         self.skipped = 0
         self.t0 = time.monotonic()
         self._last_log = self.t0
+        # The steady rate: rows written after the first shard over the time since it was written.
+        # Start-up (engine load, a Ray instance, the first shard's pipeline fill) falls before it,
+        # so two paths can be compared at the rate a long job runs at.
+        self._first_at: Optional[float] = None
+        self._first_rows = 0
+        self._last_at = self.t0
         self._lock = threading.Lock()
         tty = enabled if enabled is not None else bool(getattr(self.stream, "isatty", lambda: False)())
         self._bar = None
@@ -56,6 +62,9 @@ class Progress:
             self.rows += rows
             self.tokens += tokens
             self.skipped += skipped
+            self._last_at = time.monotonic()
+            if self._first_at is None:
+                self._first_at, self._first_rows = self._last_at, self.rows
             elapsed = time.monotonic() - self.t0
             tps = self.tokens / elapsed if elapsed > 0 else 0.0
             if self._bar is not None:
@@ -77,9 +86,17 @@ class Progress:
             self._bar.close()
             self._bar = None
 
+    def steady_rows_per_s(self) -> Optional[float]:
+        """Rows/s from the first written shard to the last; None with fewer than two shards."""
+        if self._first_at is None or self._last_at <= self._first_at:
+            return None
+        return (self.rows - self._first_rows) / (self._last_at - self._first_at)
+
     def summary(self, output: str, written_rows: int, skipped: int, wall_s: float) -> str:
         new_rows = self.rows - self.start_rows
         resumed = f" (resumed: {self.start_rows} rows were already written)" if self.start_rows else ""
+        steady = self.steady_rows_per_s()
+        after = f", {steady:.1f} rows/s after the first shard" if steady is not None else ""
         return (f"embedded {new_rows} rows in {wall_s:.1f} s ({_rate(new_rows / wall_s if wall_s else 0)} "
-                f"rows/s, {_rate(self.tokens / wall_s if wall_s else 0)} tokens/s){resumed}; "
+                f"rows/s, {_rate(self.tokens / wall_s if wall_s else 0)} tokens/s{after}){resumed}; "
                 f"{output}: {written_rows} rows, {skipped} skipped")

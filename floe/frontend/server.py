@@ -136,9 +136,13 @@ async def run_frontend(service: EmbedService, settings: Settings, http_socket, o
 def bind_http(host: str, port: int) -> socket.socket:
     """The public HTTP socket, bound and inheritable (front-end workers accept on it too). Not
     listening yet: until a front end serves, a client is refused at once instead of waiting in
-    the backlog while the replicas load (uvicorn listens when it starts serving)."""
+    the backlog while the replicas load (uvicorn listens when it starts serving).
+
+    The protocol is named (IPPROTO_TCP, not 0): asyncio sets TCP_NODELAY only on accepted sockets
+    whose ``proto`` says TCP, and without it every response written as headers, then body waits
+    for the client's delayed ACK (40 ms a request on a keep-alive connection)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

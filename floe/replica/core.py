@@ -11,7 +11,10 @@ Threads and who owns what
   request's result array and completes the request when its last row arrives.
 
 Nobody polls: every wait is a ``Condition.wait`` woken by an arrival, a free slot, a finished
-forward pass, or a timeout derived from ``Scheduler.next_deadline``.
+forward pass, or a timeout derived from ``Scheduler.next_deadline``. The three waiters (the
+scheduler thread, the engine thread, ``stop`` draining) share one lock but have a condition each,
+so an event wakes only the thread it concerns: with small requests every needless wake-up is a
+context switch and a GIL hand-over per request.
 
 Failure isolation: an exception in ``prepare`` or ``run`` fails only the requests of that batch
 (InternalError, logged with its traceback); a non-finite output row fails only its request.
@@ -120,18 +123,24 @@ class ReplicaCore:
         self.spec = engine.spec
         self.settings = batch
         self.replica_id = replica_id
+        from floe.replicas.placement import batch_budget, batch_fill_floor
+
+        on_gpu = str(engine.device).startswith("cuda")
         if batch.max_batch_tokens is None:
             # Not settled by a front end (a standalone replica, the Ray Serve deployment): the
             # default for the device this engine runs on, as `floe serve` would settle it.
-            from floe.replicas.placement import batch_budget
-
             batch = dataclasses.replace(batch, max_batch_tokens=batch_budget(
-                None, str(engine.device).startswith("cuda"), engine.spec.max_seq_length))
+                None, on_gpu, engine.spec.max_seq_length))
             self.settings = batch
+        # the fill floor is settled here only: it depends on the engine's device alone
+        self.min_fill = batch_fill_floor(batch.min_batch_fill, on_gpu)
         self._sched = Scheduler(batch.max_batch_tokens, batch.max_batch_size,
-                                batch.batch_timeout_ms / 1000.0, max_wait_s)
-        self._cv = threading.Condition()
-        # --- guarded by _cv ---
+                                batch.batch_timeout_ms / 1000.0, max_wait_s, min_fill=self.min_fill)
+        lock = threading.Lock()
+        self._cv = threading.Condition(lock)         # the scheduler thread waits on it
+        self._engine_cv = threading.Condition(lock)  # the engine thread waits for the slot
+        self._drain_cv = threading.Condition(lock)   # stop() waits for in-flight requests
+        # --- guarded by lock (any of the three conditions) ---
         self._inbox: list[tuple[str, Any]] = []   # ("add", _Request) | ("drop", key)
         self._slot: Optional[_Batch] = None        # prepared batch waiting for the engine
         self._running = False                      # engine thread inside engine.run
@@ -186,11 +195,12 @@ class ReplicaCore:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                self._cv.wait(left)
+                self._drain_cv.wait(left)
             drained = not self._requests
             self._stopping = True
             leftovers = list(self._requests.values())
             self._cv.notify_all()
+            self._engine_cv.notify_all()
         for t in self._threads:
             t.join(timeout=10.0)
         for req in leftovers:
@@ -251,7 +261,7 @@ class ReplicaCore:
             self._queued_tokens += n_tokens
             self._queued_seqs += tokens.n
             self._inbox.append(("add", req))
-            self._cv.notify_all()
+            self._cv.notify()
         try:
             await fut
         except asyncio.CancelledError:
@@ -285,7 +295,7 @@ class ReplicaCore:
                 return
             req.dropped = True
             self._inbox.append(("drop", req.key))
-            self._cv.notify_all()
+            self._cv.notify()
 
     def _post(self, req: _Request) -> EmbedResult:
         """Per-request post steps: normalize, Matryoshka slice (renormalized), output dtype."""
@@ -315,7 +325,8 @@ class ReplicaCore:
                 same.remove(req)
                 if not same:
                     del self._by_id[req.request_id]
-            self._cv.notify_all()
+            if not self._accepting:
+                self._drain_cv.notify_all()   # stop() is draining
         with self._stats_lock:
             self._c["requests"] += 1
             if req.error is not None:
@@ -387,7 +398,7 @@ class ReplicaCore:
             with self._cv:
                 self._slot = batch
                 self._forming = False
-                self._cv.notify_all()
+                self._engine_cv.notify()
 
     # --- engine thread --------------------------------------------------------------------
 
@@ -395,18 +406,18 @@ class ReplicaCore:
         while True:
             with self._cv:
                 while self._slot is None and not self._stopping:
-                    self._cv.wait()
+                    self._engine_cv.wait()
                 if self._slot is None:
                     return
                 batch, self._slot = self._slot, None
                 self._running = True
-                self._cv.notify_all()   # the slot is free: the scheduler may form the next batch
+                self._cv.notify()   # the slot is free: the scheduler may form the next batch
             try:
                 self._run_batch(batch)
             finally:
                 with self._cv:
                     self._running = False
-                    self._cv.notify_all()
+                    self._cv.notify()   # an idle engine: the scheduler may send a partial batch
 
     def _run_batch(self, batch: _Batch) -> None:
         seqs = batch.seqs

@@ -27,6 +27,12 @@ Rules
   While the engine is busy (``engine_idle=False``: a forward pass runs but the engine's input slot
   is empty) only full batches are handed out: the caller prepares that batch during the running
   pass (pipelining), and waiting longer costs nothing when the engine is busy anyway.
+* **Fill floor.** With ``min_fill`` > 0 a sequence joins a batch only if the batch's fill (real
+  tokens / padded tokens) stays at or above it; the walk stops on the side that would break it
+  (the lengths beyond are further away still). Such a batch counts as full: waiting would not
+  make it take those sequences. A lone anchor is always a valid batch, so the starvation bound is
+  unchanged; what changes is that a short anchor in a queue of scattered lengths no longer pads a
+  hundred rows up to the longest of them.
 * **Cancellation.** ``remove_request`` drops a request's queued sequences before compute.
 
 Complexity: adding k sequences to a queue of n is O(k log n + n) worst case (a sort of nearly
@@ -68,11 +74,14 @@ class Scheduler:
     """Length-bucketed, token-budgeted batch formation. Not thread-safe: one owner."""
 
     def __init__(self, max_batch_tokens: int, max_batch_size: int, batch_timeout_s: float,
-                 max_wait_s: float = DEFAULT_MAX_WAIT_S) -> None:
+                 max_wait_s: float = DEFAULT_MAX_WAIT_S, min_fill: float = 0.0) -> None:
         if max_batch_tokens < 1 or max_batch_size < 1:
             raise ValueError("max_batch_tokens and max_batch_size must be positive")
         if batch_timeout_s < 0 or max_wait_s < 0:
             raise ValueError("batch_timeout_s and max_wait_s must be >= 0")
+        if not 0.0 <= min_fill <= 1.0:
+            raise ValueError("min_fill must be in [0, 1]")
+        self.min_fill = min_fill
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
         self.batch_timeout_s = batch_timeout_s
@@ -189,6 +198,9 @@ class Scheduler:
         chosen = [anchor]
         taken = {anchor.seq_id}
         longest = anchor.length
+        real = anchor.length
+        floor = self.min_fill
+        held_back = False  # a sequence was left out to keep the fill floor
         index = self._by_len
         pos = bisect.bisect_left(index, (anchor.length, anchor.seq_id))
         closed = False  # no further sequence of any length can fit
@@ -209,6 +221,14 @@ class Scheduler:
                 hi_len = index[hi][0] if hi_open and hi < len(index) else None
                 if hi_len is not None and (len(chosen) + 1) * max(longest, hi_len) > budget:
                     hi_len, hi_open = None, False  # longer ones cannot fit either
+                if floor:
+                    n = len(chosen) + 1
+                    if lo_len is not None and real + lo_len < floor * n * longest:
+                        lo_len, lo = None, -1  # shorter ones would pad more still
+                        held_back = True
+                    if hi_len is not None and real + hi_len < floor * n * max(longest, hi_len):
+                        hi_len, hi_open = None, False  # longer ones would pad more still
+                        held_back = True
                 if lo_len is None and hi_len is None:
                     break
                 take_lo = hi_len is None or (
@@ -223,8 +243,9 @@ class Scheduler:
                 seq = self._live[sid]
                 taken.add(sid)
                 chosen.append(seq)
+                real += seq.length
         full = (len(chosen) >= cap or (len(chosen) + 1) * longest > budget
-                or len(chosen) < len(self._live))
+                or len(chosen) < len(self._live) or held_back)
         return chosen, full
 
     def _eligible(self, sid: int, prio: int, taken: set[int]) -> bool:

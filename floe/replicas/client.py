@@ -28,6 +28,7 @@ from floe import errors
 from floe.errors import FloeError, UnavailableError
 from floe.proto import floe_pb2, floe_pb2_grpc
 from floe.protocol import EmbedResult, EncodeOptions, TokenBatch, request_to_proto, result_from_proto
+from floe.replicas.coalesce import Coalescer
 from floe.transport.grpc import channel_options
 
 # INTERNAL statuses whose details show a broken transport rather than an error the replica chose
@@ -61,7 +62,8 @@ class ReplicaClient:
     """One channel to one replica. Cheap to create; the supervisor makes one per (re)start."""
 
     def __init__(self, address: str, replica_index: int, token: str = "",
-                 receive_limit: int = 256 * 1024 * 1024) -> None:
+                 receive_limit: int = 256 * 1024 * 1024, coalesce_tokens: int = 0,
+                 coalesce_items: int = 256) -> None:
         self.address = address
         self.replica_index = replica_index
         options = channel_options(receive_limit) + [
@@ -88,6 +90,8 @@ class ReplicaClient:
         # own): proof of life that the supervisor weighs against a missed health probe
         self.last_answer = 0.0
         self.closed = False
+        # requests sent in the same event-loop turn share one call (floe/replicas/coalesce.py)
+        self._coalescer = Coalescer(self._call, coalesce_tokens, coalesce_items)
 
     def map_error(self, err: grpc.aio.AioRpcError, timeout: Optional[float]) -> FloeError:
         """The FloeError a failed call becomes."""
@@ -111,31 +115,14 @@ class ReplicaClient:
 
     async def encode(self, tokens: TokenBatch, options: EncodeOptions, request_id: str,
                      timeout: Optional[float] = None) -> EmbedResult:
-        """Embeds token ids on this replica; raises FloeError."""
-        msg = request_to_proto(request_id, options, tokens=tokens)
+        """Embeds token ids on this replica, maybe inside a call merged with other requests of the
+        same event-loop turn; raises FloeError."""
         n_tokens = tokens.total_tokens
         self.in_flight_tokens += n_tokens
         self.in_flight_requests += 1
         ok = False
         try:
-            try:
-                reply = await self._stub.Encode(msg, timeout=timeout, metadata=self._metadata)
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if self.closed and not (task and task.cancelling()):
-                    # Not the caller's cancellation: the supervisor closed this channel because
-                    # the replica exited, which cancels the calls still on it. The replica
-                    # failed, not the request: retried elsewhere like a reset connection.
-                    raise ReplicaFailedError(
-                        f"replica {self.replica_index} ({self.address}) exited with the call in "
-                        "flight", self.replica_index, "CANCELLED") from None
-                raise
-            except grpc.aio.AioRpcError as e:
-                if _has_kind(e):
-                    self.last_answer = time.monotonic()
-                raise self.map_error(e, timeout) from None
-            self.last_answer = time.monotonic()
-            result = result_from_proto(reply)
+            result = await self._coalescer.submit(tokens, options, request_id, timeout)
             ok = True
             return result
         finally:
@@ -145,6 +132,29 @@ class ReplicaClient:
                 self.completed += 1
             else:
                 self.failed += 1
+
+    async def _call(self, tokens: TokenBatch, options: EncodeOptions, request_id: str,
+                    timeout: Optional[float]) -> EmbedResult:
+        """One Encode call; maps its failure to the FloeError it stands for."""
+        msg = request_to_proto(request_id, options, tokens=tokens)
+        try:
+            reply = await self._stub.Encode(msg, timeout=timeout, metadata=self._metadata)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self.closed and not (task and task.cancelling()):
+                # Not the caller's cancellation: the supervisor closed this channel because the
+                # replica exited, which cancels the calls still on it. The replica failed, not
+                # the request: retried elsewhere like a reset connection.
+                raise ReplicaFailedError(
+                    f"replica {self.replica_index} ({self.address}) exited with the call in "
+                    "flight", self.replica_index, "CANCELLED") from None
+            raise
+        except grpc.aio.AioRpcError as e:
+            if _has_kind(e):
+                self.last_answer = time.monotonic()
+            raise self.map_error(e, timeout) from None
+        self.last_answer = time.monotonic()
+        return result_from_proto(reply)
 
     async def health(self, timeout: float = 1.0) -> floe_pb2.HealthCheckResponse:
         """The replica's HealthCheck; raises a FloeError when it does not answer in time."""
@@ -162,6 +172,8 @@ class ReplicaClient:
             raise self.map_error(e, timeout) from None
 
     async def abort(self, request_id: str, timeout: float = 1.0) -> bool:
+        if self._coalescer.abort(request_id):
+            return True   # it was (part of) a merged call: failed here, the others go on
         try:
             reply = await self._stub.Abort(floe_pb2.AbortRequest(request_id=request_id),
                                            timeout=timeout, metadata=self._metadata)
@@ -172,6 +184,15 @@ class ReplicaClient:
     async def close(self) -> None:
         self.closed = True
         await self._channel.close(grace=None)
+
+
+def coalesce_limits(settings) -> dict:
+    """ReplicaClient's merge limits from the settings tree: --coalesce-tokens, kept within one
+    forward pass of the replica (its batch token budget and --max-batch-size)."""
+    tokens = settings.replicas.coalesce_tokens
+    if settings.batch.max_batch_tokens is not None:
+        tokens = min(tokens, settings.batch.max_batch_tokens)
+    return {"coalesce_tokens": tokens, "coalesce_items": settings.batch.max_batch_size}
 
 
 def load_fields(client: Optional[ReplicaClient]) -> dict:

@@ -24,20 +24,21 @@ from floe.models.spec import ModelSpec
 from floe.proto import floe_pb2
 from floe.protocol import EmbedResult, EncodeOptions, ReplicaEndpoint, ReplicaTable, TokenBatch
 from floe.replicas.balance import Balancer, ReplicaLoad
-from floe.replicas.client import ReplicaClient, load_fields, replica_info
+from floe.replicas.client import ReplicaClient, coalesce_limits, load_fields, replica_info
 from floe.replicas.router import Router
 
 
 class RemoteReplica:
     """One replica for the router (the ``Target`` of floe/replicas/router.py)."""
 
-    def __init__(self, index: int, receive_limit: int) -> None:
+    def __init__(self, index: int, receive_limit: int, coalesce: Optional[dict] = None) -> None:
         self.index = index
         self.endpoint: Optional[ReplicaEndpoint] = None
         self.client: Optional[ReplicaClient] = None
         self.out_of_rotation = False
         self.closed = False   # the worker is stopping
         self._receive_limit = receive_limit
+        self._coalesce = coalesce or {}
         self.changed = asyncio.Event()   # set (and replaced) on every table that touches it
 
     @property
@@ -83,7 +84,8 @@ class RemoteReplica:
             await client.close()
         if e.state == "ready" and self.client is None:
             self.client = ReplicaClient(e.address, e.index, e.token,
-                                        receive_limit=self._receive_limit)
+                                        receive_limit=self._receive_limit,
+                                        **self._coalesce)
         if e.healthy:
             self.out_of_rotation = False
         self.changed.set()
@@ -104,7 +106,8 @@ class RemoteReplicas:
         self.spec = spec
         r = settings.replicas
         limit = 256 * 1024 * 1024
-        self.targets = [RemoteReplica(i, limit) for i in range(r.num_replicas)]
+        self.targets = [RemoteReplica(i, limit, coalesce_limits(settings))
+                        for i in range(r.num_replicas)]
         self.router = Router(Balancer(r.load_balancing, start=worker_index), self.targets,
                              r.forward_timeout, r.replica_wait)
         self._stopped = False

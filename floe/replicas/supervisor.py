@@ -38,7 +38,7 @@ from floe.config import Settings, settings_to_dict
 from floe.errors import FloeError
 from floe.protocol import Placement, ReplicaHello, ReplicaLaunch
 from floe.replicas.balance import ReplicaLoad
-from floe.replicas.client import ReplicaClient
+from floe.replicas.client import ReplicaClient, coalesce_limits
 
 log = logging.getLogger("floe.supervisor")
 
@@ -213,7 +213,8 @@ class ReplicaSlot:
             exit_task.cancel()
             h: ReplicaHello = hello.result()
             self.client = ReplicaClient(h.address, self.index, token=self.token,
-                                        receive_limit=256 * 1024 * 1024)
+                                        receive_limit=256 * 1024 * 1024,
+                                        **coalesce_limits(self.settings))
             return True
         timed_out = not done
         if not timed_out:

@@ -129,6 +129,7 @@ def test_http_fixed_lengths_and_server_token_counts(tok, tmp_path, capsys):
     assert "tok/s" in table and "p99 ms" in table
 
 
+@pytest.mark.full  # error accounting is also checked over gRPC in the default tier
 def test_http_errors_float_format_and_client_count_fallback(tok, tmp_path, capsys):
     stub = OpenAIStub(tok, report_usage=False, fail_every=5)
     with stub as addr:
@@ -256,6 +257,7 @@ def replica():
             proc.wait(5)
 
 
+@pytest.mark.full  # the gRPC client is checked against a stub in the default tier
 def test_grpc_against_fake_replica(replica, tmp_path):
     for extra in ([], ["--send-token-ids"]):
         rep = _report(tmp_path, ["--server", f"127.0.0.1:{replica}", "--batch-sizes", "1,16",

@@ -40,8 +40,10 @@ def raw_http(port: int, data: bytes, read_for: float = 2.0) -> bytes:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    # short deadlines so the slow-client tests are quick; the body's leaves room for the 8-20 MB
+    # bodies other tests post (a loaded machine has read them in over 1 s)
     with floe_serve("--engine", "fake", "--num-replicas", "1", "--max-client-batch-size", "16",
-                    "--http-header-timeout", "1", "--http-body-timeout", "1",
+                    "--http-header-timeout", "1", "--http-body-timeout", "5",
                     "--max-connections", "40", "--max-batch-tokens", "4096",
                     "--max-queued-tokens", "2000",
                     tmp_dir=str(tmp_path_factory.mktemp("contract"))) as srv:

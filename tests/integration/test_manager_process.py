@@ -143,10 +143,23 @@ def test_sigterm_drains_and_replicas_exit(tmp_path):
         stub = floe_pb2_grpc.EmbedderStub(channel)
         futures = [stub.Encode.future(request_to_proto(f"d{k}", EncodeOptions(), texts=[f"t{k}"]),
                                       timeout=30) for k in range(4)]
-        time.sleep(0.2)  # the requests are in flight
+        # at least one request is at a replica (a loaded machine may not have delivered the
+        # others yet: those arrive after the SIGTERM)
+        deadline = time.monotonic() + 30
+        while sum(r.stats.in_flight_requests for r in stub.GetReplicaInfo(
+                floe_pb2.GetReplicaInfoRequest(), timeout=10).replicas) == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
+        # what was accepted is answered; what arrived after the SIGTERM is refused as retryable
+        # elsewhere, never cut off
+        answered = 0
         for f in futures:
-            assert result_from_proto(f.result()).n == 1
+            try:
+                answered += result_from_proto(f.result()).n
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAVAILABLE and "draining" in e.details(), e
+        assert answered >= 1
         assert proc.wait(timeout=30) == 0, log_path.read_text()[-3000:]
         deadline = time.monotonic() + 10
         while any(pid_alive(p) for p in pids):

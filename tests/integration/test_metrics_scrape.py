@@ -45,7 +45,9 @@ def samples(text: str) -> dict[str, float]:
 
 def test_metrics_match_the_workload(tmp_path):
     with floe_serve("--engine", "fake", "--num-replicas", "1", "--max-batch-tokens", "4096",
-                    "--max-batch-size", "64", "--batch-timeout-ms", "1", tmp_dir=str(tmp_path)) as server:
+                    "--max-batch-size", "64", "--batch-timeout-ms", "1",
+                    # each request one batch, padded to its longest input: no fill floor
+                    "--min-batch-fill", "0", tmp_dir=str(tmp_path)) as server:
         with httpx.Client(base_url=server.url, timeout=30) as http:
             for lengths in WORKLOAD:
                 ids = [[1000 + j for j in range(n)] for n in lengths]

@@ -48,6 +48,9 @@ def test_booleans_and_choices():
     (["--health-interval", "0"], "health-interval"),
     (["--forward-timeout", "-1"], "forward-timeout"),
     (["--replica-wait", "-0.5"], "replica-wait"),
+    (["--coalesce-tokens", "-1"], "coalesce-tokens"),
+    (["--min-batch-fill", "1.5"], "min-batch-fill"),
+    (["--min-batch-fill", "-0.1"], "min-batch-fill"),
 ])
 def test_values_that_cannot_be_honoured_are_refused(argv, match):
     with pytest.raises(ConfigError, match=match):

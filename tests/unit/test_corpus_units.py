@@ -189,3 +189,23 @@ def test_write_part_is_idempotent_per_shard(tmp_path):
     write_part(str(tmp_path), 0, _shard_table([0, 1]), [], schema)
     assert sorted(os.listdir(tmp_path)) == [part_name(0)]
     assert pq.read_table(str(tmp_path)).num_rows == 2
+
+
+def test_progress_steady_rate_excludes_what_came_before_the_first_shard(monkeypatch):
+    import io
+
+    from floe.corpus import progress as progress_mod
+
+    now = [100.0]
+    monkeypatch.setattr(progress_mod.time, "monotonic", lambda: now[0])
+    p = progress_mod.Progress(total_rows=300, done_rows=0, enabled=False, stream=io.StringIO())
+    now[0] = 160.0                 # 60 s of start-up before the first shard is written
+    p.update(100, 1000)
+    assert p.steady_rows_per_s() is None and "after the first shard" not in p.summary("o", 100, 0, 60)
+    now[0] = 170.0
+    p.update(100, 1000)
+    now[0] = 180.0
+    p.update(100, 1000)
+    assert p.steady_rows_per_s() == pytest.approx(10.0)     # 200 rows in the 20 s after the first
+    line = p.summary("o.parquet", 300, 0, 80.0)
+    assert "embedded 300 rows in 80.0 s" in line and "10.0 rows/s after the first shard" in line

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from floe.replicas.placement import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, batch_budget
+from floe.replicas.placement import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, batch_budget, batch_fill_floor
 from floe.replica.scheduler import Scheduler, Sequence, padded_tokens
 
 
@@ -58,3 +58,10 @@ def test_the_default_budget_follows_the_device_and_the_model():
     assert batch_budget(None, False, 32768) == GPU_BATCH_TOKENS  # Qwen3: capped, max length lowered
     assert batch_budget(None, True, 256) == GPU_BATCH_TOKENS
     assert batch_budget(1000, False, 256) == batch_budget(1000, True, 256) == 1000
+
+
+def test_the_default_fill_floor_follows_the_device():
+    assert batch_fill_floor(None, False) == 0.9
+    assert batch_fill_floor(None, True) == 0.0
+    assert batch_fill_floor(0.5, True) == batch_fill_floor(0.5, False) == 0.5
+    assert batch_fill_floor(0.0, False) == 0.0

@@ -101,3 +101,37 @@ async def test_died_within_sees_a_restart_reported_by_the_supervisor():
     assert await target.died_within(client, 5.0)
     await task
     await view.stop()
+
+
+@pytest.mark.parametrize("rewrapped", [False, True], ids=["front-end", "front-end-worker"])
+def test_http_socket_connections_get_tcp_nodelay(rewrapped):
+    """Accepted connections on the shared HTTP socket must have TCP_NODELAY: asyncio sets it only
+    when the listening socket says it is TCP, and without it a keep-alive client waits for its own
+    delayed ACK (40 ms) between the response's headers and body."""
+    import socket
+
+    from floe.frontend.server import bind_http
+
+    sock = bind_http("127.0.0.1", 0)
+    if rewrapped:  # what a front-end worker does with the inherited descriptor
+        sock = socket.socket(fileno=sock.detach())
+    port = sock.getsockname()[1]
+    seen: list[int] = []
+
+    async def main() -> None:
+        def accepted(reader, writer):
+            s = writer.get_extra_info("socket")
+            seen.append(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(accepted, sock=sock)
+        async with server:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+            for _ in range(100):
+                if seen:
+                    break
+                await asyncio.sleep(0.02)
+            w.close()
+
+    asyncio.run(main())
+    assert seen and seen[0] != 0

@@ -72,13 +72,21 @@ async def server():
 TOKENS = TokenBatch.from_lists([[1, 2, 3], [4, 5]])
 
 
+async def connected(addr: str, index: int) -> ReplicaClient:
+    """A client whose connection is up: these tests are about what a call answers, and a loaded
+    machine can take longer than a call's deadline to finish the HTTP/2 handshake."""
+    c = ReplicaClient(addr, index)
+    await asyncio.wait_for(c._channel.channel_ready(), 60)
+    return c
+
+
 def assert_idle(c):
     assert c.in_flight_tokens == 0 and c.in_flight_requests == 0
 
 
 async def test_encode_ok_and_accounting(server):
     servicer, addr, _ = server
-    c = ReplicaClient(addr, 0)
+    c = await connected(addr, 0)
     r = await c.encode(TOKENS, EncodeOptions(), "r1", timeout=5)
     expected = servicer.engine.run(servicer.engine.prepare([TOKENS.item(0), TOKENS.item(1)]))
     np.testing.assert_array_equal(r.as_float32(), expected)
@@ -100,7 +108,7 @@ async def test_encode_ok_and_accounting(server):
 async def test_error_families(server, mode, exc, retryable):
     servicer, addr, _ = server
     servicer.mode = mode
-    c = ReplicaClient(addr, 3)
+    c = await connected(addr, 3)
     with pytest.raises(exc) as ei:
         await c.encode(TOKENS, EncodeOptions(), "r", timeout=5)
     assert isinstance(ei.value, ReplicaFailedError) == retryable
@@ -117,7 +125,7 @@ async def test_timeout_is_its_own_error_not_a_replica_failure(server):
     # A timeout is answered 503 and not retried: it must not look like a dead replica.
     servicer, addr, _ = server
     servicer.mode = "hang"
-    c = ReplicaClient(addr, 1)
+    c = await connected(addr, 1)
     with pytest.raises(ReplicaTimeoutError, match="within 0.2 s") as ei:
         await c.encode(TOKENS, EncodeOptions(), "r", timeout=0.2)
     assert not isinstance(ei.value, ReplicaFailedError)
@@ -130,7 +138,7 @@ async def test_timeout_is_its_own_error_not_a_replica_failure(server):
 async def test_cancellation_keeps_accounting_exact(server):
     servicer, addr, _ = server
     servicer.mode = "hang"
-    c = ReplicaClient(addr, 0)
+    c = await connected(addr, 0)
     tasks = [asyncio.create_task(c.encode(TOKENS, EncodeOptions(), f"r{i}", timeout=10))
              for i in range(5)]
     await asyncio.wait_for(servicer.entered.wait(), 30)
@@ -161,7 +169,7 @@ async def test_dead_replica_is_replica_failure():
 async def test_server_killed_mid_call_is_replica_failure(server):
     servicer, addr, srv = server
     servicer.mode = "hang"
-    c = ReplicaClient(addr, 0)
+    c = await connected(addr, 0)
     task = asyncio.create_task(c.encode(TOKENS, EncodeOptions(), "r", timeout=10))
     await asyncio.wait_for(servicer.entered.wait(), 30)
     await srv.stop(None)  # no grace: in-flight calls are cut off like a dying process
@@ -211,7 +219,7 @@ async def test_a_call_cut_by_closing_the_channel_is_a_replica_failure(server):
     # replica failure (retried elsewhere), not as a cancellation of the caller's request
     servicer, addr, _ = server
     servicer.mode = "hang"
-    c = ReplicaClient(addr, 2)
+    c = await connected(addr, 2)
     call = asyncio.get_running_loop().create_task(c.encode(TOKENS, EncodeOptions(), "r", timeout=20))
     await asyncio.wait_for(servicer.entered.wait(), 10)
     await c.close()

@@ -40,6 +40,9 @@ class LoggingEngine(FakeEngine):
         self.batches: list[list[list[int]]] = []
         self._lock = threading.Lock()
         self._n = 0
+        # set: passes run freely; a test clears it to hold every forward pass until it sets it
+        self.gate = threading.Event()
+        self.gate.set()
 
     def prepare(self, sequences):
         with self._lock:
@@ -52,6 +55,7 @@ class LoggingEngine(FakeEngine):
         n, seqs = prepared
         self.events.append(("run_start", n, time.monotonic()))
         self.batches.append([s.tolist() for s in seqs])
+        self.gate.wait(timeout=60)
         try:
             if any(self.POISON_RAISE in s for s in seqs):
                 raise RuntimeError("simulated engine crash")
@@ -257,19 +261,24 @@ async def test_abort_by_request_id(make_core):
 
 
 async def test_admission_limit(make_core):
-    # forward passes long enough that nothing drains while the test looks at the queue
-    core, engine = make_core(max_batch_size=1, max_queued_tokens=10, seconds_per_batch=1.0)
-    with pytest.raises(TooLargeError):
-        await core.submit(TokenBatch.from_lists([[1] * 11]), EncodeOptions(), "huge")
-    t1 = asyncio.create_task(core.submit(TokenBatch.from_lists([[1] * 4] * 2), EncodeOptions(), "a"))
-    # item 1 runs, item 2 sits prepared in the engine's slot
-    await _until(lambda: _started(engine))
-    t2 = asyncio.create_task(core.submit(TokenBatch.from_lists([[2] * 6]), EncodeOptions(), "b"))
-    # "b" (6 tokens) waits in the queue: 6 + 6 > 10
-    await _until(lambda: core.stats().queued_tokens >= 6)
-    with pytest.raises(OverloadedError) as ei:
-        await core.submit(TokenBatch.from_lists([[3] * 6]), EncodeOptions(), "c")
-    assert ei.value.retry_after and ei.value.retry_after > 0
+    # forward passes are held until the test lets them go, so nothing drains while it looks at
+    # the queue however slow the machine is
+    core, engine = make_core(max_batch_size=1, max_queued_tokens=10)
+    engine.gate.clear()
+    try:
+        with pytest.raises(TooLargeError):
+            await core.submit(TokenBatch.from_lists([[1] * 11]), EncodeOptions(), "huge")
+        t1 = asyncio.create_task(core.submit(TokenBatch.from_lists([[1] * 4] * 2), EncodeOptions(), "a"))
+        # item 1 runs, item 2 sits prepared in the engine's slot
+        await _until(lambda: _started(engine))
+        t2 = asyncio.create_task(core.submit(TokenBatch.from_lists([[2] * 6]), EncodeOptions(), "b"))
+        # "b" (6 tokens) waits in the queue: 6 + 6 > 10
+        await _until(lambda: core.stats().queued_tokens >= 6)
+        with pytest.raises(OverloadedError) as ei:
+            await core.submit(TokenBatch.from_lists([[3] * 6]), EncodeOptions(), "c")
+        assert ei.value.retry_after and ei.value.retry_after > 0
+    finally:
+        engine.gate.set()
     await asyncio.gather(t1, t2)
     # once drained, it admits again
     assert (await core.submit(TokenBatch.from_lists([[3] * 6]), EncodeOptions(), "d")).n == 1
@@ -296,7 +305,8 @@ async def test_pipelining_prepares_next_batch_during_forward(make_core):
 
 
 async def test_stats_counters_and_histograms(make_core):
-    core, _ = make_core(batch_timeout_ms=30.0)
+    # no fill floor: the three lengths (fill 14/24) are to share one batch here
+    core, _ = make_core(batch_timeout_ms=30.0, min_batch_fill=0.0)
     await asyncio.gather(
         core.submit(TokenBatch.from_lists([[1] * 4, [1] * 8]), EncodeOptions(), "x"),
         core.submit(TokenBatch.from_lists([[2] * 2]), EncodeOptions(), "y"))
@@ -334,3 +344,13 @@ async def test_stop_without_drain_fails_in_flight(make_core):
     assert not await asyncio.to_thread(core.stop, 0.0)
     res = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
     assert any(isinstance(x, UnavailableError) for x in res)
+
+
+async def test_fill_floor_defaults_by_device_and_splits_scattered_lengths(make_core):
+    core, _ = make_core(batch_timeout_ms=30.0)   # CPU engine, no floor asked: 0.9
+    assert core.min_fill == 0.9
+    await asyncio.gather(
+        core.submit(TokenBatch.from_lists([[1] * 4, [1] * 8]), EncodeOptions(), "x"),
+        core.submit(TokenBatch.from_lists([[2] * 2]), EncodeOptions(), "y"))
+    st = core.stats()
+    assert st.sequences == 3 and st.batches == 3 and st.padded_tokens == st.tokens == 14

@@ -201,8 +201,9 @@ def test_random_workload_schedules_each_sequence_exactly_once(seed):
     budget = rng.choice([64, 256, 1024])
     cap = rng.choice([1, 3, 16, 256])
     timeout = rng.choice([0.0, 0.002, 0.01])
+    min_fill = rng.choice([0.0, 0.0, 0.5, 0.9, 1.0])
     s = Scheduler(max_batch_tokens=budget, max_batch_size=cap, batch_timeout_s=timeout,
-                  max_wait_s=rng.choice([0.0, 0.05, 1.0]))
+                  max_wait_s=rng.choice([0.0, 0.05, 1.0]), min_fill=min_fill)
     now = 0.0
     added: dict[tuple, Sequence] = {}
     removed_keys: set = set()
@@ -227,6 +228,7 @@ def test_random_workload_schedules_each_sequence_exactly_once(seed):
             scheduled.extend(b)
             assert len(b) <= cap
             assert len(b) == 1 or padded_tokens(b) <= budget
+            assert sum(x.length for x in b) >= min_fill * padded_tokens(b) - 1e-9
     scheduled.extend(x for b in drain(s, now + 10.0) for x in b)
     ids = [id(x) for x in scheduled]
     assert len(ids) == len(set(ids)), "a sequence was scheduled twice"
@@ -234,3 +236,36 @@ def test_random_workload_schedules_each_sequence_exactly_once(seed):
                                              if x.request_key in removed_keys}
     assert expected == {id(x) for x in added.values()}
     assert s.queued_sequences == 0 and s.queued_tokens == 0
+
+
+def test_fill_floor_keeps_each_batch_full_enough():
+    # a short anchor among scattered lengths: without a floor it pads every row to the longest
+    lengths = [30, 31, 33, 45, 60, 90, 120]
+    plain = Scheduler(max_batch_tokens=4096, max_batch_size=256, batch_timeout_s=0.0)
+    floored = Scheduler(max_batch_tokens=4096, max_batch_size=256, batch_timeout_s=0.0, min_fill=0.9)
+    for s in (plain, floored):
+        for i, n in enumerate(lengths):
+            s.add(seq(i, n, arrival=i * 0.001))
+    assert len(plain.next_batch(1.0)) == len(lengths)
+    first = floored.next_batch(1.0)
+    assert [x.length for x in first] == [30, 31, 33]   # the anchor (oldest) and its close lengths
+    batches = [first] + drain(floored, 1.0)
+    assert sorted(x.length for b in batches for x in b) == lengths
+    for b in batches:
+        assert sum(x.length for x in b) >= 0.9 * padded_tokens(b)
+
+
+def test_fill_floor_batch_is_full_while_the_engine_is_busy():
+    # the floor left sequences out: waiting would not add them, so a busy engine's next batch is
+    # formed now (pipelining), not when the engine goes idle
+    s = Scheduler(max_batch_tokens=4096, max_batch_size=256, batch_timeout_s=10.0, min_fill=0.9)
+    s.add(seq("a", 20, arrival=0.0))
+    s.add(seq("b", 200, arrival=0.0))
+    assert [x.length for x in s.next_batch(0.0, engine_idle=False)] == [20]
+    # a lone sequence with nothing held back still waits for company while the engine is busy
+    assert s.next_batch(0.0, engine_idle=False) is None
+
+
+def test_fill_floor_out_of_range_is_refused():
+    with pytest.raises(ValueError):
+        Scheduler(max_batch_tokens=64, max_batch_size=4, batch_timeout_s=0.0, min_fill=1.5)
