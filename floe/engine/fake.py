@@ -63,5 +63,7 @@ class FakeEngine(Engine):
         weights = (1.0 / (1.0 + pos.astype(np.float32)))[:, None]
         rows = self._table[(ids * 2654435761) % _TABLE_ROWS] * weights
         means = np.add.reduceat(rows, starts, axis=0) / np.add.reduceat(weights, starts, axis=0)
-        out[used] = means @ self._projection
+        # einsum, not @: BLAS picks its kernel by the row count, so a row's value would depend on
+        # the batch it came in; einsum sums each row the same way whatever the batch
+        out[used] = np.einsum("ir,rd->id", means, self._projection)
         return out

@@ -37,6 +37,10 @@ _TRANSPORT_HINTS = ("rst_stream", "stream removed", "socket closed", "connection
                     "broken pipe", "goaway", "eof")
 
 
+# Seconds an exited replica's channel is kept open for the answers it sent before exiting.
+CLOSE_GRACE_S = 2.0
+
+
 class ReplicaFailedError(UnavailableError):
     """The replica failed to answer (not the request's fault); safe to retry on another replica."""
 
@@ -84,6 +88,7 @@ class ReplicaClient:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.in_flight_tokens = 0
         self.in_flight_requests = 0
+        self.calls_in_flight = 0   # Encode calls on the wire (a merged call carries several requests)
         self.completed = 0   # calls that returned an embedding
         self.failed = 0      # calls that raised (any reason, cancellation included)
         # monotonic time of the last Encode the replica answered (an embedding or an error of its
@@ -137,6 +142,7 @@ class ReplicaClient:
                     timeout: Optional[float]) -> EmbedResult:
         """One Encode call; maps its failure to the FloeError it stands for."""
         msg = request_to_proto(request_id, options, tokens=tokens)
+        self.calls_in_flight += 1
         try:
             reply = await self._stub.Encode(msg, timeout=timeout, metadata=self._metadata)
         except asyncio.CancelledError:
@@ -153,8 +159,15 @@ class ReplicaClient:
             if _has_kind(e):
                 self.last_answer = time.monotonic()
             raise self.map_error(e, timeout) from None
+        finally:
+            self.calls_in_flight -= 1
         self.last_answer = time.monotonic()
         return result_from_proto(reply)
+
+    @property
+    def queued_requests(self) -> int:
+        """Requests waiting for the end of this event-loop turn to be sent (merged or alone)."""
+        return self._coalescer.queued
 
     async def health(self, timeout: float = 1.0) -> floe_pb2.HealthCheckResponse:
         """The replica's HealthCheck; raises a FloeError when it does not answer in time."""
@@ -181,9 +194,12 @@ class ReplicaClient:
             return False
         return reply.success
 
-    async def close(self) -> None:
+    async def close(self, grace: Optional[float] = None) -> None:
+        """Closes the channel. ``grace``: seconds the calls still on it may take to finish: an
+        exited replica's last answers may still sit unread in the socket when its exit is seen,
+        and closing at once would cut them (a drained request reported as a replica failure)."""
         self.closed = True
-        await self._channel.close(grace=None)
+        await self._channel.close(grace=grace)
 
 
 def coalesce_limits(settings) -> dict:

@@ -91,6 +91,11 @@ class Coalescer:
             loop.call_soon(self._flush)
         return await member.future
 
+    @property
+    def queued(self) -> int:
+        """Requests submitted this turn whose call has not been sent yet."""
+        return sum(1 for g in self._open.values() for m in g.members if not m.future.done())
+
     def abort(self, request_id: str) -> bool:
         """Fails the queued or in-flight members with this id with CancelledError (the FloeError).
         False when none is held here (the caller then asks the replica itself)."""

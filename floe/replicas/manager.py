@@ -32,7 +32,7 @@ from floe.proto import floe_pb2
 from floe.protocol import EmbedResult, EncodeOptions, TokenBatch
 from floe.replicas.balance import Balancer
 from floe.replicas.placement import plan_placement, usable_cores, visible_gpus
-from floe.replicas.client import load_fields, replica_info
+from floe.replicas.client import CLOSE_GRACE_S, load_fields, replica_info
 from floe.replicas.router import Router
 from floe.replicas.supervisor import ReplicaSlot
 from floe.transport.grpc import grpc_target
@@ -99,7 +99,7 @@ class ReplicaManager:
             for t in s.io_tasks:
                 t.cancel()
             if s.client:
-                await s.client.close()
+                await s.client.close(grace=CLOSE_GRACE_S)
                 s.client = None
             if s.state != "failed":
                 s.state = "stopped"

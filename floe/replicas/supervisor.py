@@ -38,7 +38,7 @@ from floe.config import Settings, settings_to_dict
 from floe.errors import FloeError
 from floe.protocol import Placement, ReplicaHello, ReplicaLaunch
 from floe.replicas.balance import ReplicaLoad
-from floe.replicas.client import ReplicaClient, coalesce_limits
+from floe.replicas.client import CLOSE_GRACE_S, ReplicaClient, coalesce_limits
 
 log = logging.getLogger("floe.supervisor")
 
@@ -145,7 +145,7 @@ class ReplicaSlot:
                 await self._watch()
             self.healthy = False
             if self.client:
-                await self.client.close()
+                await self.client.close(grace=CLOSE_GRACE_S)
                 self.client = None
             if self.stopping:
                 return

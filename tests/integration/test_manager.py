@@ -249,17 +249,23 @@ async def test_drain_finishes_in_flight_then_stops_replicas(fake_env):
 async def test_stop_lets_each_replica_drain_its_in_flight_work(fake_env):
     m, _ = await started(make_settings(fake_seconds_per_batch=0.3))
     procs = [r.proc for r in m.slots]
+    done_before = sum(s.client.completed for s in m.slots)
     tasks = [asyncio.create_task(m.encode(tokens(k), EncodeOptions(), f"s{k}")) for k in range(4)]
-    # every request has reached its replica (sent in one event-loop turn, each replica's share
-    # is one call): what a replica has not received when it is stopped is not its in-flight work.
-    # (floe serve stops the replicas only after its own in-flight requests have finished.)
+    # every request has reached its replica: what a replica has not received when it is stopped
+    # is not its in-flight work (floe serve stops the replicas only after its own in-flight
+    # requests have finished). Each Encode call on the wire (one or several merged requests) must
+    # be registered in its replica's core, not just one of them.
     deadline = time.monotonic() + 30
     while True:
         infos = await m.replica_infos()
-        sent_to = [s.client.in_flight_requests > 0 for s in m.slots]
-        if all(i.stats.in_flight_requests > 0 for i, sent in zip(infos, sent_to) if sent):
+        clients = [s.client for s in m.slots]
+        sent = sum(c.in_flight_requests + c.completed for c in clients) - done_before
+        if (sent == len(tasks)
+                and not any(c.queued_requests for c in clients)
+                and all(i.stats.in_flight_requests == c.calls_in_flight
+                        for i, c in zip(infos, clients))):
             break
-        assert time.monotonic() < deadline, infos
+        assert time.monotonic() < deadline, (infos, [c.calls_in_flight for c in clients])
         await asyncio.sleep(0.02)
     await asyncio.wait_for(m.stop(), 30)
     assert all(p.returncode == 0 for p in procs)  # SIGTERM: drained and exited cleanly

@@ -24,7 +24,7 @@ WORKLOAD = [
 def grpc_encode(address: str, items: list[list[int]]) -> list[int]:
     import grpc
 
-    from floe.proto import floe_pb2, floe_pb2_grpc
+    from floe.proto import floe_pb2_grpc
     from floe.protocol import EncodeOptions, TokenBatch, request_to_proto
 
     with grpc.insecure_channel(address) as channel:

@@ -82,3 +82,18 @@ def test_fake_engine_path_never_imports_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"
+
+
+def test_fake_engine_row_does_not_depend_on_its_batch(spec):
+    # the API and failover tests compare merged, split and retried answers bit for bit with the
+    # same input embedded alone: the stand-in must give exactly that, whatever the batch size
+    import numpy as np
+
+    engine = FakeEngine(spec)
+    rng = np.random.default_rng(7)
+    seqs = [rng.integers(0, 30000, size=int(n)) for n in rng.integers(1, 40, size=300)]
+    alone = np.stack([engine.run(engine.prepare([s]))[0] for s in seqs])
+    for size in (2, 3, 17, 64, 300):
+        for start in (0, 300 - size):
+            got = engine.run(engine.prepare(seqs[start:start + size]))
+            np.testing.assert_array_equal(got, alone[start:start + size])
