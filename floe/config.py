@@ -117,6 +117,12 @@ class ReplicaSetSettings:
         "How the front end reaches its replicas. unix: a Unix socket in a private directory "
         "(mode 0700) that only this user can open; no ports to collide. tcp: replica_host:"
         "start_port + i, for replicas another host must reach.")
+    replica_hop: Literal["frames", "grpc"] = _knob(
+        "frames",
+        "How Encode calls travel to a replica on a Unix socket. frames: length-prefixed protobuf "
+        "messages on a socket of their own (floe/transport/hop.py; a fraction of gRPC's cost per "
+        "call on both sides); grpc: the replica's gRPC server, as health and info always do. "
+        "Replicas on tcp always use gRPC.")
     replica_host: str = _knob("127.0.0.1", "Address replicas bind to (replica_transport tcp).")
     start_port: int = _knob(50100, "Replica i listens on start_port + i (replica_transport tcp).")
     num_gpus: int = _knob(1, "GPUs to place replicas on.")
@@ -224,7 +230,8 @@ class ServerSettings:
         1024, "Requests admitted at once across the endpoint; beyond it 429 with Retry-After."
     )
     tokenization_workers: Optional[int] = _knob(
-        None, "Tokenizer threads in each front-end process (default: cores - 1, at least 1)."
+        None, "Tokenizer threads in each front-end process (default: the cores, shared between "
+        "the front-end processes, at least 1 each)."
     )
     frontend_workers: Optional[int] = _knob(
         None, "Front-end processes sharing the HTTP and gRPC ports and the replicas (default: 1 "

@@ -223,6 +223,7 @@ class ReplicaHello(_HelloLine):
     engine: str
     dtype: str
     device: str
+    hop: str = ""   # the Unix socket of Encode frames (floe/transport/hop.py); "" without one
 
     PREFIX = "FLOE_REPLICA_READY"
 
@@ -268,6 +269,7 @@ class ReplicaEndpoint:
     restarts: int = 0
     message: str = ""
     pid: Optional[int] = None
+    hop: str = ""   # the replica's Encode-frames socket, "" when Encode goes over gRPC
 
 
 @dataclass(frozen=True)
@@ -360,6 +362,19 @@ def tokens_from_proto(msg: floe_pb2.EncodeRequest) -> Optional[TokenBatch]:
     if not has_ids:
         return None
     return TokenBatch.from_bytes(msg.token_ids, list(msg.lengths))
+
+
+def encode_call_from_proto(msg: floe_pb2.EncodeRequest
+                           ) -> tuple[str, Optional[list[str]], Optional[TokenBatch], EncodeOptions, str]:
+    """An Encode call's arguments (request id, texts or token ids, options, model), whatever
+    transport carried it. A request with neither texts nor ids is a ValidationError."""
+    tokens = tokens_from_proto(msg)
+    texts = None
+    if tokens is None:
+        if not msg.texts:
+            raise ValidationError("request carries neither texts nor token_ids", param="texts")
+        texts = list(msg.texts)
+    return msg.request_id, texts, tokens, options_from_proto(msg.options), msg.model
 
 
 def result_to_proto(r: EmbedResult) -> floe_pb2.EncodeResponse:

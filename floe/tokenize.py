@@ -144,6 +144,19 @@ class Tokenizer:
         return self._plain.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
 
+def tokenize_on_pool_threads_only() -> None:
+    """Makes the Rust library run each call on its calling thread (TOKENIZERS_PARALLELISM=false,
+    unless the user set it), for a server process.
+
+    A server tokenizes many small requests at once, each as one call on a TokenizerPool thread.
+    With the library's own thread pool on, each call is split again into jobs of a few texts
+    whose worker threads spin waiting for more: on 2 cores beside the replicas that cost the
+    front end up to twice the CPU per text of a lone caller, and one call per pool thread with as
+    many threads as cores was 1.3x faster end to end (docs/benchmarks.md). Offline embedding
+    (floe/corpus) keeps the library's threads: it tokenizes few, large batches."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 class TokenizerPool:
     """Runs ``Tokenizer.encode_plan`` on a thread pool so the event loop never tokenizes.
 

@@ -6,7 +6,7 @@ Prints one table: the tokenizers library alone (encode_batch, all cores), then f
 with texts, gRPC with token ids, HTTP /v1/embeddings with base64 (16 inputs per request), and HTTP
 with one input per request, each as requests/s and inputs/s (median of --runs), with the ratio to
 tokenization alone, and the CPU time all server processes (front end and replicas) spent per input
-during the run: on a machine whose speed swings, CPU per input moves less than the rates do. h2load (Debian's nghttp2-client; installed with apt-get when missing) only
+during the run, split between the front-end processes and the replicas: on a machine whose speed swings, CPU per input moves less than the rates do. h2load (Debian's nghttp2-client; installed with apt-get when missing) only
 counts status codes, so every configuration is first checked with real clients: the answers must
 equal the fake engine's embeddings of the same inputs.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import struct
@@ -62,36 +63,43 @@ def tokenizer_alone(seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def server_cpu(pid: int) -> float:
-    """CPU seconds (user + system) so far of the server and all its child processes."""
+def server_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) so far of the front-end processes (floe serve and its
+    front-end workers) and of the replica processes."""
     import psutil
 
     root = psutil.Process(pid)
-    total = 0.0
+    front = replicas = 0.0
     for p in [root, *root.children(recursive=True)]:
         try:
             t = p.cpu_times()
-            total += t.user + t.system
+            is_front = p.pid == pid or "floe.frontend.worker" in " ".join(p.cmdline())
         except psutil.NoSuchProcess:
-            pass
-    return total
+            continue
+        if is_front:
+            front += t.user + t.system
+        else:
+            replicas += t.user + t.system
+    return front, replicas
 
 
-def h2load(args: list[str], seconds: float, server_pid: int) -> tuple[float, float]:
-    """Requests/s of successful (2xx) answers, and server CPU seconds per answer."""
-    cpu0 = server_cpu(server_pid)
+def h2load(args: list[str], seconds: float, server_pid: int) -> tuple[float, float, float]:
+    """Requests/s of successful (2xx) answers, and the front end's and the replicas' CPU seconds
+    per answer."""
+    front0, rep0 = server_cpu(server_pid)
     proc = subprocess.run(["h2load", "-D", str(int(seconds)), "--warm-up-time", "1", *args],
                           capture_output=True, text=True)
     ok = 0
     for line in proc.stdout.splitlines():
         if line.startswith("status codes:"):
             ok = int(line.split()[2])
-    cpu = server_cpu(server_pid) - cpu0
+    front1, rep1 = server_cpu(server_pid)
     if not ok:
         print(f"h2load gave no 2xx answers:\n{proc.stdout[-800:]}{proc.stderr[-400:]}", file=sys.stderr)
-        return 0.0, float("nan")
+        return 0.0, float("nan"), float("nan")
     # h2load's warm-up second is served too: count its answers into the CPU share
-    return ok / int(seconds), cpu / (ok * (int(seconds) + 1) / int(seconds))
+    answered = ok * (int(seconds) + 1) / int(seconds)
+    return ok / int(seconds), (front1 - front0) / answered, (rep1 - rep0) / answered
 
 
 def grpc_body(msg) -> bytes:
@@ -107,6 +115,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--frontend-workers", type=int, default=None,
                     help="floe serve --frontend-workers (default: the server's own choice)")
+    ap.add_argument("--serve-args", default="",
+                    help="more floe serve arguments, one string (e.g. \"--replica-hop grpc\")")
     args = ap.parse_args()
     ensure_h2load()
 
@@ -121,7 +131,7 @@ def main() -> None:
                              "--grpc-port", str(gport), "--max-concurrent-requests", "4096",
                              "--log-level", "warning",
                              *(["--frontend-workers", str(args.frontend_workers)]
-                               if args.frontend_workers else [])],
+                               if args.frontend_workers else []), *shlex.split(args.serve_args)],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
@@ -188,11 +198,13 @@ def main() -> None:
         print(f"{'tokenizers encode_batch alone':40s} {'':>10s} {base:10.0f} inputs/s")
         for label, per, fn in cases:
             runs = [fn() for _ in range(args.runs)]
-            rps = statistics.median(r for r, _ in runs)
-            cpu_ms = statistics.median(c for _, c in runs) * 1000 / per
+            rps = statistics.median(r for r, _, _ in runs)
+            front_ms = statistics.median(f for _, f, _ in runs) * 1000 / per
+            rep_ms = statistics.median(r for _, _, r in runs) * 1000 / per
             ratio = "" if "token-id" in label else f"  {rps * per / base:.2f}x tokenization alone"
             print(f"{label:40s} {rps:8.0f} req/s {rps * per:10.0f} inputs/s  "
-                  f"{cpu_ms:6.3f} ms server CPU/input{ratio}")
+                  f"{front_ms + rep_ms:6.3f} ms server CPU/input (front end {front_ms:.3f}, "
+                  f"replicas {rep_ms:.3f}){ratio}")
     finally:
         stop_server(proc, grace=40)
         shutil.rmtree(tmp, ignore_errors=True)

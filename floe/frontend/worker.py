@@ -44,11 +44,12 @@ async def run(launch: FrontendLaunch) -> int:
     from floe.frontend.service import EmbedService
     from floe.models import load_spec
     from floe.replicas.remote import RemoteReplicas
-    from floe.tokenize import TokenizerPool
+    from floe.tokenize import TokenizerPool, tokenize_on_pool_threads_only
 
     settings = settings_from_dict(launch.settings)
     spec = load_spec(settings.model)
     settings = fit_max_length(settings, spec.max_seq_length)
+    tokenize_on_pool_threads_only()
     tokenizers = TokenizerPool(spec, tokenizer_threads(settings, launch.frontends),
                                max_input_chars=settings.server.max_input_chars)
     replicas = RemoteReplicas(settings, spec, worker_index=launch.index)

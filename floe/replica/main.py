@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -267,6 +268,20 @@ async def serve(rt: Runtime, engine, tokenizers) -> int:
         host = rt.address.rsplit(":", 1)[0]
         address = f"{host}:{ports[0]}"
         backend.address = address
+    hop = None
+    hop_path = ""
+    if rt.managed and rt.address.startswith("unix:") and settings.replicas.replica_hop == "frames":
+        # Encode calls from the front end on a socket of their own (floe/transport/hop.py)
+        from floe.transport.hop import start_hop_server
+        hop_path = rt.address[len("unix:"):] + ".hop"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(hop_path)   # left behind by a killed predecessor
+        try:
+            hop = await start_hop_server(hop_path, backend.encode, rt.token, limit)
+        except OSError as e:
+            await server.stop(grace=None)
+            raise AddressBusyError(f"cannot listen on {hop_path}: {e}") from None
+        os.chmod(hop_path, 0o600)
     core.start()
     health.set_serving(True)
     if rt.address.startswith("unix:"):
@@ -280,7 +295,7 @@ async def serve(rt: Runtime, engine, tokenizers) -> int:
 
     engine_kind = getattr(engine, "backend", settings.replicas.engine)
     hello = ReplicaHello(address=address, pid=os.getpid(), engine=engine_kind,
-                         dtype=engine.dtype, device=engine.device)
+                         dtype=engine.dtype, device=engine.device, hop=hop_path)
     print(hello.to_line(), flush=True)
     log.info("replica %s serving %s on %s (engine %s, %s on %s)", rt.replica_id,
              engine.spec.name, address, engine_kind, engine.dtype, engine.device)
@@ -292,6 +307,8 @@ async def serve(rt: Runtime, engine, tokenizers) -> int:
     drained = await asyncio.to_thread(core.stop, settings.server.drain_timeout)
     if not drained:
         log.warning("drain timeout: in-flight requests were failed with UNAVAILABLE")
+    if hop is not None:
+        await hop.stop()
     await server.stop(grace=1.0)
     if watcher is not None:
         watcher.cancel()

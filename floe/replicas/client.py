@@ -30,6 +30,7 @@ from floe.proto import floe_pb2, floe_pb2_grpc
 from floe.protocol import EmbedResult, EncodeOptions, TokenBatch, request_to_proto, result_from_proto
 from floe.replicas.coalesce import Coalescer
 from floe.transport.grpc import channel_options
+from floe.transport.hop import HopClient, HopClosedError, HopTimeoutError
 
 # INTERNAL statuses whose details show a broken transport rather than an error the replica chose
 # to report (gRPC reports a stream reset by a dying peer as INTERNAL on some paths).
@@ -67,9 +68,13 @@ class ReplicaClient:
 
     def __init__(self, address: str, replica_index: int, token: str = "",
                  receive_limit: int = 256 * 1024 * 1024, coalesce_tokens: int = 0,
-                 coalesce_items: int = 256) -> None:
+                 coalesce_items: int = 256, hop: str = "") -> None:
         self.address = address
         self.replica_index = replica_index
+        # Encode calls go as frames on the replica's hop socket when it has one
+        # (floe/transport/hop.py); health, info and abort always use gRPC
+        self.hop = hop
+        self._hop = HopClient(hop, token, receive_limit) if hop else None
         options = channel_options(receive_limit) + [
             # A restarted replica must be reachable again within a health interval, not after
             # gRPC's default reconnect backoff (up to 120 s).
@@ -142,6 +147,8 @@ class ReplicaClient:
                     timeout: Optional[float]) -> EmbedResult:
         """One Encode call; maps its failure to the FloeError it stands for."""
         msg = request_to_proto(request_id, options, tokens=tokens)
+        if self._hop is not None:
+            return await self._hop_call(msg, timeout)
         self.calls_in_flight += 1
         try:
             reply = await self._stub.Encode(msg, timeout=timeout, metadata=self._metadata)
@@ -159,6 +166,31 @@ class ReplicaClient:
             if _has_kind(e):
                 self.last_answer = time.monotonic()
             raise self.map_error(e, timeout) from None
+        finally:
+            self.calls_in_flight -= 1
+        self.last_answer = time.monotonic()
+        return result_from_proto(reply)
+
+    async def _hop_call(self, msg, timeout: Optional[float]) -> EmbedResult:
+        """``_call`` over the hop socket: the same outcomes as over gRPC, the same errors."""
+        where = f"replica {self.replica_index} ({self.hop})"
+        self.calls_in_flight += 1
+        try:
+            reply = await self._hop.encode(msg, timeout)
+        except HopClosedError as e:
+            # refused, reset or closed under the call: the replica failed, not the request
+            raise ReplicaFailedError(f"{where} unavailable: {e}", self.replica_index,
+                                     "UNAVAILABLE") from None
+        except HopTimeoutError:
+            raise ReplicaTimeoutError(f"{where} did not answer within {timeout:g} s"
+                                      if timeout else f"{where} timed out", self.replica_index) from None
+        except FloeError as e:
+            self.last_answer = time.monotonic()
+            if e.kind is errors.ErrorKind.UNAVAILABLE:
+                # a draining or stopping replica: retried elsewhere, as gRPC's UNAVAILABLE is
+                raise ReplicaFailedError(f"{where} unavailable: {e.message[:200]}",
+                                         self.replica_index, "UNAVAILABLE") from None
+            raise
         finally:
             self.calls_in_flight -= 1
         self.last_answer = time.monotonic()
@@ -199,6 +231,8 @@ class ReplicaClient:
         exited replica's last answers may still sit unread in the socket when its exit is seen,
         and closing at once would cut them (a drained request reported as a replica failure)."""
         self.closed = True
+        if self._hop is not None:
+            await self._hop.close(grace)
         await self._channel.close(grace=grace)
 
 

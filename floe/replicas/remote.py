@@ -77,14 +77,14 @@ class RemoteReplica:
 
     async def apply(self, e: ReplicaEndpoint) -> None:
         old, self.endpoint = self.endpoint, e
-        stale = old is None or (old.generation, old.address, old.token) != (
-            e.generation, e.address, e.token)
+        stale = old is None or (old.generation, old.address, old.token, old.hop) != (
+            e.generation, e.address, e.token, e.hop)
         if (stale or e.state != "ready") and self.client is not None:
             client, self.client = self.client, None
             await client.close()
         if e.state == "ready" and self.client is None:
             self.client = ReplicaClient(e.address, e.index, e.token,
-                                        receive_limit=self._receive_limit,
+                                        receive_limit=self._receive_limit, hop=e.hop,
                                         **self._coalesce)
         if e.healthy:
             self.out_of_rotation = False

@@ -213,7 +213,7 @@ class ReplicaSlot:
             exit_task.cancel()
             h: ReplicaHello = hello.result()
             self.client = ReplicaClient(h.address, self.index, token=self.token,
-                                        receive_limit=256 * 1024 * 1024,
+                                        receive_limit=256 * 1024 * 1024, hop=h.hop,
                                         **coalesce_limits(self.settings))
             return True
         timed_out = not done

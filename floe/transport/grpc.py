@@ -36,8 +36,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from floe.errors import GRPC_STATUS, FloeError, ValidationError, grpc_trailing_metadata
 from floe.proto import arctic_inference_pb2 as arctic_pb2
 from floe.proto import floe_pb2
-from floe.protocol import EmbedResult, EncodeOptions, TokenBatch, result_to_proto, tokens_from_proto
-from floe.protocol import options_from_proto
+from floe.protocol import EmbedResult, EncodeOptions, TokenBatch, encode_call_from_proto, result_to_proto
 from floe.transport.auth import AUTH_HINT, bearer_ok
 
 log = logging.getLogger("floe.grpc")
@@ -142,15 +141,9 @@ class EmbedderServicer:
 
     @_rpc
     async def Encode(self, request: floe_pb2.EncodeRequest, context) -> floe_pb2.EncodeResponse:
-        tokens = tokens_from_proto(request)
-        texts = None
-        if tokens is None:
-            if not request.texts:
-                raise ValidationError("request carries neither texts nor token_ids", param="texts")
-            texts = list(request.texts)
-        options = options_from_proto(request.options)
-        request_id = request.request_id or new_request_id()
-        result = await self.backend.encode(request_id, texts, tokens, options, request.model)
+        request_id, texts, tokens, options, model = encode_call_from_proto(request)
+        request_id = request_id or new_request_id()
+        result = await self.backend.encode(request_id, texts, tokens, options, model)
         result.request_id = result.request_id or request_id
         t = result.timings
         context.set_trailing_metadata((

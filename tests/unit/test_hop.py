@@ -1,0 +1,230 @@
+"""The Encode hop's frames (floe/transport/hop.py): a real server and client on a Unix socket,
+with a stand-in for the replica's encode."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import tempfile
+
+import numpy as np
+import pytest
+
+from floe.errors import InternalError, OverloadedError, TooLargeError, UnavailableError, ValidationError
+from floe.proto import floe_pb2
+from floe.protocol import EmbedResult, EncodeOptions, TokenBatch, request_to_proto
+from floe.replicas.client import ReplicaClient, ReplicaFailedError, ReplicaTimeoutError
+from floe.transport import hop
+from floe.transport.hop import (CANCEL, ENCODE, HEADER, HELLO, HopClient, HopClosedError,
+                                HopTimeoutError, frame, start_hop_server)
+
+TOKEN = "launch-token"
+
+
+def batch(*rows: list[int]) -> TokenBatch:
+    return TokenBatch.from_lists([list(r) for r in rows])
+
+
+def msg(request_id: str, tb: TokenBatch, **options) -> floe_pb2.EncodeRequest:
+    return request_to_proto(request_id, EncodeOptions(**options), tokens=tb)
+
+
+class Replica:
+    """encode(): each row's embedding is [first id, length]; `hold` makes a request wait."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.cancelled: list[str] = []
+        self.hold: dict[str, asyncio.Event] = {}
+        self.fail: dict[str, Exception] = {}
+
+    async def encode(self, request_id, texts, tokens, options, model):
+        self.calls.append(request_id)
+        if request_id in self.fail:
+            raise self.fail[request_id]
+        if request_id in self.hold:
+            try:
+                await self.hold[request_id].wait()
+            except asyncio.CancelledError:
+                self.cancelled.append(request_id)
+                raise
+        off = tokens.offsets()
+        rows = np.array([[tokens.ids[off[i]], tokens.lengths[i]] for i in range(tokens.n)],
+                        dtype=np.float32)
+        return EmbedResult.from_array(rows, "float32", tokens.lengths, model="m",
+                                      request_id=request_id)
+
+
+@pytest.fixture
+async def served():
+    d = tempfile.mkdtemp(prefix="floe-hop-")
+    path = os.path.join(d, "r.hop")
+    replica = Replica()
+    server = await start_hop_server(path, replica.encode, TOKEN, max_payload=1 << 20)
+    client = HopClient(path, TOKEN)
+    yield replica, client, path
+    await client.close()
+    await server.stop()
+    os.rmdir(d) if not os.listdir(d) else None
+
+
+def rows(reply) -> np.ndarray:
+    return np.frombuffer(reply.embeddings, "<f4").reshape(reply.n, reply.dim)
+
+
+async def test_concurrent_calls_each_get_their_own_answer(served):
+    replica, client, _ = served
+    replica.hold["slow"] = asyncio.Event()
+    slow = asyncio.create_task(client.encode(msg("slow", batch([7, 7, 7])), timeout=10))
+    fast = await asyncio.gather(*(client.encode(msg(f"r{k}", batch([k, 1], [k + 100])), timeout=10)
+                                  for k in range(20)))
+    for k, reply in enumerate(fast):   # answered while "slow" waits: matched by call id
+        assert reply.request_id == f"r{k}"
+        np.testing.assert_array_equal(rows(reply), [[k, 2], [k + 100, 1]])
+    replica.hold["slow"].set()
+    assert rows(await slow).tolist() == [[7, 3]]
+    assert client.in_flight == 0
+
+
+async def test_errors_keep_their_kind_and_fields(served):
+    replica, client, _ = served
+    replica.fail = {"o": OverloadedError("queue full", retry_after=2.5),
+                    "t": TooLargeError("too many tokens", param="input"),
+                    "u": UnavailableError("draining"),
+                    "x": RuntimeError("a bug")}
+    with pytest.raises(OverloadedError) as e:
+        await client.encode(msg("o", batch([1])), timeout=10)
+    assert e.value.retry_after == 2.5 and e.value.message == "queue full"
+    with pytest.raises(TooLargeError) as e:
+        await client.encode(msg("t", batch([1])), timeout=10)
+    assert e.value.param == "input"
+    with pytest.raises(UnavailableError, match="draining"):
+        await client.encode(msg("u", batch([1])), timeout=10)
+    with pytest.raises(InternalError) as e:   # no traceback or exception text crosses
+        await client.encode(msg("x", batch([1])), timeout=10)
+    assert "a bug" not in e.value.message
+    # the connection still serves
+    assert rows(await client.encode(msg("ok", batch([5])), timeout=10)).tolist() == [[5, 1]]
+
+
+async def test_a_request_with_neither_texts_nor_ids_is_a_validation_error(served):
+    _, client, _ = served
+    with pytest.raises(ValidationError, match="neither texts nor token_ids"):
+        await client.encode(floe_pb2.EncodeRequest(request_id="e"), timeout=10)
+
+
+async def test_timeout_and_cancellation_cancel_the_call_on_the_replica(served):
+    replica, client, _ = served
+    replica.hold["late"] = asyncio.Event()
+    replica.hold["gone"] = asyncio.Event()
+    with pytest.raises(HopTimeoutError):
+        await client.encode(msg("late", batch([1])), timeout=0.2)
+    task = asyncio.create_task(client.encode(msg("gone", batch([1])), timeout=10))
+    while "gone" not in replica.calls:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(200):
+        if sorted(replica.cancelled) == ["gone", "late"]:
+            break
+        await asyncio.sleep(0.01)
+    assert sorted(replica.cancelled) == ["gone", "late"]
+    assert client.in_flight == 0
+
+
+async def test_a_wrong_token_is_refused(served):
+    _, _, path = served
+    other = HopClient(path, "not-the-token")
+    with pytest.raises(HopClosedError):
+        await other.encode(msg("a", batch([1])), timeout=10)
+    await other.close()
+
+
+async def test_malformed_and_oversized_frames_close_only_that_connection(served):
+    replica, client, path = served
+    for junk in (frame(HELLO, 0, TOKEN.encode()) + frame(ENCODE, 1, b"\xff\xff not protobuf"),
+                 frame(HELLO, 0, TOKEN.encode()) + HEADER.pack(1 << 30, 2, ENCODE),
+                 frame(HELLO, 0, TOKEN.encode()) + frame(99, 3),
+                 b"\x00" * 3):   # half a header, then the client goes away
+        r, w = await asyncio.open_unix_connection(path)
+        w.write(junk)
+        await w.drain()
+        if len(junk) < HEADER.size:
+            w.close()
+            continue
+        data = await asyncio.wait_for(r.read(1 << 16), 5)
+        if not junk.endswith(b"not protobuf"):
+            assert data == b""   # the replica closed this connection
+        else:
+            # a bad message is the request's error, answered on the connection
+            length, call_id, kind = HEADER.unpack_from(data)
+            assert (call_id, kind) == (1, hop.ERROR) and b"validation" in data
+            w.write(frame(CANCEL, 1))   # harmless: nothing left to cancel
+        w.close()
+    assert rows(await client.encode(msg("after", batch([3, 3])), timeout=10)).tolist() == [[3, 2]]
+
+
+async def test_a_lost_replica_fails_the_calls_on_it_and_a_new_one_is_reached(served):
+    replica, client, path = served
+    replica.hold["stuck"] = asyncio.Event()
+    task = asyncio.create_task(client.encode(msg("stuck", batch([1])), timeout=10))
+    while "stuck" not in replica.calls:
+        await asyncio.sleep(0.01)
+    # the replica process dies: its connections close
+    conn = client._conn
+    conn.transport.abort()
+    with pytest.raises(HopClosedError):
+        await task
+    # the next call opens a new connection
+    assert rows(await client.encode(msg("next", batch([4])), timeout=10)).tolist() == [[4, 1]]
+
+
+async def test_nothing_listening_is_a_closed_hop():
+    d = tempfile.mkdtemp(prefix="floe-hop-")
+    path = os.path.join(d, "none.hop")
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(path)   # a socket file nobody accepts on
+    s.close()
+    client = HopClient(path, TOKEN)
+    with pytest.raises(HopClosedError):
+        await client.encode(msg("a", batch([1])), timeout=5)
+    await client.close()
+    os.unlink(path)
+    os.rmdir(d)
+
+
+async def test_close_with_grace_lets_answers_in_flight_arrive(served):
+    replica, client, _ = served
+    replica.hold["last"] = asyncio.Event()
+    task = asyncio.create_task(client.encode(msg("last", batch([9])), timeout=10))
+    while "last" not in replica.calls:
+        await asyncio.sleep(0.01)
+    asyncio.get_running_loop().call_later(0.2, replica.hold["last"].set)
+    await client.close(grace=5.0)
+    assert rows(await task).tolist() == [[9, 1]]
+    with pytest.raises(HopClosedError):
+        await client.encode(msg("after-close", batch([1])), timeout=5)
+
+
+async def test_replica_client_maps_hop_outcomes_as_it_maps_grpc_ones(served):
+    replica, _, path = served
+    rc = ReplicaClient("unix:/nonexistent-grpc.sock", 3, token=TOKEN, hop=path)
+    replica.fail = {"d": UnavailableError("replica is draining")}
+    replica.hold["h"] = asyncio.Event()
+    try:
+        got = await rc.encode(batch([2, 2]), EncodeOptions(), "a")
+        assert got.as_float32().tolist() == [[2, 2]] and rc.last_answer > 0
+        with pytest.raises(ReplicaFailedError) as e:   # draining: retried elsewhere
+            await rc.encode(batch([1]), EncodeOptions(), "d")
+        assert e.value.cause == "UNAVAILABLE" and e.value.replica_index == 3
+        with pytest.raises(ReplicaTimeoutError, match="did not answer within 0.2 s"):
+            await rc.encode(batch([1]), EncodeOptions(), "h", timeout=0.2)
+        assert rc.calls_in_flight == 0 and rc.in_flight_requests == 0
+    finally:
+        await rc.close()
+    gone = ReplicaClient("unix:/nonexistent-grpc.sock", 0, token=TOKEN, hop=path + ".missing")
+    with pytest.raises(ReplicaFailedError):
+        await gone.encode(batch([1]), EncodeOptions(), "z")
+    await gone.close()
