@@ -1,6 +1,7 @@
 """The front end's cost per input, measured with h2load against `floe serve --engine fake`.
 
     python scripts/bench_frontend.py [--replicas 2] [--duration 10] [--runs 3] [--frontend-workers N]
+                                     [--paced 0.8] [--serve-args "..."]
 
 Prints one table: the tokenizers library alone (encode_batch, all cores), then floe over gRPC
 with texts, gRPC with token ids, HTTP /v1/embeddings with base64 (16 inputs per request), and HTTP
@@ -102,6 +103,30 @@ def h2load(args: list[str], seconds: float, server_pid: int) -> tuple[float, flo
     return ok / int(seconds), (front1 - front0) / answered, (rep1 - rep0) / answered
 
 
+def paced_latency(h2_args: list[str], clients: int, rate: float, seconds: float,
+                  tmp: str) -> tuple[float, float, float]:
+    """p50 and p99 latency (ms) of 2xx answers, and the rate served, with h2load sending at
+    ``rate`` requests/s in all (``--rps`` per client). h2load paces each client: a late answer
+    delays that client's next request, so under overload this understates latency (coordinated
+    omission); below saturation, as here, the pacing holds."""
+    log_path = os.path.join(tmp, "paced.log")
+    per_client = max(1, round(rate / clients))
+    proc = subprocess.run(["h2load", "-D", str(int(seconds)), "--warm-up-time", "1",
+                           f"--rps={per_client}", f"--log-file={log_path}", *h2_args],
+                          capture_output=True, text=True)
+    times = []
+    with open(log_path) as f:
+        for line in f:
+            cols = line.split("\t")
+            if len(cols) >= 3 and cols[1].startswith("2"):
+                times.append(int(cols[2]) / 1000.0)
+    if not times:
+        print(f"h2load --rps gave no 2xx answers:\n{proc.stdout[-800:]}", file=sys.stderr)
+        return float("nan"), float("nan"), 0.0
+    p50, p99 = np.percentile(times, [50, 99])
+    return float(p50), float(p99), len(times) / int(seconds)
+
+
 def grpc_body(msg) -> bytes:
     data = msg.SerializeToString()
     return b"\x00" + struct.pack(">I", len(data)) + data
@@ -115,6 +140,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--frontend-workers", type=int, default=None,
                     help="floe serve --frontend-workers (default: the server's own choice)")
+    ap.add_argument("--paced", type=float, default=0.0, metavar="FRACTION",
+                    help="after each path's maximum, send at this fraction of it (e.g. 0.8) and "
+                         "print p50 / p99 latency")
     ap.add_argument("--serve-args", default="",
                     help="more floe serve arguments, one string (e.g. \"--replica-hop grpc\")")
     args = ap.parse_args()
@@ -183,28 +211,33 @@ def main() -> None:
         grpc_args = ["-c", "8", "-m", str(max(1, args.concurrency // 8)), "-H", "content-type: application/grpc",
                      "-H", "te: trailers", f"http://127.0.0.1:{gport}/floe.v1.Embedder/Encode"]
         http_args = ["--h1", "-c", c, "-H", "content-type: application/json"]
+        # (label, inputs per request, h2load arguments, h2load's clients)
         cases = [
-            ("gRPC Encode, 16 texts", 16, lambda: h2load(["-d", files["grpc_texts"], *grpc_args], args.duration, proc.pid)),
-            ("gRPC Encode, 16 token-id lists", 16, lambda: h2load(["-d", files["grpc_ids"], *grpc_args], args.duration, proc.pid)),
-            ("HTTP /v1/embeddings base64, 16 texts", 16, lambda: h2load(
-                ["-d", files["http_b64"], *http_args, url + "/v1/embeddings"], args.duration, proc.pid)),
-            ("HTTP /v1/embeddings, 1 text", 1, lambda: h2load(
-                ["-d", files["http_one"], *http_args, url + "/v1/embeddings"], args.duration, proc.pid)),
+            ("gRPC Encode, 16 texts", 16, ["-d", files["grpc_texts"], *grpc_args], 8),
+            ("gRPC Encode, 16 token-id lists", 16, ["-d", files["grpc_ids"], *grpc_args], 8),
+            ("HTTP /v1/embeddings base64, 16 texts", 16,
+             ["-d", files["http_b64"], *http_args, url + "/v1/embeddings"], args.concurrency),
+            ("HTTP /v1/embeddings, 1 text", 1,
+             ["-d", files["http_one"], *http_args, url + "/v1/embeddings"], args.concurrency),
         ]
         print(f"{args.replicas} fake replicas, {args.frontend_workers or 'default'} front-end "
               f"process(es), {usage_tokens / 16:.0f} tokens per input, "
               f"h2load concurrency {args.concurrency}, {args.duration:g} s x {args.runs} runs (medians)")
         base = statistics.median(tokenizer_alone(min(5.0, args.duration)) for _ in range(args.runs))
         print(f"{'tokenizers encode_batch alone':40s} {'':>10s} {base:10.0f} inputs/s")
-        for label, per, fn in cases:
-            runs = [fn() for _ in range(args.runs)]
+        for label, per, h2_args, clients in cases:
+            runs = [h2load(h2_args, args.duration, proc.pid) for _ in range(args.runs)]
             rps = statistics.median(r for r, _, _ in runs)
             front_ms = statistics.median(f for _, f, _ in runs) * 1000 / per
             rep_ms = statistics.median(r for _, _, r in runs) * 1000 / per
             ratio = "" if "token-id" in label else f"  {rps * per / base:.2f}x tokenization alone"
             print(f"{label:40s} {rps:8.0f} req/s {rps * per:10.0f} inputs/s  "
                   f"{front_ms + rep_ms:6.3f} ms server CPU/input (front end {front_ms:.3f}, "
-                  f"replicas {rep_ms:.3f}){ratio}")
+                  f"replicas {rep_ms:.3f}){ratio}", flush=True)
+            if args.paced and rps:
+                p50, p99, got = paced_latency(h2_args, clients, rps * args.paced, args.duration, tmp)
+                print(f"{'  paced at ' + f'{args.paced:.0%}' + ' of that rate':40s} {got:8.0f} req/s "
+                      f"{'':>10s}          p50 {p50:6.1f} ms  p99 {p99:6.1f} ms", flush=True)
     finally:
         stop_server(proc, grace=40)
         shutil.rmtree(tmp, ignore_errors=True)

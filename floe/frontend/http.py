@@ -343,19 +343,34 @@ def create_app(service: EmbedService) -> "RequestIdApp":
             raise StarletteHTTPException(status_code=404, detail="Not Found")
         return Response(_docs_asset(name), media_type=_DOCS_ASSETS[name])
 
-    return RequestIdApp(app)
+    # the embedding routes skip Starlette's routing and middleware (run_compute already answers
+    # every outcome, errors included): measured at about a quarter of the front end's time on
+    # one-input requests
+    hot = {"/v1/embeddings": openai_embeddings, "/embeddings": openai_embeddings}
+    return RequestIdApp(app, hot_posts=hot)
 
 
 class RequestIdApp:
     """Every HTTP response carries ``x-request-id``: the compute routes set their own; this pure
-    ASGI wrapper adds the client's (or a new) id to every other response, errors included."""
+    ASGI wrapper adds the client's (or a new) id to every other response, errors included.
 
-    def __init__(self, app: Starlette) -> None:
+    ``hot_posts``: POST endpoints (path -> Starlette endpoint) called directly, without the
+    Starlette app's routing and middleware stack. Each must answer every outcome itself."""
+
+    def __init__(self, app: Starlette, hot_posts: Optional[dict] = None) -> None:
         self.app = app
+        self.hot_posts = hot_posts or {}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope["method"] == "POST":
+            endpoint = self.hot_posts.get(scope["path"])
+            if endpoint is not None:
+                scope["app"] = self.app
+                response = await endpoint(Request(scope, receive))
+                await response(scope, receive, send)
+                return
 
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":

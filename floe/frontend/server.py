@@ -171,6 +171,8 @@ def http_config(service: EmbedService, settings: Settings) -> uvicorn.Config:
     protocol = guarded_protocol(srv.http_header_timeout, srv.http_body_timeout, srv.max_connections)
     return uvicorn.Config(create_app(service), host=srv.host, port=srv.port, loop="asyncio",
                           http=protocol, lifespan="off", log_level="warning", access_log=False,
+                          # nothing here reads the client's address: no X-Forwarded-* rewriting
+                          proxy_headers=False,
                           timeout_keep_alive=int(max(1, srv.keep_alive_timeout)),
                           timeout_graceful_shutdown=5)
 
