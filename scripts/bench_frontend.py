@@ -110,6 +110,8 @@ def paced_latency(h2_args: list[str], clients: int, rate: float, seconds: float,
     delays that client's next request, so under overload this understates latency (coordinated
     omission); below saturation, as here, the pacing holds."""
     log_path = os.path.join(tmp, "paced.log")
+    if os.path.exists(log_path):
+        os.unlink(log_path)   # h2load appends to its log file
     per_client = max(1, round(rate / clients))
     proc = subprocess.run(["h2load", "-D", str(int(seconds)), "--warm-up-time", "1",
                            f"--rps={per_client}", f"--log-file={log_path}", *h2_args],
