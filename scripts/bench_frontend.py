@@ -106,14 +106,18 @@ def h2load(args: list[str], seconds: float, server_pid: int) -> tuple[float, flo
 def paced_latency(h2_args: list[str], clients: int, rate: float, seconds: float,
                   tmp: str) -> tuple[float, float, float]:
     """p50 and p99 latency (ms) of 2xx answers, and the rate served, with h2load sending at
-    ``rate`` requests/s in all (``--rps`` per client). h2load paces each client: a late answer
-    delays that client's next request, so under overload this understates latency (coordinated
-    omission); below saturation, as here, the pacing holds."""
+    ``rate`` requests/s in all (``--rps`` per client). The clients' connections are opened one by
+    one across one pacing interval (``-r 1 --rate-period``), so their requests arrive spread out
+    rather than all on the same timer tick. h2load paces each client: a late answer delays that
+    client's next request, so under overload this understates latency (coordinated omission);
+    below saturation, as here, the pacing holds."""
     log_path = os.path.join(tmp, "paced.log")
     if os.path.exists(log_path):
         os.unlink(log_path)   # h2load appends to its log file
     per_client = max(1, round(rate / clients))
-    proc = subprocess.run(["h2load", "-D", str(int(seconds)), "--warm-up-time", "1",
+    stagger_ms = max(1, round(1000 / per_client / clients))   # h2load takes whole ms
+    total = per_client * clients * int(seconds)
+    proc = subprocess.run(["h2load", "-n", str(total), "-r", "1", f"--rate-period={stagger_ms}ms",
                            f"--rps={per_client}", f"--log-file={log_path}", *h2_args],
                           capture_output=True, text=True)
     times = []
@@ -126,7 +130,7 @@ def paced_latency(h2_args: list[str], clients: int, rate: float, seconds: float,
         print(f"h2load --rps gave no 2xx answers:\n{proc.stdout[-800:]}", file=sys.stderr)
         return float("nan"), float("nan"), 0.0
     p50, p99 = np.percentile(times, [50, 99])
-    return float(p50), float(p99), len(times) / int(seconds)
+    return float(p50), float(p99), len(times) / int(seconds)   # served over the paced span
 
 
 def grpc_body(msg) -> bytes:
