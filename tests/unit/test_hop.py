@@ -69,6 +69,15 @@ async def served():
     os.rmdir(d) if not os.listdir(d) else None
 
 
+async def until(cond, seconds: float = 30.0) -> None:
+    """Waits for ``cond()`` (a few ms when the machine is quiet); fails after ``seconds``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not cond():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
 def rows(reply) -> np.ndarray:
     return np.frombuffer(reply.embeddings, "<f4").reshape(reply.n, reply.dim)
 
@@ -121,16 +130,11 @@ async def test_timeout_and_cancellation_cancel_the_call_on_the_replica(served):
     with pytest.raises(HopTimeoutError):
         await client.encode(msg("late", batch([1])), timeout=0.2)
     task = asyncio.create_task(client.encode(msg("gone", batch([1])), timeout=10))
-    while "gone" not in replica.calls:
-        await asyncio.sleep(0.01)
+    await until(lambda: "gone" in replica.calls)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    for _ in range(200):
-        if sorted(replica.cancelled) == ["gone", "late"]:
-            break
-        await asyncio.sleep(0.01)
-    assert sorted(replica.cancelled) == ["gone", "late"]
+    await until(lambda: sorted(replica.cancelled) == ["gone", "late"])
     assert client.in_flight == 0
 
 
@@ -170,8 +174,7 @@ async def test_a_lost_replica_fails_the_calls_on_it_and_a_new_one_is_reached(ser
     replica, client, path = served
     replica.hold["stuck"] = asyncio.Event()
     task = asyncio.create_task(client.encode(msg("stuck", batch([1])), timeout=10))
-    while "stuck" not in replica.calls:
-        await asyncio.sleep(0.01)
+    await until(lambda: "stuck" in replica.calls)
     # the replica process dies: its connections close
     conn = client._conn
     conn.transport.abort()
@@ -199,8 +202,7 @@ async def test_close_with_grace_lets_answers_in_flight_arrive(served):
     replica, client, _ = served
     replica.hold["last"] = asyncio.Event()
     task = asyncio.create_task(client.encode(msg("last", batch([9])), timeout=10))
-    while "last" not in replica.calls:
-        await asyncio.sleep(0.01)
+    await until(lambda: "last" in replica.calls)
     asyncio.get_running_loop().call_later(0.2, replica.hold["last"].set)
     await client.close(grace=5.0)
     assert rows(await task).tolist() == [[9, 1]]
