@@ -36,9 +36,11 @@ from floe.protocol import EncodeOptions, TokenBatch
 from floe.validate import CHARS_PER_TOKEN_LIMIT, Limits, Plan
 
 # Below this many inputs a request is tokenized in one call; above it, it is split across the
-# pool's threads (the Rust library also parallelizes inside one call, so small splits only add
-# overhead).
+# pool's threads. With the library's own threads on, it parallelizes inside one call, so small
+# splits only add overhead; with them off (servers, see TokenizerPool), the pool's threads are
+# the only parallelism and a chunk of 32 texts (~2.5 ms of work) pays for its hand-over.
 _MIN_CHUNK = 256
+_MIN_CHUNK_POOL_ONLY = 32
 # Requests at most this small are tokenized on the event loop (bounded: ~50 us of work).
 _INLINE_ITEMS = 4
 _INLINE_CHARS = 2048
@@ -144,29 +146,28 @@ class Tokenizer:
         return self._plain.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
 
-def tokenize_on_pool_threads_only() -> None:
-    """Makes the Rust library run each call on its calling thread (TOKENIZERS_PARALLELISM=false,
-    unless the user set it), for a server process.
-
-    A server tokenizes many small requests at once, each as one call on a TokenizerPool thread.
-    With the library's own thread pool on, each call is split again into jobs of a few texts
-    whose worker threads spin waiting for more: on 2 cores beside the replicas that cost the
-    front end up to twice the CPU per text of a lone caller, and one call per pool thread with as
-    many threads as cores was 1.3x faster end to end (docs/benchmarks.md). Offline embedding
-    (floe/corpus) keeps the library's threads: it tokenizes few, large batches."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
 class TokenizerPool:
     """Runs ``Tokenizer.encode_plan`` on a thread pool so the event loop never tokenizes.
 
     A large request is split into chunks across the pool's threads (the Rust tokenizer releases
     the GIL), and the pieces are joined back in order.
+
+    ``library_threads=False`` (the front ends of a server) makes the Rust library run each call on
+    its calling thread, for the whole process: TOKENIZERS_PARALLELISM=false unless the user set
+    it. A server tokenizes many small requests at once, one call each on a pool thread; with the
+    library's own thread pool on, each call was split again into jobs of a few texts whose worker
+    threads spin waiting for more, which on 2 cores beside the replicas cost the front end up to
+    twice the CPU per text of a lone caller (docs/benchmarks.md). The pool then splits requests
+    itself from 2 x 32 texts up, so a lone large request still uses every thread.
     """
 
-    def __init__(self, spec: ModelSpec, workers: int, max_input_chars: Optional[int] = None) -> None:
+    def __init__(self, spec: ModelSpec, workers: int, max_input_chars: Optional[int] = None,
+                 library_threads: bool = True) -> None:
+        if not library_threads:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.tokenizer = Tokenizer(spec, max_input_chars=max_input_chars)
         self.workers = max(1, int(workers))
+        self._min_chunk = _MIN_CHUNK if library_threads else _MIN_CHUNK_POOL_ONLY
         self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="floe-tokenize")
 
     async def run(self, fn, *args):
@@ -180,7 +181,7 @@ class TokenizerPool:
             # A few short texts tokenize in tens of microseconds: less than the hop to a thread.
             return tok.encode_plan(texts, plan)
         loop = asyncio.get_running_loop()
-        chunks = min(self.workers, max(1, n // _MIN_CHUNK))
+        chunks = min(self.workers, max(1, n // self._min_chunk))
         if chunks == 1:
             return await loop.run_in_executor(self._executor, tok.encode_plan, texts, plan, 0)
         bounds = np.linspace(0, n, chunks + 1).astype(int)

@@ -40,16 +40,15 @@ async def serve(settings: Settings, ready_event: Optional[asyncio.Event] = None)
     from floe.models import load_spec
     from floe.replicas.manager import ReplicaManager
     from floe.replicas.placement import frontend_workers, usable_cores, visible_gpus
-    from floe.tokenize import TokenizerPool, tokenize_on_pool_threads_only
+    from floe.tokenize import TokenizerPool
 
     t_start = time.perf_counter()
     settings = fit_max_length(settings, load_spec(settings.model).max_seq_length)
     spec = load_spec(settings.model)
     srv = settings.server
     n_frontends = frontend_workers(settings, visible_gpus(settings.model.device), usable_cores())
-    tokenize_on_pool_threads_only()
     tokenizers = TokenizerPool(spec, tokenizer_threads(settings, n_frontends),
-                               max_input_chars=srv.max_input_chars)
+                               max_input_chars=srv.max_input_chars, library_threads=False)
     manager = ReplicaManager(settings, spec)
     service = EmbedService(settings, spec, tokenizers, manager)
     service.frontends = n_frontends
@@ -157,7 +156,7 @@ def bind_http(host: str, port: int) -> socket.socket:
 def tokenizer_threads(settings: Settings, frontends: int) -> int:
     """Tokenizer threads per front-end process: --tokenization-workers, else the cores shared
     between the front ends (at least 1 each). Each thread runs one library call at a time on its
-    own (see floe.tokenize.tokenize_on_pool_threads_only), so these threads are all the
+    own (TokenizerPool's library_threads=False), so these threads are all the
     tokenizing parallelism a front end has."""
     asked = settings.server.tokenization_workers
     return asked or max(1, _cpu_count() // max(1, frontends))

@@ -44,14 +44,14 @@ async def run(launch: FrontendLaunch) -> int:
     from floe.frontend.service import EmbedService
     from floe.models import load_spec
     from floe.replicas.remote import RemoteReplicas
-    from floe.tokenize import TokenizerPool, tokenize_on_pool_threads_only
+    from floe.tokenize import TokenizerPool
 
     settings = settings_from_dict(launch.settings)
     spec = load_spec(settings.model)
     settings = fit_max_length(settings, spec.max_seq_length)
-    tokenize_on_pool_threads_only()
     tokenizers = TokenizerPool(spec, tokenizer_threads(settings, launch.frontends),
-                               max_input_chars=settings.server.max_input_chars)
+                               max_input_chars=settings.server.max_input_chars,
+                               library_threads=False)
     replicas = RemoteReplicas(settings, spec, worker_index=launch.index)
     service = EmbedService(settings, spec, tokenizers, replicas)
     service.frontend_index, service.frontends = launch.index, launch.frontends

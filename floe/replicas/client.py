@@ -173,28 +173,32 @@ class ReplicaClient:
 
     async def _hop_call(self, msg, timeout: Optional[float]) -> EmbedResult:
         """``_call`` over the hop socket: the same outcomes as over gRPC, the same errors."""
-        where = f"replica {self.replica_index} ({self.hop})"
         self.calls_in_flight += 1
         try:
             reply = await self._hop.encode(msg, timeout)
         except HopClosedError as e:
             # refused, reset or closed under the call: the replica failed, not the request
-            raise ReplicaFailedError(f"{where} unavailable: {e}", self.replica_index,
+            raise ReplicaFailedError(f"{self._where} unavailable: {e}", self.replica_index,
                                      "UNAVAILABLE") from None
         except HopTimeoutError:
-            raise ReplicaTimeoutError(f"{where} did not answer within {timeout:g} s"
-                                      if timeout else f"{where} timed out", self.replica_index) from None
+            raise ReplicaTimeoutError(f"{self._where} did not answer within {timeout:g} s" if timeout
+                                      else f"{self._where} timed out", self.replica_index) from None
         except FloeError as e:
             self.last_answer = time.monotonic()
             if e.kind is errors.ErrorKind.UNAVAILABLE:
                 # a draining or stopping replica: retried elsewhere, as gRPC's UNAVAILABLE is
-                raise ReplicaFailedError(f"{where} unavailable: {e.message[:200]}",
+                raise ReplicaFailedError(f"{self._where} unavailable: {e.message[:200]}",
                                          self.replica_index, "UNAVAILABLE") from None
             raise
         finally:
             self.calls_in_flight -= 1
         self.last_answer = time.monotonic()
         return result_from_proto(reply)
+
+    @property
+    def _where(self) -> str:
+        """The replica in error messages (logged; clients never see them)."""
+        return f"replica {self.replica_index} ({self.hop or self.address})"
 
     @property
     def queued_requests(self) -> int:

@@ -186,3 +186,23 @@ async def test_pool_splits_large_requests_and_keeps_order_and_indices(spec, tok)
         assert items(small) == items(tok.encode(["a"], EncodeOptions()))
     finally:
         pool.close()
+
+
+async def test_pool_without_library_threads_splits_from_64_texts(spec, tok, monkeypatch):
+    # a server's pool: the library runs each call on its caller, so the pool splits a lone
+    # request of a few dozen texts itself, and the pieces join back exactly
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    pool = TokenizerPool(spec, workers=2, library_threads=False)
+    try:
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+        calls = []
+        real = pool.tokenizer.encode_plan
+        monkeypatch.setattr(pool.tokenizer, "encode_plan",
+                            lambda texts, plan, base=0: calls.append(len(texts)) or real(texts, plan, base))
+        texts = [f"text {i} " + "word " * (i % 11) for i in range(64)]
+        got = await pool.encode(texts, EncodeOptions())
+        want = tok.encode(texts, EncodeOptions())
+        assert np.array_equal(got.ids, want.ids) and np.array_equal(got.lengths, want.lengths)
+        assert calls == [32, 32]
+    finally:
+        pool.close()
