@@ -36,8 +36,8 @@ import sys, time
 t0 = time.monotonic()
 import numpy as np, pyarrow as pa, pyarrow.parquet as pq, torch
 from sentence_transformers import SentenceTransformer
-corpus, out, model = sys.argv[1], sys.argv[2], sys.argv[3]
-st = SentenceTransformer(model, device="cpu", model_kwargs={"torch_dtype": torch.bfloat16})
+corpus, out, model, dtype = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+st = SentenceTransformer(model, device="cpu", model_kwargs={"torch_dtype": getattr(torch, dtype)})
 texts = pq.read_table(corpus, columns=["text"]).column("text").to_pylist()
 emb = st.encode(texts, batch_size=64, convert_to_numpy=True).astype(np.float32)
 flat = pa.array(emb.reshape(-1), type=pa.float32())
@@ -52,14 +52,26 @@ WORDS = ("the of and to in is was for on that with as by at from his her an whic
          "language network training data learning large results method performance approach").split()
 
 
-def make_corpus(path: str, rows: int, min_words: int, max_words: int, seed: int) -> None:
+def make_corpus(path: str, kind: str, rows: int, min_words: int, max_words: int, seed: int) -> int:
+    """Writes the corpus; returns its row count. ``words``: random words, lengths uniform in
+    [min_words, max_words]; ``prose``: the standard library's docstring paragraphs (floe.textsets),
+    repeated in a seeded shuffle when ``rows`` asks for more than there are."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(min_words, max_words + 1, size=rows)
-    texts = [" ".join(rng.choice(WORDS, size=int(k))) for k in lengths]
+    if kind == "prose":
+        from floe.textsets import stdlib_paragraphs
+
+        paras = stdlib_paragraphs()
+        texts = [paras[i % len(paras)] for i in range(min(rows, len(paras)))]
+        while len(texts) < rows:
+            texts += [paras[i] for i in rng.permutation(len(paras))[: rows - len(texts)]]
+    else:
+        lengths = rng.integers(min_words, max_words + 1, size=rows)
+        texts = [" ".join(rng.choice(WORDS, size=int(k))) for k in lengths]
     pq.write_table(pa.table({"text": texts}), path)
+    return len(texts)
 
 
 def count_tokens(path: str, model: str) -> int:
@@ -76,19 +88,30 @@ def count_tokens(path: str, model: str) -> int:
 
 
 STEADY: dict[str, list[float]] = {}   # side -> rows/s after the first shard, one per run
+CPU: dict[str, list[float]] = {}      # side -> user + system CPU seconds of its process tree
 
 
 def timed(cmd: list[str], env: dict, side: str = "") -> tuple[float, Optional[float]]:
     """The process' wall time, and the job's own (from its summary line: reading to the last
     commit, without the interpreter's and Ray's start-up) where it prints one. The summary's
-    rate after the first shard (start-up and pipeline fill excluded) goes to STEADY[side]."""
+    rate after the first shard (start-up and pipeline fill excluded) goes to STEADY[side]; the
+    process' user + system CPU seconds (its waited-for children included, as /usr/bin/time
+    counts them) go to CPU[side]."""
     t0 = time.monotonic()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.monotonic() - t0
-    if r.returncode != 0:
-        sys.exit(f"command failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-3000:]}")
-    m = re.search(r"embedded \d+ rows in ([0-9.]+) s", r.stdout + r.stderr)
-    steady = re.search(r"([0-9.]+) rows/s after the first shard", r.stdout + r.stderr)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.monotonic() - t0
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{stderr[-3000:]}")
+    if side:
+        CPU.setdefault(side, []).append(usage.ru_utime + usage.ru_stime)
+    m = re.search(r"embedded \d+ rows in ([0-9.]+) s", stdout + stderr)
+    steady = re.search(r"([0-9.]+) rows/s after the first shard", stdout + stderr)
     if steady and side:
         STEADY.setdefault(side, []).append(float(steady.group(1)))
     return wall, float(m.group(1)) if m else None
@@ -166,6 +189,13 @@ def embeddings(path: str) -> np.ndarray:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=20000)
+    ap.add_argument("--corpus", choices=("words", "prose"), default="words",
+                    help="random words (--min-words..--max-words per row) or real prose: the "
+                         "standard library's docstring paragraphs (floe.textsets)")
+    ap.add_argument("--peer-dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                    help="sentence-transformers' dtype; auto: bfloat16 on CPUs with AMX or "
+                         "avx512_bf16, float32 elsewhere (bf16 is emulated, several times slower, "
+                         "without them): the library at its fastest on this CPU")
     ap.add_argument("--min-words", type=int, default=8)
     ap.add_argument("--max-words", type=int, default=80)
     ap.add_argument("--runs", type=int, default=1)
@@ -191,7 +221,12 @@ def main() -> int:
     model = args.model or embedded_model_path()
     work = args.workdir or tempfile.mkdtemp(prefix="floe-bench-corpus-")
     corpus = os.path.join(work, "corpus.parquet")
-    make_corpus(corpus, args.rows, args.min_words, args.max_words, args.seed)
+    args.rows = make_corpus(corpus, args.corpus, args.rows, args.min_words, args.max_words, args.seed)
+    from floe.engine.hardware import cpu_has_fast_bf16
+
+    peer_dtype = args.peer_dtype
+    if peer_dtype == "auto":
+        peer_dtype = "bfloat16" if cpu_has_fast_bf16() else "float32"
     tokens = count_tokens(corpus, model)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="true")
     results: dict[str, list[float]] = {"floe": [], "peer": []}
@@ -208,7 +243,8 @@ def main() -> int:
             for leftover in (out, out + ".parts"):
                 subprocess.run(["rm", "-rf", leftover])
             if side == "peer":
-                walls[side], _ = timed([sys.executable, "-c", PEER, corpus, out, model], env)
+                walls[side], _ = timed([sys.executable, "-c", PEER, corpus, out, model, peer_dtype],
+                                       env, side)
                 continue
             if side == "floe-serve":
                 walls[side], job = serve_side(corpus, out, model, args.engine, env)
@@ -227,9 +263,14 @@ def main() -> int:
         ref = embeddings(outs[ref_side])
         for side in sides:
             results.setdefault(side, []).append(walls[side])
-            print(json.dumps({"run": run, "side": side, "wall_s": round(walls[side], 2),
-                              "rows": args.rows, "tokens": tokens,
-                              "tokens_per_s": round(tokens / walls[side])}))
+            line = {"run": run, "side": side, "wall_s": round(walls[side], 2), "rows": args.rows,
+                    "tokens": tokens, "tokens_per_s": round(tokens / walls[side])}
+            if side in CPU:
+                line["cpu_s"] = round(CPU[side][-1], 1)
+                line["cpu_us_per_token"] = round(CPU[side][-1] / tokens * 1e6, 2)
+            if side == "peer":
+                line["dtype"] = peer_dtype
+            print(json.dumps(line), flush=True)
             if side != ref_side:
                 a = embeddings(outs[side])
                 cos = float(((a * ref).sum(1) / np.linalg.norm(a, axis=1)
@@ -263,7 +304,9 @@ def main() -> int:
     f, p = min(results["floe"]), min(results["peer"])
     print(json.dumps({"summary": True, "rows": args.rows, "tokens": tokens,
                       "floe_best_wall_s": round(f, 2), "peer_best_wall_s": round(p, 2),
-                      "speedup_peer_over_floe": round(p / f, 3),
+                      "speedup_peer_over_floe": round(p / f, 3), "peer_dtype": peer_dtype,
+                      "floe_cpu_s": round(min(CPU.get("floe", [0])), 1),
+                      "peer_cpu_s": round(min(CPU.get("peer", [0])), 1),
                       "floe_tokens_per_s": round(tokens / f), "peer_tokens_per_s": round(tokens / p),
                       "cpu_count": os.cpu_count()}))
     return 0

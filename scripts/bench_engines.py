@@ -79,13 +79,15 @@ def flops_per_token(shapes: dict, length: float) -> float:
     return shapes["layers"] * 2 * (4 * h * h + 2 * h * i + 2 * length * h)
 
 
-def matmul_peak(shapes: dict, threads: int, seconds: float, tokens: int = 4096) -> float:
-    """bf16 GFLOP/s of (tokens x hidden) @ (hidden x intermediate), the model's largest matmul."""
+def matmul_peak(shapes: dict, threads: int, seconds: float, tokens: int = 4096,
+                dtype: str = "bfloat16") -> float:
+    """GFLOP/s of (tokens x hidden) @ (hidden x intermediate), the model's largest matmul, in
+    ``dtype`` (the precision the engines run: a float32 run is measured against float32's peak)."""
     import torch
 
     torch.set_num_threads(threads)
-    a = torch.randn(tokens, shapes["hidden"]).to(torch.bfloat16)
-    b = torch.randn(shapes["hidden"], shapes["intermediate"]).to(torch.bfloat16)
+    a = torch.randn(tokens, shapes["hidden"]).to(getattr(torch, dtype))
+    b = torch.randn(shapes["hidden"], shapes["intermediate"]).to(getattr(torch, dtype))
     for _ in range(3):
         torch.matmul(a, b)
     n, t0 = 0, time.perf_counter()
@@ -160,8 +162,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown engine {kind!r}")
         print(f"# {kind}: ready in {time.perf_counter() - t0:.1f} s ({engines[kind].dtype})", flush=True)
 
-    peak = matmul_peak(shapes, args.threads, min(args.seconds, 5.0))
-    print(f"# {spec.name}, {args.threads} threads, {args.dtype}; bf16 matmul peak "
+    peak = matmul_peak(shapes, args.threads, min(args.seconds, 5.0), dtype=args.dtype)
+    print(f"# {spec.name}, {args.threads} threads, {args.dtype}; {args.dtype} matmul peak "
           f"({4096}x{shapes['hidden']} @ {shapes['hidden']}x{shapes['intermediate']}): {peak:.0f} GFLOP/s")
     results = {"model": spec.name, "threads": args.threads, "dtype": args.dtype,
                "matmul_peak_gflops": peak, "workloads": {}}

@@ -14,6 +14,18 @@ Parquet file (OUTPUT ending in .parquet) or a Parquet dataset folder with column
 input, model or option is refused."""
 
 
+def _budget(text: str):
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number of tokens or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", metavar="INPUT", help="Parquet file or folder, .jsonl or .csv file")
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT",
@@ -37,13 +49,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="engine kind passed to floe's engine factory (default: its default)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    p.add_argument("--workers", type=int, default=1,
-                   help="engine workers (Ray: actors); on CPU they share the compute threads")
+    p.add_argument("--workers", type=int, default=None,
+                   help="engine workers (Ray: actors); on CPU they share the compute threads. "
+                        "Default: 2 on a CPU with 2 or more cores, 1 per job on a GPU, 1 Ray actor")
     p.add_argument("--threads", type=int, default=None,
                    help="compute threads in all (Ray: per actor; default: all cores)")
     p.add_argument("--tokenize-threads", type=int, default=None, help="tokenizer threads")
-    p.add_argument("--batch-tokens", type=int, default=16384,
-                   help="token budget of one forward pass (padded: longest x count)")
+    p.add_argument("--batch-tokens", type=_budget, default=None, metavar="N|auto",
+                   help="token budget of one forward pass (padded: longest x count). Default "
+                        "auto: on a CPU, the fastest of 2048-16384 measured on the job's first "
+                        "batches (they are real work); on a GPU, 16384")
     p.add_argument("--max-batch-size", type=int, default=256, help="most sequences in one pass")
     p.add_argument("--shard-rows", type=int, default=10_000,
                    help="rows per output part: the unit of length-sorting, commit and resume")

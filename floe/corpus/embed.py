@@ -6,7 +6,8 @@
     plan       the shard's sequences sorted by length and cut into batches under a token budget
                (padded cost = longest x count, the replica scheduler's rule). The whole window is
                known up front, so a sort gives the least padding; the replica's Scheduler, built
-               for arrivals over time and a clock, has nothing to add here.
+               for arrivals over time and a clock, has nothing to add here. The budget is the
+               one measured fastest on the job's first batches (budget.py) unless one is given.
     run        engine.prepare + engine.run per batch -> (n, dim) float32 pooled rows
     post       normalize (as sentence-transformers does), Matryoshka slice then renormalize,
                output dtype -- the same steps as the replica's per-request post step
@@ -15,13 +16,15 @@
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
 
+from floe.corpus.budget import Batch, BudgetTuner, plan_batches  # noqa: F401 (plan_batches re-exported)
 from floe.corpus.reader import CorpusError, Rows
 from floe import validate
 from floe.errors import FloeError
@@ -64,26 +67,6 @@ class Tokenized:
         return self.tokens.total_tokens
 
 
-def plan_batches(lengths: np.ndarray, max_tokens: int, max_size: int) -> list[np.ndarray]:
-    """Indices into ``lengths`` grouped into batches: sorted by length, each batch's padded cost
-    (longest x count) within ``max_tokens`` and at most ``max_size`` sequences. A sequence longer
-    than the budget runs alone."""
-    if max_tokens < 1 or max_size < 1:
-        raise ValueError("max_tokens and max_size must be positive")
-    order = np.argsort(lengths, kind="stable")
-    batches: list[np.ndarray] = []
-    start = 0
-    n = len(order)
-    while start < n:
-        end = start + 1
-        # lengths ascend, so the batch's longest is its last sequence
-        while end < n and end - start < max_size and (end - start + 1) * int(lengths[order[end]]) <= max_tokens:
-            end += 1
-        batches.append(order[start:end])
-        start = end
-    return batches
-
-
 def post_process(arr: np.ndarray, normalize: bool, dimensions: Optional[int]) -> np.ndarray:
     """Matryoshka slice, then L2 normalization (x / max(||x||, 1e-12), as torch's F.normalize)."""
     if dimensions is not None and dimensions < arr.shape[1]:
@@ -109,16 +92,14 @@ class ShardEmbedder:
 
     It holds no engine: ``embed`` takes a ``run_batch(list of int32 id arrays) -> (n, dim)``
     callable, so the local path can spread batches over several engines and a Ray actor can use
-    its own.
+    its own. ``tuner`` cuts the batches (a fixed budget, or the one it measures).
     """
 
-    def __init__(self, spec, tokenizer, options: CorpusOptions, max_batch_tokens: int,
-                 max_batch_size: int = 256) -> None:
+    def __init__(self, spec, tokenizer, options: CorpusOptions, tuner: BudgetTuner) -> None:
         self.spec = spec
         self.tokenizer = tokenizer
         self.options = options
-        self.max_batch_tokens = max_batch_tokens
-        self.max_batch_size = max_batch_size
+        self.tuner = tuner
         if options.dimensions is not None and not 1 <= options.dimensions <= spec.dim:
             raise CorpusError(f"--dimensions must be between 1 and {spec.dim} for {spec.name}, "
                               f"got {options.dimensions}")
@@ -196,20 +177,26 @@ class ShardEmbedder:
 
     # --- batches and results -----------------------------------------------------------------
 
-    def batches(self, tok: Tokenized) -> list[tuple[np.ndarray, list[np.ndarray]]]:
-        """[(positions in ``tok.good`` order, list of id arrays)] for the shard's forward passes."""
+    def batches(self, tok: Tokenized) -> Iterator[tuple[Batch, list[np.ndarray]]]:
+        """(batch, its id arrays) for the shard's forward passes; ``batch.idx`` are positions in
+        ``tok.good`` order. A generator: it may wait for the budget measurement (budget.py), so
+        every trial batch it yields must be reported to ``self.tuner.record``."""
         offsets = tok.tokens.offsets()
         ids = tok.tokens.ids
-        out = []
-        for idx in plan_batches(tok.tokens.lengths, self.max_batch_tokens, self.max_batch_size):
-            out.append((idx, [ids[offsets[i]:offsets[i + 1]] for i in idx]))
-        return out
+        for batch in self.tuner.cut(tok.tokens.lengths):
+            yield batch, [ids[offsets[i]:offsets[i + 1]] for i in batch.idx]
 
     def embed(self, tok: Tokenized, run_batch: Callable[[list[np.ndarray]], np.ndarray]) -> np.ndarray:
         """Runs every batch of the shard in this thread; returns the pooled (n_good, dim) rows."""
         out = np.empty((len(tok.good), self.spec.dim), dtype=np.float32)
-        for idx, seqs in self.batches(tok):
-            out[idx] = run_batch(seqs)
+        for batch, seqs in self.batches(tok):
+            t0 = time.perf_counter()
+            try:
+                out[batch.idx] = run_batch(seqs)
+            except BaseException:
+                self.tuner.abandon()
+                raise
+            self.tuner.record(batch, max(len(s) for s in seqs), time.perf_counter() - t0)
         return out
 
     def result_table(self, tok: Tokenized, pooled: np.ndarray) -> tuple[pa.Table, list[dict]]:

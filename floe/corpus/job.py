@@ -7,19 +7,20 @@ finalizes the output. It returns the summary line's numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from floe.corpus.budget import tuner_for
 from floe.corpus.embed import CorpusOptions, ShardEmbedder
 from floe.corpus.reader import CorpusError, Shard, Source, open_source
 from floe.corpus.writer import FORMAT_VERSION, CorpusOutput, model_fingerprint
 
 log = logging.getLogger("floe.corpus")
 
-DEFAULT_BATCH_TOKENS = 16384
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,10 @@ class CorpusJob:
     engine: Optional[str] = None         # None: create_engine's default
     device: str = "auto"
     dtype: str = "auto"
-    workers: int = 1                     # engine workers (local) or actors (Ray)
+    workers: Optional[int] = None        # engine workers (local) or actors (Ray); None: default_workers
     threads: Optional[int] = None        # compute threads in all (local) or per actor (Ray)
     tokenize_threads: Optional[int] = None
-    batch_tokens: int = DEFAULT_BATCH_TOKENS
+    batch_tokens: Optional[int] = None   # None: measured on the job's first batches (CPU)
     max_batch_size: int = 256
     input_format: Optional[str] = None
     ray: Optional[str] = None            # None: local; "local": a new local Ray; else an address
@@ -72,6 +73,28 @@ def _id_type_name(t) -> str:
     return str(t)
 
 
+def on_gpu(device: str) -> bool:
+    """Whether the job's engines run on a GPU (``auto``: when one is usable here)."""
+    if device.startswith("cuda"):
+        return True
+    if device != "auto":
+        return False
+    from floe.engine.choice import gpu_available
+
+    return gpu_available()
+
+
+def default_workers(job: CorpusJob, cores: Optional[int] = None) -> int:
+    """Engine workers when --workers is not given. Ray: one actor (Ray places more on request).
+    A GPU: one. A CPU with 2 cores or more: two, each on half of the threads: on a 2-core AMD
+    EPYC (Zen 2, float32) 2 x 1 thread ran the random-word corpus 5% faster than 1 x 2 threads,
+    for less CPU time (docs/benchmarks.md, "The corpus path")."""
+    if job.ray is not None or on_gpu(job.device):
+        return 1
+    cores = cores if cores is not None else (job.threads or len(os.sched_getaffinity(0)))
+    return 2 if cores >= 2 else 1
+
+
 def prepare(job: CorpusJob) -> Plan:
     from floe.config import ModelSettings
     from floe.models import load_spec
@@ -82,12 +105,15 @@ def prepare(job: CorpusJob) -> Plan:
         raise CorpusError(f"--on-error must be fail or skip, not {opts.on_error!r}")
     if opts.shard_rows < 1:
         raise CorpusError("--shard-rows must be positive")
-    if job.batch_tokens < 1 or job.max_batch_size < 1:
+    if (job.batch_tokens is not None and job.batch_tokens < 1) or job.max_batch_size < 1:
         raise CorpusError("--batch-tokens and --max-batch-size must be positive")
-    if job.workers < 1:
+    if job.workers is not None and job.workers < 1:
         raise CorpusError("--workers must be at least 1")
+    if job.workers is None:
+        job = dataclasses.replace(job, workers=default_workers(job))
     spec = load_spec(ModelSettings(model=job.model))
-    embedder = ShardEmbedder(spec, Tokenizer(spec), opts, job.batch_tokens, job.max_batch_size)
+    tuner = tuner_for(spec, job.batch_tokens, job.max_batch_size, on_gpu(job.device))
+    embedder = ShardEmbedder(spec, Tokenizer(spec), opts, tuner)
     source = open_source(job.input, opts.text_column, opts.id_column, job.input_format)
     output = CorpusOutput(job.output)
     if os.path.abspath(job.input) in (output.output, output.work):

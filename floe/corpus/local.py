@@ -5,15 +5,19 @@ Threads and who owns what
 * **the reader** (a one-thread pool) reads shard k+1 and k+2 and tokenizes them, spreading each
   shard over the **tokenizer pool** (the Rust tokenizer releases the GIL), while shard k computes.
 * **the main thread** takes tokenized shards in order, cuts each into length-sorted batches and
-  puts them on a bounded queue (back-pressure: at most two batches per worker wait).
-* **N engine workers**, one engine each, take batches, run ``prepare`` + ``run`` and write the
-  pooled rows into their shard's array; the worker that finishes a shard's last batch hands the
-  shard to **the writer**.
+  puts them on a bounded queue (back-pressure: at most two batches per worker wait). On a CPU the
+  first shard's batches measure the budget (budget.py): after the trial batches the main thread
+  waits, moments, for their timings before cutting the rest.
+* **N engine workers**, one engine each, take batches, run ``prepare`` + ``run``, report trial
+  batches' times to the tuner and write the pooled rows into their shard's array; the worker that
+  finishes a shard's last batch hands the shard to **the writer**.
 * **the writer** (a one-thread pool) post-processes the shard, writes its part file (atomic
   rename) and counts progress.
 
-On CPU the workers split the compute threads (``--threads``, default all cores) between them; on
-several GPUs worker i runs on GPU i mod count. The first failure stops the job: queued batches
+On CPU the workers split the compute threads (``--threads``, default all cores) between them,
+unpinned (OpenVINO pins a stream's threads to cores, and engines in one process would all pin to
+the same ones: two 1-thread workers measured one core's throughput); on several GPUs worker i runs
+on GPU i mod count. The first failure stops the job: queued batches
 are dropped, shards already committed stay for the rerun.
 """
 
@@ -23,6 +27,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional
@@ -36,19 +41,49 @@ from floe.corpus.progress import Progress
 log = logging.getLogger("floe.corpus")
 
 READ_AHEAD = 2   # shards read and tokenized ahead of the one computing
+BACKGROUND_NICE = 10   # reading, tokenizing and writing yield the cores to the forward pass
+
+
+def _background_thread() -> None:
+    """Pool initializer: this thread runs at a lower priority than the engine's threads.
+
+    Reading, tokenizing and writing are a few percent of the job, but a thread of theirs that
+    preempts one of the engine's threads stalls the whole forward at its next barrier. At nice 10
+    they take the CPU the forward leaves idle (between batches, at the end of a shard), and when
+    the engine waits for their next shard they have the cores to themselves. Linux applies
+    niceness per thread; elsewhere this does nothing.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+    except (AttributeError, OSError):
+        pass
 
 
 class _ShardState:
-    def __init__(self, tok: Tokenized, n_batches: int, dim: int) -> None:
+    """A shard's pooled rows as its batches fill them. Its batches are cut while earlier ones
+    run, so the shard is complete when it is sealed (no more batches) and none is left."""
+
+    def __init__(self, tok: Tokenized, dim: int) -> None:
         self.tok = tok
         self.pooled = np.empty((len(tok.good), dim), dtype=np.float32)
-        self.left = n_batches
+        self.left = 0
+        self.sealed = False
         self.lock = threading.Lock()
+
+    def add(self) -> None:
+        with self.lock:
+            self.left += 1
+
+    def seal(self) -> bool:
+        """No more batches; True when every batch has already finished."""
+        with self.lock:
+            self.sealed = True
+            return self.left == 0
 
     def batch_done(self) -> bool:
         with self.lock:
             self.left -= 1
-            return self.left == 0
+            return self.sealed and self.left == 0
 
 
 def _worker_devices(device: str, n: int) -> list[str]:
@@ -79,7 +114,8 @@ def make_engines(plan: Plan) -> list:
             engines.append(FakeEngine(plan.spec, seconds_per_token=r.fake_seconds_per_token,
                                       seconds_per_batch=r.fake_seconds_per_batch))
             continue
-        engines.append(create_engine(plan.spec, device=dev, dtype=job.dtype, threads=share, **kw))
+        engines.append(create_engine(plan.spec, device=dev, dtype=job.dtype, threads=share,
+                                     share_cores=job.workers > 1, **kw))
     e = engines[0]
     log.info("%d engine worker(s): %s on %s in %s, %d thread(s) each", len(engines),
              type(e).__name__, e.device, e.dtype, share)
@@ -93,10 +129,16 @@ class _Pipeline:
         self.engines: list = []
         self.embedder = plan.embedder
         job = plan.job
-        tok_threads = job.tokenize_threads or max(1, min(8, os.cpu_count() or 1))
-        self.tok_pool = ThreadPoolExecutor(tok_threads, thread_name_prefix="floe-corpus-tok")
-        self.read_pool = ThreadPoolExecutor(1, thread_name_prefix="floe-corpus-read")
-        self.write_pool = ThreadPoolExecutor(1, thread_name_prefix="floe-corpus-write")
+        # One tokenizer call per pool thread: the Rust library's own threads would run at the
+        # engine's priority and spin between calls (TOKENIZERS_PARALLELISM=false, as in a server).
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        tok_threads = job.tokenize_threads or max(1, min(8, len(os.sched_getaffinity(0))))
+        self.tok_pool = ThreadPoolExecutor(tok_threads, thread_name_prefix="floe-corpus-tok",
+                                           initializer=_background_thread)
+        self.read_pool = ThreadPoolExecutor(1, thread_name_prefix="floe-corpus-read",
+                                            initializer=_background_thread)
+        self.write_pool = ThreadPoolExecutor(1, thread_name_prefix="floe-corpus-write",
+                                             initializer=_background_thread)
         self.work: queue.Queue = queue.Queue(maxsize=2 * max(1, plan.job.workers))
         self.error: Optional[BaseException] = None
         self._err_lock = threading.Lock()
@@ -115,18 +157,23 @@ class _Pipeline:
         return self.embedder.tokenize(rows, self.tok_pool)
 
     def _worker(self, engine) -> None:
+        tuner = self.embedder.tuner
         while True:
             item = self.work.get()
             if item is None:
                 return
-            state, idx, seqs = item
+            state, batch, seqs = item
             if self.error is not None:
+                tuner.record(batch, 0, None)
                 continue  # the job failed: drop queued work
+            t0 = time.perf_counter()
             try:
-                state.pooled[idx] = engine.run(engine.prepare(seqs))
+                state.pooled[batch.idx] = engine.run(engine.prepare(seqs))
             except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                tuner.record(batch, 0, None)
                 self.fail(exc)
                 continue
+            tuner.record(batch, max(len(s) for s in seqs), time.perf_counter() - t0)
             if state.batch_done():
                 self._submit_write(state)
 
@@ -168,17 +215,19 @@ class _Pipeline:
                 nxt = next(pending, None)
                 if nxt is not None:
                     ahead.append(self.read_pool.submit(self._read, nxt))
-                batches = self.embedder.batches(tok)
-                state = _ShardState(tok, len(batches), self.plan.spec.dim)
-                if not batches:
-                    self._submit_write(state)
-                for idx, seqs in batches:
+                state = _ShardState(tok, self.plan.spec.dim)
+                for batch, seqs in self.embedder.batches(tok):
                     if self.error is not None:
-                        break
-                    self.work.put((state, idx, seqs))
+                        self.embedder.tuner.record(batch, 0, None)
+                        continue  # report the rest of the trial, if any, as dropped
+                    state.add()
+                    self.work.put((state, batch, seqs))
+                if state.seal() and self.error is None:
+                    self._submit_write(state)
         except BaseException as exc:
             self.fail(exc)
         finally:
+            self.embedder.tuner.abandon()
             for _ in workers:
                 self.work.put(None)
             for t in workers:

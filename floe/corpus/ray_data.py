@@ -114,11 +114,12 @@ class _EmbedActor:
     worker's start."""
 
     def __init__(self, model: str, options: dict, engine: Optional[str], device: str, dtype: str,
-                 threads: int, batch_tokens: int, max_batch_size: int, work: str,
+                 threads: int, batch_tokens: Optional[int], max_batch_size: int, work: str,
                  manifest: dict) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         from floe.config import ModelSettings
+        from floe.corpus.budget import tuner_for
         from floe.corpus.embed import ShardEmbedder
         from floe.corpus.writer import schema_for
         from floe.engine import create_engine
@@ -129,8 +130,9 @@ class _EmbedActor:
         spec = load_spec(ModelSettings(model=model))
         kw = {} if engine is None else {"kind": engine}
         self.engine = create_engine(spec, device=device, dtype=dtype, threads=threads, **kw)
-        self.embedder = ShardEmbedder(spec, Tokenizer(spec), CorpusOptions(**options),
-                                      batch_tokens, max_batch_size)
+        # each actor measures its own budget (its engine, its cores) unless one is given
+        tuner = tuner_for(spec, batch_tokens, max_batch_size, self.engine.device.startswith("cuda"))
+        self.embedder = ShardEmbedder(spec, Tokenizer(spec), CorpusOptions(**options), tuner)
         # the Rust tokenizer releases the GIL: a shard's chunks tokenize on the actor's cores
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="floe-tokenize")
         self.work = work

@@ -17,12 +17,14 @@ log = logging.getLogger(__name__)
 
 
 def create_engine(spec: ModelSpec, kind: str = "auto", device: str = "auto", dtype: str = "auto",
-                  threads: Optional[int] = None, cache_dir: Optional[str] = None) -> Engine:
+                  threads: Optional[int] = None, cache_dir: Optional[str] = None,
+                  share_cores: bool = False) -> Engine:
     """Builds the engine for ``spec``: "auto", "torch", "openvino" or "fake".
 
     ``auto`` logs which backend it picked and why. When OpenVINO cannot convert the model (or the
     conversion differs from the torch model), the replica falls back to torch with a WARNING.
     ``cache_dir`` holds converted models (default: ``openvino_engine.default_cache_dir()``).
+    ``share_cores``: other engines run in this process too, so none may pin its threads to cores.
 
     Raises ConfigError for an unknown kind or an impossible device/dtype, ModelLoadError when the
     weights cannot be loaded.
@@ -38,7 +40,8 @@ def create_engine(spec: ModelSpec, kind: str = "auto", device: str = "auto", dty
         from floe.engine.openvino_engine import ConversionError, OpenVINOEngine
 
         try:
-            return OpenVINOEngine(spec, dtype=dtype, threads=threads, cache_dir=cache_dir)
+            return OpenVINOEngine(spec, dtype=dtype, threads=threads, cache_dir=cache_dir,
+                                  pin_threads=not share_cores)
         except ConversionError as exc:
             log.warning("engine: OpenVINO cannot run %s (%s): falling back to the torch engine",
                         spec.name, exc)

@@ -261,7 +261,11 @@ class OpenVINOEngine(Engine):
     backend = "openvino"
 
     def __init__(self, spec: ModelSpec, dtype: str = "auto", threads: Optional[int] = None,
-                 cache_dir: Optional[str] = None) -> None:
+                 cache_dir: Optional[str] = None, pin_threads: bool = True,
+                 profile: bool = False) -> None:
+        """``pin_threads``: let OpenVINO pin its threads to cores (its default). Off where several
+        engines share one process: each would pin to the same first cores. ``profile``: keep
+        per-node performance counters (``profiling_info``), for scripts/profile_engine.py."""
         import openvino as ov
 
         self.spec = spec
@@ -286,7 +290,10 @@ class OpenVINOEngine(Engine):
             "INFERENCE_NUM_THREADS": self.threads,
             "NUM_STREAMS": 1,
             "PERFORMANCE_HINT": "LATENCY",
+            "ENABLE_CPU_PINNING": bool(pin_threads),
         }
+        if profile:
+            self._config["PERF_COUNT"] = True
         xml = os.path.join(self.model_dir, "model.xml")
         with _locked(os.path.join(root, key + ".lock")):
             if os.path.isfile(xml):
@@ -383,6 +390,10 @@ class OpenVINOEngine(Engine):
             self._request.infer({"input_ids": prepared.input_ids,
                                  "attention_mask": prepared.attention_mask}, share_inputs=True)
             return np.array(self._request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+
+    def profiling_info(self) -> list:
+        """The last forward's per-node counters (an engine built with ``profile=True``)."""
+        return list(self._request.profiling_info)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
