@@ -116,6 +116,13 @@ def make_engines(plan: Plan) -> list:
             continue
         engines.append(create_engine(plan.spec, device=dev, dtype=job.dtype, threads=share,
                                      share_cores=job.workers > 1, **kw))
+    # One tiny forward per engine, here, before the worker threads start: the first call into
+    # OpenVINO's Python bindings initializes function-local statics under a C++ guard that waits
+    # while holding what the other thread needs, and two workers making their first call at once
+    # deadlocked (py-spy: both in __cxa_guard_acquire under InferRequest.infer).
+    probe = [np.full(min(8, plan.spec.max_seq_length), min(1000, plan.spec.vocab_size - 1), np.int32)]
+    for engine in engines:
+        engine.run(engine.prepare(probe))
     e = engines[0]
     log.info("%d engine worker(s): %s on %s in %s, %d thread(s) each", len(engines),
              type(e).__name__, e.device, e.dtype, share)
