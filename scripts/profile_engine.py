@@ -85,7 +85,6 @@ def profile_openvino(spec, dtype: str, threads: int, shapes, repeats: int) -> No
 
 
 def profile_torch(spec, dtype: str, threads: int, shapes, repeats: int) -> None:
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from floe.engine.torch_engine import TorchEngine
@@ -119,7 +118,6 @@ def profile_torch(spec, dtype: str, threads: int, shapes, repeats: int) -> None:
         print("|---|---|")
         for name, us in groups.most_common(8):
             print(f"| {name} | {100 * us / total:.1f}% |")
-        del torch
 
 
 def main(argv=None) -> int:
