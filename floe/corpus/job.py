@@ -87,8 +87,8 @@ def on_gpu(device: str) -> bool:
 def default_workers(job: CorpusJob, cores: Optional[int] = None) -> int:
     """Engine workers when --workers is not given. Ray: one actor (Ray places more on request).
     A GPU: one. A CPU with 2 cores or more: two, each on half of the threads: on a 2-core AMD
-    EPYC (Zen 2, float32) 2 x 1 thread ran the random-word corpus 5% faster than 1 x 2 threads,
-    for less CPU time (docs/benchmarks.md, "The corpus path")."""
+    EPYC (Zen 2, float32) 2 x 1 thread ran the random-word corpus 2-5% faster than 1 x 2 threads,
+    for less CPU time (docs/benchmarks.md, section 1)."""
     if job.ray is not None or on_gpu(job.device):
         return 1
     cores = cores if cores is not None else (job.threads or len(os.sched_getaffinity(0)))

@@ -13,7 +13,7 @@ __all__ = ["Placement", "plan_placement", "visible_gpus", "usable_cores", "front
            "batch_budget", "batch_fill_floor", "CPU_BATCH_TOKENS", "GPU_BATCH_TOKENS"]
 
 # Default --max-batch-tokens. On CPU the engine's rate per real token is flat from 4096 to 16384
-# padded tokens (docs/benchmarks.md, "Engine rate against the batch budget"), and the smaller
+# padded tokens (docs/benchmarks-history.md, "Engine rate against the batch budget"), and the smaller
 # budget keeps each batch to closer lengths: on the uniform 16-256 workload served at concurrency
 # 64, fill 0.89 against 0.76 and 7% more tokens/s. 2048 halved the rate. A GPU needs the larger
 # batches to saturate.
@@ -25,7 +25,7 @@ GPU_BATCH_TOKENS = 16384
 # a pass costing its padded tokens plus 2 ms, 16, 32 or 64 requests of 16 inputs queued per
 # replica) the floor raised the fill from 0.87 / 0.92 / 0.96 to 0.93 / 0.95 / 0.97 and the real
 # tokens per second by 3.5 / 1.7 / 0.9% (-1.3% at 64 if a pass had a fixed 10 ms). Served
-# (docs/benchmarks.md, "The fill floor, served"): fill 0.90 -> 0.95 and +26% / +51% tokens/s in
+# (docs/benchmarks-history.md, "The fill floor, served"): fill 0.90 -> 0.95 and +26% / +51% tokens/s in
 # two rounds with the OpenVINO engine. On a GPU a pass has a fixed cost that larger batches
 # amortize: off.
 CPU_MIN_BATCH_FILL = 0.9
