@@ -1,5 +1,5 @@
 import sys
 
-from floe.cli import main
+from floe.entrypoints.cli import main
 
 sys.exit(main())

@@ -109,7 +109,7 @@ class BatchSettings:
 
 @dataclass(frozen=True)
 class ReplicaSetSettings:
-    """Replica processes behind one endpoint (see floe/replicas/)."""
+    """Replica processes behind one endpoint (see floe/fleet/)."""
 
     num_replicas: int = _knob(2, "Model replica processes behind the endpoint.")
     replica_transport: Literal["unix", "tcp"] = _knob(

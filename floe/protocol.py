@@ -158,7 +158,7 @@ class EmbedResult:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where one replica runs (computed by floe/replicas/placement.py)."""
+    """Where one replica runs (computed by floe/fleet/placement.py)."""
 
     cuda_visible_devices: Optional[str] = None
     gpu_memory_fraction: Optional[float] = None

@@ -74,12 +74,12 @@ def floe_serve(*args: str, env: Optional[dict] = None, ready_timeout: float = 30
 
 
 def floe_cli(*argv: str, stdin: str = "") -> subprocess.CompletedProcess:
-    """Runs ``floe ARGV`` in this process (floe.cli.main) with its own stdin, stdout and stderr.
+    """Runs ``floe ARGV`` in this process (floe.entrypoints.cli.main) with its own stdin, stdout and stderr.
 
     The same parsing, exit codes and messages as ``python -m floe``, without a fresh interpreter
     importing everything again (5-10 s each on a slow 2-core machine). Each CLI module keeps one
     test that starts the real entry point as a subprocess."""
-    from floe.cli import main
+    from floe.entrypoints.cli import main
 
     out_bytes, err_bytes = io.BytesIO(), io.BytesIO()
     out = io.TextIOWrapper(out_bytes, encoding="utf-8", write_through=True)

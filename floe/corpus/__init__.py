@@ -11,7 +11,7 @@ local path and the Ray path share the same reader, the same embedding step and t
     writer.py   the output folder: manifest (fingerprints), part files, the final atomic output
     local.py    the in-process pipeline: read/tokenize, compute on N engine workers, write, overlapped
     ray_data.py the same job on Ray Data (read tasks, an actor pool of floe engines that commit shards)
-    args.py     the command-line options (imported by floe.cli; imports nothing heavy)
+    args.py     the command-line options (imported by floe.entrypoints.cli; imports nothing heavy)
 
 Nothing here is imported by ``floe serve``.
 """

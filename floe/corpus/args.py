@@ -1,4 +1,4 @@
-"""``floe embed-corpus`` options. Imported by floe.cli: nothing heavy at import time."""
+"""``floe embed-corpus`` options. Imported by floe.entrypoints.cli: nothing heavy at import time."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def job_from_args(args: argparse.Namespace):
 
 def main(args: argparse.Namespace) -> int:
     """Runs the job; prints the one-line summary on stdout. Exit 2 on a refused or failed job."""
-    from floe.cli import setup_logging
+    from floe.logs import setup_logging
 
     setup_logging(args.log_level)
     from floe.corpus.job import run

@@ -38,8 +38,8 @@ class _Uvicorn(uvicorn.Server):
 
 async def serve(settings: Settings, ready_event: Optional[asyncio.Event] = None) -> int:
     from floe.models import load_spec
-    from floe.replicas.manager import ReplicaManager
-    from floe.replicas.placement import frontend_workers, usable_cores, visible_gpus
+    from floe.fleet.manager import ReplicaManager
+    from floe.fleet.placement import frontend_workers, usable_cores, visible_gpus
     from floe.tokenize import TokenizerPool
 
     t_start = time.perf_counter()
@@ -179,13 +179,13 @@ def http_config(service: EmbedService, settings: Settings) -> uvicorn.Config:
 def fit_max_length(settings: Settings, model_max_length: int) -> Settings:
     """Settles the batch budget and keeps the longest input inside it (the scheduler's invariant).
 
-    The budget is --max-batch-tokens, or the device's default (floe/replicas/placement.py
+    The budget is --max-batch-tokens, or the device's default (floe/fleet/placement.py
     ``batch_budget``); the result carries it, so replicas and front-end workers get a number.
     A model whose max length exceeds the budget (Qwen3-Embedding: 32768) would otherwise form
     batches over budget. With auto-truncate the max length is lowered to the budget, with a
     notice; without it the server refuses to start, naming both settings (TEI does the same).
     """
-    from floe.replicas.placement import batch_budget, visible_gpus
+    from floe.fleet.placement import batch_budget, visible_gpus
 
     budget = batch_budget(settings.batch.max_batch_tokens,
                           bool(visible_gpus(settings.model.device)), model_max_length)

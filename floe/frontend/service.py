@@ -42,7 +42,7 @@ class EmbedService:
         self.settings = settings
         self.spec = spec
         self.tokenizers = tokenizers      # floe.tokenize.TokenizerPool
-        self.router = router              # floe.replicas.manager.ReplicaManager
+        self.router = router              # floe.fleet.manager.ReplicaManager
         self.api_key = settings.server.api_key
         self.model_name = spec.name
         srv = settings.server

@@ -4,7 +4,7 @@ Started by floe/frontend/workers.py with a ``FrontendLaunch`` (floe/protocol.py)
 environment: the settings tree, the inherited listening HTTP socket and the shared metrics
 directory. It runs the same front end as the main process (floe/frontend/server.py
 ``run_frontend``: tokenizer pool, validation, HTTP and gRPC on the shared ports) and routes to
-the replicas that the main process supervises (floe/replicas/remote.py), whose table arrives on
+the replicas that the main process supervises (floe/fleet/remote.py), whose table arrives on
 stdin. It prints a ``FrontendHello`` line once it serves, drains on SIGTERM, and drains and exits
 when stdin closes (the main process is gone).
 """
@@ -43,7 +43,7 @@ async def run(launch: FrontendLaunch) -> int:
     from floe.frontend.server import fit_max_length, run_frontend, tokenizer_threads
     from floe.frontend.service import EmbedService
     from floe.models import load_spec
-    from floe.replicas.remote import RemoteReplicas
+    from floe.fleet.remote import RemoteReplicas
     from floe.tokenize import TokenizerPool
 
     settings = settings_from_dict(launch.settings)
@@ -89,7 +89,7 @@ def main() -> int:
     if launch.metrics_dir:
         # before prometheus_client is imported: count into the files every front end shares
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = launch.metrics_dir
-    from floe.cli import setup_logging
+    from floe.logs import setup_logging
     from floe.config import settings_from_dict
 
     srv = settings_from_dict(launch.settings).server

@@ -12,7 +12,7 @@ running and tells them where the replicas are. Every front end serves the same p
   connections over them.
 
 Each worker routes to every replica with its own channels and its own in-flight counts
-(floe/replicas/remote.py); its balancer starts at its own index, so idle-time requests of
+(floe/fleet/remote.py); its balancer starts at its own index, so idle-time requests of
 different workers do not all land on replica 0. The replica table (floe/protocol.py
 ``ReplicaTable``) goes to each worker's stdin at start, on every change and every health
 interval; stdin closing tells a worker the main process is gone.
@@ -44,7 +44,7 @@ _BACKOFF_START_S, _BACKOFF_CAP_S = 0.5, 10.0
 
 
 def replica_table(slots) -> ReplicaTable:
-    """The supervisor's view of its replica slots (floe/replicas/supervisor.py), for the workers."""
+    """The supervisor's view of its replica slots (floe/fleet/supervisor.py), for the workers."""
     out = []
     for s in slots:
         proc, client = s.proc, s.client

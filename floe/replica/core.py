@@ -123,7 +123,7 @@ class ReplicaCore:
         self.spec = engine.spec
         self.settings = batch
         self.replica_id = replica_id
-        from floe.replicas.placement import batch_budget, batch_fill_floor
+        from floe.fleet.placement import batch_budget, batch_fill_floor
 
         on_gpu = str(engine.device).startswith("cuda")
         if batch.max_batch_tokens is None:

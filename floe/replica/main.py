@@ -3,7 +3,7 @@
 This file only wraps ReplicaCore (floe/replica/core.py) with a socket, signals and the parent's
 watch. A replica runs in one of two ways:
 
-* **managed** (started by the replica manager, floe/replicas/supervisor.py): the whole settings
+* **managed** (started by the replica manager, floe/fleet/supervisor.py): the whole settings
   tree, its address (a Unix socket by default), placement and a per-launch token arrive as a
   ``ReplicaLaunch`` (floe/protocol.py) in FLOE_REPLICA_LAUNCH. It requires the token on every
   call but health, trusts the front end's validation (its core only asserts invariants), writes

@@ -20,7 +20,7 @@ from floe.errors import UnavailableError
 from floe.frontend.admission import Admission
 from floe.models import load_spec
 from floe.protocol import EncodeOptions, TokenBatch
-from floe.replicas.manager import ReplicaManager, ReplicaStartError
+from floe.fleet.manager import ReplicaManager, ReplicaStartError
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""`python -m floe.replica_manager` as a process: ArcticInference clients, SIGTERM drain, SIGKILL.
+"""`python -m floe.entrypoints.replica_manager` as a process: ArcticInference clients, SIGTERM drain, SIGKILL.
 
 The ArcticInference-style client below speaks arctic_inference.InferenceService the way that
 project's client does: prompts or one int32 LE byte string per prompt in, one float32 LE byte
@@ -61,7 +61,7 @@ def pid_alive(pid: int) -> bool:
 @contextlib.contextmanager
 def replica_manager(tmp_path, *extra, env=None):
     port, start = free_port(), free_port_range(2)
-    cmd = [sys.executable, "-m", "floe.replica_manager", "--engine", "fake", "--model", "default",
+    cmd = [sys.executable, "-m", "floe.entrypoints.replica_manager", "--engine", "fake", "--model", "default",
            "--host", "127.0.0.1", "--port", str(port), "--start-port", str(start),
            "--num-replicas", "2", "--health-interval", "0.2", *extra]
     log_path = tmp_path / f"manager-{port}.log"
@@ -179,7 +179,7 @@ def test_manager_sigkill_replicas_exit_by_themselves(tmp_path):
 
 
 def test_refused_settings_exit_2_with_message():
-    out = subprocess.run([sys.executable, "-m", "floe.replica_manager", "--engine", "fake",
+    out = subprocess.run([sys.executable, "-m", "floe.entrypoints.replica_manager", "--engine", "fake",
                           "--tensor-parallel-size", "2"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 2

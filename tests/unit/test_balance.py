@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from floe.replicas.balance import Balancer, ReplicaLoad
+from floe.fleet.balance import Balancer, ReplicaLoad
 
 
 def loads(n, unhealthy=(), tokens=None):

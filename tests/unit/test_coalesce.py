@@ -1,4 +1,4 @@
-"""The front end's merging of concurrent requests into one replica call (floe/replicas/coalesce.py):
+"""The front end's merging of concurrent requests into one replica call (floe/fleet/coalesce.py):
 each request gets exactly its own rows, failures keep their kind per request, cancellation and
 abort leave the other members alone."""
 
@@ -11,8 +11,8 @@ import pytest
 
 from floe.errors import CancelledError as FloeCancelled, ErrorKind, OverloadedError
 from floe.protocol import EmbedResult, EncodeOptions, TokenBatch
-from floe.replicas.client import ReplicaFailedError
-from floe.replicas.coalesce import Coalescer, split
+from floe.fleet.client import ReplicaFailedError
+from floe.fleet.coalesce import Coalescer, split
 
 DIM = 4
 
@@ -181,7 +181,7 @@ def test_a_merged_call_holds_at_most_one_forward_pass():
 
 def test_merge_limits_follow_the_batch_settings():
     from floe.config import BatchSettings, ReplicaSetSettings, Settings
-    from floe.replicas.client import coalesce_limits
+    from floe.fleet.client import coalesce_limits
 
     s = Settings(batch=BatchSettings(max_batch_tokens=2048, max_batch_size=1),
                  replicas=ReplicaSetSettings(coalesce_tokens=4096))

@@ -36,7 +36,7 @@ def test_dockerfile_passes_hadolint():
 
 
 def test_dockerfile_serves_on_all_interfaces_with_flags_floe_knows():
-    from floe.cli import build_parser
+    from floe.entrypoints.cli import build_parser
     text = open(os.path.join(DEPLOY, "Dockerfile")).read()
     entry = re.search(r"^ENTRYPOINT (\[.*\])$", text, re.M)
     assert entry, "no exec-form ENTRYPOINT"
@@ -77,7 +77,7 @@ def container(docs: dict) -> dict:
 
 def serve_settings(c: dict):
     """What `floe serve` makes of the container's command line (the image's entrypoint + args)."""
-    from floe.cli import build_parser
+    from floe.entrypoints.cli import build_parser
     from floe.config import settings_from
     args = build_parser().parse_args(["serve", "--host", "0.0.0.0", *c["args"]])
     return settings_from(args)

@@ -10,9 +10,9 @@ import pytest
 from floe.config import ReplicaSetSettings, ServerSettings, Settings
 from floe.errors import ConfigError
 from floe.protocol import FrontendHello, FrontendLaunch, ReplicaEndpoint, ReplicaTable
-from floe.replicas.balance import Balancer, ReplicaLoad
-from floe.replicas.placement import frontend_workers
-from floe.replicas.remote import RemoteReplicas
+from floe.fleet.balance import Balancer, ReplicaLoad
+from floe.fleet.placement import frontend_workers
+from floe.fleet.remote import RemoteReplicas
 
 
 def _settings(workers=None, replicas=2) -> Settings:

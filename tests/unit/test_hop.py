@@ -14,7 +14,7 @@ import pytest
 from floe.errors import InternalError, OverloadedError, TooLargeError, UnavailableError, ValidationError
 from floe.proto import floe_pb2
 from floe.protocol import EmbedResult, EncodeOptions, TokenBatch, request_to_proto
-from floe.replicas.client import ReplicaClient, ReplicaFailedError, ReplicaTimeoutError
+from floe.fleet.client import ReplicaClient, ReplicaFailedError, ReplicaTimeoutError
 from floe.transport import hop
 from floe.transport.hop import (CANCEL, ENCODE, HEADER, HELLO, HopClient, HopClosedError,
                                 HopTimeoutError, frame, start_hop_server)

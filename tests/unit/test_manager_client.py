@@ -11,7 +11,7 @@ from floe.engine.fake import FakeEngine
 from floe.models.spec import ModelSpec
 from floe.proto import floe_pb2, floe_pb2_grpc
 from floe.protocol import EmbedResult, EncodeOptions, TokenBatch, result_to_proto, tokens_from_proto
-from floe.replicas.client import ReplicaClient, ReplicaFailedError, ReplicaTimeoutError
+from floe.fleet.client import ReplicaClient, ReplicaFailedError, ReplicaTimeoutError
 
 SPEC = ModelSpec(path="", name="t", architecture="BertModel", model_type="bert", hidden_size=8,
                  dim=8, max_seq_length=16, vocab_size=100, pooling="mean")
@@ -190,7 +190,7 @@ class FakeProcess:
 async def test_a_busy_replica_that_misses_probes_is_not_killed_a_silent_one_is(server):
     from floe.config import ReplicaSetSettings, Settings
     from floe.protocol import Placement
-    from floe.replicas.supervisor import PROBE_FAILURES_TO_KILL, ReplicaSlot
+    from floe.fleet.supervisor import PROBE_FAILURES_TO_KILL, ReplicaSlot
 
     servicer, address, _ = server
     servicer.mode = "slow_health"

@@ -2,14 +2,18 @@
 
 import asyncio
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from floe.config import settings_from, settings_to_dict
 from floe.errors import ConfigError
-from floe.protocol import ReplicaLaunch
+from floe.protocol import Placement, ReplicaLaunch
 from floe.replica.main import runtime_from_launch
-from floe.replicas.placement import plan_placement, visible_gpus
-from floe.replicas.supervisor import _LAUNCHER, describe_exit
+from floe.fleet.placement import plan_placement, visible_gpus
+from floe.fleet.supervisor import describe_exit
 
 
 def settings(**replicas):
@@ -93,10 +97,26 @@ def test_launch_gpu_fraction():
     assert rt.gpu_memory_fraction == pytest.approx(0.25)
 
 
-def test_launcher_runs_the_replica_module_and_reads_the_launch():
-    assert "FLOE_REPLICA_LAUNCH" in _LAUNCHER and ReplicaLaunch.ENV == "FLOE_REPLICA_LAUNCH"
-    assert 'run_module("floe.replica"' in _LAUNCHER
-    compile(_LAUNCHER, "<launcher>", "exec")
+def _placement_child(parent_pid: int, cores) -> subprocess.CompletedProcess:
+    """``python -m floe.replica``'s first step, alone, in a child of this process."""
+    launch = ReplicaLaunch(settings={}, index=0, address="unix:/nonexistent", parent_pid=parent_pid,
+                           token="t", placement=Placement(cpu_cores=cores))
+    code = ("import os; from floe.replica.__main__ import _apply_launch_placement; "
+            "_apply_launch_placement(); print(sorted(os.sched_getaffinity(0)))")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, **{ReplicaLaunch.ENV: launch.to_json()}))
+
+
+def test_a_launched_replica_takes_its_cores_before_anything_else():
+    cores = sorted(os.sched_getaffinity(0))[:1]
+    r = _placement_child(os.getpid(), cores)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(cores)
+
+
+def test_a_launched_replica_whose_parent_is_gone_exits_at_once():
+    r = _placement_child(1, None)      # "the supervisor" is not its parent: it already died
+    assert r.returncode == 0 and r.stdout == ""
 
 
 def test_port_in_use_is_refused_at_bind():

@@ -5,12 +5,12 @@ import subprocess
 import sys
 
 FRONT_END_MODULES = [
-    "floe.cli", "floe.replica_manager",
+    "floe.entrypoints.cli", "floe.entrypoints.replica_manager",
     "floe.frontend.http", "floe.frontend.service", "floe.frontend.server",
     "floe.frontend.admission", "floe.frontend.connections",
     "floe.transport.grpc", "floe.transport.auth",
-    "floe.replicas.manager", "floe.replicas.balance", "floe.replicas.client",
-    "floe.replicas.placement", "floe.replicas.router", "floe.replicas.supervisor",
+    "floe.fleet.manager", "floe.fleet.balance", "floe.fleet.client",
+    "floe.fleet.placement", "floe.fleet.router", "floe.fleet.supervisor",
     "floe.validate", "floe.protocol", "floe.config", "floe.errors",
     "floe.tokenize", "floe.models", "floe.client", "floe.metrics",
 ]

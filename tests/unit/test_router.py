@@ -11,9 +11,9 @@ import pytest
 from floe.errors import (InternalError, OverloadedError, TooLargeError, UnavailableError,
                          ValidationError)
 from floe.protocol import EmbedResult, EncodeOptions, TokenBatch
-from floe.replicas.balance import Balancer, ReplicaLoad
-from floe.replicas.client import ReplicaFailedError, ReplicaTimeoutError
-from floe.replicas.router import Router
+from floe.fleet.balance import Balancer, ReplicaLoad
+from floe.fleet.client import ReplicaFailedError, ReplicaTimeoutError
+from floe.fleet.router import Router
 
 TOKENS = TokenBatch.from_lists([[1, 2, 3]])
 

@@ -30,8 +30,8 @@ from typing import Optional, Protocol, Sequence
 from floe import metrics
 from floe.errors import FloeError, InternalError, OverloadedError, UnavailableError
 from floe.protocol import EmbedResult, EncodeOptions, TokenBatch
-from floe.replicas.balance import Balancer, ReplicaLoad
-from floe.replicas.client import ReplicaClient, ReplicaFailedError, ReplicaTimeoutError
+from floe.fleet.balance import Balancer, ReplicaLoad
+from floe.fleet.client import ReplicaClient, ReplicaFailedError, ReplicaTimeoutError
 
 log = logging.getLogger("floe.router")
 

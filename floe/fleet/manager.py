@@ -30,11 +30,11 @@ from floe.errors import ReplicaStartError
 from floe.models.spec import ModelSpec
 from floe.proto import floe_pb2
 from floe.protocol import EmbedResult, EncodeOptions, TokenBatch
-from floe.replicas.balance import Balancer
-from floe.replicas.placement import plan_placement, usable_cores, visible_gpus
-from floe.replicas.client import CLOSE_GRACE_S, load_fields, replica_info
-from floe.replicas.router import Router
-from floe.replicas.supervisor import ReplicaSlot
+from floe.fleet.balance import Balancer
+from floe.fleet.placement import plan_placement, usable_cores, visible_gpus
+from floe.fleet.client import CLOSE_GRACE_S, load_fields, replica_info
+from floe.fleet.router import Router
+from floe.fleet.supervisor import ReplicaSlot
 from floe.transport.grpc import grpc_target
 
 log = logging.getLogger("floe.manager")

@@ -10,27 +10,16 @@ import os
 import sys
 from typing import Optional
 
+from floe.logs import setup_logging
 from floe.config import add_arguments, settings_from
 from floe.errors import ConfigError, ModelLoadError, ReplicaStartError, WorkerStartError
-
-
-def setup_logging(level: str = "info", fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        from floe.logs import JsonFormatter
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
 
 
 def _serve(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     setup_logging(settings.server.log_level, settings.server.log_format)
     os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
-    from floe.replicas.placement import frontend_workers, usable_cores, visible_gpus
+    from floe.fleet.placement import frontend_workers, usable_cores, visible_gpus
 
     metrics_dir = None
     if frontend_workers(settings, visible_gpus(settings.model.device), usable_cores()) > 1:

@@ -1,4 +1,4 @@
-"""`python -m floe.replica_manager`: N replicas behind one public gRPC port, no HTTP.
+"""`python -m floe.entrypoints.replica_manager`: N replicas behind one public gRPC port, no HTTP.
 
 The option names follow ArcticInference's replica manager (--port is the public gRPC port, 50050;
 replicas listen on --replica-host:--start-port + i), so its users migrate by changing a command.
@@ -20,7 +20,7 @@ from floe.errors import ConfigError, ModelLoadError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m floe.replica_manager",
+        prog="python -m floe.entrypoints.replica_manager",
         description="Serve a model from several replica processes behind one gRPC endpoint "
                     "(floe.v1.Embedder and arctic_inference.InferenceService). See docs/replicas.md.",
     )
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from floe.cli import setup_logging
+    from floe.logs import setup_logging
     from floe.errors import ReplicaStartError
 
     try:
@@ -44,7 +44,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         from floe.frontend.server import serve
         return int(asyncio.run(serve(settings)) or 0)
     except (ConfigError, ModelLoadError, ReplicaStartError) as e:
-        print(f"floe.replica_manager: error: {e}", file=sys.stderr)
+        print(f"floe replica manager: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

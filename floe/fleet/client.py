@@ -28,7 +28,7 @@ from floe import errors
 from floe.errors import FloeError, UnavailableError
 from floe.proto import floe_pb2, floe_pb2_grpc
 from floe.protocol import EmbedResult, EncodeOptions, TokenBatch, request_to_proto, result_from_proto
-from floe.replicas.coalesce import Coalescer
+from floe.fleet.coalesce import Coalescer
 from floe.transport.grpc import channel_options
 from floe.transport.hop import HopClient, HopClosedError, HopTimeoutError
 
@@ -100,7 +100,7 @@ class ReplicaClient:
         # own): proof of life that the supervisor weighs against a missed health probe
         self.last_answer = 0.0
         self.closed = False
-        # requests sent in the same event-loop turn share one call (floe/replicas/coalesce.py)
+        # requests sent in the same event-loop turn share one call (floe/fleet/coalesce.py)
         self._coalescer = Coalescer(self._call, coalesce_tokens, coalesce_items)
 
     def map_error(self, err: grpc.aio.AioRpcError, timeout: Optional[float]) -> FloeError:

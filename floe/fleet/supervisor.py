@@ -4,8 +4,9 @@ A ``ReplicaSlot`` owns one replica process at a time (restarted in place) and ev
 about it; ``supervise()`` is its one task. The router reads a slot through ``client``, ``load()``,
 ``leave_rotation()`` and ``died_within()`` and never changes its lifecycle.
 
-- Spawn: ``python -c _LAUNCHER`` with a ``ReplicaLaunch`` (floe/protocol.py) in the environment:
-  the whole settings tree, the slot's address and placement, the parent pid and a per-launch token.
+- Spawn: ``python -m floe.replica`` with a ``ReplicaLaunch`` (floe/protocol.py) in the environment:
+  the whole settings tree, the slot's address and placement, the parent pid and a per-launch token
+  (floe/replica/__main__.py applies the placement before anything heavy is imported).
 - Handshake: the replica prints ``FLOE_REPLICA_READY {hello json}`` once it serves; until then a
   process exit or ``startup_timeout`` is a failed start. Exit code 2 before the first ready is the
   replica's "bad configuration or model" answer: it will not change on a restart, so the slot
@@ -37,8 +38,8 @@ from typing import Optional
 from floe.config import Settings, settings_to_dict
 from floe.errors import FloeError
 from floe.protocol import Placement, ReplicaHello, ReplicaLaunch
-from floe.replicas.balance import ReplicaLoad
-from floe.replicas.client import CLOSE_GRACE_S, ReplicaClient, coalesce_limits
+from floe.fleet.balance import ReplicaLoad
+from floe.fleet.client import CLOSE_GRACE_S, ReplicaClient, coalesce_limits
 
 log = logging.getLogger("floe.supervisor")
 
@@ -49,25 +50,6 @@ STDERR_TAIL_LINES = 20
 # A replica that ran this long before exiting is not crash-looping: its backoff starts over.
 STABLE_AFTER_S = 30.0
 
-# The child's first statements, before floe.replica is imported: set its CPU affinity (so torch's
-# thread pools are created inside it) and ask the kernel to SIGTERM it when the manager dies. A
-# preexec_fn would do the same but is unsafe in a parent that runs gRPC threads.
-_LAUNCHER = """\
-import json, os, runpy, signal, sys
-launch = json.loads(os.environ["FLOE_REPLICA_LAUNCH"])
-cores = (launch.get("placement") or {}).get("cpu_cores")
-if cores:
-    os.sched_setaffinity(0, cores)
-try:
-    import ctypes
-    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-except Exception:
-    pass  # not Linux: the replica's own watch of its parent still covers this
-if os.getppid() != launch["parent_pid"]:
-    sys.exit(0)  # the manager died before the death signal was armed
-sys.argv[0] = "floe.replica"
-runpy.run_module("floe.replica", run_name="__main__", alter_sys=True)
-"""
 
 
 def describe_exit(code: Optional[int]) -> str:
@@ -196,7 +178,7 @@ class ReplicaSlot:
             env["CUDA_VISIBLE_DEVICES"] = self.placement.cuda_visible_devices
         self.started_at = time.monotonic()
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _LAUNCHER, stdin=asyncio.subprocess.DEVNULL,
+            sys.executable, "-m", "floe.replica", stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
             start_new_session=True)
         hello: asyncio.Future = asyncio.get_running_loop().create_future()

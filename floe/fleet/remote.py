@@ -1,7 +1,7 @@
 """A front-end worker's view of replicas that another process supervises.
 
 With ``--frontend-workers N`` the main process of ``floe serve`` spawns, probes and restarts the
-replicas (floe/replicas/supervisor.py) and runs one front end; each extra front-end worker routes
+replicas (floe/fleet/supervisor.py) and runs one front end; each extra front-end worker routes
 to the same replicas through this class. It has the replica manager's request interface (encode,
 abort, ready, status, replica_infos), so the EmbedService and the transports do not know which
 kind of process they run in.
@@ -23,13 +23,13 @@ from floe.config import Settings
 from floe.models.spec import ModelSpec
 from floe.proto import floe_pb2
 from floe.protocol import EmbedResult, EncodeOptions, ReplicaEndpoint, ReplicaTable, TokenBatch
-from floe.replicas.balance import Balancer, ReplicaLoad
-from floe.replicas.client import ReplicaClient, coalesce_limits, load_fields, replica_info
-from floe.replicas.router import Router
+from floe.fleet.balance import Balancer, ReplicaLoad
+from floe.fleet.client import ReplicaClient, coalesce_limits, load_fields, replica_info
+from floe.fleet.router import Router
 
 
 class RemoteReplica:
-    """One replica for the router (the ``Target`` of floe/replicas/router.py)."""
+    """One replica for the router (the ``Target`` of floe/fleet/router.py)."""
 
     def __init__(self, index: int, receive_limit: int, coalesce: Optional[dict] = None) -> None:
         self.index = index
