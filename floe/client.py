@@ -200,17 +200,23 @@ Plan = Generator[Union[_Http, _Rpc, _Sleep], Any, Any]
 
 
 def _http_error(status: int, payload: Any, retry_after: Optional[str]) -> FloeError:
-    message = f"HTTP {status}"
+    """The FloeError an HTTP answer stands for: exactly the kind and param a floe server put in
+    its envelope (``code``, ``param``); the status's usual meaning for any other server."""
+    message, kind, param = f"HTTP {status}", None, None
     if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
-        message = str(payload["error"].get("message") or message)
+        body = payload["error"]
+        message = str(body.get("message") or message)
+        kind = body.get("code") if isinstance(body.get("code"), str) else None
+        param = body.get("param")
     seconds = None
     if retry_after:
         try:
             seconds = float(retry_after)
         except ValueError:
             seconds = None
-    kind = _HTTP_KIND.get(status, ErrorKind.INTERNAL)
-    return errors.error_of_kind(kind, message, retry_after=seconds if kind in _RETRIED else None)
+    if kind is None or kind.upper() not in ErrorKind.__members__:
+        kind = _HTTP_KIND.get(status, ErrorKind.INTERNAL).name
+    return errors.error_from_fields(kind, message, param, seconds)
 
 
 def _check_http(r) -> None:

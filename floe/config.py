@@ -115,14 +115,9 @@ class ReplicaSetSettings:
     replica_transport: Literal["unix", "tcp"] = _knob(
         "unix",
         "How the front end reaches its replicas. unix: a Unix socket in a private directory "
-        "(mode 0700) that only this user can open; no ports to collide. tcp: replica_host:"
-        "start_port + i, for replicas another host must reach.")
-    replica_hop: Literal["frames", "grpc"] = _knob(
-        "frames",
-        "How Encode calls travel to a replica on a Unix socket. frames: length-prefixed protobuf "
-        "messages on a socket of their own (floe/transport/hop.py; a fraction of gRPC's cost per "
-        "call on both sides); grpc: the replica's gRPC server, as health and info always do. "
-        "Replicas on tcp always use gRPC.")
+        "(mode 0700) that only this user can open, no ports to collide, and the link's frames "
+        "(floe/transport/frames.py: a fraction of gRPC's cost per call on both sides). tcp: "
+        "gRPC on replica_host:start_port + i, for replicas another host must reach.")
     replica_host: str = _knob("127.0.0.1", "Address replicas bind to (replica_transport tcp).")
     start_port: int = _knob(50100, "Replica i listens on start_port + i (replica_transport tcp).")
     num_gpus: int = _knob(1, "GPUs to place replicas on.")

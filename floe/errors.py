@@ -16,6 +16,7 @@ MAX_MESSAGE_CHARS = 400
 
 class ErrorKind(str, enum.Enum):
     VALIDATION = "invalid_request_error"
+    UNPROCESSABLE = "unprocessable_input"
     AUTH = "authentication_error"
     NOT_FOUND = "not_found_error"
     TOO_LARGE = "request_too_large"
@@ -44,6 +45,13 @@ class FloeError(Exception):
 
 class ValidationError(FloeError):
     kind = ErrorKind.VALIDATION
+
+
+class PoisonInputError(FloeError):
+    """The request's input made the model's process exit on two replicas (floe/fleet/router.py).
+    Not retryable: sending it again would take down another replica."""
+
+    kind = ErrorKind.UNPROCESSABLE
 
 
 class AuthError(FloeError):
@@ -115,6 +123,7 @@ class ModelLoadError(Exception):
 
 HTTP_STATUS: dict[ErrorKind, int] = {
     ErrorKind.VALIDATION: 400,
+    ErrorKind.UNPROCESSABLE: 422,
     ErrorKind.AUTH: 401,
     ErrorKind.NOT_FOUND: 404,
     ErrorKind.TOO_LARGE: 413,
@@ -129,6 +138,7 @@ HTTP_STATUS: dict[ErrorKind, int] = {
 # Names of grpc.StatusCode members (kept as strings so this module imports without grpc).
 GRPC_STATUS: dict[ErrorKind, str] = {
     ErrorKind.VALIDATION: "INVALID_ARGUMENT",
+    ErrorKind.UNPROCESSABLE: "INVALID_ARGUMENT",
     ErrorKind.AUTH: "UNAUTHENTICATED",
     ErrorKind.NOT_FOUND: "NOT_FOUND",
     ErrorKind.TOO_LARGE: "RESOURCE_EXHAUSTED",
@@ -144,7 +154,9 @@ GRPC_STATUS: dict[ErrorKind, str] = {
 # alone is ambiguous (RESOURCE_EXHAUSTED is both "too large" and "overloaded"). Every floe gRPC
 # server sets it; every floe gRPC client reads it first and falls back to the code.
 KIND_METADATA_KEY = "floe-error-kind"
+PARAM_METADATA_KEY = "floe-error-param"
 RETRY_AFTER_METADATA_KEY = "retry-after"
+_RETRYABLE = ("OVERLOADED", "UNAVAILABLE")
 
 _CLASS_OF_KIND: dict[ErrorKind, type[FloeError]] = {}  # filled below, once the classes exist
 
@@ -166,40 +178,66 @@ def error_of_kind(kind: ErrorKind, message: str = "", **kw) -> FloeError:
     return cls(message, **kw) if message else cls(**kw)
 
 
+# --- the one codec of an error's fields, for every hop ------------------------------------------
+
+def error_fields(err: FloeError) -> dict:
+    """What crosses a process boundary of an error: ``kind`` (the ErrorKind's name, lower case),
+    ``message``, ``param``, ``retry_after`` (only for the kinds a client should retry). Frames
+    carry it as JSON (floe/protocol.py), gRPC as trailing metadata (``grpc_trailing_metadata``),
+    HTTP as the OpenAI envelope plus Retry-After; each side rebuilds it with ``error_from_fields``."""
+    retry = err.retry_after if err.kind.name in _RETRYABLE else None
+    return {"kind": err.kind.name.lower(), "message": err.message, "param": err.param,
+            "retry_after": retry}
+
+
+def error_from_fields(kind: Optional[str], message: str, param: Optional[str] = None,
+                      retry_after: Optional[float] = None, *, fallback: type = None) -> FloeError:
+    """The FloeError ``error_fields`` described: exactly its kind, message, param and
+    Retry-After. An unknown or missing kind becomes ``fallback`` (default InternalError)."""
+    member = ErrorKind.__members__.get(str(kind or "").upper())
+    if member is not None:
+        err = error_of_kind(member, message)
+    else:
+        cls = fallback or InternalError
+        err = cls(message) if message else cls()
+    err.param = param if isinstance(param, str) and param else None
+    if err.kind.name in _RETRYABLE:
+        if isinstance(retry_after, (int, float)) and retry_after == retry_after and retry_after >= 0:
+            err.retry_after = float(retry_after)
+    else:
+        err.retry_after = None
+    return err
+
+
 def grpc_trailing_metadata(err: FloeError) -> tuple[tuple[str, str], ...]:
-    """What a floe gRPC server sends with ``err``'s status: its kind, and Retry-After if any."""
-    md = [(KIND_METADATA_KEY, err.kind.name.lower())]
-    if err.retry_after is not None and err.kind in (ErrorKind.OVERLOADED, ErrorKind.UNAVAILABLE):
-        md.append((RETRY_AFTER_METADATA_KEY, f"{err.retry_after:g}"))
+    """What a floe gRPC server sends with ``err``'s status: its fields (``error_fields``)."""
+    f = error_fields(err)
+    md = [(KIND_METADATA_KEY, f["kind"])]
+    if f["param"]:
+        md.append((PARAM_METADATA_KEY, f["param"]))
+    if f["retry_after"] is not None:
+        md.append((RETRY_AFTER_METADATA_KEY, f"{f['retry_after']:g}"))
     return tuple(md)
 
 
 def from_grpc_status(code_name: str, details: str, metadata=()) -> FloeError:
-    """Rebuilds the FloeError a gRPC status stands for: the kind named in the trailing metadata
-    when a floe server sent one, else the code's usual meaning. Retry-After is carried over."""
-    kind_name, retry_after = None, None
+    """Rebuilds the FloeError a gRPC status stands for: the fields a floe server sent in the
+    trailing metadata, else the code's usual meaning (a server that is not floe)."""
+    kind, param, retry_after = None, None, None
     for key, value in metadata or ():
         if isinstance(value, bytes):
             value = value.decode("latin-1")
         if key == KIND_METADATA_KEY:
-            kind_name = value
+            kind = value
+        elif key == PARAM_METADATA_KEY:
+            param = value
         elif key == RETRY_AFTER_METADATA_KEY:
             try:
                 retry_after = float(value)
             except ValueError:
                 retry_after = None
-    kind = ErrorKind.__members__.get((kind_name or "").upper())
-    if kind is not None:
-        err = error_of_kind(kind, details)
-    else:
-        cls = _FROM_GRPC.get(code_name, InternalError)
-        err = cls(details) if details else cls()
-    if err.kind in (ErrorKind.OVERLOADED, ErrorKind.UNAVAILABLE):
-        if retry_after is not None:
-            err.retry_after = retry_after
-    else:
-        err.retry_after = None
-    return err
+    return error_from_fields(kind, details, param, retry_after,
+                             fallback=_FROM_GRPC.get(code_name, InternalError))
 
 
 def from_grpc_code(code_name: str, details: str) -> FloeError:
@@ -207,7 +245,7 @@ def from_grpc_code(code_name: str, details: str) -> FloeError:
     return from_grpc_status(code_name, details)
 
 
-for _cls in (ValidationError, AuthError, ModelNotFoundError, TooLargeError, UnsupportedMediaError,
+for _cls in (ValidationError, PoisonInputError, AuthError, ModelNotFoundError, TooLargeError, UnsupportedMediaError,
              OverloadedError, UnavailableError, DeadlineError, CancelledError, InternalError):
     _CLASS_OF_KIND[_cls.kind] = _cls
 

@@ -56,6 +56,10 @@ RETRIES = Counter(
     "(the client saw success).", registry=REGISTRY)
 FAILED_RETRIES = Counter(
     "floe_replica_failed_retries", "Requests whose retry replica failed too.", registry=REGISTRY)
+POISON_INPUTS = Counter(
+    "floe_poison_inputs", "Requests refused because their input made the model's process exit on "
+    "two replicas (and later requests with the same input, refused before reaching one).",
+    registry=REGISTRY)
 TOKENIZE_SECONDS = Histogram(
     "floe_tokenization_duration_seconds", "Time to tokenize one request in the front end.",
     buckets=LATENCY_BUCKETS, registry=REGISTRY)

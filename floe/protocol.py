@@ -1,21 +1,34 @@
 """The process boundary, declared in one file.
 
 Everything that crosses between the front end and a replica is one of the types below, and the
-only code that converts them to and from the wire (floe/proto/floe.proto) lives here, with a
-round-trip test in tests/unit/test_protocol.py. Token ids and embeddings stay numpy arrays over
-raw little-endian bytes end to end: no per-float Python objects on the hot path.
+only code that converts them to and from the wire lives here, with round-trip tests in
+tests/unit/test_protocol.py:
+
+* the data plane: ``EncodeOptions``, ``TokenBatch``, ``EmbedResult`` and their protobuf form
+  (floe/proto/floe.proto), the same messages on every transport;
+* the replica link's frames (``Frame``, ``frame``, ``FrameReader``): how those messages and the
+  link's control calls (health, info, abort) travel on a replica's Unix socket, and the one error
+  codec a frame carries (``error_to_frame`` / ``error_from_frame``, over errors.error_fields);
+* the control plane: what the supervisor hands a child process at launch and what the child
+  answers (``ReplicaLaunch``, ``ReplicaHello``, ``FrontendLaunch``, ``FrontendHello``,
+  ``ReplicaTable``).
+
+Token ids and embeddings stay numpy arrays over raw little-endian bytes end to end: no per-float
+Python objects on the hot path.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
+import struct
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
-from floe.errors import ValidationError
+from floe.errors import FloeError, InternalError, ValidationError, error_fields, error_from_fields
 from floe.proto import floe_pb2
 
 # Output dtypes a client may ask for, by wire enum.
@@ -154,6 +167,86 @@ class EmbedResult:
                    token_counts=np.asarray(token_counts, dtype=np.int64), **kw)
 
 
+# --- the replica link's frames ----------------------------------------------------------------
+
+class Frame(enum.IntEnum):
+    """Frame types on a replica's Unix socket. A frame is a 9-byte header ``<payload length u32>
+    <call id u32><type u8>`` (little-endian) and its payload. Many calls share one connection and
+    are answered in any order, matched by call id.
+
+    The client opens with HELLO (the replica's launch token); a connection that does not start
+    with the right one is closed. A call is one request frame, answered by RESULT (the answer's
+    protobuf) or ERROR (``error_to_frame``). CANCEL (empty) withdraws a call: the replica drops
+    its queued work, as a gRPC deadline or cancellation would.
+    """
+
+    HELLO = 1
+    ENCODE = 2      # floe.v1.EncodeRequest          -> EncodeResponse
+    RESULT = 3
+    ERROR = 4
+    CANCEL = 5
+    HEALTH = 6      # floe.v1.HealthCheckRequest     -> HealthCheckResponse
+    INFO = 7        # floe.v1.GetReplicaInfoRequest  -> GetReplicaInfoResponse
+    ABORT = 8       # floe.v1.AbortRequest           -> AbortResponse
+
+
+# The protobuf request and answer of each call frame.
+FRAME_CALLS: dict[Frame, tuple[type, type]] = {
+    Frame.ENCODE: (floe_pb2.EncodeRequest, floe_pb2.EncodeResponse),
+    Frame.HEALTH: (floe_pb2.HealthCheckRequest, floe_pb2.HealthCheckResponse),
+    Frame.INFO: (floe_pb2.GetReplicaInfoRequest, floe_pb2.GetReplicaInfoResponse),
+    Frame.ABORT: (floe_pb2.AbortRequest, floe_pb2.AbortResponse),
+}
+FRAME_HEADER = struct.Struct("<IIB")
+MAX_CALL_ID = 2 ** 32 - 1
+
+
+def frame(kind: int, call_id: int, payload: bytes = b"") -> bytes:
+    return FRAME_HEADER.pack(len(payload), call_id, kind) + payload
+
+
+class FrameReader:
+    """Splits a byte stream into frames; ``feed`` returns the complete ones."""
+
+    def __init__(self, max_payload: int) -> None:
+        self.max_payload = max_payload
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
+        """(type, call id, payload) of each complete frame. Raises ValueError on a frame larger
+        than the limit (the connection is then unusable: the caller closes it)."""
+        buf = self._buf
+        buf += data
+        frames, pos, size = [], 0, len(buf)
+        while size - pos >= FRAME_HEADER.size:
+            length, call_id, kind = FRAME_HEADER.unpack_from(buf, pos)
+            if length > self.max_payload:
+                raise ValueError(f"a {length}-byte frame, over the {self.max_payload}-byte limit")
+            end = pos + FRAME_HEADER.size + length
+            if end > size:
+                break
+            frames.append((kind, call_id, bytes(buf[pos + FRAME_HEADER.size:end])))
+            pos = end
+        if pos:
+            del buf[:pos]
+        return frames
+
+
+def error_to_frame(err: FloeError) -> bytes:
+    """An ERROR frame's payload: the error's fields (kind, message, param, Retry-After) as JSON."""
+    return json.dumps(error_fields(err), separators=(",", ":")).encode()
+
+
+def error_from_frame(payload: bytes) -> FloeError:
+    """The FloeError an ERROR frame carries, exactly; an unreadable one is an InternalError."""
+    try:
+        d = json.loads(payload)
+        return error_from_fields(d["kind"], str(d.get("message") or ""), d.get("param"),
+                                 d.get("retry_after"))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return InternalError("the replica sent an unreadable error")
+
+
 # --- control plane: manager <-> replica process --------------------------------------------------
 
 @dataclass(frozen=True)
@@ -218,12 +311,11 @@ class _HelloLine:
 class ReplicaHello(_HelloLine):
     """The replica's handshake: one stdout line ``FLOE_REPLICA_READY {json}`` once it serves."""
 
-    address: str
+    address: str    # "unix:/path": the link's frames (floe/transport/frames.py); "host:port": gRPC
     pid: int
     engine: str
     dtype: str
     device: str
-    hop: str = ""   # the Unix socket of Encode frames (floe/transport/hop.py); "" without one
 
     PREFIX = "FLOE_REPLICA_READY"
 
@@ -269,7 +361,6 @@ class ReplicaEndpoint:
     restarts: int = 0
     message: str = ""
     pid: Optional[int] = None
-    hop: str = ""   # the replica's Encode-frames socket, "" when Encode goes over gRPC
 
 
 @dataclass(frozen=True)

@@ -59,15 +59,16 @@ class RemoteReplica:
         return (not self.closed and e is not None
                 and e.state in ("starting", "ready", "restarting"))
 
-    async def died_within(self, client: ReplicaClient, seconds: float) -> bool:
+    async def crashed_under(self, client: ReplicaClient, seconds: float) -> bool:
         """True when the supervisor reports, within ``seconds``, that the process behind
-        ``client`` is gone (a new generation, or the replica out of the ready state)."""
+        ``client`` is gone (a new generation, or the replica out of the ready state) and not
+        because it was stopped."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
         while True:
             e = self.endpoint
             if self.client is not client or e is None or e.state != "ready":
-                return True
+                return not self.closed and (e is None or e.state != "stopped")
             left = deadline - loop.time()
             if left <= 0:
                 return False
@@ -77,15 +78,14 @@ class RemoteReplica:
 
     async def apply(self, e: ReplicaEndpoint) -> None:
         old, self.endpoint = self.endpoint, e
-        stale = old is None or (old.generation, old.address, old.token, old.hop) != (
-            e.generation, e.address, e.token, e.hop)
+        stale = old is None or (old.generation, old.address, old.token) != (
+            e.generation, e.address, e.token)
         if (stale or e.state != "ready") and self.client is not None:
             client, self.client = self.client, None
             await client.close()
         if e.state == "ready" and self.client is None:
             self.client = ReplicaClient(e.address, e.index, e.token,
-                                        receive_limit=self._receive_limit, hop=e.hop,
-                                        **self._coalesce)
+                                        receive_limit=self._receive_limit, **self._coalesce)
         if e.healthy:
             self.out_of_rotation = False
         self.changed.set()

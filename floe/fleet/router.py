@@ -1,14 +1,23 @@
 """The router: pick a replica, send the request, retry once elsewhere when the replica failed.
 
 It knows replicas only through the small ``Target`` interface (a supervisor slot in production,
-a fake in the unit tests), and decides by the kind of error:
+a fake in the unit tests), and decides by the kind of error (floe/fleet/link.py tells them apart):
 
-- ``ReplicaFailedError`` (connection lost, replica shutting down), an OverloadedError from a
-  replica's own queue, or an InternalError after which the replica's process is seen to exit:
-  nothing useful was computed, so the request goes once to another healthy replica;
-- ``ReplicaTimeoutError``: 503 with Retry-After, not retried (the replica is busy or hung; the
+- ``ReplicaLost`` / ``ReplicaDraining`` (connection lost, replica stopping), an OverloadedError
+  from a replica's own queue, or an InternalError after which the replica's process is seen to
+  exit: nothing useful was computed, so the request goes once to another healthy replica;
+- ``ReplicaTimeout``: 503 with Retry-After, not retried (the replica is busy or hung; the
   supervisor finds out which) and the input is not blamed;
 - anything else (validation, too large, an engine error the replica survived) is the answer.
+
+**An input that kills the model process.** When the replica running a request crashes (its
+process exits without having been asked to), every request it held is a suspect. A suspect's
+retry runs alone (never merged with other requests) and one suspect at a time across the fleet
+(``_suspects``), so that when a replica crashes again under a lone suspect, that suspect is the
+cause: it is answered ``PoisonInputError`` (422, not retryable: a 503 would invite the client to
+kill a third replica), and its fingerprint is remembered so that the same input sent again is
+refused before it reaches a replica. Innocent requests that happened to share the first crashed
+replica pay one serialized retry, no more.
 
 When no healthy replica can take an attempt but one may come back (it is starting or
 restarting, or a failed call took it out of rotation until its next good probe), the request
@@ -24,14 +33,17 @@ Client-facing messages never name replica addresses; the log line does.
 from __future__ import annotations
 
 import asyncio
+import collections
+import hashlib
 import logging
 from typing import Optional, Protocol, Sequence
 
 from floe import metrics
-from floe.errors import FloeError, InternalError, OverloadedError, UnavailableError
+from floe.errors import FloeError, InternalError, OverloadedError, PoisonInputError, UnavailableError
 from floe.protocol import EmbedResult, EncodeOptions, TokenBatch
 from floe.fleet.balance import Balancer, ReplicaLoad
-from floe.fleet.client import ReplicaClient, ReplicaFailedError, ReplicaTimeoutError
+from floe.fleet.client import ReplicaClient
+from floe.fleet.link import ReplicaDraining, ReplicaLost, ReplicaTimeout
 
 log = logging.getLogger("floe.router")
 
@@ -51,13 +63,25 @@ class Target(Protocol):
         """True while the replica, if not in rotation now, may come back (starting, restarting,
         or out of rotation after a failed call); False once given up or stopping."""
 
-    async def died_within(self, client: ReplicaClient, seconds: float) -> bool:
-        """True when the process behind ``client`` exits within ``seconds``."""
+    async def crashed_under(self, client: ReplicaClient, seconds: float) -> bool:
+        """True when the process behind ``client`` exits within ``seconds`` without having been
+        asked to (not a drain, not its supervisor's kill of a hung process)."""
 
 
 # How often a request waiting for a replica to come back looks again: the balancer's pick is a
 # few comparisons, and a tenth of a second is small next to a restart or a probe interval.
 WAIT_POLL_S = 0.1
+# How long after a failed call the router watches for the replica's process to exit: a crash is
+# seen by its supervisor within milliseconds; a second is generous on a loaded machine.
+CRASH_WATCH_S = 1.0
+POISON_MEMORY = 1024   # fingerprints of inputs that crashed two replicas, most recent kept
+
+
+def fingerprint(tokens: TokenBatch) -> bytes:
+    """What identifies a request's inputs: its token ids and how they split into items."""
+    h = hashlib.blake2b(tokens.ids.tobytes(), digest_size=16)
+    h.update(tokens.lengths.tobytes())
+    return h.digest()
 
 
 class Router:
@@ -68,8 +92,11 @@ class Router:
         self.forward_timeout = forward_timeout
         self.replica_wait = replica_wait
         self._routes: dict[str, Target] = {}   # request id -> replica running it (for abort)
+        self._suspects = asyncio.Lock()        # one crash suspect in flight at a time
+        self._poison: collections.OrderedDict[bytes, str] = collections.OrderedDict()
         self.retried = 0          # requests that succeeded on their retry replica
         self.failed_retries = 0   # requests whose retry failed too
+        self.poisoned = 0         # requests refused as inputs that crash the model
 
     def _pick(self, exclude: list[int]) -> Optional[Target]:
         i = self.balancer.pick([t.load() for t in self.targets], exclude)
@@ -89,64 +116,105 @@ class Router:
                 return None
             await asyncio.sleep(WAIT_POLL_S)
 
+    def _refuse_known_poison(self, tokens: TokenBatch) -> None:
+        if not self._poison:
+            return   # the common case costs nothing: no hashing until an input has crashed twice
+        why = self._poison.get(fingerprint(tokens))
+        if why is not None:
+            self.poisoned += 1
+            metrics.POISON_INPUTS.inc()
+            raise PoisonInputError(why + "; it is refused without being sent again", param="input")
+
+    def _remember_poison(self, tokens: TokenBatch) -> PoisonInputError:
+        n = tokens.n
+        what = ("the input" if n == 1 else f"one or more of these {n} inputs")
+        why = (f"{what} ({tokens.total_tokens} tokens, fingerprint "
+               f"{fingerprint(tokens).hex()[:16]}) made the model's process exit on two replicas")
+        self._poison[fingerprint(tokens)] = why
+        while len(self._poison) > POISON_MEMORY:
+            self._poison.popitem(last=False)
+        self.poisoned += 1
+        metrics.POISON_INPUTS.inc()
+        return PoisonInputError(why + "; it is not retried", param="input")
+
     async def encode(self, tokens: TokenBatch, options: EncodeOptions, request_id: str) -> EmbedResult:
-        tried: list[int] = []
+        self._refuse_known_poison(tokens)
         exclude: list[int] = []   # tried replicas the retry must not go back to
         last: Optional[FloeError] = None
-        died = 0
+        tried = crashes = 0
         try:
             for attempt in range(2):
-                target = await self._next_target(exclude)
-                if target is None:
-                    break
-                client = target.client
-                self._routes[request_id] = target
-                comes_back = False   # this replica may take the retry once back in rotation
-                try:
-                    result = await client.encode(tokens, options, request_id,
-                                                 timeout=self.forward_timeout)
-                except ReplicaTimeoutError as e:
-                    log.warning("request %s: %s; answered 503", request_id, e.message)
-                    raise UnavailableError(
-                        f"the model did not answer within {self.forward_timeout:g} s; the server "
-                        "is busy, retry later") from None
-                except ReplicaFailedError as e:
-                    if e.cause in ("UNAVAILABLE", "CANCELLED") and target.client is client:
-                        target.leave_rotation()
-                        comes_back = True
-                    last = e
-                except OverloadedError as e:
-                    last = e
-                except InternalError as e:
-                    if not await target.died_within(client, 1.0):
-                        raise
-                    died += 1
-                    comes_back = True   # as its restarted process
-                    last = e
+                if crashes:
+                    # a crash suspect: alone, and one at a time (see the module docstring)
+                    async with self._suspects:
+                        outcome = await self._attempt(tokens, options, request_id, exclude, alone=True)
                 else:
+                    outcome = await self._attempt(tokens, options, request_id, exclude, alone=False)
+                if outcome is None:
+                    break
+                result, err, crashed = outcome
+                tried += 1
+                if err is None:
                     if attempt:
                         self.retried += 1
                         metrics.RETRIES.inc()
                     return result
-                tried.append(target.index)
-                if not comes_back:
-                    exclude.append(target.index)
-                log.warning("request %s failed on replica %d (%s); %s", request_id, target.index,
-                            last.message if last else "?",
+                last = err
+                crashes += crashed
+                if crashes == 2:
+                    raise self._remember_poison(tokens)
+                log.warning("request %s failed on a replica (%s); %s", request_id, err.message,
                             "retrying" if attempt == 0 else "giving up")
         finally:
             self._routes.pop(request_id, None)
-        if tried:
-            if len(tried) > 1:
-                self.failed_retries += 1
-                metrics.FAILED_RETRIES.inc()
-        if died == 2:
-            raise InternalError("the request failed twice, and each time the replica running it "
-                                "exited; it is not retried further")
+        if tried > 1:
+            self.failed_retries += 1
+            metrics.FAILED_RETRIES.inc()
         if isinstance(last, OverloadedError):
             raise OverloadedError("every replica tried is at its queue limit, retry later",
                                   retry_after=last.retry_after or 1.0)
         raise UnavailableError("no healthy replica could take the request, retry later")
+
+    async def _attempt(self, tokens: TokenBatch, options: EncodeOptions, request_id: str,
+                       exclude: list[int], alone: bool):
+        """One try on one replica: (result, None, False), or (None, the error, whether the
+        replica crashed under it) for an error worth a retry; None when no replica is there.
+        Raises the answer for errors that are the answer."""
+        target = await self._next_target(exclude)
+        if target is None:
+            return None
+        client = target.client
+        self._routes[request_id] = target
+        comes_back = False   # this replica may take the retry once back in rotation
+        crashed = False
+        try:
+            result = await client.encode(tokens, options, request_id, timeout=self.forward_timeout,
+                                         alone=alone)
+            return result, None, False
+        except ReplicaTimeout as e:
+            log.warning("request %s: %s; answered 503", request_id, e.message)
+            raise UnavailableError(
+                f"the model did not answer within {self.forward_timeout:g} s; the server "
+                "is busy, retry later") from None
+        except (ReplicaLost, ReplicaDraining) as e:
+            if target.client is client:
+                target.leave_rotation()
+            comes_back = True
+            if isinstance(e, ReplicaLost):
+                crashed = await target.crashed_under(client, CRASH_WATCH_S)
+            err: FloeError = e
+        except OverloadedError as e:
+            err = e
+        except InternalError as e:
+            if not await target.crashed_under(client, CRASH_WATCH_S):
+                raise
+            crashed = comes_back = True   # as its restarted process
+            err = e
+        if not comes_back:
+            exclude.append(target.index)
+        log.warning("request %s: replica %d: %s%s", request_id, target.index, err.message,
+                    " (its process crashed)" if crashed else "")
+        return None, err, crashed
 
     def status(self, replicas: list[dict], ready: bool, stopping: bool) -> dict:
         """The /info summary of the replicas behind this router (``replicas``: one dict each,

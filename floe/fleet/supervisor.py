@@ -2,7 +2,7 @@
 
 A ``ReplicaSlot`` owns one replica process at a time (restarted in place) and everything known
 about it; ``supervise()`` is its one task. The router reads a slot through ``client``, ``load()``,
-``leave_rotation()`` and ``died_within()`` and never changes its lifecycle.
+``leave_rotation()`` and ``crashed_under()`` and never changes its lifecycle.
 
 - Spawn: ``python -m floe.replica`` with a ``ReplicaLaunch`` (floe/protocol.py) in the environment:
   the whole settings tree, the slot's address and placement, the parent pid and a per-launch token
@@ -83,6 +83,7 @@ class ReplicaSlot:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.message = ""
         self.probe_failures = 0
+        self.killed_as_hung = False   # this process was killed here after failed probes
         self.started_at = 0.0
         self.ever_ready = False
         self.stopping = False
@@ -104,12 +105,14 @@ class ReplicaSlot:
     def may_recover(self) -> bool:
         return not self.stopping and self.state in ("starting", "ready", "restarting")
 
-    async def died_within(self, client: ReplicaClient, seconds: float) -> bool:
-        if self.client is not client:
-            return True  # already replaced: the process behind this client is gone
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.exited.wait(), seconds)
-        return self.exited.is_set()
+    async def crashed_under(self, client: ReplicaClient, seconds: float) -> bool:
+        if self.client is client:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.exited.wait(), seconds)
+            if not self.exited.is_set():
+                return False
+        # exited (or already replaced after exiting): a crash unless it was asked to go
+        return not (self.stopping or self.killed_as_hung or self.last_exit == "exit code 0")
 
     # -- the supervising task -------------------------------------------------------------------
 
@@ -165,6 +168,7 @@ class ReplicaSlot:
         rs = self.settings.replicas
         self.state = "starting"
         self.exited = asyncio.Event()
+        self.killed_as_hung = False
         self.stderr_tail.clear()
         if self.address.startswith("unix:"):
             with contextlib.suppress(FileNotFoundError):
@@ -195,7 +199,7 @@ class ReplicaSlot:
             exit_task.cancel()
             h: ReplicaHello = hello.result()
             self.client = ReplicaClient(h.address, self.index, token=self.token,
-                                        receive_limit=256 * 1024 * 1024, hop=h.hop,
+                                        receive_limit=256 * 1024 * 1024,
                                         **coalesce_limits(self.settings))
             return True
         timed_out = not done
@@ -293,11 +297,18 @@ class ReplicaSlot:
                 self.probe_failures += 1
                 log.warning("replica %d health probe failed (%d/%d): %s", self.index,
                             self.probe_failures, PROBE_FAILURES_TO_KILL, e.message)
+                # No answer to anything since the last probe: it makes no progress (hung,
+                # stopped, unreachable). Out of rotation now, and the calls waiting on it are
+                # failed, so the router retries them elsewhere instead of letting them wait out
+                # --forward-timeout; a good probe puts it back.
+                self.healthy = False
+                self.message = f"unresponsive: {self.probe_failures} health probe(s) failed"
+                client.fail_pending(f"replica {self.index} stopped answering")
                 if self.probe_failures >= PROBE_FAILURES_TO_KILL:
-                    self.healthy = False
                     self.message = (f"{PROBE_FAILURES_TO_KILL} health probes failed in a row "
                                     "(hung or unreachable); killed and restarted")
                     log.error("replica %d: %s", self.index, self.message)
+                    self.killed_as_hung = True
                     with contextlib.suppress(ProcessLookupError):
                         self.proc.kill()
                     return

@@ -53,7 +53,7 @@ def replica_table(slots) -> ReplicaTable:
             index=s.index, address=client.address if client else s.address, token=s.token,
             generation=proc.pid if alive else 0, healthy=bool(s.healthy and client is not None),
             state=s.state, restarts=s.restarts, message=s.message,
-            pid=proc.pid if alive else None, hop=client.hop if client else ""))
+            pid=proc.pid if alive else None))
     return ReplicaTable(tuple(out))
 
 

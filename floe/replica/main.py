@@ -1,16 +1,17 @@
-"""`python -m floe.replica`: one model replica as a gRPC server.
+"""`python -m floe.replica`: one model replica process.
 
 This file only wraps ReplicaCore (floe/replica/core.py) with a socket, signals and the parent's
 watch. A replica runs in one of two ways:
 
-* **managed** (started by the replica manager, floe/fleet/supervisor.py): the whole settings
-  tree, its address (a Unix socket by default), placement and a per-launch token arrive as a
-  ``ReplicaLaunch`` (floe/protocol.py) in FLOE_REPLICA_LAUNCH. It requires the token on every
-  call but health, trusts the front end's validation (its core only asserts invariants), writes
-  JSON log lines to stderr for the supervisor to re-emit, and prints a ``ReplicaHello`` line on
-  stdout once it serves.
-* **standalone** (run by hand, flags below): a complete server on its own. It is then the edge,
-  so it validates requests with floe/validate.py and tokenizes strings itself.
+* **managed** (started by the fleet's supervisor, floe/fleet/supervisor.py): the whole settings
+  tree, its address, placement and a per-launch token arrive as a ``ReplicaLaunch``
+  (floe/protocol.py) in FLOE_REPLICA_LAUNCH. On a Unix socket (the default) it serves the link's
+  frames (floe/transport/frames.py), on TCP gRPC; it requires the token (frames: the HELLO;
+  gRPC: on every call but health), trusts the front end's validation (its core only asserts
+  invariants), writes JSON log lines to stderr for the supervisor to re-emit, and prints a
+  ``ReplicaHello`` line on stdout once it serves.
+* **standalone** (run by hand, flags below): a complete gRPC server on its own. It is then the
+  edge, so it validates requests with floe/validate.py and tokenizes strings itself.
 
 A start-up failure prints one line ``floe.replica: error: ...`` to stderr and exits 2 for a
 ModelLoadError / ConfigError (1 for anything unexpected, with the traceback, and for a managed
@@ -240,7 +241,6 @@ async def _watch_pid(pid: int, on_exit) -> None:
 
 async def serve(rt: Runtime, engine, tokenizers) -> int:
     from floe.replica.core import ReplicaCore
-    from floe.transport.grpc import start_server
 
     settings = rt.settings
     # A managed replica gets its budget from the front end; standalone, the core settles the
@@ -254,38 +254,43 @@ async def serve(rt: Runtime, engine, tokenizers) -> int:
         limit = max(limit, settings.server.max_client_batch_size * engine.spec.max_seq_length * 4
                     + (1 << 20))
     backend = ReplicaBackend(core, tokenizers, settings, address=rt.address, trusted=rt.managed)
-    try:
-        server, health, ports = await start_server(backend, [rt.address], receive_limit=limit,
-                                                   api_key=rt.token)
-    except ConfigError as e:
-        if rt.managed:
-            # A busy address may be freed: not the "bad configuration" exit (2) the supervisor
-            # gives up on at once, but a failed start counted towards the crash-loop cap.
-            raise AddressBusyError(str(e)) from None
-        raise
+    # The link a front end reaches this replica by (floe/fleet/link.py): frames on a managed
+    # replica's Unix socket; gRPC on TCP, and always for a standalone replica, which is a
+    # complete public server (floe.v1, ArcticInference, grpc.health, reflection).
+    frames_path = rt.address[len("unix:"):] if rt.managed and rt.address.startswith("unix:") else ""
     address = rt.address
-    if ports and ports[0]:
-        host = rt.address.rsplit(":", 1)[0]
-        address = f"{host}:{ports[0]}"
-        backend.address = address
-    hop = None
-    hop_path = ""
-    if rt.managed and rt.address.startswith("unix:") and settings.replicas.replica_hop == "frames":
-        # Encode calls from the front end on a socket of their own (floe/transport/hop.py)
-        from floe.transport.hop import start_hop_server
-        hop_path = rt.address[len("unix:"):] + ".hop"
+    server = health = frames = None
+    if frames_path:
+        from floe.transport.frames import start_frames_server
+
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(hop_path)   # left behind by a killed predecessor
+            os.unlink(frames_path)   # left behind by a killed predecessor
         try:
-            hop = await start_hop_server(hop_path, backend.encode, rt.token, limit)
+            frames = await start_frames_server(frames_path, backend, rt.token, limit)
         except OSError as e:
-            await server.stop(grace=None)
-            raise AddressBusyError(f"cannot listen on {hop_path}: {e}") from None
-        os.chmod(hop_path, 0o600)
+            raise AddressBusyError(f"cannot listen on {frames_path}: {e}") from None
+        os.chmod(frames_path, 0o600)
+    else:
+        from floe.transport.grpc import start_server
+
+        try:
+            server, health, ports = await start_server(backend, [rt.address], receive_limit=limit,
+                                                       api_key=rt.token)
+        except ConfigError as e:
+            if rt.managed:
+                # A busy address may be freed: not the "bad configuration" exit (2) the
+                # supervisor gives up on at once, but a failed start counted towards the cap.
+                raise AddressBusyError(str(e)) from None
+            raise
+        if ports and ports[0]:
+            host = rt.address.rsplit(":", 1)[0]
+            address = f"{host}:{ports[0]}"
+            backend.address = address
+        if rt.address.startswith("unix:"):
+            os.chmod(rt.address[len("unix:"):], 0o600)
     core.start()
-    health.set_serving(True)
-    if rt.address.startswith("unix:"):
-        os.chmod(rt.address[len("unix:"):], 0o600)
+    if health is not None:
+        health.set_serving(True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -295,21 +300,23 @@ async def serve(rt: Runtime, engine, tokenizers) -> int:
 
     engine_kind = getattr(engine, "backend", settings.replicas.engine)
     hello = ReplicaHello(address=address, pid=os.getpid(), engine=engine_kind,
-                         dtype=engine.dtype, device=engine.device, hop=hop_path)
+                         dtype=engine.dtype, device=engine.device)
     print(hello.to_line(), flush=True)
     log.info("replica %s serving %s on %s (engine %s, %s on %s)", rt.replica_id,
              engine.spec.name, address, engine_kind, engine.dtype, engine.device)
     await stop.wait()
 
     log.info("draining (up to %.1f s)", settings.server.drain_timeout)
-    health.set_serving(False)
+    if health is not None:
+        health.set_serving(False)
     backend.draining = True
     drained = await asyncio.to_thread(core.stop, settings.server.drain_timeout)
     if not drained:
         log.warning("drain timeout: in-flight requests were failed with UNAVAILABLE")
-    if hop is not None:
-        await hop.stop()
-    await server.stop(grace=1.0)
+    if frames is not None:
+        await frames.stop()
+    if server is not None:
+        await server.stop(grace=1.0)
     if watcher is not None:
         watcher.cancel()
     tokenizers.close()

@@ -131,13 +131,14 @@ async def test_least_loaded_avoids_the_busy_replica(fake_env):
         await m.stop()
 
 
-@pytest.mark.parametrize("hop", ["frames", pytest.param("grpc", marks=pytest.mark.full)])
-async def test_sigkill_replica_mid_load_loses_nothing_and_it_comes_back(fake_env, hop):
+@pytest.mark.parametrize("transport", ["unix", pytest.param("tcp", marks=pytest.mark.full)])
+async def test_sigkill_replica_mid_load_loses_nothing_and_it_comes_back(fake_env, transport):
     m, spec = await started(make_settings(load_balancing="round_robin", fake_seconds_per_batch=0.005,
-                                          replica_hop=hop))
+                                          replica_transport=transport))
     try:
-        # Encode goes where --replica-hop says (health and info are gRPC either way)
-        assert [bool(s.client.hop) for s in m.slots] == [hop == "frames"] * 2
+        # the link follows the replica's address: frames on a Unix socket, gRPC on TCP
+        kinds = {type(s.client.link).__name__ for s in m.slots}
+        assert kinds == {"FramesLink" if transport == "unix" else "GrpcLink"}
         engine = FakeEngine(spec)
         victim = m.slots[0]
         old_pid = victim.proc.pid

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import signal
@@ -358,24 +359,31 @@ def test_managed_launch_unix_socket_and_token(tmp_path):
     try:
         assert hello.address == f"unix:{sock}"
         assert (os.stat(sock).st_mode & 0o777) == 0o600  # only this user may connect
-        with grpc.insecure_channel(hello.address) as ch:
-            stub = floe_pb2_grpc.EmbedderStub(ch)
-            ids = floe_pb2.EncodeRequest(token_ids=np.array([101, 7, 102], "<i4").tobytes(),
-                                         lengths=[3])
-            code, _ = _code(lambda: stub.Encode(ids, timeout=10))
-            assert code == grpc.StatusCode.UNAUTHENTICATED
-            token = (("authorization", "Bearer t0ken"),)
-            assert stub.Encode(ids, timeout=10, metadata=token).n == 1
-            # the front end tokenizes: a managed replica takes token ids only
-            code, _ = _code(lambda: stub.Encode(floe_pb2.EncodeRequest(texts=["a"]), timeout=10,
-                                                metadata=token))
-            assert code == grpc.StatusCode.UNAVAILABLE
-            info = stub.GetReplicaInfo(floe_pb2.GetReplicaInfoRequest(), timeout=10, metadata=token)
-            ri = info.replicas[0]
-            assert ri.replica_id == "3" and ri.max_batch_tokens == 4096  # the tree arrived whole
-            h = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
-            assert h.status == health_pb2.HealthCheckResponse.SERVING  # probes need no token
+        asyncio.run(_managed_link_checks(hello.address))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
     finally:
         stop(proc)
+
+
+async def _managed_link_checks(address: str) -> None:
+    """A managed replica on a Unix socket speaks the link's frames, and only with its token."""
+    from floe.fleet.client import ReplicaClient
+    from floe.fleet.link import ReplicaLost
+    from floe.protocol import EncodeOptions, TokenBatch
+
+    ids = TokenBatch.from_lists([[101, 7, 102]])
+    stranger = ReplicaClient(address, 3, token="not-it")
+    with pytest.raises(ReplicaLost):   # no token, no call: the connection is closed
+        await stranger.encode(ids, EncodeOptions(), "a", timeout=10)
+    await stranger.close()
+    c = ReplicaClient(address, 3, token="t0ken")
+    try:
+        assert (await c.encode(ids, EncodeOptions(), "b", timeout=10)).n == 1
+        info = await c.info(timeout=10)
+        ri = info.replicas[0]
+        assert ri.replica_id == "3" and ri.max_batch_tokens == 4096   # the tree arrived whole
+        h = await c.health(timeout=10)
+        assert h.healthy and h.ready
+    finally:
+        await c.close()

@@ -86,19 +86,19 @@ async def test_remote_view_follows_the_supervisors_table():
     assert not view.ready()
 
 
-async def test_died_within_sees_a_restart_reported_by_the_supervisor():
+async def test_crashed_under_sees_a_restart_reported_by_the_supervisor():
     view = RemoteReplicas(_settings(), spec=None)
     await view.apply(ReplicaTable((_ep(0, 10), _ep(1, 11))))
     target = view.targets[0]
     client = target.client
-    assert not await target.died_within(client, 0.05)   # nothing reported: alive
+    assert not await target.crashed_under(client, 0.05)   # nothing reported: alive
 
     async def report_exit():
         await asyncio.sleep(0.05)
         await view.apply(ReplicaTable((_ep(0, 0, healthy=False, state="restarting"), _ep(1, 11))))
 
     task = asyncio.create_task(report_exit())
-    assert await target.died_within(client, 5.0)
+    assert await target.crashed_under(client, 5.0)
     await task
     await view.stop()
 

@@ -8,11 +8,11 @@ from typing import Optional
 import numpy as np
 import pytest
 
-from floe.errors import (InternalError, OverloadedError, TooLargeError, UnavailableError,
-                         ValidationError)
+from floe.errors import (InternalError, OverloadedError, PoisonInputError, TooLargeError,
+                         UnavailableError, ValidationError)
 from floe.protocol import EmbedResult, EncodeOptions, TokenBatch
 from floe.fleet.balance import Balancer, ReplicaLoad
-from floe.fleet.client import ReplicaFailedError, ReplicaTimeoutError
+from floe.fleet.link import ReplicaDraining, ReplicaLost, ReplicaTimeout
 from floe.fleet.router import Router
 
 TOKENS = TokenBatch.from_lists([[1, 2, 3]])
@@ -22,9 +22,11 @@ class FakeClient:
     def __init__(self, index: int, outcome) -> None:
         self.index, self.outcome, self.calls = index, outcome, 0
         self.address = f"unix:/private/replica-{index}.sock"
+        self.alone: list[bool] = []   # per call: sent alone (never merged)?
 
-    async def encode(self, tokens, options, request_id, timeout=None):
+    async def encode(self, tokens, options, request_id, timeout=None, alone=False):
         self.calls += 1
+        self.alone.append(alone)
         if isinstance(self.outcome, Exception):
             raise self.outcome
         return EmbedResult.from_array(np.ones((tokens.n, 4), np.float32), "float32", tokens.lengths)
@@ -50,7 +52,7 @@ class FakeTarget:
     def may_recover(self) -> bool:
         return self.recoverable
 
-    async def died_within(self, client, seconds: float) -> bool:
+    async def crashed_under(self, client, seconds: float) -> bool:
         return self.dies
 
 
@@ -64,7 +66,7 @@ def router(*targets, replica_wait: float = 0.0) -> Router:
 
 
 def test_replica_failure_is_retried_once_elsewhere():
-    bad = FakeTarget(0, ReplicaFailedError("replica 0 (unix:/x) unavailable", 0, "UNAVAILABLE"))
+    bad = FakeTarget(0, ReplicaLost("replica 0 (unix:/x) unavailable", 0))
     good = FakeTarget(1, None)
     r = router(bad, good)
     assert run(r).n == 1
@@ -73,8 +75,8 @@ def test_replica_failure_is_retried_once_elsewhere():
 
 
 def test_two_failures_give_503_without_addresses():
-    a = FakeTarget(0, ReplicaFailedError("replica 0 (unix:/a) unavailable", 0, "UNAVAILABLE"))
-    b = FakeTarget(1, ReplicaFailedError("replica 1 (127.0.0.1:50101) unavailable", 1, "UNAVAILABLE"))
+    a = FakeTarget(0, ReplicaLost("replica 0 (unix:/a) unavailable", 0))
+    b = FakeTarget(1, ReplicaDraining("replica 1 (127.0.0.1:50101) unavailable", 1))
     with pytest.raises(UnavailableError) as e:
         run(router(a, b))
     assert "unix:" not in e.value.message and "127.0.0.1" not in e.value.message
@@ -82,7 +84,7 @@ def test_two_failures_give_503_without_addresses():
 
 
 def test_timeout_is_503_and_not_retried():
-    slow = FakeTarget(0, ReplicaTimeoutError("replica 0 (unix:/a) did not answer within 5 s", 0))
+    slow = FakeTarget(0, ReplicaTimeout("replica 0 (unix:/a) did not answer within 5 s", 0))
     other = FakeTarget(1, None)
     with pytest.raises(UnavailableError) as e:
         run(router(slow, other))
@@ -118,10 +120,77 @@ def test_internal_error_retried_only_when_the_replica_died():
     assert other.client.calls == 0
     died = FakeTarget(0, InternalError("x"), dies=True)
     assert run(router(died, FakeTarget(1, None))).n == 1
-    poison = router(FakeTarget(0, InternalError("x"), dies=True),
-                    FakeTarget(1, InternalError("x"), dies=True))
-    with pytest.raises(InternalError, match="failed twice"):
-        run(poison)
+
+
+
+@pytest.mark.parametrize("first,second", [
+    (InternalError("x"), InternalError("x")),
+    (ReplicaLost("replica 0 lost", 0), ReplicaLost("replica 1 lost", 1)),
+])
+def test_an_input_that_crashes_two_replicas_is_refused_and_remembered(first, second):
+    a, b = FakeTarget(0, first, dies=True), FakeTarget(1, second, dies=True)
+    r = router(a, b)
+    with pytest.raises(PoisonInputError) as e:
+        run(r)
+    err = e.value
+    assert errors_http(err) == 422 and err.retry_after is None and err.param == "input"
+    assert "made the model's process exit on two replicas" in err.message and "unix:" not in err.message
+    assert a.client.alone == [False] and b.client.alone == [True]   # the retry went alone
+    # the same input again: refused before any replica sees it
+    calls = a.client.calls + b.client.calls
+    with pytest.raises(PoisonInputError, match="refused without being sent again"):
+        run(r)
+    assert a.client.calls + b.client.calls == calls and r.poisoned == 2
+    # another input still goes through (the replicas came back)
+    a.client.outcome = b.client.outcome = None
+    a.healthy = b.healthy = True   # their next good probes
+    other = TokenBatch.from_lists([[4, 5]])
+    assert asyncio.run(r.encode(other, EncodeOptions(), "r2")).n == 1
+
+
+def test_a_lost_replica_that_did_not_crash_is_no_suspect():
+    # stopped or drained (not a crash): retried, merged as usual, nobody is blamed
+    a, b = FakeTarget(0, ReplicaLost("replica 0 lost", 0)), FakeTarget(1, None)
+    assert run(router(a, b)).n == 1 and b.client.alone == [False]
+
+
+def test_crash_suspects_retry_one_at_a_time():
+    # every request on a crashed replica is a suspect; their retries are serialized, so that a
+    # second crash is pinned on one of them only
+    class Slow(FakeClient):
+        live = peak = 0
+
+        async def encode(self, tokens, options, request_id, timeout=None, alone=False):
+            Slow.live += alone
+            Slow.peak = max(Slow.peak, Slow.live)
+            await asyncio.sleep(0.02)
+            Slow.live -= alone
+            return await super().encode(tokens, options, request_id, timeout, alone)
+
+    class Crashing(FakeClient):
+        async def encode(self, *a, **kw):
+            await asyncio.sleep(0.01)   # several requests are on it when it goes
+            return await super().encode(*a, **kw)
+
+    crashed = FakeTarget(0, ReplicaLost("replica 0 lost", 0), dies=True)
+    crashed.client = Crashing(0, ReplicaLost("replica 0 lost", 0))
+    good = FakeTarget(1, None)
+    good.client = Slow(1, None)
+    r = router(crashed, good)
+
+    async def burst():
+        return await asyncio.gather(*(r.encode(TokenBatch.from_lists([[i + 1]]), EncodeOptions(),
+                                               f"q{i}") for i in range(6)))
+
+    crashed.recoverable = True
+    results = asyncio.run(burst())
+    assert all(x.n == 1 for x in results) and Slow.peak == 1
+    assert good.client.alone.count(True) == crashed.client.calls >= 2   # every suspect, alone
+
+
+def errors_http(err) -> int:
+    from floe.errors import HTTP_STATUS
+    return HTTP_STATUS[err.kind]
 
 
 def test_no_healthy_replica():
@@ -166,7 +235,7 @@ def test_the_wait_is_bounded_and_skipped_for_replicas_given_up():
 def test_a_single_replica_takes_the_retry_once_back_in_rotation():
     # a failed connection takes the only replica out of rotation; its next good probe puts it
     # back, and the retry goes to it rather than failing with no replica to go to
-    t = FakeTarget(0, ReplicaFailedError("replica 0 (unix:/a) unavailable", 0, "UNAVAILABLE"))
+    t = FakeTarget(0, ReplicaLost("replica 0 (unix:/a) unavailable", 0))
 
     async def scenario():
         async def probed_healthy():

@@ -1,5 +1,5 @@
-"""The Encode hop's frames (floe/transport/hop.py): a real server and client on a Unix socket,
-with a stand-in for the replica's encode."""
+"""The replica link's frames (floe/protocol.py, floe/transport/frames.py) and FramesLink: a real
+server and client on a Unix socket, with a stand-in for the replica's backend."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ import pytest
 from floe.errors import InternalError, OverloadedError, TooLargeError, UnavailableError, ValidationError
 from floe.proto import floe_pb2
 from floe.protocol import EmbedResult, EncodeOptions, TokenBatch, request_to_proto
-from floe.fleet.client import ReplicaClient, ReplicaFailedError, ReplicaTimeoutError
-from floe.transport import hop
-from floe.transport.hop import (CANCEL, ENCODE, HEADER, HELLO, HopClient, HopClosedError,
-                                HopTimeoutError, frame, start_hop_server)
+from floe.fleet.client import ReplicaClient
+from floe.fleet.link import ReplicaDraining, ReplicaLost, ReplicaTimeout
+from floe.protocol import FRAME_HEADER as HEADER, Frame, frame
+from floe.transport.frames import FramesClosed, FramesConnection, FramesTimeout, start_frames_server
+
+CANCEL, ENCODE, HELLO = Frame.CANCEL, Frame.ENCODE, Frame.HELLO
 
 TOKEN = "launch-token"
 
@@ -38,6 +40,19 @@ class Replica:
         self.cancelled: list[str] = []
         self.hold: dict[str, asyncio.Event] = {}
         self.fail: dict[str, Exception] = {}
+        self.aborted: list[str] = []
+        self.ready = True
+
+    async def health(self):
+        return floe_pb2.HealthCheckResponse(healthy=True, ready=self.ready, message="ok")
+
+    async def replica_info(self):
+        return floe_pb2.GetReplicaInfoResponse(replicas=[floe_pb2.ReplicaInfo(replica_id="7")],
+                                               n_replicas=1)
+
+    async def abort(self, request_id):
+        self.aborted.append(request_id)
+        return request_id in self.hold
 
     async def encode(self, request_id, texts, tokens, options, model):
         self.calls.append(request_id)
@@ -56,13 +71,26 @@ class Replica:
                                       request_id=request_id)
 
 
+class Conn:
+    """FramesConnection with an ``encode`` shorthand for the tests below."""
+
+    def __init__(self, conn: FramesConnection) -> None:
+        self.conn = conn
+
+    async def encode(self, m, timeout):
+        return await self.conn.call(Frame.ENCODE, m, timeout)
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
 @pytest.fixture
 async def served():
-    d = tempfile.mkdtemp(prefix="floe-hop-")
-    path = os.path.join(d, "r.hop")
+    d = tempfile.mkdtemp(prefix="floe-link-")
+    path = os.path.join(d, "r.sock")
     replica = Replica()
-    server = await start_hop_server(path, replica.encode, TOKEN, max_payload=1 << 20)
-    client = HopClient(path, TOKEN)
+    server = await start_frames_server(path, replica, TOKEN, max_payload=1 << 20)
+    client = Conn(FramesConnection(path, TOKEN))
     yield replica, client, path
     await client.close()
     await server.stop()
@@ -127,7 +155,7 @@ async def test_timeout_and_cancellation_cancel_the_call_on_the_replica(served):
     replica, client, _ = served
     replica.hold["late"] = asyncio.Event()
     replica.hold["gone"] = asyncio.Event()
-    with pytest.raises(HopTimeoutError):
+    with pytest.raises(FramesTimeout):
         await client.encode(msg("late", batch([1])), timeout=0.2)
     task = asyncio.create_task(client.encode(msg("gone", batch([1])), timeout=10))
     await until(lambda: "gone" in replica.calls)
@@ -140,8 +168,8 @@ async def test_timeout_and_cancellation_cancel_the_call_on_the_replica(served):
 
 async def test_a_wrong_token_is_refused(served):
     _, _, path = served
-    other = HopClient(path, "not-the-token")
-    with pytest.raises(HopClosedError):
+    other = Conn(FramesConnection(path, "not-the-token"))
+    with pytest.raises(FramesClosed):
         await other.encode(msg("a", batch([1])), timeout=10)
     await other.close()
 
@@ -164,7 +192,7 @@ async def test_malformed_and_oversized_frames_close_only_that_connection(served)
         else:
             # a bad message is the request's error, answered on the connection
             length, call_id, kind = HEADER.unpack_from(data)
-            assert (call_id, kind) == (1, hop.ERROR) and b"validation" in data
+            assert (call_id, kind) == (1, Frame.ERROR) and b"validation" in data
             w.write(frame(CANCEL, 1))   # harmless: nothing left to cancel
         w.close()
     assert rows(await client.encode(msg("after", batch([3, 3])), timeout=10)).tolist() == [[3, 2]]
@@ -176,22 +204,22 @@ async def test_a_lost_replica_fails_the_calls_on_it_and_a_new_one_is_reached(ser
     task = asyncio.create_task(client.encode(msg("stuck", batch([1])), timeout=10))
     await until(lambda: "stuck" in replica.calls)
     # the replica process dies: its connections close
-    conn = client._conn
+    conn = client.conn._conn
     conn.transport.abort()
-    with pytest.raises(HopClosedError):
+    with pytest.raises(FramesClosed):
         await task
     # the next call opens a new connection
     assert rows(await client.encode(msg("next", batch([4])), timeout=10)).tolist() == [[4, 1]]
 
 
-async def test_nothing_listening_is_a_closed_hop():
-    d = tempfile.mkdtemp(prefix="floe-hop-")
-    path = os.path.join(d, "none.hop")
+async def test_nothing_listening_is_a_closed_connection():
+    d = tempfile.mkdtemp(prefix="floe-link-")
+    path = os.path.join(d, "none.sock")
     s = socket.socket(socket.AF_UNIX)
     s.bind(path)   # a socket file nobody accepts on
     s.close()
-    client = HopClient(path, TOKEN)
-    with pytest.raises(HopClosedError):
+    client = Conn(FramesConnection(path, TOKEN))
+    with pytest.raises(FramesClosed):
         await client.encode(msg("a", batch([1])), timeout=5)
     await client.close()
     os.unlink(path)
@@ -206,27 +234,55 @@ async def test_close_with_grace_lets_answers_in_flight_arrive(served):
     asyncio.get_running_loop().call_later(0.2, replica.hold["last"].set)
     await client.close(grace=5.0)
     assert rows(await task).tolist() == [[9, 1]]
-    with pytest.raises(HopClosedError):
+    with pytest.raises(FramesClosed):
         await client.encode(msg("after-close", batch([1])), timeout=5)
 
 
-async def test_replica_client_maps_hop_outcomes_as_it_maps_grpc_ones(served):
+async def test_health_info_and_abort_travel_as_frames(served):
+    replica, client, _ = served
+    h = await client.conn.call(Frame.HEALTH, floe_pb2.HealthCheckRequest(), 5)
+    assert h.healthy and h.ready and h.message == "ok"
+    info = await client.conn.call(Frame.INFO, floe_pb2.GetReplicaInfoRequest(), 5)
+    assert info.replicas[0].replica_id == "7"
+    replica.hold["a"] = asyncio.Event()
+    a = await client.conn.call(Frame.ABORT, floe_pb2.AbortRequest(request_id="a"), 5)
+    b = await client.conn.call(Frame.ABORT, floe_pb2.AbortRequest(request_id="nope"), 5)
+    assert a.success and not b.success and replica.aborted == ["a", "nope"]
+
+
+async def test_replica_client_over_frames_maps_every_outcome(served):
     replica, _, path = served
-    rc = ReplicaClient("unix:/nonexistent-grpc.sock", 3, token=TOKEN, hop=path)
-    replica.fail = {"d": UnavailableError("replica is draining")}
+    rc = ReplicaClient(f"unix:{path}", 3, token=TOKEN)
+    replica.fail = {"d": UnavailableError("replica is draining"),
+                    "t": TooLargeError("too many tokens", param="input"),
+                    "o": OverloadedError("queue full", retry_after=2.5)}
     replica.hold["h"] = asyncio.Event()
+    replica.hold["stuck"] = asyncio.Event()
     try:
         got = await rc.encode(batch([2, 2]), EncodeOptions(), "a")
         assert got.as_float32().tolist() == [[2, 2]] and rc.last_answer > 0
-        with pytest.raises(ReplicaFailedError) as e:   # draining: retried elsewhere
+        with pytest.raises(ReplicaDraining) as e:   # draining: retried elsewhere
             await rc.encode(batch([1]), EncodeOptions(), "d")
-        assert e.value.cause == "UNAVAILABLE" and e.value.replica_index == 3
-        with pytest.raises(ReplicaTimeoutError, match="did not answer within 0.2 s"):
+        assert e.value.replica_index == 3
+        with pytest.raises(TooLargeError) as e:     # the replica's own error: param kept
+            await rc.encode(batch([1]), EncodeOptions(), "t")
+        assert e.value.param == "input" and e.value.retry_after is None
+        with pytest.raises(OverloadedError) as e:
+            await rc.encode(batch([1]), EncodeOptions(), "o")
+        assert e.value.retry_after == 2.5
+        with pytest.raises(ReplicaTimeout, match="did not answer within 0.2 s"):
             await rc.encode(batch([1]), EncodeOptions(), "h", timeout=0.2)
+        # the supervisor finds the replica unresponsive: calls waiting on it fail as lost now
+        task = asyncio.create_task(rc.encode(batch([1]), EncodeOptions(), "stuck", timeout=30))
+        await until(lambda: "stuck" in replica.calls)
+        rc.fail_pending("replica 3 stopped answering")
+        with pytest.raises(ReplicaLost, match="stopped answering"):
+            await task
         assert rc.calls_in_flight == 0 and rc.in_flight_requests == 0
+        assert (await rc.health(5)).ready and (await rc.info(5)).replicas[0].replica_id == "7"
     finally:
         await rc.close()
-    gone = ReplicaClient("unix:/nonexistent-grpc.sock", 0, token=TOKEN, hop=path + ".missing")
-    with pytest.raises(ReplicaFailedError):
+    gone = ReplicaClient(f"unix:{path}.missing", 0, token=TOKEN)
+    with pytest.raises(ReplicaLost):
         await gone.encode(batch([1]), EncodeOptions(), "z")
     await gone.close()
