@@ -221,6 +221,11 @@ class ServerSettings:
         "the idle timeout of any proxy in front (most use 60 s).")
     max_connections: int = _knob(
         2048, "Open HTTP connections at once; past it a new connection gets 503 and is closed.")
+    max_header_count: int = _knob(
+        100, "Most headers in one HTTP request (hyper's limit); more: 431, before any work.")
+    max_header_bytes: int = _knob(
+        32 * 1024, "Largest size of one HTTP request's request line and headers together, in "
+        "bytes (nginx's 4 x 8 KiB buffers); more: 431, before any work.")
     max_concurrent_requests: int = _knob(
         1024, "Requests admitted at once across the endpoint; beyond it 429 with Retry-After."
     )
@@ -275,7 +280,8 @@ class Settings:
         if s.api_key is not None and not s.api_key.strip():
             raise ConfigError("--api-key is empty: give a key, or leave the setting out to serve "
                               "without authentication")
-        for name in ("payload_limit", "grpc_payload_limit", "max_connections",
+        for name in ("payload_limit", "grpc_payload_limit", "max_connections", "max_header_count",
+                     "max_header_bytes",
                      "max_concurrent_requests"):
             if getattr(s, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")

@@ -20,6 +20,7 @@ class ErrorKind(str, enum.Enum):
     AUTH = "authentication_error"
     NOT_FOUND = "not_found_error"
     TOO_LARGE = "request_too_large"
+    HEADERS_TOO_LARGE = "request_header_fields_too_large"
     UNSUPPORTED_MEDIA = "unsupported_media_type"
     OVERLOADED = "rate_limit_error"
     UNAVAILABLE = "service_unavailable"
@@ -64,6 +65,12 @@ class ModelNotFoundError(FloeError):
 
 class TooLargeError(FloeError):
     kind = ErrorKind.TOO_LARGE
+
+
+class HeadersTooLargeError(FloeError):
+    """Too many request headers, or too many bytes of them (HTTP 431, checked as they arrive)."""
+
+    kind = ErrorKind.HEADERS_TOO_LARGE
 
 
 class UnsupportedMediaError(FloeError):
@@ -127,6 +134,7 @@ HTTP_STATUS: dict[ErrorKind, int] = {
     ErrorKind.AUTH: 401,
     ErrorKind.NOT_FOUND: 404,
     ErrorKind.TOO_LARGE: 413,
+    ErrorKind.HEADERS_TOO_LARGE: 431,
     ErrorKind.UNSUPPORTED_MEDIA: 415,
     ErrorKind.OVERLOADED: 429,
     ErrorKind.UNAVAILABLE: 503,
@@ -142,6 +150,7 @@ GRPC_STATUS: dict[ErrorKind, str] = {
     ErrorKind.AUTH: "UNAUTHENTICATED",
     ErrorKind.NOT_FOUND: "NOT_FOUND",
     ErrorKind.TOO_LARGE: "RESOURCE_EXHAUSTED",
+    ErrorKind.HEADERS_TOO_LARGE: "RESOURCE_EXHAUSTED",
     ErrorKind.UNSUPPORTED_MEDIA: "INVALID_ARGUMENT",
     ErrorKind.OVERLOADED: "RESOURCE_EXHAUSTED",
     ErrorKind.UNAVAILABLE: "UNAVAILABLE",
@@ -245,7 +254,8 @@ def from_grpc_code(code_name: str, details: str) -> FloeError:
     return from_grpc_status(code_name, details)
 
 
-for _cls in (ValidationError, PoisonInputError, AuthError, ModelNotFoundError, TooLargeError, UnsupportedMediaError,
+for _cls in (ValidationError, PoisonInputError, AuthError, ModelNotFoundError, TooLargeError,
+             HeadersTooLargeError, UnsupportedMediaError,
              OverloadedError, UnavailableError, DeadlineError, CancelledError, InternalError):
     _CLASS_OF_KIND[_cls.kind] = _cls
 

@@ -224,7 +224,8 @@ class Router:
         return {"ready": ready, "reason": reason, "load_balancing": self.balancer.policy,
                 "healthy_replicas": sum(bool(r["healthy"]) for r in replicas),
                 "num_replicas": len(replicas), "retried_requests": self.retried,
-                "failed_retries": self.failed_retries, "replicas": replicas}
+                "failed_retries": self.failed_retries, "poisoned_requests": self.poisoned,
+                "replicas": replicas}
 
     async def abort(self, request_id: str) -> bool:
         """Asks the replica running ``request_id`` to drop its queued sequences."""

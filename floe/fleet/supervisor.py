@@ -280,16 +280,16 @@ class ReplicaSlot:
         # generous: a loaded machine must not turn slow answers into kills
         timeout = max(2.0, min(2 * rs.health_interval, 10.0))
         while True:
-            since = time.monotonic()
             await asyncio.sleep(rs.health_interval)
             client = self.client
             if client is None:
                 return
+            sent = time.monotonic()
             try:
                 h = await client.health(timeout=timeout)
             except FloeError as e:
-                if client.last_answer > since:
-                    # It answered requests since the last probe: busy (its cores taken by the
+                if client.last_answer > sent:
+                    # It answered requests while the probe waited: busy (its cores taken by the
                     # forward pass), not hung. Not counted; a hung replica answers nothing.
                     log.info("replica %d health probe failed while it answers requests (busy, "
                              "not hung): %s", self.index, e.message)

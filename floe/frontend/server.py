@@ -167,7 +167,8 @@ def http_config(service: EmbedService, settings: Settings) -> uvicorn.Config:
     from floe.frontend.connections import guarded_protocol
 
     srv = settings.server
-    protocol = guarded_protocol(srv.http_header_timeout, srv.http_body_timeout, srv.max_connections)
+    protocol = guarded_protocol(srv.http_header_timeout, srv.http_body_timeout, srv.max_connections,
+                                srv.max_header_count, srv.max_header_bytes)
     return uvicorn.Config(create_app(service), host=srv.host, port=srv.port, loop="asyncio",
                           http=protocol, lifespan="off", log_level="warning", access_log=False,
                           # nothing here reads the client's address: no X-Forwarded-* rewriting

@@ -41,7 +41,7 @@ def test_without_metadata_falls_back_to_the_code():
                                    ).kind is ErrorKind.OVERLOADED
 
 
-ALL_KINDS = [errors.ValidationError, errors.PoisonInputError, errors.AuthError,
+ALL_KINDS = [errors.ValidationError, errors.PoisonInputError, errors.AuthError, errors.HeadersTooLargeError,
              errors.ModelNotFoundError, errors.TooLargeError, errors.UnsupportedMediaError,
              errors.OverloadedError, errors.UnavailableError, errors.DeadlineError,
              errors.CancelledError, errors.InternalError]
