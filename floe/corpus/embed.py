@@ -27,6 +27,7 @@ import pyarrow as pa
 from floe.corpus.budget import Batch, BudgetTuner, plan_batches  # noqa: F401 (plan_batches re-exported)
 from floe.corpus.reader import CorpusError, Rows
 from floe import validate
+from floe.edge import prepare_texts
 from floe.errors import FloeError
 from floe.protocol import EncodeOptions, TokenBatch
 
@@ -119,8 +120,7 @@ class ShardEmbedder:
     # --- tokenize ------------------------------------------------------------------------------
 
     def _encode(self, texts: list) -> TokenBatch:
-        return self.tokenizer.encode_plan(validate.check_texts(self.limits, texts, self.plan),
-                                          self.plan)
+        return prepare_texts(self.limits, self.tokenizer, texts, self.plan)
 
     def _encode_chunk(self, texts: list) -> tuple[TokenBatch, dict]:
         """Token ids of ``texts``; a text the tokenizer refuses becomes a bad row (by position)."""

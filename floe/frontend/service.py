@@ -1,9 +1,9 @@
 """The one embed path that HTTP and gRPC both call.
 
 admission (floe/frontend/admission.py, checked by the transport before it reads the body) ->
-validation (floe/validate.py, once, here: this is the edge) -> tokenization in the front end's
-thread pool -> the router sends token ids to a replica -> an EmbedResult of raw bytes. Transports
-only parse their own wire format and map FloeError through their table in floe/errors.py.
+the edge (floe/edge.py: validation once, here, then tokenization in the front end's thread pool)
+-> the router sends token ids to a replica -> an EmbedResult of raw bytes. Transports only parse
+their own wire format and map FloeError through their table in floe/errors.py.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from floe import metrics, validate
 from floe.config import Settings
+from floe.edge import Edge
 from floe.errors import FloeError
 from floe.frontend.admission import Admission
 from floe.models.spec import ModelSpec
@@ -24,10 +25,6 @@ from floe.proto import floe_pb2
 from floe.protocol import EmbedResult, EncodeOptions, TokenBatch
 
 log = logging.getLogger("floe.service")
-
-# Requests with more inputs than this are checked item by item on the tokenizer pool's threads,
-# not on the event loop (per-item work proportional to the input never blocks other clients).
-_INLINE_ITEMS = 32
 
 
 def new_request_id() -> str:
@@ -47,6 +44,7 @@ class EmbedService:
         self.model_name = spec.name
         srv = settings.server
         self.limits = validate.Limits.for_server(spec, settings)
+        self.edge = Edge(self.limits, tokenizers)
         self.admission = Admission(srv.max_concurrent_requests, router.ready)
         # which front-end process this is (0: the main one) of how many (--frontend-workers)
         self.frontend_index = 0
@@ -68,14 +66,8 @@ class EmbedService:
     # -- the embed path ---------------------------------------------------------------------
 
     async def tokenize(self, texts: list[str], options: EncodeOptions) -> TokenBatch:
-        """Validates and tokenizes texts (for /tokenize and the embed path)."""
-        plan = validate.check_options(self.limits, options)
-        validate.check_count(self.limits, len(texts))
-        if len(texts) <= _INLINE_ITEMS:
-            texts = validate.check_texts(self.limits, texts, plan)
-        else:
-            texts = await self.tokenizers.run(validate.check_texts, self.limits, texts, plan)
-        return await self.tokenizers.encode_plan(texts, plan)
+        """Validates and tokenizes texts (for /tokenize)."""
+        return (await self.edge.prepare(texts, None, options)).tokens
 
     async def encode(self, request_id: str, texts: Optional[list[str]], tokens: Optional[TokenBatch],
                      options: EncodeOptions, model: str = "") -> EmbedResult:
@@ -101,13 +93,10 @@ class EmbedService:
         did. The caller has admitted the request."""
         request_id = request_id or new_request_id()
         t0 = time.perf_counter()
-        if not validate.check_model(self.limits, model):
+        prepared = await self.edge.prepare(texts, tokens, options, model)
+        if not prepared.known_model:
             self._note_unknown_model(model)
-        if tokens is None:
-            tokens = await self.tokenize(list(texts or []), options)
-        else:
-            plan = validate.check_options(self.limits, options)
-            tokens = validate.check_token_batch(self.limits, tokens, plan)
+        tokens = prepared.tokens
         t_tok = time.perf_counter() - t0
         metrics.TOKENIZE_SECONDS.observe(t_tok)
         result = await self.router.encode(tokens, options, request_id)

@@ -1,7 +1,7 @@
 """A Ray Serve deployment of the floe replica behind the OpenAI route (``POST /v1/embeddings``).
 
 Each Serve replica is one floe replica in-process: the model's tokenizer (sentence-transformers
-parity, floe/tokenize.py), the request checks of floe/validate.py, and a ReplicaCore (dynamic
+parity, floe/tokenize.py), the edge of floe/edge.py (the same checks, once), and a ReplicaCore (dynamic
 length-bucketed batcher + engine thread, floe/replica/core.py) driving one engine. Ray places the
 replicas (``ray_actor_options``: CPUs or a GPU each), routes requests between them, and restarts a
 replica whose health check fails (``check_health`` fails once the core's threads are gone).
@@ -23,11 +23,9 @@ Run it with ``serve run floe.ray.serve:build_app model=default`` or a config fil
 # which must see `Request` as the class itself, not as a string it cannot resolve from the
 # wrapped method (it then reads `request` as a required query parameter and answers 422).
 
-import asyncio
 import logging
 import os
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 import orjson
@@ -35,7 +33,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from ray import serve
 
-from floe import validate
 from floe.errors import HTTP_STATUS, FloeError, InternalError, error_envelope
 from floe.frontend import schemas
 from floe.frontend.http import check_content_type, read_body
@@ -75,13 +72,15 @@ class FloeEmbeddings:
         from floe.engine import create_engine
         from floe.models import load_spec
         from floe.replica.core import ReplicaCore
-        from floe.tokenize import Tokenizer
+        from floe.edge import Edge
+        from floe.tokenize import TokenizerPool
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         spec = load_spec(ModelSettings(model=model, served_model_name=served_model_name))
         self.spec = spec
-        self.tokenizer = Tokenizer(spec)
-        self.limits = self.tokenizer.limits(max_items=max_client_batch_size)
+        self.tokenizers = TokenizerPool(spec, workers=max(1, min(4, os.cpu_count() or 1)))
+        self.limits = self.tokenizers.tokenizer.limits(max_items=max_client_batch_size)
+        self.edge = Edge(self.limits, self.tokenizers)
         self.payload_limit = payload_limit
         kw = {} if engine is None else {"kind": engine}
         eng = create_engine(spec, device=device, dtype=dtype, threads=threads, **kw)
@@ -89,8 +88,6 @@ class FloeEmbeddings:
                                                    max_batch_size=max_batch_size,
                                                    batch_timeout_ms=batch_timeout_ms))
         self.core.start()
-        self._pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)),
-                                        thread_name_prefix="floe-serve-tok")
         log.info("floe replica ready: %s on %s (%s)", spec.name, eng.device, eng.dtype)
 
     def check_health(self) -> None:
@@ -108,15 +105,8 @@ class FloeEmbeddings:
         check_content_type(request)
         body = await read_body(request, self.payload_limit)
         req = schemas.parse_openai(self.limits, body)
-        validate.check_model(self.limits, req.model)
-        plan = validate.check_options(self.limits, req.options)
-        if req.texts is not None:
-            checked = validate.check_texts(self.limits, req.texts, plan)
-            loop = asyncio.get_running_loop()
-            tokens = await loop.run_in_executor(self._pool, self.tokenizer.encode_plan, checked, plan)
-        else:
-            tokens = self.tokenizer.validate_ids(req.tokens, req.options)
-        result = await self.core.submit(tokens, req.options, uuid.uuid4().hex)
+        prepared = await self.edge.prepare(req.texts, req.tokens, req.options, req.model)
+        result = await self.core.submit(prepared.tokens, req.options, uuid.uuid4().hex)
         return _json(schemas.openai_response(result, req.encoding_format, self.spec.name))
 
     @app.post("/v1/embeddings")

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from floe import validate
+from floe.edge import Edge
 from floe.config import Settings, add_arguments, settings_from, settings_from_dict
 from floe.errors import ConfigError, ModelLoadError, UnavailableError
 from floe.proto import floe_pb2
@@ -118,7 +119,7 @@ class ReplicaBackend:
         self.address = address
         self.trusted = trusted
         self.draining = False
-        self.limits = validate.Limits.for_server(self.spec, settings)
+        self.edge = Edge(validate.Limits.for_server(self.spec, settings), tokenizers)
 
     async def encode(self, request_id: str, texts: Optional[list[str]], tokens: Optional[TokenBatch],
                      options: EncodeOptions, model: str = "") -> EmbedResult:
@@ -126,13 +127,7 @@ class ReplicaBackend:
         if self.draining:
             raise UnavailableError("replica is draining, retry on another replica")
         if not self.trusted:
-            validate.check_model(self.limits, model)
-            plan = validate.check_options(self.limits, options)
-            if tokens is None:
-                texts = validate.check_texts(self.limits, texts or [], plan)
-                tokens = await self.tokenizers.encode_plan(texts, plan)
-            else:
-                tokens = validate.check_token_batch(self.limits, tokens, plan)
+            tokens = (await self.edge.prepare(texts, tokens, options, model)).tokens
         elif tokens is None:
             raise UnavailableError("this replica takes token ids from its manager only")
         t_tok = time.monotonic() - t0

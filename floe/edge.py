@@ -1,0 +1,78 @@
+"""The edge pipeline: a client's request becomes a checked token batch, once, in one place.
+
+Every entry point where a client's request enters a process calls ``Edge.prepare`` exactly once:
+the front end's embed path (floe/frontend/service.py, HTTP and gRPC alike), a replica run on its
+own (floe/replica/main.py), the Ray Serve deployment (floe/ray/serve.py); the offline corpus job
+(floe/corpus/embed.py) calls the same steps per chunk through ``prepare_texts``. The steps, in
+the order that protects the work behind each (floe/validate.py has the checks themselves):
+
+    model name   -> served, or answered by the one model served (404 with --strict-model-name)
+    options      -> the Plan: prompt resolved and bounded, truncation, direction
+    texts        -> count, per-item type / length / Unicode (off the event loop past a few items),
+                    then tokenized (floe/tokenize.py) with the plan
+    or token ids -> count, range, length (truncated per the plan), vectorized
+
+Behind the edge everything trusts the batch; a managed replica's core only asserts invariants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from floe import validate
+from floe.protocol import EncodeOptions, TokenBatch
+
+# Requests with more inputs than this are checked item by item on the tokenizer pool's threads,
+# not on the event loop (per-item work proportional to the input never blocks other clients).
+INLINE_ITEMS = 32
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the edge hands on: the token batch, the plan it was cut with, and whether the model
+    name the client sent is one of the served names (False: answered by the default, logged)."""
+
+    tokens: TokenBatch
+    plan: validate.Plan
+    known_model: bool = True
+
+
+class Edge:
+    """The checks and the tokenizer of one served model, composed once.
+
+    ``tokenizers`` is a floe.tokenize.TokenizerPool (async, off the event loop); the corpus job's
+    ``prepare_texts`` takes a plain Tokenizer.
+    """
+
+    def __init__(self, limits: validate.Limits, tokenizers: Any = None) -> None:
+        self.limits = limits
+        self.tokenizers = tokenizers
+
+    async def prepare(self, texts: Optional[Sequence[Any]], tokens: Optional[TokenBatch],
+                      options: EncodeOptions, model: Optional[str] = "") -> Prepared:
+        """Exactly one of ``texts`` and ``tokens``. Raises the FloeError naming what is wrong."""
+        known = validate.check_model(self.limits, model)
+        plan = validate.check_options(self.limits, options)
+        if tokens is not None:
+            return Prepared(validate.check_token_batch(self.limits, tokens, plan), plan, known)
+        return Prepared(await self.tokenize(texts or [], plan), plan, known)
+
+    async def tokenize(self, texts: Sequence[Any], plan: validate.Plan) -> TokenBatch:
+        """Per-item checks then tokens, for texts whose options gave ``plan``."""
+        limits = self.limits
+        if len(texts) <= INLINE_ITEMS:
+            checked = validate.check_texts(limits, texts, plan)
+        else:
+            validate.check_count(limits, len(texts))   # one comparison before the per-item work
+            checked = await self.tokenizers.run(validate.check_texts, limits, texts, plan)
+        return await self.tokenizers.encode_plan(checked, plan)
+
+    def plan(self, options: EncodeOptions) -> validate.Plan:
+        return validate.check_options(self.limits, options)
+
+
+def prepare_texts(limits: validate.Limits, tokenizer: Any, texts: Sequence[Any],
+                  plan: validate.Plan) -> TokenBatch:
+    """The text steps of ``Edge.prepare`` in the caller's thread (the corpus job's chunks)."""
+    return tokenizer.encode_plan(validate.check_texts(limits, texts, plan), plan)
