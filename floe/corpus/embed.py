@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import pyarrow as pa
 
-from floe.corpus.budget import Batch, BudgetTuner, plan_batches  # noqa: F401 (plan_batches re-exported)
+from floe.corpus.budget import Batch, BudgetTuner
 from floe.corpus.reader import CorpusError, Rows
 from floe import validate
 from floe.edge import prepare_texts

@@ -36,7 +36,7 @@ from floe.errors import (
     error_envelope,
 )
 from floe.frontend.service import EmbedService, error_label, new_request_id
-from floe.protocol import EmbedResult, EncodeOptions
+from floe.protocol import EmbedResult
 from floe.transport.auth import AUTH_HINT, bearer_ok
 
 log = logging.getLogger("floe.http")
@@ -108,46 +108,30 @@ def _request_id(request: Request) -> str:
     return new_request_id()
 
 
-def create_app(service: EmbedService) -> "RequestIdApp":
-    """The ASGI app: plain Starlette routes (the hot path pays for no dependency injection; the
-    API description is built from the request structs, floe/frontend/openapi.py)."""
-    settings = service.settings
-    limit = settings.server.payload_limit
-    key = service.api_key
-    app = Starlette()
+class HttpRoutes:
+    """The endpoints of one front end, as methods over its EmbedService.
 
-    def authorize(request: Request) -> None:
-        if key and not bearer_ok(request.headers.get("authorization"), key):
+    Compute routes (``openai_embeddings``, ``embed``, ``tokenize``) go through ``run_compute``
+    with a parse step (floe/frontend/schemas.py) and a respond step; the others answer directly.
+    ``create_app`` mounts them.
+    """
+
+    def __init__(self, service: EmbedService) -> None:
+        self.service = service
+        self.limits = service.limits
+        self.limit = service.settings.server.payload_limit
+        self.key = service.api_key
+        self.document = orjson.dumps(openapi.openapi_document())
+
+    def authorize(self, request: Request) -> None:
+        if self.key and not bearer_ok(request.headers.get("authorization"), self.key):
             raise AuthError(AUTH_HINT)
 
-    async def _floe_error(request: Request, err: FloeError) -> Response:
-        return error_response(err, _request_id(request))
-
-    async def _http_error(request: Request, err: StarletteHTTPException) -> Response:
-        kind, code = {404: ("not_found_error", "not_found"),
-                      405: ("invalid_request_error", "method_not_allowed")}.get(
-            err.status_code, ("error", None))
-        body = {"error": {"message": str(err.detail), "type": kind, "param": None, "code": code}}
-        return _json(body, status=err.status_code, headers={"x-request-id": _request_id(request)})
-
-    async def _internal(request: Request, err: Exception) -> Response:
-        log.exception("internal error on %s", request.url.path)
-        return error_response(InternalError(), _request_id(request))
-
-    app.add_exception_handler(FloeError, _floe_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _internal)
-
-    def route(path: str, methods: tuple = ("GET",)):
-        def register(fn):
-            app.add_route(path, fn, methods=list(methods))
-            return fn
-        return register
-
-    async def run_compute(request: Request, endpoint: str, parse, respond) -> Response:
+    async def run_compute(self, request: Request, endpoint: str, parse, respond) -> Response:
         """Every compute route: auth, admission (before the body is read), body limit, parsing
         (off the event loop for large bodies), the work (cancelled if the client goes away),
         and one count per outcome."""
+        service = self.service
         t0 = time.perf_counter()
         rid = _request_id(request)
         task = asyncio.current_task()
@@ -161,16 +145,16 @@ def create_app(service: EmbedService) -> "RequestIdApp":
 
         request.scope[ON_DISCONNECT] = on_disconnect
         try:
-            authorize(request)
+            self.authorize(request)
             check_content_type(request)
             with service.admission.admitted():
-                body = await read_body(request, limit)
+                body = await read_body(request, self.limit)
                 if len(body) > _INLINE_BODY_BYTES:
-                    parsed = await service.tokenizers.run(_parse_body, body, parse)
+                    parsed = await service.tokenizers.run(parse, self.limits, body)
                 else:
-                    parsed = _parse_body(body, parse)
+                    parsed = parse(self.limits, body)
                 del body
-                response = await respond(parsed, rid)
+                response = await respond(parsed, rid, request)
             metrics.REQUESTS.labels(endpoint=endpoint, transport="http").inc()
             return response
         except (asyncio.CancelledError, ClientDisconnect):
@@ -196,75 +180,41 @@ def create_app(service: EmbedService) -> "RequestIdApp":
             metrics.REQUEST_SECONDS.labels(endpoint=endpoint, transport="http").observe(
                 time.perf_counter() - t0)
 
-    limits = service.limits
+    # --- OpenAI ------------------------------------------------------------------------------
 
-    # OpenAI -----------------------------------------------------------------------------------
+    async def openai_embeddings(self, request: Request) -> Response:
+        return await self.run_compute(request, "/v1/embeddings", schemas.parse_openai,
+                                      self._respond_openai)
 
-    def parse_openai(body: bytes) -> schemas.OpenAIRequest:
-        return schemas.parse_openai(limits, body)
-
-    async def respond_openai(req: schemas.OpenAIRequest, rid: str) -> Response:
-        result = await service.embed(rid, req.texts, req.tokens, req.options, model=req.model)
-        return _json(schemas.openai_response(result, req.encoding_format, service.model_name),
+    async def _respond_openai(self, req: schemas.OpenAIRequest, rid: str, request) -> Response:
+        result = await self.service.embed(rid, req.texts, req.tokens, req.options, model=req.model)
+        return _json(schemas.openai_response(result, req.encoding_format, self.service.model_name),
                      headers=timing_headers(result))
 
-    async def openai_embeddings(request: Request) -> Response:
-        return await run_compute(request, "/v1/embeddings", parse_openai, respond_openai)
+    # --- TEI ---------------------------------------------------------------------------------
 
-    app.add_route("/v1/embeddings", openai_embeddings, methods=["POST"])
-    app.add_route("/embeddings", openai_embeddings, methods=["POST"])
+    async def embed(self, request: Request) -> Response:
+        return await self.run_compute(request, "/embed", schemas.parse_embed, self._respond_embed)
 
-    # TEI-style -----------------------------------------------------------------------------
+    async def _respond_embed(self, req: schemas.TeiEmbedRequest, rid: str, request) -> Response:
+        result = await self.service.embed(rid, req.texts, req.tokens, req.options, model=req.model)
+        headers = timing_headers(result)
+        if _OCTET in request.headers.get("accept", ""):
+            headers.update({"x-embedding-count": str(result.n), "x-embedding-dim": str(result.dim),
+                            "x-embedding-dtype": "float32-le"})
+            return Response(result.as_float32().astype("<f4", copy=False).tobytes(),
+                            media_type=_OCTET, headers=headers)
+        return _json(result.as_float32(), headers=headers)
 
-    def parse_embed(body: bytes) -> tuple:
-        req = schemas.decode_body(schemas.EmbedRequest, body)
-        texts, tokens = schemas.decode_input(limits, req.inputs, "inputs")
-        direction = (req.truncation_direction or "right").lower()
-        if direction not in ("left", "right"):
-            raise ValidationError("`truncation_direction` must be 'left' or 'right'",
-                                  param="truncation_direction")
-        options = EncodeOptions(
-            normalize=True if req.normalize is None else req.normalize,
-            truncate=req.truncate, truncation_direction=direction,
-            prompt_name=req.prompt_name, prompt=req.prompt,
-            dimensions=schemas.check_dimensions(req.dimensions))
-        return texts, tokens, options, req.model or ""
+    async def tokenize(self, request: Request) -> Response:
+        return await self.run_compute(request, "/tokenize", schemas.parse_tokenize,
+                                      self._respond_tokenize)
 
-    def embed_route(accept_raw: bool):
-        async def respond(parsed: tuple, rid: str, request: Request) -> Response:
-            texts, tokens, options, model = parsed
-            result = await service.embed(rid, texts, tokens, options, model=model)
-            headers = timing_headers(result)
-            if accept_raw and _OCTET in request.headers.get("accept", ""):
-                headers.update({"x-embedding-count": str(result.n), "x-embedding-dim": str(result.dim),
-                                "x-embedding-dtype": "float32-le"})
-                return Response(result.as_float32().astype("<f4", copy=False).tobytes(),
-                                media_type=_OCTET, headers=headers)
-            return _json(result.as_float32(), headers=headers)
-
-        async def embed(request: Request) -> Response:
-            return await run_compute(request, "/embed", parse_embed,
-                                     lambda parsed, rid: respond(parsed, rid, request))
-        return embed
-
-    app.add_route("/embed", embed_route(True), methods=["POST"])
-    # TEI clients (huggingface_hub's InferenceClient, Haystack) post to the server's root URL.
-    app.add_route("/", embed_route(True), methods=["POST"])
-
-    def parse_tokenize(body: bytes) -> tuple:
-        req = schemas.decode_body(schemas.TokenizeRequest, body)
-        texts, tokens = schemas.decode_input(limits, req.inputs, "inputs")
-        if texts is None:
-            raise ValidationError("`inputs` must be a string or a list of strings", param="inputs")
-        options = EncodeOptions(prompt_name=req.prompt_name, prompt=req.prompt,
-                                truncate=req.truncate)
-        return texts, options
-
-    async def respond_tokenize(parsed: tuple, rid: str) -> Response:
+    async def _respond_tokenize(self, parsed: tuple, rid: str, request) -> Response:
         texts, options = parsed
-        batch = await service.tokenize(texts, options)
+        batch = await self.service.tokenize(texts, options)
         offsets = batch.offsets()
-        tok = service.tokenizers.tokenizer
+        tok = self.service.tokenizers.tokenizer
         out = []
         for i in range(batch.n):
             ids = batch.ids[offsets[i]:offsets[i + 1]]
@@ -272,21 +222,15 @@ def create_app(service: EmbedService) -> "RequestIdApp":
             out.append([{"id": int(t), "text": p} for t, p in zip(ids.tolist(), pieces)])
         return _json(out, headers={"x-request-id": rid})
 
-    async def tokenize(request: Request) -> Response:
-        return await run_compute(request, "/tokenize", parse_tokenize, respond_tokenize)
+    # --- health, info, models, metrics, API description ----------------------------------------
 
-    app.add_route("/tokenize", tokenize, methods=["POST"])
-
-    # Health, info, models, metrics, API description --------------------------------------
-
-    async def health(request: Request) -> Response:
+    async def health(self, request: Request) -> Response:
         """Liveness: the front end's event loop answers."""
         return _json({"status": "ok"})
 
-    app.add_route("/health", health, methods=["GET", "HEAD"])
-
-    async def ready(request: Request) -> Response:
+    async def ready(self, request: Request) -> Response:
         """Readiness: at least one healthy replica and not draining."""
+        service = self.service
         if service.ready():
             return _json({"status": "ready"})
         status = service.router.status()
@@ -294,59 +238,89 @@ def create_app(service: EmbedService) -> "RequestIdApp":
         return _json({"status": "not ready", "reason": reason},
                      status=503, headers={"retry-after": "1"})
 
-    app.add_route("/ready", ready, methods=["GET", "HEAD"])
+    async def info(self, request: Request) -> Response:
+        self.authorize(request)
+        return _json(self.service.describe())
 
-    @route("/info")
-    async def info(request: Request) -> Response:
-        authorize(request)
-        return _json(service.describe())
-
-    def model_card(name: str) -> dict:
+    @staticmethod
+    def _model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": 0, "owned_by": "floe"}
 
-    @route("/v1/models")
-    async def models(request: Request) -> Response:
-        authorize(request)
+    async def models(self, request: Request) -> Response:
+        self.authorize(request)
         return _json({"object": "list",
-                      "data": [model_card(n) for n in service.limits.served_names]})
+                      "data": [self._model_card(n) for n in self.limits.served_names]})
 
-    @route("/v1/models/{model:path}")
-    async def one_model(request: Request) -> Response:
-        authorize(request)
+    async def one_model(self, request: Request) -> Response:
+        self.authorize(request)
         model = request.path_params["model"]
-        if model not in service.limits.served_names:
+        if model not in self.limits.served_names:
             raise ModelNotFoundError(f"model {model[:100]!r} is not served here", param="model")
-        return _json(model_card(model))
+        return _json(self._model_card(model))
 
-    @route("/metrics")
-    async def prometheus(request: Request) -> Response:
-        body, ctype = await metrics.render(service, accept=request.headers.get("accept", ""))
+    async def prometheus(self, request: Request) -> Response:
+        body, ctype = await metrics.render(self.service, accept=request.headers.get("accept", ""))
         return Response(body, media_type=ctype)
 
-    document = orjson.dumps(openapi.openapi_document())
+    async def openapi_json(self, request: Request) -> Response:
+        self.authorize(request)
+        return Response(self.document, media_type=_JSON)
 
-    @route("/openapi.json")
-    async def openapi_json(request: Request) -> Response:
-        authorize(request)
-        return Response(document, media_type=_JSON)
-
-    @route("/docs")
-    async def docs(request: Request) -> Response:
-        authorize(request)
+    async def docs(self, request: Request) -> Response:
+        self.authorize(request)
         return Response(openapi.DOCS_HTML, media_type="text/html")
 
-    @route("/docs/static/{name}")
-    async def docs_static(request: Request) -> Response:
+    async def docs_static(self, request: Request) -> Response:
         name = request.path_params["name"]
         # Swagger UI from the swagger-ui-bundle package: the page works offline, with no CDN.
         if name not in _DOCS_ASSETS:
             raise StarletteHTTPException(status_code=404, detail="Not Found")
         return Response(_docs_asset(name), media_type=_DOCS_ASSETS[name])
 
+
+async def _floe_error(request: Request, err: FloeError) -> Response:
+    return error_response(err, _request_id(request))
+
+
+async def _http_error(request: Request, err: StarletteHTTPException) -> Response:
+    kind, code = {404: ("not_found_error", "not_found"),
+                  405: ("invalid_request_error", "method_not_allowed")}.get(
+        err.status_code, ("error", None))
+    body = {"error": {"message": str(err.detail), "type": kind, "param": None, "code": code}}
+    return _json(body, status=err.status_code, headers={"x-request-id": _request_id(request)})
+
+
+async def _internal(request: Request, err: Exception) -> Response:
+    log.exception("internal error on %s", request.url.path)
+    return error_response(InternalError(), _request_id(request))
+
+
+def create_app(service: EmbedService) -> "RequestIdApp":
+    """The ASGI app: plain Starlette routes (the hot path pays for no dependency injection; the
+    API description is built from the request structs, floe/frontend/openapi.py)."""
+    r = HttpRoutes(service)
+    app = Starlette()
+    app.add_exception_handler(FloeError, _floe_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal)
+    posts = {"/v1/embeddings": r.openai_embeddings, "/embeddings": r.openai_embeddings,
+             "/embed": r.embed,
+             # TEI clients (huggingface_hub's InferenceClient, Haystack) post to the root URL
+             "/": r.embed,
+             "/tokenize": r.tokenize}
+    for path, endpoint in posts.items():
+        app.add_route(path, endpoint, methods=["POST"])
+    for path, endpoint, methods in (
+            ("/health", r.health, ["GET", "HEAD"]), ("/ready", r.ready, ["GET", "HEAD"]),
+            ("/info", r.info, ["GET"]), ("/v1/models", r.models, ["GET"]),
+            ("/v1/models/{model:path}", r.one_model, ["GET"]), ("/metrics", r.prometheus, ["GET"]),
+            ("/openapi.json", r.openapi_json, ["GET"]), ("/docs", r.docs, ["GET"]),
+            ("/docs/static/{name}", r.docs_static, ["GET"])):
+        app.add_route(path, endpoint, methods=methods)
     # the embedding routes skip Starlette's routing and middleware (run_compute already answers
     # every outcome, errors included): one-input requests cost the front end 0.41 -> 0.32 ms of
-    # CPU in A/B runs (docs/benchmarks.md)
-    hot = {"/v1/embeddings": openai_embeddings, "/embeddings": openai_embeddings}
+    # CPU in A/B runs (docs/benchmarks-history.md)
+    hot = {"/v1/embeddings": r.openai_embeddings, "/embeddings": r.openai_embeddings}
     return RequestIdApp(app, hot_posts=hot)
 
 
@@ -393,10 +367,6 @@ def _docs_asset(name: str) -> bytes:
     import swagger_ui_bundle
 
     return (swagger_ui_bundle.swagger_ui_path / name).read_bytes()
-
-
-def _parse_body(body: bytes, parse) -> Any:
-    return parse(body)
 
 
 def error_response(err: FloeError, request_id: str = "") -> Response:

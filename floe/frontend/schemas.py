@@ -234,6 +234,41 @@ def parse_openai(limits: validate.Limits, body: bytes) -> OpenAIRequest:
     return OpenAIRequest(texts, tokens, options, fmt, req.model or "")
 
 
+@dataclass(frozen=True)
+class TeiEmbedRequest:
+    """TEI's /embed body, decoded and checked."""
+
+    texts: Optional[list]
+    tokens: Optional[TokenBatch]
+    options: EncodeOptions
+    model: str
+
+
+def parse_embed(limits: validate.Limits, body: bytes) -> TeiEmbedRequest:
+    """TEI's /embed body (normalize is on unless the client says otherwise, as TEI does)."""
+    req = decode_body(EmbedRequest, body)
+    texts, tokens = decode_input(limits, req.inputs, "inputs")
+    direction = (req.truncation_direction or "right").lower()
+    if direction not in ("left", "right"):
+        raise ValidationError("`truncation_direction` must be 'left' or 'right'",
+                              param="truncation_direction")
+    options = EncodeOptions(
+        normalize=True if req.normalize is None else req.normalize,
+        truncate=req.truncate, truncation_direction=direction,
+        prompt_name=req.prompt_name, prompt=req.prompt,
+        dimensions=check_dimensions(req.dimensions))
+    return TeiEmbedRequest(texts, tokens, options, req.model or "")
+
+
+def parse_tokenize(limits: validate.Limits, body: bytes) -> tuple[list, EncodeOptions]:
+    """TEI's /tokenize body: texts only (token ids have nothing to tokenize)."""
+    req = decode_body(TokenizeRequest, body)
+    texts, _tokens = decode_input(limits, req.inputs, "inputs")
+    if texts is None:
+        raise ValidationError("`inputs` must be a string or a list of strings", param="inputs")
+    return texts, EncodeOptions(prompt_name=req.prompt_name, prompt=req.prompt, truncate=req.truncate)
+
+
 def openai_response(result: EmbedResult, encoding_format: str, model_name: str) -> dict:
     """The OpenAI response object, built straight from the float32 buffer: numpy rows for JSON
     floats (orjson writes them without Python floats), the raw little-endian bytes for base64."""

@@ -122,13 +122,21 @@ def test_a_replica_killed_at_start_up_again_and_again_is_given_up_while_the_othe
 
 
 def test_when_no_replica_can_start_floe_serve_exits_nonzero_with_the_replica_error(tmp_path):
-    start = free_port()
-    blockers = []
-    for port in (start, start + 1):   # replicas on tcp bind start_port + i: both taken
-        s = socket.socket()
-        s.bind(("127.0.0.1", port))
-        s.listen()
-        blockers.append(s)
+    blockers: list = []
+    for _ in range(50):   # replicas on tcp bind start_port + i: take two adjacent ports
+        start = free_port()
+        try:
+            for port in (start, start + 1):
+                s = socket.socket()
+                blockers.append(s)
+                s.bind(("127.0.0.1", port))
+                s.listen()
+            break
+        except OSError:
+            for s in blockers:
+                s.close()
+            blockers = []
+    assert blockers, "no two adjacent free ports"
     try:
         cmd = [sys.executable, "-m", "floe", "serve", "--engine", "fake", "--num-replicas", "2",
                "--replica-transport", "tcp", "--start-port", str(start), "--max-restarts", "2",

@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from floe.corpus.embed import embedding_array, plan_batches, post_process
+from floe.corpus.budget import plan_batches
+from floe.corpus.embed import embedding_array, post_process
 from floe.corpus.reader import CorpusError, open_source
 from floe.corpus.writer import CorpusOutput, part_name, write_part, schema_for
 
