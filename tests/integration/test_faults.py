@@ -88,6 +88,7 @@ def test_a_replica_that_makes_no_progress_leaves_rotation_within_5_s(tmp_path):
             stop.set()
             for w in workers:
                 w.join(timeout=120)
+        print(f"SIGSTOP: out of rotation after {out_after:.2f} s")
         assert out_after < 5.0, out_after
         assert results and set(results) == {200}, sorted(set(results))
         # killed as hung after its third failed probe (or back in rotation if it answered first),
