@@ -4,7 +4,10 @@ Every knob floe has is declared here once, with its help text, its default and i
 The CLI flag (``--max-batch-tokens``) and the environment variable (``FLOE_MAX_BATCH_TOKENS``) are
 derived from the field name, so a flag can never drift from the setting it sets. Components receive
 the sub-tree they need (``BatchSettings`` for the scheduler, ``ReplicaSetSettings`` for the manager)
-and never read the environment themselves.
+and read no ``FLOE_*`` variable themselves, with one exception: the OpenVINO engine's default
+cache folder honours ``FLOE_ENGINE_CACHE_DIR`` (the same variable as ``--engine-cache-dir``), so
+that code built without a settings tree (``floe embed-corpus``, the bench scripts) shares the
+server's converted models.
 
 Precedence: command-line flag > ``FLOE_*`` environment variable > default.
 """

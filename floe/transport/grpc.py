@@ -133,6 +133,14 @@ def _register(server: grpc.aio.Server, service_descriptor: Any, module: Any, ser
         (grpc.method_handlers_generic_handler(service_descriptor.full_name, handlers),))
 
 
+async def _abort(backend: EncodeBackend, request_id: str) -> tuple[bool, str]:
+    """Both services' Abort: the id is required; False when nothing by that id is in flight."""
+    if not request_id:
+        raise ValidationError("request_id is required", param="request_id")
+    ok = await backend.abort(request_id)
+    return ok, "aborted" if ok else "no such request in flight"
+
+
 # --- floe.v1.Embedder -------------------------------------------------------------------------
 
 class EmbedderServicer:
@@ -165,11 +173,8 @@ class EmbedderServicer:
 
     @_rpc
     async def Abort(self, request: floe_pb2.AbortRequest, context) -> floe_pb2.AbortResponse:
-        if not request.request_id:
-            raise ValidationError("request_id is required", param="request_id")
-        ok = await self.backend.abort(request.request_id)
-        return floe_pb2.AbortResponse(
-            success=ok, message="aborted" if ok else "no such request in flight")
+        ok, message = await _abort(self.backend, request.request_id)
+        return floe_pb2.AbortResponse(success=ok, message=message)
 
 
 # --- arctic_inference.InferenceService ---------------------------------------------------------
@@ -237,11 +242,8 @@ class ArcticServicer:
 
     @_rpc
     async def Abort(self, request: arctic_pb2.AbortRequest, context) -> arctic_pb2.AbortResponse:
-        if not request.request_id:
-            raise ValidationError("request_id is required", param="request_id")
-        ok = await self.backend.abort(request.request_id)
-        return arctic_pb2.AbortResponse(
-            success=ok, message="aborted" if ok else "no such request in flight")
+        ok, message = await _abort(self.backend, request.request_id)
+        return arctic_pb2.AbortResponse(success=ok, message=message)
 
 
 # --- grpc.health.v1 ---------------------------------------------------------------------------
