@@ -110,3 +110,35 @@ def test_embed_result_checks_buffer_size():
         EmbedResult(n=2, dim=4, dtype="float32", data=b"\0" * 31, token_counts=np.array([1, 1]))
     with pytest.raises(ValidationError):
         EmbedResult.from_array(np.zeros((1, 2), np.float32), "int8", [1])
+
+
+# --- the replica link's frames ------------------------------------------------------------------
+
+def test_frames_split_back_whatever_the_chunking():
+    from floe.protocol import Frame, FrameReader, frame
+
+    frames = [(Frame.HELLO, 0, b"token"), (Frame.ENCODE, 7, b"x" * 1000), (Frame.CANCEL, 7, b""),
+              (Frame.RESULT, 2 ** 32 - 1, b"\x00\x01")]
+    stream = b"".join(frame(k, c, p) for k, c, p in frames)
+    for step in (1, 3, 9, 10, 4096):
+        reader, got = FrameReader(max_payload=4096), []
+        for i in range(0, len(stream), step):
+            got += reader.feed(stream[i:i + step])
+        assert got == [(int(k), c, p) for k, c, p in frames], step
+
+
+def test_a_frame_over_the_limit_is_refused_before_its_payload_arrives():
+    from floe.protocol import FRAME_HEADER, Frame, FrameReader
+
+    reader = FrameReader(max_payload=100)
+    with pytest.raises(ValueError, match="over the 100-byte limit"):
+        reader.feed(FRAME_HEADER.pack(101, 1, Frame.ENCODE))   # the header alone is enough
+
+
+def test_every_call_frame_has_its_request_and_answer_messages():
+    from floe.protocol import FRAME_CALLS, Frame
+
+    assert set(FRAME_CALLS) == {Frame.ENCODE, Frame.HEALTH, Frame.INFO, Frame.ABORT}
+    for request_type, answer_type in FRAME_CALLS.values():
+        assert request_type.FromString(request_type().SerializeToString()) == request_type()
+        assert answer_type.DESCRIPTOR.full_name.startswith("floe.v1.")
