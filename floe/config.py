@@ -162,7 +162,7 @@ class ReplicaSetSettings:
         "with the OpenVINO engine includes its conversion (about 30 s for MiniLM on 2 cores, more "
         "for larger models); later starts load the converted model from the cache in seconds.")
     max_restarts: int = _knob(
-        5, "Restarts of one replica within restart_window before it is given up (crash loop)."
+        5, "Restarts of one child process (a replica or a front-end worker) within restart_window before it is given up (crash loop)."
     )
     restart_window: float = _knob(300.0, "Seconds over which max_restarts is counted.")
     workers: int = _knob(

@@ -3,7 +3,8 @@
 It only wires the parts, each in its own module:
 
 - placement.py (pure) decides where each replica runs (GPU and memory share, or CPU cores);
-- supervisor.py owns one slot each: spawn, handshake, watch, probe, restart, give up;
+- supervisor.py: one ``ReplicaSlot`` per replica, which owns that replica's process, state,
+  client and rotation (the lifecycle itself is floe/supervision.py's ``ChildProcess``);
 - router.py picks a replica per request (balance.py's pure policy) and retries once;
 - client.py is the channel to one replica.
 
@@ -12,27 +13,31 @@ a per-launch token, so only this manager can use them; ``--replica-transport tcp
 replica_host:start_port + i instead (still token-protected).
 
 Lifecycle: ``start()`` returns once one replica is ready (ReplicaStartError if none can be);
-``stop()`` sends SIGTERM to every replica (each drains its own in-flight work) and SIGKILL after
-the drain timeout. Admission and the front end's drain live in floe/frontend/admission.py.
+``stop()`` asks every slot to stop (SIGTERM: each replica drains its own in-flight work; SIGKILL
+after the drain timeout). The manager never writes a slot's state; it reads it, and serializes
+it once (``table()``) for the front-end workers, who get it from ``tables()``: on every change a
+slot reports and at least every health interval. Admission and the front end's drain live in
+floe/frontend/admission.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import shutil
 import tempfile
-from typing import Any, Optional
+from typing import Any, AsyncIterator, Optional
 
 from floe.config import Settings
 from floe.errors import ReplicaStartError
 from floe.models.spec import ModelSpec
 from floe.proto import floe_pb2
-from floe.protocol import EmbedResult, EncodeOptions, TokenBatch
+from floe.protocol import EmbedResult, EncodeOptions, ReplicaTable, TokenBatch
 from floe.fleet.balance import Balancer
 from floe.fleet.placement import plan_placement, usable_cores, visible_gpus
-from floe.fleet.client import CLOSE_GRACE_S, load_fields, replica_info
+from floe.fleet.client import load_fields, replica_info
 from floe.fleet.router import Router
 from floe.fleet.supervisor import ReplicaSlot
 from floe.transport.grpc import grpc_target
@@ -54,26 +59,24 @@ class ReplicaManager:
             addresses = [f"unix:{self._socket_dir}/replica-{i}.sock" for i in range(r.num_replicas)]
         else:
             addresses = [grpc_target(r.replica_host, r.start_port + i) for i in range(r.num_replicas)]
-        self.slots = [ReplicaSlot(i, addresses[i], placements[i], settings, secrets.token_urlsafe(24))
+        self._changed = asyncio.Event()   # set by any slot's change; cleared by tables()
+        self.slots = [ReplicaSlot(i, addresses[i], placements[i], settings,
+                                  secrets.token_urlsafe(24), on_change=self._changed.set)
                       for i in range(r.num_replicas)]
         self.router = Router(Balancer(r.load_balancing), self.slots, r.forward_timeout,
                              r.replica_wait)
-        self._tasks: list[asyncio.Task] = []
         self._stopped = False
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Starts every replica; returns when one is ready, raises ReplicaStartError if none is."""
-        self._tasks = [asyncio.create_task(s.supervise(), name=f"floe-replica-{s.index}")
-                       for s in self.slots]
-        waits = {asyncio.create_task(s.ready_event.wait()): s for s in self.slots}
-        pending = set(waits)
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            if any(waits[t].state == "ready" for t in done):
-                for t in pending:
-                    t.cancel()
+        for s in self.slots:
+            s.start()
+        # each slot's ready_event: ready, or given up (then the next one is awaited)
+        for outcome in asyncio.as_completed([s.ready_event.wait() for s in self.slots]):
+            await outcome
+            if any(s.state == "ready" for s in self.slots):
                 return
         reasons = "; ".join(f"replica {s.index}: {s.message}" for s in self.slots)
         await self.stop()
@@ -88,23 +91,24 @@ class ReplicaManager:
         if grace is None:
             grace = self.settings.server.drain_timeout + 2.0
         self._stopped = True
-        for s in self.slots:
-            s.stopping = True
-            s.healthy = False
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(s.terminate(grace) for s in self.slots))
-        for s in self.slots:
-            for t in s.io_tasks:
-                t.cancel()
-            if s.client:
-                await s.client.close(grace=CLOSE_GRACE_S)
-                s.client = None
-            if s.state != "failed":
-                s.state = "stopped"
+        await asyncio.gather(*(s.stop(grace) for s in self.slots))
         if self._socket_dir:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+    def table(self) -> ReplicaTable:
+        """Every slot as the front-end workers' routers need it (floe/fleet/remote.py)."""
+        return ReplicaTable(tuple(s.endpoint() for s in self.slots))
+
+    async def tables(self, every: float) -> AsyncIterator[ReplicaTable]:
+        """The table now, then after every change a slot reports and at least every ``every``
+        seconds (a worker's own out-of-rotation marks are lifted by the next healthy table).
+        One reader: it clears the change event."""
+        while True:
+            self._changed.clear()
+            yield self.table()
+            # a change made while the table was being sent sets the event: sent again at once
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), every)
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -120,7 +124,7 @@ class ReplicaManager:
         """A JSON-able summary for /info (behind the API key): every replica's state and why."""
         out = [{
             "index": s.index,
-            "pid": s.proc.pid if s.proc and s.proc.returncode is None else None,
+            "pid": s.pid,
             "state": s.state, "healthy": s.healthy, "restarts": s.restarts,
             "last_exit": s.last_exit, "message": s.message,
             "stderr_tail": list(s.stderr_tail) if s.state == "failed" else [],
@@ -134,8 +138,7 @@ class ReplicaManager:
     async def replica_infos(self) -> list[floe_pb2.ReplicaInfo]:
         """Each replica's own GetReplicaInfo, with the manager's view (restarts, health, why)."""
         def one(s: ReplicaSlot):
-            alive = s.proc is not None and s.proc.returncode is None
             return replica_info(s.client, s.index, self.spec.name, running=s.state == "ready",
-                                healthy=s.healthy, restarts=s.restarts,
-                                pid=s.proc.pid if alive else None, message=s.message)
+                                healthy=s.healthy, restarts=s.restarts, pid=s.pid,
+                                message=s.message)
         return list(await asyncio.gather(*(one(s) for s in self.slots)))

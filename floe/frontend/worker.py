@@ -5,8 +5,9 @@ environment: the settings tree, the inherited listening HTTP socket and the shar
 directory. It runs the same front end as the main process (floe/frontend/server.py
 ``run_frontend``: tokenizer pool, validation, HTTP and gRPC on the shared ports) and routes to
 the replicas that the main process supervises (floe/fleet/remote.py), whose table arrives on
-stdin. It prints a ``FrontendHello`` line once it serves, drains on SIGTERM, and drains and exits
-when stdin closes (the main process is gone).
+stdin. It prints a ``FrontendHello`` line once it serves, writes JSON log lines to stderr (its
+supervisor, floe/supervision.py, re-emits them at their level in the main process' log), drains
+on SIGTERM, and drains and exits when stdin closes (the main process is gone).
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ async def run(launch: FrontendLaunch) -> int:
             return 1
 
         def on_ready() -> None:
+            # the supervisor logs "front-end worker N ready" when it reads this
             print(FrontendHello(index=launch.index, pid=os.getpid()).to_line(), flush=True)
-            log.info("front-end worker %d ready (pid %d)", launch.index, os.getpid())
 
         return await run_frontend(service, settings, http_socket, on_ready, stop=stop)
     finally:
@@ -92,8 +93,8 @@ def main() -> int:
     from floe.logs import setup_logging
     from floe.config import settings_from_dict
 
-    srv = settings_from_dict(launch.settings).server
-    setup_logging(srv.log_level, srv.log_format)
+    # JSON whatever --log-format says: the supervisor re-emits each line in the main log's format
+    setup_logging(settings_from_dict(launch.settings).server.log_level, "json")
     try:
         return asyncio.run(run(launch))
     except KeyboardInterrupt:

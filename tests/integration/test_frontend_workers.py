@@ -129,6 +129,25 @@ def test_worker_and_replica_deaths_lose_nothing(tmp_path):
         assert not any(_alive(p) for p in now)
 
 
+@pytest.mark.full
+def test_a_crash_looping_worker_is_given_up_and_the_others_serve(tmp_path):
+    with floe_serve(*ARGS, "--max-restarts", "1", "--restart-window", "120",
+                    tmp_dir=str(tmp_path)) as srv:
+        killed: set[int] = set()
+        deadline = time.monotonic() + 120
+        while "front-end worker 1 given up" not in srv.log():
+            assert time.monotonic() < deadline, srv.log()
+            for pid in _frontend_pids(srv.url, connections=20) - {srv.proc.pid} - killed:
+                killed.add(pid)
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
+        assert len(killed) == 2   # the first process and its one restart
+        assert "given up: crash-looped: 1 restarts within 120 s" in srv.log()
+        for _ in range(5):
+            _embed(srv.url, ["served by the main front end"])
+        assert _frontend_pids(srv.url, connections=10) == {srv.proc.pid}
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -13,7 +13,7 @@ from floe.errors import ConfigError
 from floe.protocol import Placement, ReplicaLaunch
 from floe.replica.main import runtime_from_launch
 from floe.fleet.placement import plan_placement, visible_gpus
-from floe.fleet.supervisor import describe_exit
+from floe.supervision import describe_exit
 
 
 def settings(**replicas):
