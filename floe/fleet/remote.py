@@ -111,13 +111,11 @@ class RemoteReplicas:
         self.router = Router(Balancer(r.load_balancing, start=worker_index), self.targets,
                              r.forward_timeout, r.replica_wait)
         self._stopped = False
-        self.tables = 0   # tables applied (tests and /info)
 
     async def apply(self, table: ReplicaTable) -> None:
         for e in table.replicas:
             if 0 <= e.index < len(self.targets):
                 await self.targets[e.index].apply(e)
-        self.tables += 1
 
     def ready(self) -> bool:
         return not self._stopped and any(t.healthy for t in self.targets)
