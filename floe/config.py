@@ -32,9 +32,12 @@ EngineKind = Literal["auto", "torch", "openvino", "fake"]
 LogFormat = Literal["text", "json"]
 
 
-def _knob(default: Any, help: str, *, flag: Optional[str] = None, factory: Any = None) -> Any:
-    """A settings field: ``help`` becomes the ``--help`` text; ``flag`` overrides the flag name."""
-    meta = {"help": help, "flag": flag}
+def _knob(default: Any, help: str, *, flag: Optional[str] = None, factory: Any = None,
+          repeat_into: Optional[str] = None) -> Any:
+    """A settings field: ``help`` becomes the ``--help`` text; ``flag`` overrides the flag name;
+    ``repeat_into``: the flag may be given again, and its later values go to that tuple field
+    (which has no flag of its own)."""
+    meta = {"help": help, "flag": flag, "repeat_into": repeat_into}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -47,8 +50,15 @@ class ModelSettings:
     model: str = _knob(
         "default",
         "Model to serve: a local sentence-transformers or transformers folder, 'default' for the "
-        "embedded all-MiniLM-L6-v2, or a hub id (resolved through huggingface_hub; needs a network).",
+        "embedded all-MiniLM-L6-v2, or a hub id (resolved through huggingface_hub; needs a network). "
+        "An embedding model, a cross-encoder (reranker) or a SPLADE model. Give --model again to "
+        "serve several side by side (an embedder and a reranker), each with its own replicas; the "
+        "first is the default.",
+        repeat_into="also_serve",
     )
+    also_serve: tuple[str, ...] = _knob(
+        (), "Further models served beside `model`, named by their folders (the second and later "
+        "--model; env: comma-separated).")
     served_model_name: Optional[str] = _knob(
         None, "Name(s) of the model, comma-separated: the first is reported by /v1/models and in "
         "responses, every one is accepted in the request's `model` field (default: the model "
@@ -294,6 +304,9 @@ class Settings:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         if s.frontend_workers is not None and not 1 <= s.frontend_workers <= 64:
             raise ConfigError("--frontend-workers must be between 1 and 64")
+        if self.model.also_serve and (s.frontend_workers or 1) > 1:
+            raise ConfigError("--frontend-workers above 1 serves one model; with several --model "
+                              "run one front end (or one floe serve per model)")
         if s.max_input_chars is not None and s.max_input_chars < 1:
             raise ConfigError("--max-input-chars must be positive")
         if self.model.max_seq_length is not None and self.model.max_seq_length < 1:
@@ -332,6 +345,8 @@ def _parse_value(f: dataclasses.Field, tp: Any, raw: str) -> Any:
         if raw not in choices:
             raise ConfigError(f"{_flag(f)}: {raw!r} is not one of {', '.join(choices)}")
         return raw
+    if typing.get_origin(tp) is tuple:
+        return tuple(x.strip() for x in raw.split(",") if x.strip())
     if tp is bool:
         low = raw.strip().lower()
         if low in ("1", "true", "yes", "on"):
@@ -369,6 +384,8 @@ def add_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = t
             if f.name in skip:
                 continue
             tp = _base_type(hints[f.name])
+            if typing.get_origin(tp) is tuple:
+                continue   # filled by a repeated flag (repeat_into) or the environment
             default = f.default if f.default is not dataclasses.MISSING else None
             help_text = f"{f.metadata.get('help', '')} [env {_env(f)}; default {default}]"
             dest = f"{name}.{f.name}"
@@ -379,6 +396,7 @@ def add_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = t
                 choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else None
                 group.add_argument(_flag(f), dest=dest, default=None, metavar=None if choices else f.name.upper(),
                                    choices=choices, help=help_text,
+                                   action="append" if f.metadata.get("repeat_into") else "store",
                                    type=_argparse_type(f, tp))
 
 
@@ -396,6 +414,7 @@ def settings_from_dict(data: dict) -> Settings:
         unknown = set(values) - known
         if unknown:
             raise ConfigError(f"unknown {name} settings: {', '.join(sorted(unknown))}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         built[name] = cls(**values)
     extra = set(data) - set(SECTIONS)
     if extra:
@@ -416,6 +435,9 @@ def settings_from(args: Optional[argparse.Namespace] = None, env: Optional[dict[
             if _env(f) in env and env[_env(f)] != "":
                 values[f.name] = _parse_value(f, hints[f.name], env[_env(f)])
             v = ns.get(f"{name}.{f.name}")
+            if isinstance(v, list):   # a repeatable flag: the first value, the rest elsewhere
+                values[f.metadata["repeat_into"]] = tuple(v[1:])
+                v = v[0]
             if v is not None:
                 values[f.name] = v
         values.update(overrides.get(name, {}))

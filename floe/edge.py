@@ -11,6 +11,8 @@ the order that protects the work behind each (floe/validate.py has the checks th
     texts        -> count, per-item type / length / Unicode (off the event loop past a few items),
                     then tokenized (floe/tokenize.py) with the plan
     or token ids -> count, range, length (truncated per the plan), vectorized
+    or pairs     -> a reranker's query and documents: the query checked once, the documents as
+                    texts, then tokenized as pairs (the document truncated, never the query)
 
 Behind the edge everything trusts the batch; a managed replica's core only asserts invariants.
 """
@@ -67,6 +69,20 @@ class Edge:
             validate.check_count(limits, len(texts))   # one comparison before the per-item work
             checked = await self.tokenizers.run(validate.check_texts, limits, texts, plan)
         return await self.tokenizers.encode_plan(checked, plan)
+
+    async def prepare_pairs(self, query: Any, documents: Sequence[Any], options: EncodeOptions,
+                            model: Optional[str] = "", param: str = "documents") -> Prepared:
+        """A reranker's request: ``query`` against each of ``documents``."""
+        known = validate.check_model(self.limits, model)
+        plan = validate.check_options(self.limits, options)
+        query = validate.check_query(self.limits, query, plan)
+        if len(documents) <= INLINE_ITEMS:
+            checked = validate.check_texts(self.limits, documents, plan, param=param)
+        else:
+            validate.check_count(self.limits, len(documents), param)
+            checked = await self.tokenizers.run(validate.check_texts, self.limits, documents, plan,
+                                                param)
+        return Prepared(await self.tokenizers.encode_pairs(query, checked, plan), plan, known)
 
     def plan(self, options: EncodeOptions) -> validate.Plan:
         return validate.check_options(self.limits, options)

@@ -103,7 +103,9 @@ def replica_families(infos: Iterable[Any]) -> list:
     """Metric families for the replicas' latest ReplicaInfo messages (floe_pb2.ReplicaInfo)."""
     infos = list(infos)
     fams: dict[str, Any] = {}
-    labels = ["replica"]
+    # by model too: a server of several models (floe serve --model A --model B) has a replica
+    # "0" of each
+    labels = ["model", "replica"]
     healthy = GaugeMetricFamily("floe_replica_healthy", "1 when the replica is in rotation.", labels=labels)
     restarts = CounterMetricFamily("floe_replica_restarts", "Restarts of the replica by the manager.",
                                    labels=labels)
@@ -113,16 +115,17 @@ def replica_families(infos: Iterable[Any]) -> list:
         fams[field] = GaugeMetricFamily(name, help_, labels=labels)
     hists: dict[str, HistogramMetricFamily] = {}
     model_info = None
+    described: set[str] = set()
     for info in infos:
-        rid = info.replica_id or "?"
-        healthy.add_metric([rid], 1.0 if info.healthy else 0.0)
-        restarts.add_metric([rid], float(info.restarts))
+        rid = [info.model or "?", info.replica_id or "?"]
+        healthy.add_metric(rid, 1.0 if info.healthy else 0.0)
+        restarts.add_metric(rid, float(info.restarts))
         if info.HasField("stats"):
             stats = info.stats
             for field in _REPLICA_COUNTERS:
-                fams[field].add_metric([rid], float(getattr(stats, field)))
+                fams[field].add_metric(rid, float(getattr(stats, field)))
             for field in _REPLICA_GAUGES:
-                fams[field].add_metric([rid], float(getattr(stats, field)))
+                fams[field].add_metric(rid, float(getattr(stats, field)))
             for h in stats.histograms:
                 fam = hists.get(h.name)
                 if fam is None:
@@ -132,12 +135,14 @@ def replica_families(infos: Iterable[Any]) -> list:
                 for bound, count in zip(list(h.bounds) + [float("inf")], h.counts):
                     running += count
                     buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), running))
-                fam.add_metric([rid], buckets, sum_value=h.sum)
-        if model_info is None and info.model:
-            model_info = InfoMetricFamily("floe_model", "The served model.")
+                fam.add_metric(rid, buckets, sum_value=h.sum)
+        if info.model and info.model not in described:
+            described.add(info.model)
+            if model_info is None:
+                model_info = InfoMetricFamily("floe_model", "A served model.")
             model_info.add_metric([], {"name": info.model, "dim": str(info.dim), "dtype": info.dtype,
                                        "device": info.device, "architecture": info.architecture,
-                                       "pooling": info.pooling})
+                                       "pooling": info.pooling, "task": info.task or "embed"})
     out = [healthy, restarts, *fams.values(), *hists.values()]
     if model_info is not None:
         out.append(model_info)
@@ -164,24 +169,28 @@ class _Snapshot:
         return iter(self.families)
 
 
-async def render(service: Any, timeout: float = 2.0, accept: str = "") -> tuple[bytes, str]:
-    """The /metrics body: front-end metrics plus the replicas' shipped statistics, in the
-    Prometheus text format, or OpenMetrics when the scraper asks for it (``accept``)."""
+async def render(services: Any, timeout: float = 2.0, accept: str = "") -> tuple[bytes, str]:
+    """The /metrics body: front-end metrics plus the replicas' shipped statistics of every served
+    model (``services``: one EmbedService or a list), in the Prometheus text format, or
+    OpenMetrics when the scraper asks for it (``accept``)."""
+    services = list(services) if isinstance(services, (list, tuple)) else [services]
     if "application/openmetrics-text" in accept:
         from prometheus_client.openmetrics import exposition as om
         generate, content_type = om.generate_latest, om.CONTENT_TYPE_LATEST
     else:
         generate, content_type = generate_latest, CONTENT_TYPE_LATEST
     body = generate(_front_end_registry())
-    try:
-        infos = await asyncio.wait_for(service.router.replica_infos(), timeout)
-    except Exception:  # a scrape must never fail because a replica is slow or down
-        log.warning("replica statistics unavailable for this scrape", exc_info=True)
-        infos = []
+    infos: list = []
+    for service in services:
+        try:
+            infos += await asyncio.wait_for(service.router.replica_infos(), timeout)
+        except Exception:  # a scrape must never fail because a replica is slow or down
+            log.warning("replica statistics of %s unavailable for this scrape",
+                        service.model_name, exc_info=True)
     snapshot = CollectorRegistry(auto_describe=False)
     snapshot.register(_Snapshot(replica_families(infos)))
     ready = GaugeMetricFamily("floe_ready", "1 when the endpoint accepts requests.")
-    ready.add_metric([], 1.0 if service.ready() else 0.0)
+    ready.add_metric([], 1.0 if all(s.ready() for s in services) else 0.0)
     snapshot.register(_Snapshot([ready]))
     if generate is generate_latest:
         return body + generate(snapshot), content_type

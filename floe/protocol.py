@@ -32,9 +32,25 @@ from floe.errors import FloeError, InternalError, ValidationError, error_fields,
 from floe.proto import floe_pb2
 
 # Output dtypes a client may ask for, by wire enum.
-OUTPUT_DTYPES = {"float32": floe_pb2.FLOAT32, "float16": floe_pb2.FLOAT16, "bfloat16": floe_pb2.BFLOAT16}
+OUTPUT_DTYPES = {"float32": floe_pb2.FLOAT32, "float16": floe_pb2.FLOAT16, "bfloat16": floe_pb2.BFLOAT16,
+                 "int8": floe_pb2.INT8, "uint8": floe_pb2.UINT8, "binary": floe_pb2.BINARY,
+                 "ubinary": floe_pb2.UBINARY}
 _DTYPE_NAMES = {v: k for k, v in OUTPUT_DTYPES.items()}
+# The float forms a replica produces, and their bytes per value.
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+# The compact forms (floe/compact.py), packed in the front end from a replica's float32 rows.
+COMPACT_DTYPES = ("int8", "uint8", "binary", "ubinary")
+
+
+def row_bytes(dtype: str, dim: int) -> int:
+    """Bytes of one embedding of ``dim`` values in ``dtype`` (binary forms: 8 values per byte)."""
+    if dtype in ITEMSIZE:
+        return dim * ITEMSIZE[dtype]
+    if dtype in ("int8", "uint8"):
+        return dim
+    if dtype in ("binary", "ubinary"):
+        return (dim + 7) // 8
+    raise ValidationError(f"unknown output dtype {dtype!r}", param="output_dtype")
 
 
 @dataclass(frozen=True)
@@ -47,20 +63,31 @@ class EncodeOptions:
     prompt_name: Optional[str] = None
     prompt: Optional[str] = None
     dimensions: Optional[int] = None
-    output_dtype: str = "float32"  # "float32" | "float16" | "bfloat16"
+    output_dtype: str = "float32"  # a key of OUTPUT_DTYPES
     priority: int = 0
 
 
 @dataclass
 class TokenBatch:
-    """The token ids of n inputs: ``ids`` int32 concatenated, ``lengths[i]`` ids for item i."""
+    """The token ids of n inputs: ``ids`` int32 concatenated, ``lengths[i]`` ids for item i.
+
+    ``type_splits`` (pairs: a cross-encoder's query and document), per item, is the position where
+    token type 1 begins (``lengths[i]`` for an item of one segment); None: every item is one
+    segment."""
 
     ids: np.ndarray
     lengths: np.ndarray
+    type_splits: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
         self.ids = np.ascontiguousarray(self.ids, dtype=np.int32).reshape(-1)
         self.lengths = np.ascontiguousarray(self.lengths, dtype=np.int64).reshape(-1)
+        if self.type_splits is not None:
+            self.type_splits = np.ascontiguousarray(self.type_splits, dtype=np.int64).reshape(-1)
+            if self.type_splits.shape != self.lengths.shape or \
+                    (self.type_splits > self.lengths).any() or (self.type_splits < 0).any():
+                raise ValidationError("type_splits needs one entry per item, each at most that "
+                                      "item's length", param="type_splits")
 
     @property
     def n(self) -> int:
@@ -119,8 +146,38 @@ class Timings:
 
 
 @dataclass
+class SparseRows:
+    """n sparse vectors: item i owns ``counts[i]`` entries of ``indices`` (int32, ascending within
+    the item) and ``values`` (float32), concatenated in item order."""
+
+    counts: np.ndarray
+    indices: np.ndarray
+    values: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.counts = np.ascontiguousarray(self.counts, dtype=np.int64).reshape(-1)
+        self.indices = np.ascontiguousarray(self.indices, dtype="<i4").reshape(-1)
+        self.values = np.ascontiguousarray(self.values, dtype="<f4").reshape(-1)
+        if int(self.counts.sum()) != self.indices.shape[0] or self.indices.shape != self.values.shape:
+            raise ValueError("sparse rows: counts, indices and values disagree")
+
+    @classmethod
+    def from_dense(cls, arr: np.ndarray) -> "SparseRows":
+        """The non-zero entries of an (n, dim) array, row by row (np.nonzero's row-major order)."""
+        rows, cols = np.nonzero(arr)
+        counts = np.bincount(rows, minlength=arr.shape[0])
+        return cls(counts=counts, indices=cols.astype(np.int32), values=arr[rows, cols])
+
+    def offsets(self) -> np.ndarray:
+        out = np.zeros(self.counts.shape[0] + 1, dtype=np.int64)
+        np.cumsum(self.counts, out=out[1:])
+        return out
+
+
+@dataclass
 class EmbedResult:
-    """n embeddings of ``dim`` values as one contiguous little-endian buffer of ``dtype``."""
+    """n embeddings of ``dim`` values as one contiguous little-endian buffer of ``dtype``; or, for
+    a sparse model, ``sparse`` rows over a vocabulary of ``dim`` (``data`` empty)."""
 
     n: int
     dim: int
@@ -130,14 +187,25 @@ class EmbedResult:
     timings: Timings = field(default_factory=Timings)
     model: str = ""
     request_id: str = ""
+    sparse: Optional[SparseRows] = None
 
     def __post_init__(self) -> None:
-        if len(self.data) != self.n * self.dim * ITEMSIZE[self.dtype]:
+        if not isinstance(self.token_counts, np.ndarray):
+            self.token_counts = np.asarray(self.token_counts, dtype=np.int64)
+        if self.sparse is not None:
+            if self.data or self.sparse.counts.shape[0] != self.n:
+                raise ValueError("a sparse result carries n sparse rows and no dense buffer")
+            return
+        if len(self.data) != self.n * row_bytes(self.dtype, self.dim):
             raise ValueError(f"embedding buffer is {len(self.data)} bytes, expected "
-                             f"{self.n}x{self.dim}x{ITEMSIZE[self.dtype]}")
+                             f"{self.n} rows of {row_bytes(self.dtype, self.dim)} ({self.dtype} "
+                             f"x {self.dim})")
 
     def as_float32(self) -> np.ndarray:
         """The embeddings as an (n, dim) float32 array (bf16/fp16 widened exactly)."""
+        if self.dtype not in ITEMSIZE or self.sparse is not None:
+            raise ValueError(f"a {self.dtype} {'sparse ' if self.sparse is not None else ''}"
+                             "result has no float form")
         if self.dtype == "float32":
             return np.frombuffer(self.data, dtype="<f4").reshape(self.n, self.dim)
         if self.dtype == "float16":
@@ -440,6 +508,8 @@ def request_to_proto(request_id: str, options: EncodeOptions, *, tokens: Optiona
     if tokens is not None:
         msg.token_ids = tokens.ids.astype("<i4", copy=False).tobytes()
         msg.lengths.extend(tokens.lengths.tolist())
+        if tokens.type_splits is not None:
+            msg.type_splits.extend(tokens.type_splits.tolist())
     if texts is not None:
         msg.texts.extend(texts)
     return msg
@@ -451,8 +521,13 @@ def tokens_from_proto(msg: floe_pb2.EncodeRequest) -> Optional[TokenBatch]:
     if has_ids and len(msg.texts):
         raise ValidationError("send either texts or token_ids, not both", param="texts")
     if not has_ids:
+        if len(msg.type_splits):
+            raise ValidationError("type_splits go with token_ids", param="type_splits")
         return None
-    return TokenBatch.from_bytes(msg.token_ids, list(msg.lengths))
+    tokens = TokenBatch.from_bytes(msg.token_ids, list(msg.lengths))
+    if len(msg.type_splits):
+        tokens = TokenBatch(tokens.ids, tokens.lengths, np.asarray(msg.type_splits, dtype=np.int64))
+    return tokens
 
 
 def encode_call_from_proto(msg: floe_pb2.EncodeRequest
@@ -469,18 +544,28 @@ def encode_call_from_proto(msg: floe_pb2.EncodeRequest
 
 
 def result_to_proto(r: EmbedResult) -> floe_pb2.EncodeResponse:
-    return floe_pb2.EncodeResponse(
+    msg = floe_pb2.EncodeResponse(
         request_id=r.request_id, n=r.n, dim=r.dim, dtype=OUTPUT_DTYPES[r.dtype], embeddings=r.data,
         token_counts=r.token_counts.tolist(), model=r.model,
         # field by field: dataclasses.asdict deep-copies, a measurable cost on every answer
         timings=floe_pb2.Timings(tokenize_s=r.timings.tokenize_s, queue_s=r.timings.queue_s,
                                  inference_s=r.timings.inference_s, total_s=r.timings.total_s),
     )
+    if r.sparse is not None:
+        msg.sparse_counts.extend(r.sparse.counts.tolist())
+        msg.sparse_indices = r.sparse.indices.tobytes()
+        msg.sparse_values = r.sparse.values.tobytes()
+    return msg
 
 
 def result_from_proto(msg: floe_pb2.EncodeResponse) -> EmbedResult:
     t = msg.timings
-    return EmbedResult(
+    sparse = None
+    if len(msg.sparse_counts) or msg.sparse_indices:
+        sparse = SparseRows(counts=np.asarray(msg.sparse_counts, dtype=np.int64),
+                            indices=np.frombuffer(msg.sparse_indices, dtype="<i4"),
+                            values=np.frombuffer(msg.sparse_values, dtype="<f4"))
+    return EmbedResult(sparse=sparse,
         n=msg.n, dim=msg.dim, dtype=_DTYPE_NAMES[msg.dtype], data=msg.embeddings,
         token_counts=np.asarray(msg.token_counts, dtype=np.int64), model=msg.model,
         request_id=msg.request_id,

@@ -84,10 +84,15 @@ class Tokenizer:
         # threads share these objects, so it is configured once here and never changed.
         self._plain = base
         self._trunc = {}
+        # Pairs (query, document) are cut in the document only, so the query a reranker scores
+        # against is never shortened ("only_second"); a query too long on its own falls back to
+        # "longest_first" (sentence-transformers' CrossEncoder always cuts longest first).
+        self._pair_trunc = {}
         for direction in ("right", "left"):
-            tok = _RustTokenizer.from_str(serialized)
-            tok.enable_truncation(self.max_seq_length, strategy="longest_first", direction=direction)
-            self._trunc[direction] = tok
+            for table, strategy in ((self._trunc, "longest_first"), (self._pair_trunc, "only_second")):
+                tok = _RustTokenizer.from_str(serialized)
+                tok.enable_truncation(self.max_seq_length, strategy=strategy, direction=direction)
+                table[direction] = tok
         self._limits = self.limits()
 
     def limits(self, max_items: int = 2 ** 31, auto_truncate: bool = True,
@@ -122,6 +127,41 @@ class Tokenizer:
         validate.check_token_lengths(self._limits, lengths, plan.truncate, base_index=base_index)
         return TokenBatch(ids=ids, lengths=lengths)
 
+    def encode_pairs(self, query: str, documents: Sequence[str], plan: Plan,
+                     base_index: int = 0) -> TokenBatch:
+        """Tokenizes (query, document) pairs as a cross-encoder reads them (``[CLS] q [SEP] d
+        [SEP]`` for BERT), with each pair's type split; inputs already validated. Truncation
+        cuts the document, never the query, unless the query alone is over the max length."""
+        pairs = [(query, d) for d in documents]
+        try:
+            if not plan.truncate:
+                encodings = self._plain.encode_batch_fast(pairs, add_special_tokens=True)
+            else:
+                try:
+                    encodings = self._pair_trunc[plan.direction].encode_batch_fast(
+                        pairs, add_special_tokens=True)
+                except Exception:  # noqa: BLE001 - the query alone leaves no room for a document
+                    encodings = self._trunc[plan.direction].encode_batch_fast(
+                        pairs, add_special_tokens=True)
+        except Exception:  # noqa: BLE001 - validation let through something the tokenizer refuses
+            raise ValidationError("the tokenizer rejected the input", param="documents") from None
+        n = len(encodings)
+        lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=n)
+        ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int32,
+                          count=int(lengths.sum()))
+        types = np.fromiter(itertools.chain.from_iterable(e.type_ids for e in encodings),
+                            dtype=np.int8, count=int(lengths.sum()))
+        validate.check_token_lengths(self._limits, lengths, plan.truncate, param="documents",
+                                     base_index=base_index)
+        # type ids are 0 then 1 (BERT) or all 0 (RoBERTa-likes): the split is the count of 0s
+        # when any 1 follows, else the length
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        zeros = np.add.reduceat((types == 0).astype(np.int64), offsets[:-1]) if n else lengths
+        ones = lengths - zeros
+        splits = np.where(ones > 0, zeros, lengths)
+        return TokenBatch(ids=ids, lengths=lengths, type_splits=splits)
+
     def validate_ids(self, tokens: TokenBatch, options: Optional[EncodeOptions] = None,
                      auto_truncate: bool = True) -> TokenBatch:
         """Checks (and truncates) client-sent token ids; see validate.check_token_batch."""
@@ -140,10 +180,6 @@ class Tokenizer:
                 raise ValidationError(f"Token id {int(tid)} is out of vocabulary", param="ids")
             out.append(tok)
         return out
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        """The text of a sequence of ids (for /detokenize-style endpoints)."""
-        return self._plain.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
 
 class TokenizerPool:
@@ -190,6 +226,24 @@ class TokenizerPool:
             for a, b in zip(bounds[:-1], bounds[1:])))
         return TokenBatch(ids=np.concatenate([p.ids for p in parts]),
                           lengths=np.concatenate([p.lengths for p in parts]))
+
+    async def encode_pairs(self, query: str, documents: Sequence[str], plan: Plan) -> TokenBatch:
+        """``Tokenizer.encode_pairs`` off the event loop, split across the pool like texts."""
+        tok = self.tokenizer
+        n = len(documents)
+        if n <= _INLINE_ITEMS and sum(map(len, documents)) + n * len(query) <= _INLINE_CHARS:
+            return tok.encode_pairs(query, documents, plan)
+        loop = asyncio.get_running_loop()
+        chunks = min(self.workers, max(1, n // self._min_chunk))
+        bounds = np.linspace(0, n, chunks + 1).astype(int)
+        parts = await asyncio.gather(*(
+            loop.run_in_executor(self._executor, tok.encode_pairs, query, documents[a:b], plan, int(a))
+            for a, b in zip(bounds[:-1], bounds[1:])))
+        if len(parts) == 1:
+            return parts[0]
+        return TokenBatch(ids=np.concatenate([p.ids for p in parts]),
+                          lengths=np.concatenate([p.lengths for p in parts]),
+                          type_splits=np.concatenate([p.type_splits for p in parts]))
 
     async def encode(self, texts: Sequence[str], options: EncodeOptions, auto_truncate: bool = True,
                      default_prompt_name: Optional[str] = None) -> TokenBatch:

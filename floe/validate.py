@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from floe.errors import ModelNotFoundError, TooLargeError, ValidationError
-from floe.protocol import ITEMSIZE, EncodeOptions, TokenBatch
+from floe.protocol import OUTPUT_DTYPES, EncodeOptions, TokenBatch
 
 CHARS_PER_TOKEN_LIMIT = 250  # TEI's pre-limit: 250 characters per token the model accepts
 _INT32_MIN, _INT32_MAX = -(2 ** 31), 2 ** 31 - 1
@@ -43,6 +43,7 @@ class Limits:
     served_names: tuple[str, ...] = ()   # names the `model` field may carry ("" always passes)
     strict_model_name: bool = False      # unknown names: 404 (strict) or accepted (default)
     accept_token_ids: bool = True
+    pairs: bool = False                  # a cross-encoder: items may be (query, document) pairs
 
     @classmethod
     def build(cls, spec: Any, *, max_items: int, max_input_chars: Optional[int] = None,
@@ -56,7 +57,7 @@ class Limits:
             auto_truncate=auto_truncate, prompts=tuple(sorted(dict(spec.prompts).items())),
             default_prompt_name=default_prompt_name or spec.default_prompt_name,
             served_names=tuple(served_names) or (spec.name,), strict_model_name=strict_model_name,
-            accept_token_ids=accept_token_ids)
+            accept_token_ids=accept_token_ids, pairs=getattr(spec, "task", "embed") == "score")
 
     @classmethod
     def for_server(cls, spec: Any, settings: Any) -> "Limits":
@@ -128,7 +129,7 @@ def check_options(limits: Limits, options: EncodeOptions) -> Plan:
     if options.truncation_direction not in ("right", "left"):
         raise ValidationError("`truncation_direction` must be 'left' or 'right'",
                               param="truncation_direction")
-    if options.output_dtype not in ITEMSIZE:
+    if options.output_dtype not in OUTPUT_DTYPES:
         raise ValidationError(f"unknown output dtype {options.output_dtype[:40]!r}",
                               param="output_dtype")
     if options.prompt is not None and options.prompt_name:
@@ -190,6 +191,22 @@ def check_texts(limits: Limits, texts: Sequence[Any], plan: Plan, param: str = "
     return out
 
 
+def check_query(limits: Limits, query: Any, plan: Plan, param: str = "query") -> str:
+    """A reranker's query: a non-empty string within the character limit (cut when truncating,
+    as inputs are)."""
+    if not isinstance(query, str):
+        raise ValidationError(f"`{param}` must be a string", param=param)
+    if not query.strip():
+        raise ValidationError(f"`{param}` must not be empty", param=param)
+    if len(query) > limits.max_input_chars:
+        if not plan.truncate:
+            raise TooLargeError(f"`{param}` has {len(query)} characters; the limit is "
+                                f"{limits.max_input_chars} when truncation is off", param=param)
+        query = query[:limits.max_input_chars]
+    check_text(query, param)
+    return query
+
+
 def context_error(limits: Limits, got: int, i: int, param: str = "input") -> ValidationError:
     # vLLM's wording, which clients and their retry logic already recognise.
     return ValidationError(
@@ -222,6 +239,10 @@ def check_token_batch(limits: Limits, tokens: TokenBatch, plan: Plan,
             "text itself. LangChain's OpenAIEmbeddings sends token ids of its own tokenizer unless "
             "created with check_embedding_ctx_length=False", param=param)
     lengths = tokens.lengths
+    splits = tokens.type_splits
+    if splits is not None and not limits.pairs:
+        raise ValidationError("type_splits are for a cross-encoder's pairs; this model reads "
+                              "one segment per input", param="type_splits")
     if lengths.size and lengths.min() <= 0:
         i = int(np.argmin(lengths))
         raise ValidationError(f"{_p(param, i)} is an empty list of token ids", param=_p(param, i))
@@ -250,9 +271,13 @@ def check_token_batch(limits: Limits, tokens: TokenBatch, plan: Plan,
     pos_in_item = np.arange(ids.shape[0]) - off[item_of]
     if plan.direction == "right":
         keep = pos_in_item < max_len
+        if splits is not None:
+            splits = np.minimum(splits, max_len)
     else:
         keep = pos_in_item >= (lengths[item_of] - max_len)
-    return TokenBatch(ids=ids[keep], lengths=np.minimum(lengths, max_len))
+        if splits is not None:
+            splits = np.maximum(splits - np.maximum(lengths - max_len, 0), 0)
+    return TokenBatch(ids=ids[keep], lengths=np.minimum(lengths, max_len), type_splits=splits)
 
 
 # --- the JSON `input` field (OpenAI and TEI shapes) -----------------------------------------------

@@ -30,7 +30,7 @@ from typing import Awaitable, Callable, Optional
 import numpy as np
 
 from floe.errors import CancelledError as FloeCancelled, InternalError
-from floe.protocol import ITEMSIZE, EmbedResult, EncodeOptions, Timings, TokenBatch
+from floe.protocol import EmbedResult, EncodeOptions, SparseRows, Timings, TokenBatch, row_bytes
 
 Call = Callable[[TokenBatch, EncodeOptions, str, Optional[float]], Awaitable[EmbedResult]]
 
@@ -134,8 +134,13 @@ class Coalescer:
                 if not m.future.done():
                     m.future.set_result(result)
                 return
+            splits = None
+            if any(m.tokens.type_splits is not None for m in members):
+                splits = np.concatenate([m.tokens.lengths if m.tokens.type_splits is None
+                                         else m.tokens.type_splits for m in members])
             merged = TokenBatch(ids=np.concatenate([m.tokens.ids for m in members]),
-                                lengths=np.concatenate([m.tokens.lengths for m in members]))
+                                lengths=np.concatenate([m.tokens.lengths for m in members]),
+                                type_splits=splits)
             result = await self._call(merged, group.options, members[0].request_id + "+merged",
                                       group.timeout)
             group.answered = True
@@ -180,15 +185,21 @@ def _clone(err: BaseException) -> BaseException:
 
 def split(result: EmbedResult, counts: list[int]) -> list[EmbedResult]:
     """One EmbedResult per consecutive run of ``counts`` items (the timings are the call's)."""
-    row = result.dim * ITEMSIZE[result.dtype]
+    row = 0 if result.sparse is not None else row_bytes(result.dtype, result.dim)
     view = memoryview(result.data)
+    offsets = result.sparse.offsets() if result.sparse is not None else None
     out, start = [], 0
     for n in counts:
         t = result.timings
+        sparse = None
+        if offsets is not None:
+            a, b = offsets[start], offsets[start + n]
+            sparse = SparseRows(counts=result.sparse.counts[start:start + n],
+                                indices=result.sparse.indices[a:b], values=result.sparse.values[a:b])
         out.append(EmbedResult(
             n=n, dim=result.dim, dtype=result.dtype,
             data=bytes(view[start * row:(start + n) * row]),
             token_counts=result.token_counts[start:start + n], model=result.model,
-            timings=Timings(t.tokenize_s, t.queue_s, t.inference_s, t.total_s)))
+            timings=Timings(t.tokenize_s, t.queue_s, t.inference_s, t.total_s), sparse=sparse))
         start += n
     return out

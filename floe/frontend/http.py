@@ -1,4 +1,8 @@
-"""HTTP transport: OpenAI /v1/embeddings, TEI-style /embed and /tokenize, health, info, metrics.
+"""HTTP transport: OpenAI /v1/embeddings, TEI-style /embed, /embed_sparse, /rerank and /tokenize,
+Cohere / Jina-style /v1/rerank, health, info, metrics.
+
+Each compute route asks floe/frontend/models.py for the served model that answers it (by the
+route's kind and the body's ``model``).
 
 Every compute route runs through ``run_compute``: auth, admission before the body is read, the
 body limit, decoding with floe/frontend/schemas.py (bounded by the limits, every error naming its
@@ -35,6 +39,7 @@ from floe.errors import (
     ValidationError,
     error_envelope,
 )
+from floe.frontend.models import ServedModels
 from floe.frontend.service import EmbedService, error_label, new_request_id
 from floe.protocol import EmbedResult
 from floe.transport.auth import AUTH_HINT, bearer_ok
@@ -109,15 +114,17 @@ def _request_id(request: Request) -> str:
 
 
 class HttpRoutes:
-    """The endpoints of one front end, as methods over its EmbedService.
+    """The endpoints of one front end, as methods over its served models (an EmbedService each).
 
-    Compute routes (``openai_embeddings``, ``embed``, ``tokenize``) go through ``run_compute``
-    with a parse step (floe/frontend/schemas.py) and a respond step; the others answer directly.
-    ``create_app`` mounts them.
+    Compute routes (``openai_embeddings``, ``embed``, ``embed_sparse``, ``rerank``,
+    ``tokenize``) go through ``run_compute`` with a parse step (floe/frontend/schemas.py) and a
+    respond step; the others answer directly. ``create_app`` mounts them. Parsing is bounded by
+    the default model's limits; the model's own are applied at its edge.
     """
 
-    def __init__(self, service: EmbedService) -> None:
-        self.service = service
+    def __init__(self, models: ServedModels) -> None:
+        self.models = models
+        service = self.service = models.default   # admission (shared), parsing, /tokenize
         self.limits = service.limits
         self.limit = service.settings.server.payload_limit
         self.key = service.api_key
@@ -187,8 +194,9 @@ class HttpRoutes:
                                       self._respond_openai)
 
     async def _respond_openai(self, req: schemas.OpenAIRequest, rid: str, request) -> Response:
-        result = await self.service.embed(rid, req.texts, req.tokens, req.options, model=req.model)
-        return _json(schemas.openai_response(result, req.encoding_format, self.service.model_name),
+        service = self.models.for_request("embed", req.model)
+        result = await service.embed(rid, req.texts, req.tokens, req.options, model=req.model)
+        return _json(schemas.openai_response(result, req.encoding_format, service.model_name),
                      headers=timing_headers(result))
 
     # --- TEI ---------------------------------------------------------------------------------
@@ -197,14 +205,36 @@ class HttpRoutes:
         return await self.run_compute(request, "/embed", schemas.parse_embed, self._respond_embed)
 
     async def _respond_embed(self, req: schemas.TeiEmbedRequest, rid: str, request) -> Response:
-        result = await self.service.embed(rid, req.texts, req.tokens, req.options, model=req.model)
+        service = self.models.for_request("embed", req.model)
+        result = await service.embed(rid, req.texts, req.tokens, req.options, model=req.model)
         headers = timing_headers(result)
+        rows = schemas.result_rows(result)
         if _OCTET in request.headers.get("accept", ""):
             headers.update({"x-embedding-count": str(result.n), "x-embedding-dim": str(result.dim),
-                            "x-embedding-dtype": "float32-le"})
-            return Response(result.as_float32().astype("<f4", copy=False).tobytes(),
-                            media_type=_OCTET, headers=headers)
-        return _json(result.as_float32(), headers=headers)
+                            "x-embedding-dtype": ("float32-le" if result.dtype == "float32"
+                                                  else result.dtype)})
+            return Response(rows.tobytes(), media_type=_OCTET, headers=headers)
+        return _json(rows, headers=headers)
+
+    async def embed_sparse(self, request: Request) -> Response:
+        return await self.run_compute(request, "/embed_sparse", schemas.parse_embed_sparse,
+                                      self._respond_sparse)
+
+    async def _respond_sparse(self, req: schemas.TeiEmbedRequest, rid: str, request) -> Response:
+        service = self.models.for_request("sparse", req.model)
+        result = await service.embed(rid, req.texts, req.tokens, req.options, model=req.model)
+        return _json(schemas.sparse_response(result), headers=timing_headers(result))
+
+    async def rerank(self, request: Request) -> Response:
+        return await self.run_compute(request, request.url.path, schemas.parse_rerank,
+                                      self._respond_rerank)
+
+    async def _respond_rerank(self, req: schemas.Rerank, rid: str, request) -> Response:
+        service = self.models.for_request("score", req.model)
+        scored = await service.rerank(rid, req.query, req.documents, req.options,
+                                      raw_scores=req.raw_scores, model=req.model, param=req.param)
+        body = schemas.rerank_response(req, scored, service.model_name, rid)
+        return _json(body, headers=timing_headers(scored.result))
 
     async def tokenize(self, request: Request) -> Response:
         return await self.run_compute(request, "/tokenize", schemas.parse_tokenize,
@@ -231,7 +261,7 @@ class HttpRoutes:
     async def ready(self, request: Request) -> Response:
         """Readiness: at least one healthy replica and not draining."""
         service = self.service
-        if service.ready():
+        if self.models.ready():
             return _json({"status": "ready"})
         status = service.router.status()
         reason = "draining" if service.draining else status.get("reason", "no healthy replica")
@@ -239,8 +269,13 @@ class HttpRoutes:
                      status=503, headers={"retry-after": "1"})
 
     async def info(self, request: Request) -> Response:
+        """The default model's description (TEI's /info shape), and with several models every
+        model's under ``models``."""
         self.authorize(request)
-        return _json(self.service.describe())
+        body = self.service.describe()
+        if len(self.models.services) > 1:
+            body["models"] = [s.describe() for s in self.models.services]
+        return _json(body)
 
     @staticmethod
     def _model_card(name: str) -> dict:
@@ -249,17 +284,18 @@ class HttpRoutes:
     async def models(self, request: Request) -> Response:
         self.authorize(request)
         return _json({"object": "list",
-                      "data": [self._model_card(n) for n in self.limits.served_names]})
+                      "data": [self._model_card(n) for n in self.models.names]})
 
     async def one_model(self, request: Request) -> Response:
         self.authorize(request)
         model = request.path_params["model"]
-        if model not in self.limits.served_names:
+        if model not in self.models.names:
             raise ModelNotFoundError(f"model {model[:100]!r} is not served here", param="model")
         return _json(self._model_card(model))
 
     async def prometheus(self, request: Request) -> Response:
-        body, ctype = await metrics.render(self.service, accept=request.headers.get("accept", ""))
+        body, ctype = await metrics.render(self.models.services,
+                                           accept=request.headers.get("accept", ""))
         return Response(body, media_type=ctype)
 
     async def openapi_json(self, request: Request) -> Response:
@@ -295,10 +331,10 @@ async def _internal(request: Request, err: Exception) -> Response:
     return error_response(InternalError(), _request_id(request))
 
 
-def create_app(service: EmbedService) -> "RequestIdApp":
+def create_app(served: EmbedService | ServedModels) -> "RequestIdApp":
     """The ASGI app: plain Starlette routes (the hot path pays for no dependency injection; the
     API description is built from the request structs, floe/frontend/openapi.py)."""
-    r = HttpRoutes(service)
+    r = HttpRoutes(served if isinstance(served, ServedModels) else ServedModels([served]))
     app = Starlette()
     app.add_exception_handler(FloeError, _floe_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -307,7 +343,10 @@ def create_app(service: EmbedService) -> "RequestIdApp":
              "/embed": r.embed,
              # TEI clients (huggingface_hub's InferenceClient, Haystack) post to the root URL
              "/": r.embed,
-             "/tokenize": r.tokenize}
+             "/tokenize": r.tokenize,
+             "/embed_sparse": r.embed_sparse,
+             # TEI's shape (texts) or Cohere's and Jina's (documents) on each; vLLM serves all three
+             "/rerank": r.rerank, "/v1/rerank": r.rerank, "/v2/rerank": r.rerank}
     for path, endpoint in posts.items():
         app.add_route(path, endpoint, methods=["POST"])
     for path, endpoint, methods in (

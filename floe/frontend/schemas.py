@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Optional, Union
 
 import msgspec
+import numpy as np
 
 from floe import validate
 from floe.errors import TooLargeError, ValidationError
@@ -30,6 +31,11 @@ _PROMPT_NAME = "floe extension: a prompt of the model (config_sentence_transform
 _PROMPT = "floe extension: a literal prompt to prepend (counts against the character limit)."
 _TRUNCATE = "Cut inputs longer than the model's max length (default: --auto-truncate); false: 400."
 _DIMENSIONS = "Matryoshka: keep the first N values (renormalized when the model normalizes)."
+_EMBEDDING_TYPE = ("floe extension: float (default), or a compact form as sentence-transformers' "
+                   "quantize_embeddings makes it: int8 or uint8 (one byte per dimension, scaled by "
+                   "the ranges /info states), binary or ubinary (sign bits, 8 dimensions per byte). "
+                   "Compact forms are integers in JSON, or their bytes in base64.")
+EMBEDDING_TYPES = ("float", "int8", "uint8", "binary", "ubinary")
 
 
 class OpenAIEmbeddingRequest(msgspec.Struct, kw_only=True):
@@ -44,6 +50,7 @@ class OpenAIEmbeddingRequest(msgspec.Struct, kw_only=True):
     prompt_name: Annotated[Optional[str], msgspec.Meta(description=_PROMPT_NAME)] = None
     prompt: Annotated[Optional[str], msgspec.Meta(description=_PROMPT)] = None
     truncate: Annotated[Optional[bool], msgspec.Meta(description=_TRUNCATE)] = None
+    embedding_type: Annotated[Optional[str], msgspec.Meta(description=_EMBEDDING_TYPE)] = None
 
 
 class EmbedRequest(msgspec.Struct, kw_only=True):
@@ -57,6 +64,44 @@ class EmbedRequest(msgspec.Struct, kw_only=True):
     prompt_name: Annotated[Optional[str], msgspec.Meta(description=_PROMPT_NAME)] = None
     prompt: Annotated[Optional[str], msgspec.Meta(description=_PROMPT)] = None
     dimensions: Annotated[Optional[int], msgspec.Meta(description=_DIMENSIONS)] = None
+    embedding_type: Annotated[Optional[str], msgspec.Meta(description=_EMBEDDING_TYPE)] = None
+
+
+class SparseEmbedRequest(msgspec.Struct, kw_only=True):
+    """POST /embed_sparse (TEI): a SPLADE model's vocabulary-wide vectors, zeros left out."""
+
+    inputs: Annotated[msgspec.Raw, msgspec.Meta(description="A string or a list of strings (or token ids).")] = msgspec.field(
+        default_factory=lambda: msgspec.Raw(b""))
+    model: Optional[str] = None
+    truncate: Annotated[Optional[bool], msgspec.Meta(description=_TRUNCATE)] = None
+    truncation_direction: Annotated[Optional[str], msgspec.Meta(description="right (default) or left.")] = None
+    prompt_name: Annotated[Optional[str], msgspec.Meta(description=_PROMPT_NAME)] = None
+    prompt: Annotated[Optional[str], msgspec.Meta(description=_PROMPT)] = None
+
+
+class RerankDocument(msgspec.Struct, kw_only=True):
+    """A document given as an object (Cohere, Jina): its ``text`` is scored; other fields are
+    ignored."""
+
+    text: str
+
+
+class RerankRequest(msgspec.Struct, kw_only=True):
+    """POST /rerank, /v1/rerank, /v2/rerank: TEI's shape (``texts``; answered as TEI answers) or
+    Cohere's and Jina's (``documents``; answered with ``results``), told apart by the field."""
+
+    query: Annotated[Any, msgspec.Meta(description="The query every document is scored against.")] = None
+    texts: Annotated[Optional[list[Any]], msgspec.Meta(description="TEI: the documents, as strings.")] = None
+    documents: Annotated[Optional[list[Union[str, RerankDocument]]], msgspec.Meta(
+        description="Cohere / Jina: the documents, as strings or objects with `text`.")] = None
+    model: Optional[str] = None
+    top_n: Annotated[Optional[int], msgspec.Meta(description="Return only the N best (default: all).")] = None
+    return_documents: Annotated[Optional[bool], msgspec.Meta(description="Cohere / Jina: include each document.")] = None
+    return_text: Annotated[Optional[bool], msgspec.Meta(description="TEI: include each text.")] = None
+    raw_scores: Annotated[Optional[bool], msgspec.Meta(description="The model's logits, without its activation (Sigmoid).")] = None
+    truncate: Annotated[Optional[bool], msgspec.Meta(description="Cut pairs longer than the max length: the document, never the query (default: --auto-truncate).")] = None
+    truncation_direction: Annotated[Optional[str], msgspec.Meta(description="right (default) or left.")] = None
+    max_chunks_per_doc: Optional[int] = None   # Cohere v1 clients send it; accepted, unused
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):
@@ -120,7 +165,8 @@ class ModelList(msgspec.Struct):
 
 
 _DECODERS = {cls: msgspec.json.Decoder(cls) for cls in (OpenAIEmbeddingRequest, EmbedRequest,
-                                                        TokenizeRequest)}
+                                                        TokenizeRequest, SparseEmbedRequest,
+                                                        RerankRequest)}
 
 
 def _param(err: msgspec.ValidationError, base: str = "") -> str:
@@ -221,6 +267,15 @@ class OpenAIRequest:
     model: str
 
 
+def check_embedding_type(value: Optional[str]) -> str:
+    """The output dtype an ``embedding_type`` asks for (float: the replica's float32)."""
+    kind = value or "float"
+    if kind not in EMBEDDING_TYPES:
+        raise ValidationError(f"`embedding_type` must be one of {', '.join(EMBEDDING_TYPES)}",
+                              param="embedding_type")
+    return "float32" if kind == "float" else kind
+
+
 def parse_openai(limits: validate.Limits, body: bytes) -> OpenAIRequest:
     """The OpenAI route's body, decoded and checked once (floe serve and the Ray Serve route)."""
     req = decode_body(OpenAIEmbeddingRequest, body)
@@ -230,7 +285,8 @@ def parse_openai(limits: validate.Limits, body: bytes) -> OpenAIRequest:
         raise ValidationError("`encoding_format` must be 'float' or 'base64'",
                               param="encoding_format")
     options = EncodeOptions(dimensions=check_dimensions(req.dimensions),
-                            prompt_name=req.prompt_name, prompt=req.prompt, truncate=req.truncate)
+                            prompt_name=req.prompt_name, prompt=req.prompt, truncate=req.truncate,
+                            output_dtype=check_embedding_type(req.embedding_type))
     return OpenAIRequest(texts, tokens, options, fmt, req.model or "")
 
 
@@ -256,8 +312,93 @@ def parse_embed(limits: validate.Limits, body: bytes) -> TeiEmbedRequest:
         normalize=True if req.normalize is None else req.normalize,
         truncate=req.truncate, truncation_direction=direction,
         prompt_name=req.prompt_name, prompt=req.prompt,
-        dimensions=check_dimensions(req.dimensions))
+        dimensions=check_dimensions(req.dimensions),
+        output_dtype=check_embedding_type(req.embedding_type))
     return TeiEmbedRequest(texts, tokens, options, req.model or "")
+
+
+def _direction(value: Optional[str]) -> str:
+    direction = (value or "right").lower()
+    if direction not in ("left", "right"):
+        raise ValidationError("`truncation_direction` must be 'left' or 'right'",
+                              param="truncation_direction")
+    return direction
+
+
+def parse_embed_sparse(limits: validate.Limits, body: bytes) -> TeiEmbedRequest:
+    """TEI's /embed_sparse body."""
+    req = decode_body(SparseEmbedRequest, body)
+    texts, tokens = decode_input(limits, req.inputs, "inputs")
+    options = EncodeOptions(truncate=req.truncate, truncation_direction=_direction(req.truncation_direction),
+                            prompt_name=req.prompt_name, prompt=req.prompt)
+    return TeiEmbedRequest(texts, tokens, options, req.model or "")
+
+
+@dataclass(frozen=True)
+class Rerank:
+    """A checked rerank body, in whichever shape it came (``cohere``: documents / results)."""
+
+    query: Any
+    documents: list
+    param: str            # the documents' field, for errors: "texts" (TEI) or "documents"
+    cohere: bool
+    top_n: Optional[int]
+    return_documents: bool
+    raw_scores: bool
+    options: EncodeOptions
+    model: str
+
+
+def parse_rerank(limits: validate.Limits, body: bytes) -> Rerank:
+    """The rerank body of any of the three routes; documents counted before they are checked."""
+    req = decode_body(RerankRequest, body)
+    if req.query is None:
+        raise ValidationError("`query` is required", param="query")
+    if (req.texts is None) == (req.documents is None):
+        raise ValidationError("send the documents as `texts` (TEI) or `documents` (Cohere, "
+                              "Jina): exactly one of the two", param="documents")
+    cohere = req.documents is not None
+    param = "documents" if cohere else "texts"
+    docs = req.documents if cohere else req.texts
+    validate.check_count(limits, len(docs), param)
+    if cohere:
+        docs = [d.text if isinstance(d, RerankDocument) else d for d in docs]
+    if req.top_n is not None and req.top_n < 1:
+        raise ValidationError("`top_n` must be a positive integer", param="top_n")
+    options = EncodeOptions(truncate=req.truncate, truncation_direction=_direction(req.truncation_direction))
+    keep = req.return_documents if cohere else req.return_text
+    return Rerank(query=req.query, documents=docs, param=param, cohere=cohere, top_n=req.top_n,
+                  return_documents=bool(keep), raw_scores=bool(req.raw_scores), options=options,
+                  model=req.model or "")
+
+
+def rerank_response(req: Rerank, scored: Any, model: str, rid: str) -> Any:
+    """TEI's list of {index, score[, text]}, or Cohere / Jina / vLLM's object with results
+    (``scored``: floe/frontend/service.py Scores)."""
+    scores, order = scored.scores, scored.ranked(req.top_n)
+    tokens = int(scored.result.token_counts.sum())
+    if not req.cohere:
+        rows = [{"index": int(i), "score": float(scores[i])} for i in order]
+        if req.return_documents:
+            for row in rows:
+                row["text"] = req.documents[row["index"]]
+        return rows
+    results = [{"index": int(i), "relevance_score": float(scores[i])} for i in order]
+    if req.return_documents:
+        for row in results:
+            row["document"] = {"text": req.documents[row["index"]]}
+    return {"id": rid, "model": model, "results": results,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "meta": {"billed_units": {"search_units": 1}}}
+
+
+def sparse_response(result: EmbedResult) -> list:
+    """TEI's /embed_sparse answer: per input, its non-zero {index, value} pairs, by index."""
+    rows = result.sparse
+    off = rows.offsets()
+    idx, val = rows.indices.tolist(), rows.values.tolist()
+    return [[{"index": idx[k], "value": val[k]} for k in range(off[i], off[i + 1])]
+            for i in range(result.n)]
 
 
 def parse_tokenize(limits: validate.Limits, body: bytes) -> tuple[list, EncodeOptions]:
@@ -269,10 +410,21 @@ def parse_tokenize(limits: validate.Limits, body: bytes) -> tuple[list, EncodeOp
     return texts, EncodeOptions(prompt_name=req.prompt_name, prompt=req.prompt, truncate=req.truncate)
 
 
+def result_rows(result: EmbedResult) -> np.ndarray:
+    """The embeddings as a numpy array of their own type: (n, dim) float32, int8 or uint8, or
+    (n, dim / 8) int8 / uint8 for the packed binary forms."""
+    if result.dtype in ("int8", "binary"):
+        return np.frombuffer(result.data, dtype=np.int8).reshape(result.n, -1)
+    if result.dtype in ("uint8", "ubinary"):
+        return np.frombuffer(result.data, dtype=np.uint8).reshape(result.n, -1)
+    return result.as_float32()
+
+
 def openai_response(result: EmbedResult, encoding_format: str, model_name: str) -> dict:
     """The OpenAI response object, built straight from the float32 buffer: numpy rows for JSON
-    floats (orjson writes them without Python floats), the raw little-endian bytes for base64."""
-    arr = result.as_float32()
+    floats (orjson writes them without Python floats), the raw little-endian bytes for base64.
+    Compact forms: integers in JSON, their bytes in base64."""
+    arr = result_rows(result)
     if encoding_format == "base64":
         rows = [{"object": "embedding", "index": i,
                  "embedding": base64.b64encode(arr[i].tobytes()).decode("ascii")}

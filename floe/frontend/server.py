@@ -36,27 +36,60 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
+def model_settings(settings: Settings) -> list[Settings]:
+    """One settings tree per served model: the first is ``--model`` itself, the others
+    (``also_serve``) the same tree with their own folder, their folder's name, and their own
+    replica ports (start_port + 100 x k, for the tcp transport)."""
+    out = [dataclasses.replace(settings, model=dataclasses.replace(settings.model, also_serve=()))]
+    for k, model in enumerate(settings.model.also_serve, start=1):
+        out.append(dataclasses.replace(
+            settings,
+            model=dataclasses.replace(settings.model, model=model, served_model_name=None,
+                                      also_serve=()),
+            replicas=dataclasses.replace(settings.replicas,
+                                         start_port=settings.replicas.start_port + 100 * k)))
+    return out
+
+
 async def serve(settings: Settings, ready_event: Optional[asyncio.Event] = None) -> int:
     from floe.models import load_spec
     from floe.fleet.manager import ReplicaManager
     from floe.fleet.placement import frontend_workers, usable_cores, visible_gpus
+    from floe.frontend.models import ServedModels
     from floe.tokenize import TokenizerPool
 
     t_start = time.perf_counter()
-    settings = fit_max_length(settings, load_spec(settings.model).max_seq_length)
-    spec = load_spec(settings.model)
+    per_model = [fit_max_length(s, load_spec(s.model).max_seq_length) for s in model_settings(settings)]
+    settings = per_model[0]
     srv = settings.server
     n_frontends = frontend_workers(settings, visible_gpus(settings.model.device), usable_cores())
-    tokenizers = TokenizerPool(spec, tokenizer_threads(settings, n_frontends),
-                               max_input_chars=srv.max_input_chars, library_threads=False)
-    manager = ReplicaManager(settings, spec)
-    service = EmbedService(settings, spec, tokenizers, manager)
+    services: list[EmbedService] = []
+    for s in per_model:
+        spec = load_spec(s.model)
+        tokenizers = TokenizerPool(spec, tokenizer_threads(s, n_frontends),
+                                   max_input_chars=srv.max_input_chars, library_threads=False)
+        services.append(EmbedService(s, spec, tokenizers, ReplicaManager(s, spec)))
+    names = [n for svc in services for n in svc.limits.served_names]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"two served models share a name ({', '.join(names)}); give each "
+                          "--model a folder of its own name")
+    served = ServedModels(services)
+    if len(services) > 1:
+        # one concurrency bound for the endpoint; a request is admitted while any model has a
+        # replica (its own model's router answers 503 when that model has none)
+        from floe.frontend.admission import Admission
+
+        shared = Admission(srv.max_concurrent_requests,
+                           lambda: any(svc.router.ready() for svc in services))
+        for svc in services:
+            svc.admission = shared
+    service, spec, manager = served.default, served.default.spec, served.default.router
     service.frontends = n_frontends
     # bound before the replicas start: a busy port fails at once, and every front end shares it
     http_socket = bind_http(srv.host, srv.port) if srv.port else None
     workers = None
     try:
-        await manager.start()
+        await asyncio.gather(*(svc.router.start() for svc in services))
         if n_frontends > 1:
             from floe.frontend.workers import FrontendWorkers
             workers = FrontendWorkers(settings, manager, http_socket, n_frontends - 1,
@@ -64,31 +97,38 @@ async def serve(settings: Settings, ready_event: Optional[asyncio.Event] = None)
             await workers.start()
 
         def on_ready() -> None:
-            log.info("floe ready in %.1f s: model %s (%s), http %s, grpc %s, %d front-end "
-                     "process%s", time.perf_counter() - t_start, spec.name, spec.architecture,
+            log.info("floe ready in %.1f s: model%s %s, http %s, grpc %s, %d front-end "
+                     "process%s", time.perf_counter() - t_start, "s" if len(services) > 1 else "",
+                     ", ".join(f"{s.spec.name} ({s.spec.architecture}, {s.spec.task})"
+                               for s in services),
                      f"http://{srv.host}:{srv.port}" if srv.port else "off",
                      f"{srv.host}:{srv.grpc_port}" if srv.grpc_port else "off",
                      n_frontends, "es" if n_frontends > 1 else "")
             if ready_event is not None:
                 ready_event.set()
 
-        return await run_frontend(service, settings, http_socket, on_ready,
+        return await run_frontend(served, settings, http_socket, on_ready,
                                   on_stop=workers.begin_drain if workers else None)
     finally:
         if workers is not None:
             await workers.stop()
-        await manager.stop()
-        tokenizers.close()
+        await asyncio.gather(*(svc.router.stop() for svc in services))
+        for svc in services:
+            svc.tokenizers.close()
         if http_socket is not None:
             http_socket.close()
         log.info("floe stopped")
 
 
-async def run_frontend(service: EmbedService, settings: Settings, http_socket, on_ready,
-                       on_stop=None, stop: Optional[asyncio.Event] = None) -> int:
+async def run_frontend(service: "EmbedService | ServedModels", settings: Settings, http_socket,
+                       on_ready, on_stop=None, stop: Optional[asyncio.Event] = None) -> int:
     """One front end's life, in the main process and in every front-end worker alike: the
     public gRPC server, HTTP on ``http_socket``, then on SIGTERM/SIGINT (or ``stop``) the drain.
     ``on_stop`` runs as soon as the stop is asked (the main process tells its workers)."""
+    from floe.frontend.models import ServedModels
+
+    if isinstance(service, EmbedService):
+        service = ServedModels([service])
     srv = settings.server
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -162,7 +202,7 @@ def tokenizer_threads(settings: Settings, frontends: int) -> int:
     return asked or max(1, _cpu_count() // max(1, frontends))
 
 
-def http_config(service: EmbedService, settings: Settings) -> uvicorn.Config:
+def http_config(service: "EmbedService | ServedModels", settings: Settings) -> uvicorn.Config:
     """uvicorn over httptools (strict framing), with floe's deadlines and connection cap."""
     from floe.frontend.connections import guarded_protocol
 

@@ -1,28 +1,75 @@
-"""The one embed path that HTTP and gRPC both call.
+"""The paths of one served model that HTTP and gRPC both call: embed, rerank, sparse.
 
 admission (floe/frontend/admission.py, checked by the transport before it reads the body) ->
 the edge (floe/edge.py: validation once, here, then tokenization in the front end's thread pool)
 -> the router sends token ids to a replica -> an EmbedResult of raw bytes. Transports only parse
 their own wire format and map FloeError through their table in floe/errors.py.
+
+The model's task decides which paths it answers (``ModelSpec.task``): an embedding model
+``embed`` (with the compact output forms of floe/compact.py packed here, after the replica's
+float32), a cross-encoder ``rerank`` (pairs tokenized here; the replica returns logits and the
+activation is applied here, where ``raw_scores`` is known), a SPLADE model ``embed_sparse`` (the
+replica returns the non-zero entries). floe/frontend/models.py picks the service a request goes to.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
 import uuid
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
-from floe import metrics, validate
+import numpy as np
+
+from floe import compact, metrics, validate
 from floe.config import Settings
 from floe.edge import Edge
-from floe.errors import FloeError
+from floe.errors import FloeError, ValidationError
 from floe.frontend.admission import Admission
 from floe.models.spec import ModelSpec
 from floe.proto import floe_pb2
-from floe.protocol import EmbedResult, EncodeOptions, TokenBatch
+from floe.protocol import COMPACT_DTYPES, EmbedResult, EncodeOptions, TokenBatch, row_bytes
+
+# What each task is called in messages (a request sent to the wrong kind of model).
+TASK_NAMES = {"embed": "an embedding model", "score": "a reranker (cross-encoder)",
+              "sparse": "a sparse embedding model (SPLADE)"}
+ROUTES_FOR_TASK = {"embed": "/v1/embeddings or /embed", "score": "/rerank or /v1/rerank",
+                   "sparse": "/embed_sparse"}
+
+
+@dataclass
+class Scores:
+    """A rerank call's answer: one score per document (in the request's order), and the
+    replica's result it came from (timings, token counts)."""
+
+    scores: np.ndarray
+    result: EmbedResult
+
+    def ranked(self, top_n: Optional[int] = None) -> np.ndarray:
+        """Document indices by score, highest first (ties in the request's order), at most
+        ``top_n`` (None or 0: all)."""
+        order = np.argsort(-self.scores, kind="stable")
+        return order[:top_n] if top_n else order
+
+
+def _activation(name: str, logits: np.ndarray) -> np.ndarray:
+    """The torch.nn activation a CrossEncoder applies to its logits (ModelSpec.score_activation)."""
+    if name in ("", "Identity"):
+        return logits
+    if name == "Sigmoid":
+        return 1.0 / (1.0 + np.exp(-logits))
+    if name == "Tanh":
+        return np.tanh(logits)
+    if name == "ReLU":
+        return np.maximum(logits, 0)
+    if name == "Softmax":
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+    raise ValueError(f"unsupported activation {name!r}")
 
 log = logging.getLogger("floe.service")
 
@@ -50,6 +97,9 @@ class EmbedService:
         self.frontend_index = 0
         self.frontends = 1
         self._unknown_models: set[str] = set()
+        # int8 / uint8 ranges by (dimensions, normalize): computed once, on first use
+        self._ranges: dict[tuple, np.ndarray] = {}
+        self._ranges_lock = asyncio.Lock()
 
     def _note_unknown_model(self, model: str) -> None:
         # once per name (and at most 100 names), so a client's default name is seen, not spammed
@@ -73,27 +123,70 @@ class EmbedService:
                      options: EncodeOptions, model: str = "") -> EmbedResult:
         """EncodeBackend entry for the public gRPC services (floe.v1 and arctic_inference):
         admission, the embed path, and the request metrics HTTP records in its own wrapper."""
+        return await self._grpc_call("Encode", self.embed(request_id, texts, tokens, options, model))
+
+    async def rerank_call(self, request_id: str, query: str, documents: list[str],
+                          options: EncodeOptions, raw_scores: bool, model: str = "") -> Scores:
+        """The gRPC Rerank entry: admission, the rerank path and its request metrics."""
+        return await self._grpc_call("Rerank", self.rerank(request_id, query, documents, options,
+                                                           raw_scores=raw_scores, model=model))
+
+    async def _grpc_call(self, endpoint: str, work) -> Any:
         t0 = time.perf_counter()
         try:
             with self.admission.admitted():
-                result = await self.embed(request_id, texts, tokens, options, model)
-            metrics.REQUESTS.labels(endpoint="Encode", transport="grpc").inc()
+                result = await work
+            metrics.REQUESTS.labels(endpoint=endpoint, transport="grpc").inc()
             return result
         except BaseException as err:
-            metrics.REQUEST_FAILURES.labels(endpoint="Encode", transport="grpc",
+            work.close()  # not started when admission refused: no "never awaited" warning
+            metrics.REQUEST_FAILURES.labels(endpoint=endpoint, transport="grpc",
                                             error=error_label(err)).inc()
             raise
         finally:
-            metrics.REQUEST_SECONDS.labels(endpoint="Encode", transport="grpc").observe(
+            metrics.REQUEST_SECONDS.labels(endpoint=endpoint, transport="grpc").observe(
                 time.perf_counter() - t0)
+
+    @property
+    def task(self) -> str:
+        return self.spec.task
+
+    def require_task(self, task: str) -> None:
+        """A request for another kind of model than this one is the client's mistake (400)."""
+        if self.spec.task != task:
+            raise ValidationError(
+                f"model {self.model_name!r} is {TASK_NAMES[self.spec.task]}; this route needs "
+                f"{TASK_NAMES[task]} (use {ROUTES_FOR_TASK[self.spec.task]} for this model)",
+                param="model")
 
     async def embed(self, request_id: str, texts: Optional[list[str]], tokens: Optional[TokenBatch],
                     options: EncodeOptions, model: str = "") -> EmbedResult:
         """Embeds texts (tokenized here) or token ids; raises FloeError for anything the client
-        did. The caller has admitted the request."""
+        did. The caller has admitted the request. A sparse model answers with sparse rows."""
+        if self.spec.task == "score":
+            self.require_task("embed")
+        compact_dtype = options.output_dtype if options.output_dtype in COMPACT_DTYPES else None
+        if self.spec.task == "sparse":
+            if options.output_dtype != "float32" or options.dimensions is not None:
+                raise ValidationError("a sparse model's values are float32 and have no "
+                                      "dimensions option", param="output_dtype")
+            options = dataclasses.replace(options, normalize=False)
+        if compact_dtype is not None:
+            options = dataclasses.replace(options, output_dtype="float32")
+        result = await self._encode(request_id, texts, tokens, options, model)
+        if compact_dtype is not None:
+            result = await self._compact(result, compact_dtype, options)
+        return result
+
+    async def _encode(self, request_id: str, texts: Optional[Sequence[Any]],
+                      tokens: Optional[TokenBatch], options: EncodeOptions, model: str,
+                      pairs_query: Any = None, param: str = "documents") -> EmbedResult:
         request_id = request_id or new_request_id()
         t0 = time.perf_counter()
-        prepared = await self.edge.prepare(texts, tokens, options, model)
+        if pairs_query is not None:
+            prepared = await self.edge.prepare_pairs(pairs_query, texts or [], options, model, param)
+        else:
+            prepared = await self.edge.prepare(texts, tokens, options, model)
         if not prepared.known_model:
             self._note_unknown_model(model)
         tokens = prepared.tokens
@@ -105,6 +198,69 @@ class EmbedService:
         result.request_id = request_id
         result.model = self.model_name
         return result
+
+    async def rerank(self, request_id: str, query: Any, documents: Sequence[Any],
+                     options: EncodeOptions, raw_scores: bool = False, model: str = "",
+                     param: str = "documents") -> Scores:
+        """Scores each document against the query (a cross-encoder); the caller has admitted
+        the request. ``param`` names the documents' field in errors (TEI: texts)."""
+        self.require_task("score")
+        if self.spec.num_labels != 1:
+            raise ValidationError(
+                f"model {self.model_name!r} has {self.spec.num_labels} labels; reranking needs a "
+                "model with one relevance score", param="model")
+        options = dataclasses.replace(options, normalize=False, dimensions=None,
+                                      output_dtype="float32")
+        result = await self._encode(request_id, documents, None, options, model,
+                                    pairs_query=query, param=param)
+        logits = result.as_float32()
+        scores = logits if raw_scores else _activation(self.spec.score_activation, logits)
+        return Scores(scores=np.ascontiguousarray(scores[:, 0], dtype=np.float32), result=result)
+
+    # -- compact output -------------------------------------------------------------------------
+
+    async def _compact(self, result: EmbedResult, dtype: str, options: EncodeOptions) -> EmbedResult:
+        arr = result.as_float32()
+        ranges = None
+        if dtype in ("int8", "uint8"):
+            ranges = await self.int8_ranges(arr.shape[1], options)
+        packed = compact.quantize(arr, dtype, ranges)
+        out = dataclasses.replace(result, dtype=dtype, data=packed.tobytes())
+        assert len(out.data) == out.n * row_bytes(dtype, out.dim)
+        return out
+
+    async def int8_ranges(self, dim: int, options: EncodeOptions) -> np.ndarray:
+        """The per-dimension [min; max] the int8 / uint8 forms scale by: this model's embeddings
+        of the calibration texts (floe/compact.py), at this dimension count and normalization,
+        computed on first use and then fixed for the life of the server (stated in /info)."""
+        normalize = self.spec.normalize if options.normalize is None else bool(options.normalize)
+        key = (dim, normalize)
+        if key in self._ranges:
+            return self._ranges[key]
+        async with self._ranges_lock:
+            if key not in self._ranges:
+                from floe.textsets import stdlib_paragraphs
+
+                texts = await asyncio.get_running_loop().run_in_executor(
+                    None, stdlib_paragraphs, compact.CALIBRATION_TEXTS)
+                calib = EncodeOptions(normalize=normalize,
+                                      dimensions=dim if dim < self.spec.dim else None,
+                                      truncate=True)
+                step = self.limits.max_items  # --max-client-batch-size binds this call too
+                parts = [await self._encode(new_request_id(), texts[i:i + step], None, calib, "")
+                         for i in range(0, len(texts), step)]
+                self._ranges[key] = compact.ranges_of(
+                    np.concatenate([p.as_float32() for p in parts]))
+                log.info("int8/uint8 ranges of %s (%d dims, normalize %s) set from %d calibration "
+                         "texts", self.model_name, dim, normalize, len(texts))
+        return self._ranges[key]
+
+    def calibration(self) -> dict:
+        """The int8 / uint8 ranges in use, for /info (a client dequantizes with them)."""
+        return {f"{dim}{'' if norm else ',unnormalized'}": {
+                    "texts": compact.CALIBRATION_TEXTS, "source": "Python standard library "
+                    "docstring paragraphs", "min": r[0].tolist(), "max": r[1].tolist()}
+                for (dim, norm), r in self._ranges.items()}
 
     # -- EncodeBackend: health, info, abort ---------------------------------------------------
 
@@ -134,6 +290,7 @@ class EmbedService:
             "model_path_name": s.path.rstrip("/").split("/")[-1],
             "architecture": s.architecture,
             "model_type": s.model_type,
+            "task": s.task,
             "pooling": s.pooling,
             "dim": s.dim,
             "max_input_length": s.max_seq_length,
@@ -141,6 +298,9 @@ class EmbedService:
             "prompts": s.prompts,
             "default_prompt_name": self.settings.model.default_prompt_name or s.default_prompt_name,
             "matryoshka_dimensions": list(s.matryoshka_dims),
+            "output_dtypes": (["float32", "float16", "bfloat16", *COMPACT_DTYPES]
+                              if s.task == "embed" else ["float32"]),
+            "int8_calibration": self.calibration(),
             "max_batch_tokens": self.settings.batch.max_batch_tokens,
             "max_batch_size": self.settings.batch.max_batch_size,
             "batch_timeout_ms": self.settings.batch.batch_timeout_ms,

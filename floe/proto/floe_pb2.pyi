@@ -12,6 +12,10 @@ class OutputDType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FLOAT32: _ClassVar[OutputDType]
     FLOAT16: _ClassVar[OutputDType]
     BFLOAT16: _ClassVar[OutputDType]
+    INT8: _ClassVar[OutputDType]
+    UINT8: _ClassVar[OutputDType]
+    BINARY: _ClassVar[OutputDType]
+    UBINARY: _ClassVar[OutputDType]
 
 class TruncationDirection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -20,6 +24,10 @@ class TruncationDirection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 FLOAT32: OutputDType
 FLOAT16: OutputDType
 BFLOAT16: OutputDType
+INT8: OutputDType
+UINT8: OutputDType
+BINARY: OutputDType
+UBINARY: OutputDType
 RIGHT: TruncationDirection
 LEFT: TruncationDirection
 
@@ -44,20 +52,22 @@ class EncodeOptions(_message.Message):
     def __init__(self, normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., prompt_name: _Optional[str] = ..., prompt: _Optional[str] = ..., dimensions: _Optional[int] = ..., output_dtype: _Optional[_Union[OutputDType, str]] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("request_id", "model", "texts", "token_ids", "lengths", "options")
+    __slots__ = ("request_id", "model", "texts", "token_ids", "lengths", "options", "type_splits")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LENGTHS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    TYPE_SPLITS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     texts: _containers.RepeatedScalarFieldContainer[str]
     token_ids: bytes
     lengths: _containers.RepeatedScalarFieldContainer[int]
     options: EncodeOptions
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., token_ids: _Optional[bytes] = ..., lengths: _Optional[_Iterable[int]] = ..., options: _Optional[_Union[EncodeOptions, _Mapping]] = ...) -> None: ...
+    type_splits: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., token_ids: _Optional[bytes] = ..., lengths: _Optional[_Iterable[int]] = ..., options: _Optional[_Union[EncodeOptions, _Mapping]] = ..., type_splits: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("tokenize_s", "queue_s", "inference_s", "total_s")
@@ -72,7 +82,7 @@ class Timings(_message.Message):
     def __init__(self, tokenize_s: _Optional[float] = ..., queue_s: _Optional[float] = ..., inference_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
-    __slots__ = ("request_id", "n", "dim", "dtype", "embeddings", "token_counts", "timings", "model")
+    __slots__ = ("request_id", "n", "dim", "dtype", "embeddings", "token_counts", "timings", "model", "sparse_counts", "sparse_indices", "sparse_values")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +91,9 @@ class EncodeResponse(_message.Message):
     TOKEN_COUNTS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_INDICES_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_VALUES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     n: int
     dim: int
@@ -89,7 +102,58 @@ class EncodeResponse(_message.Message):
     token_counts: _containers.RepeatedScalarFieldContainer[int]
     timings: Timings
     model: str
-    def __init__(self, request_id: _Optional[str] = ..., n: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[OutputDType, str]] = ..., embeddings: _Optional[bytes] = ..., token_counts: _Optional[_Iterable[int]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
+    sparse_counts: _containers.RepeatedScalarFieldContainer[int]
+    sparse_indices: bytes
+    sparse_values: bytes
+    def __init__(self, request_id: _Optional[str] = ..., n: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[OutputDType, str]] = ..., embeddings: _Optional[bytes] = ..., token_counts: _Optional[_Iterable[int]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., model: _Optional[str] = ..., sparse_counts: _Optional[_Iterable[int]] = ..., sparse_indices: _Optional[bytes] = ..., sparse_values: _Optional[bytes] = ...) -> None: ...
+
+class RerankRequest(_message.Message):
+    __slots__ = ("request_id", "model", "query", "documents", "top_n", "return_documents", "raw_scores", "truncate", "truncation_direction", "priority")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    TOP_N_FIELD_NUMBER: _ClassVar[int]
+    RETURN_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    RAW_SCORES_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATE_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    query: str
+    documents: _containers.RepeatedScalarFieldContainer[str]
+    top_n: int
+    return_documents: bool
+    raw_scores: bool
+    truncate: bool
+    truncation_direction: TruncationDirection
+    priority: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., top_n: _Optional[int] = ..., return_documents: _Optional[bool] = ..., raw_scores: _Optional[bool] = ..., truncate: _Optional[bool] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., priority: _Optional[int] = ...) -> None: ...
+
+class RerankResult(_message.Message):
+    __slots__ = ("index", "score", "document")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    score: float
+    document: str
+    def __init__(self, index: _Optional[int] = ..., score: _Optional[float] = ..., document: _Optional[str] = ...) -> None: ...
+
+class RerankResponse(_message.Message):
+    __slots__ = ("request_id", "model", "results", "tokens", "timings")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    results: _containers.RepeatedCompositeFieldContainer[RerankResult]
+    tokens: int
+    timings: Timings
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., results: _Optional[_Iterable[_Union[RerankResult, _Mapping]]] = ..., tokens: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
 
 class HealthCheckRequest(_message.Message):
     __slots__ = ()
@@ -156,7 +220,7 @@ class ReplicaStats(_message.Message):
     def __init__(self, requests: _Optional[int] = ..., failed_requests: _Optional[int] = ..., sequences: _Optional[int] = ..., tokens: _Optional[int] = ..., padded_tokens: _Optional[int] = ..., batches: _Optional[int] = ..., dropped_sequences: _Optional[int] = ..., queued_sequences: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., in_flight_requests: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., device_memory_used_bytes: _Optional[int] = ..., device_memory_total_bytes: _Optional[int] = ..., histograms: _Optional[_Iterable[_Union[Histogram, _Mapping]]] = ...) -> None: ...
 
 class ReplicaInfo(_message.Message):
-    __slots__ = ("replica_id", "model", "architecture", "dtype", "device", "ready", "healthy", "dim", "max_seq_length", "pooling", "prompts", "default_prompt_name", "matryoshka_dims", "max_batch_tokens", "max_batch_size", "batch_timeout_ms", "pid", "restarts", "status_message", "address", "stats", "vocab_size")
+    __slots__ = ("replica_id", "model", "architecture", "dtype", "device", "ready", "healthy", "dim", "max_seq_length", "pooling", "prompts", "default_prompt_name", "matryoshka_dims", "max_batch_tokens", "max_batch_size", "batch_timeout_ms", "pid", "restarts", "status_message", "address", "stats", "vocab_size", "task")
     class PromptsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +250,7 @@ class ReplicaInfo(_message.Message):
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     model: str
     architecture: str
@@ -208,7 +273,8 @@ class ReplicaInfo(_message.Message):
     address: str
     stats: ReplicaStats
     vocab_size: int
-    def __init__(self, replica_id: _Optional[str] = ..., model: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., ready: _Optional[bool] = ..., healthy: _Optional[bool] = ..., dim: _Optional[int] = ..., max_seq_length: _Optional[int] = ..., pooling: _Optional[str] = ..., prompts: _Optional[_Mapping[str, str]] = ..., default_prompt_name: _Optional[str] = ..., matryoshka_dims: _Optional[_Iterable[int]] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., batch_timeout_ms: _Optional[float] = ..., pid: _Optional[int] = ..., restarts: _Optional[int] = ..., status_message: _Optional[str] = ..., address: _Optional[str] = ..., stats: _Optional[_Union[ReplicaStats, _Mapping]] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    task: str
+    def __init__(self, replica_id: _Optional[str] = ..., model: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., ready: _Optional[bool] = ..., healthy: _Optional[bool] = ..., dim: _Optional[int] = ..., max_seq_length: _Optional[int] = ..., pooling: _Optional[str] = ..., prompts: _Optional[_Mapping[str, str]] = ..., default_prompt_name: _Optional[str] = ..., matryoshka_dims: _Optional[_Iterable[int]] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., batch_timeout_ms: _Optional[float] = ..., pid: _Optional[int] = ..., restarts: _Optional[int] = ..., status_message: _Optional[str] = ..., address: _Optional[str] = ..., stats: _Optional[_Union[ReplicaStats, _Mapping]] = ..., vocab_size: _Optional[int] = ..., task: _Optional[str] = ...) -> None: ...
 
 class GetReplicaInfoResponse(_message.Message):
     __slots__ = ("replicas", "n_replicas", "n_healthy_replicas")

@@ -39,6 +39,11 @@ class EmbedderStub:
                 request_serializer=floe_dot_proto_dot_floe__pb2.EncodeRequest.SerializeToString,
                 response_deserializer=floe_dot_proto_dot_floe__pb2.EncodeResponse.FromString,
                 _registered_method=True)
+        self.Rerank = channel.unary_unary(
+                '/floe.v1.Embedder/Rerank',
+                request_serializer=floe_dot_proto_dot_floe__pb2.RerankRequest.SerializeToString,
+                response_deserializer=floe_dot_proto_dot_floe__pb2.RerankResponse.FromString,
+                _registered_method=True)
         self.HealthCheck = channel.unary_unary(
                 '/floe.v1.Embedder/HealthCheck',
                 request_serializer=floe_dot_proto_dot_floe__pb2.HealthCheckRequest.SerializeToString,
@@ -60,6 +65,12 @@ class EmbedderServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Encode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rerank(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,6 +101,11 @@ def add_EmbedderServicer_to_server(servicer, server):
                     servicer.Encode,
                     request_deserializer=floe_dot_proto_dot_floe__pb2.EncodeRequest.FromString,
                     response_serializer=floe_dot_proto_dot_floe__pb2.EncodeResponse.SerializeToString,
+            ),
+            'Rerank': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rerank,
+                    request_deserializer=floe_dot_proto_dot_floe__pb2.RerankRequest.FromString,
+                    response_serializer=floe_dot_proto_dot_floe__pb2.RerankResponse.SerializeToString,
             ),
             'HealthCheck': grpc.unary_unary_rpc_method_handler(
                     servicer.HealthCheck,
@@ -134,6 +150,33 @@ class Embedder:
             '/floe.v1.Embedder/Encode',
             floe_dot_proto_dot_floe__pb2.EncodeRequest.SerializeToString,
             floe_dot_proto_dot_floe__pb2.EncodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rerank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/floe.v1.Embedder/Rerank',
+            floe_dot_proto_dot_floe__pb2.RerankRequest.SerializeToString,
+            floe_dot_proto_dot_floe__pb2.RerankResponse.FromString,
             options,
             channel_credentials,
             insecure,

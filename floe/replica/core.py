@@ -39,7 +39,7 @@ from floe.config import BatchSettings
 from floe.engine.base import Engine
 from floe.errors import (FloeError, InternalError, OverloadedError, TooLargeError,
                          UnavailableError, CancelledError as FloeCancelled)
-from floe.protocol import ITEMSIZE, EmbedResult, EncodeOptions, Timings, TokenBatch
+from floe.protocol import ITEMSIZE, EmbedResult, EncodeOptions, SparseRows, Timings, TokenBatch
 from floe.proto import floe_pb2
 from floe.replica.scheduler import DEFAULT_MAX_WAIT_S, Scheduler, Sequence
 
@@ -95,8 +95,11 @@ class _Request:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     submitted: float
-    out: np.ndarray
+    out: Optional[np.ndarray]   # (n, dim) float32 rows; None for a sparse model (see ``sparse``)
     remaining: int
+    # a sparse model's rows, as (indices, values) per item: a vocabulary-wide dense row per item
+    # would be 120 KB for BERT's 30,522 entries, of which SPLADE keeps a few hundred
+    sparse: Optional[list] = None
     queue_s: float = 0.0
     inference_s: float = 0.0
     batches: set = field(default_factory=set)
@@ -123,6 +126,7 @@ class ReplicaCore:
         self.spec = engine.spec
         self.settings = batch
         self.replica_id = replica_id
+        self._sparse = self.spec.task == "sparse"
         from floe.fleet.placement import batch_budget, batch_fill_floor
 
         on_gpu = str(engine.device).startswith("cuda")
@@ -219,7 +223,8 @@ class ReplicaCore:
               and int(tokens.lengths.sum()) == tokens.total_tokens
               and int(tokens.ids.min()) >= 0 and int(tokens.ids.max()) < spec.vocab_size
               and (options.dimensions is None or 1 <= options.dimensions <= spec.dim)
-              and options.output_dtype in ITEMSIZE)
+              and options.output_dtype in ITEMSIZE
+              and (tokens.type_splits is None or spec.task == "score"))
         if not ok:
             log.error("request violates the replica's invariants (validation missed it): %d "
                       "items, lengths %s..%s", tokens.n, tokens.lengths.min(initial=0),
@@ -254,7 +259,9 @@ class ReplicaCore:
             self._next_key += 1
             req = _Request(key=key, request_id=request_id, tokens=tokens, options=options,
                            loop=loop, future=fut, submitted=t0,
-                           out=np.empty((tokens.n, self.spec.dim), dtype=np.float32),
+                           out=None if self._sparse else np.empty((tokens.n, self.spec.dim),
+                                                                  dtype=np.float32),
+                           sparse=[None] * tokens.n if self._sparse else None,
                            remaining=tokens.n)
             self._requests[key] = req
             self._by_id.setdefault(request_id, []).append(req)
@@ -271,7 +278,7 @@ class ReplicaCore:
             raise
         if req.error is not None:
             raise req.error
-        if req.out.size > _INLINE_POST_FLOATS:
+        if req.out is not None and req.out.size > _INLINE_POST_FLOATS:
             result = await loop.run_in_executor(None, self._post, req)
         else:
             result = self._post(req)
@@ -298,8 +305,17 @@ class ReplicaCore:
             self._cv.notify()
 
     def _post(self, req: _Request) -> EmbedResult:
-        """Per-request post steps: normalize, Matryoshka slice (renormalized), output dtype."""
+        """Per-request post steps: normalize, Matryoshka slice (renormalized), output dtype; a
+        sparse model's rows joined into one SparseRows (no options apply to them)."""
         o = req.options
+        timings = Timings(queue_s=req.queue_s, inference_s=req.inference_s)
+        if req.sparse is not None:
+            rows = SparseRows(counts=[len(i) for i, _ in req.sparse],
+                              indices=np.concatenate([i for i, _ in req.sparse]),
+                              values=np.concatenate([v for _, v in req.sparse]))
+            return EmbedResult(n=req.tokens.n, dim=self.spec.dim, dtype="float32", data=b"",
+                               token_counts=req.tokens.lengths, model=self.spec.name,
+                               request_id=req.request_id, timings=timings, sparse=rows)
         arr = req.out
         normalize = self.spec.normalize if o.normalize is None else o.normalize
         if o.dimensions is not None and o.dimensions < arr.shape[1]:
@@ -309,7 +325,7 @@ class ReplicaCore:
             arr = arr / np.maximum(norms, 1e-12)
         return EmbedResult.from_array(
             arr, o.output_dtype, req.tokens.lengths, model=self.spec.name, request_id=req.request_id,
-            timings=Timings(queue_s=req.queue_s, inference_s=req.inference_s))
+            timings=timings)
 
     def _complete(self, req: _Request, error: Optional[FloeError] = None) -> None:
         """Finishes a request once (from any thread) and wakes its awaiting task."""
@@ -350,10 +366,12 @@ class ReplicaCore:
                     continue
                 off = req.tokens.offsets()
                 prio = req.options.priority
+                splits = req.tokens.type_splits
                 self._sched.add_many(
                     Sequence(request_key=req.key, index=i, length=int(req.tokens.lengths[i]),
                              arrival=req.submitted, priority=prio,
-                             payload=(req, req.tokens.ids[off[i]: off[i + 1]]))
+                             payload=(req, req.tokens.ids[off[i]: off[i + 1]],
+                                      None if splits is None else int(splits[i])))
                     for i in range(req.tokens.n))
             else:
                 before = self._sched.queued_tokens
@@ -392,7 +410,12 @@ class ReplicaCore:
             number += 1
             batch = _Batch(number=number, seqs=seqs, formed_at=time.monotonic())
             try:
-                batch.prepared = self.engine.prepare([s.payload[1] for s in seqs])
+                splits = None
+                if any(s.payload[2] is not None for s in seqs):
+                    splits = np.fromiter((s.length if s.payload[2] is None else s.payload[2]
+                                          for s in seqs), dtype=np.int64, count=len(seqs))
+                batch.prepared = self.engine.prepare([s.payload[1] for s in seqs],
+                                                     type_splits=splits)
             except BaseException as e:  # noqa: BLE001 - isolate the failure to this batch
                 batch.error = e
             with self._cv:
@@ -455,6 +478,12 @@ class ReplicaCore:
                 self._complete(req, InternalError("inference failed for this batch"))
             return
         finite = np.isfinite(out).all(axis=1)
+        if self._sparse:
+            # one nonzero pass for the batch, then each row's slice of it
+            nz_rows, nz_cols = np.nonzero(out)
+            nz_vals = out[nz_rows, nz_cols]
+            nz_off = np.zeros(len(seqs) + 1, dtype=np.int64)
+            np.cumsum(np.bincount(nz_rows, minlength=len(seqs)), out=nz_off[1:])
         for row, s in enumerate(seqs):
             req: _Request = s.payload[0]
             if req.done or req.dropped:
@@ -467,7 +496,11 @@ class ReplicaCore:
                 self._complete(req, InternalError(
                     f"the model produced a non-finite embedding for input {s.index}"))
                 continue
-            req.out[s.index] = out[row]
+            if self._sparse:
+                a, b = nz_off[row], nz_off[row + 1]
+                req.sparse[s.index] = (nz_cols[a:b].astype(np.int32), nz_vals[a:b])
+            else:
+                req.out[s.index] = out[row]
             req.remaining -= 1
             if req.remaining == 0:
                 self._complete(req)

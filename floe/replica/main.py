@@ -157,7 +157,8 @@ class ReplicaBackend:
             matryoshka_dims=list(s.matryoshka_dims), max_batch_tokens=b.max_batch_tokens,
             max_batch_size=b.max_batch_size, batch_timeout_ms=b.batch_timeout_ms, pid=os.getpid(),
             status_message="ready" if ready else ("draining" if self.draining else "not ready"),
-            address=self.address, stats=core.stats(), vocab_size=s.vocab_size)
+            address=self.address, stats=core.stats(), vocab_size=s.vocab_size,
+            task=s.task)
 
     async def replica_info(self) -> floe_pb2.GetReplicaInfoResponse:
         info = self.info()

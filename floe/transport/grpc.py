@@ -64,6 +64,9 @@ class EncodeBackend(Protocol):
 
     async def health(self) -> floe_pb2.HealthCheckResponse: ...
 
+    # a front end serving a reranker also has
+    #   async def rerank(request_id, query, documents, options, raw_scores, model) -> Scores
+
     async def replica_info(self) -> floe_pb2.GetReplicaInfoResponse: ...
 
     async def abort(self, request_id: str) -> bool: ...
@@ -162,6 +165,31 @@ class EmbedderServicer:
             ("x-tokens", str(int(result.token_counts.sum()))),
         ))
         return result_to_proto(result)
+
+    @_rpc
+    async def Rerank(self, request: floe_pb2.RerankRequest, context) -> floe_pb2.RerankResponse:
+        rerank = getattr(self.backend, "rerank", None)
+        if rerank is None:  # a replica: reranking is the front end's (it tokenizes the pairs)
+            raise ValidationError("this endpoint does not rerank; call the front end")
+        request_id = request.request_id or new_request_id()
+        options = EncodeOptions(
+            truncate=request.truncate if request.HasField("truncate") else None,
+            truncation_direction="left" if request.truncation_direction == floe_pb2.LEFT else "right",
+            priority=request.priority)
+        scored = await rerank(request_id, request.query, list(request.documents), options,
+                              request.raw_scores, request.model)
+        scores = scored.scores
+        order = scored.ranked(request.top_n)
+        docs = request.documents
+        results = [floe_pb2.RerankResult(index=int(i), score=float(scores[i]),
+                                         document=docs[i] if request.return_documents else "")
+                   for i in order]
+        t = scored.result.timings
+        return floe_pb2.RerankResponse(
+            request_id=request_id, model=scored.result.model, results=results,
+            tokens=int(scored.result.token_counts.sum()),
+            timings=floe_pb2.Timings(tokenize_s=t.tokenize_s, queue_s=t.queue_s,
+                                     inference_s=t.inference_s, total_s=t.total_s))
 
     @_rpc
     async def HealthCheck(self, request, context) -> floe_pb2.HealthCheckResponse:
