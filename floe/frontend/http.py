@@ -123,7 +123,7 @@ class HttpRoutes:
     """
 
     def __init__(self, models: ServedModels) -> None:
-        self.models = models
+        self.served = models
         service = self.service = models.default   # admission (shared), parsing, /tokenize
         self.limits = service.limits
         self.limit = service.settings.server.payload_limit
@@ -194,7 +194,7 @@ class HttpRoutes:
                                       self._respond_openai)
 
     async def _respond_openai(self, req: schemas.OpenAIRequest, rid: str, request) -> Response:
-        service = self.models.for_request("embed", req.model)
+        service = self.served.for_request("embed", req.model)
         result = await service.embed(rid, req.texts, req.tokens, req.options, model=req.model)
         return _json(schemas.openai_response(result, req.encoding_format, service.model_name),
                      headers=timing_headers(result))
@@ -205,7 +205,7 @@ class HttpRoutes:
         return await self.run_compute(request, "/embed", schemas.parse_embed, self._respond_embed)
 
     async def _respond_embed(self, req: schemas.TeiEmbedRequest, rid: str, request) -> Response:
-        service = self.models.for_request("embed", req.model)
+        service = self.served.for_request("embed", req.model)
         result = await service.embed(rid, req.texts, req.tokens, req.options, model=req.model)
         headers = timing_headers(result)
         rows = schemas.result_rows(result)
@@ -221,7 +221,7 @@ class HttpRoutes:
                                       self._respond_sparse)
 
     async def _respond_sparse(self, req: schemas.TeiEmbedRequest, rid: str, request) -> Response:
-        service = self.models.for_request("sparse", req.model)
+        service = self.served.for_request("sparse", req.model)
         result = await service.embed(rid, req.texts, req.tokens, req.options, model=req.model)
         return _json(schemas.sparse_response(result), headers=timing_headers(result))
 
@@ -230,7 +230,7 @@ class HttpRoutes:
                                       self._respond_rerank)
 
     async def _respond_rerank(self, req: schemas.Rerank, rid: str, request) -> Response:
-        service = self.models.for_request("score", req.model)
+        service = self.served.for_request("score", req.model)
         scored = await service.rerank(rid, req.query, req.documents, req.options,
                                       raw_scores=req.raw_scores, model=req.model, param=req.param)
         body = schemas.rerank_response(req, scored, service.model_name, rid)
@@ -261,7 +261,7 @@ class HttpRoutes:
     async def ready(self, request: Request) -> Response:
         """Readiness: at least one healthy replica and not draining."""
         service = self.service
-        if self.models.ready():
+        if self.served.ready():
             return _json({"status": "ready"})
         status = service.router.status()
         reason = "draining" if service.draining else status.get("reason", "no healthy replica")
@@ -273,8 +273,8 @@ class HttpRoutes:
         model's under ``models``."""
         self.authorize(request)
         body = self.service.describe()
-        if len(self.models.services) > 1:
-            body["models"] = [s.describe() for s in self.models.services]
+        if len(self.served.services) > 1:
+            body["models"] = [s.describe() for s in self.served.services]
         return _json(body)
 
     @staticmethod
@@ -284,17 +284,17 @@ class HttpRoutes:
     async def models(self, request: Request) -> Response:
         self.authorize(request)
         return _json({"object": "list",
-                      "data": [self._model_card(n) for n in self.models.names]})
+                      "data": [self._model_card(n) for n in self.served.names]})
 
     async def one_model(self, request: Request) -> Response:
         self.authorize(request)
         model = request.path_params["model"]
-        if model not in self.models.names:
+        if model not in self.served.names:
             raise ModelNotFoundError(f"model {model[:100]!r} is not served here", param="model")
         return _json(self._model_card(model))
 
     async def prometheus(self, request: Request) -> Response:
-        body, ctype = await metrics.render(self.models.services,
+        body, ctype = await metrics.render(self.served.services,
                                            accept=request.headers.get("accept", ""))
         return Response(body, media_type=ctype)
 
