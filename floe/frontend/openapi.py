@@ -59,10 +59,11 @@ _SECURED = [{"bearerAuth": []}]
 def openapi_document() -> dict[str, Any]:
     _, components = msgspec.json.schema_components(
         [schemas.OpenAIEmbeddingRequest, schemas.EmbedRequest, schemas.TokenizeRequest,
+         schemas.SparseEmbedRequest, schemas.RerankRequest,
          schemas.OpenAIEmbeddingResponse, schemas.ErrorEnvelope, schemas.ModelList, schemas.Token],
         ref_template="#/components/schemas/{name}")
     for name, field in (("OpenAIEmbeddingRequest", "input"), ("EmbedRequest", "inputs"),
-                        ("TokenizeRequest", "inputs")):
+                        ("TokenizeRequest", "inputs"), ("SparseEmbedRequest", "inputs")):
         prop = components[name]["properties"][field]
         components[name]["properties"][field] = {**_INPUT_SCHEMA, **prop}
         components[name]["required"] = [field]
@@ -84,6 +85,31 @@ def openapi_document() -> dict[str, Any]:
                  "responses": {"200": {"description": "Embeddings",
                                        **_json_body("OpenAIEmbeddingResponse")},
                                **_errors(*_COMPUTE_ERRORS)}}
+    components["RerankRequest"]["properties"]["query"] = {
+        "type": "string", "description": "The query every document is scored against."}
+    components["RerankRequest"]["required"] = ["query"]
+    tei_rerank = {"type": "array", "items": {"type": "object", "required": ["index", "score"],
+                  "properties": {"index": {"type": "integer"}, "score": {"type": "number"},
+                                 "text": {"type": "string"}}}}
+    cohere_rerank = {"type": "object", "properties": {
+        "id": {"type": "string"}, "model": {"type": "string"},
+        "results": {"type": "array", "items": {"type": "object", "properties": {
+            "index": {"type": "integer"}, "relevance_score": {"type": "number"},
+            "document": {"type": "object", "properties": {"text": {"type": "string"}}}}}},
+        "usage": {"type": "object", "properties": {"prompt_tokens": {"type": "integer"},
+                                                   "total_tokens": {"type": "integer"}}}}}
+
+    def rerank_op(summary: str) -> dict:
+        return {"summary": summary, "security": _SECURED, "requestBody": {
+            "required": True, **_json_body("RerankRequest")}, "responses": {
+            "200": {"description": "Documents by score, highest first (at most top_n): TEI's list "
+                                   "when the body has `texts`, Cohere's and Jina's object when it "
+                                   "has `documents`.",
+                    "content": {"application/json": {"schema": {"anyOf": [tei_rerank, cohere_rerank]}}}},
+            **_errors(*_COMPUTE_ERRORS)}}
+
+    sparse_json = {"type": "array", "items": {"type": "array", "items": {
+        "type": "object", "properties": {"index": {"type": "integer"}, "value": {"type": "number"}}}}}
     text = {"content": {"text/plain": {"schema": {"type": "string"}}}}
     status_body = {"content": {"application/json": {"schema": {"type": "object"}}}}
     paths = {
@@ -91,6 +117,16 @@ def openapi_document() -> dict[str, Any]:
         "/embeddings": {"post": {**openai_op, "summary": "Alias of /v1/embeddings"}},
         "/embed": {"post": embed_op("Embed (TEI API)")},
         "/": {"post": embed_op("Embed (TEI clients post to the root URL)")},
+        "/rerank": {"post": rerank_op("Rerank with a cross-encoder (TEI's shape, or Cohere's)")},
+        "/v1/rerank": {"post": rerank_op("Rerank (Cohere / Jina API)")},
+        "/v2/rerank": {"post": rerank_op("Rerank (Cohere v2 API)")},
+        "/embed_sparse": {"post": {
+            "summary": "Sparse embeddings of a SPLADE model (TEI API)", "security": _SECURED,
+            "requestBody": {"required": True, **_json_body("SparseEmbedRequest")},
+            "responses": {"200": {"description": "Per input, its non-zero entries by vocabulary "
+                                                 "index", "content": {"application/json": {
+                                                     "schema": sparse_json}}},
+                          **_errors(*_COMPUTE_ERRORS)}}},
         "/tokenize": {"post": {
             "summary": "The token ids floe would embed, with their text", "security": _SECURED,
             "requestBody": {"required": True, **_json_body("TokenizeRequest")},
@@ -98,7 +134,7 @@ def openapi_document() -> dict[str, Any]:
                 "application/json": {"schema": {"type": "array", "items": {
                     "type": "array", "items": {"$ref": "#/components/schemas/Token"}}}}}},
                 **_errors(*_COMPUTE_ERRORS)}}},
-        "/v1/models": {"get": {"summary": "The served model and its aliases", "security": _SECURED,
+        "/v1/models": {"get": {"summary": "The served models and their aliases", "security": _SECURED,
                                "responses": {"200": {"description": "Models",
                                                      **_json_body("ModelList")},
                                              **_errors("401")}}},
@@ -126,7 +162,8 @@ def openapi_document() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "floe", "version": VERSION,
                  "description": "Text-embedding inference server: OpenAI /v1/embeddings, TEI "
-                                "/embed, gRPC floe.v1.Embedder (see docs/api.md). With --api-key "
+                                "/embed, /embed_sparse and /rerank, Cohere /v1/rerank, gRPC "
+                                "floe.v1.Embedder (see docs/api.md). With --api-key "
                                 "set, routes marked with bearerAuth need `Authorization: Bearer "
                                 "KEY`, and this document itself does too."},
         "paths": paths,

@@ -7,8 +7,12 @@ Threads and who owns what
 * **the scheduler thread** owns the ``Scheduler``: it moves inbox requests into it, forms batches
   and runs ``engine.prepare`` for the next batch while the engine thread runs the current one
   (pipelining), then hands the prepared batch over through a one-slot handoff.
-* **the engine thread** runs ``engine.run`` on the slot's batch, writes each output row into its
-  request's result array and completes the request when its last row arrives.
+* **the engine thread** runs ``engine.run`` on the slot's batch and hands its output to the
+  finisher, then takes the next batch at once.
+* **the finisher thread** ("finish", the third stage) writes each output row into its request,
+  and when a request's last row arrives runs its per-request steps (normalize, Matryoshka slice,
+  output dtype, a sparse model's rows: ``_post``) and completes it. The event loop only wakes the
+  awaiting task: no per-request array work runs on it, and none delays the next forward pass.
 
 Nobody polls: every wait is a ``Condition.wait`` woken by an arrival, a free slot, a finished
 forward pass, or a timeout derived from ``Scheduler.next_deadline``. The three waiters (the
@@ -26,6 +30,7 @@ import asyncio
 import bisect
 import dataclasses
 import logging
+import queue
 import threading
 import time
 import traceback
@@ -62,9 +67,6 @@ HISTOGRAMS: dict[str, tuple[float, ...]] = {
     "queue_wait_seconds": QUEUE_WAIT_SECONDS_BOUNDS,
     "inference_seconds": INFERENCE_SECONDS_BOUNDS,
 }
-
-# Post steps over this many floats leave the event loop for a worker thread.
-_INLINE_POST_FLOATS = 1 << 18
 
 
 class _Histogram:
@@ -104,6 +106,7 @@ class _Request:
     inference_s: float = 0.0
     batches: set = field(default_factory=set)
     error: Optional[FloeError] = None
+    result: Optional[EmbedResult] = None   # set by the finisher before it completes the request
     dropped: bool = False   # cancelled or aborted: results are discarded
     done: bool = False
 
@@ -162,6 +165,8 @@ class ReplicaCore:
                        batches=0, dropped_sequences=0)
         self._hist = {name: _Histogram(b) for name, b in HISTOGRAMS.items()}
         self._threads: list[threading.Thread] = []
+        # engine thread -> finisher: (batch, output, seconds, error); None ends the finisher
+        self._finish_q: queue.SimpleQueue = queue.SimpleQueue()
         self._proc = psutil.Process()
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -177,13 +182,15 @@ class ReplicaCore:
                              daemon=True),
             threading.Thread(target=self._engine_loop, name=f"floe-engine-{self.replica_id}",
                              daemon=True),
+            threading.Thread(target=self._finish_loop, name=f"floe-finish-{self.replica_id}",
+                             daemon=True),
         ]
         for t in self._threads:
             t.start()
 
     @property
     def ready(self) -> bool:
-        return (self._accepting and not self._stopping and len(self._threads) == 2
+        return (self._accepting and not self._stopping and len(self._threads) == 3
                 and all(t.is_alive() for t in self._threads))
 
     def stop(self, drain_timeout: float = 0.0) -> bool:
@@ -278,10 +285,7 @@ class ReplicaCore:
             raise
         if req.error is not None:
             raise req.error
-        if req.out is not None and req.out.size > _INLINE_POST_FLOATS:
-            result = await loop.run_in_executor(None, self._post, req)
-        else:
-            result = self._post(req)
+        result = req.result
         result.timings.total_s = time.monotonic() - t0
         return result
 
@@ -414,8 +418,9 @@ class ReplicaCore:
                 if any(s.payload[2] is not None for s in seqs):
                     splits = np.fromiter((s.length if s.payload[2] is None else s.payload[2]
                                           for s in seqs), dtype=np.int64, count=len(seqs))
-                batch.prepared = self.engine.prepare([s.payload[1] for s in seqs],
-                                                     type_splits=splits)
+                ids = [s.payload[1] for s in seqs]
+                batch.prepared = (self.engine.prepare(ids) if splits is None
+                                  else self.engine.prepare(ids, type_splits=splits))
             except BaseException as e:  # noqa: BLE001 - isolate the failure to this batch
                 batch.error = e
             with self._cv:
@@ -426,23 +431,26 @@ class ReplicaCore:
     # --- engine thread --------------------------------------------------------------------
 
     def _engine_loop(self) -> None:
-        while True:
-            with self._cv:
-                while self._slot is None and not self._stopping:
-                    self._engine_cv.wait()
-                if self._slot is None:
-                    return
-                batch, self._slot = self._slot, None
-                self._running = True
-                self._cv.notify()   # the slot is free: the scheduler may form the next batch
-            try:
-                self._run_batch(batch)
-            finally:
+        try:
+            while True:
                 with self._cv:
-                    self._running = False
-                    self._cv.notify()   # an idle engine: the scheduler may send a partial batch
+                    while self._slot is None and not self._stopping:
+                        self._engine_cv.wait()
+                    if self._slot is None:
+                        return
+                    batch, self._slot = self._slot, None
+                    self._running = True
+                    self._cv.notify()   # the slot is free: the scheduler may form the next batch
+                try:
+                    self._finish_q.put(self._forward(batch))
+                finally:
+                    with self._cv:
+                        self._running = False
+                        self._cv.notify()   # an idle engine: the scheduler may send a partial batch
+        finally:
+            self._finish_q.put(None)
 
-    def _run_batch(self, batch: _Batch) -> None:
+    def _forward(self, batch: _Batch) -> tuple:
         seqs = batch.seqs
         # queue time: until the request's last sequence entered a batch
         for s in seqs:
@@ -459,7 +467,25 @@ class ReplicaCore:
                                        f"expected ({len(seqs)}, {self.spec.dim})")
             except BaseException as e:  # noqa: BLE001 - isolate the failure to this batch
                 error = e
-        elapsed = time.monotonic() - t0
+        return batch, out, time.monotonic() - t0, error
+
+    # --- finisher thread ------------------------------------------------------------------
+
+    def _finish_loop(self) -> None:
+        while True:
+            item = self._finish_q.get()
+            if item is None:
+                return
+            try:
+                self._finish(*item)
+            except BaseException:  # noqa: BLE001 - a bug here must not strand every later request
+                log.exception("finishing batch %d failed", item[0].number)
+                for req in {s.payload[0] for s in item[0].seqs}:
+                    self._complete(req, InternalError("inference failed for this batch"))
+
+    def _finish(self, batch: _Batch, out: Optional[np.ndarray], elapsed: float,
+                error: Optional[BaseException]) -> None:
+        seqs = batch.seqs
         real = sum(s.length for s in seqs)
         padded = max(s.length for s in seqs) * len(seqs)
         with self._stats_lock:
@@ -503,6 +529,12 @@ class ReplicaCore:
                 req.out[s.index] = out[row]
             req.remaining -= 1
             if req.remaining == 0:
+                try:
+                    req.result = self._post(req)
+                except Exception:  # noqa: BLE001 - this request's post step, not the batch's
+                    log.exception("post-processing request %s failed", req.request_id)
+                    self._complete(req, InternalError("post-processing failed for this request"))
+                    continue
                 self._complete(req)
 
     # --- introspection --------------------------------------------------------------------

@@ -161,7 +161,7 @@ BAD_REQUESTS = [
     ([list(range(1, 70))], EncodeOptions(truncate=False), "maximum context length is 64"),
     ([[1, 2]], EncodeOptions(dimensions=DIM + 1), "dimensions"),
     ([[1, 2]], EncodeOptions(dimensions=-1), "dimensions"),
-    ([[1, 2]], EncodeOptions(output_dtype="int8"), "output dtype"),
+    ([[1, 2]], EncodeOptions(output_dtype="int4"), "output dtype"),
     ([], EncodeOptions(), "must not be empty"),
 ]
 
