@@ -34,18 +34,18 @@ from floe.config import Settings
 from floe.errors import ReplicaStartError
 from floe.models.spec import ModelSpec
 from floe.proto import floe_pb2
-from floe.protocol import EmbedResult, EncodeOptions, ReplicaTable, TokenBatch
+from floe.protocol import ReplicaTable
 from floe.fleet.balance import Balancer
 from floe.fleet.placement import plan_placement, usable_cores, visible_gpus
 from floe.fleet.client import load_fields, replica_info
-from floe.fleet.router import Router
+from floe.fleet.router import Routed, Router
 from floe.fleet.supervisor import ReplicaSlot
 from floe.transport.grpc import grpc_target
 
 log = logging.getLogger("floe.manager")
 
 
-class ReplicaManager:
+class ReplicaManager(Routed):
     """Starts, routes to and stops the replica processes of one model."""
 
     def __init__(self, settings: Settings, spec: ModelSpec) -> None:
@@ -109,14 +109,6 @@ class ReplicaManager:
             # a change made while the table was being sent sets the event: sent again at once
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), every)
-
-    # -- requests -------------------------------------------------------------------------------
-
-    async def encode(self, tokens: TokenBatch, options: EncodeOptions, request_id: str) -> EmbedResult:
-        return await self.router.encode(tokens, options, request_id)
-
-    async def abort(self, request_id: str) -> bool:
-        return await self.router.abort(request_id)
 
     # -- introspection --------------------------------------------------------------------------
 

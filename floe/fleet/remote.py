@@ -22,10 +22,10 @@ from typing import Any, Optional
 from floe.config import Settings
 from floe.models.spec import ModelSpec
 from floe.proto import floe_pb2
-from floe.protocol import EmbedResult, EncodeOptions, ReplicaEndpoint, ReplicaTable, TokenBatch
+from floe.protocol import ReplicaEndpoint, ReplicaTable
 from floe.fleet.balance import Balancer, ReplicaLoad
 from floe.fleet.client import ReplicaClient, coalesce_limits, load_fields, replica_info
-from floe.fleet.router import Router
+from floe.fleet.router import Routed, Router
 
 
 class RemoteReplica:
@@ -98,7 +98,7 @@ class RemoteReplica:
             await client.close()
 
 
-class RemoteReplicas:
+class RemoteReplicas(Routed):
     """The replica manager's request interface over replicas supervised elsewhere."""
 
     def __init__(self, settings: Settings, spec: ModelSpec, worker_index: int = 0) -> None:
@@ -124,12 +124,6 @@ class RemoteReplicas:
         self._stopped = True
         for t in self.targets:
             await t.close()
-
-    async def encode(self, tokens: TokenBatch, options: EncodeOptions, request_id: str) -> EmbedResult:
-        return await self.router.encode(tokens, options, request_id)
-
-    async def abort(self, request_id: str) -> bool:
-        return await self.router.abort(request_id)
 
     def status(self) -> dict[str, Any]:
         out = [{

@@ -233,3 +233,16 @@ class Router:
         if target is None or target.client is None:
             return False
         return await target.client.abort(request_id)
+
+
+class Routed:
+    """The request side of a set of replicas behind one Router: the manager that supervises them
+    (floe/fleet/manager.py) and a front-end worker's view of them (floe/fleet/remote.py)."""
+
+    router: Router
+
+    async def encode(self, tokens: TokenBatch, options: EncodeOptions, request_id: str) -> EmbedResult:
+        return await self.router.encode(tokens, options, request_id)
+
+    async def abort(self, request_id: str) -> bool:
+        return await self.router.abort(request_id)

@@ -193,10 +193,15 @@ class HttpRoutes:
         return await self.run_compute(request, "/v1/embeddings", schemas.parse_openai,
                                       self._respond_openai)
 
-    async def _respond_openai(self, req: schemas.OpenAIRequest, rid: str, request) -> Response:
-        service = self.served.for_request("embed", req.model)
+    async def _embed(self, route: str, req: Any, rid: str) -> tuple[EmbedResult, str]:
+        """The embed path of the model that answers ``route`` for ``req``; (result, its name)."""
+        service = self.served.for_request(route, req.model)
         result = await service.embed(rid, req.texts, req.tokens, req.options, model=req.model)
-        return _json(schemas.openai_response(result, req.encoding_format, service.model_name),
+        return result, service.model_name
+
+    async def _respond_openai(self, req: schemas.OpenAIRequest, rid: str, request) -> Response:
+        result, name = await self._embed("embed", req, rid)
+        return _json(schemas.openai_response(result, req.encoding_format, name),
                      headers=timing_headers(result))
 
     # --- TEI ---------------------------------------------------------------------------------
@@ -205,8 +210,7 @@ class HttpRoutes:
         return await self.run_compute(request, "/embed", schemas.parse_embed, self._respond_embed)
 
     async def _respond_embed(self, req: schemas.TeiEmbedRequest, rid: str, request) -> Response:
-        service = self.served.for_request("embed", req.model)
-        result = await service.embed(rid, req.texts, req.tokens, req.options, model=req.model)
+        result, _ = await self._embed("embed", req, rid)
         headers = timing_headers(result)
         rows = schemas.result_rows(result)
         if _OCTET in request.headers.get("accept", ""):
@@ -221,8 +225,7 @@ class HttpRoutes:
                                       self._respond_sparse)
 
     async def _respond_sparse(self, req: schemas.TeiEmbedRequest, rid: str, request) -> Response:
-        service = self.served.for_request("sparse", req.model)
-        result = await service.embed(rid, req.texts, req.tokens, req.options, model=req.model)
+        result, _ = await self._embed("sparse", req, rid)
         return _json(schemas.sparse_response(result), headers=timing_headers(result))
 
     async def rerank(self, request: Request) -> Response:

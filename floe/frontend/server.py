@@ -16,7 +16,7 @@ import os
 import signal
 import socket
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import uvicorn
 
@@ -24,6 +24,9 @@ from floe.config import Settings
 from floe.errors import ConfigError
 from floe.frontend.http import create_app
 from floe.frontend.service import EmbedService
+
+if TYPE_CHECKING:
+    from floe.frontend.models import ServedModels
 
 log = logging.getLogger("floe.server")
 

@@ -23,20 +23,29 @@ def test_replica_stats_become_labelled_metrics():
         stats=floe_pb2.ReplicaStats(tokens=70, padded_tokens=100, batches=6, queued_tokens=5,
                                     rss_bytes=123, histograms=[eff]))
     m = scrape([info])
-    r = "[('replica', '1')]"
+    r = "[('model', 'm'), ('replica', '1')]"
     assert m["floe_tokens_embedded_total" + r] == 70
     assert m["floe_padded_tokens_total" + r] == 100
     assert m["floe_replica_queued_tokens" + r] == 5
     assert m["floe_replica_resident_memory_bytes" + r] == 123
     assert m["floe_replica_healthy" + r] == 1
     # buckets are cumulative
-    assert m["floe_padding_efficiency_bucket[('le', '0.5'), ('replica', '1')]"] == 1
-    assert m["floe_padding_efficiency_bucket[('le', '0.9'), ('replica', '1')]"] == 3
-    assert m["floe_padding_efficiency_bucket[('le', '+Inf'), ('replica', '1')]"] == 6
+    assert m["floe_padding_efficiency_bucket[('le', '0.5'), ('model', 'm'), ('replica', '1')]"] == 1
+    assert m["floe_padding_efficiency_bucket[('le', '0.9'), ('model', 'm'), ('replica', '1')]"] == 3
+    assert m["floe_padding_efficiency_bucket[('le', '+Inf'), ('model', 'm'), ('replica', '1')]"] == 6
     assert m["floe_padding_efficiency_count" + r] == 6
     assert any(k.startswith("floe_model_info") and "bfloat16" in k for k in m)
 
 
 def test_unhealthy_replica_without_stats_still_reports_health():
     m = scrape([floe_pb2.ReplicaInfo(replica_id="0", healthy=False)])
-    assert m["floe_replica_healthy[('replica', '0')]"] == 0
+    assert m["floe_replica_healthy[('model', '?'), ('replica', '0')]"] == 0
+
+
+def test_replicas_of_several_models_are_told_apart():
+    infos = [floe_pb2.ReplicaInfo(replica_id="0", model=name, healthy=True, task=task)
+             for name, task in (("emb", "embed"), ("rr", "score"))]
+    m = scrape(infos)
+    assert m["floe_replica_healthy[('model', 'emb'), ('replica', '0')]"] == 1
+    assert m["floe_replica_healthy[('model', 'rr'), ('replica', '0')]"] == 1
+    assert sum(1 for k in m if k.startswith("floe_model_info")) == 2
