@@ -401,8 +401,10 @@ def add_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = t
 
 
 def settings_to_dict(settings: Settings) -> dict:
-    """The tree as plain JSON-able data (what crosses to a replica process)."""
-    return dataclasses.asdict(settings)
+    """The tree as plain JSON-able data (what crosses to a replica process): tuples as lists,
+    as JSON gives them back."""
+    return {name: {k: list(v) if isinstance(v, tuple) else v for k, v in section.items()}
+            for name, section in dataclasses.asdict(settings).items()}
 
 
 def settings_from_dict(data: dict) -> Settings:

@@ -182,6 +182,11 @@ class Tokenizer:
         return out
 
 
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """The text of a sequence of ids (the bench's exact-length prompts are built with it)."""
+        return self._plain.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+
 class TokenizerPool:
     """Runs ``Tokenizer.encode_plan`` on a thread pool so the event loop never tokenizes.
 

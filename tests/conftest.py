@@ -79,6 +79,31 @@ def plain_bert(tiny_model_root) -> str:
 
 
 @pytest.fixture(scope="session")
+def bert_reranker(tiny_model_root) -> str:
+    """Tiny BERT cross-encoder (num_labels 1, token types), published layout: a plain folder with
+    Sigmoid in config.json, like cross-encoder/ms-marco-MiniLM-L6-v2."""
+    return tiny_models.build_bert_cross_encoder(os.path.join(tiny_model_root, "bert_reranker"))
+
+
+@pytest.fixture(scope="session")
+def xlmr_reranker(tiny_model_root) -> str:
+    """Tiny XLM-R cross-encoder (num_labels 1, one token type), like BAAI/bge-reranker-base."""
+    return tiny_models.build_xlmr_cross_encoder(os.path.join(tiny_model_root, "xlmr_reranker"))
+
+
+@pytest.fixture(scope="session")
+def multilabel_cross_encoder(tiny_model_root) -> str:
+    """Tiny BERT cross-encoder with 3 labels, saved by ST 6's CrossEncoder (modules.json)."""
+    return tiny_models.build_multilabel_cross_encoder(os.path.join(tiny_model_root, "bert_nli"))
+
+
+@pytest.fixture(scope="session")
+def bert_splade(tiny_model_root) -> str:
+    """Tiny BERT SPLADE model saved by ST 6's SparseEncoder (SpladePooling max, relu)."""
+    return tiny_models.build_bert_splade(os.path.join(tiny_model_root, "bert_splade"))
+
+
+@pytest.fixture(scope="session")
 def st_model():
     """``st_model(path)``: a session-cached SentenceTransformer on CPU (the parity oracle)."""
     cache: dict[str, object] = {}

@@ -1,15 +1,21 @@
 """The engine interface: a model runner for one replica.
 
 A replica's batcher thread calls ``prepare`` (ids to device tensors: the "pre" stage) for batch
-N+1 while the engine thread runs ``run`` (forward, pooling, Dense: "core" and "post") on batch N.
-Per-request steps (Normalize, Matryoshka slicing, output dtype) are applied by the replica after
-``run``, because one batch mixes requests with different options.
+N+1 while the engine thread runs ``run`` (forward and the task's head: "core" and "post") on batch
+N. Per-request steps (Normalize, Matryoshka slicing, output dtype) are applied by the replica after
+``run``, because one batch mixes requests with different options; a cross-encoder's activation is
+applied by the front end (a request may ask for raw scores).
+
+What ``run`` returns per task (``spec.task``): "embed", pooled and Dense-projected rows, not
+normalized; "score", a cross-encoder's logits, (n, num_labels), no activation; "sparse", SPLADE
+rows, (n, vocab_size), non-negative and mostly zero.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -23,12 +29,17 @@ class Engine(abc.ABC):
     backend: str = ""  # "torch" | "openvino" | "fake": what runs the forward pass
 
     @abc.abstractmethod
-    def prepare(self, sequences: Sequence[np.ndarray]) -> Any:
-        """Pads int32 id arrays into whatever ``run`` consumes. Called off the engine thread."""
+    def prepare(self, sequences: Sequence[np.ndarray], type_splits: Optional[np.ndarray] = None) -> Any:
+        """Pads int32 id arrays into whatever ``run`` consumes. Called off the engine thread.
+
+        ``type_splits`` (int array, one per sequence, or None): where token type 1 starts in each
+        sequence (a cross-encoder pair's second segment); ``len(sequence)`` when it is all type 0.
+        Honoured where ``spec.uses_token_types``; ignored otherwise (those backbones have one type).
+        """
 
     @abc.abstractmethod
     def run(self, prepared: Any) -> np.ndarray:
-        """Returns an (n, spec.dim) float32 array: pooled and Dense-projected, not normalized."""
+        """Returns an (n, spec.dim) float32 array: see the module docstring for each task."""
 
     def warmup(self, max_batch_tokens: int) -> None:
         """Runs a forward pass at the full token budget so that it is proven to fit at start-up."""
@@ -36,3 +47,53 @@ class Engine(abc.ABC):
     def memory(self) -> tuple[int, int]:
         """(device bytes used, device bytes total); (0, 0) on CPU."""
         return (0, 0)
+
+
+def head_summary(spec: ModelSpec) -> str:
+    """The task's head in a few words, for log lines."""
+    if spec.task == "score":
+        return f"cross-encoder, {spec.num_labels} label(s)"
+    if spec.task == "sparse":
+        return f"SPLADE {spec.splade_pooling} pooling, {spec.dim} dims"
+    return f"{spec.pooling} pooling, dim {spec.dim}"
+
+
+@dataclass(frozen=True)
+class Padded:
+    """A right-padded batch as int64 host arrays (what the torch and OpenVINO engines feed)."""
+
+    input_ids: np.ndarray                  # (n, longest), padded with the model's pad id
+    attention_mask: np.ndarray             # (n, longest), 1 on real tokens
+    lengths: np.ndarray                    # (n,)
+    token_type_ids: Optional[np.ndarray]   # (n, longest): 1 from the split to the end of the real
+                                           # tokens; None when the spec has no token types or no
+                                           # splits were given
+
+    @property
+    def uniform(self) -> bool:
+        """All rows the same length: no padding at all."""
+        return bool(self.lengths.min() == self.input_ids.shape[1])
+
+
+def right_pad(spec: ModelSpec, sequences: Sequence[np.ndarray],
+              type_splits: Optional[np.ndarray] = None) -> Padded:
+    """Right-pads id arrays with ``spec.pad_token_id``; builds token types from ``type_splits``
+    where ``spec.uses_token_types`` (see ``Engine.prepare``)."""
+    n = len(sequences)
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=n)
+    if n == 0 or lengths.min() <= 0:
+        raise ValueError("prepare() needs at least one sequence, each with at least one id")
+    width = int(lengths.max())
+    ids = np.full((n, width), spec.pad_token_id, dtype=np.int64)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = s
+    cols = np.arange(width)[None, :]
+    mask = (cols < lengths[:, None]).astype(np.int64)
+    types = None
+    if type_splits is not None and spec.uses_token_types:
+        splits = np.asarray(type_splits, dtype=np.int64)
+        if splits.shape != (n,):
+            raise ValueError(f"type_splits has shape {splits.shape}, expected ({n},)")
+        types = ((cols >= splits[:, None]) & (cols < lengths[:, None])).astype(np.int64)
+    return Padded(ids, mask, lengths, types)
+

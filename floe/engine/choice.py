@@ -29,6 +29,14 @@ OPENVINO_MODEL_TYPES = frozenset({
     "xlm-roberta",   # bge-m3, multilingual-e5, arctic-embed-l-v2
     "qwen3",         # Qwen3-Embedding
 })
+# The same for the other tasks (spec.task), each checked against CrossEncoder / SparseEncoder in
+# tests/integration/test_rerank_sparse_engines.py.
+OPENVINO_TASK_MODEL_TYPES = {
+    "embed": OPENVINO_MODEL_TYPES,
+    "score": frozenset({"bert",          # ms-marco-MiniLM cross-encoders (token types)
+                        "xlm-roberta"}),  # bge-reranker-base/-large, bge-reranker-v2-m3
+    "sparse": frozenset({"bert"}),        # naver/splade-v3, splade-cocondenser (BERT MLM heads)
+}
 
 KINDS = ("auto", "torch", "openvino", "fake")
 
@@ -87,10 +95,12 @@ def choose_engine(kind: str, spec: ModelSpec, device: str = "auto", dtype: str =
         return EngineChoice("torch", "auto: a GPU is present, and GPUs run the torch engine")
     if dtype == "float16":
         return EngineChoice("torch", "auto: float16 on the CPU is run by the torch engine only")
-    if spec.model_type not in OPENVINO_MODEL_TYPES:
-        return EngineChoice("torch", f"auto: OpenVINO conversion is not verified for model_type "
+    verified = OPENVINO_TASK_MODEL_TYPES.get(spec.task, frozenset())
+    if spec.model_type not in verified:
+        what = "" if spec.task == "embed" else f" {spec.task}"
+        return EngineChoice("torch", f"auto: OpenVINO conversion is not verified for{what} model_type "
                                      f"{spec.model_type!r} (verified: "
-                                     f"{', '.join(sorted(OPENVINO_MODEL_TYPES))})")
+                                     f"{', '.join(sorted(verified))})")
     if not have_openvino():
         return EngineChoice("torch", "auto: the openvino package is not installed")
     return EngineChoice("openvino", f"auto: CPU, and OpenVINO conversion is verified for "

@@ -10,12 +10,18 @@ The token vectors span a small subspace (a ``_RANK``-wide table times one fixed 
 the mean is taken over ``_RANK`` values per token and projected once per batch: the stand-in for
 a device that takes microseconds per input must not cost more per input than the rest of the
 server.
+
+The other tasks go through the same table: a cross-encoder's (n, num_labels) scores are that mean
+projected onto num_labels columns, with a pair's type-1 tokens (``type_splits``, where the spec
+has token types) looked up at other rows, so the split matters as it does to a real BERT; a
+SPLADE row is non-zero only at the input's own token ids (vocabulary-folded), each with a fixed
+positive weight per id, max-pooled: non-negative, sparse, and as cheap as the embedding.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -24,6 +30,7 @@ from floe.models.spec import ModelSpec
 
 _TABLE_ROWS = 4096  # ids are folded onto a fixed table so memory stays small for any vocabulary
 _RANK = 32          # width of the token table; the projection widens it to the model's dim
+_TYPE_OFFSET = 1_000_003  # added to a pair's type-1 ids (before folding onto the table)
 
 
 class FakeEngine(Engine):
@@ -38,10 +45,17 @@ class FakeEngine(Engine):
         self.seconds_per_batch = seconds_per_batch
         rng = np.random.default_rng(1234)
         self._table = rng.standard_normal((_TABLE_ROWS, _RANK)).astype(np.float32)
-        self._projection = rng.standard_normal((_RANK, spec.dim)).astype(np.float32)
+        self._sparse = spec.task == "sparse"
+        if not self._sparse:  # a vocabulary-wide projection would be the largest thing here
+            self._projection = rng.standard_normal((_RANK, spec.dim)).astype(np.float32)
 
-    def prepare(self, sequences: Sequence[np.ndarray]) -> Any:
-        return [np.asarray(s, dtype=np.int64) for s in sequences]
+    def prepare(self, sequences: Sequence[np.ndarray], type_splits: Optional[np.ndarray] = None) -> Any:
+        seqs = [np.asarray(s, dtype=np.int64) for s in sequences]
+        if type_splits is not None and self.spec.uses_token_types:
+            # type-1 tokens read other table rows (new arrays: the caller's ids stay as they are)
+            seqs = [np.concatenate([s[:int(k)], s[int(k):] + _TYPE_OFFSET])
+                    for s, k in zip(seqs, type_splits)]
+        return seqs
 
     def run(self, prepared: Any) -> np.ndarray:
         seqs: list[np.ndarray] = prepared
@@ -58,6 +72,11 @@ class FakeEngine(Engine):
         ids = np.concatenate([s for s in seqs if len(s)])
         starts = np.zeros(int(used.sum()), dtype=np.int64)
         np.cumsum(lengths[used][:-1], out=starts[1:])
+        if self._sparse:
+            rows = np.repeat(np.flatnonzero(used), lengths[used])
+            weights = np.log1p(np.abs(self._table[(ids * 2654435761) % _TABLE_ROWS, 0]) + 0.1)
+            np.maximum.at(out, (rows, ids % self.spec.dim), weights)
+            return out
         # position in its own sequence, so that token order matters, like a real encoder
         pos = np.arange(ids.shape[0], dtype=np.int64) - np.repeat(starts, lengths[used])
         weights = (1.0 / (1.0 + pos.astype(np.float32)))[:, None]

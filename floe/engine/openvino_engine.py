@@ -1,20 +1,23 @@
 """The OpenVINO engine: the model converted once to an OpenVINO graph, run on the CPU.
 
-Conversion builds the same torch pipeline the torch engine runs (AutoModel backbone, pooling,
-Dense: ``TorchEngine``'s own code, in float32) and hands it to ``openvino.convert_model`` with
-dynamic batch and sequence dimensions. Pooling and Dense are part of the graph, so a forward pass
-returns (n, dim) rather than (n, length, hidden): less to copy out, and the pooling runs in the
-same optimised graph. The inputs are ``input_ids`` and ``attention_mask`` (int64, right padded);
-whatever else an architecture needs (token type ids, position ids) is derived inside the graph.
+Conversion builds the same torch pipeline the torch engine runs (the backbone and the task's
+head: pooling and Dense, a cross-encoder's logits, or SPLADE pooling: ``TorchEngine``'s own code,
+in float32) and hands it to ``openvino.convert_model`` with dynamic batch and sequence dimensions.
+The head is part of the graph, so a forward pass returns (n, dim) rather than (n, length, hidden):
+less to copy out, and the pooling runs in the same optimised graph. The inputs are ``input_ids``
+and ``attention_mask`` (int64, right padded), plus ``token_type_ids`` for a cross-encoder whose
+backbone has token types (``_graph_inputs``); whatever else an architecture needs (all-zero token
+types for single texts, position ids) is derived inside the graph.
 
 Before it is used, a fresh conversion is checked against the torch pipeline on a padded probe
 batch of other shapes than the one traced, so a conversion that baked in a shape or dropped the
 mask is refused instead of served (``ConversionError``; ``create_engine`` then falls back to
-torch).
+torch). The check is a cosine for embeddings and SPLADE rows and an absolute + relative tolerance
+for a cross-encoder's logits (a cosine of 1-wide rows only compares signs).
 
 The converted graph is cached on disk (``openvino.save_model``: XML + BIN, float32 weights) under
 ``<cache dir>/openvino/<key>/``, the key hashing the model folder's files (names, sizes, mtimes),
-the pipeline options (pooling, Dense), and the OpenVINO, transformers and torch versions. It is
+the pipeline options (task and head, pooling, Dense), and the OpenVINO, transformers and torch versions. It is
 written to a temporary folder and renamed into place, under a per-key file lock, so replicas that
 start together convert once and never read a half-written model. A start that finds the cache
 imports neither torch nor transformers. The compiled form (precision- and thread-specific) is
@@ -40,7 +43,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from floe.engine.base import Engine
+from floe.engine.base import Engine, Padded, head_summary, right_pad
 from floe.engine.hardware import cpu_has_fast_bf16
 from floe.errors import ConfigError
 from floe.models.spec import ModelSpec
@@ -50,8 +53,17 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 1          # bump when the graph floe builds changes
 ENV_CACHE_DIR = "FLOE_ENGINE_CACHE_DIR"
 _INPUTS = ("input_ids", "attention_mask")
+_TYPE_INPUT = "token_type_ids"
 _PRECISION = {"bfloat16": "bf16", "float32": "f32"}
 _PROBE_MIN_COSINE = {"float32": 0.9999, "bfloat16": 0.999}
+# A cross-encoder's logits on the probe: |got - want| <= atol + rtol * |want|.
+_PROBE_SCORE_TOLERANCE = {"float32": (1e-3, 1e-3), "bfloat16": (5e-2, 5e-2)}
+
+
+def _graph_inputs(spec: ModelSpec) -> tuple[str, ...]:
+    """The converted graph's inputs: token types only where they can differ from all-zero, in a
+    cross-encoder's (query, document) pairs (an embedding graph keeps its two inputs)."""
+    return _INPUTS + ((_TYPE_INPUT,) if spec.task == "score" and spec.uses_token_types else ())
 
 
 class ConversionError(RuntimeError):
@@ -112,6 +124,10 @@ def cache_key(spec: ModelSpec, versions: Optional[dict[str, str]] = None) -> str
         "dense": [[d.in_features, d.out_features, d.bias, d.activation, d.use_residual] for d in spec.dense],
         "pad_token_id": spec.pad_token_id,
     }
+    if spec.task != "embed":  # (left out for embeddings, whose keys, and caches, stay as they were)
+        parts["head"] = {"task": spec.task, "num_labels": spec.num_labels,
+                         "splade": [spec.splade_pooling, spec.splade_activation],
+                         "inputs": list(_graph_inputs(spec))}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -165,17 +181,22 @@ def _sliding_window(spec: ModelSpec) -> int:
     return max(window, int(config.get("local_attention") or 0))  # ModernBERT's local layers
 
 
-def _batch(spec: ModelSpec, lengths: Sequence[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded random in-vocabulary ids and their mask."""
+def _batch(spec: ModelSpec, lengths: Sequence[int], seed: int) -> dict[str, np.ndarray]:
+    """The graph's inputs for right-padded random in-vocabulary ids (and, for a graph that takes
+    token types, a random split in each row)."""
     rng = np.random.default_rng(seed)
-    width = max(lengths)
     low = min(5, spec.vocab_size - 1)
-    ids = np.full((len(lengths), width), spec.pad_token_id, dtype=np.int64)
-    mask = np.zeros((len(lengths), width), dtype=np.int64)
-    for i, n in enumerate(lengths):
-        ids[i, :n] = rng.integers(low, spec.vocab_size, n)
-        mask[i, :n] = 1
-    return ids, mask
+    seqs = [rng.integers(low, spec.vocab_size, n) for n in lengths]
+    splits = np.array([rng.integers(1, n + 1) for n in lengths], dtype=np.int64)
+    padded = right_pad(spec, seqs, splits if _TYPE_INPUT in _graph_inputs(spec) else None)
+    return _feed(padded)
+
+
+def _feed(padded: Padded) -> dict[str, np.ndarray]:
+    feed = {"input_ids": padded.input_ids, "attention_mask": padded.attention_mask}
+    if padded.token_type_ids is not None:
+        feed[_TYPE_INPUT] = padded.token_type_ids
+    return feed
 
 
 def _trace_lengths(spec: ModelSpec) -> tuple[list[int], list[int]]:
@@ -188,7 +209,7 @@ def _trace_lengths(spec: ModelSpec) -> tuple[list[int], list[int]]:
     return [trace, max(1, trace - 5)], [probe, min(3, probe), max(1, probe - 7)]
 
 
-def _convert(spec: ModelSpec, threads: Optional[int]) -> tuple[Any, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _convert(spec: ModelSpec, threads: Optional[int]) -> tuple[Any, tuple[dict[str, np.ndarray], np.ndarray]]:
     """The torch pipeline converted to an ov.Model, plus a probe batch and its torch output."""
     import openvino as ov
     import torch
@@ -198,50 +219,39 @@ def _convert(spec: ModelSpec, threads: Optional[int]) -> tuple[Any, tuple[np.nda
     source = TorchEngine(spec, device="cpu", dtype="float32", threads=threads)
 
     class Pipeline(torch.nn.Module):
-        """(input_ids, attention_mask) -> pooled, Dense-projected float32 rows."""
+        """(input_ids, attention_mask[, token_type_ids]) -> the task's (n, dim) float32 rows."""
 
         def __init__(self) -> None:
             super().__init__()
             self.backbone = source.model
 
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            batch = Prepared(input_ids, attention_mask, attention_mask.sum(dim=1), uniform=False)
-            pooled = source._pool(source._forward(batch), batch)
-            for layer in source._dense:
-                pooled = layer(pooled)
-            return pooled.float()
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+            batch = Prepared(input_ids, attention_mask, attention_mask.sum(dim=1), uniform=False,
+                             token_type_ids=token_type_ids)
+            return source._head(source._forward(batch), batch).float()
 
     pipeline = Pipeline().eval()
+    inputs = _graph_inputs(spec)
     trace_lengths, probe_lengths = _trace_lengths(spec)
-    ids, mask = _batch(spec, trace_lengths, seed=0)
-    probe_ids, probe_mask = _batch(spec, probe_lengths, seed=1)
+    example = {k: torch.from_numpy(v) for k, v in _batch(spec, trace_lengths, seed=0).items()}
+    probe = _batch(spec, probe_lengths, seed=1)
     with torch.no_grad():
         try:
-            model = ov.convert_model(pipeline, example_input={"input_ids": torch.from_numpy(ids),
-                                                               "attention_mask": torch.from_numpy(mask)})
+            model = ov.convert_model(pipeline, example_input=example)
         except Exception as exc:  # the converter raises many kinds; all mean "does not convert"
             raise ConversionError(f"openvino.convert_model failed: {type(exc).__name__}: "
                                   f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from exc
-        want = pipeline(torch.from_numpy(probe_ids), torch.from_numpy(probe_mask)).numpy()
+        want = pipeline(**{k: torch.from_numpy(v) for k, v in probe.items()}).numpy()
     names = [port.get_any_name() for port in model.inputs]
-    if sorted(names) != sorted(_INPUTS):
-        raise ConversionError(f"converted graph has inputs {names}, expected {list(_INPUTS)}")
-    model.reshape({name: ov.PartialShape([-1, -1]) for name in _INPUTS})
+    if sorted(names) != sorted(inputs):
+        raise ConversionError(f"converted graph has inputs {names}, expected {list(inputs)}")
+    model.reshape({name: ov.PartialShape([-1, -1]) for name in inputs})
     del pipeline, source
-    return model, (probe_ids, probe_mask, want)
+    return model, (probe, want)
 
 
 # --- the engine ---------------------------------------------------------------------------------
-
-class Prepared:
-    """A right-padded batch: what ``run`` consumes."""
-
-    __slots__ = ("input_ids", "attention_mask")
-
-    def __init__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
-        self.input_ids = input_ids
-        self.attention_mask = attention_mask
-
 
 def pick_precision(dtype: str, flags: Optional[set[str]] = None) -> str:
     """The engine dtype ("bfloat16" | "float32") for a requested --dtype on this CPU."""
@@ -270,6 +280,7 @@ class OpenVINOEngine(Engine):
 
         self.spec = spec
         self.device = "cpu"
+        self._inputs = _graph_inputs(spec)
         self.dtype = pick_precision(dtype)
         self.threads = int(threads) if threads else len(os.sched_getaffinity(0))
         self.cache_dir = cache_dir or default_cache_dir()
@@ -306,9 +317,9 @@ class OpenVINOEngine(Engine):
         actual = str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
         if actual.endswith("f32") or actual == "float32":
             self.dtype = "float32"  # a CPU that cannot run the bf16 hint runs f32
-        log.info("OpenVINO engine: %s %s on cpu in %s, %d threads (%s pooling, dim %d; graph %s)",
+        log.info("OpenVINO engine: %s %s on cpu in %s, %d threads (%s; graph %s)",
                  spec.name, "converted" if self.converted else "loaded from the cache", self.dtype,
-                 self.threads, spec.pooling, spec.dim, self.model_dir)
+                 self.threads, head_summary(spec), self.model_dir)
 
     def _compile(self, model: Any) -> None:
         try:
@@ -335,7 +346,7 @@ class OpenVINOEngine(Engine):
             ov.save_model(model, os.path.join(tmp, "model.xml"), compress_to_fp16=False)
             with open(os.path.join(tmp, "floe.json"), "w", encoding="utf-8") as f:
                 json.dump({"model": self.spec.path, "architecture": self.spec.architecture,
-                           "pooling": self.spec.pooling, "format": CACHE_FORMAT,
+                           "task": self.spec.task, "pooling": self.spec.pooling, "format": CACHE_FORMAT,
                            "openvino": _version("openvino")}, f, indent=1)
             os.rename(tmp, self.model_dir)
         except OSError:
@@ -347,13 +358,22 @@ class OpenVINOEngine(Engine):
 
     def _check_probe(self, probe) -> None:
         """Refuses a conversion whose output differs from the torch pipeline's on the probe."""
-        ids, mask, want = probe
+        feed, want = probe
         try:
-            got = self.run(Prepared(ids, mask))
+            got = self.run(feed)
         except RuntimeError as exc:  # e.g. a reshape that baked in the traced shape
             lines = [ln for ln in str(exc).splitlines() if ln.strip()]
             raise ConversionError("the converted graph fails on a probe batch of other shapes: "
                                   + (lines[-1][:300] if lines else type(exc).__name__)) from exc
+        if self.spec.task == "score":
+            atol, rtol = _PROBE_SCORE_TOLERANCE[self.dtype]
+            diff = np.abs(got - want)
+            if not np.isfinite(got).all() or (diff > atol + rtol * np.abs(want)).any():
+                raise ConversionError(
+                    f"the converted graph's scores differ from the torch model's on a probe batch "
+                    f"(largest difference {float(np.nan_to_num(diff, nan=np.inf).max()):.6f}; "
+                    f"allowed {atol} + {rtol} x |score|)")
+            return
         norms = np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1)
         cos = (got * want).sum(1) / np.maximum(norms, 1e-30)
         limit = _PROBE_MIN_COSINE[self.dtype]
@@ -371,24 +391,21 @@ class OpenVINOEngine(Engine):
 
     # --- stages ------------------------------------------------------------------------------
 
-    def prepare(self, sequences: Sequence[np.ndarray]) -> Prepared:
-        """Right-pads int32 id arrays with the model's pad id into (n, longest) int64 arrays."""
-        n = len(sequences)
-        lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=n)
-        if n == 0 or lengths.min() <= 0:
-            raise ValueError("prepare() needs at least one sequence, each with at least one id")
-        width = int(lengths.max())
-        ids = np.full((n, width), self.spec.pad_token_id, dtype=np.int64)
-        for i, s in enumerate(sequences):
-            ids[i, : len(s)] = s
-        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
-        return Prepared(ids, mask)
+    def prepare(self, sequences: Sequence[np.ndarray],
+                type_splits: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+        """The graph's inputs: (n, longest) int64 arrays, right-padded with the model's pad id,
+        and token types where the graph takes them (from ``type_splits``; all 0 without them)."""
+        takes_types = _TYPE_INPUT in self._inputs  # (an embedding graph: single texts, all type 0)
+        padded = right_pad(self.spec, sequences, type_splits if takes_types else None)
+        feed = _feed(padded)
+        if takes_types and padded.token_type_ids is None:
+            feed[_TYPE_INPUT] = np.zeros_like(padded.input_ids)
+        return feed
 
-    def run(self, prepared: Prepared) -> np.ndarray:
-        """Forward, pool, Dense in one graph; returns (n, spec.dim) float32, not normalized."""
+    def run(self, prepared: dict[str, np.ndarray]) -> np.ndarray:
+        """Forward and the task's head in one graph; returns (n, spec.dim) float32."""
         with self._lock:
-            self._request.infer({"input_ids": prepared.input_ids,
-                                 "attention_mask": prepared.attention_mask}, share_inputs=True)
+            self._request.infer(prepared, share_inputs=True)
             return np.array(self._request.get_output_tensor(0).data, dtype=np.float32, copy=True)
 
     def profiling_info(self) -> list:

@@ -1,4 +1,9 @@
-"""The torch engine: backbone forward -> pooling -> Dense, in the device's best precision.
+"""The torch engine: backbone forward -> the task's head, in the device's best precision.
+
+Heads by ``spec.task``: "embed", pooling -> Dense (AutoModel's hidden states); "score", a
+cross-encoder's logits (AutoModelForSequenceClassification), no activation; "sparse",
+sentence-transformers' SpladePooling of AutoModelForMaskedLM's logits (log1p(relu(x)), max or sum
+over the real tokens).
 
 The model is cast to its dtype for real (``model.to(bfloat16)``), not run under autocast: on the
 CPUs floe targets, oneDNN's bf16 kernels (AMX / avx512_bf16) are several times faster than fp32,
@@ -18,7 +23,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from floe.engine.base import Engine
+from floe.engine.base import Engine, head_summary, right_pad
 from floe.engine.hardware import cpu_flags, cpu_has_fast_bf16  # noqa: F401  (re-exported)
 from floe.errors import ConfigError, ModelLoadError
 from floe.models.spec import DenseSpec, ModelSpec
@@ -125,14 +130,20 @@ class _Dense:
 class Prepared:
     """A padded batch on the device: what ``run`` consumes."""
 
-    __slots__ = ("input_ids", "attention_mask", "lengths", "uniform")
+    __slots__ = ("input_ids", "attention_mask", "lengths", "uniform", "token_type_ids")
 
     def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: torch.Tensor,
-                 uniform: bool) -> None:
+                 uniform: bool, token_type_ids: Optional[torch.Tensor] = None) -> None:
         self.input_ids = input_ids
         self.attention_mask = attention_mask
         self.lengths = lengths
         self.uniform = uniform  # all rows the same length: no padding at all
+        self.token_type_ids = token_type_ids  # None: all type 0
+
+
+# The transformers class that loads each task's backbone with its head.
+_AUTO_CLASSES = {"embed": "AutoModel", "score": "AutoModelForSequenceClassification",
+                 "sparse": "AutoModelForMaskedLM"}
 
 
 class TorchEngine(Engine):
@@ -150,21 +161,23 @@ class TorchEngine(Engine):
         self._torch_dtype = _DTYPES[self.dtype]
         self._lock = threading.Lock()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a resolved local folder never needs the hub
-        from transformers import AutoConfig, AutoModel
+        import transformers
+        from transformers import AutoConfig
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # replica logs are lines, not progress bars
 
         folder = spec.backbone_path
+        auto = getattr(transformers, _AUTO_CLASSES[spec.task])
         try:
             config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
             kwargs: dict[str, Any] = {"config": config, "dtype": self._torch_dtype}
             try:
-                model = AutoModel.from_pretrained(folder, attn_implementation="sdpa", **kwargs)
+                model = auto.from_pretrained(folder, attn_implementation="sdpa", **kwargs)
             except (ValueError, ImportError) as exc:
                 # Architectures without an SDPA path fall back to their eager attention.
                 log.info("sdpa attention unavailable for %s (%s); using eager", spec.architecture, exc)
-                model = AutoModel.from_pretrained(folder, attn_implementation="eager", **kwargs)
+                model = auto.from_pretrained(folder, attn_implementation="eager", **kwargs)
         except (OSError, ValueError, KeyError) as exc:
             raise ModelLoadError(f"cannot load the model in {folder}: {type(exc).__name__}: "
                                  f"{str(exc)[:300]}") from None
@@ -176,49 +189,67 @@ class TorchEngine(Engine):
         params = inspect.signature(model.forward).parameters
         self._takes_token_types = "token_type_ids" in params
         self._dense = [_Dense(d, self._torch_device, self._torch_dtype) for d in spec.dense]
-        log.info("loaded %s on %s in %s (%s pooling, dim %d)", spec.name, self.device, self.dtype,
-                 spec.pooling, spec.dim)
+        log.info("loaded %s on %s in %s (%s)", spec.name, self.device, self.dtype, head_summary(spec))
 
     # --- stages ------------------------------------------------------------------------------
 
-    def prepare(self, sequences: Sequence[np.ndarray]) -> Prepared:
-        """Right-pads int32 id arrays with the model's pad id into (n, longest) device tensors."""
-        n = len(sequences)
-        lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=n)
-        if n == 0 or lengths.min() <= 0:
-            raise ValueError("prepare() needs at least one sequence, each with at least one id")
-        width = int(lengths.max())
-        ids = np.full((n, width), self.spec.pad_token_id, dtype=np.int64)
-        for i, s in enumerate(sequences):
-            ids[i, : len(s)] = s
-        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+    def prepare(self, sequences: Sequence[np.ndarray],
+                type_splits: Optional[np.ndarray] = None) -> Prepared:
+        """Right-pads int32 id arrays with the model's pad id into (n, longest) device tensors,
+        with token types from ``type_splits`` where the backbone has them (``Engine.prepare``)."""
+        padded = right_pad(self.spec, sequences, type_splits)
         dev = self._torch_device
         non_blocking = dev.type == "cuda"
+
+        def put(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(dev, non_blocking=non_blocking)
+
         return Prepared(
-            input_ids=torch.from_numpy(ids).to(dev, non_blocking=non_blocking),
-            attention_mask=torch.from_numpy(mask).to(dev, non_blocking=non_blocking),
-            lengths=torch.from_numpy(lengths).to(dev, non_blocking=non_blocking),
-            uniform=bool(lengths.min() == width),
+            input_ids=put(padded.input_ids),
+            attention_mask=put(padded.attention_mask),
+            lengths=put(padded.lengths),
+            uniform=padded.uniform,
+            token_type_ids=None if padded.token_type_ids is None else put(padded.token_type_ids),
         )
 
     def run(self, prepared: Prepared) -> np.ndarray:
-        """Forward, pool, Dense; returns (n, spec.dim) float32, not normalized."""
+        """Forward and the task's head; returns (n, spec.dim) float32 (see floe/engine/base.py)."""
         with self._lock, torch.inference_mode():
-            hidden = self._forward(prepared)
-            pooled = self._pool(hidden, prepared)
-            for layer in self._dense:
-                pooled = layer(pooled)
-            return pooled.float().cpu().numpy()
+            return self._head(self._forward(prepared), prepared).float().cpu().numpy()
 
     def _forward(self, p: Prepared) -> torch.Tensor:
+        """The model's first output: hidden states (embed) or logits (score, sparse)."""
         kwargs: dict[str, Any] = {"input_ids": p.input_ids}
         # A batch without padding needs no mask, which lets SDPA take its unmasked (faster) path.
         # RoBERTa-likes still need the pad id only for position ids, which ids alone determine.
         kwargs["attention_mask"] = None if p.uniform else p.attention_mask
         if self._takes_token_types:
-            kwargs["token_type_ids"] = torch.zeros_like(p.input_ids)
+            kwargs["token_type_ids"] = (torch.zeros_like(p.input_ids) if p.token_type_ids is None
+                                        else p.token_type_ids)
         out = self.model(**kwargs)
-        return out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+        if isinstance(out, (tuple, list)):
+            return out[0]
+        return out.last_hidden_state if self.spec.task == "embed" else out.logits
+
+    def _head(self, out: torch.Tensor, p: Prepared) -> torch.Tensor:
+        """(n, spec.dim) in the model's dtype: pool + Dense, the logits as they are, or SPLADE."""
+        if self.spec.task == "score":
+            return out
+        if self.spec.task == "sparse":
+            return self._splade(out, p)
+        pooled = self._pool(out, p)
+        for layer in self._dense:
+            pooled = layer(pooled)
+        return pooled
+
+    def _splade(self, logits: torch.Tensor, p: Prepared) -> torch.Tensor:
+        """sentence-transformers' SpladePooling, in the logits' dtype as it runs: padding zeroed,
+        log1p(relu(x)) (twice log1p for "log1p_relu"), then max or sum over the tokens. In place:
+        the (n, length, vocab) logits are the largest tensor of the forward."""
+        x = logits.mul_(p.attention_mask.unsqueeze(-1).to(logits.dtype)).relu_().log1p_()
+        if self.spec.splade_activation == "log1p_relu":
+            x = x.log1p_()
+        return x.amax(dim=1) if self.spec.splade_pooling == "max" else x.sum(dim=1)
 
     def _pool(self, hidden: torch.Tensor, p: Prepared) -> torch.Tensor:
         mode = self.spec.pooling

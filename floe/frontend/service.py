@@ -61,7 +61,7 @@ def _activation(name: str, logits: np.ndarray) -> np.ndarray:
     if name in ("", "Identity"):
         return logits
     if name == "Sigmoid":
-        return 1.0 / (1.0 + np.exp(-logits))
+        return 0.5 * (1.0 + np.tanh(0.5 * logits))   # = 1 / (1 + e^-x), without overflow
     if name == "Tanh":
         return np.tanh(logits)
     if name == "ReLU":

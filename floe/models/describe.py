@@ -39,7 +39,14 @@ def describe(spec: ModelSpec, device: str = "auto", dtype: str = "auto", engine:
                   for d in spec.dense],
         "float16_refused": spec.refuse_float16,
         "notices": list(spec.notices),
+        "task": spec.task,
+        "token_types": spec.uses_token_types,
     }
+    if spec.task == "score":
+        out["num_labels"], out["score_activation"] = spec.num_labels, spec.score_activation
+    elif spec.task == "sparse":
+        out["splade"] = {"pooling": spec.splade_pooling, "activation": spec.splade_activation,
+                         "max_active_dims": spec.max_active_dims}
     from floe.errors import ConfigError
     from floe.engine.torch_engine import pick_device_and_dtype
 

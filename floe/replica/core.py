@@ -524,7 +524,12 @@ class ReplicaCore:
                 continue
             if self._sparse:
                 a, b = nz_off[row], nz_off[row + 1]
-                req.sparse[s.index] = (nz_cols[a:b].astype(np.int32), nz_vals[a:b])
+                cols, vals = nz_cols[a:b].astype(np.int32), nz_vals[a:b]
+                k = self.spec.max_active_dims
+                if k and len(vals) > k:   # the model keeps each row's k largest (ST's top-k)
+                    keep = np.sort(np.argpartition(vals, len(vals) - k)[len(vals) - k:])
+                    cols, vals = cols[keep], vals[keep]
+                req.sparse[s.index] = (cols, vals)
             else:
                 req.out[s.index] = out[row]
             req.remaining -= 1

@@ -65,7 +65,7 @@ def test_metrics_match_the_workload(tmp_path):
     real = sum(sum(x) for x in workload)
     padded = sum(max(x) * len(x) for x in workload)
     sequences = sum(len(x) for x in workload)
-    r0 = "|replica=0"
+    r0 = "|model=all-MiniLM-L6-v2|replica=0"
     assert m["floe_requests_total|endpoint=/v1/embeddings|transport=http"] == len(WORKLOAD)
     assert m["floe_request_failures_total|endpoint=/v1/embeddings|error=validation|transport=http"] == 1
     assert m["floe_tokens_embedded_total" + r0] == real

@@ -354,3 +354,27 @@ async def test_fill_floor_defaults_by_device_and_splits_scattered_lengths(make_c
         core.submit(TokenBatch.from_lists([[2] * 2]), EncodeOptions(), "y"))
     st = core.stats()
     assert st.sequences == 3 and st.batches == 3 and st.padded_tokens == st.tokens == 14
+
+
+async def test_sparse_rows_keep_the_models_top_k():
+    import dataclasses
+
+    spec = dataclasses.replace(make_spec(normalize=False), task="sparse", dim=1000,
+                               vocab_size=1000, pooling="", max_active_dims=2)
+    core = ReplicaCore(FakeEngine(spec), BatchSettings(max_batch_tokens=4096))
+    core.start()
+    try:
+        tokens = TokenBatch.from_lists([[5, 9, 17, 33], [7]])
+        result = await core.submit(tokens, EncodeOptions(normalize=False), "r")
+        full_spec = dataclasses.replace(spec, max_active_dims=0)
+        dense = FakeEngine(full_spec).run(FakeEngine(full_spec).prepare([np.array([5, 9, 17, 33]),
+                                                                          np.array([7])]))
+    finally:
+        core.stop()
+    rows = result.sparse
+    assert result.data == b"" and rows.counts.tolist() == [min(2, (dense[0] > 0).sum()), 1]
+    first = rows.indices[: rows.counts[0]]
+    assert sorted(first.tolist()) == first.tolist()
+    top = np.sort(np.argsort(dense[0])[-2:])
+    assert first.tolist() == top.tolist()
+    assert np.allclose(rows.values[: rows.counts[0]], dense[0][top])
