@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default=None,
                    help="engine kind passed to floe's engine factory (default: its default)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16", "int8"))
     p.add_argument("--workers", type=int, default=None,
                    help="engine workers (Ray: actors); on CPU they share the compute threads. "
                         "Default: 2 on a CPU with 2 or more cores, 1 per job on a GPU, 1 Ray actor")

@@ -39,6 +39,8 @@ OPENVINO_TASK_MODEL_TYPES = {
 }
 
 KINDS = ("auto", "torch", "openvino", "fake")
+INT8_NEEDS_OPENVINO = ("--dtype int8 runs on the OpenVINO engine on a CPU (--engine openvino, or "
+                       "auto on a CPU)")
 
 # Device nodes a GPU driver creates (NVIDIA CUDA, AMD ROCm). Without any of them no GPU can be
 # used, which settles "auto" without importing torch.
@@ -76,6 +78,9 @@ def choose_engine(kind: str, spec: ModelSpec, device: str = "auto", dtype: str =
     have_openvino = openvino_installed if have_openvino is None else have_openvino
     if kind not in KINDS:
         raise ConfigError(f"unknown engine {kind!r} (expected one of {', '.join(KINDS)})")
+    int8 = INT8_NEEDS_OPENVINO
+    if kind == "torch" and dtype == "int8":
+        raise ConfigError(int8 + "; the torch engine runs float32, bfloat16 and float16")
     if kind in ("torch", "fake"):
         return EngineChoice(kind, f"--engine {kind}")
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
@@ -91,6 +96,16 @@ def choose_engine(kind: str, spec: ModelSpec, device: str = "auto", dtype: str =
         if not have_openvino():
             raise ConfigError("--engine openvino needs the openvino package (pip install openvino)")
         return EngineChoice("openvino", "--engine openvino")
+    if dtype == "int8":
+        if not on_cpu:
+            raise ConfigError(int8 + f"; --device {device} runs torch (use --dtype bfloat16)")
+        if spec.task != "embed" or spec.model_type not in OPENVINO_MODEL_TYPES:
+            raise ConfigError(int8 + f", for the embedding architectures it is verified for "
+                              f"({', '.join(sorted(OPENVINO_MODEL_TYPES))}); not for this "
+                              f"{spec.model_type} {spec.task} model")
+        if not have_openvino():
+            raise ConfigError("--dtype int8 needs the openvino package (pip install openvino)")
+        return EngineChoice("openvino", "auto: --dtype int8 runs on the OpenVINO engine")
     if not on_cpu:
         return EngineChoice("torch", "auto: a GPU is present, and GPUs run the torch engine")
     if dtype == "float16":

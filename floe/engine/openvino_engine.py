@@ -254,9 +254,11 @@ def _convert(spec: ModelSpec, threads: Optional[int]) -> tuple[Any, tuple[dict[s
 # --- the engine ---------------------------------------------------------------------------------
 
 def pick_precision(dtype: str, flags: Optional[set[str]] = None) -> str:
-    """The engine dtype ("bfloat16" | "float32") for a requested --dtype on this CPU."""
+    """The engine dtype ("bfloat16" | "float32" | "int8") for a requested --dtype on this CPU."""
     if dtype == "auto":
         return "bfloat16" if cpu_has_fast_bf16(flags) else "float32"
+    if dtype == "int8":
+        return dtype
     if dtype in _PRECISION:
         if dtype == "bfloat16" and not cpu_has_fast_bf16(flags):
             log.warning("bfloat16 on a CPU without AMX/avx512_bf16 runs emulated and is slow")
@@ -297,7 +299,9 @@ class OpenVINOEngine(Engine):
         self._core = ov.Core()
         self._core.set_property("CPU", {"CACHE_DIR": os.path.join(root, "compiled")})
         self._config = {
-            "INFERENCE_PRECISION_HINT": _PRECISION[self.dtype],
+            # int8: the layers left in float (engine/int8.py) run at the CPU's best float
+            "INFERENCE_PRECISION_HINT": _PRECISION.get(
+                self.dtype, "bf16" if cpu_has_fast_bf16() else "f32"),
             "INFERENCE_NUM_THREADS": self.threads,
             "NUM_STREAMS": 1,
             "PERFORMANCE_HINT": "LATENCY",
@@ -308,18 +312,29 @@ class OpenVINOEngine(Engine):
         xml = os.path.join(self.model_dir, "model.xml")
         with _locked(os.path.join(root, key + ".lock")):
             if os.path.isfile(xml):
-                self._compile(xml)
+                if self.dtype != "int8":
+                    self._compile(xml)
             else:
                 failure = _read_failure(root, key)  # another replica may have just failed
                 if failure is not None:
                     raise ConversionError(failure)
                 self._convert_check_save(root, key)
+            if self.dtype == "int8":
+                from floe.engine.int8 import quantized_model
+
+                self._compile(quantized_model(self._core, spec, self.model_dir, self._config))
         actual = str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
-        if actual.endswith("f32") or actual == "float32":
+        if self.dtype != "int8" and (actual.endswith("f32") or actual == "float32"):
             self.dtype = "float32"  # a CPU that cannot run the bf16 hint runs f32
         log.info("OpenVINO engine: %s %s on cpu in %s, %d threads (%s; graph %s)",
                  spec.name, "converted" if self.converted else "loaded from the cache", self.dtype,
                  self.threads, head_summary(spec), self.model_dir)
+
+    @property
+    def _float_dtype(self) -> str:
+        """The float precision the graph's float layers run in (all of them, but for int8)."""
+        hint = self._config["INFERENCE_PRECISION_HINT"]
+        return "bfloat16" if hint == "bf16" else "float32"
 
     def _compile(self, model: Any) -> None:
         try:
@@ -366,7 +381,7 @@ class OpenVINOEngine(Engine):
             raise ConversionError("the converted graph fails on a probe batch of other shapes: "
                                   + (lines[-1][:300] if lines else type(exc).__name__)) from exc
         if self.spec.task == "score":
-            atol, rtol = _PROBE_SCORE_TOLERANCE[self.dtype]
+            atol, rtol = _PROBE_SCORE_TOLERANCE[self._float_dtype]
             diff = np.abs(got - want)
             if not np.isfinite(got).all() or (diff > atol + rtol * np.abs(want)).any():
                 raise ConversionError(
@@ -376,7 +391,7 @@ class OpenVINOEngine(Engine):
             return
         norms = np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1)
         cos = (got * want).sum(1) / np.maximum(norms, 1e-30)
-        limit = _PROBE_MIN_COSINE[self.dtype]
+        limit = _PROBE_MIN_COSINE[self._float_dtype]
         if not np.isfinite(got).all() or cos.min() < limit:
             raise ConversionError(f"the converted graph differs from the torch model on a probe batch "
                                   f"(cosine {float(np.nan_to_num(cos).min()):.6f} < {limit})")

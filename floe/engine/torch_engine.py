@@ -58,6 +58,11 @@ def pick_device_and_dtype(device: str, dtype: str, spec: Optional[ModelSpec] = N
         raise ConfigError(f"--device {device!r} is not one of auto, cpu, cuda")
 
     refuse16 = bool(spec is not None and spec.refuse_float16)
+    if dtype == "int8":
+        from floe.engine.choice import INT8_NEEDS_OPENVINO
+
+        raise ConfigError(INT8_NEEDS_OPENVINO + "; the torch engine runs float32, bfloat16 and "
+                          "float16")
     if dtype not in ("auto", *_DTYPES):
         raise ConfigError(f"--dtype {dtype!r} is not one of auto, float32, bfloat16, float16")
     if dtype == "float16" and refuse16:
