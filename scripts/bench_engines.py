@@ -158,6 +158,11 @@ def main(argv=None) -> int:
 
             engines[kind] = OpenVINOEngine(spec, dtype=args.dtype, threads=args.threads,
                                            cache_dir=args.cache_dir)
+        elif kind == "openvino-int8":   # --dtype int8 (the float layers in --dtype), vs the same torch
+            from floe.engine.openvino_engine import OpenVINOEngine
+
+            engines[kind] = OpenVINOEngine(spec, dtype="int8", threads=args.threads,
+                                           cache_dir=args.cache_dir)
         else:
             raise SystemExit(f"unknown engine {kind!r}")
         print(f"# {kind}: ready in {time.perf_counter() - t0:.1f} s ({engines[kind].dtype})", flush=True)
@@ -174,7 +179,7 @@ def main(argv=None) -> int:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(results, f, indent=1)
         return 0
-    print(f"{'workload':<10} {'engine':<9} {'tokens/s':>10} {'vs torch':>9} {'% peak':>7}")
+    print(f"{'workload':<10} {'engine':<13} {'tokens/s':>10} {'vs torch':>9} {'% peak':>7}")
     for w in args.workloads.split(","):
         batches = batches_for(w, spec.vocab_size, args.max_batch_tokens)
         lengths = [len(s) for b in batches for s in b]
@@ -187,7 +192,7 @@ def main(argv=None) -> int:
             row[kind] = r
             ratio = (f"{r['tokens_per_s'] / row['torch']['tokens_per_s']:.2f}x"
                      if "torch" in row and kind != "torch" else "")
-            print(f"{w:<10} {kind:<9} {r['tokens_per_s']:>10.0f} {ratio:>9} {r['percent_of_peak']:>6.0f}%",
+            print(f"{w:<10} {kind:<13} {r['tokens_per_s']:>10.0f} {ratio:>9} {r['percent_of_peak']:>6.0f}%",
                   flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -60,6 +60,7 @@ class ReplicaSlot(ChildProcess):
         self._healthy = False
         self.probe_failures = 0
         self.killed_as_hung = False   # this process was killed here after failed probes
+        self.runs: dict[str, str] = {}   # engine, dtype, device, from the latest hello
 
     @property
     def healthy(self) -> bool:
@@ -131,6 +132,7 @@ class ReplicaSlot(ChildProcess):
                                     receive_limit=256 * 1024 * 1024,
                                     **coalesce_limits(self.settings))
         self.probe_failures = 0
+        self.runs = {"engine": hello.engine, "dtype": hello.dtype, "device": hello.device}
         self.healthy = True
 
     async def _on_exit(self) -> None:

@@ -255,6 +255,13 @@ class EmbedService:
                          "texts", self.model_name, dim, normalize, len(texts))
         return self._ranges[key]
 
+    def _runs(self) -> dict:
+        for replica in self.router.status().get("replicas", []):
+            if replica.get("dtype"):
+                return {"dtype": replica["dtype"], "engine": replica.get("engine", ""),
+                        "device": replica.get("device", "")}
+        return {"dtype": self.settings.model.dtype, "engine": "", "device": ""}
+
     def calibration(self) -> dict:
         """The int8 / uint8 ranges in use, for /info (a client dequantizes with them)."""
         return {f"{dim}{'' if norm else ',unnormalized'}": {
@@ -301,6 +308,8 @@ class EmbedService:
             "output_dtypes": (["float32", "float16", "bfloat16", *COMPACT_DTYPES]
                               if s.task == "embed" else ["float32"]),
             "int8_calibration": self.calibration(),
+            # the precision and engine that run, as the replicas reported them at start-up
+            **self._runs(),
             "max_batch_tokens": self.settings.batch.max_batch_tokens,
             "max_batch_size": self.settings.batch.max_batch_size,
             "batch_timeout_ms": self.settings.batch.batch_timeout_ms,

@@ -68,6 +68,13 @@ def describe(spec: ModelSpec, device: str = "auto", dtype: str = "auto", engine:
         else:
             out["engine_cache"] = (f"converted graph cached in {detail}" if state == "converted"
                                    else f"converted at first start into {detail}")
+        if dtype == "int8":
+            from floe.engine import int8
+
+            verdict = int8.read_quality(detail) if state == "converted" else None
+            out["device"], out["dtype"] = "cpu", "int8"
+            out["int8"] = verdict or "quantized and measured at first start (engine/int8.py)"
+            return out
     if choice is not None and choice.kind == "fake":
         out["device"], out["dtype"] = "cpu", "float32"
         return out
