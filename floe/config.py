@@ -196,6 +196,9 @@ class ReplicaSetSettings:
         0.0, "fake engine only: simulated compute time per padded token (load and failover tests).")
     fake_seconds_per_batch: float = _knob(
         0.0, "fake engine only: simulated compute time per forward pass.")
+    fake_crash_token_id: Optional[int] = _knob(
+        None, "fake engine only: a forward pass holding this token id makes the replica process "
+        "exit at once, as an input that crashes a model's kernels would (poison-input tests).")
     threads_per_replica: Optional[int] = _knob(
         None, "CPU threads per replica (default: the machine's cores split between replicas)."
     )

@@ -20,6 +20,7 @@ positive weight per id, max-pooled: non-negative, sparse, and as cheap as the em
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Optional, Sequence
 
@@ -37,8 +38,11 @@ class FakeEngine(Engine):
     backend = "fake"
 
     def __init__(self, spec: ModelSpec, seconds_per_token: float = 0.0,
-                 seconds_per_batch: float = 0.0) -> None:
+                 seconds_per_batch: float = 0.0, crash_token_id: Optional[int] = None) -> None:
+        """``crash_token_id``: a batch holding it ends the process (``os._exit``), the way an
+        input that breaks a kernel takes its replica down."""
         self.spec = spec
+        self.crash_token_id = crash_token_id
         self.dtype = "float32"
         self.device = "cpu"
         self.seconds_per_token = seconds_per_token
@@ -58,6 +62,8 @@ class FakeEngine(Engine):
         return seqs
 
     def run(self, prepared: Any) -> np.ndarray:
+        if self.crash_token_id is not None and any((s == self.crash_token_id).any() for s in prepared):
+            os._exit(70)
         seqs: list[np.ndarray] = prepared
         padded = max((len(s) for s in seqs), default=0) * len(seqs)
         delay = self.seconds_per_batch + self.seconds_per_token * padded

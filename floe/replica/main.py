@@ -203,7 +203,8 @@ def load(rt: Runtime):
     if r.engine == "fake":
         from floe.engine.fake import FakeEngine
         engine = FakeEngine(spec, seconds_per_token=r.fake_seconds_per_token,
-                            seconds_per_batch=r.fake_seconds_per_batch)
+                            seconds_per_batch=r.fake_seconds_per_batch,
+                            crash_token_id=r.fake_crash_token_id)
     else:
         engine = create_engine(spec, r.engine, device=settings.model.device,
                                dtype=settings.model.dtype, threads=rt.threads,

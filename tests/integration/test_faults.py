@@ -250,3 +250,34 @@ def test_headers_out_of_bounds_are_431_before_any_work(queued_server, head, what
     ok, _ = _raw(srv, b"".join(b"X-Fine-%d: v\r\n" % i for i in range(90)))
     assert ok == 200
     np.testing.assert_equal(embed(srv, ["after"]).status_code, 200)
+
+
+CRASH_ID = 4242   # the fake engine's process exits on a forward pass that holds this id
+
+
+def test_an_input_that_kills_two_replicas_is_a_422_naming_it_and_never_sent_again(tmp_path):
+    with floe_serve("--engine", "fake", "--num-replicas", "2", "--health-interval", "0.2",
+                    "--fake-crash-token-id", str(CRASH_ID), "--coalesce-tokens", "0",
+                    tmp_dir=str(tmp_path)) as server:
+        assert embed(server, ["warm up"]).status_code == 200
+        poison = [[101, 2054, CRASH_ID, 102]]
+        resp = embed(server, poison)
+        assert resp.status_code == 422, resp.text
+        err = resp.json()["error"]
+        assert err["code"] == "unprocessable" and err["param"] == "input"
+        assert "made the model's process exit on two replicas" in err["message"]
+        assert "retry-after" not in resp.headers
+        # the replicas come back (restarted), and innocent requests are served meanwhile
+        wait_for(lambda: info(server)["healthy_replicas"] == 2, 60, "both replicas back")
+        restarts = sum(r["restarts"] for r in info(server)["replicas"])
+        assert restarts == 2
+        assert embed(server, ["an innocent text"]).status_code == 200
+        # sent again: refused at the front end, no replica dies for it a third time
+        t0 = time.monotonic()
+        again = embed(server, poison)
+        assert again.status_code == 422 and "refused without being sent again" in again.text
+        assert time.monotonic() - t0 < 5
+        assert embed(server, [[101, 2054, 102]]).status_code == 200
+        assert sum(r["restarts"] for r in info(server)["replicas"]) == restarts
+        assert info(server)["poisoned_requests"] == 2
+        assert metric(server, "floe_poison_inputs_total") >= 1
