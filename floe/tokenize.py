@@ -132,6 +132,7 @@ class Tokenizer:
         """Tokenizes (query, document) pairs as a cross-encoder reads them (``[CLS] q [SEP] d
         [SEP]`` for BERT), with each pair's type split; inputs already validated. Truncation
         cuts the document, never the query, unless the query alone is over the max length."""
+        query = self._bound_query(query, plan)
         pairs = [(query, d) for d in documents]
         try:
             if not plan.truncate:
@@ -161,6 +162,26 @@ class Tokenizer:
         ones = lengths - zeros
         splits = np.where(ones > 0, zeros, lengths)
         return TokenBatch(ids=ids, lengths=lengths, type_splits=splits)
+
+    def _bound_query(self, query: str, plan: Plan) -> str:
+        """The query cut to the max length's worth of tokens, once. Every pair re-tokenizes its
+        query: without the cut, one long query against many documents would cost the front end
+        query length x documents (a small request worth minutes of CPU). The cut keeps exactly
+        the tokens truncation could keep (the first max-length tokens, or the last for left
+        truncation); without truncation such a query cannot fit, and is refused here."""
+        limit = self.max_seq_length
+        if len(query) <= limit:   # a token holds at least one character
+            return query
+        enc = self._plain.encode(query, add_special_tokens=False)
+        if len(enc.ids) <= limit:
+            return query
+        if not plan.truncate:
+            raise ValidationError(
+                f"`query` alone has {len(enc.ids)} tokens, over the model's maximum context length "
+                f"of {limit}; shorten it or enable truncation", param="query")
+        if plan.direction == "right":
+            return query[: enc.offsets[limit][0]]
+        return query[enc.offsets[len(enc.ids) - limit][0]:]
 
     def validate_ids(self, tokens: TokenBatch, options: Optional[EncodeOptions] = None,
                      auto_truncate: bool = True) -> TokenBatch:

@@ -267,3 +267,23 @@ def test_a_pair_request_on_an_embedding_model_is_refused():
     with pytest.raises(ValidationError):
         validate.check_token_batch(limits, tokens, validate.Plan("", True, "right"))
     assert asyncio.iscoroutinefunction(EmbedService.rerank)
+
+
+def test_a_long_query_is_cut_once_to_what_truncation_keeps(minilm_path):
+    from floe.models import load_spec
+    from floe.config import ModelSettings
+    from floe.tokenize import Tokenizer
+
+    tok = Tokenizer(load_spec(ModelSettings(model=minilm_path, max_seq_length=16)))
+    words = " ".join(f"w{i}" for i in range(300))
+    for direction in ("right", "left"):
+        plan = validate.Plan(prompt="", truncate=True, direction=direction)
+        cut = tok._bound_query(words, plan)
+        assert len(cut) < len(words) // 5
+        # the pair is what longest-first truncation of the whole query gives
+        assert tok.encode_pairs(words, ["doc"], plan).ids.tolist() == \
+            tok._trunc[direction].encode(words, "doc").ids
+    assert tok._bound_query("short", plan) == "short"
+    with pytest.raises(ValidationError) as e:
+        tok.encode_pairs(words, ["doc"], validate.Plan(prompt="", truncate=False, direction="right"))
+    assert e.value.param == "query"
