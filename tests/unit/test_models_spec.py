@@ -158,5 +158,5 @@ def test_describe_reports_pipeline_and_device(tiny_bert_dense):
 
 
 def test_describe_reports_an_impossible_device_instead_of_raising(tiny_bert):
-    info = describe(load_spec(ModelSettings(model=tiny_bert)), device="cpu", dtype="int8")
+    info = describe(load_spec(ModelSettings(model=tiny_bert)), device="cpu", dtype="int4")
     assert "device_error" in info
