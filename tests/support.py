@@ -102,3 +102,38 @@ def floe_cli(*argv: str, stdin: str = "") -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["floe", *argv], int(code or 0),
                                        out_bytes.getvalue().decode("utf-8", "replace"),
                                        err_bytes.getvalue().decode("utf-8", "replace"))
+
+
+class ModuleMemo:
+    """Expensive objects (model specs, engines, sentence-transformers models) built once per test
+    module: ``get(key, make)``; ``clear_fixture()`` gives the module-scoped autouse fixture that
+    drops them when the module ends, so one module's engines never hold memory into the next."""
+
+    def __init__(self) -> None:
+        self._cache: dict = {}
+
+    def get(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def clear_fixture(self):
+        import pytest
+
+        @pytest.fixture(scope="module", autouse=True)
+        def _clear_memo():
+            yield
+            self._cache.clear()
+        return _clear_memo
+
+
+def edit_json(path: str, fn) -> None:
+    """Rewrites a JSON file through ``fn`` (which edits the object in place or returns a new one):
+    the tests' way to make a model folder say something else."""
+    import json
+
+    with open(path) as f:
+        obj = json.load(f)
+    obj = fn(obj) or obj
+    with open(path, "w") as f:
+        json.dump(obj, f)

@@ -22,6 +22,7 @@ from floe.models import load_spec
 from floe.protocol import EncodeOptions
 from floe.tokenize import Tokenizer
 from tests.fixtures import families
+from tests.support import ModuleMemo
 
 FAMILY_NAMES = list(families.FAMILIES)
 # Tokenization and float32 parity run for every family in the default tier; the batching and
@@ -40,19 +41,9 @@ def family_root(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("families"))
 
 
-_cache: dict = {}
-
-
-def _get(key, make):
-    if key not in _cache:
-        _cache[key] = make()
-    return _cache[key]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _clear_cache():
-    yield
-    _cache.clear()
+_memo = ModuleMemo()
+_get = _memo.get
+_clear_memo = _memo.clear_fixture()
 
 
 def family_dir(root: str, name: str) -> str:

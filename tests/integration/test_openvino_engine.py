@@ -31,6 +31,7 @@ from floe.protocol import EncodeOptions
 from floe.tokenize import Tokenizer
 from tests.fixtures import families, tiny_models
 from tests.integration.test_families import cosines, long_text
+from tests.support import ModuleMemo
 
 pytestmark = pytest.mark.slow
 
@@ -44,19 +45,9 @@ TIERED = [n if n in DEFAULT_TIER else pytest.param(n, marks=pytest.mark.full) fo
 UNCONVERTIBLE = ["embeddinggemma", "modernbert-embed"]  # see OPENVINO_MODEL_TYPES
 TEXTS = families.TEXTS + [long_text()]  # the long one is cut at max_seq_length
 
-_cache: dict = {}
-
-
-def _get(key, make):
-    if key not in _cache:
-        _cache[key] = make()
-    return _cache[key]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _clear_cache():
-    yield
-    _cache.clear()
+_memo = ModuleMemo()
+_get = _memo.get
+_clear_memo = _memo.clear_fixture()
 
 
 @pytest.fixture(scope="module")

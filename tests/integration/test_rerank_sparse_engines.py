@@ -20,6 +20,7 @@ from floe.config import ModelSettings
 from floe.engine import create_engine
 from floe.engine.hardware import cpu_has_fast_bf16
 from floe.models import load_spec
+from tests.support import ModuleMemo
 
 pytestmark = pytest.mark.slow
 
@@ -36,19 +37,9 @@ TEXTS = ["hello world", "The quick brown fox jumps over the lazy dog near the ri
          "what is the capital of France?", "a"]
 RERANKERS = ["bert_reranker", "xlmr_reranker", "multilabel_cross_encoder"]
 
-_cache: dict = {}
-
-
-def _get(key, make):
-    if key not in _cache:
-        _cache[key] = make()
-    return _cache[key]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _clear_cache():
-    yield
-    _cache.clear()
+_memo = ModuleMemo()
+_get = _memo.get
+_clear_memo = _memo.clear_fixture()
 
 
 def spec_of(path: str):

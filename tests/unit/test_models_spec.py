@@ -11,14 +11,10 @@ import pytest
 from floe.config import ModelSettings
 from floe.errors import ModelLoadError
 from floe.models import describe, load_spec
+from tests.support import edit_json
 
 
-def _edit(path: str, fn) -> None:
-    with open(path) as f:
-        obj = json.load(f)
-    obj = fn(obj) or obj
-    with open(path, "w") as f:
-        json.dump(obj, f)
+_edit = edit_json
 
 
 @pytest.fixture

@@ -19,17 +19,13 @@ from floe.engine.fake import FakeEngine
 from floe.engine.openvino_engine import cache_key
 from floe.errors import ModelLoadError
 from floe.models import ModelSpec, describe, load_spec
+from tests.support import edit_json
 
 SIGMOID = "torch.nn.modules.activation.Sigmoid"
 VERSIONS = {"openvino": "1", "transformers": "1", "torch": "1"}
 
 
-def _edit(path: str, fn) -> None:
-    with open(path) as f:
-        obj = json.load(f)
-    obj = fn(obj) or obj
-    with open(path, "w") as f:
-        json.dump(obj, f)
+_edit = edit_json
 
 
 def _copy(src: str, tmp_path, name: str = "m") -> str:
