@@ -66,6 +66,11 @@ async def serve(settings: Settings, ready_event: Optional[asyncio.Event] = None)
     settings = per_model[0]
     srv = settings.server
     n_frontends = frontend_workers(settings, visible_gpus(settings.model.device), usable_cores())
+    if len(per_model) > 1 and n_frontends > 1:
+        # front-end workers route to one model's replicas (floe/frontend/worker.py); with several
+        # models the main process is the only front end (an explicit setting is refused earlier)
+        log.info("several models: one front-end process (instead of %d)", n_frontends)
+        n_frontends = 1
     services: list[EmbedService] = []
     for s in per_model:
         spec = load_spec(s.model)
