@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from floe import validate
-from floe.protocol import EncodeOptions, TokenBatch
+from floe.errors import ValidationError
+from floe.protocol import COMPACT_DTYPES, EncodeOptions, TokenBatch
 
 # Requests with more inputs than this are checked item by item on the tokenizer pool's threads,
 # not on the event loop (per-item work proportional to the input never blocks other clients).
@@ -47,15 +48,20 @@ class Edge:
     ``prepare_texts`` takes a plain Tokenizer.
     """
 
-    def __init__(self, limits: validate.Limits, tokenizers: Any = None) -> None:
+    def __init__(self, limits: validate.Limits, tokenizers: Any = None,
+                 compact_output: bool = False) -> None:
+        """``compact_output``: the caller packs int8 / binary output itself (floe serve's
+        service does, floe/compact.py); elsewhere (a replica run alone, Ray Serve) asking for it
+        is a 400 rather than an error deep in the replica."""
         self.limits = limits
         self.tokenizers = tokenizers
+        self.compact_output = compact_output
 
     async def prepare(self, texts: Optional[Sequence[Any]], tokens: Optional[TokenBatch],
                       options: EncodeOptions, model: Optional[str] = "") -> Prepared:
         """Exactly one of ``texts`` and ``tokens``. Raises the FloeError naming what is wrong."""
         known = validate.check_model(self.limits, model)
-        plan = validate.check_options(self.limits, options)
+        plan = self.plan(options)
         if tokens is not None:
             return Prepared(validate.check_token_batch(self.limits, tokens, plan), plan, known)
         return Prepared(await self.tokenize(texts or [], plan), plan, known)
@@ -74,7 +80,7 @@ class Edge:
                             model: Optional[str] = "", param: str = "documents") -> Prepared:
         """A reranker's request: ``query`` against each of ``documents``."""
         known = validate.check_model(self.limits, model)
-        plan = validate.check_options(self.limits, options)
+        plan = self.plan(options)
         query = validate.check_query(self.limits, query, plan)
         if len(documents) <= INLINE_ITEMS:
             checked = validate.check_texts(self.limits, documents, plan, param=param)
@@ -85,6 +91,10 @@ class Edge:
         return Prepared(await self.tokenizers.encode_pairs(query, checked, plan), plan, known)
 
     def plan(self, options: EncodeOptions) -> validate.Plan:
+        if options.output_dtype in COMPACT_DTYPES and not self.compact_output:
+            raise ValidationError(f"{options.output_dtype} output is packed by floe serve's front "
+                                  "end; this endpoint returns float32, float16 or bfloat16",
+                                  param="output_dtype")
         return validate.check_options(self.limits, options)
 
 

@@ -91,7 +91,7 @@ class EmbedService:
         self.model_name = spec.name
         srv = settings.server
         self.limits = validate.Limits.for_server(spec, settings)
-        self.edge = Edge(self.limits, tokenizers)
+        self.edge = Edge(self.limits, tokenizers, compact_output=True)
         self.admission = Admission(srv.max_concurrent_requests, router.ready)
         # which front-end process this is (0: the main one) of how many (--frontend-workers)
         self.frontend_index = 0

@@ -287,3 +287,15 @@ def test_a_long_query_is_cut_once_to_what_truncation_keeps(minilm_path):
     with pytest.raises(ValidationError) as e:
         tok.encode_pairs(words, ["doc"], validate.Plan(prompt="", truncate=False, direction="right"))
     assert e.value.param == "query"
+
+
+async def test_compact_output_is_refused_where_nothing_packs_it():
+    from floe.edge import Edge
+
+    tokens = TokenBatch.from_lists([[1, 2, 3]])
+    with pytest.raises(ValidationError) as e:
+        await Edge(_limits(False, 16)).prepare(None, tokens, EncodeOptions(output_dtype="binary"))
+    assert e.value.param == "output_dtype"
+    packed = await Edge(_limits(False, 16), compact_output=True).prepare(
+        None, tokens, EncodeOptions(output_dtype="binary"))
+    assert packed.tokens.n == 1
