@@ -93,9 +93,9 @@ _HISTOGRAM_HELP = {
     "batch_tokens": "Padded tokens per forward pass (longest sequence x batch size).",
     "padding_efficiency": "Real tokens / padded tokens of each forward pass.",
     "queue_wait_seconds": "Time a sequence waited before its forward pass began.",
-    "inference_seconds": "Duration of one forward pass as the replica's engine thread times it "
-                         "(forward, pooling, Dense, the copy to the host; padding is prepared "
-                         "while the previous batch runs and is not counted).",
+    "inference_seconds": "Duration of one forward pass, from its start on the replica's engine "
+                         "thread to its rows on the host (forward, the task's head, the copy; "
+                         "padding is prepared while the previous batch runs and is not counted).",
 }
 
 

@@ -1,8 +1,8 @@
 """The engine interface: a model runner for one replica.
 
-A replica's batcher thread calls ``prepare`` (ids to device tensors: the "pre" stage) for batch
-N+1 while the engine thread runs ``run`` (forward and the task's head: "core" and "post") on batch
-N. Per-request steps (Normalize, Matryoshka slicing, output dtype) are applied by the replica after
+A replica's batcher thread calls ``prepare`` (ids to device tensors) for batch N+1 while the
+engine thread runs ``forward`` (the model and the task's head) on batch N and the finisher thread
+runs ``finish`` (the output to host rows) on batch N-1: three stages, each on its own thread. Per-request steps (Normalize, Matryoshka slicing, output dtype) are applied by the replica after
 ``run``, because one batch mixes requests with different options; a cross-encoder's activation is
 applied by the front end (a request may ask for raw scores).
 
@@ -39,7 +39,19 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def run(self, prepared: Any) -> np.ndarray:
-        """Returns an (n, spec.dim) float32 array: see the module docstring for each task."""
+        """Returns an (n, spec.dim) float32 array: see the module docstring for each task.
+        The forward and finish stages in one call (what the bench and the corpus job use)."""
+
+    def forward(self, prepared: Any) -> Any:
+        """The forward pass alone, on the replica's engine thread; its result goes to ``finish``
+        on the finisher thread. Default: all of ``run`` (the host rows are ready at once). An
+        engine whose output lives on a device returns it there, so that the copy of batch N
+        overlaps the forward of batch N+1."""
+        return self.run(prepared)
+
+    def finish(self, output: Any) -> np.ndarray:
+        """``forward``'s output as (n, spec.dim) float32 host rows (finisher thread)."""
+        return output
 
     def warmup(self, max_batch_tokens: int) -> None:
         """Runs a forward pass at the full token budget so that it is proven to fit at start-up."""

@@ -219,8 +219,17 @@ class TorchEngine(Engine):
 
     def run(self, prepared: Prepared) -> np.ndarray:
         """Forward and the task's head; returns (n, spec.dim) float32 (see floe/engine/base.py)."""
+        return self.finish(self.forward(prepared))
+
+    def forward(self, prepared: Prepared) -> torch.Tensor:
+        """The model and the task's head, left on the device (a GPU copies it in ``finish``
+        while the next batch runs)."""
         with self._lock, torch.inference_mode():
-            return self._head(self._forward(prepared), prepared).float().cpu().numpy()
+            return self._head(self._forward(prepared), prepared)
+
+    def finish(self, output: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return output.float().cpu().numpy()
 
     def _forward(self, p: Prepared) -> torch.Tensor:
         """The model's first output: hidden states (embed) or logits (score, sparse)."""

@@ -7,9 +7,11 @@ Threads and who owns what
 * **the scheduler thread** owns the ``Scheduler``: it moves inbox requests into it, forms batches
   and runs ``engine.prepare`` for the next batch while the engine thread runs the current one
   (pipelining), then hands the prepared batch over through a one-slot handoff.
-* **the engine thread** runs ``engine.run`` on the slot's batch and hands its output to the
-  finisher, then takes the next batch at once.
-* **the finisher thread** ("finish", the third stage) writes each output row into its request,
+* **the engine thread** runs ``engine.forward`` on the slot's batch and hands its output to the
+  finisher, then takes the next batch at once (at most two outputs wait for the finisher: an
+  engine whose forward returns before the device is done cannot run ahead without bound).
+* **the finisher thread** runs ``engine.finish`` (the output as host rows: a GPU's copy, while the
+  next forward runs), writes each output row into its request,
   and when a request's last row arrives runs its per-request steps (normalize, Matryoshka slice,
   output dtype, a sparse model's rows: ``_post``) and completes it. The event loop only wakes the
   awaiting task: no per-request array work runs on it, and none delays the next forward pass.
@@ -166,7 +168,7 @@ class ReplicaCore:
         self._hist = {name: _Histogram(b) for name, b in HISTOGRAMS.items()}
         self._threads: list[threading.Thread] = []
         # engine thread -> finisher: (batch, output, seconds, error); None ends the finisher
-        self._finish_q: queue.SimpleQueue = queue.SimpleQueue()
+        self._finish_q: queue.Queue = queue.Queue(maxsize=2)
         self._proc = psutil.Process()
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -461,13 +463,10 @@ class ReplicaCore:
         error = batch.error
         if error is None:
             try:
-                out = self.engine.run(batch.prepared)
-                if not isinstance(out, np.ndarray) or out.shape != (len(seqs), self.spec.dim):
-                    raise RuntimeError(f"engine returned {getattr(out, 'shape', type(out))}, "
-                                       f"expected ({len(seqs)}, {self.spec.dim})")
+                out = self.engine.forward(batch.prepared)
             except BaseException as e:  # noqa: BLE001 - isolate the failure to this batch
                 error = e
-        return batch, out, time.monotonic() - t0, error
+        return batch, out, t0, error
 
     # --- finisher thread ------------------------------------------------------------------
 
@@ -483,9 +482,19 @@ class ReplicaCore:
                 for req in {s.payload[0] for s in item[0].seqs}:
                     self._complete(req, InternalError("inference failed for this batch"))
 
-    def _finish(self, batch: _Batch, out: Optional[np.ndarray], elapsed: float,
+    def _finish(self, batch: _Batch, out: Any, started: float,
                 error: Optional[BaseException]) -> None:
         seqs = batch.seqs
+        if error is None:
+            try:
+                out = self.engine.finish(out)
+                if not isinstance(out, np.ndarray) or out.shape != (len(seqs), self.spec.dim):
+                    raise RuntimeError(f"engine returned {getattr(out, 'shape', type(out))}, "
+                                       f"expected ({len(seqs)}, {self.spec.dim})")
+            except BaseException as e:  # noqa: BLE001 - isolate the failure to this batch
+                error = e
+        # from the forward's start to its rows on the host (a GPU's forward returns at launch)
+        elapsed = time.monotonic() - started
         real = sum(s.length for s in seqs)
         padded = max(s.length for s in seqs) * len(seqs)
         with self._stats_lock:
