@@ -12,12 +12,14 @@ from floe.protocol import Placement
 __all__ = ["Placement", "plan_placement", "visible_gpus", "usable_cores", "frontend_workers",
            "batch_budget", "batch_fill_floor", "CPU_BATCH_TOKENS", "GPU_BATCH_TOKENS"]
 
-# Default --max-batch-tokens. On CPU the engine's rate per real token is flat from 4096 to 16384
-# padded tokens (docs/benchmarks-history.md, "Engine rate against the batch budget"), and the smaller
-# budget keeps each batch to closer lengths: on the uniform 16-256 workload served at concurrency
-# 64, fill 0.89 against 0.76 and 7% more tokens/s. 2048 halved the rate. A GPU needs the larger
-# batches to saturate.
-CPU_BATCH_TOKENS = 4096
+# Default --max-batch-tokens. On CPU a smaller budget measured faster on every CPU it was tried
+# on (docs/benchmarks.md, sections 2 and 3): AMD Zen 5, bf16, the engine alone on uniform 16-256
+# lengths at 2048 / 4096 / 8192 / 16384 padded tokens: 27,367 / 25,651 / 24,001 / 21,995 tokens/s
+# (less padding, and the activations stay in cache), and floe serve over HTTP 2-4% faster at 2048
+# than at 4096 on 50, 256 and 16-256 tokens in every round; AMD Zen 2, fp32: 5,786 / 5,737 /
+# 5,438 / 5,259. (An older measurement, when each batch still paid a gRPC hop, found 2048 at half
+# the rate: that cost is gone.) A GPU needs the larger batches to saturate.
+CPU_BATCH_TOKENS = 2048
 GPU_BATCH_TOKENS = 16384
 
 # Default --min-batch-fill. On CPU a forward pass costs about its padded tokens, so a batch held to
@@ -121,7 +123,7 @@ def batch_fill_floor(asked: Optional[float], on_gpu: bool) -> float:
 def batch_budget(asked: Optional[int], on_gpu: bool, model_max_length: int) -> int:
     """The batch token budget replicas run with (pure).
 
-    ``asked`` (--max-batch-tokens) when given. Otherwise 16384 on a GPU and 4096 on CPU, raised
+    ``asked`` (--max-batch-tokens) when given. Otherwise 16384 on a GPU and 2048 on CPU, raised
     to the model's max length (so its longest input still batches) but never past 16384.
     """
     if asked is not None:

@@ -22,7 +22,7 @@ def drain(sched: Scheduler, now: float) -> list[list[Sequence]]:
 
 @pytest.mark.parametrize("on_gpu", [False, True], ids=["cpu", "gpu"])
 def test_embeddinggemma_max_length_inputs_respect_the_default_budget(on_gpu):
-    budget = batch_budget(None, on_gpu, 2048)   # 4096 on CPU, 16384 on a GPU
+    budget = batch_budget(None, on_gpu, 2048)   # 2048 on CPU, 16384 on a GPU
     assert budget == (GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS)
     rows = budget // 2048
     sched = Scheduler(budget, max_batch_size=256, batch_timeout_s=0.0)
