@@ -11,7 +11,7 @@ from tests.support import floe_serve
 
 pytestmark = pytest.mark.slow
 
-# Sent one at a time, each request's inputs arrive together and fit one batch (budget 4096
+# Sent one at a time, each request's inputs arrive together and fit one batch (budget 2048
 # padded tokens, at most 64 sequences), so every request is exactly one forward pass.
 WORKLOAD = [
     [3, 5],          # padded 2 x 5 = 10, real 8

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from floe.config import ModelSettings, settings_from, settings_to_dict
 from floe.engine.fake import FakeEngine
+from floe.fleet.placement import CPU_BATCH_TOKENS
 from floe.models import load_spec
 from floe.proto import arctic_inference_pb2 as apb
 from floe.proto import arctic_inference_pb2_grpc as agrpc
@@ -217,7 +218,7 @@ def test_arctic_inference_client(replica, spec, reference):
     assert info.n_replicas == 1 and info.n_healthy_replicas == 1
     ri = info.replica_infos[0]
     assert (ri.model_name, ri.task, ri.ready) == (spec.name, "embed", True)
-    assert '"max_batch_tokens": 4096' in ri.scheduler_config   # CPU default, settled at start
+    assert f'"max_batch_tokens": {CPU_BATCH_TOKENS}' in ri.scheduler_config   # the CPU default
     assert stub.HealthCheck(apb.HealthCheckRequest(), timeout=10).healthy
     ab = stub.Abort(apb.AbortRequest(request_id="not-there"), timeout=10)
     assert ab.success is False
