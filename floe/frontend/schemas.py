@@ -349,8 +349,28 @@ class Rerank:
     model: str
 
 
+_DOC_LIST = re.compile(rb'"(texts|documents)"\s*:\s*\[')
+
+
+def _bound_documents(limits: validate.Limits, body: bytes) -> None:
+    """413 before any document object is built, for a list of strings longer than the item
+    limit (each costs the client three bytes, the server a Python string): counted on the raw
+    bytes as decode_input counts inputs, never above the true count. Lists of objects cost at
+    least 12 bytes each and are counted after decoding."""
+    m = _DOC_LIST.search(body)
+    if m is None or _first_byte(body[m.end():]) != b'"':
+        return
+    param = m.group(1).decode()
+    rest = body[m.end() - 1:]
+    # the list ends at the first "]" outside a string; bounding by the whole remainder only
+    # overcounts by the few strings of the fields after it, so cap with a margin for those
+    if _count_at_most(rest, b'"') > limits.max_items + 16:
+        raise TooLargeError(_too_many(param, b'"', limits.max_items, limits), param=param)
+
+
 def parse_rerank(limits: validate.Limits, body: bytes) -> Rerank:
     """The rerank body of any of the three routes; documents counted before they are checked."""
+    _bound_documents(limits, body)
     req = decode_body(RerankRequest, body)
     if req.query is None:
         raise ValidationError("`query` is required", param="query")

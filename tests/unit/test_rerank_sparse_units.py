@@ -299,3 +299,20 @@ async def test_compact_output_is_refused_where_nothing_packs_it():
     packed = await Edge(_limits(False, 16), compact_output=True).prepare(
         None, tokens, EncodeOptions(output_dtype="binary"))
     assert packed.tokens.n == 1
+
+
+def test_a_long_list_of_string_documents_is_refused_on_its_raw_bytes(monkeypatch):
+    many = b'{"query": "q", "texts": [' + b",".join([b'""'] * 5000) + b"]}"
+    monkeypatch.setattr(schemas, "decode_body", lambda *a: pytest.fail("decoded before counted"))
+    with pytest.raises(TooLargeError) as e:
+        schemas.parse_rerank(LIMITS, many)
+    assert e.value.param == "texts"
+
+
+def test_documents_at_the_limit_with_the_other_fields_after_them_pass():
+    docs = b",".join([b'"d \\" x"'] * LIMITS.max_items)
+    body = (b'{"documents": [' + docs + b'], "query": "q", "model": "m", "top_n": 2, '
+            b'"return_documents": true, "raw_scores": false, "truncate": true, '
+            b'"truncation_direction": "left", "max_chunks_per_doc": 3}')
+    req = schemas.parse_rerank(LIMITS, body)
+    assert len(req.documents) == LIMITS.max_items and req.cohere
