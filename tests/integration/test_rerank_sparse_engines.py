@@ -159,13 +159,14 @@ def test_a_pair_in_a_batch_scores_as_alone(bert_reranker, kind):
 @pytest.mark.parametrize("name", ["bert_reranker", "xlmr_reranker"])
 def test_torch_bfloat16_scores_are_close(name, request):
     """Against CrossEncoder in bf16 within 1e-2 (the logits leave the model in bf16: about 0.008
-    apart near 1.5); against its float32 within bf16's precision."""
+    apart near 1.5); against its float32 within bf16's error through the layers of a random
+    model (0.027 seen on the tiny XLM-R, depending on the thread count's summation order)."""
     path = request.getfixturevalue(name)
     e = engine(path, "torch", "bfloat16")
     assert e.dtype == "bfloat16"
     got = scores(e, path)
     np.testing.assert_allclose(got, ce_logits(path, dtype="bfloat16"), atol=1e-2, rtol=0)
-    np.testing.assert_allclose(got, ce_logits(path), atol=2e-2, rtol=2e-2)
+    np.testing.assert_allclose(got, ce_logits(path), atol=5e-2, rtol=2e-2)
 
 
 # --- SPLADE ---------------------------------------------------------------------------------------
