@@ -262,11 +262,24 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class CorpusSettings:
+    """``floe embed-corpus``: how the offline job commits its work (floe/corpus/commit.py)."""
+
+    commit_seconds: float = _knob(
+        30.0, "Most seconds of compute a kill of `floe embed-corpus` may lose: rows embedded in a "
+        "shard that is not finished yet are committed (a hidden part of the output folder) before "
+        "this much compute is at risk, whatever the model, the corpus or --shard-rows; a rerun "
+        "redoes only rows not committed. Smaller commits more often (each commit writes the "
+        "rows finished since the last one).")
+
+
+@dataclass(frozen=True)
 class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     batch: BatchSettings = field(default_factory=BatchSettings)
     replicas: ReplicaSetSettings = field(default_factory=ReplicaSetSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
+    corpus: CorpusSettings = field(default_factory=CorpusSettings)
 
     def validate(self) -> "Settings":
         """Refuse values that cannot be honoured, with a message that says what to change."""
@@ -317,6 +330,8 @@ class Settings:
             raise ConfigError("--max-input-chars must be positive")
         if self.model.max_seq_length is not None and self.model.max_seq_length < 1:
             raise ConfigError("--max-seq-length must be positive")
+        if not self.corpus.commit_seconds > 0:
+            raise ConfigError("--commit-seconds must be positive")
         return self
 
 
@@ -325,7 +340,10 @@ SECTIONS: dict[str, type] = {
     "batch": BatchSettings,
     "replicas": ReplicaSetSettings,
     "server": ServerSettings,
+    "corpus": CorpusSettings,
 }
+# the sections whose flags `floe serve` (and a replica) takes; "corpus" is `floe embed-corpus`'s
+SERVE_SECTIONS: tuple[str, ...] = ("model", "batch", "replicas", "server")
 
 
 def _flag(f: dataclasses.Field) -> str:
@@ -379,7 +397,7 @@ def _argparse_type(f: dataclasses.Field, tp: Any):
     return convert
 
 
-def add_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = tuple(SECTIONS),
+def add_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = SERVE_SECTIONS,
                   skip: tuple[str, ...] = ()) -> None:
     """Adds one flag per settings field of the named sections (defaults come from the tree)."""
     for name in sections:
