@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib.util
 import logging
+import pathlib
 import sys
 import time
 from typing import Any, Optional
@@ -306,12 +308,13 @@ class HttpRoutes:
         return Response(self.document, media_type=_JSON)
 
     async def docs(self, request: Request) -> Response:
-        self.authorize(request)
+        # Public, like its assets: the page is the same on every server and holds no API
+        # description; it fetches /openapi.json (behind the key) and asks for the key when told 401.
         return Response(openapi.DOCS_HTML, media_type="text/html")
 
     async def docs_static(self, request: Request) -> Response:
         name = request.path_params["name"]
-        # Swagger UI from the swagger-ui-bundle package: the page works offline, with no CDN.
+        # Swagger UI 5 from the fastapi-offline package: the page works offline, with no CDN.
         if name not in _DOCS_ASSETS:
             raise StarletteHTTPException(status_code=404, detail="Not Found")
         return Response(_docs_asset(name), media_type=_DOCS_ASSETS[name])
@@ -406,9 +409,11 @@ _DOCS_ASSETS = {"swagger-ui.css": "text/css", "swagger-ui-bundle.js": "text/java
 
 @functools.lru_cache(maxsize=None)
 def _docs_asset(name: str) -> bytes:
-    import swagger_ui_bundle
-
-    return (swagger_ui_bundle.swagger_ui_path / name).read_bytes()
+    # Found without importing the package: its __init__ imports FastAPI, which serving never needs.
+    spec = importlib.util.find_spec("fastapi_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the /docs page needs the fastapi-offline package (a floe dependency)")
+    return (pathlib.Path(spec.submodule_search_locations[0]) / "static" / name).read_bytes()
 
 
 def error_response(err: FloeError, request_id: str = "") -> Response:
