@@ -339,6 +339,36 @@ class _Base:
             yield _Sleep(wait)
             attempt, waited = attempt + 1, waited + wait
 
+    def _chunks_plan(self, texts: list[str], o: EncodeOptions, max_tokens: Optional[int],
+                     overlap: int, late: bool) -> Plan:
+        """One chunked request (documents are not split across requests: how many chunks they
+        give is the server's to count, and it answers 413 past its item limit)."""
+        attempt, waited = 1, 0.0
+        while True:
+            try:
+                if self.protocol == "http":
+                    import orjson
+                    body = orjson.loads(_http_body(texts, None, o))
+                    body["chunking"] = {"overlap": overlap, "late": late}
+                    if max_tokens:
+                        body["chunking"]["max_tokens"] = max_tokens
+                    r = yield _Http("POST", "/embed", orjson.dumps(body),
+                                    {"content-type": "application/json"})
+                    _check_http(r)
+                    return Chunks.from_json(r.json())
+                from floe.proto import floe_pb2
+                msg = _grpc_request(texts, None, o)
+                msg.chunking.CopyFrom(floe_pb2.ChunkOptions(max_tokens=max_tokens or 0,
+                                                            overlap=overlap, late=late))
+                reply = yield _Rpc("Encode", msg)
+                return Chunks.from_proto(reply)
+            except FloeError as err:
+                wait = self.retry.delay(err, attempt, waited)
+                if wait is None:
+                    raise
+            yield _Sleep(wait)
+            attempt, waited = attempt + 1, waited + wait
+
     def _health_plan(self) -> Plan:
         if self.protocol == "http":
             try:
@@ -380,6 +410,40 @@ def _advance(plan: Plan, answer: Any, failure: Optional[FloeError]) -> tuple[boo
         return False, (plan.throw(failure) if failure is not None else plan.send(answer))
     except StopIteration as stop:
         return True, stop.value
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """Documents cut into chunks: row k of ``embeddings`` is chunk ``chunk[k]`` of document
+    ``input_index[k]``, its characters ``text[start[k]:end[k]]``; ``counts[i]`` chunks came from
+    document i (0 for an empty one)."""
+
+    embeddings: np.ndarray
+    input_index: np.ndarray
+    chunk: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    counts: np.ndarray
+
+    @classmethod
+    def from_json(cls, body: dict) -> "Chunks":
+        rows = body["chunks"]
+        col = lambda key: np.array([c[key] for c in rows], dtype=np.int64)  # noqa: E731
+        emb = np.array([c["embedding"] for c in rows], dtype=np.float32)
+        return cls(emb.reshape(len(rows), -1), col("input_index"), col("chunk"), col("start"),
+                   col("end"), np.array(body["chunk_counts"], dtype=np.int64))
+
+    @classmethod
+    def from_proto(cls, reply) -> "Chunks":
+        col = lambda f: np.array(f, dtype=np.int64)  # noqa: E731
+        return cls(_grpc_array(reply), col(reply.chunk_input_index), col(reply.chunk_index),
+                   col(reply.chunk_start), col(reply.chunk_end), col(reply.chunk_counts))
+
+
+_CHUNKS_DOC = """Cuts documents into chunks of at most ``max_tokens`` tokens (default: the
+        model's max length) sharing ``overlap`` tokens, and embeds each chunk; ``late=True``
+        pools each chunk from its whole document's token states (late chunking). Returns
+        ``Chunks``. One request: the documents' chunks count against the server's item limit."""
 
 
 class _Collector:
@@ -486,6 +550,16 @@ class Client(_Base):
 
     embed.__doc__ = _EMBED_DOC
 
+    def embed_chunks(self, documents: Union[str, Sequence[str]], *, max_tokens: Optional[int] = None,
+                     overlap: int = 0, late: bool = False, normalize: Optional[bool] = None,
+                     dimensions: Optional[int] = None, prompt_name: Optional[str] = None,
+                     truncate: Optional[bool] = None) -> Chunks:
+        texts = [documents] if isinstance(documents, str) else list(documents)
+        o = _options(normalize, dimensions, prompt_name, truncate, "float32")
+        return self._run(self._chunks_plan(texts, o, max_tokens, overlap, late))
+
+    embed_chunks.__doc__ = _CHUNKS_DOC
+
     def max_batch_size(self) -> int:
         """Most inputs this client sends in one request (asks the server once over HTTP)."""
         return self._run(self._limit_plan())
@@ -584,6 +658,17 @@ class AsyncClient(_Base):
         return out.result()
 
     embed.__doc__ = _EMBED_DOC
+
+    async def embed_chunks(self, documents: Union[str, Sequence[str]], *,
+                           max_tokens: Optional[int] = None, overlap: int = 0, late: bool = False,
+                           normalize: Optional[bool] = None, dimensions: Optional[int] = None,
+                           prompt_name: Optional[str] = None,
+                           truncate: Optional[bool] = None) -> Chunks:
+        texts = [documents] if isinstance(documents, str) else list(documents)
+        o = _options(normalize, dimensions, prompt_name, truncate, "float32")
+        return await self._run(self._chunks_plan(texts, o, max_tokens, overlap, late))
+
+    embed_chunks.__doc__ = _CHUNKS_DOC
 
     async def max_batch_size(self) -> int:
         return await self._run(self._limit_plan())

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from floe import validate
-from floe.errors import ValidationError
+from floe.chunking import ChunkOptions, Chunked
+from floe.errors import TooLargeError, ValidationError
 from floe.protocol import COMPACT_DTYPES, EncodeOptions, TokenBatch
 
 # Requests with more inputs than this are checked item by item on the tokenizer pool's threads,
@@ -89,6 +90,34 @@ class Edge:
             checked = await self.tokenizers.run(validate.check_texts, self.limits, documents, plan,
                                                 param)
         return Prepared(await self.tokenizers.encode_pairs(query, checked, plan), plan, known)
+
+    async def prepare_chunked(self, texts: Optional[Sequence[Any]], tokens: Optional[TokenBatch],
+                              options: EncodeOptions, chunk: ChunkOptions,
+                              model: Optional[str] = "") -> tuple[Chunked, bool]:
+        """Documents cut into chunks (floe/chunking.py): the checks of ``prepare``, the chunk
+        options, then one tokenization per document with offsets. The chunks a request expands
+        to count against the item limit (413). Returns (the chunked batch, known model name)."""
+        known = validate.check_model(self.limits, model)
+        plan = self.plan(options)
+        chunk = validate.check_chunking(self.limits, chunk)
+        if tokens is not None or texts is None:
+            raise ValidationError("chunking cuts texts at character offsets: send the documents "
+                                  "as strings, not token ids", param="chunking")
+        if len(texts) <= INLINE_ITEMS:
+            checked = validate.check_texts(self.limits, texts, plan)
+        else:
+            validate.check_count(self.limits, len(texts))
+            checked = await self.tokenizers.run(validate.check_texts, self.limits, texts, plan)
+        if chunk.late_inputs:
+            chunked = await self.tokenizers.encode_late(checked, plan)
+        else:
+            chunked = await self.tokenizers.encode_chunked(checked, plan, chunk)
+        if chunked.rows > self.limits.max_items:
+            raise TooLargeError(
+                f"the documents give {chunked.rows} chunks, over the limit of "
+                f"{self.limits.max_items} per request (--max-client-batch-size); send fewer "
+                "documents per request or larger chunks", param="input")
+        return chunked, known
 
     def plan(self, options: EncodeOptions) -> validate.Plan:
         if options.output_dtype in COMPACT_DTYPES and not self.compact_output:

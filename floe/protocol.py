@@ -73,15 +73,21 @@ class TokenBatch:
 
     ``type_splits`` (pairs: a cross-encoder's query and document), per item, is the position where
     token type 1 begins (``lengths[i]`` for an item of one segment); None: every item is one
-    segment."""
+    segment.
+
+    ``spans`` (late chunking): per item, the token ranges pooled into one output row each; the
+    replica returns one row per span instead of one per item. None: one row per item."""
 
     ids: np.ndarray
     lengths: np.ndarray
     type_splits: Optional[np.ndarray] = None
+    spans: Optional["Spans"] = None
 
     def __post_init__(self) -> None:
         self.ids = np.ascontiguousarray(self.ids, dtype=np.int32).reshape(-1)
         self.lengths = np.ascontiguousarray(self.lengths, dtype=np.int64).reshape(-1)
+        if self.spans is not None:
+            self.spans.check(self.lengths)
         if self.type_splits is not None:
             self.type_splits = np.ascontiguousarray(self.type_splits, dtype=np.int64).reshape(-1)
             if self.type_splits.shape != self.lengths.shape or \
@@ -135,6 +141,42 @@ class TokenBatch:
         if (lengths < 0).any():
             raise ValidationError("lengths must be non-negative", param="lengths")
         return cls(ids=np.frombuffer(data, dtype="<i4"), lengths=lengths)
+
+
+@dataclass
+class Spans:
+    """Late chunking's pooling ranges: item i owns ``counts[i]`` rows of ``bounds``, each a
+    [start, end) range of that item's token positions (special tokens and prompt included in the
+    positions, never in a range), in item order."""
+
+    counts: np.ndarray
+    bounds: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.counts = np.ascontiguousarray(self.counts, dtype=np.int64).reshape(-1)
+        self.bounds = np.ascontiguousarray(self.bounds, dtype=np.int64).reshape(-1, 2)
+
+    @property
+    def rows(self) -> int:
+        return int(self.bounds.shape[0])
+
+    def offsets(self) -> np.ndarray:
+        out = np.zeros(self.counts.shape[0] + 1, dtype=np.int64)
+        np.cumsum(self.counts, out=out[1:])
+        return out
+
+    def check(self, lengths: np.ndarray) -> None:
+        """Every item has a span, every span is a non-empty range inside its item."""
+        if self.counts.shape != lengths.shape or int(self.counts.sum()) != self.rows:
+            raise ValidationError("spans need a count per item and a range per count",
+                                  param="spans")
+        if self.rows == 0:
+            return
+        owner = np.repeat(lengths, self.counts)
+        a, b = self.bounds[:, 0], self.bounds[:, 1]
+        if (self.counts < 1).any() or (a < 0).any() or (b <= a).any() or (b > owner).any():
+            raise ValidationError("each span must be a non-empty range inside its item, and each "
+                                  "item needs at least one", param="spans")
 
 
 @dataclass
@@ -510,6 +552,9 @@ def request_to_proto(request_id: str, options: EncodeOptions, *, tokens: Optiona
         msg.lengths.extend(tokens.lengths.tolist())
         if tokens.type_splits is not None:
             msg.type_splits.extend(tokens.type_splits.tolist())
+        if tokens.spans is not None:
+            msg.span_counts.extend(tokens.spans.counts.tolist())
+            msg.span_bounds = tokens.spans.bounds.astype("<i4").tobytes()
     if texts is not None:
         msg.texts.extend(texts)
     return msg
@@ -521,12 +566,19 @@ def tokens_from_proto(msg: floe_pb2.EncodeRequest) -> Optional[TokenBatch]:
     if has_ids and len(msg.texts):
         raise ValidationError("send either texts or token_ids, not both", param="texts")
     if not has_ids:
-        if len(msg.type_splits):
-            raise ValidationError("type_splits go with token_ids", param="type_splits")
+        if len(msg.type_splits) or len(msg.span_counts):
+            raise ValidationError("type_splits and spans go with token_ids", param="type_splits")
         return None
     tokens = TokenBatch.from_bytes(msg.token_ids, list(msg.lengths))
-    if len(msg.type_splits):
-        tokens = TokenBatch(tokens.ids, tokens.lengths, np.asarray(msg.type_splits, dtype=np.int64))
+    splits = np.asarray(msg.type_splits, dtype=np.int64) if len(msg.type_splits) else None
+    spans = None
+    if len(msg.span_counts) or msg.span_bounds:
+        if len(msg.span_bounds) % 8:
+            raise ValidationError("span_bounds is not whole int32 pairs", param="spans")
+        spans = Spans(counts=np.asarray(msg.span_counts, dtype=np.int64),
+                      bounds=np.frombuffer(msg.span_bounds, dtype="<i4").astype(np.int64))
+    if splits is not None or spans is not None:
+        tokens = TokenBatch(tokens.ids, tokens.lengths, splits, spans)
     return tokens
 
 
@@ -571,3 +623,20 @@ def result_from_proto(msg: floe_pb2.EncodeResponse) -> EmbedResult:
         request_id=msg.request_id,
         timings=Timings(t.tokenize_s, t.queue_s, t.inference_s, t.total_s),
     )
+
+
+def chunk_options_from_proto(msg: floe_pb2.ChunkOptions):
+    """A gRPC request's ``chunking`` as floe/chunking.py's ChunkOptions (0 tokens: the model's
+    max length); the edge checks the values."""
+    from floe.chunking import ChunkOptions
+
+    return ChunkOptions(max_tokens=msg.max_tokens or None, overlap=msg.overlap, late=msg.late)
+
+
+def chunks_to_proto(table, msg: floe_pb2.EncodeResponse) -> None:
+    """A chunked answer's table (floe/chunking.py Chunked) into the response's chunk fields."""
+    msg.chunk_input_index.extend(table.input_index.tolist())
+    msg.chunk_index.extend(table.chunk.tolist())
+    msg.chunk_start.extend(table.start.tolist())
+    msg.chunk_end.extend(table.end.tolist())
+    msg.chunk_counts.extend(table.counts.tolist())

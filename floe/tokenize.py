@@ -29,7 +29,7 @@ import numpy as np
 from tokenizers import Tokenizer as _RustTokenizer
 from tokenizers import normalizers
 
-from floe import validate
+from floe import chunking, validate
 from floe.errors import ModelLoadError, ValidationError
 from floe.models.spec import ModelSpec
 from floe.protocol import EncodeOptions, TokenBatch
@@ -94,6 +94,7 @@ class Tokenizer:
                 tok.enable_truncation(self.max_seq_length, strategy=strategy, direction=direction)
                 table[direction] = tok
         self._limits = self.limits()
+        self._template: Optional[tuple[list[int], list[int]]] = None
 
     def limits(self, max_items: int = 2 ** 31, auto_truncate: bool = True,
                default_prompt_name: Optional[str] = None) -> Limits:
@@ -190,6 +191,121 @@ class Tokenizer:
         plan = validate.check_options(limits, options or EncodeOptions())
         return validate.check_token_batch(limits, tokens, plan)
 
+    # --- documents cut into chunks (floe/chunking.py) --------------------------------------------
+
+    def special_tokens(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer puts before and after a single text ([CLS] / [SEP] for BERT)."""
+        if self._template is None:
+            enc = self._plain.post_process(self._plain.encode("a", add_special_tokens=False))
+            content = [i for i, m in enumerate(enc.special_tokens_mask) if not m]
+            first, last = (content[0], content[-1]) if content else (len(enc.ids), len(enc.ids))
+            self._template = (list(enc.ids[:first]), list(enc.ids[last + 1:]))
+        return self._template
+
+    def encode_chunked(self, texts: Sequence[str], plan: Plan, options: "chunking.ChunkOptions",
+                       base_index: int = 0) -> "chunking.Chunked":
+        """Cuts validated texts into chunks (floe/chunking.py) and returns what the model runs.
+
+        Plain chunking: one sequence per chunk, the chunk's own text ``text[start:end]``
+        tokenized with the prompt as ``encode`` would (so each embedding is the library's
+        ``encode`` of that text); in the rare case where that text tokenizes longer than the
+        chunk (a cut inside a word), the document's own tokens are used instead. Late chunking:
+        one sequence per macro-window of the document (the prompt once, at its head), each chunk
+        a span of it."""
+        prefix, suffix = self.special_tokens()
+        prompt_ids = (self._plain.encode(plan.prompt, add_special_tokens=False).ids
+                      if plan.prompt else [])
+        head = len(prefix) + len(prompt_ids)
+        overhead = head + len(suffix)
+        limit = options.max_tokens or self.max_seq_length
+        budget = limit - overhead
+        if budget <= options.overlap:
+            chunking.budget_error(limit, overhead, options.overlap)
+        window = self.max_seq_length - overhead
+        try:
+            docs = self._plain.encode_batch(list(texts), add_special_tokens=False)
+        except Exception:  # noqa: BLE001 - validation let through something the tokenizer refuses
+            raise ValidationError("the tokenizer rejected the input", param="input") from None
+        out = chunking.ChunkedBuilder()
+        for i, (text, doc) in enumerate(zip(texts, docs)):
+            ids, offsets = doc.ids, doc.offsets
+            sentence, word = chunking.boundaries(text, offsets)
+            spans = chunking.split(len(ids), budget, options.overlap, sentence, word)
+            chars = [(offsets[a][0], offsets[b - 1][1]) for a, b in spans]
+            out.add_document(base_index + i, chars)
+            if not spans:
+                continue
+            if options.late:
+                self._late_sequences(out, ids, spans, window, prompt_ids)
+                continue
+            pieces = [plan.prompt + text[a:b] for a, b in chars]
+            for (a, b), enc in zip(spans, self._plain.encode_batch_fast(pieces, add_special_tokens=True)):
+                seq = enc.ids if len(enc.ids) <= limit else prefix + prompt_ids + ids[a:b] + suffix
+                out.add_sequence(seq)
+        return out.build()
+
+    def encode_late(self, texts: Sequence[str], plan: Plan, base_index: int = 0) -> "chunking.Chunked":
+        """Late chunking of a document the client already cut (Jina's ``late_chunking``): the
+        texts are one document's chunks, in order. Each is tokenized alone, without special
+        tokens; the document is their tokens end to end (the prompt once, at its head), run in
+        one pass, or in macro-windows when longer than the model's context; each text's embedding
+        is pooled from its own tokens. A text longer than a window is cut (truncation on) or
+        refused, as an input over the max length is."""
+        prefix, suffix = self.special_tokens()
+        prompt_ids = (self._plain.encode(plan.prompt, add_special_tokens=False).ids
+                      if plan.prompt else [])
+        head = len(prefix) + len(prompt_ids)
+        window = self.max_seq_length - head - len(suffix)
+        if window < 1:
+            chunking.budget_error(self.max_seq_length, head + len(suffix), 0)
+        try:
+            encs = self._plain.encode_batch_fast(list(texts), add_special_tokens=False)
+        except Exception:  # noqa: BLE001 - validation let through something the tokenizer refuses
+            raise ValidationError("the tokenizer rejected the input", param="input") from None
+        ids: list[int] = []
+        spans: list[tuple[int, int]] = []
+        chars: list[tuple[int, int]] = []
+        pos = 0
+        for i, enc in enumerate(encs):
+            piece = enc.ids
+            param = f"input[{base_index + i}]"
+            if not piece:
+                raise ValidationError(f"{param} produced no tokens", param=param)
+            if len(piece) > window:
+                if not plan.truncate:
+                    raise validate.context_error(self._limits, len(piece) + head + len(suffix),
+                                                 base_index + i)
+                piece = piece[:window] if plan.direction == "right" else piece[-window:]
+            spans.append((len(ids), len(ids) + len(piece)))
+            ids.extend(piece)
+            chars.append((pos, pos + len(texts[i])))
+            pos += len(texts[i])
+        out = chunking.ChunkedBuilder()
+        out.add_document(0, chars)
+        self._late_sequences(out, ids, spans, window, prompt_ids)
+        return out.build()
+
+    def _late_sequences(self, out: "chunking.ChunkedBuilder", ids: list[int],
+                        spans: list[tuple[int, int]], window: int, prompt_ids: list[int]) -> None:
+        """The sequences of one late-chunked document: a macro-window each, its chunks as spans
+        of the window's positions. The document's first chunk also pools the leading special
+        tokens (and the prompt, where the model's pooling includes it) and its last chunk the
+        trailing ones, so a document of one chunk is pooled exactly as its plain embedding is."""
+        prefix, suffix = self.special_tokens()
+        head = len(prefix) + len(prompt_ids)
+        lead = 0 if self.spec.include_prompt else head
+        for ws, we, members in chunking.cover(spans, len(ids), window):
+            seq = prefix + prompt_ids + ids[ws:we] + suffix
+            bounds = []
+            for k in members:
+                a, b = spans[k][0] - ws + head, spans[k][1] - ws + head
+                if spans[k][0] == 0:
+                    a = min(lead, a)
+                if spans[k][1] == len(ids):
+                    b = len(seq)
+                bounds.append((a, b))
+            out.add_sequence(seq, bounds)
+
     # --- the other way -----------------------------------------------------------------------
 
     def decode_tokens(self, ids: Sequence[int]) -> list[str]:
@@ -270,6 +386,26 @@ class TokenizerPool:
         return TokenBatch(ids=np.concatenate([p.ids for p in parts]),
                           lengths=np.concatenate([p.lengths for p in parts]),
                           type_splits=np.concatenate([p.type_splits for p in parts]))
+
+    async def encode_chunked(self, texts: Sequence[str], plan: Plan,
+                             options: "chunking.ChunkOptions") -> "chunking.Chunked":
+        """``Tokenizer.encode_chunked`` off the event loop, documents split across the pool."""
+        tok = self.tokenizer
+        loop = asyncio.get_running_loop()
+        n = len(texts)
+        # a document is many texts' worth of work: split from a few documents up
+        chunks = min(self.workers, max(1, n // 2))
+        bounds = np.linspace(0, n, chunks + 1).astype(int)
+        parts = await asyncio.gather(*(
+            loop.run_in_executor(self._executor, tok.encode_chunked, texts[a:b], plan, options,
+                                 int(a))
+            for a, b in zip(bounds[:-1], bounds[1:])))
+        return chunking.Chunked.concat(parts)
+
+    async def encode_late(self, texts: Sequence[str], plan: Plan) -> "chunking.Chunked":
+        """``Tokenizer.encode_late`` off the event loop (one document: one call)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, self.tokenizer.encode_late, texts, plan)
 
     async def encode(self, texts: Sequence[str], options: EncodeOptions, auto_truncate: bool = True,
                      default_prompt_name: Optional[str] = None) -> TokenBatch:

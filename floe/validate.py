@@ -16,6 +16,7 @@ setting: cutting it would silently change what the model is asked.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -44,6 +45,7 @@ class Limits:
     strict_model_name: bool = False      # unknown names: 404 (strict) or accepted (default)
     accept_token_ids: bool = True
     pairs: bool = False                  # a cross-encoder: items may be (query, document) pairs
+    pooling: str = "mean"                # the model's pooling (what late chunking can pool by span)
 
     @classmethod
     def build(cls, spec: Any, *, max_items: int, max_input_chars: Optional[int] = None,
@@ -57,7 +59,8 @@ class Limits:
             auto_truncate=auto_truncate, prompts=tuple(sorted(dict(spec.prompts).items())),
             default_prompt_name=default_prompt_name or spec.default_prompt_name,
             served_names=tuple(served_names) or (spec.name,), strict_model_name=strict_model_name,
-            accept_token_ids=accept_token_ids, pairs=getattr(spec, "task", "embed") == "score")
+            accept_token_ids=accept_token_ids, pairs=getattr(spec, "task", "embed") == "score",
+            pooling=getattr(spec, "pooling", "mean"))
 
     @classmethod
     def for_server(cls, spec: Any, settings: Any) -> "Limits":
@@ -153,6 +156,43 @@ def check_options(limits: Limits, options: EncodeOptions) -> Plan:
     return Plan(prompt=prompt, truncate=truncate, direction=options.truncation_direction)
 
 
+# Poolings late chunking can apply to a span of a document's token states: the mean as it is, a
+# last-token model's last token of the span (a causal model's state there has read everything
+# before it, as its last token does for a whole text). A CLS model's one summary position stands
+# for the whole document, so its chunks are pooled by the mean of their span, as Jina's late
+# chunking does. Max and weighted-mean poolings are not defined per span here: refused.
+LATE_POOLINGS = ("mean", "mean_sqrt_len_tokens", "cls", "last_token")
+
+
+def check_chunking(limits: Limits, chunk: Any) -> Any:
+    """A request's ChunkOptions (floe/chunking.py): the chunk size within [MIN_CHUNK_TOKENS, the
+    model's max length], an overlap smaller than the chunk, late chunking only where the model's
+    pooling applies to a span. Returns the options with the size settled."""
+    from floe.chunking import MIN_CHUNK_TOKENS
+
+    n = chunk.max_tokens
+    low = min(MIN_CHUNK_TOKENS, limits.max_seq_length)
+    if n is None:
+        n = limits.max_seq_length
+    elif isinstance(n, bool) or not isinstance(n, int) or not low <= n <= limits.max_seq_length:
+        raise ValidationError(
+            f"`chunking.max_tokens` must be an integer from {low} to the model's max length "
+            f"{limits.max_seq_length}", param="chunking.max_tokens")
+    m = chunk.overlap
+    if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+        raise ValidationError("`chunking.overlap` must be a non-negative integer",
+                              param="chunking.overlap")
+    if m >= n:
+        raise ValidationError(f"`chunking.overlap` ({m}) must be smaller than "
+                              f"`chunking.max_tokens` ({n})", param="chunking.overlap")
+    if (chunk.late or chunk.late_inputs) and limits.pooling not in LATE_POOLINGS:
+        raise ValidationError(
+            f"late chunking pools each chunk from the document's token states; this model's "
+            f"{limits.pooling!r} pooling has no per-span form here (it works with "
+            f"{', '.join(LATE_POOLINGS)})", param="chunking.late")
+    return dataclasses.replace(chunk, max_tokens=n)
+
+
 def check_text(text: str, param: str) -> None:
     """A string the Rust tokenizer can take: encodable as UTF-8 (no lone surrogates)."""
     try:
@@ -243,6 +283,18 @@ def check_token_batch(limits: Limits, tokens: TokenBatch, plan: Plan,
     if splits is not None and not limits.pairs:
         raise ValidationError("type_splits are for a cross-encoder's pairs; this model reads "
                               "one segment per input", param="type_splits")
+    if tokens.spans is not None:
+        # a client's own late-chunking windows: every span is pooled where it is, so nothing may
+        # be cut from the window
+        if limits.pairs or limits.pooling not in LATE_POOLINGS:
+            raise ValidationError("spans (late chunking) need an embedding model with one of the "
+                                  f"poolings {', '.join(LATE_POOLINGS)}", param="spans")
+        if lengths.size and lengths.max() > limits.max_seq_length:
+            i = int(np.argmax(lengths > limits.max_seq_length))
+            raise context_error(limits, int(lengths[i]), i, param)
+        if tokens.spans.rows > limits.max_items:
+            raise TooLargeError(f"{tokens.spans.rows} spans, over the limit of {limits.max_items} "
+                                "rows per request", param="spans")
     if lengths.size and lengths.min() <= 0:
         i = int(np.argmin(lengths))
         raise ValidationError(f"{_p(param, i)} is an empty list of token ids", param=_p(param, i))

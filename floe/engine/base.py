@@ -29,12 +29,17 @@ class Engine(abc.ABC):
     backend: str = ""  # "torch" | "openvino" | "fake": what runs the forward pass
 
     @abc.abstractmethod
-    def prepare(self, sequences: Sequence[np.ndarray], type_splits: Optional[np.ndarray] = None) -> Any:
+    def prepare(self, sequences: Sequence[np.ndarray], type_splits: Optional[np.ndarray] = None,
+                spans: Optional[Sequence[np.ndarray]] = None) -> Any:
         """Pads int32 id arrays into whatever ``run`` consumes. Called off the engine thread.
 
         ``type_splits`` (int array, one per sequence, or None): where token type 1 starts in each
         sequence (a cross-encoder pair's second segment); ``len(sequence)`` when it is all type 0.
         Honoured where ``spec.uses_token_types``; ignored otherwise (those backbones have one type).
+
+        ``spans`` (late chunking; an embedding model): per sequence, a (k, 2) array of [start, end)
+        token ranges. ``run`` then returns one row per span, in order (sum of k rows): the
+        backbone's token states pooled over the span (``span_weights``), then the Dense layers.
         """
 
     @abc.abstractmethod
@@ -59,6 +64,31 @@ class Engine(abc.ABC):
     def memory(self) -> tuple[int, int]:
         """(device bytes used, device bytes total); (0, 0) on CPU."""
         return (0, 0)
+
+
+def span_weights(spec: ModelSpec, width: int, spans: Sequence[np.ndarray]) -> np.ndarray:
+    """(n, most spans, width) float32 pooling weights of late chunking: row (i, j) pools span j of
+    sequence i from its token states (rows past a sequence's own spans are zero). The mean for
+    mean and CLS models (a CLS position stands for the whole input, not a chunk of it), the
+    span's last token for last-token models, 1 / sqrt(length) for mean_sqrt_len_tokens; see
+    floe/validate.py LATE_POOLINGS."""
+    most = max(len(b) for b in spans)
+    w = np.zeros((len(spans), most, width), dtype=np.float32)
+    for i, bounds in enumerate(spans):
+        for j, (a, b) in enumerate(np.asarray(bounds, dtype=np.int64).reshape(-1, 2)):
+            if spec.pooling == "last_token":
+                w[i, j, b - 1] = 1.0
+            elif spec.pooling == "mean_sqrt_len_tokens":
+                w[i, j, a:b] = 1.0 / np.sqrt(b - a)
+            else:
+                w[i, j, a:b] = 1.0 / (b - a)
+    return w
+
+
+def span_rows(spans: Sequence[np.ndarray]) -> np.ndarray:
+    """(n, most spans) bool: which rows of ``span_weights`` are real spans."""
+    counts = np.fromiter((len(b) for b in spans), dtype=np.int64, count=len(spans))
+    return np.arange(int(counts.max()))[None, :] < counts[:, None]
 
 
 def head_summary(spec: ModelSpec) -> str:

@@ -53,8 +53,11 @@ class FakeEngine(Engine):
         if not self._sparse:  # a vocabulary-wide projection would be the largest thing here
             self._projection = rng.standard_normal((_RANK, spec.dim)).astype(np.float32)
 
-    def prepare(self, sequences: Sequence[np.ndarray], type_splits: Optional[np.ndarray] = None) -> Any:
+    def prepare(self, sequences: Sequence[np.ndarray], type_splits: Optional[np.ndarray] = None,
+                spans: Optional[Sequence[np.ndarray]] = None) -> Any:
         seqs = [np.asarray(s, dtype=np.int64) for s in sequences]
+        if spans is not None:
+            return _Spans(seqs, [np.asarray(b, dtype=np.int64).reshape(-1, 2) for b in spans])
         if type_splits is not None and self.spec.uses_token_types:
             # type-1 tokens read other table rows (new arrays: the caller's ids stay as they are)
             seqs = [np.concatenate([s[:int(k)], s[int(k):] + _TYPE_OFFSET])
@@ -62,6 +65,8 @@ class FakeEngine(Engine):
         return seqs
 
     def run(self, prepared: Any) -> np.ndarray:
+        if isinstance(prepared, _Spans):
+            return self._run_spans(prepared)
         if self.crash_token_id is not None and any((s == self.crash_token_id).any() for s in prepared):
             os._exit(70)
         seqs: list[np.ndarray] = prepared
@@ -92,3 +97,27 @@ class FakeEngine(Engine):
         # the batch it came in; einsum sums each row the same way whatever the batch
         out[used] = np.einsum("ir,rd->id", means, self._projection)
         return out
+
+    def _run_spans(self, prepared: "_Spans") -> np.ndarray:
+        """Late chunking: each span's rows pooled as a whole input's are, from token vectors that
+        also carry the whole sequence's mean (the stand-in for attention: a chunk's embedding
+        depends on its document). A span covering its whole sequence equals the plain embedding
+        of that sequence."""
+        out = []
+        for seq, bounds in zip(prepared.seqs, prepared.spans):
+            whole = self.run([seq])[0]
+            for a, b in bounds:
+                if a == 0 and b == len(seq):
+                    out.append(whole)
+                else:
+                    part = self.run([seq[a:b]])[0]
+                    out.append(0.8 * part + 0.2 * whole)
+        return np.asarray(out, dtype=np.float32).reshape(-1, self.spec.dim)
+
+
+class _Spans:
+    """A late-chunking batch of the fake engine: the sequences and their spans."""
+
+    def __init__(self, seqs: list, spans: list) -> None:
+        self.seqs = seqs
+        self.spans = spans

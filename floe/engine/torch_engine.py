@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from floe.engine.base import Engine, head_summary, right_pad
+from floe.engine.base import Engine, head_summary, right_pad, span_rows, span_weights
 from floe.engine.hardware import cpu_flags, cpu_has_fast_bf16  # noqa: F401  (re-exported)
 from floe.errors import ConfigError, ModelLoadError
 from floe.models.spec import DenseSpec, ModelSpec
@@ -135,15 +135,20 @@ class _Dense:
 class Prepared:
     """A padded batch on the device: what ``run`` consumes."""
 
-    __slots__ = ("input_ids", "attention_mask", "lengths", "uniform", "token_type_ids")
+    __slots__ = ("input_ids", "attention_mask", "lengths", "uniform", "token_type_ids",
+                 "span_weights", "span_rows")
 
     def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: torch.Tensor,
-                 uniform: bool, token_type_ids: Optional[torch.Tensor] = None) -> None:
+                 uniform: bool, token_type_ids: Optional[torch.Tensor] = None,
+                 span_weights: Optional[torch.Tensor] = None,
+                 span_rows: Optional[torch.Tensor] = None) -> None:
         self.input_ids = input_ids
         self.attention_mask = attention_mask
         self.lengths = lengths
         self.uniform = uniform  # all rows the same length: no padding at all
         self.token_type_ids = token_type_ids  # None: all type 0
+        self.span_weights = span_weights  # late chunking: (n, spans, length) pooling weights
+        self.span_rows = span_rows        # (n, spans) bool: the real spans
 
 
 # The transformers class that loads each task's backbone with its head.
@@ -199,7 +204,8 @@ class TorchEngine(Engine):
     # --- stages ------------------------------------------------------------------------------
 
     def prepare(self, sequences: Sequence[np.ndarray],
-                type_splits: Optional[np.ndarray] = None) -> Prepared:
+                type_splits: Optional[np.ndarray] = None,
+                spans: Optional[Sequence[np.ndarray]] = None) -> Prepared:
         """Right-pads int32 id arrays with the model's pad id into (n, longest) device tensors,
         with token types from ``type_splits`` where the backbone has them (``Engine.prepare``)."""
         padded = right_pad(self.spec, sequences, type_splits)
@@ -215,6 +221,9 @@ class TorchEngine(Engine):
             lengths=put(padded.lengths),
             uniform=padded.uniform,
             token_type_ids=None if padded.token_type_ids is None else put(padded.token_type_ids),
+            span_weights=None if spans is None else put(
+                span_weights(self.spec, padded.input_ids.shape[1], spans)),
+            span_rows=None if spans is None else put(span_rows(spans)),
         )
 
     def run(self, prepared: Prepared) -> np.ndarray:
@@ -251,6 +260,11 @@ class TorchEngine(Engine):
             return out
         if self.spec.task == "sparse":
             return self._splade(out, p)
+        if p.span_weights is not None:   # late chunking: a row per span
+            pooled = torch.einsum("bsl,blh->bsh", p.span_weights, out.float()).to(out.dtype)
+            for layer in self._dense:
+                pooled = layer(pooled)
+            return pooled[p.span_rows]
         pooled = self._pool(out, p)
         for layer in self._dense:
             pooled = layer(pooled)

@@ -201,7 +201,20 @@ class HttpRoutes:
         result = await service.embed(rid, req.texts, req.tokens, req.options, model=req.model)
         return result, service.model_name
 
+    async def _chunked(self, req: Any, rid: str):
+        """The chunked embed path of the model that answers the embed route for ``req``."""
+        service = self.served.for_request("embed", req.model)
+        chunks = await service.embed_chunked(rid, req.texts, req.tokens, req.options, req.chunk,
+                                             model=req.model)
+        return chunks, service.model_name
+
     async def _respond_openai(self, req: schemas.OpenAIRequest, rid: str, request) -> Response:
+        if req.chunk is not None:
+            chunks, name = await self._chunked(req, rid)
+            body = (schemas.openai_response(chunks.result, req.encoding_format, name)
+                    if req.chunk.late_inputs
+                    else schemas.openai_chunked_response(chunks, req.encoding_format, name))
+            return _json(body, headers=timing_headers(chunks.result))
         result, name = await self._embed("embed", req, rid)
         return _json(schemas.openai_response(result, req.encoding_format, name),
                      headers=timing_headers(result))
@@ -212,6 +225,14 @@ class HttpRoutes:
         return await self.run_compute(request, "/embed", schemas.parse_embed, self._respond_embed)
 
     async def _respond_embed(self, req: schemas.TeiEmbedRequest, rid: str, request) -> Response:
+        if req.chunk is not None:
+            if _OCTET in request.headers.get("accept", ""):
+                raise ValidationError("a chunked answer is JSON (each chunk carries its input and "
+                                      "offsets); drop `Accept: application/octet-stream` or "
+                                      "`chunking`", param="chunking")
+            chunks, _ = await self._chunked(req, rid)
+            return _json(schemas.embed_chunked_response(chunks),
+                         headers=timing_headers(chunks.result))
         result, _ = await self._embed("embed", req, rid)
         headers = timing_headers(result)
         rows = schemas.result_rows(result)

@@ -89,6 +89,10 @@ class ServedModels:
         return await self.for_request("encode", model).encode(request_id, texts, tokens, options,
                                                               model)
 
+    async def encode_chunked(self, request_id: str, texts, tokens, options, chunk, model: str = ""):
+        return await self.for_request("embed", model).encode_chunked(request_id, texts, tokens,
+                                                                     options, chunk, model)
+
     async def rerank(self, request_id: str, query, documents, options, raw_scores: bool,
                      model: str = ""):
         return await self.for_request("score", model).rerank_call(

@@ -20,6 +20,7 @@ import numpy as np
 
 from floe import validate
 from floe.errors import TooLargeError, ValidationError
+from floe.chunking import ChunkOptions
 from floe.protocol import EmbedResult, EncodeOptions, TokenBatch
 
 _PATH = re.compile(r" - at `\$(.*)`$")
@@ -36,6 +37,28 @@ _EMBEDDING_TYPE = ("floe extension: float (default), or a compact form as senten
                    "the ranges /info states), binary or ubinary (sign bits, 8 dimensions per byte). "
                    "Compact forms are integers in JSON, or their bytes in base64.")
 EMBEDDING_TYPES = ("float", "int8", "uint8", "binary", "ubinary")
+_CHUNKING = ("floe extension: cut each input into chunks and embed each chunk (documents longer "
+             "than the model's max length lose nothing). The answer has one embedding per chunk, "
+             "with its input's index and its character offsets [start, end) into that input.")
+_LATE_CHUNKING = ("Jina's late chunking: `input` is one document's chunks, in order; the document "
+                  "is embedded in one pass and each chunk pooled from its own tokens, so every "
+                  "chunk keeps the document's context. One embedding per input.")
+
+
+class Chunking(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """How to cut documents into chunks (floe extension; docs/api.md, "Documents of any length")."""
+
+    max_tokens: Annotated[Optional[int], msgspec.Meta(description=(
+        "Tokens per chunk as the model sees it (special tokens and prompt included), from 16 to "
+        "the model's max length; default: the max length."))] = None
+    overlap: Annotated[int, msgspec.Meta(description=(
+        "Tokens consecutive chunks share (less than max_tokens); default 0."))] = 0
+    late: Annotated[bool, msgspec.Meta(description=(
+        "Late chunking: embed each document in one pass (overlapping windows past the max "
+        "length) and pool each chunk from the document's token states."))] = False
+
+    def options(self) -> ChunkOptions:
+        return ChunkOptions(max_tokens=self.max_tokens, overlap=self.overlap, late=self.late)
 
 
 class OpenAIEmbeddingRequest(msgspec.Struct, kw_only=True):
@@ -51,6 +74,8 @@ class OpenAIEmbeddingRequest(msgspec.Struct, kw_only=True):
     prompt: Annotated[Optional[str], msgspec.Meta(description=_PROMPT)] = None
     truncate: Annotated[Optional[bool], msgspec.Meta(description=_TRUNCATE)] = None
     embedding_type: Annotated[Optional[str], msgspec.Meta(description=_EMBEDDING_TYPE)] = None
+    chunking: Annotated[Optional[Chunking], msgspec.Meta(description=_CHUNKING)] = None
+    late_chunking: Annotated[Optional[bool], msgspec.Meta(description=_LATE_CHUNKING)] = None
 
 
 class EmbedRequest(msgspec.Struct, kw_only=True):
@@ -65,6 +90,7 @@ class EmbedRequest(msgspec.Struct, kw_only=True):
     prompt: Annotated[Optional[str], msgspec.Meta(description=_PROMPT)] = None
     dimensions: Annotated[Optional[int], msgspec.Meta(description=_DIMENSIONS)] = None
     embedding_type: Annotated[Optional[str], msgspec.Meta(description=_EMBEDDING_TYPE)] = None
+    chunking: Annotated[Optional[Chunking], msgspec.Meta(description=_CHUNKING)] = None
 
 
 class SparseEmbedRequest(msgspec.Struct, kw_only=True):
@@ -265,6 +291,7 @@ class OpenAIRequest:
     options: EncodeOptions
     encoding_format: str
     model: str
+    chunk: Optional[ChunkOptions] = None   # chunking or late_chunking asked: floe/chunking.py
 
 
 def check_embedding_type(value: Optional[str]) -> str:
@@ -287,7 +314,15 @@ def parse_openai(limits: validate.Limits, body: bytes) -> OpenAIRequest:
     options = EncodeOptions(dimensions=check_dimensions(req.dimensions),
                             prompt_name=req.prompt_name, prompt=req.prompt, truncate=req.truncate,
                             output_dtype=check_embedding_type(req.embedding_type))
-    return OpenAIRequest(texts, tokens, options, fmt, req.model or "")
+    chunk = req.chunking.options() if req.chunking is not None else None
+    if req.late_chunking:
+        if chunk is not None:
+            raise ValidationError("`late_chunking` takes a document already cut into chunks; "
+                                  "`chunking` cuts documents itself (use chunking.late for late "
+                                  "chunking of whole documents): send one of them",
+                                  param="late_chunking")
+        chunk = ChunkOptions(late_inputs=True)
+    return OpenAIRequest(texts, tokens, options, fmt, req.model or "", chunk)
 
 
 @dataclass(frozen=True)
@@ -298,6 +333,7 @@ class TeiEmbedRequest:
     tokens: Optional[TokenBatch]
     options: EncodeOptions
     model: str
+    chunk: Optional[ChunkOptions] = None
 
 
 def parse_embed(limits: validate.Limits, body: bytes) -> TeiEmbedRequest:
@@ -314,7 +350,8 @@ def parse_embed(limits: validate.Limits, body: bytes) -> TeiEmbedRequest:
         prompt_name=req.prompt_name, prompt=req.prompt,
         dimensions=check_dimensions(req.dimensions),
         output_dtype=check_embedding_type(req.embedding_type))
-    return TeiEmbedRequest(texts, tokens, options, req.model or "")
+    return TeiEmbedRequest(texts, tokens, options, req.model or "",
+                           req.chunking.options() if req.chunking is not None else None)
 
 
 def _direction(value: Optional[str]) -> str:
@@ -454,6 +491,33 @@ def openai_response(result: EmbedResult, encoding_format: str, model_name: str) 
     used = int(result.token_counts.sum())
     return {"object": "list", "data": rows, "model": model_name,
             "usage": {"prompt_tokens": used, "total_tokens": used}}
+
+
+def chunk_fields(table: Any) -> list[dict]:
+    """Per chunk (output row): its input's index, its place among that input's chunks, and its
+    character offsets [start, end) into the input's text."""
+    return [{"input_index": i, "chunk": c, "start": a, "end": b} for i, c, a, b in zip(
+        table.input_index.tolist(), table.chunk.tolist(), table.start.tolist(), table.end.tolist())]
+
+
+def openai_chunked_response(chunks: Any, encoding_format: str, model_name: str) -> dict:
+    """/v1/embeddings with ``chunking``: the OpenAI shape, one item per chunk, each also naming
+    its input, chunk and offsets; ``chunk_counts`` gives each input's number of chunks (0 for an
+    input without text)."""
+    body = openai_response(chunks.result, encoding_format, model_name)
+    for item, where in zip(body["data"], chunk_fields(chunks.table)):
+        item.update(where)
+    body["chunk_counts"] = chunks.table.counts.tolist()
+    return body
+
+
+def embed_chunked_response(chunks: Any) -> dict:
+    """/embed with ``chunking``: each chunk's place and embedding, and each input's chunk count."""
+    rows = result_rows(chunks.result)
+    out = chunk_fields(chunks.table)
+    for k, item in enumerate(out):
+        item["embedding"] = rows[k]
+    return {"chunks": out, "chunk_counts": chunks.table.counts.tolist()}
 
 
 def _count_at_most(data: bytes, first: bytes) -> int:

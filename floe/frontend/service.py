@@ -27,6 +27,7 @@ import numpy as np
 
 from floe import compact, metrics, validate
 from floe.config import Settings
+from floe.chunking import ChunkOptions, Chunked
 from floe.edge import Edge
 from floe.errors import FloeError, ValidationError
 from floe.frontend.admission import Admission
@@ -54,6 +55,15 @@ class Scores:
         ``top_n`` (None or 0: all)."""
         order = np.argsort(-self.scores, kind="stable")
         return order[:top_n] if top_n else order
+
+
+@dataclass
+class Chunks:
+    """A chunked request's answer: one embedding row per chunk (``result``, in the order of the
+    documents and of each document's chunks) and where each chunk lies (``table``)."""
+
+    result: EmbedResult
+    table: Chunked
 
 
 def _activation(name: str, logits: np.ndarray) -> np.ndarray:
@@ -125,6 +135,14 @@ class EmbedService:
         admission, the embed path, and the request metrics HTTP records in its own wrapper."""
         return await self._grpc_call("Encode", self.embed(request_id, texts, tokens, options, model))
 
+    async def encode_chunked(self, request_id: str, texts: Optional[list[str]],
+                             tokens: Optional[TokenBatch], options: EncodeOptions,
+                             chunk: ChunkOptions, model: str = "") -> Chunks:
+        """The gRPC Encode entry of a request with ``chunking``: admission, the chunked path and
+        its request metrics."""
+        return await self._grpc_call("Encode", self.embed_chunked(request_id, texts, tokens,
+                                                                  options, chunk, model))
+
     async def rerank_call(self, request_id: str, query: str, documents: list[str],
                           options: EncodeOptions, raw_scores: bool, model: str = "") -> Scores:
         """The gRPC Rerank entry: admission, the rerank path and its request metrics."""
@@ -178,6 +196,33 @@ class EmbedService:
             result = await self._compact(result, compact_dtype, options)
         return result
 
+    async def embed_chunked(self, request_id: str, texts: Optional[list[str]],
+                            tokens: Optional[TokenBatch], options: EncodeOptions,
+                            chunk: ChunkOptions, model: str = "") -> Chunks:
+        """Documents cut into chunks, one embedding per chunk (floe/chunking.py); the caller
+        has admitted the request. A request whose documents give no chunk at all (empty texts)
+        is answered without reaching a replica."""
+        self.require_task("embed")
+        compact_dtype = options.output_dtype if options.output_dtype in COMPACT_DTYPES else None
+        if compact_dtype is not None:
+            options = dataclasses.replace(options, output_dtype="float32")
+        request_id = request_id or new_request_id()
+        t0 = time.perf_counter()
+        table, known = await self.edge.prepare_chunked(texts, tokens, options, chunk, model)
+        if not known:
+            self._note_unknown_model(model)
+        if table.rows:
+            result = await self._run(request_id, table.tokens, options, t0)
+        else:
+            dim = options.dimensions or self.spec.dim
+            result = EmbedResult.from_array(np.zeros((0, dim), np.float32), options.output_dtype,
+                                            [], request_id=request_id, model=self.model_name)
+        if compact_dtype is not None and result.n:
+            result = await self._compact(result, compact_dtype, options)
+        elif compact_dtype is not None:
+            result = dataclasses.replace(result, dtype=compact_dtype, data=b"")
+        return Chunks(result=result, table=table)
+
     async def _encode(self, request_id: str, texts: Optional[Sequence[Any]],
                       tokens: Optional[TokenBatch], options: EncodeOptions, model: str,
                       pairs_query: Any = None, param: str = "documents") -> EmbedResult:
@@ -189,7 +234,11 @@ class EmbedService:
             prepared = await self.edge.prepare(texts, tokens, options, model)
         if not prepared.known_model:
             self._note_unknown_model(model)
-        tokens = prepared.tokens
+        return await self._run(request_id, prepared.tokens, options, t0)
+
+    async def _run(self, request_id: str, tokens: TokenBatch, options: EncodeOptions,
+                   t0: float) -> EmbedResult:
+        """A checked token batch to a replica and back, with the request's timings."""
         t_tok = time.perf_counter() - t0
         metrics.TOKENIZE_SECONDS.observe(t_tok)
         result = await self.router.encode(tokens, options, request_id)

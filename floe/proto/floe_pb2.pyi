@@ -52,7 +52,7 @@ class EncodeOptions(_message.Message):
     def __init__(self, normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., prompt_name: _Optional[str] = ..., prompt: _Optional[str] = ..., dimensions: _Optional[int] = ..., output_dtype: _Optional[_Union[OutputDType, str]] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("request_id", "model", "texts", "token_ids", "lengths", "options", "type_splits")
+    __slots__ = ("request_id", "model", "texts", "token_ids", "lengths", "options", "type_splits", "span_counts", "span_bounds", "chunking")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,9 @@ class EncodeRequest(_message.Message):
     LENGTHS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     TYPE_SPLITS_FIELD_NUMBER: _ClassVar[int]
+    SPAN_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    SPAN_BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKING_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     texts: _containers.RepeatedScalarFieldContainer[str]
@@ -67,7 +70,20 @@ class EncodeRequest(_message.Message):
     lengths: _containers.RepeatedScalarFieldContainer[int]
     options: EncodeOptions
     type_splits: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., token_ids: _Optional[bytes] = ..., lengths: _Optional[_Iterable[int]] = ..., options: _Optional[_Union[EncodeOptions, _Mapping]] = ..., type_splits: _Optional[_Iterable[int]] = ...) -> None: ...
+    span_counts: _containers.RepeatedScalarFieldContainer[int]
+    span_bounds: bytes
+    chunking: ChunkOptions
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., token_ids: _Optional[bytes] = ..., lengths: _Optional[_Iterable[int]] = ..., options: _Optional[_Union[EncodeOptions, _Mapping]] = ..., type_splits: _Optional[_Iterable[int]] = ..., span_counts: _Optional[_Iterable[int]] = ..., span_bounds: _Optional[bytes] = ..., chunking: _Optional[_Union[ChunkOptions, _Mapping]] = ...) -> None: ...
+
+class ChunkOptions(_message.Message):
+    __slots__ = ("max_tokens", "overlap", "late")
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    LATE_FIELD_NUMBER: _ClassVar[int]
+    max_tokens: int
+    overlap: int
+    late: bool
+    def __init__(self, max_tokens: _Optional[int] = ..., overlap: _Optional[int] = ..., late: _Optional[bool] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("tokenize_s", "queue_s", "inference_s", "total_s")
@@ -82,7 +98,7 @@ class Timings(_message.Message):
     def __init__(self, tokenize_s: _Optional[float] = ..., queue_s: _Optional[float] = ..., inference_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
-    __slots__ = ("request_id", "n", "dim", "dtype", "embeddings", "token_counts", "timings", "model", "sparse_counts", "sparse_indices", "sparse_values")
+    __slots__ = ("request_id", "n", "dim", "dtype", "embeddings", "token_counts", "timings", "model", "sparse_counts", "sparse_indices", "sparse_values", "chunk_input_index", "chunk_index", "chunk_start", "chunk_end", "chunk_counts")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +110,11 @@ class EncodeResponse(_message.Message):
     SPARSE_COUNTS_FIELD_NUMBER: _ClassVar[int]
     SPARSE_INDICES_FIELD_NUMBER: _ClassVar[int]
     SPARSE_VALUES_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_INPUT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_START_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_END_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_COUNTS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     n: int
     dim: int
@@ -105,7 +126,12 @@ class EncodeResponse(_message.Message):
     sparse_counts: _containers.RepeatedScalarFieldContainer[int]
     sparse_indices: bytes
     sparse_values: bytes
-    def __init__(self, request_id: _Optional[str] = ..., n: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[OutputDType, str]] = ..., embeddings: _Optional[bytes] = ..., token_counts: _Optional[_Iterable[int]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., model: _Optional[str] = ..., sparse_counts: _Optional[_Iterable[int]] = ..., sparse_indices: _Optional[bytes] = ..., sparse_values: _Optional[bytes] = ...) -> None: ...
+    chunk_input_index: _containers.RepeatedScalarFieldContainer[int]
+    chunk_index: _containers.RepeatedScalarFieldContainer[int]
+    chunk_start: _containers.RepeatedScalarFieldContainer[int]
+    chunk_end: _containers.RepeatedScalarFieldContainer[int]
+    chunk_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., n: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[OutputDType, str]] = ..., embeddings: _Optional[bytes] = ..., token_counts: _Optional[_Iterable[int]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., model: _Optional[str] = ..., sparse_counts: _Optional[_Iterable[int]] = ..., sparse_indices: _Optional[bytes] = ..., sparse_values: _Optional[bytes] = ..., chunk_input_index: _Optional[_Iterable[int]] = ..., chunk_index: _Optional[_Iterable[int]] = ..., chunk_start: _Optional[_Iterable[int]] = ..., chunk_end: _Optional[_Iterable[int]] = ..., chunk_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
     __slots__ = ("request_id", "model", "query", "documents", "top_n", "return_documents", "raw_scores", "truncate", "truncation_direction", "priority")

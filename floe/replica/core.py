@@ -233,7 +233,8 @@ class ReplicaCore:
               and int(tokens.ids.min()) >= 0 and int(tokens.ids.max()) < spec.vocab_size
               and (options.dimensions is None or 1 <= options.dimensions <= spec.dim)
               and options.output_dtype in ITEMSIZE
-              and (tokens.type_splits is None or spec.task == "score"))
+              and (tokens.type_splits is None or spec.task == "score")
+              and (tokens.spans is None or spec.task == "embed"))
         if not ok:
             log.error("request violates the replica's invariants (validation missed it): %d "
                       "items, lengths %s..%s", tokens.n, tokens.lengths.min(initial=0),
@@ -268,7 +269,7 @@ class ReplicaCore:
             self._next_key += 1
             req = _Request(key=key, request_id=request_id, tokens=tokens, options=options,
                            loop=loop, future=fut, submitted=t0,
-                           out=None if self._sparse else np.empty((tokens.n, self.spec.dim),
+                           out=None if self._sparse else np.empty((_rows(tokens), self.spec.dim),
                                                                   dtype=np.float32),
                            sparse=[None] * tokens.n if self._sparse else None,
                            remaining=tokens.n)
@@ -373,11 +374,21 @@ class ReplicaCore:
                 off = req.tokens.offsets()
                 prio = req.options.priority
                 splits = req.tokens.type_splits
+                spans = req.tokens.spans
+                # each sequence's first output row and, for late chunking, its spans
+                if spans is None:
+                    rows = range(req.tokens.n)
+                    bounds = [None] * req.tokens.n
+                else:
+                    so = spans.offsets()
+                    rows = so[:-1].tolist()
+                    bounds = [spans.bounds[so[i]: so[i + 1]] for i in range(req.tokens.n)]
                 self._sched.add_many(
                     Sequence(request_key=req.key, index=i, length=int(req.tokens.lengths[i]),
-                             arrival=req.submitted, priority=prio,
+                             arrival=req.submitted, priority=prio, group=int(spans is not None),
                              payload=(req, req.tokens.ids[off[i]: off[i + 1]],
-                                      None if splits is None else int(splits[i])))
+                                      None if splits is None else int(splits[i]), rows[i],
+                                      bounds[i]))
                     for i in range(req.tokens.n))
             else:
                 before = self._sched.queued_tokens
@@ -421,8 +432,11 @@ class ReplicaCore:
                     splits = np.fromiter((s.length if s.payload[2] is None else s.payload[2]
                                           for s in seqs), dtype=np.int64, count=len(seqs))
                 ids = [s.payload[1] for s in seqs]
-                batch.prepared = (self.engine.prepare(ids) if splits is None
-                                  else self.engine.prepare(ids, type_splits=splits))
+                if seqs[0].group:   # late chunking: one row per span (the batch is one group)
+                    batch.prepared = self.engine.prepare(ids, spans=[s.payload[4] for s in seqs])
+                else:
+                    batch.prepared = (self.engine.prepare(ids) if splits is None
+                                      else self.engine.prepare(ids, type_splits=splits))
             except BaseException as e:  # noqa: BLE001 - isolate the failure to this batch
                 batch.error = e
             with self._cv:
@@ -485,6 +499,10 @@ class ReplicaCore:
     def _finish(self, batch: _Batch, out: Any, started: float,
                 error: Optional[BaseException]) -> None:
         seqs = batch.seqs
+        # rows per sequence: one, or one per span (late chunking)
+        counts = [1 if s.payload[4] is None else len(s.payload[4]) for s in seqs]
+        starts = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum(counts, out=starts[1:])
         if error is None:
             try:
                 out = self.engine.finish(out)
@@ -513,6 +531,8 @@ class ReplicaCore:
                 self._complete(req, InternalError("inference failed for this batch"))
             return
         finite = np.isfinite(out).all(axis=1)
+        if counts[-1] != 1 or len(out) != len(seqs):
+            finite = np.logical_and.reduceat(finite, starts[:-1]) if len(finite) else finite
         if self._sparse:
             # one nonzero pass for the batch, then each row's slice of it
             nz_rows, nz_cols = np.nonzero(out)
@@ -539,8 +559,10 @@ class ReplicaCore:
                     keep = np.sort(np.argpartition(vals, len(vals) - k)[len(vals) - k:])
                     cols, vals = cols[keep], vals[keep]
                 req.sparse[s.index] = (cols, vals)
+            elif s.payload[4] is None:
+                req.out[s.payload[3]] = out[row]
             else:
-                req.out[s.index] = out[row]
+                req.out[s.payload[3]: s.payload[3] + counts[row]] = out[starts[row]: starts[row + 1]]
             req.remaining -= 1
             if req.remaining == 0:
                 try:
@@ -568,6 +590,11 @@ class ReplicaCore:
                 device_memory_used_bytes=used, device_memory_total_bytes=total,
                 histograms=[h.to_proto(name) for name, h in self._hist.items()])
         return msg
+
+
+def _rows(tokens: TokenBatch) -> int:
+    """Output rows of a request: one per item, or one per span (late chunking)."""
+    return tokens.n if tokens.spans is None else tokens.spans.rows
 
 
 def _wake(fut: asyncio.Future) -> None:

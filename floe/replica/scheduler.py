@@ -33,6 +33,9 @@ Rules
   make it take those sequences. A lone anchor is always a valid batch, so the starvation bound is
   unchanged; what changes is that a short anchor in a queue of scattered lengths no longer pads a
   hundred rows up to the longest of them.
+* **Groups.** Sequences of different ``group`` never share a batch (the engine runs them through
+  different heads); the anchor's group decides, the others wait for a batch of their own, and a
+  batch that left some out counts as full.
 * **Cancellation.** ``remove_request`` drops a request's queued sequences before compute.
 
 Complexity: adding k sequences to a queue of n is O(k log n + n) worst case (a sort of nearly
@@ -66,6 +69,9 @@ class Sequence:
     arrival: float
     priority: int = 0
     payload: Any = None
+    # sequences of different groups never share a batch (the engine runs each group's head apart:
+    # late chunking's span pooling is group 1, everything else group 0)
+    group: int = 0
     # assigned by the scheduler: a unique, increasing id (tie-breaker and index key)
     seq_id: int = field(default=-1, compare=False)
 
@@ -213,9 +219,9 @@ class Scheduler:
                 if (len(chosen) + 1) * longest > budget:
                     closed = True  # even a sequence no longer than the current longest won't fit
                     break
-                while lo >= 0 and not self._eligible(index[lo][1], prio, taken):
+                while lo >= 0 and not self._eligible(index[lo][1], prio, anchor.group, taken):
                     lo -= 1
-                while hi_open and hi < len(index) and not self._eligible(index[hi][1], prio, taken):
+                while hi_open and hi < len(index) and not self._eligible(index[hi][1], prio, anchor.group, taken):
                     hi += 1
                 lo_len = index[lo][0] if lo >= 0 else None
                 hi_len = index[hi][0] if hi_open and hi < len(index) else None
@@ -248,9 +254,10 @@ class Scheduler:
                 or len(chosen) < len(self._live) or held_back)
         return chosen, full
 
-    def _eligible(self, sid: int, prio: int, taken: set[int]) -> bool:
+    def _eligible(self, sid: int, prio: int, group: int, taken: set[int]) -> bool:
         seq = self._live.get(sid)
-        return seq is not None and seq.priority == prio and sid not in taken
+        return (seq is not None and seq.priority == prio and seq.group == group
+                and sid not in taken)
 
     def next_batch(self, now: float, engine_idle: bool = True) -> Optional[list[Sequence]]:
         """The next batch to run, removed from the queue, or None when it should wait.

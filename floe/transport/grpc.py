@@ -36,7 +36,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from floe.errors import GRPC_STATUS, FloeError, ValidationError, grpc_trailing_metadata
 from floe.proto import arctic_inference_pb2 as arctic_pb2
 from floe.proto import floe_pb2
-from floe.protocol import EmbedResult, EncodeOptions, TokenBatch, encode_call_from_proto, result_to_proto
+from floe.protocol import (EmbedResult, EncodeOptions, TokenBatch, chunk_options_from_proto,
+                           chunks_to_proto, encode_call_from_proto, result_to_proto)
 from floe.transport.auth import AUTH_HINT, bearer_ok
 
 log = logging.getLogger("floe.grpc")
@@ -154,7 +155,17 @@ class EmbedderServicer:
     async def Encode(self, request: floe_pb2.EncodeRequest, context) -> floe_pb2.EncodeResponse:
         request_id, texts, tokens, options, model = encode_call_from_proto(request)
         request_id = request_id or new_request_id()
-        result = await self.backend.encode(request_id, texts, tokens, options, model)
+        table = None
+        if request.HasField("chunking"):
+            chunk = chunk_options_from_proto(request.chunking)
+            encode_chunked = getattr(self.backend, "encode_chunked", None)
+            if encode_chunked is None:
+                raise ValidationError("chunking is done by floe serve's front end; this endpoint "
+                                      "embeds each input as it is", param="chunking")
+            chunks = await encode_chunked(request_id, texts, tokens, options, chunk, model)
+            result, table = chunks.result, chunks.table
+        else:
+            result = await self.backend.encode(request_id, texts, tokens, options, model)
         result.request_id = result.request_id or request_id
         t = result.timings
         context.set_trailing_metadata((
@@ -164,7 +175,10 @@ class EmbedderServicer:
             ("x-total-time", repr(t.total_s)),
             ("x-tokens", str(int(result.token_counts.sum()))),
         ))
-        return result_to_proto(result)
+        msg = result_to_proto(result)
+        if table is not None:
+            chunks_to_proto(table, msg)
+        return msg
 
     @_rpc
     async def Rerank(self, request: floe_pb2.RerankRequest, context) -> floe_pb2.RerankResponse:
