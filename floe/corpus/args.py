@@ -61,18 +61,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "batches (they are real work); on a GPU, 16384")
     p.add_argument("--max-batch-size", type=int, default=256, help="most sequences in one pass")
     p.add_argument("--shard-rows", type=int, default=10_000,
-                   help="rows per output part: the unit of length-sorting, commit and resume")
+                   help="rows per output part: the unit of length-sorting and of the output's "
+                        "files (commits come at least every --commit-seconds of compute)")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="run on Ray Data: a new local Ray instance, or the cluster at ADDRESS "
                         "('auto' for the one this machine belongs to); needs floe[ray]")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal; log lines otherwise)")
     p.add_argument("--log-level", default="info")
+    # the job's settings-tree section (floe/config.py CorpusSettings): flag and FLOE_* variable
+    # derived from the field, as for floe serve's
+    from floe.config import add_arguments as add_settings
+
+    add_settings(p, sections=("corpus",))
 
 
 def job_from_args(args: argparse.Namespace):
+    from floe.config import settings_from
     from floe.corpus.embed import CorpusOptions
-    from floe.corpus.job import CorpusJob
+    from floe.corpus.plan import CorpusJob
 
     options = CorpusOptions(
         text_column=args.text_column, id_column=args.id_column, prompt_name=args.prompt_name,
@@ -83,7 +90,7 @@ def job_from_args(args: argparse.Namespace):
         device=args.device, dtype=args.dtype, workers=args.workers, threads=args.threads,
         tokenize_threads=args.tokenize_threads, batch_tokens=args.batch_tokens,
         max_batch_size=args.max_batch_size, input_format=args.input_format, ray=args.ray,
-        progress=args.progress)
+        progress=args.progress, corpus=settings_from(args).corpus)
 
 
 def main(args: argparse.Namespace) -> int:

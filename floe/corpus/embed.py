@@ -177,26 +177,39 @@ class ShardEmbedder:
 
     # --- batches and results -----------------------------------------------------------------
 
-    def batches(self, tok: Tokenized) -> Iterator[tuple[Batch, list[np.ndarray]]]:
+    def batches(self, tok: Tokenized, todo: Optional[np.ndarray] = None
+                ) -> Iterator[tuple[Batch, list[np.ndarray]]]:
         """(batch, its id arrays) for the shard's forward passes; ``batch.idx`` are positions in
-        ``tok.good`` order. A generator: it may wait for the budget measurement (budget.py), so
-        every trial batch it yields must be reported to ``self.tuner.record``."""
+        ``tok.good`` order. ``todo``: only these positions (the rest were committed by an earlier
+        run). A generator: it may wait for the budget measurement (budget.py), so every trial
+        batch it yields must be reported to ``self.tuner.record``."""
         offsets = tok.tokens.offsets()
         ids = tok.tokens.ids
-        for batch in self.tuner.cut(tok.tokens.lengths):
+        lengths = tok.tokens.lengths if todo is None else tok.tokens.lengths[todo]
+        for batch in self.tuner.cut(lengths):
+            if todo is not None:
+                batch.idx = todo[batch.idx]
             yield batch, [ids[offsets[i]:offsets[i + 1]] for i in batch.idx]
 
-    def embed(self, tok: Tokenized, run_batch: Callable[[list[np.ndarray]], np.ndarray]) -> np.ndarray:
-        """Runs every batch of the shard in this thread; returns the pooled (n_good, dim) rows."""
-        out = np.empty((len(tok.good), self.spec.dim), dtype=np.float32)
-        for batch, seqs in self.batches(tok):
+    def embed(self, tok: Tokenized, run_batch: Callable[[list[np.ndarray]], np.ndarray],
+              todo: Optional[np.ndarray] = None, out: Optional[np.ndarray] = None,
+              after_batch: Optional[Callable[[Batch, float], None]] = None) -> np.ndarray:
+        """Runs the shard's batches (``todo``'s, by default all) in this thread into ``out``
+        (default: a new array); returns the pooled (n_good, dim) rows. ``after_batch(batch,
+        seconds)`` is called once a batch's rows are in ``out`` (the commit policy's hook)."""
+        if out is None:
+            out = np.empty((len(tok.good), self.spec.dim), dtype=np.float32)
+        for batch, seqs in self.batches(tok, todo):
             t0 = time.perf_counter()
             try:
                 out[batch.idx] = run_batch(seqs)
             except BaseException:
                 self.tuner.abandon()
                 raise
-            self.tuner.record(batch, max(len(s) for s in seqs), time.perf_counter() - t0)
+            dt = time.perf_counter() - t0
+            self.tuner.record(batch, max(len(s) for s in seqs), dt)
+            if after_batch is not None:
+                after_batch(batch, dt)
         return out
 
     def result_table(self, tok: Tokenized, pooled: np.ndarray) -> tuple[pa.Table, list[dict]]:

@@ -1,8 +1,8 @@
-"""A corpus job: its settings, and the set-up shared by the local and the Ray path.
+"""A corpus job's driver: the set-up shared by the local and the Ray path.
 
 ``run(job)`` resolves the model, plans the input's shards, opens (or checks) the output's
-manifest, then hands the shards still to do to ``local.run_local`` or ``ray_data.run_ray``, and
-finalizes the output. It returns the summary line's numbers.
+manifest, then hands the shards still to do (a ``Plan``, plan.py) to ``local.run_local`` or
+``ray_data.run_ray``, and finalizes the output. It returns the summary line's numbers.
 """
 
 from __future__ import annotations
@@ -11,62 +11,17 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Optional
 
 from floe.corpus.budget import tuner_for
-from floe.corpus.embed import CorpusOptions, ShardEmbedder
-from floe.corpus.reader import CorpusError, Shard, Source, open_source
+from floe.corpus.embed import ShardEmbedder
+from floe.corpus.plan import CorpusJob, Plan
+from floe.corpus.reader import CorpusError, open_source
 from floe.corpus.writer import FORMAT_VERSION, CorpusOutput, model_fingerprint
 
+__all__ = ["CorpusJob", "Plan", "default_workers", "on_gpu", "prepare", "run"]
+
 log = logging.getLogger("floe.corpus")
-
-
-
-@dataclass(frozen=True)
-class CorpusJob:
-    """One ``floe embed-corpus`` invocation. ``options`` decide the output's content; the rest
-    decides only how fast it is computed (and may change between a run and its resumption)."""
-
-    input: str
-    output: str
-    options: CorpusOptions = field(default_factory=CorpusOptions)
-    model: str = "default"
-    engine: Optional[str] = None         # None: create_engine's default
-    device: str = "auto"
-    dtype: str = "auto"
-    workers: Optional[int] = None        # engine workers (local) or actors (Ray); None: default_workers
-    threads: Optional[int] = None        # compute threads in all (local) or per actor (Ray)
-    tokenize_threads: Optional[int] = None
-    batch_tokens: Optional[int] = None   # None: measured on the job's first batches (CPU)
-    max_batch_size: int = 256
-    input_format: Optional[str] = None
-    ray: Optional[str] = None            # None: local; "local": a new local Ray; else an address
-    progress: Optional[bool] = None      # None: a bar when stderr is a terminal
-
-
-@dataclass
-class Plan:
-    """What ``prepare`` found: the model, the input's shards, the output and the work left."""
-
-    job: CorpusJob
-    spec: object
-    embedder: ShardEmbedder
-    source: Source
-    shards: list[Shard]
-    output: CorpusOutput
-    manifest: dict
-    pending: list[Shard]
-    finished: bool = False
-
-    @property
-    def total_rows(self) -> int:
-        return self.shards[-1].end if self.shards else 0
-
-    @property
-    def done_rows(self) -> int:
-        pending = {s.index for s in self.pending}
-        return sum(s.rows for s in self.shards if s.index not in pending)
 
 
 def _id_type_name(t) -> str:
@@ -107,6 +62,8 @@ def prepare(job: CorpusJob) -> Plan:
         raise CorpusError("--shard-rows must be positive")
     if (job.batch_tokens is not None and job.batch_tokens < 1) or job.max_batch_size < 1:
         raise CorpusError("--batch-tokens and --max-batch-size must be positive")
+    if not job.corpus.commit_seconds > 0:
+        raise CorpusError("--commit-seconds must be positive")
     if job.workers is not None and job.workers < 1:
         raise CorpusError("--workers must be at least 1")
     if job.workers is None:
@@ -136,7 +93,8 @@ def prepare(job: CorpusJob) -> Plan:
         return Plan(job, spec, embedder, source, shards, output, manifest, [], finished=True)
     done = output.open(manifest)
     pending = [s for s in shards if s.index not in done]
-    return Plan(job, spec, embedder, source, shards, output, manifest, pending)
+    partial = {i: n for i, n in output.piece_rows().items() if i not in done}
+    return Plan(job, spec, embedder, source, shards, output, manifest, pending, partial=partial)
 
 
 def run(job: CorpusJob) -> dict:
@@ -150,8 +108,9 @@ def run(job: CorpusJob) -> dict:
         return {"rows": None, "skipped": None, "wall_s": time.monotonic() - t0, "summary": msg,
                 "already_complete": True}
     if plan.done_rows:
-        log.info("resuming: %d of %d shards already written", len(plan.shards) - len(plan.pending),
-                 len(plan.shards))
+        log.info("resuming: %d of %d shards already written, and %d rows of %d unfinished "
+                 "shard(s)", len(plan.shards) - len(plan.pending), len(plan.shards),
+                 sum(plan.partial.values()), len(plan.partial))
     progress = Progress(plan.total_rows, plan.done_rows, enabled=job.progress)
     try:
         if plan.pending:

@@ -10,9 +10,12 @@ Threads and who owns what
   waits, moments, for their timings before cutting the rest.
 * **N engine workers**, one engine each, take batches, run ``prepare`` + ``run``, report trial
   batches' times to the tuner and write the pooled rows into their shard's array; the worker that
-  finishes a shard's last batch hands the shard to **the writer**.
+  finishes a shard's last batch hands the shard to **the writer**. Each batch's duration goes to
+  the commit policy (commit.py); the worker whose batch makes a commit due hands one to the writer.
 * **the writer** (a one-thread pool) post-processes the shard, writes its part file (atomic
-  rename) and counts progress.
+  rename), removes its pieces and counts progress; a commit writes, per open shard, the rows
+  finished since the last one as a piece (the shard's array is read, not copied, under no lock:
+  rows are written once, before they are reported finished).
 
 On CPU the workers split the compute threads (``--threads``, default all cores) between them,
 unpinned (OpenVINO pins a stream's threads to cores, and engines in one process would all pin to
@@ -34,9 +37,11 @@ from typing import Optional
 
 import numpy as np
 
+from floe.corpus.commit import CommitPolicy, OpenShard
 from floe.corpus.embed import Tokenized
-from floe.corpus.job import Plan
+from floe.corpus.plan import Plan
 from floe.corpus.progress import Progress
+from floe.corpus.writer import drop_pieces
 
 log = logging.getLogger("floe.corpus")
 
@@ -59,29 +64,29 @@ def _background_thread() -> None:
         pass
 
 
-class _ShardState:
+class _ShardState(OpenShard):
     """A shard's pooled rows as its batches fill them. Its batches are cut while earlier ones
     run, so the shard is complete when it is sealed (no more batches) and none is left."""
 
-    def __init__(self, tok: Tokenized, dim: int) -> None:
-        self.tok = tok
-        self.pooled = np.empty((len(tok.good), dim), dtype=np.float32)
+    def __init__(self, tok: Tokenized, dim: int, work: str) -> None:
+        super().__init__(tok, dim, work)
         self.left = 0
         self.sealed = False
-        self.lock = threading.Lock()
+        self.written = False   # its part file is (being) written: no more pieces of it
 
     def add(self) -> None:
-        with self.lock:
+        with self._lock:
             self.left += 1
 
     def seal(self) -> bool:
         """No more batches; True when every batch has already finished."""
-        with self.lock:
+        with self._lock:
             self.sealed = True
             return self.left == 0
 
-    def batch_done(self) -> bool:
-        with self.lock:
+    def batch_done(self, idx: np.ndarray) -> bool:
+        with self._lock:
+            self._new.append(idx)
             self.left -= 1
             return self.sealed and self.left == 0
 
@@ -151,6 +156,9 @@ class _Pipeline:
         self._err_lock = threading.Lock()
         self.writes: list[Future] = []
         self._writes_lock = threading.Lock()
+        self.policy = CommitPolicy(job.corpus.commit_seconds)
+        self.open: list[_ShardState] = []   # shards computing, in order (the writer's to edit)
+        self._open_lock = threading.Lock()
 
     def fail(self, exc: BaseException) -> None:
         with self._err_lock:
@@ -180,23 +188,48 @@ class _Pipeline:
                 tuner.record(batch, 0, None)
                 self.fail(exc)
                 continue
-            tuner.record(batch, max(len(s) for s in seqs), time.perf_counter() - t0)
-            if state.batch_done():
-                self._submit_write(state)
+            dt = time.perf_counter() - t0
+            tuner.record(batch, max(len(s) for s in seqs), dt)
+            complete = state.batch_done(batch.idx)
+            if self.policy.batch_done(dt):
+                self._submit(self._commit)
+            if complete:
+                self._submit(self._write, state)
 
-    def _submit_write(self, state: _ShardState) -> None:
-        fut = self.write_pool.submit(self._write, state)
+    def _submit(self, fn, *args) -> None:
+        fut = self.write_pool.submit(fn, *args)
         fut.add_done_callback(lambda f: f.exception() and self.fail(f.exception()))
         with self._writes_lock:
             self.writes.append(fut)
 
+    def _commit(self) -> None:
+        """Writes the rows finished since the last commit, one piece per open shard."""
+        if self.error is not None:
+            self.policy.failed()
+            return
+        t0 = time.perf_counter()
+        try:
+            with self._open_lock:
+                states = [s for s in self.open if not s.written]
+            for state in states:
+                state.commit_new()
+        except BaseException:
+            self.policy.failed()
+            raise
+        self.policy.committed(time.perf_counter() - t0)
+
     def _write(self, state: _ShardState) -> None:
+        with self._open_lock:
+            state.written = True
+            self.open.remove(state)
         if self.error is not None:
             return
         tok = state.tok
         table, skipped = self.embedder.result_table(tok, state.pooled)
-        self.plan.output.write_shard(tok.rows.shard.index, table, skipped)
-        self.progress.update(tok.rows.shard.rows, tok.n_tokens, len(skipped))
+        out = self.plan.output
+        out.write_shard(tok.rows.shard.index, table, skipped)
+        drop_pieces(out.work, tok.rows.shard.index)
+        self.progress.update(tok.rows.shard.rows - state.resumed, state.n_tokens_todo, len(skipped))
 
     # --- driver ---------------------------------------------------------------------------------
 
@@ -213,6 +246,7 @@ class _Pipeline:
         self.engines = engines
         workers = [threading.Thread(target=self._worker, args=(e,), name=f"floe-corpus-engine-{i}",
                                     daemon=True) for i, e in enumerate(self.engines)]
+        self.policy.restart()   # compute starts now: the engines' load was not at risk
         for t in workers:
             t.start()
         pending, ahead = self._pending, self._ahead
@@ -222,15 +256,17 @@ class _Pipeline:
                 nxt = next(pending, None)
                 if nxt is not None:
                     ahead.append(self.read_pool.submit(self._read, nxt))
-                state = _ShardState(tok, self.plan.spec.dim)
-                for batch, seqs in self.embedder.batches(tok):
+                state = _ShardState(tok, self.plan.spec.dim, self.plan.output.work)
+                with self._open_lock:
+                    self.open.append(state)
+                for batch, seqs in self.embedder.batches(tok, state.todo):
                     if self.error is not None:
                         self.embedder.tuner.record(batch, 0, None)
                         continue  # report the rest of the trial, if any, as dropped
                     state.add()
                     self.work.put((state, batch, seqs))
                 if state.seal() and self.error is None:
-                    self._submit_write(state)
+                    self._submit(self._write, state)
         except BaseException as exc:
             self.fail(exc)
         finally:

@@ -1,121 +1,90 @@
 """The corpus job on Ray Data (``floe embed-corpus --ray [ADDRESS]``).
 
-    read_datasource(_ShardDatasource)    one read task per shard still to do, floe's own reader
+    from_items(shard descriptors)       one tiny row per shard still to do (index, row range,
+                                        where it starts in the input): no read stage
       -> map_batches(_EmbedActor)        an actor pool of floe engines (one per GPU, or per group
-                                         of cores); each batch is one whole shard: tokenize,
-                                         length-sorted batches, forward, post step, then the
-                                         write: the shard's part file, atomic rename
+                                         of cores), spread over the nodes; each call is one
+                                         shard: read it (floe's reader), tokenize, length-sorted
+                                         batches, forward, post step, then the write: the
+                                         shard's part file, atomic rename. While a shard
+                                         computes, its finished rows are committed in pieces
+                                         within --commit-seconds (commit.py)
       -> the driver                      counts progress from one small status row per shard
 
-The shards, the manifest, the part files and the final step are the local path's (reader.py,
-writer.py), so the output is the same and a job can be resumed by either path. The output folder
-must be reachable from every node that runs an embedding actor (a shared file system), as for any
-Ray Data write. The model folder must be at the same path on every node (the embedded default model is
-installed with floe).
+The shards, the manifest, the part files, the pieces and the final step are the local path's
+(reader.py, writer.py, commit.py), so the output is the same and a job can be resumed by either
+path. The input and the output folder must be reachable at the same paths from every node that
+runs an embedding actor (a shared file system), as for any Ray Data read and write. The model
+folder must be at the same path on every node (the embedded default model is installed with floe).
 
-Ray Data's own ``write_parquet`` is not used: it has no notion of which rows were already
-written, so it cannot resume a job exactly once.
+The actor reads its own shard: a read stage of Ray tasks would start more worker processes (each
+importing pyarrow and floe) beside the actors' engine load and carry every text through the
+object store, to save a read that takes a fraction of a percent of a shard's compute.
+
+Node loss: Ray Data restarts a dead actor (on a node with room) and retries its call; the retry
+finds the pieces the dead actor committed and embeds only the rest, and a shard whose part file
+exists is not embedded again. Ray Data's own ``write_parquet`` is not used: it has no notion of
+which rows were already written, so it cannot resume a job exactly once.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 
+from floe.corpus.commit import CommitPolicy, OpenShard
 from floe.corpus.embed import CorpusOptions
-from floe.corpus.job import Plan
+from floe.corpus.plan import Plan
 from floe.corpus.progress import Progress
-from floe.corpus.reader import CorpusError, Rows, Shard, Source
+from floe.corpus.reader import CorpusError, Shard, Source
 
 log = logging.getLogger("floe.corpus")
 
 try:
     import ray
-    from ray.data import Datasource, ReadTask
-    from ray.data.block import BlockMetadata
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise CorpusError('--ray needs Ray Data: pip install "floe[ray]"') from exc
 
 
-# --- read -------------------------------------------------------------------------------------
+# --- shards -----------------------------------------------------------------------------------
 
-def _shard_block(source: Source, shard: Shard) -> pa.Table:
-    rows = source.read(shard)
-    n = shard.rows
-    reasons = [rows.bad.get(i) for i in range(n)]
-    return pa.table({
-        "shard": pa.array(np.full(n, shard.index, dtype=np.int64)),
-        "start": pa.array(np.full(n, shard.start, dtype=np.int64)),
-        "shard_rows": pa.array(np.full(n, n, dtype=np.int64)),
-        "pos": pa.array(np.arange(n, dtype=np.int64)),
-        "id": rows.ids,
-        "text": pa.array(rows.texts, type=pa.string()),
-        "reason": pa.array(reasons, type=pa.string()),
-    })
+def shard_items(shards: list[Shard]) -> list[dict]:
+    """One row per shard; the locator (format-specific) travels as JSON."""
+    return [{"shard": s.index, "start": s.start, "end": s.end, "locator": json.dumps(s.locator)}
+            for s in shards]
 
 
-class _ShardDatasource(Datasource):
-    """One read task per shard; each returns the shard's rows as one block."""
-
-    def __init__(self, source: Source, shards: list[Shard]) -> None:
-        super().__init__()
-        self._source = source
-        self._shards = shards
-
-    def estimate_inmemory_data_size(self) -> Optional[int]:
-        return None
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None,
-                       data_context=None) -> list:
-        source = self._source
-        tasks = []
-        for shard in self._shards:
-            meta = BlockMetadata(num_rows=shard.rows, size_bytes=None, exec_stats=None,
-                                 input_files=None)
-            tasks.append(ReadTask(lambda s=shard: [_shard_block(source, s)], meta))
-        return tasks
+def _shards_of(batch: pa.Table) -> list[Shard]:
+    return [Shard(int(r["shard"]), int(r["start"]), int(r["end"]), json.loads(r["locator"]))
+            for r in batch.to_pylist()]
 
 
 # --- embed (actors) ---------------------------------------------------------------------------
 
-def _rows_of(batch: pa.Table) -> list[Rows]:
-    """Splits a batch into whole shards (checks that no shard was cut between blocks)."""
-    out = []
-    shard_col = batch.column("shard").to_numpy()
-    for index in np.unique(shard_col):
-        part = batch.filter(pa.array(shard_col == index))
-        start = int(part.column("start")[0].as_py())
-        n = int(part.column("shard_rows")[0].as_py())
-        pos = part.column("pos").to_numpy()
-        if len(pos) != n or not np.array_equal(np.sort(pos), np.arange(n)):
-            raise RuntimeError(f"shard {index} reached the embedding stage split across blocks "
-                               f"({len(pos)} of {n} rows)")
-        order = np.argsort(pos)
-        part = part.take(pa.array(order))
-        texts = part.column("text").to_pylist()
-        reasons = part.column("reason").to_pylist()
-        bad = {i: r for i, r in enumerate(reasons) if r is not None}
-        out.append(Rows(Shard(int(index), start, start + n), part.column("id").combine_chunks(),
-                        texts, bad))
-    return out
+STATUS = {"shard": pa.int64(), "rows": pa.int64(), "tokens": pa.int64(), "skipped": pa.int64(),
+          "error": pa.string(), "node": pa.string(), "init_s": pa.float64(),
+          "ready_at": pa.float64(), "started_at": pa.float64(), "ended_at": pa.float64()}
 
 
 class _EmbedActor:
     """One floe engine, its tokenizer and the job's embedding step; one call per shard.
 
-    The actor commits each shard it embeds (part file, atomic rename) and returns one status
-    row per shard: the embeddings never travel through the object store, and no separate write
-    task (a Ray worker process importing pyarrow and floe) waits for them. Measured on 2 cores,
-    that write stage took about 20 s per job, by our reading of Ray Data's log mostly the
-    worker's start."""
+    The actor reads its shard, commits it (part file, atomic rename; pieces while it computes)
+    and returns one status row per shard: neither texts nor embeddings travel through the object
+    store, and no separate read or write task (a Ray worker process importing pyarrow and floe)
+    competes with the engine. The status rows carry wall-clock times (the actor's start, each
+    shard's) from which the driver logs where a job's fixed cost went."""
 
     def __init__(self, model: str, options: dict, engine: Optional[str], device: str, dtype: str,
                  threads: int, batch_tokens: Optional[int], max_batch_size: int, work: str,
-                 manifest: dict) -> None:
+                 manifest: dict, source: Source, commit_seconds: float) -> None:
+        t0 = time.time()
         from concurrent.futures import ThreadPoolExecutor
 
         from floe.config import ModelSettings
@@ -129,7 +98,17 @@ class _EmbedActor:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         spec = load_spec(ModelSettings(model=model))
         kw = {} if engine is None else {"kind": engine}
-        self.engine = create_engine(spec, device=device, dtype=dtype, threads=threads, **kw)
+        if engine == "fake":
+            # the fake engine's simulated compute time comes from the settings tree (the
+            # environment of the node's raylet), as in the local path and a replica
+            from floe.config import settings_from
+            from floe.engine.fake import FakeEngine
+
+            r = settings_from().replicas
+            self.engine = FakeEngine(spec, seconds_per_token=r.fake_seconds_per_token,
+                                     seconds_per_batch=r.fake_seconds_per_batch)
+        else:
+            self.engine = create_engine(spec, device=device, dtype=dtype, threads=threads, **kw)
         # each actor measures its own budget (its engine, its cores) unless one is given
         tuner = tuner_for(spec, batch_tokens, max_batch_size, self.engine.device.startswith("cuda"))
         self.embedder = ShardEmbedder(spec, Tokenizer(spec), CorpusOptions(**options), tuner)
@@ -137,35 +116,61 @@ class _EmbedActor:
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="floe-tokenize")
         self.work = work
         self.schema = schema_for(manifest)
+        self.source = source
+        self.dim = spec.dim
+        self.policy = CommitPolicy(commit_seconds)
+        self.ready_at = time.time()
+        self.init_s = self.ready_at - t0
+        self.node = ray.get_runtime_context().get_node_id()[:12]
 
     def _run(self, seqs: list) -> np.ndarray:
         return self.engine.run(self.engine.prepare(seqs))
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from floe.corpus.writer import write_part
+    def _shard(self, shard: Shard) -> tuple[int, int, int]:
+        """Embeds and commits one shard; returns (rows, tokens, skipped) new in this call."""
+        from floe.corpus.writer import drop_pieces, part_name, write_part
 
-        status: dict[str, list] = {"shard": [], "rows": [], "tokens": [], "skipped": [], "error": []}
-        for rows in _rows_of(batch):
-            error, tokens, skipped = None, 0, 0
+        if os.path.exists(os.path.join(self.work, part_name(shard.index))):
+            return 0, 0, 0   # a retried call whose first try committed the shard
+        rows = self.source.read(shard)
+        tok = self.embedder.tokenize(rows, self.pool)
+        state = OpenShard(tok, self.dim, self.work)
+        policy = self.policy
+        policy.restart()   # nothing of this actor is uncommitted between shards
+
+        def after_batch(batch, seconds: float) -> None:
+            state.finished(batch.idx)
+            if policy.batch_done(seconds):
+                t0 = time.perf_counter()
+                try:
+                    state.commit_new()
+                except BaseException:
+                    policy.failed()
+                    raise
+                policy.committed(time.perf_counter() - t0)
+
+        pooled = self.embedder.embed(tok, self._run, todo=state.todo, out=state.pooled,
+                                     after_batch=after_batch)
+        table, skipped_rows = self.embedder.result_table(tok, pooled)
+        write_part(self.work, shard.index, table, skipped_rows, self.schema)
+        drop_pieces(self.work, shard.index)
+        return shard.rows - state.resumed, state.n_tokens_todo, len(skipped_rows)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        status: dict[str, list] = {k: [] for k in STATUS}
+        for shard in _shards_of(batch):
+            started = time.time()
+            error, rows, tokens, skipped = None, 0, 0, 0
             try:
-                tok = self.embedder.tokenize(rows, self.pool)
-                pooled = self.embedder.embed(tok, self._run)
-                table, skipped_rows = self.embedder.result_table(tok, pooled)
+                rows, tokens, skipped = self._shard(shard)
             except CorpusError as exc:  # --on-error fail, or non-finite output: nothing written
                 error = str(exc)
-            else:
-                write_part(self.work, rows.shard.index, table, skipped_rows, self.schema)
-                tokens, skipped = tok.n_tokens, len(skipped_rows)
-            status["shard"].append(rows.shard.index)
-            status["rows"].append(rows.shard.rows)
-            status["tokens"].append(int(tokens))
-            status["skipped"].append(skipped)
-            status["error"].append(error)
-        return pa.table({"shard": pa.array(status["shard"], pa.int64()),
-                         "rows": pa.array(status["rows"], pa.int64()),
-                         "tokens": pa.array(status["tokens"], pa.int64()),
-                         "skipped": pa.array(status["skipped"], pa.int64()),
-                         "error": pa.array(status["error"], pa.string())})
+            for k, v in (("shard", shard.index), ("rows", rows), ("tokens", int(tokens)),
+                         ("skipped", skipped), ("error", error), ("node", self.node),
+                         ("init_s", self.init_s), ("ready_at", self.ready_at),
+                         ("started_at", started), ("ended_at", time.time())):
+                status[k].append(v)
+        return pa.table({k: pa.array(v, STATUS[k]) for k, v in status.items()})
 
 
 # --- driver -----------------------------------------------------------------------------------
@@ -192,25 +197,26 @@ def _connect(address: str) -> bool:
 
 def run_ray(plan: Plan, progress: Progress) -> None:
     job = plan.job
+    t_start = time.time()
     started = _connect(job.ray or "local")
+    t_connected = time.time()
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = bool(job.progress)
-        ctx.target_max_block_size = max(ctx.target_max_block_size or 0, 1 << 30)  # a shard stays whole
         cluster = ray.cluster_resources()
         cpus = float(cluster.get("CPU", 1))
         gpus = float(cluster.get("GPU", 0))
         use_gpu = job.device.startswith("cuda") or (job.device == "auto" and gpus >= 1)
         actors = job.workers
         threads = job.threads or max(1, int(cpus // actors))
-        # Logical CPUs reserved per actor: leave room for the read and write tasks.
-        reserve = max(0.25, min(float(threads), (cpus - 0.5) / actors))
+        # Logical CPUs reserved per actor: its threads, within the cluster's share per actor
+        # (there are no read or write tasks to leave room for)
+        reserve = max(0.25, min(float(threads), cpus / actors))
         log.info("Ray: %d actor(s), %d thread(s) each, %s; cluster %s", actors, threads,
                  "1 GPU each" if use_gpu else "CPU", {k: v for k, v in cluster.items()
                                                        if k in ("CPU", "GPU", "memory")})
         options = plan.embedder.options.to_json()
-        ds = ray.data.read_datasource(_ShardDatasource(plan.source, plan.pending),
-                                      override_num_blocks=len(plan.pending), num_cpus=0.1)
+        ds = ray.data.from_items(shard_items(plan.pending), override_num_blocks=len(plan.pending))
         ds = ds.map_batches(
             _EmbedActor, batch_size=None, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=actors),
@@ -220,12 +226,33 @@ def run_ray(plan: Plan, progress: Progress) -> None:
                 device="cuda" if use_gpu else job.device,
                 dtype=job.dtype, threads=threads, batch_tokens=job.batch_tokens,
                 max_batch_size=job.max_batch_size, work=plan.output.work,
-                manifest=plan.manifest))
+                manifest=plan.manifest, source=plan.source,
+                commit_seconds=job.corpus.commit_seconds))
+        statuses = []
         for status in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in status.to_pylist():
                 if row["error"]:
                     raise CorpusError(row["error"])
                 progress.update(row["rows"], row["tokens"], row["skipped"])
+                statuses.append(row)
+        log.info("%s", fixed_cost(statuses, t_start, t_connected))
     finally:
         if started:
             ray.shutdown()
+
+
+def fixed_cost(statuses: list[dict], t_start: float, t_connected: float) -> str:
+    """Where the Ray job's time went before its steady state, from the actors' status rows (wall
+    clock): connecting to (or starting) Ray, then until the first actor was ready (placement,
+    its process start, imports and engine load: init_s of that), then until its first shard
+    started. One line, logged at the end of a job."""
+    if not statuses:
+        return f"Ray: connect {t_connected - t_start:.1f} s; no shard ran"
+    ready = min(r["ready_at"] for r in statuses)
+    first = min(r["started_at"] for r in statuses)
+    init = min(statuses, key=lambda r: r["ready_at"])["init_s"]
+    nodes = sorted({r["node"] for r in statuses})
+    return (f"Ray fixed cost: connect {t_connected - t_start:.1f} s, first actor ready "
+            f"+{ready - t_connected:.1f} s (its constructor {init:.1f} s: imports, model, engine), "
+            f"first shard started +{first - ready:.1f} s; {len(statuses)} shard(s) on "
+            f"{len(nodes)} node(s)")

@@ -4,10 +4,19 @@ Layout while the job runs (the *work folder*)::
 
     _floe_manifest.json       input, model and option fingerprints, shard count, state
     part-000000.parquet       shard 0's rows, committed by an atomic rename
+    _piece-000001-<stamp>.parquet   rows of unfinished shard 1 embedded so far (see below)
     .part-000001.parquet.tmp-<pid>-<rand>   being written (ignored by readers, removed on restart)
 
 Each part file carries its shard's skipped rows in its Parquet key-value metadata, so one rename
 commits both; nothing else needs to be durable per shard.
+
+A shard that takes longer than the commit bound (``--commit-seconds``, floe/corpus/commit.py) is
+also committed in *pieces* while it computes: each piece holds the pooled rows (before the post
+step) finished since the last commit, with their positions in the shard, committed by the same
+atomic rename. The file names are the record: a rerun reads a shard's pieces, embeds only the
+rows they lack, then writes the shard's part file from both (the rows are the same bytes an
+uninterrupted run writes) and removes the pieces. Pieces start with ``_``, so readers of a
+folder OUTPUT never see them, and none is left once the job is complete.
 
 * ``OUTPUT`` a folder (any name not ending in ``.parquet``): the folder *is* the work folder; when
   every shard is there the manifest is rewritten with ``"complete": true``, and the skipped rows
@@ -30,9 +39,11 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 from typing import Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -42,6 +53,7 @@ MANIFEST = "_floe_manifest.json"
 META_KEY = b"floe.corpus"
 SKIPPED_KEY = b"floe.skipped"
 _PART = re.compile(r"^part-(\d{6,})\.parquet$")
+_PIECE = re.compile(r"^_piece-(\d{6,})-[0-9a-f]+\.parquet$")
 FORMAT_VERSION = 1
 
 
@@ -186,12 +198,21 @@ class CorpusOutput:
             os.makedirs(self.work, exist_ok=True)
             _atomic_write_bytes(path, json.dumps(want, indent=1).encode())
         self.manifest = want
-        for stale in glob.glob(os.path.join(glob.escape(self.work), ".part-*.tmp-*")):
-            try:
-                os.remove(stale)  # a shard being written when the last run died
-            except OSError:
-                pass
-        return self.done_shards()
+        for pattern in (".part-*.tmp-*", "._piece-*.tmp-*"):
+            for stale in glob.glob(os.path.join(glob.escape(self.work), pattern)):
+                try:
+                    os.remove(stale)  # a shard or piece being written when the last run died
+                except OSError:
+                    pass
+        done = self.done_shards()
+        for index in set(piece_files(self.work)) & done:
+            drop_pieces(self.work, index)  # killed between a part's rename and its pieces' removal
+        return done
+
+    def piece_rows(self) -> dict[int, int]:
+        """Rows committed in the pieces of each unfinished shard (from the files' metadata)."""
+        return {index: len(_piece_positions(paths))
+                for index, paths in piece_files(self.work).items()}
 
     def done_shards(self) -> set[int]:
         done = set()
@@ -236,6 +257,8 @@ class CorpusOutput:
         elif os.path.exists(self.skipped_path):
             os.remove(self.skipped_path)
         summary = {"rows": rows, "skipped": len(skipped)}
+        for index in piece_files(self.work):
+            drop_pieces(self.work, index)  # a piece written after its shard's part (a retried task)
         if self.single_file:
             parent, base = os.path.dirname(self.output), os.path.basename(self.output)
             for stale in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(base)}.tmp-*")):
@@ -291,3 +314,74 @@ def write_part(work: str, index: int, table: pa.Table, skipped: list[dict], sche
     os.replace(tmp, final)
     _fsync_dir(work)
     return final
+
+
+# --- pieces: the rows of an unfinished shard, committed as they are embedded --------------------
+
+def piece_files(work: str) -> dict[int, list[str]]:
+    """Shard index -> its piece files, in name order."""
+    out: dict[int, list[str]] = {}
+    try:
+        names = sorted(os.listdir(work))
+    except FileNotFoundError:
+        return out
+    for name in names:
+        m = _PIECE.match(name)
+        if m:
+            out.setdefault(int(m.group(1)), []).append(os.path.join(work, name))
+    return out
+
+
+def _piece_schema(dim: int) -> pa.Schema:
+    return pa.schema([pa.field("pos", pa.int64()), pa.field("pooled", pa.list_(pa.float32(), dim))])
+
+
+def write_piece(work: str, index: int, positions: np.ndarray, pooled: np.ndarray) -> str:
+    """Commits rows of unfinished shard ``index``: their positions in the shard and their pooled
+    float32 vectors (before the post step), to a hidden temporary name, fsync, atomic rename.
+    Any process may write pieces of any shard; a position in two pieces holds the same row."""
+    n, dim = pooled.shape
+    flat = pa.array(np.ascontiguousarray(pooled, dtype=np.float32).reshape(-1), type=pa.float32())
+    table = pa.Table.from_arrays(
+        [pa.array(np.asarray(positions, dtype=np.int64)), pa.FixedSizeListArray.from_arrays(flat, dim)],
+        schema=_piece_schema(dim))
+    name = f"_piece-{index:06d}-{time.time_ns():016x}{uuid.uuid4().hex[:6]}.parquet"
+    tmp = os.path.join(work, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    pq.write_table(table, tmp, row_group_size=max(1, n))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    final = os.path.join(work, name)
+    os.replace(tmp, final)
+    _fsync_dir(work)
+    return final
+
+
+def _piece_positions(paths: list[str]) -> np.ndarray:
+    cols = [pq.read_table(p, columns=["pos"]).column("pos").to_numpy() for p in paths]
+    return np.unique(np.concatenate(cols)) if cols else np.zeros(0, np.int64)
+
+
+def read_pieces(work: str, index: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows committed in shard ``index``'s pieces: (positions ascending, pooled (n, dim))."""
+    paths = piece_files(work).get(index, [])
+    if not paths:
+        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+    tables = [pq.read_table(p) for p in paths]
+    for p, t in zip(paths, tables):
+        if t.schema.field("pooled").type.list_size != dim:
+            raise CorpusError(f"{p} holds rows of width {t.schema.field('pooled').type.list_size}, "
+                              f"the model's is {dim}: delete it to recompute its rows")
+    pos = np.concatenate([t.column("pos").to_numpy() for t in tables])
+    vecs = np.concatenate([t.column("pooled").combine_chunks().values.to_numpy(zero_copy_only=False)
+                           .reshape(t.num_rows, dim) for t in tables]).astype(np.float32, copy=False)
+    keep = np.unique(pos, return_index=True)[1]   # a row in two pieces (a retried task): once
+    return pos[keep], vecs[keep]
+
+
+def drop_pieces(work: str, index: int) -> None:
+    """Removes shard ``index``'s pieces (its part file holds their rows now)."""
+    for p in piece_files(work).get(index, []):
+        try:
+            os.remove(p)
+        except FileNotFoundError:
+            pass

@@ -47,6 +47,7 @@ from floe.engine.base import Engine, Padded, head_summary, right_pad
 from floe.engine.hardware import cpu_has_fast_bf16
 from floe.errors import ConfigError
 from floe.models.spec import ModelSpec
+from floe.resolve import core_count
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +285,7 @@ class OpenVINOEngine(Engine):
         self.device = "cpu"
         self._inputs = _graph_inputs(spec)
         self.dtype = pick_precision(dtype)
-        self.threads = int(threads) if threads else len(os.sched_getaffinity(0))
+        self.threads = int(threads) if threads else core_count()
         self.cache_dir = cache_dir or default_cache_dir()
         self.converted = False  # True when this construction converted (no cache hit)
         self._lock = threading.Lock()

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import dataclasses
 import logging
 import queue
 import threading
@@ -132,17 +131,14 @@ class ReplicaCore:
         self.settings = batch
         self.replica_id = replica_id
         self._sparse = self.spec.task == "sparse"
-        from floe.fleet.placement import batch_budget, batch_fill_floor
+        from floe.resolve import resolve_batch
 
-        on_gpu = str(engine.device).startswith("cuda")
-        if batch.max_batch_tokens is None:
-            # Not settled by a front end (a standalone replica, the Ray Serve deployment): the
-            # default for the device this engine runs on, as `floe serve` would settle it.
-            batch = dataclasses.replace(batch, max_batch_tokens=batch_budget(
-                None, on_gpu, engine.spec.max_seq_length))
-            self.settings = batch
-        # the fill floor is settled here only: it depends on the engine's device alone
-        self.min_fill = batch_fill_floor(batch.min_batch_fill, on_gpu)
+        # The budget and the fill floor arrive settled (floe/resolve.py: by the replica manager,
+        # a standalone replica's main, the Ray Serve deployment); a core built without them (the
+        # tests) gets the same defaults for its engine's device.
+        batch = self.settings = resolve_batch(batch, str(engine.device).startswith("cuda"),
+                                              engine.spec.max_seq_length)
+        self.min_fill = batch.min_batch_fill
         self._sched = Scheduler(batch.max_batch_tokens, batch.max_batch_size,
                                 batch.batch_timeout_ms / 1000.0, max_wait_s, min_fill=self.min_fill)
         lock = threading.Lock()

@@ -242,3 +242,47 @@ def test_changed_input_or_options_are_refused(tmp_path):
     r = _cli(inp, "-o", out, *FAKE_ARGS)
     assert r.returncode == 2 and "changed since the output was started" in r.stderr
     assert pq.read_table(out).num_rows == 12  # the finished output is untouched
+
+
+def test_a_kill_inside_a_shard_keeps_the_rows_committed_within_the_time_bound(tmp_path):
+    """--commit-seconds: a shard still computing commits its finished rows as pieces; killed
+    mid-shard, the rerun embeds exactly the rows no piece holds, and the output is the same."""
+    from floe.corpus.writer import piece_files
+
+    texts = make_texts(60, seed=8)
+    inp = write_corpus(tmp_path / "c.jsonl", texts, "jsonl")
+    args = ("--engine", "fake", "--shard-rows", "30", "--batch-tokens", "64", "--text-column",
+            "body", "--workers", "1")
+    ref = str(tmp_path / "ref.parquet")
+    assert _cli(inp, "-o", ref, *args).returncode == 0
+    out = str(tmp_path / "o.parquet")
+    work = out + ".parts"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", FLOE_FAKE_SECONDS_PER_BATCH="0.15",
+               FLOE_COMMIT_SECONDS="0.5")
+    proc = subprocess.Popen([sys.executable, "-m", "floe", "embed-corpus", inp, "-o", out, *args],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(piece_files(work).get(0, [])) >= 2:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the job ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert _parts(out) == 0, "killed after shard 0 was written: not inside it"
+    from floe.corpus.writer import CorpusOutput
+
+    committed = CorpusOutput(out).piece_rows()[0]
+    assert 0 < committed < 30
+    r = _cli(inp, "-o", out, *args)
+    assert r.returncode == 0, r.stderr
+    assert f"embedded {60 - committed} rows" in r.stdout, r.stdout
+    assert f"resumed: {committed} rows were already written" in r.stdout
+    got, want = pq.read_table(out), pq.read_table(ref)
+    assert got.column("id").to_pylist() == list(range(60))
+    np.testing.assert_array_equal(emb(got), emb(want))
+    assert not os.path.exists(work)
