@@ -398,14 +398,17 @@ def _argparse_type(f: dataclasses.Field, tp: Any):
 
 
 def add_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = SERVE_SECTIONS,
-                  skip: tuple[str, ...] = ()) -> None:
-    """Adds one flag per settings field of the named sections (defaults come from the tree)."""
+                  skip: tuple[str, ...] = (), only: Optional[tuple[str, ...]] = None,
+                  group: Optional[Any] = None) -> None:
+    """Adds one flag per settings field of the named sections (defaults come from the tree);
+    ``skip`` leaves fields out, ``only`` keeps just the fields it names; ``group``: add them to
+    this argument group instead of one per section. ``settings_from(args)`` reads them back."""
     for name in sections:
         cls = SECTIONS[name]
         hints = typing.get_type_hints(cls)
-        group = parser.add_argument_group(f"{name} settings")
+        target = group or parser.add_argument_group(f"{name} settings")
         for f in dataclasses.fields(cls):
-            if f.name in skip:
+            if f.name in skip or (only is not None and f.name not in only):
                 continue
             tp = _base_type(hints[f.name])
             if typing.get_origin(tp) is tuple:
@@ -414,14 +417,15 @@ def add_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = S
             help_text = f"{f.metadata.get('help', '')} [env {_env(f)}; default {default}]"
             dest = f"{name}.{f.name}"
             if tp is bool:
-                group.add_argument(_flag(f), dest=dest, default=None,
-                                   action=argparse.BooleanOptionalAction, help=help_text)
+                target.add_argument(_flag(f), dest=dest, default=None,
+                                    action=argparse.BooleanOptionalAction, help=help_text)
             else:
                 choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else None
-                group.add_argument(_flag(f), dest=dest, default=None, metavar=None if choices else f.name.upper(),
-                                   choices=choices, help=help_text,
-                                   action="append" if f.metadata.get("repeat_into") else "store",
-                                   type=_argparse_type(f, tp))
+                target.add_argument(_flag(f), dest=dest, default=None,
+                                    metavar=None if choices else f.name.upper(),
+                                    choices=choices, help=help_text,
+                                    action="append" if f.metadata.get("repeat_into") else "store",
+                                    type=_argparse_type(f, tp))
 
 
 def settings_to_dict(settings: Settings) -> dict:
@@ -446,6 +450,26 @@ def settings_from_dict(data: dict) -> Settings:
     if extra:
         raise ConfigError(f"unknown settings sections: {', '.join(sorted(extra))}")
     return Settings(**built).validate()
+
+
+def sections_of(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Flat settings (``{"max_batch_tokens": "4096", "engine": "torch"}``: a Ray Serve
+    application's arguments) sorted into their sections, a string parsed as its flag's value
+    would be; ``settings_from(**sections_of(values))`` builds the tree. An unknown name is a
+    ConfigError."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, raw in values.items():
+        for name, cls in SECTIONS.items():
+            fields = {f.name: f for f in dataclasses.fields(cls)}
+            if key in fields:
+                value = raw
+                if isinstance(raw, str):
+                    value = _parse_value(fields[key], typing.get_type_hints(cls)[key], raw)
+                out.setdefault(name, {})[key] = value
+                break
+        else:
+            raise ConfigError(f"unknown setting {key!r}")
+    return out
 
 
 def settings_from(args: Optional[argparse.Namespace] = None, env: Optional[dict[str, str]] = None,

@@ -5,13 +5,16 @@ torch, and the OpenVINO engine with a cached graph does not either."""
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from floe.engine.base import Engine
 from floe.engine.choice import EngineChoice, choose_engine
 from floe.models.spec import ModelSpec
 
-__all__ = ["Engine", "EngineChoice", "choose_engine", "create_engine"]
+__all__ = ["Engine", "EngineChoice", "choose_engine", "create_engine", "engine_for"]
+
+if TYPE_CHECKING:
+    from floe.config import ReplicaSetSettings
 
 log = logging.getLogger(__name__)
 
@@ -48,3 +51,19 @@ def create_engine(spec: ModelSpec, kind: str = "auto", device: str = "auto", dty
     from floe.engine.torch_engine import TorchEngine
 
     return TorchEngine(spec, device=device, dtype=dtype, threads=threads)
+
+
+def engine_for(spec: ModelSpec, replicas: "ReplicaSetSettings", device: str = "auto",
+               dtype: str = "auto", threads: Optional[int] = None,
+               share_cores: bool = False) -> Engine:
+    """The engine a settings section asks for (a replica, an offline job): ``replicas.engine``
+    with its ``engine_cache_dir``, and for the fake engine its simulated costs and crash token.
+    ``device`` and ``dtype`` are the model section's (an offline job's worker names its GPU)."""
+    if replicas.engine == "fake":
+        from floe.engine.fake import FakeEngine
+
+        return FakeEngine(spec, seconds_per_token=replicas.fake_seconds_per_token,
+                          seconds_per_batch=replicas.fake_seconds_per_batch,
+                          crash_token_id=replicas.fake_crash_token_id)
+    return create_engine(spec, replicas.engine, device=device, dtype=dtype, threads=threads,
+                         cache_dir=replicas.engine_cache_dir, share_cores=share_cores)

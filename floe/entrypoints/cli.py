@@ -18,10 +18,14 @@ def _serve(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     setup_logging(settings.server.log_level, settings.server.log_format)
     os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
-    from floe.fleet.placement import frontend_workers, usable_cores, visible_gpus
+    from floe.resolve import Hardware, resolve_server
 
+    # the machine looked at once, the front-end count settled once (floe/resolve.py): serve
+    # resolves the rest of the tree on the same hardware and keeps this count
+    hardware = Hardware.detect(settings.model.device)
+    settings = resolve_server(settings, hardware)
     metrics_dir = None
-    if frontend_workers(settings, visible_gpus(settings.model.device), usable_cores()) > 1:
+    if settings.server.frontend_workers > 1:
         # several front ends count into shared files (prometheus_client's multiprocess mode),
         # so any of them answers /metrics for all; set before prometheus_client is imported
         import tempfile
@@ -29,7 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     from floe.frontend.server import serve
     try:
-        return asyncio.run(serve(settings))
+        return asyncio.run(serve(settings, hardware=hardware))
     finally:
         if metrics_dir:
             import shutil
@@ -150,8 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model folder, 'default' or hub id (default: --model or the embedded model)")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_arguments(p, sections=("model",))
-    p.add_argument("--engine", dest="replicas.engine", default=None,
-                   choices=("auto", "torch", "openvino", "fake"))
+    add_arguments(p, sections=("replicas",), only=("engine",))
     p.set_defaults(func=_info)
 
     p = sub.add_parser("embed", help="embed texts (arguments, --file or stdin) with a running server",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import shutil
@@ -35,8 +36,9 @@ from floe.errors import ReplicaStartError
 from floe.models.spec import ModelSpec
 from floe.proto import floe_pb2
 from floe.protocol import ReplicaTable
+from floe.resolve import Hardware, resolve_batch
 from floe.fleet.balance import Balancer
-from floe.fleet.placement import plan_placement, usable_cores, visible_gpus
+from floe.fleet.placement import plan_placement
 from floe.fleet.client import load_fields, replica_info
 from floe.fleet.router import Routed, Router
 from floe.fleet.supervisor import ReplicaSlot
@@ -48,11 +50,18 @@ log = logging.getLogger("floe.manager")
 class ReplicaManager(Routed):
     """Starts, routes to and stops the replica processes of one model."""
 
-    def __init__(self, settings: Settings, spec: ModelSpec) -> None:
+    def __init__(self, settings: Settings, spec: ModelSpec,
+                 hardware: Optional[Hardware] = None) -> None:
+        hardware = hardware or Hardware.detect(settings.model.device)
+        # the replicas receive a settled batch section (floe serve resolved it already: then
+        # this is the same tree); they decide no default of their own
+        batch = resolve_batch(settings.batch, hardware.on_gpu, spec.max_seq_length)
+        if batch is not settings.batch:
+            settings = dataclasses.replace(settings, batch=batch)
         self.settings = settings
         self.spec = spec
         r = settings.replicas
-        placements = plan_placement(settings, visible_gpus(settings.model.device), usable_cores())
+        placements = plan_placement(settings, list(hardware.gpus), list(hardware.cores))
         self._socket_dir: Optional[str] = None
         if r.replica_transport == "unix":
             self._socket_dir = tempfile.mkdtemp(prefix="floe-replicas-")  # mode 0700

@@ -27,6 +27,7 @@ from floe.frontend.service import EmbedService
 
 if TYPE_CHECKING:
     from floe.frontend.models import ServedModels
+    from floe.resolve import Hardware
 
 log = logging.getLogger("floe.server")
 
@@ -54,29 +55,29 @@ def model_settings(settings: Settings) -> list[Settings]:
     return out
 
 
-async def serve(settings: Settings, ready_event: Optional[asyncio.Event] = None) -> int:
+async def serve(settings: Settings, ready_event: Optional[asyncio.Event] = None,
+                hardware: "Optional[Hardware]" = None) -> int:
+    """``floe serve``: ``settings`` as given, resolved here (floe/resolve.py) for each model on
+    ``hardware`` (default: this machine) before any process starts."""
     from floe.models import load_spec
     from floe.fleet.manager import ReplicaManager
-    from floe.fleet.placement import frontend_workers, usable_cores, visible_gpus
     from floe.frontend.models import ServedModels
+    from floe.resolve import Hardware, resolve, resolve_server
     from floe.tokenize import TokenizerPool
 
     t_start = time.perf_counter()
-    per_model = [fit_max_length(s, load_spec(s.model).max_seq_length) for s in model_settings(settings)]
+    hardware = hardware or Hardware.detect(settings.model.device)
+    settings = resolve_server(settings, hardware)   # on the whole tree: it knows every model
+    per_model = [resolve(s, load_spec(s.model), hardware) for s in model_settings(settings)]
     settings = per_model[0]
     srv = settings.server
-    n_frontends = frontend_workers(settings, visible_gpus(settings.model.device), usable_cores())
-    if len(per_model) > 1 and n_frontends > 1:
-        # front-end workers route to one model's replicas (floe/frontend/worker.py); with several
-        # models the main process is the only front end (an explicit setting is refused earlier)
-        log.info("several models: one front-end process (instead of %d)", n_frontends)
-        n_frontends = 1
+    n_frontends = srv.frontend_workers
     services: list[EmbedService] = []
     for s in per_model:
         spec = load_spec(s.model)
-        tokenizers = TokenizerPool(spec, tokenizer_threads(s, n_frontends),
+        tokenizers = TokenizerPool(spec, s.server.tokenization_workers,
                                    max_input_chars=srv.max_input_chars, library_threads=False)
-        services.append(EmbedService(s, spec, tokenizers, ReplicaManager(s, spec)))
+        services.append(EmbedService(s, spec, tokenizers, ReplicaManager(s, spec, hardware)))
     names = [n for svc in services for n in svc.limits.served_names]
     if len(set(names)) != len(names):
         raise ConfigError(f"two served models share a name ({', '.join(names)}); give each "
@@ -201,15 +202,6 @@ def bind_http(host: str, port: int) -> socket.socket:
     return sock
 
 
-def tokenizer_threads(settings: Settings, frontends: int) -> int:
-    """Tokenizer threads per front-end process: --tokenization-workers, else the cores shared
-    between the front ends (at least 1 each). Each thread runs one library call at a time on its
-    own (TokenizerPool's library_threads=False), so these threads are all the
-    tokenizing parallelism a front end has."""
-    asked = settings.server.tokenization_workers
-    return asked or max(1, _cpu_count() // max(1, frontends))
-
-
 def http_config(service: "EmbedService | ServedModels", settings: Settings) -> uvicorn.Config:
     """uvicorn over httptools (strict framing), with floe's deadlines and connection cap."""
     from floe.frontend.connections import guarded_protocol
@@ -223,38 +215,3 @@ def http_config(service: "EmbedService | ServedModels", settings: Settings) -> u
                           proxy_headers=False,
                           timeout_keep_alive=int(max(1, srv.keep_alive_timeout)),
                           timeout_graceful_shutdown=5)
-
-
-def fit_max_length(settings: Settings, model_max_length: int) -> Settings:
-    """Settles the batch budget and keeps the longest input inside it (the scheduler's invariant).
-
-    The budget is --max-batch-tokens, or the device's default (floe/fleet/placement.py
-    ``batch_budget``); the result carries it, so replicas and front-end workers get a number.
-    A model whose max length exceeds the budget (Qwen3-Embedding: 32768) would otherwise form
-    batches over budget. With auto-truncate the max length is lowered to the budget, with a
-    notice; without it the server refuses to start, naming both settings (TEI does the same).
-    """
-    from floe.fleet.placement import batch_budget, visible_gpus
-
-    budget = batch_budget(settings.batch.max_batch_tokens,
-                          bool(visible_gpus(settings.model.device)), model_max_length)
-    if budget != settings.batch.max_batch_tokens:
-        settings = dataclasses.replace(
-            settings, batch=dataclasses.replace(settings.batch, max_batch_tokens=budget))
-    if model_max_length <= budget:
-        return settings
-    if not settings.server.auto_truncate:
-        raise ConfigError(
-            f"the model's max length ({model_max_length} tokens) is over --max-batch-tokens "
-            f"({budget}); raise --max-batch-tokens, lower --max-seq-length, or enable --auto-truncate")
-    log.warning("max length lowered from %d to --max-batch-tokens %d tokens; raise "
-                "--max-batch-tokens to serve longer inputs", model_max_length, budget)
-    return dataclasses.replace(settings, model=dataclasses.replace(settings.model, max_seq_length=budget))
-
-
-def _cpu_count() -> int:
-    import os
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1

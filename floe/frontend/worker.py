@@ -41,16 +41,16 @@ async def _read_tables(replicas, first: asyncio.Event, stop: asyncio.Event) -> N
 
 async def run(launch: FrontendLaunch) -> int:
     from floe.config import settings_from_dict
-    from floe.frontend.server import fit_max_length, run_frontend, tokenizer_threads
+    from floe.frontend.server import run_frontend
     from floe.frontend.service import EmbedService
     from floe.models import load_spec
     from floe.fleet.remote import RemoteReplicas
     from floe.tokenize import TokenizerPool
 
+    # the main process resolved the tree (floe/resolve.py): budget, max length, threads
     settings = settings_from_dict(launch.settings)
     spec = load_spec(settings.model)
-    settings = fit_max_length(settings, spec.max_seq_length)
-    tokenizers = TokenizerPool(spec, tokenizer_threads(settings, launch.frontends),
+    tokenizers = TokenizerPool(spec, settings.server.tokenization_workers,
                                max_input_chars=settings.server.max_input_chars,
                                library_threads=False)
     replicas = RemoteReplicas(settings, spec, worker_index=launch.index)

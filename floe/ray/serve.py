@@ -41,11 +41,6 @@ log = logging.getLogger("floe.ray.serve")
 
 app = FastAPI(title="floe on Ray Serve", docs_url=None, redoc_url=None)
 
-# Inputs per request and body bytes: the same defaults as `floe serve`
-# (--max-client-batch-size, --payload-limit).
-MAX_ITEMS = 2048
-PAYLOAD_LIMIT = 16_000_000
-
 
 def _json(obj: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
@@ -60,33 +55,38 @@ def _error(err: FloeError) -> Response:
                   max_ongoing_requests=64)
 @serve.ingress(app)
 class FloeEmbeddings:
-    """One floe replica: tokenizer + ReplicaCore(engine). Arguments are the deployment's config."""
+    """One floe replica: tokenizer + ReplicaCore(engine). Its arguments are the deployment's
+    config: settings of floe/config.py by field name (``model``, ``served_model_name``,
+    ``device``, ``dtype``, ``engine``, ``max_batch_tokens``, ``max_batch_size``,
+    ``batch_timeout_ms``, ``max_client_batch_size``, ``payload_limit``, ...), with floe serve's
+    defaults and checks, and ``threads``: the engine's compute threads (default: its own)."""
 
-    def __init__(self, model: str = "default", engine: Optional[str] = None, device: str = "auto",
-                 dtype: str = "auto", threads: Optional[int] = None,
-                 max_batch_tokens: Optional[int] = None, max_batch_size: int = 256,
-                 batch_timeout_ms: float = 2.0,
-                 served_model_name: Optional[str] = None, max_client_batch_size: int = MAX_ITEMS,
-                 payload_limit: int = PAYLOAD_LIMIT) -> None:
-        from floe.config import BatchSettings, ModelSettings
-        from floe.engine import create_engine
+    def __init__(self, threads: Optional[int] = None, **config: Any) -> None:
+        from floe.config import sections_of, settings_from
+        from floe.edge import Edge
+        from floe.engine import engine_for
         from floe.models import load_spec
         from floe.replica.core import ReplicaCore
-        from floe.edge import Edge
+        from floe.resolve import core_count, resolve_batch
         from floe.tokenize import TokenizerPool
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        spec = load_spec(ModelSettings(model=model, served_model_name=served_model_name))
+        # the config alone: FLOE_* variables of the Serve node do not apply
+        settings = settings_from(env={}, **sections_of(config))
+        spec = load_spec(settings.model)
         self.spec = spec
-        self.tokenizers = TokenizerPool(spec, workers=max(1, min(4, os.cpu_count() or 1)))
-        self.limits = self.tokenizers.tokenizer.limits(max_items=max_client_batch_size)
+        self.tokenizers = TokenizerPool(spec, workers=max(1, min(settings.replicas.workers,
+                                                                 core_count())))
+        self.limits = self.tokenizers.tokenizer.limits(
+            max_items=settings.server.max_client_batch_size)
         self.edge = Edge(self.limits, self.tokenizers)
-        self.payload_limit = payload_limit
-        kw = {} if engine is None else {"kind": engine}
-        eng = create_engine(spec, device=device, dtype=dtype, threads=threads, **kw)
-        self.core = ReplicaCore(eng, BatchSettings(max_batch_tokens=max_batch_tokens,
-                                                   max_batch_size=max_batch_size,
-                                                   batch_timeout_ms=batch_timeout_ms))
+        self.payload_limit = settings.server.payload_limit
+        eng = engine_for(spec, settings.replicas, device=settings.model.device,
+                         dtype=settings.model.dtype, threads=threads)
+        # this replica's own batch section, settled for the device its engine runs on
+        batch = resolve_batch(settings.batch, str(eng.device).startswith("cuda"),
+                              spec.max_seq_length)
+        self.core = ReplicaCore(eng, batch)
         self.core.start()
         log.info("floe replica ready: %s on %s (%s)", spec.name, eng.device, eng.dtype)
 
@@ -132,12 +132,11 @@ class FloeEmbeddings:
 
 def build_app(args: Optional[dict] = None):
     """Application builder for ``serve run floe.ray.serve:build_app key=value ...`` and config
-    files: ``args`` are FloeEmbeddings' constructor arguments."""
+    files: ``args`` are FloeEmbeddings' arguments, each checked and parsed here (as its flag
+    would be), so a misspelt or malformed one fails before Serve starts a replica."""
+    from floe.config import sections_of
+
     args = dict(args or {})
-    for key in ("threads", "max_batch_tokens", "max_batch_size", "max_client_batch_size",
-                "payload_limit"):
-        if key in args and args[key] is not None:
-            args[key] = int(args[key])
-    if "batch_timeout_ms" in args:
-        args["batch_timeout_ms"] = float(args["batch_timeout_ms"])
-    return FloeEmbeddings.bind(**args)
+    threads = args.pop("threads", None)
+    config = {k: v for section in sections_of(args).values() for k, v in section.items()}
+    return FloeEmbeddings.bind(threads=None if threads is None else int(threads), **config)

@@ -45,6 +45,8 @@ log = logging.getLogger("floe.replica")
 # Server-settings fields a standalone replica honours; the rest are the front end's.
 _SERVER_FIELDS = ("drain_timeout", "log_level", "log_format", "api_key", "max_client_batch_size",
                   "max_input_chars", "auto_truncate", "grpc_payload_limit")
+# Replica-set fields that are one replica's own (the rest place and watch a set of replicas).
+_REPLICA_FIELDS = ("workers", "engine")
 
 
 @dataclass(frozen=True)
@@ -74,10 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--port", type=int, default=0,
                    help="Port to bind; 0 picks a free one (printed on the ready line). [default 0]")
     g.add_argument("--unix-socket", default=None, help="Bind this Unix socket path instead of a port.")
-    g.add_argument("--workers", dest="replicas.workers", type=int, default=None, metavar="N",
-                   help="Threads tokenizing string requests sent to this replica directly.")
-    g.add_argument("--engine", dest="replicas.engine", choices=("auto", "torch", "openvino", "fake"), default=None,
-                   metavar="{auto,torch,openvino,fake}", help="auto (OpenVINO on CPU where verified, else torch), torch, openvino or fake (deterministic stand-in). [default auto]")
+    add_arguments(p, ("replicas",), only=_REPLICA_FIELDS, group=g)
     g.add_argument("--threads", type=int, default=None, help="CPU threads for the engine.")
     g.add_argument("--replica-id", default="0", help="Name in logs, stats and GetReplicaInfo.")
     g.add_argument("--parent-pid", type=int, default=None,
@@ -187,7 +186,7 @@ def _setup_logging(rt: Runtime) -> None:
 def load(rt: Runtime):
     """Model spec, engine and tokenizer pool (the engine is warmed up in ``serve``, at the
     budget its core settles)."""
-    from floe.engine import create_engine
+    from floe.engine import engine_for
     from floe.models import load_spec
     from floe.tokenize import TokenizerPool
 
@@ -200,15 +199,8 @@ def load(rt: Runtime):
         import torch  # only the torch engine pays for it
         if settings.model.device != "cpu" and torch.cuda.is_available():
             torch.cuda.set_per_process_memory_fraction(rt.gpu_memory_fraction)
-    if r.engine == "fake":
-        from floe.engine.fake import FakeEngine
-        engine = FakeEngine(spec, seconds_per_token=r.fake_seconds_per_token,
-                            seconds_per_batch=r.fake_seconds_per_batch,
-                            crash_token_id=r.fake_crash_token_id)
-    else:
-        engine = create_engine(spec, r.engine, device=settings.model.device,
-                               dtype=settings.model.dtype, threads=rt.threads,
-                               cache_dir=r.engine_cache_dir)
+    engine = engine_for(spec, r, device=settings.model.device, dtype=settings.model.dtype,
+                        threads=rt.threads)
     tokenizers = TokenizerPool(spec, workers=r.workers, max_input_chars=settings.server.max_input_chars)
     return spec, engine, tokenizers
 
@@ -238,11 +230,15 @@ async def _watch_pid(pid: int, on_exit) -> None:
 
 async def serve(rt: Runtime, engine, tokenizers) -> int:
     from floe.replica.core import ReplicaCore
+    from floe.resolve import resolve_batch
 
     settings = rt.settings
-    # A managed replica gets its budget from the front end; standalone, the core settles the
-    # device's default. The warm-up runs one forward at that budget (before serving).
-    core = ReplicaCore(engine, settings.batch, replica_id=rt.replica_id)
+    # A managed replica gets its batch section settled by its manager; standalone, it is
+    # settled here for the device the engine runs on (floe/resolve.py, as floe serve settles it).
+    # The warm-up runs one forward at that budget (before serving).
+    batch = resolve_batch(settings.batch, str(engine.device).startswith("cuda"),
+                          engine.spec.max_seq_length)
+    core = ReplicaCore(engine, batch, replica_id=rt.replica_id)
     engine.warmup(core.settings.max_batch_tokens)
     # Managed: the front end already bounded the request; its token ids are at most
     # max_client_batch_size x max_seq_length int32s.

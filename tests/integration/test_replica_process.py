@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from floe.config import ModelSettings, settings_from, settings_to_dict
 from floe.engine.fake import FakeEngine
-from floe.fleet.placement import CPU_BATCH_TOKENS
+from floe.resolve import CPU_BATCH_TOKENS
 from floe.models import load_spec
 from floe.proto import arctic_inference_pb2 as apb
 from floe.proto import arctic_inference_pb2_grpc as agrpc

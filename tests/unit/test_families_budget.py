@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from floe.fleet.placement import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, batch_budget, batch_fill_floor
+from floe.resolve import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, batch_budget, batch_fill_floor
 from floe.replica.scheduler import Scheduler, Sequence, padded_tokens
 
 

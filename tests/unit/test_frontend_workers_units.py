@@ -11,7 +11,7 @@ from floe.config import ReplicaSetSettings, ServerSettings, Settings
 from floe.errors import ConfigError
 from floe.protocol import FrontendHello, FrontendLaunch, ReplicaEndpoint, ReplicaTable
 from floe.fleet.balance import Balancer, ReplicaLoad
-from floe.fleet.placement import frontend_workers
+from floe.resolve import frontend_workers
 from floe.fleet.remote import RemoteReplicas
 
 

@@ -12,7 +12,8 @@ from floe.config import settings_from, settings_to_dict
 from floe.errors import ConfigError
 from floe.protocol import Placement, ReplicaLaunch
 from floe.replica.main import runtime_from_launch
-from floe.fleet.placement import plan_placement, visible_gpus
+from floe.fleet.placement import plan_placement
+from floe.resolve import visible_gpus
 from floe.supervision import describe_exit
 
 

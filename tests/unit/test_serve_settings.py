@@ -4,7 +4,7 @@ import pytest
 
 from floe.config import BatchSettings, ServerSettings, Settings
 from floe.errors import ConfigError
-from floe.frontend.server import fit_max_length
+from floe.resolve import fit_max_length
 
 
 def test_max_length_within_budget_is_kept():
