@@ -62,7 +62,7 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, bert_reranker, browser):
+def server(browser, tmp_path_factory, bert_reranker):   # browser first: skip before building
     with floe_serve("--engine", "fake", "--num-replicas", "1", "--model", "default",
                     "--model", bert_reranker,
                     tmp_dir=str(tmp_path_factory.mktemp("logs"))) as s:
@@ -70,7 +70,7 @@ def server(tmp_path_factory, bert_reranker, browser):
 
 
 @pytest.fixture(scope="module")
-def key_server(tmp_path_factory, browser):
+def key_server(browser, tmp_path_factory):
     with floe_serve("--engine", "fake", "--num-replicas", "1", "--api-key", KEY,
                     tmp_dir=str(tmp_path_factory.mktemp("logs"))) as s:
         yield s
