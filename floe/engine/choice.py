@@ -21,14 +21,19 @@ from floe.models.spec import ModelSpec
 # config.json model_type values whose OpenVINO conversion equals sentence-transformers (cosine
 # >= 0.99999 in f32, >= 0.999 in bf16, batched equals alone): each has a stand-in in
 # tests/fixtures and a parity test in tests/integration/test_openvino_engine.py.
-# Not (yet) in it: gemma3_text (embeddinggemma: transformers' bidirectional sliding-window mask
-# does not trace) and modernbert (the converted graph differs from torch; the conversion probe
-# refuses it). Both run on torch under auto; --engine openvino tries and falls back.
+# gemma3_text and modernbert convert through floe's own forward (floe/engine/attention.py: masks
+# built from attention_mask with plain tensor ops, and a banded graph for inputs longer than the
+# sliding window's key span).
 OPENVINO_MODEL_TYPES = frozenset({
     "bert",          # all-MiniLM, BGE, arctic-embed-m/s, E5, GTE-base ...
     "xlm-roberta",   # bge-m3, multilingual-e5, arctic-embed-l-v2
     "qwen3",         # Qwen3-Embedding
+    "gemma3_text",   # embeddinggemma (bidirectional, sliding window on 5 of 6 layers)
+    "modernbert",    # ModernBERT, modernbert-embed (alternating local and global attention)
 })
+# --dtype int8 (its quality gate runs at first start): the architectures above but the
+# sliding-window ones, whose banded graph it does not quantize yet.
+INT8_MODEL_TYPES = frozenset({"bert", "xlm-roberta", "qwen3"})
 # The same for the other tasks (spec.task), each checked against CrossEncoder / SparseEncoder in
 # tests/integration/test_rerank_sparse_engines.py.
 OPENVINO_TASK_MODEL_TYPES = {
@@ -99,9 +104,9 @@ def choose_engine(kind: str, spec: ModelSpec, device: str = "auto", dtype: str =
     if dtype == "int8":
         if not on_cpu:
             raise ConfigError(int8 + f"; --device {device} runs torch (use --dtype bfloat16)")
-        if spec.task != "embed" or spec.model_type not in OPENVINO_MODEL_TYPES:
+        if spec.task != "embed" or spec.model_type not in INT8_MODEL_TYPES:
             raise ConfigError(int8 + f", for the embedding architectures it is verified for "
-                              f"({', '.join(sorted(OPENVINO_MODEL_TYPES))}); not for this "
+                              f"({', '.join(sorted(INT8_MODEL_TYPES))}); not for this "
                               f"{spec.model_type} {spec.task} model")
         if not have_openvino():
             raise ConfigError("--dtype int8 needs the openvino package (pip install openvino)")

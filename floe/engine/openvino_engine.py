@@ -45,6 +45,7 @@ import numpy as np
 
 from floe.engine.base import Engine, Padded, head_summary, right_pad
 from floe.engine.hardware import cpu_has_fast_bf16
+from floe.engine.window import Window, window_of
 from floe.errors import ConfigError
 from floe.models.spec import ModelSpec
 from floe.resolve import core_count
@@ -125,6 +126,11 @@ def cache_key(spec: ModelSpec, versions: Optional[dict[str, str]] = None) -> str
         "dense": [[d.in_features, d.out_features, d.bias, d.activation, d.use_residual] for d in spec.dense],
         "pad_token_id": spec.pad_token_id,
     }
+    window = window_of(spec.backbone_path)
+    if window is not None and spec.task == "embed":  # floe's own forward builds this graph
+        parts["window"] = {"radius": window.radius, "block": window.block,
+                           "sliding": list(window.sliding), "band_graph": _band_window(spec) is not None,
+                           "forward": _forward_digest()}
     if spec.task != "embed":  # (left out for embeddings, whose keys, and caches, stay as they were)
         parts["head"] = {"task": spec.task, "num_labels": spec.num_labels,
                          "splade": [spec.splade_pooling, spec.splade_activation],
@@ -168,6 +174,35 @@ def _locked(path: str) -> Iterator[None]:
 
 # --- conversion ---------------------------------------------------------------------------------
 
+def _forward_digest() -> str:
+    """Hash of the source of floe's windowed forward (floe/engine/attention.py, window.py): a
+    change there changes the graph, so it changes the cache key. Read as text: no torch import."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256()
+    for name in ("attention.py", "window.py"):
+        with open(os.path.join(here, name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def _band_window(spec: ModelSpec) -> Optional[Window]:
+    """The window of an embedding model whose inputs can outgrow its key span, which therefore
+    gets a second, banded graph (floe/engine/window.py); None for every other model."""
+    window = window_of(spec.backbone_path) if spec.task == "embed" else None
+    return window if window is not None and window.banded(spec.max_seq_length) else None
+
+
+def _band_lengths(spec: ModelSpec, window: Window) -> tuple[list[int], list[int]]:
+    """Row lengths of the banded graph's traced example and probe: all batches wider than the
+    key span, of different widths, none a multiple of the block, one row short."""
+    cap = spec.max_seq_length
+    trace = min(cap, window.span + window.block + 3)
+    probe = min(cap, 2 * window.span + 5)
+    if probe == trace:
+        probe = max(window.span + 1, trace - 1)
+    return [trace, max(1, trace - 5)], [probe, 3, window.span + 1]
+
+
 def _sliding_window(spec: ModelSpec) -> int:
     """The attention window of a model with sliding-window or local layers (0 if it has none)."""
     try:
@@ -205,13 +240,19 @@ def _trace_lengths(spec: ModelSpec) -> tuple[list[int], list[int]]:
     longer than the sliding window where there is one (so the windowed mask is what gets traced)."""
     window = _sliding_window(spec)
     cap = spec.max_seq_length
+    banded = _band_window(spec)
+    if banded is not None:  # the plain graph: every batch it runs is within the key span
+        cap = min(cap, banded.span)
     trace = min(cap, max(16, window + 4))
     probe = min(cap, max(29, window + 11))
     return [trace, max(1, trace - 5)], [probe, min(3, probe), max(1, probe - 7)]
 
 
-def _convert(spec: ModelSpec, threads: Optional[int]) -> tuple[Any, tuple[dict[str, np.ndarray], np.ndarray]]:
-    """The torch pipeline converted to an ov.Model, plus a probe batch and its torch output."""
+def _convert(spec: ModelSpec, threads: Optional[int],
+             banded: bool = False) -> tuple[Any, tuple[dict[str, np.ndarray], np.ndarray]]:
+    """The torch pipeline converted to an ov.Model, plus a probe batch and its torch output.
+    ``banded``: the graph of a sliding-window model's long batches (traced and probed wider than
+    its key span, so floe's forward takes the banded path)."""
     import openvino as ov
     import torch
 
@@ -234,7 +275,9 @@ def _convert(spec: ModelSpec, threads: Optional[int]) -> tuple[Any, tuple[dict[s
 
     pipeline = Pipeline().eval()
     inputs = _graph_inputs(spec)
-    trace_lengths, probe_lengths = _trace_lengths(spec)
+    window = _band_window(spec)
+    trace_lengths, probe_lengths = (_band_lengths(spec, window) if banded and window is not None
+                                    else _trace_lengths(spec))
     example = {k: torch.from_numpy(v) for k, v in _batch(spec, trace_lengths, seed=0).items()}
     probe = _batch(spec, probe_lengths, seed=1)
     with torch.no_grad():
@@ -289,6 +332,13 @@ class OpenVINOEngine(Engine):
         self.cache_dir = cache_dir or default_cache_dir()
         self.converted = False  # True when this construction converted (no cache hit)
         self._lock = threading.Lock()
+        # Sliding-window models whose inputs can outgrow the key span have a second graph, run on
+        # batches wider than the span (floe/engine/attention.py); int8 is not verified for them.
+        self._window = _band_window(spec)
+        self._band_request: Any = None
+        if self._window is not None and self.dtype == "int8":
+            raise ConfigError(f"--dtype int8 is not verified for {spec.model_type} models "
+                              "(sliding-window attention); use --dtype bfloat16 or auto")
         root = openvino_dir(self.cache_dir)
         os.makedirs(root, exist_ok=True)
         key = cache_key(spec)
@@ -315,6 +365,8 @@ class OpenVINOEngine(Engine):
             if os.path.isfile(xml):
                 if self.dtype != "int8":
                     self._compile(xml)
+                    if self._window is not None:
+                        self._compile_band(os.path.join(self.model_dir, "band.xml"))
             else:
                 failure = _read_failure(root, key)  # another replica may have just failed
                 if failure is not None:
@@ -344,6 +396,13 @@ class OpenVINOEngine(Engine):
             raise ConversionError(f"OpenVINO could not compile the converted graph: {str(exc)[:300]}") from exc
         self._request = self._compiled.create_infer_request()
 
+    def _compile_band(self, model: Any) -> None:
+        try:
+            compiled = self._core.compile_model(model, "CPU", self._config)
+        except RuntimeError as exc:
+            raise ConversionError(f"OpenVINO could not compile the banded graph: {str(exc)[:300]}") from exc
+        self._band_request = compiled.create_infer_request()
+
     def _convert_check_save(self, root: str, key: str) -> None:
         """Converts, compiles, checks the probe, then publishes the graph (caller holds the lock)."""
         import openvino as ov
@@ -354,12 +413,19 @@ class OpenVINOEngine(Engine):
             model, probe = _convert(self.spec, self.threads)
             self._compile(model)
             self._check_probe(probe)
+            band = None
+            if self._window is not None:
+                band, band_probe = _convert(self.spec, self.threads, banded=True)
+                self._compile_band(band)
+                self._check_probe(band_probe)
         except ConversionError as exc:
             self._record_failure(root, key, str(exc))
             raise
         tmp = tempfile.mkdtemp(prefix=f".{key}.", dir=root)
         try:
             ov.save_model(model, os.path.join(tmp, "model.xml"), compress_to_fp16=False)
+            if band is not None:
+                ov.save_model(band, os.path.join(tmp, "band.xml"), compress_to_fp16=False)
             with open(os.path.join(tmp, "floe.json"), "w", encoding="utf-8") as f:
                 json.dump({"model": self.spec.path, "architecture": self.spec.architecture,
                            "task": self.spec.task, "pooling": self.spec.pooling, "format": CACHE_FORMAT,
@@ -420,9 +486,12 @@ class OpenVINOEngine(Engine):
 
     def run(self, prepared: dict[str, np.ndarray]) -> np.ndarray:
         """Forward and the task's head in one graph; returns (n, spec.dim) float32."""
+        request = self._request
+        if self._band_request is not None and self._window.banded(prepared["input_ids"].shape[1]):
+            request = self._band_request  # wider than the key span: the banded graph
         with self._lock:
-            self._request.infer(prepared, share_inputs=True)
-            return np.array(self._request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+            request.infer(prepared, share_inputs=True)
+            return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
 
     def profiling_info(self) -> list:
         """The last forward's per-node counters (an engine built with ``profile=True``)."""

@@ -198,6 +198,13 @@ class TorchEngine(Engine):
 
         params = inspect.signature(model.forward).parameters
         self._takes_token_types = "token_type_ids" in params
+        # Backbones with sliding-window layers run floe's own forward (masks that trace, a band
+        # that costs n x window): floe/engine/attention.py.
+        self._windowed = None
+        if spec.task == "embed":
+            from floe.engine.attention import windowed_forward
+
+            self._windowed = windowed_forward(model, folder)
         self._dense = [_Dense(d, self._torch_device, self._torch_dtype) for d in spec.dense]
         log.info("loaded %s on %s in %s (%s)", spec.name, self.device, self.dtype, head_summary(spec))
 
@@ -242,6 +249,8 @@ class TorchEngine(Engine):
 
     def _forward(self, p: Prepared) -> torch.Tensor:
         """The model's first output: hidden states (embed) or logits (score, sparse)."""
+        if self._windowed is not None:
+            return self._windowed(p.input_ids, p.attention_mask, uniform=p.uniform).last_hidden_state
         kwargs: dict[str, Any] = {"input_ids": p.input_ids}
         # A batch without padding needs no mask, which lets SDPA take its unmasked (faster) path.
         # RoBERTa-likes still need the pad id only for position ids, which ids alone determine.

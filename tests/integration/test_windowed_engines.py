@@ -1,0 +1,128 @@
+"""The sliding-window families on both engines, at lengths beyond the window, against
+sentence-transformers (the oracle runs transformers' own masks and full attention on every key).
+
+Tiny stand-ins (tests/fixtures/families.py): embeddinggemma with a window of 16 (radius 8, key span
+24 on the banded path) and ModernBERT with a local window of 8 (radius 4, span 16). The inputs
+cover the three regimes of floe's forward (floe/engine/attention.py): within the radius (no band
+at all), beyond the radius but within the span (the dense band mask), and beyond the span (the
+banded path: blocks of keys, and on OpenVINO the second graph), alone and padded together.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from floe.config import ModelSettings
+from floe.engine import create_engine
+from floe.engine.window import window_of
+from floe.models import load_spec
+from floe.protocol import EncodeOptions
+from floe.tokenize import Tokenizer
+from tests.fixtures import families
+from tests.integration.test_families import cosines, long_text
+from tests.support import ModuleMemo
+
+FP32_MIN_COS = 0.99999
+BF16_MIN_COS = 0.999
+NAMES = ["embeddinggemma", "modernbert-embed"]
+# Words per text: a few tokens, ~20 (beyond gemma's radius, within its span), 40-60, ~100, and
+# one cut at max_seq_length.
+TEXTS = [long_text(n) for n in (2, 9, 17, 30, 45, 70, 600)] + ["a"]
+
+_memo = ModuleMemo()
+_get = _memo.get
+_clear_memo = _memo.clear_fixture()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("windowed"))
+
+
+def folder(root: str, name: str) -> str:
+    return _get(("dir", name), lambda: families.FAMILIES[name](os.path.join(root, name)))
+
+
+def spec_of(root: str, name: str):
+    return _get(("spec", name), lambda: load_spec(ModelSettings(model=folder(root, name))))
+
+
+def engine(root: str, name: str, kind: str, dtype: str):
+    def make():
+        eng = create_engine(spec_of(root, name), kind, device="cpu", dtype=dtype)
+        assert eng.backend == kind  # OpenVINO converted: no silent fallback to torch
+        return eng
+    return _get(("engine", name, kind, dtype), make)
+
+
+def ids_of(root: str, name: str, texts) -> list[np.ndarray]:
+    tok = _get(("tok", name), lambda: Tokenizer(spec_of(root, name)))
+    batch = tok.encode(list(texts), EncodeOptions())
+    return [batch.item(i) for i in range(batch.n)]
+
+
+def st_embed(st_model, root: str, name: str, texts) -> np.ndarray:
+    return _get(("st", name, tuple(texts)), lambda: st_model(folder(root, name)).encode(
+        list(texts), convert_to_numpy=True, batch_size=16))
+
+
+def check(eng, root: str, name: str, dtype: str, st_model) -> None:
+    ids = ids_of(root, name, TEXTS)
+    window = window_of(spec_of(root, name).backbone_path)
+    lengths = [len(x) for x in ids]
+    # every regime is exercised: within the radius, dense band, banded (also 40-60 tokens)
+    assert min(lengths) <= window.radius + 1
+    assert any(window.radius + 1 < n <= window.span for n in lengths)
+    assert any(40 <= n <= 60 and window.banded(n) for n in lengths)
+    assert max(lengths) == spec_of(root, name).max_seq_length
+    limit = FP32_MIN_COS if dtype == "float32" else BF16_MIN_COS
+    together = eng.run(eng.prepare(ids))            # one batch as wide as the longest: banded
+    alone = np.concatenate([eng.run(eng.prepare([x])) for x in ids])
+    want = st_embed(st_model, root, name, TEXTS)
+    assert cosines(together, want).min() >= limit, cosines(together, want)
+    assert cosines(alone, want).min() >= limit, cosines(alone, want)
+    assert cosines(together, alone).min() >= limit
+    # the model is not degenerate: different texts give clearly different embeddings
+    assert cosines(together[:1].repeat(len(ids), 0), together)[1:].max() < 0.999
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", NAMES)
+def test_torch_engine_beyond_the_window(root, name, dtype, st_model):
+    eng = engine(root, name, "torch", dtype)
+    assert eng._windowed is not None  # floe's forward, not transformers' mask functions
+    check(eng, root, name, dtype, st_model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", ["embeddinggemma",
+                                  pytest.param("modernbert-embed", marks=pytest.mark.full)])
+def test_openvino_engine_beyond_the_window(root, name, dtype, st_model):
+    eng = engine(root, name, "openvino", dtype)
+    assert eng._band_request is not None  # the banded graph, for batches wider than the span
+    assert os.path.isfile(os.path.join(eng.model_dir, "band.xml"))
+    check(eng, root, name, dtype, st_model)
+
+
+def test_auto_picks_openvino_for_the_windowed_families(root):
+    from floe.engine.choice import choose_engine
+
+    for name in NAMES:
+        choice = choose_engine("auto", spec_of(root, name), "cpu", "auto", have_openvino=lambda: True)
+        assert choice.kind == "openvino", choice
+
+
+def test_the_cache_key_follows_floe_forward(root, tiny_bert, monkeypatch):
+    """A change in floe's windowed forward (its source) changes the converted graph's key; a model
+    without sliding layers keeps its key."""
+    from floe.engine import openvino_engine as ov
+
+    spec, bert = spec_of(root, "embeddinggemma"), load_spec(ModelSettings(model=tiny_bert))
+    before, bert_before = ov.cache_key(spec, versions={}), ov.cache_key(bert, versions={})
+    monkeypatch.setattr(ov, "_forward_digest", lambda: "changed")
+    assert ov.cache_key(spec, versions={}) != before
+    assert ov.cache_key(bert, versions={}) == bert_before
