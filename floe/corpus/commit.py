@@ -114,17 +114,24 @@ class OpenShard:
         self.tok = tok
         self.work = work
         self.index = tok.rows.shard.index
-        self.pooled = np.empty((len(tok.good), dim), dtype=np.float32)
+        keys = self.keys = tok.row_keys   # output rows: good rows, or chunks (chunked jobs)
+        self.pooled = np.empty((len(keys), dim), dtype=np.float32)
         pos, vecs = read_pieces(work, self.index, dim)
-        idx = np.searchsorted(tok.good, pos)
-        if len(pos) and (idx.max() >= len(tok.good) or not np.array_equal(tok.good[idx], pos)):
+        idx = np.searchsorted(keys, pos)
+        if len(pos) and (idx.max() >= len(keys) or not np.array_equal(keys[idx], pos)):
             raise CorpusError(f"the committed pieces of shard {self.index} in {work} hold rows the "
                               "input does not embed: delete its _piece-* files to recompute them")
         self.pooled[idx] = vecs
-        done = np.zeros(len(tok.good), dtype=bool)
+        done = np.zeros(len(keys), dtype=bool)
         done[idx] = True
-        self.todo = np.flatnonzero(~done)
-        self.resumed = len(idx)          # rows an earlier run committed
+        self.todo = tok.units_of(done)   # units (sequences) with an output row still to compute
+        # input rows an earlier run finished (the progress count); in a chunked job, the
+        # documents whose every chunk is committed
+        if tok.chunks is None:
+            self.resumed = len(idx)
+        else:
+            docs = set(tok.chunks.input_index.tolist())
+            self.resumed = len(docs - set(tok.chunks.input_index[~done].tolist()))
         self._new: list[np.ndarray] = []
         self._lock = threading.Lock()
 
@@ -133,8 +140,9 @@ class OpenShard:
         return int(self.tok.tokens.lengths[self.todo].sum())
 
     def finished(self, idx: np.ndarray) -> None:
+        """Units (positions in ``tok.good`` order) whose rows are now in ``pooled``."""
         with self._lock:
-            self._new.append(idx)
+            self._new.append(self.tok.rows_of(idx))
 
     def take_new(self) -> Optional[tuple[np.ndarray, np.ndarray]]:
         """(shard positions, pooled rows) finished since the last call, or None."""
@@ -143,7 +151,7 @@ class OpenShard:
         if not new:
             return None
         idx = np.sort(np.concatenate(new))
-        return self.tok.good[idx], self.pooled[idx]
+        return self.keys[idx], self.pooled[idx]
 
     def commit_new(self) -> int:
         """Writes the rows finished since the last commit as a piece; returns how many."""

@@ -27,6 +27,7 @@ import pyarrow as pa
 from floe.corpus.budget import Batch, BudgetTuner
 from floe.corpus.reader import CorpusError, Rows
 from floe import validate
+from floe.chunking import ChunkOptions, Chunked, ChunkedBuilder
 from floe.edge import prepare_texts
 from floe.errors import FloeError
 from floe.protocol import EncodeOptions, TokenBatch
@@ -35,6 +36,9 @@ from floe.protocol import EncodeOptions, TokenBatch
 # shard over the pool's threads.
 TOKENIZE_CHUNK = 512
 OUTPUT_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+# A chunked job's columns: the document's id, the chunk's place in it (0-based), its characters
+# [start, end) in the document's text, and the chunk's embedding.
+CHUNK_COLUMNS = ("id", "chunk", "start", "end", "embedding")
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,12 @@ class CorpusOptions:
     output_dtype: str = "float32"       # float32 | float16
     on_error: str = "fail"              # fail | skip
     shard_rows: int = 10_000
+    # Documents of any length (floe/chunking.py): one output row per chunk of at most
+    # chunk_tokens tokens, consecutive chunks sharing chunk_overlap; late_chunking pools each
+    # chunk from its document's token states. None: one row per input row, cut to max length.
+    chunk_tokens: Optional[int] = None
+    chunk_overlap: int = 0
+    late_chunking: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -56,16 +66,59 @@ class CorpusOptions:
 
 @dataclass
 class Tokenized:
-    """A shard after tokenizing: token ids of its good rows (in row order) and the bad rows."""
+    """A shard after tokenizing: the sequences the engine runs (units), the output rows they give
+    and the bad rows.
+
+    Without chunking a unit is a good row: ``good`` holds their shard positions, one output row
+    each. With chunking (``chunks`` set) the output rows are the chunks, in document order; a unit
+    is a chunk (``good`` = their indices), or with late chunking a macro-window whose spans give
+    several chunks (``tokens.spans``)."""
 
     rows: Rows
-    good: np.ndarray            # positions in the shard of the rows that are embedded
-    tokens: TokenBatch          # ids of the good rows, in the order of ``good``
+    good: np.ndarray            # units: shard positions of good rows, or chunk / window indices
+    tokens: TokenBatch          # ids of the units, in the order of ``good``
     bad: dict                   # position -> reason
+    chunks: Optional[Chunked] = None   # per output row: its row's shard position, chunk, offsets
 
     @property
     def n_tokens(self) -> int:
         return self.tokens.total_tokens
+
+    @property
+    def row_keys(self) -> np.ndarray:
+        """Sorted keys of the output rows (what committed pieces record): shard positions, or
+        chunk indices within the shard."""
+        return self.good if self.chunks is None else np.arange(self.chunks.rows, dtype=np.int64)
+
+    def rows_of(self, units: np.ndarray) -> np.ndarray:
+        """Output row indices (into ``row_keys``) of units (positions in ``good`` order)."""
+        spans = self.tokens.spans
+        if spans is None:
+            return units
+        off = spans.offsets()
+        return np.concatenate([np.arange(off[u], off[u + 1]) for u in units]) if len(units) \
+            else np.zeros(0, np.int64)
+
+    def units_of(self, done_rows: np.ndarray) -> np.ndarray:
+        """Units (positions in ``good`` order) whose output rows are not all in ``done_rows``
+        (a bool mask over ``row_keys``): what a resumed shard still computes."""
+        spans = self.tokens.spans
+        if spans is None:
+            return np.flatnonzero(~done_rows)
+        off = spans.offsets()
+        if not len(done_rows):
+            return np.zeros(0, np.int64)
+        all_done = np.logical_and.reduceat(done_rows, off[:-1]) if len(off) > 1 else np.zeros(0, bool)
+        return np.flatnonzero(~all_done)
+
+    def run(self, engine, units: np.ndarray, seqs: list[np.ndarray]) -> np.ndarray:
+        """The engine's rows for these units: one per unit, or one per span (late chunking)."""
+        spans = self.tokens.spans
+        if spans is None:
+            return engine.run(engine.prepare(seqs))
+        off = spans.offsets()
+        return engine.run(engine.prepare(seqs, spans=[spans.bounds[off[u]:off[u + 1]]
+                                                      for u in units]))
 
 
 def post_process(arr: np.ndarray, normalize: bool, dimensions: Optional[int]) -> np.ndarray:
@@ -91,8 +144,8 @@ def embedding_array(arr: np.ndarray, output_dtype: str) -> pa.FixedSizeListArray
 class ShardEmbedder:
     """Tokenizes, batches and post-processes the shards of one job for a given model.
 
-    It holds no engine: ``embed`` takes a ``run_batch(list of int32 id arrays) -> (n, dim)``
-    callable, so the local path can spread batches over several engines and a Ray actor can use
+    It holds no engine: ``embed`` takes a ``run_batch(units, their int32 id arrays) -> rows``
+    callable (``Tokenized.run`` with an engine), so the local path can spread batches over several engines and a Ray actor can use
     its own. ``tuner`` cuts the batches (a fixed budget, or the one it measures).
     """
 
@@ -116,6 +169,16 @@ class ShardEmbedder:
             raise CorpusError(f"--output-dtype must be float32 or float16, not {options.output_dtype!r}")
         self.normalize = spec.normalize if options.normalize is None else options.normalize
         self.dim = options.dimensions or spec.dim
+        self.chunk: Optional[ChunkOptions] = None
+        if options.chunk_tokens is not None or options.late_chunking:
+            try:
+                self.chunk = validate.check_chunking(self.limits, ChunkOptions(
+                    max_tokens=options.chunk_tokens, overlap=options.chunk_overlap,
+                    late=options.late_chunking))
+            except FloeError as exc:
+                flag = {"chunking.max_tokens": "--chunk-tokens", "chunking.overlap":
+                        "--chunk-overlap"}.get(exc.param or "", "--late-chunking")
+                raise CorpusError(f"{flag}: {exc}") from None
 
     # --- tokenize ------------------------------------------------------------------------------
 
@@ -152,7 +215,55 @@ class ShardEmbedder:
             raise CorpusError(f"row {row}{id_part}: {bad[pos]}; pass --on-error skip to skip bad rows "
                               f"({len(bad)} bad row(s) in rows {rows.shard.start}-{rows.shard.end - 1})")
 
+    def _chunk_texts(self, texts: list) -> tuple[Optional[Chunked], dict]:
+        """Chunks of ``texts`` (input_index relative to the list); a text the tokenizer refuses
+        becomes a bad row (by position), as in ``_encode_chunk``."""
+        def one(ts: list) -> Chunked:
+            checked = validate.check_texts(self.limits, ts, self.plan)
+            return self.tokenizer.encode_chunked(checked, self.plan, self.chunk)
+        try:
+            return one(texts), {}
+        except FloeError:
+            pass
+        bad: dict = {}
+        parts: list[Chunked] = []
+        for i, t in enumerate(texts):
+            try:
+                part = one([t])
+            except FloeError as exc:
+                bad[i] = f"cannot be tokenized: {exc}"
+                continue
+            part.input_index[:] = i
+            parts.append(part)
+        return (Chunked.concat(parts) if parts else None), bad
+
+    def _tokenize_chunked(self, rows: Rows, pool: Optional[Executor]) -> Tokenized:
+        bad = dict(rows.bad)
+        self.check_bad(rows, bad)
+        good = np.array([i for i in range(len(rows.texts)) if i not in bad], dtype=np.int64)
+        texts = [rows.texts[i] for i in good]
+        step = max(1, TOKENIZE_CHUNK // 16)   # a document is many texts' worth of tokens
+        groups = [(a, texts[a:a + step]) for a in range(0, len(texts), step)]
+        if pool is not None and len(groups) > 1:
+            results = list(pool.map(lambda g: self._chunk_texts(g[1]), groups))
+        else:
+            results = [self._chunk_texts(g[1]) for g in groups]
+        parts = []
+        for (a, _), (part, group_bad) in zip(groups, results):
+            for i, reason in group_bad.items():
+                bad[int(good[a + i])] = reason
+            if part is not None:
+                part.input_index[:] = good[a + part.input_index]   # shard positions
+                parts.append(part)
+        if len(bad) > len(rows.bad):
+            self.check_bad(rows, bad)
+        chunks = Chunked.concat(parts) if parts else ChunkedBuilder().build()
+        return Tokenized(rows=rows, good=np.arange(chunks.tokens.n, dtype=np.int64),
+                         tokens=chunks.tokens, bad=bad, chunks=chunks)
+
     def tokenize(self, rows: Rows, pool: Optional[Executor] = None) -> Tokenized:
+        if self.chunk is not None:
+            return self._tokenize_chunked(rows, pool)
         bad = dict(rows.bad)
         self.check_bad(rows, bad)
         good = np.array([i for i in range(len(rows.texts)) if i not in bad], dtype=np.int64)
@@ -191,18 +302,18 @@ class ShardEmbedder:
                 batch.idx = todo[batch.idx]
             yield batch, [ids[offsets[i]:offsets[i + 1]] for i in batch.idx]
 
-    def embed(self, tok: Tokenized, run_batch: Callable[[list[np.ndarray]], np.ndarray],
+    def embed(self, tok: Tokenized, run_batch: Callable[[np.ndarray, list[np.ndarray]], np.ndarray],
               todo: Optional[np.ndarray] = None, out: Optional[np.ndarray] = None,
               after_batch: Optional[Callable[[Batch, float], None]] = None) -> np.ndarray:
         """Runs the shard's batches (``todo``'s, by default all) in this thread into ``out``
         (default: a new array); returns the pooled (n_good, dim) rows. ``after_batch(batch,
         seconds)`` is called once a batch's rows are in ``out`` (the commit policy's hook)."""
         if out is None:
-            out = np.empty((len(tok.good), self.spec.dim), dtype=np.float32)
+            out = np.empty((len(tok.row_keys), self.spec.dim), dtype=np.float32)
         for batch, seqs in self.batches(tok, todo):
             t0 = time.perf_counter()
             try:
-                out[batch.idx] = run_batch(seqs)
+                out[tok.rows_of(batch.idx)] = run_batch(batch.idx, seqs)
             except BaseException:
                 self.tuner.abandon()
                 raise
@@ -219,9 +330,17 @@ class ShardEmbedder:
             bad_rows = np.nonzero(~np.isfinite(arr).all(axis=1))[0]
             raise CorpusError(f"the engine returned non-finite values for row "
                               f"{tok.rows.shard.start + int(tok.good[bad_rows[0]])}")
-        ids = tok.rows.ids.take(pa.array(tok.good, type=pa.int64()))
-        table = pa.Table.from_arrays([ids, embedding_array(arr, self.options.output_dtype)],
-                                     names=["id", "embedding"])
+        if tok.chunks is None:
+            ids = tok.rows.ids.take(pa.array(tok.good, type=pa.int64()))
+            table = pa.Table.from_arrays([ids, embedding_array(arr, self.options.output_dtype)],
+                                         names=["id", "embedding"])
+        else:
+            c = tok.chunks
+            ids = tok.rows.ids.take(pa.array(c.input_index, type=pa.int64()))
+            table = pa.Table.from_arrays(
+                [ids, pa.array(c.chunk, pa.int32()), pa.array(c.start, pa.int64()),
+                 pa.array(c.end, pa.int64()), embedding_array(arr, self.options.output_dtype)],
+                names=list(CHUNK_COLUMNS))
         skipped = []
         for pos in sorted(tok.bad):
             ident: Any = tok.rows.ids[pos].as_py()

@@ -86,7 +86,7 @@ class _ShardState(OpenShard):
 
     def batch_done(self, idx: np.ndarray) -> bool:
         with self._lock:
-            self._new.append(idx)
+            self._new.append(self.tok.rows_of(idx))
             self.left -= 1
             return self.sealed and self.left == 0
 
@@ -183,7 +183,7 @@ class _Pipeline:
                 continue  # the job failed: drop queued work
             t0 = time.perf_counter()
             try:
-                state.pooled[batch.idx] = engine.run(engine.prepare(seqs))
+                state.pooled[state.tok.rows_of(batch.idx)] = state.tok.run(engine, batch.idx, seqs)
             except BaseException as exc:  # noqa: BLE001 - reported by the main thread
                 tuner.record(batch, 0, None)
                 self.fail(exc)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import functools
 import os
 import time
 from typing import Optional
@@ -123,8 +124,8 @@ class _EmbedActor:
         self.init_s = self.ready_at - t0
         self.node = ray.get_runtime_context().get_node_id()[:12]
 
-    def _run(self, seqs: list) -> np.ndarray:
-        return self.engine.run(self.engine.prepare(seqs))
+    def _run(self, tok, units: np.ndarray, seqs: list) -> np.ndarray:
+        return tok.run(self.engine, units, seqs)
 
     def _shard(self, shard: Shard) -> tuple[int, int, int]:
         """Embeds and commits one shard; returns (rows, tokens, skipped) new in this call."""
@@ -149,7 +150,8 @@ class _EmbedActor:
                     raise
                 policy.committed(time.perf_counter() - t0)
 
-        pooled = self.embedder.embed(tok, self._run, todo=state.todo, out=state.pooled,
+        pooled = self.embedder.embed(tok, functools.partial(self._run, tok), todo=state.todo,
+                                     out=state.pooled,
                                      after_batch=after_batch)
         table, skipped_rows = self.embedder.result_table(tok, pooled)
         write_part(self.work, shard.index, table, skipped_rows, self.schema)

@@ -286,8 +286,13 @@ def schema_for(manifest: dict) -> pa.Schema:
     from floe.corpus.embed import embedding_type
 
     id_type = _type_from_str(manifest["id_type"])
-    return pa.schema([pa.field("id", id_type),
-                      pa.field("embedding", embedding_type(manifest["dim"], manifest["options"]["output_dtype"]))])
+    emb = pa.field("embedding", embedding_type(manifest["dim"], manifest["options"]["output_dtype"]))
+    opts = manifest["options"]
+    if opts.get("chunk_tokens") is not None or opts.get("late_chunking"):
+        # one row per chunk (floe/corpus/embed.py CHUNK_COLUMNS)
+        return pa.schema([pa.field("id", id_type), pa.field("chunk", pa.int32()),
+                          pa.field("start", pa.int64()), pa.field("end", pa.int64()), emb])
+    return pa.schema([pa.field("id", id_type), emb])
 
 
 def _type_from_str(name: str) -> pa.DataType:

@@ -104,6 +104,8 @@ def _embed(args: argparse.Namespace) -> int:
         with Client(args.server, protocol=args.protocol, api_key=args.api_key,
                     timeout=args.timeout, max_batch_size=args.batch_size,
                     retry=Retry(attempts=args.retries + 1)) as client:
+            if args.chunk_tokens or args.late_chunking:
+                return _embed_chunks(client, texts, args, out, to_npy)
             done = 0
             for arr in client.iter_embed(texts, dimensions=args.dimensions,
                                          prompt_name=args.prompt_name, normalize=args.normalize,
@@ -136,6 +138,38 @@ def _embed(args: argparse.Namespace) -> int:
     finally:
         if out is not None and out is not sys.stdout.buffer:
             out.close()
+    return 0
+
+
+# Documents per chunked request: each may give many chunks, and the server counts the chunks
+# against its item limit.
+_DOCUMENTS_PER_REQUEST = 8
+
+
+def _embed_chunks(client, texts: list[str], args: argparse.Namespace, out, to_npy: bool) -> int:
+    """``floe embed --chunk-tokens``: each text is a document; one output row per chunk, with the
+    document's index, the chunk's place and its characters [start, end) (JSON lines), or one
+    (chunks, dim) array (.npy)."""
+    import numpy as np
+    import orjson
+
+    rows = []
+    for a in range(0, len(texts), _DOCUMENTS_PER_REQUEST):
+        docs = texts[a:a + _DOCUMENTS_PER_REQUEST]
+        got = client.embed_chunks(docs, max_tokens=args.chunk_tokens, overlap=args.chunk_overlap,
+                                  late=args.late_chunking, dimensions=args.dimensions,
+                                  prompt_name=args.prompt_name, normalize=args.normalize)
+        if to_npy:
+            rows.append(got.embeddings)
+            continue
+        out.write(b"".join(orjson.dumps(
+            {"input_index": a + int(i), "chunk": int(c), "start": int(s), "end": int(e),
+             "text": docs[i][s:e], "embedding": row}, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
+            for i, c, s, e, row in zip(got.input_index, got.chunk, got.start, got.end,
+                                       got.embeddings)))
+    if to_npy:
+        np.save(args.output, np.concatenate(rows))
+    out.flush()
     return 0
 
 
@@ -187,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="times a request refused with 429/503 is sent again (after Retry-After)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress line on a terminal")
+    p.add_argument("--chunk-tokens", type=int, default=None, metavar="N",
+                   help="each text is a document: cut it into chunks of at most N tokens and "
+                   "embed each; JSON lines then carry input_index, chunk, start, end and the "
+                   "chunk's text (docs/api.md, documents of any length)")
+    p.add_argument("--chunk-overlap", type=int, default=0, metavar="M",
+                   help="tokens consecutive chunks share")
+    p.add_argument("--late-chunking", action="store_true",
+                   help="pool each chunk from its whole document's token states")
     p.set_defaults(func=_embed)
 
     from floe.corpus import args as corpus_args

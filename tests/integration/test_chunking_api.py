@@ -197,3 +197,24 @@ def test_grpc_chunking_and_client(server):
         with pytest.raises(FloeError) as err:
             c.embed_chunks(["x"], max_tokens=3)
     assert err.value.kind.name == "VALIDATION" and err.value.param == "chunking.max_tokens"
+
+
+def test_floe_embed_cli_chunks_documents(server, tmp_path):
+    import json
+
+    from tests.support import floe_cli
+
+    doc = DOC[:2500]
+    r = floe_cli("embed", "--server", server.url, "--chunk-tokens", "48", "--chunk-overlap", "8",
+                 doc, "second document.")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert {x["input_index"] for x in lines} == {0, 1}
+    first = [x for x in lines if x["input_index"] == 0]
+    assert [x["chunk"] for x in first] == list(range(len(first))) and len(first) > 3
+    assert all(x["text"] == doc[x["start"]:x["end"]] and len(x["embedding"]) == 384 for x in first)
+    npy = tmp_path / "c.npy"
+    r = floe_cli("embed", "--server", server.url, "--chunk-tokens", "48", "--late-chunking",
+                 "-o", str(npy), doc)
+    assert r.returncode == 0, r.stderr
+    assert np.load(npy).shape[1] == 384
