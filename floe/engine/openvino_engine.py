@@ -43,7 +43,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from floe.engine.base import Engine, Padded, head_summary, right_pad
+from floe.engine.base import Engine, Padded, head_summary, right_pad, span_rows, span_weights
 from floe.engine.hardware import cpu_has_fast_bf16
 from floe.engine.window import Window, window_of
 from floe.errors import ConfigError
@@ -56,6 +56,8 @@ CACHE_FORMAT = 1          # bump when the graph floe builds changes
 ENV_CACHE_DIR = "FLOE_ENGINE_CACHE_DIR"
 _INPUTS = ("input_ids", "attention_mask")
 _TYPE_INPUT = "token_type_ids"
+_SPAN_INPUT = "span_weights"
+_SPAN_ROWS = "span_rows"   # (not a graph input) which rows of the span graph's output are real
 _PRECISION = {"bfloat16": "bf16", "float32": "f32"}
 _PROBE_MIN_COSINE = {"float32": 0.9999, "bfloat16": 0.999}
 # A cross-encoder's logits on the probe: |got - want| <= atol + rtol * |want|.
@@ -108,7 +110,8 @@ def _folder_files(spec: ModelSpec) -> list[tuple[str, int, int]]:
     return sorted(out)
 
 
-def cache_key(spec: ModelSpec, versions: Optional[dict[str, str]] = None) -> str:
+def cache_key(spec: ModelSpec, versions: Optional[dict[str, str]] = None,
+              spans: bool = False) -> str:
     """Hex key of the converted graph: model files, pipeline options and library versions.
 
     The inference precision is not part of it: the graph is stored in float32 and the precision is
@@ -135,6 +138,8 @@ def cache_key(spec: ModelSpec, versions: Optional[dict[str, str]] = None) -> str
         parts["head"] = {"task": spec.task, "num_labels": spec.num_labels,
                          "splade": [spec.splade_pooling, spec.splade_activation],
                          "inputs": list(_graph_inputs(spec))}
+    if spans:   # late chunking's graph: token states pooled by span weights, then Dense
+        parts["head"] = {"task": "spans", "inputs": [*_INPUTS, _SPAN_INPUT]}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -248,6 +253,55 @@ def _trace_lengths(spec: ModelSpec) -> tuple[list[int], list[int]]:
     return [trace, max(1, trace - 5)], [probe, min(3, probe), max(1, probe - 7)]
 
 
+def _span_batch(spec: ModelSpec, lengths: Sequence[int], seed: int) -> dict[str, np.ndarray]:
+    """``_batch`` with late chunking's span weights: two spans per row, of other widths."""
+    feed = _batch(spec, lengths, seed)
+    spans = [np.array([[0, max(1, n // 2)], [max(0, n // 3), n]]) for n in lengths]
+    feed[_SPAN_INPUT] = span_weights(spec, feed["input_ids"].shape[1], spans)
+    return feed
+
+
+def _convert_spans(spec: ModelSpec, threads: Optional[int]) -> tuple[Any, tuple[dict[str, np.ndarray], np.ndarray]]:
+    """Late chunking's graph: (input_ids, attention_mask, span_weights) -> (n, spans, dim), the
+    torch engine's span head (floe/engine/base.py span_weights), plus a probe and its output."""
+    import openvino as ov
+    import torch
+
+    from floe.engine.torch_engine import Prepared, TorchEngine
+
+    source = TorchEngine(spec, device="cpu", dtype="float32", threads=threads)
+
+    class SpanPipeline(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = source.model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    span_weights: torch.Tensor) -> torch.Tensor:
+            batch = Prepared(input_ids, attention_mask, attention_mask.sum(dim=1), uniform=False)
+            pooled = torch.einsum("bsl,blh->bsh", span_weights, source._forward(batch).float())
+            for layer in source._dense:
+                pooled = layer(pooled)
+            return pooled.float()
+
+    pipeline = SpanPipeline().eval()
+    trace_lengths, probe_lengths = _trace_lengths(spec)
+    example = {k: torch.from_numpy(v) for k, v in _span_batch(spec, trace_lengths, 0).items()}
+    probe = _span_batch(spec, probe_lengths, 1)
+    with torch.no_grad():
+        try:
+            model = ov.convert_model(pipeline, example_input=example)
+        except Exception as exc:  # the converter raises many kinds; all mean "does not convert"
+            raise ConversionError(f"openvino.convert_model failed on the span graph: "
+                                  f"{type(exc).__name__}") from exc
+        want = pipeline(**{k: torch.from_numpy(v) for k, v in probe.items()}).numpy()
+    model.reshape({"input_ids": ov.PartialShape([-1, -1]),
+                   "attention_mask": ov.PartialShape([-1, -1]),
+                   _SPAN_INPUT: ov.PartialShape([-1, -1, -1])})
+    del pipeline, source
+    return model, (probe, want.reshape(-1, want.shape[-1]))
+
+
 def _convert(spec: ModelSpec, threads: Optional[int],
              banded: bool = False) -> tuple[Any, tuple[dict[str, np.ndarray], np.ndarray]]:
     """The torch pipeline converted to an ov.Model, plus a probe batch and its torch output.
@@ -331,6 +385,7 @@ class OpenVINOEngine(Engine):
         self.threads = int(threads) if threads else core_count()
         self.cache_dir = cache_dir or default_cache_dir()
         self.converted = False  # True when this construction converted (no cache hit)
+        self._spans: Any = None   # late chunking's infer request, made on first use
         self._lock = threading.Lock()
         # Sliding-window models whose inputs can outgrow the key span have a second graph, run on
         # batches wider than the span (floe/engine/attention.py); int8 is not verified for them.
@@ -474,24 +529,82 @@ class OpenVINOEngine(Engine):
     # --- stages ------------------------------------------------------------------------------
 
     def prepare(self, sequences: Sequence[np.ndarray],
-                type_splits: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+                type_splits: Optional[np.ndarray] = None,
+                spans: Optional[Sequence[np.ndarray]] = None) -> dict[str, np.ndarray]:
         """The graph's inputs: (n, longest) int64 arrays, right-padded with the model's pad id,
-        and token types where the graph takes them (from ``type_splits``; all 0 without them)."""
+        and token types where the graph takes them (from ``type_splits``; all 0 without them);
+        with ``spans``, late chunking's span weights for the span graph."""
         takes_types = _TYPE_INPUT in self._inputs  # (an embedding graph: single texts, all type 0)
         padded = right_pad(self.spec, sequences, type_splits if takes_types else None)
         feed = _feed(padded)
+        if spans is not None:
+            feed[_SPAN_INPUT] = span_weights(self.spec, padded.input_ids.shape[1], spans)
+            feed[_SPAN_ROWS] = span_rows(spans)
+            return feed
         if takes_types and padded.token_type_ids is None:
             feed[_TYPE_INPUT] = np.zeros_like(padded.input_ids)
         return feed
 
     def run(self, prepared: dict[str, np.ndarray]) -> np.ndarray:
-        """Forward and the task's head in one graph; returns (n, spec.dim) float32."""
+        """Forward and the task's head in one graph; returns (n, spec.dim) float32 (one row per
+        span for a late-chunking batch)."""
+        if _SPAN_INPUT in prepared:
+            rows = prepared[_SPAN_ROWS]
+            feed = {k: v for k, v in prepared.items() if k != _SPAN_ROWS}
+            with self._lock:
+                request = self._span_request()
+                request.infer(feed, share_inputs=True)
+                out = np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+            return out[rows]
         request = self._request
         if self._band_request is not None and self._window.banded(prepared["input_ids"].shape[1]):
             request = self._band_request  # wider than the key span: the banded graph
         with self._lock:
             request.infer(prepared, share_inputs=True)
             return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+
+    def _span_request(self) -> Any:
+        """Late chunking's graph, converted (or read from the cache) and compiled on first use,
+        on the engine thread: a server that never late-chunks never pays for it. Caller holds
+        the lock."""
+        if self._spans is not None:
+            return self._spans
+        import openvino as ov
+
+        root = openvino_dir(self.cache_dir)
+        key = cache_key(self.spec, spans=True)
+        folder = os.path.join(root, key)
+        xml = os.path.join(folder, "model.xml")
+        with _locked(os.path.join(root, key + ".lock")):
+            if os.path.isfile(xml):
+                model, probe = xml, None
+            else:
+                log.info("converting %s's late-chunking graph to OpenVINO (first use; cached in %s)",
+                         self.spec.name, folder)
+                model, probe = _convert_spans(self.spec, self.threads)
+            compiled = self._core.compile_model(model, "CPU", self._config)
+            request = compiled.create_infer_request()
+            if probe is not None:
+                feed, want = probe
+                request.infer(feed, share_inputs=True)
+                got = np.array(request.get_output_tensor(0).data, dtype=np.float32).reshape(want.shape)
+                cos = (got * want).sum(1) / np.maximum(
+                    np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1), 1e-30)
+                limit = _PROBE_MIN_COSINE[self._float_dtype]
+                if not np.isfinite(got).all() or cos.min() < limit:
+                    raise ConversionError(f"the late-chunking graph differs from the torch model "
+                                          f"(cosine {float(np.nan_to_num(cos).min()):.6f})")
+                tmp = tempfile.mkdtemp(prefix=f".{key}.", dir=root)
+                try:
+                    ov.save_model(model, os.path.join(tmp, "model.xml"), compress_to_fp16=False)
+                    os.rename(tmp, folder)
+                except OSError:
+                    if not os.path.isfile(xml):
+                        raise
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+        self._spans = request
+        return request
 
     def profiling_info(self) -> list:
         """The last forward's per-node counters (an engine built with ``profile=True``)."""
