@@ -32,7 +32,8 @@ _ERRORS = {
     "400": "Invalid request: bad JSON, wrong types, empty input, bad parameter, token id out of "
            "vocabulary, too long with truncation off. `param` names the field (`input[3]`).",
     "401": "Missing or invalid API key (`Authorization: Bearer KEY`).",
-    "404": "Unknown model (with --strict-model-name).",
+    "404": "Unknown model (with --strict-model-name), or no served model does what the route "
+           "asks (a reranker for rerank, a SPLADE model for sparse).",
     "413": "Body, item count, prompt or input over a limit; never retried.",
     "415": "Content type is not application/json.",
     "429": "Overloaded; retry after the Retry-After header's seconds.",
