@@ -399,10 +399,12 @@ def _argparse_type(f: dataclasses.Field, tp: Any):
 
 def add_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = SERVE_SECTIONS,
                   skip: tuple[str, ...] = (), only: Optional[tuple[str, ...]] = None,
-                  group: Optional[Any] = None) -> None:
+                  group: Optional[Any] = None, env: bool = True) -> None:
     """Adds one flag per settings field of the named sections (defaults come from the tree);
     ``skip`` leaves fields out, ``only`` keeps just the fields it names; ``group``: add them to
-    this argument group instead of one per section. ``settings_from(args)`` reads them back."""
+    this argument group instead of one per section. ``settings_from(args)`` reads them back;
+    ``env=False``: a command that takes the flags but not their FLOE_* variables (its help then
+    names none), whose values ``flag_value`` reads."""
     for name in sections:
         cls = SECTIONS[name]
         hints = typing.get_type_hints(cls)
@@ -414,7 +416,8 @@ def add_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = S
             if typing.get_origin(tp) is tuple:
                 continue   # filled by a repeated flag (repeat_into) or the environment
             default = f.default if f.default is not dataclasses.MISSING else None
-            help_text = f"{f.metadata.get('help', '')} [env {_env(f)}; default {default}]"
+            where = f"env {_env(f)}; " if env else ""
+            help_text = f"{f.metadata.get('help', '')} [{where}default {default}]"
             dest = f"{name}.{f.name}"
             if tp is bool:
                 target.add_argument(_flag(f), dest=dest, default=None,
@@ -426,6 +429,18 @@ def add_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = S
                                     choices=choices, help=help_text,
                                     action="append" if f.metadata.get("repeat_into") else "store",
                                     type=_argparse_type(f, tp))
+
+
+def flag_value(args: argparse.Namespace, section: str, name: str) -> Any:
+    """The value of a field's flag (``add_arguments``) as given on the command line, else the
+    tree's default; no FLOE_* variable is read. A repeatable flag gives its last value."""
+    value = getattr(args, f"{section}.{name}", None)
+    if isinstance(value, list):
+        value = value[-1]
+    if value is None:
+        f = next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
+        value = f.default if f.default is not dataclasses.MISSING else None
+    return value
 
 
 def settings_to_dict(settings: Settings) -> dict:

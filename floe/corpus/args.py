@@ -45,10 +45,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                    help="bad rows (null or non-string text): fail naming the row, or skip them "
                         "and list them in a side file (OUTPUT/_skipped.jsonl or OUTPUT.skipped.jsonl)")
-    p.add_argument("--engine", default=None,
-                   help="engine kind passed to floe's engine factory (default: its default)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16", "int8"))
     p.add_argument("--workers", type=int, default=None,
                    help="engine workers (Ray: actors); on CPU they share the compute threads. "
                         "Default: 2 on a CPU with 2 or more cores, 1 per job on a GPU, 1 Ray actor")
@@ -59,7 +55,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="token budget of one forward pass (padded: longest x count). Default "
                         "auto: on a CPU, the fastest of 2048-16384 measured on the job's first "
                         "batches (they are real work); on a GPU, 16384")
-    p.add_argument("--max-batch-size", type=int, default=256, help="most sequences in one pass")
     p.add_argument("--shard-rows", type=int, default=10_000,
                    help="rows per output part: the unit of length-sorting and of the output's "
                         "files (commits come at least every --commit-seconds of compute)")
@@ -68,16 +63,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "('auto' for the one this machine belongs to); needs floe[ray]")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal; log lines otherwise)")
-    p.add_argument("--log-level", default="info")
-    # the job's settings-tree section (floe/config.py CorpusSettings): flag and FLOE_* variable
-    # derived from the field, as for floe serve's
     from floe.config import add_arguments as add_settings
 
+    # knobs the job shares with floe serve: flag, type, choices and help from the settings tree
+    # (floe/config.py); the job takes them from its command line only, not from FLOE_* variables
+    shared = p.add_argument_group("settings shared with floe serve")
+    for section, names in (("model", ("device", "dtype")), ("replicas", ("engine",)),
+                           ("batch", ("max_batch_size",)), ("server", ("log_level",))):
+        add_settings(p, sections=(section,), only=names, group=shared, env=False)
+    # the job's settings-tree section (floe/config.py CorpusSettings): flag and FLOE_* variable
+    # derived from the field, as for floe serve's
     add_settings(p, sections=("corpus",))
 
 
 def job_from_args(args: argparse.Namespace):
-    from floe.config import settings_from
+    from floe.config import flag_value, settings_from
     from floe.corpus.embed import CorpusOptions
     from floe.corpus.plan import CorpusJob
 
@@ -85,19 +85,26 @@ def job_from_args(args: argparse.Namespace):
         text_column=args.text_column, id_column=args.id_column, prompt_name=args.prompt_name,
         dimensions=args.dimensions, normalize=args.normalize, output_dtype=args.output_dtype,
         on_error=args.on_error, shard_rows=args.shard_rows)
+    # the tree, read once here: the corpus section, and the engine's (the fake engine's
+    # simulated costs, the converted-model cache) which the job hands to its engines
+    settings = settings_from(args)
     return CorpusJob(
-        input=args.input, output=args.output, options=options, model=args.model, engine=args.engine,
-        device=args.device, dtype=args.dtype, workers=args.workers, threads=args.threads,
+        input=args.input, output=args.output, options=options, model=args.model,
+        engine=getattr(args, "replicas.engine"),   # None: the engine factory's default
+        device=flag_value(args, "model", "device"), dtype=flag_value(args, "model", "dtype"),
+        workers=args.workers, threads=args.threads,
         tokenize_threads=args.tokenize_threads, batch_tokens=args.batch_tokens,
-        max_batch_size=args.max_batch_size, input_format=args.input_format, ray=args.ray,
-        progress=args.progress, corpus=settings_from(args).corpus)
+        max_batch_size=flag_value(args, "batch", "max_batch_size"),
+        input_format=args.input_format, ray=args.ray,
+        progress=args.progress, corpus=settings.corpus, replicas=settings.replicas)
 
 
 def main(args: argparse.Namespace) -> int:
     """Runs the job; prints the one-line summary on stdout. Exit 2 on a refused or failed job."""
+    from floe.config import flag_value
     from floe.logs import setup_logging
 
-    setup_logging(args.log_level)
+    setup_logging(flag_value(args, "server", "log_level"))
     from floe.corpus.job import run
     from floe.errors import ConfigError, FloeError, ModelLoadError
 

@@ -26,10 +26,11 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from floe.resolve import GPU_BATCH_TOKENS   # a GPU's budget when none is given, as floe serve's
+
 log = logging.getLogger("floe.corpus")
 
 CPU_CANDIDATES = (2048, 4096, 8192, 16384)
-GPU_BATCH_TOKENS = 16384   # a GPU's budget when none is given (floe serve's GPU default)
 ROUNDS = 2   # each candidate is measured this many times (palindromic order)
 
 

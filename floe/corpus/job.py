@@ -18,6 +18,7 @@ from floe.corpus.embed import ShardEmbedder
 from floe.corpus.plan import CorpusJob, Plan
 from floe.corpus.reader import CorpusError, open_source
 from floe.corpus.writer import FORMAT_VERSION, CorpusOutput, model_fingerprint
+from floe.resolve import core_count
 
 __all__ = ["CorpusJob", "Plan", "default_workers", "on_gpu", "prepare", "run"]
 
@@ -46,7 +47,7 @@ def default_workers(job: CorpusJob, cores: Optional[int] = None) -> int:
     for less CPU time (docs/benchmarks.md, section 1)."""
     if job.ray is not None or on_gpu(job.device):
         return 1
-    cores = cores if cores is not None else (job.threads or len(os.sched_getaffinity(0)))
+    cores = cores if cores is not None else (job.threads or core_count())
     return 2 if cores >= 2 else 1
 
 

@@ -26,6 +26,7 @@ are dropped, shards already committed stay for the rerun.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -42,6 +43,7 @@ from floe.corpus.embed import Tokenized
 from floe.corpus.plan import Plan
 from floe.corpus.progress import Progress
 from floe.corpus.writer import drop_pieces
+from floe.resolve import core_count
 
 log = logging.getLogger("floe.corpus")
 
@@ -101,26 +103,17 @@ def _worker_devices(device: str, n: int) -> list[str]:
 
 
 def make_engines(plan: Plan) -> list:
-    from floe.engine import create_engine
+    from floe.engine import engine_for
 
     job = plan.job
-    threads = job.threads or os.cpu_count() or 1
+    threads = job.threads or core_count()
     share = max(1, threads // job.workers)
-    kw = {} if job.engine is None else {"kind": job.engine}
-    engines = []
-    for dev in _worker_devices(job.device, job.workers):
-        if job.engine == "fake":
-            # the fake engine's simulated compute time comes from the settings tree
-            # (--fake-seconds-per-* / FLOE_FAKE_SECONDS_PER_*), as for a replica
-            from floe.config import settings_from
-            from floe.engine.fake import FakeEngine
-
-            r = settings_from().replicas
-            engines.append(FakeEngine(plan.spec, seconds_per_token=r.fake_seconds_per_token,
-                                      seconds_per_batch=r.fake_seconds_per_batch))
-            continue
-        engines.append(create_engine(plan.spec, device=dev, dtype=job.dtype, threads=share,
-                                     share_cores=job.workers > 1, **kw))
+    # the job's engine section (read once from the settings tree by its command line: the fake
+    # engine's simulated costs, the converted-model cache) with the job's engine kind
+    section = dataclasses.replace(job.replicas, engine=job.engine or "auto")
+    engines = [engine_for(plan.spec, section, device=dev, dtype=job.dtype, threads=share,
+                          share_cores=job.workers > 1)
+               for dev in _worker_devices(job.device, job.workers)]
     # One tiny forward per engine, here, before the worker threads start: the first call into
     # OpenVINO's Python bindings initializes function-local statics under a C++ guard that waits
     # while holding what the other thread needs, and two workers making their first call at once
@@ -144,7 +137,7 @@ class _Pipeline:
         # One tokenizer call per pool thread: the Rust library's own threads would run at the
         # engine's priority and spin between calls (TOKENIZERS_PARALLELISM=false, as in a server).
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        tok_threads = job.tokenize_threads or max(1, min(8, len(os.sched_getaffinity(0))))
+        tok_threads = job.tokenize_threads or max(1, min(8, core_count()))
         self.tok_pool = ThreadPoolExecutor(tok_threads, thread_name_prefix="floe-corpus-tok",
                                            initializer=_background_thread)
         self.read_pool = ThreadPoolExecutor(1, thread_name_prefix="floe-corpus-read",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from floe.config import CorpusSettings
+from floe.config import CorpusSettings, ReplicaSetSettings
 from floe.corpus.embed import CorpusOptions, ShardEmbedder
 from floe.corpus.reader import Shard, Source
 from floe.corpus.writer import CorpusOutput
@@ -37,6 +37,8 @@ class CorpusJob:
     ray: Optional[str] = None            # None: local; "local": a new local Ray; else an address
     progress: Optional[bool] = None      # None: a bar when stderr is a terminal
     corpus: CorpusSettings = field(default_factory=CorpusSettings)   # commit_seconds
+    # the engines' settings section: the fake engine's simulated costs, the converted-model cache
+    replicas: ReplicaSetSettings = field(default_factory=ReplicaSetSettings)
 
 
 @dataclass

@@ -44,6 +44,7 @@ from floe.corpus.embed import CorpusOptions
 from floe.corpus.plan import Plan
 from floe.corpus.progress import Progress
 from floe.corpus.reader import CorpusError, Shard, Source
+from floe.resolve import core_count
 
 log = logging.getLogger("floe.corpus")
 
@@ -191,7 +192,7 @@ def _connect(address: str) -> bool:
         # machine whose cores the job fills, the embedding actors then wait behind Ray's
         # bookkeeping. In an instance started for this job, the actors are the job.
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(num_cpus=os.cpu_count() or 1, **kw)
+        ray.init(num_cpus=core_count(), **kw)
     else:
         ray.init(address=address, **kw)
     return True
