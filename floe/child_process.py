@@ -1,7 +1,7 @@
 """One supervised child process: spawn, handshake, watch, restart with backoff, give up, stop.
 
 Both kinds of child that ``floe serve`` keeps running are a ``ChildProcess``: the replicas
-(floe/fleet/supervisor.py ``ReplicaSlot``) and the extra front-end workers
+(floe/fleet/replica_slot.py ``ReplicaSlot``) and the extra front-end workers
 (floe/frontend/workers.py ``FrontendWorker``). A ``ChildProcess`` owns its process and its
 lifecycle state, and nothing else writes them: its owner calls ``start()`` once, may call
 ``begin_stop()`` (SIGTERM now, no restart) and ends it with ``stop(grace)``.

@@ -3,10 +3,10 @@
 It only wires the parts, each in its own module:
 
 - placement.py (pure) decides where each replica runs (GPU and memory share, or CPU cores);
-- supervisor.py: one ``ReplicaSlot`` per replica, which owns that replica's process, state,
-  client and rotation (the lifecycle itself is floe/supervision.py's ``ChildProcess``);
+- replica_slot.py: one ``ReplicaSlot`` per replica, which owns that replica's process, state,
+  client and rotation (the lifecycle itself is floe/child_process.py's ``ChildProcess``);
 - router.py picks a replica per request (balance.py's pure policy) and retries once;
-- client.py is the channel to one replica.
+- replica_client.py is the channel to one replica.
 
 Replicas listen on Unix sockets in a private directory (mode 0700) by default, and each requires
 a per-launch token, so only this manager can use them; ``--replica-transport tcp`` binds
@@ -39,9 +39,9 @@ from floe.protocol import ReplicaTable
 from floe.resolve import Hardware, resolve_batch
 from floe.fleet.balance import Balancer
 from floe.fleet.placement import plan_placement
-from floe.fleet.client import load_fields, replica_info
+from floe.fleet.replica_client import load_fields, replica_info
 from floe.fleet.router import Routed, Router
-from floe.fleet.supervisor import ReplicaSlot
+from floe.fleet.replica_slot import ReplicaSlot
 from floe.transport.grpc import grpc_target
 
 log = logging.getLogger("floe.manager")

@@ -1,7 +1,7 @@
 """A front-end worker's view of replicas that another process supervises.
 
 With ``--frontend-workers N`` the main process of ``floe serve`` spawns, probes and restarts the
-replicas (floe/fleet/supervisor.py) and runs one front end; each extra front-end worker routes
+replicas (floe/fleet/replica_slot.py) and runs one front end; each extra front-end worker routes
 to the same replicas through this class. It has the replica manager's request interface (encode,
 abort, ready, status, replica_infos), so the EmbedService and the transports do not know which
 kind of process they run in.
@@ -24,7 +24,7 @@ from floe.models.spec import ModelSpec
 from floe.proto import floe_pb2
 from floe.protocol import ReplicaEndpoint, ReplicaTable
 from floe.fleet.balance import Balancer, ReplicaLoad
-from floe.fleet.client import ReplicaClient, coalesce_limits, load_fields, replica_info
+from floe.fleet.replica_client import ReplicaClient, coalesce_limits, load_fields, replica_info
 from floe.fleet.router import Routed, Router
 
 

@@ -1,6 +1,6 @@
 """A replica slot: one replica process under the shared supervisor, its client and its rotation.
 
-``ReplicaSlot`` is a ``ChildProcess`` (floe/supervision.py: spawn, hello, logs, restart with
+``ReplicaSlot`` is a ``ChildProcess`` (floe/child_process.py: spawn, hello, logs, restart with
 backoff, give up, stop; its state is owned there) with what only a replica has:
 
 - Launch: ``python -m floe.replica`` with a ``ReplicaLaunch`` (floe/protocol.py) in the
@@ -35,8 +35,8 @@ from floe.config import Settings, settings_to_dict
 from floe.errors import FloeError
 from floe.protocol import Placement, ReplicaEndpoint, ReplicaHello, ReplicaLaunch
 from floe.fleet.balance import ReplicaLoad
-from floe.fleet.client import CLOSE_GRACE_S, ReplicaClient, coalesce_limits
-from floe.supervision import ChildProcess, Command
+from floe.fleet.replica_client import CLOSE_GRACE_S, ReplicaClient, coalesce_limits
+from floe.child_process import ChildProcess, Command
 
 log = logging.getLogger("floe.supervisor")
 

@@ -42,7 +42,7 @@ from floe import metrics
 from floe.errors import FloeError, InternalError, OverloadedError, PoisonInputError, UnavailableError
 from floe.protocol import EmbedResult, EncodeOptions, TokenBatch
 from floe.fleet.balance import Balancer, ReplicaLoad
-from floe.fleet.client import ReplicaClient
+from floe.fleet.replica_client import ReplicaClient
 from floe.fleet.link import ReplicaDraining, ReplicaLost, ReplicaTimeout
 
 log = logging.getLogger("floe.router")

@@ -6,7 +6,7 @@ directory. It runs the same front end as the main process (floe/frontend/server.
 ``run_frontend``: tokenizer pool, validation, HTTP and gRPC on the shared ports) and routes to
 the replicas that the main process supervises (floe/fleet/remote.py), whose table arrives on
 stdin. It prints a ``FrontendHello`` line once it serves, writes JSON log lines to stderr (its
-supervisor, floe/supervision.py, re-emits them at their level in the main process' log), drains
+supervisor, floe/child_process.py, re-emits them at their level in the main process' log), drains
 on SIGTERM, and drains and exits when stdin closes (the main process is gone).
 """
 

@@ -15,7 +15,7 @@ Each worker routes to every replica with its own channels and its own in-flight 
 (floe/fleet/remote.py); its balancer starts at its own index, so idle-time requests of
 different workers do not all land on replica 0.
 
-Who owns what: each ``FrontendWorker`` is a ``ChildProcess`` (floe/supervision.py: spawn with
+Who owns what: each ``FrontendWorker`` is a ``ChildProcess`` (floe/child_process.py: spawn with
 a ``FrontendLaunch`` and the HTTP socket, ``FrontendHello`` handshake, its JSON log lines
 re-emitted, restart with the replicas' backoff, given up after --max-restarts in
 --restart-window while floe serve keeps serving with the others). Only the worker's stdin is
@@ -42,7 +42,7 @@ from typing import Callable, Optional
 from floe.config import Settings, settings_to_dict
 from floe.errors import WorkerStartError
 from floe.protocol import FrontendHello, FrontendLaunch
-from floe.supervision import ChildProcess, Command
+from floe.child_process import ChildProcess, Command
 
 log = logging.getLogger("floe.frontend.workers")
 

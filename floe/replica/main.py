@@ -3,7 +3,7 @@
 This file only wraps ReplicaCore (floe/replica/core.py) with a socket, signals and the parent's
 watch. A replica runs in one of two ways:
 
-* **managed** (started by the fleet's supervisor, floe/fleet/supervisor.py): the whole settings
+* **managed** (started by the fleet's supervisor, floe/fleet/replica_slot.py): the whole settings
   tree, its address, placement and a per-launch token arrive as a ``ReplicaLaunch``
   (floe/protocol.py) in FLOE_REPLICA_LAUNCH. On a Unix socket (the default) it serves the link's
   frames (floe/transport/frames.py), on TCP gRPC; it requires the token (frames: the HELLO;

@@ -369,7 +369,7 @@ def test_managed_launch_unix_socket_and_token(tmp_path):
 
 async def _managed_link_checks(address: str) -> None:
     """A managed replica on a Unix socket speaks the link's frames, and only with its token."""
-    from floe.fleet.client import ReplicaClient
+    from floe.fleet.replica_client import ReplicaClient
     from floe.fleet.link import ReplicaLost
     from floe.protocol import EncodeOptions, TokenBatch
 

@@ -181,7 +181,7 @@ def test_a_merged_call_holds_at_most_one_forward_pass():
 
 def test_merge_limits_follow_the_batch_settings():
     from floe.config import BatchSettings, ReplicaSetSettings, Settings
-    from floe.fleet.client import coalesce_limits
+    from floe.fleet.replica_client import coalesce_limits
 
     s = Settings(batch=BatchSettings(max_batch_tokens=2048, max_batch_size=1),
                  replicas=ReplicaSetSettings(coalesce_tokens=4096))

@@ -14,7 +14,7 @@ import pytest
 from floe.errors import InternalError, OverloadedError, TooLargeError, UnavailableError, ValidationError
 from floe.proto import floe_pb2
 from floe.protocol import EmbedResult, EncodeOptions, TokenBatch, request_to_proto
-from floe.fleet.client import ReplicaClient
+from floe.fleet.replica_client import ReplicaClient
 from floe.fleet.link import ReplicaDraining, ReplicaLost, ReplicaTimeout
 from floe.protocol import FRAME_HEADER as HEADER, Frame, frame
 from floe.transport.frames import FramesClosed, FramesConnection, FramesTimeout, start_frames_server

@@ -12,7 +12,7 @@ from floe.engine.fake import FakeEngine
 from floe.models.spec import ModelSpec
 from floe.proto import floe_pb2, floe_pb2_grpc
 from floe.protocol import EmbedResult, EncodeOptions, TokenBatch, result_to_proto, tokens_from_proto
-from floe.fleet.client import ReplicaClient
+from floe.fleet.replica_client import ReplicaClient
 from floe.fleet.link import ReplicaDraining, ReplicaLost, ReplicaTimeout
 
 RETRIED = (ReplicaLost, ReplicaDraining)   # the link outcomes the router retries elsewhere
@@ -194,7 +194,7 @@ class FakeProcess:
 async def test_a_busy_replica_that_misses_probes_is_not_killed_a_silent_one_is(server):
     from floe.config import ReplicaSetSettings, Settings
     from floe.protocol import Placement
-    from floe.fleet.supervisor import PROBE_FAILURES_TO_KILL, ReplicaSlot
+    from floe.fleet.replica_slot import PROBE_FAILURES_TO_KILL, ReplicaSlot
 
     servicer, address, _ = server
     servicer.mode = "slow_health"

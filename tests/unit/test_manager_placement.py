@@ -14,7 +14,7 @@ from floe.protocol import Placement, ReplicaLaunch
 from floe.replica.main import runtime_from_launch
 from floe.fleet.placement import plan_placement
 from floe.resolve import visible_gpus
-from floe.supervision import describe_exit
+from floe.child_process import describe_exit
 
 
 def settings(**replicas):

@@ -9,8 +9,8 @@ FRONT_END_MODULES = [
     "floe.frontend.http", "floe.frontend.service", "floe.frontend.server",
     "floe.frontend.admission", "floe.frontend.connections",
     "floe.transport.grpc", "floe.transport.auth",
-    "floe.fleet.manager", "floe.fleet.balance", "floe.fleet.client",
-    "floe.fleet.placement", "floe.fleet.router", "floe.fleet.supervisor",
+    "floe.fleet.manager", "floe.fleet.balance", "floe.fleet.replica_client",
+    "floe.fleet.placement", "floe.fleet.router", "floe.fleet.replica_slot",
     "floe.validate", "floe.protocol", "floe.config", "floe.errors",
     "floe.tokenize", "floe.models", "floe.client", "floe.metrics",
 ]

@@ -1,4 +1,4 @@
-"""The shared child-process supervisor (floe/supervision.py) over tiny `python -c` children:
+"""The shared child-process supervisor (floe/child_process.py) over tiny `python -c` children:
 handshake, stdin, log re-emission, restart and give-up, refusal, stop with SIGTERM then SIGKILL."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-import floe.supervision as supervision
+import floe.child_process as supervision
 from floe.config import ReplicaSetSettings
 from floe.protocol import FrontendHello
-from floe.supervision import ChildProcess, Command
+from floe.child_process import ChildProcess, Command
 
 # runs `before`, reads its first stdin line, logs it as a JSON warning, says hello, runs `then`
 CHILD = r"""
