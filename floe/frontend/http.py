@@ -42,7 +42,8 @@ from floe.errors import (
     error_envelope,
 )
 from floe.frontend.models import ServedModels
-from floe.frontend.service import EmbedService, error_label, new_request_id
+from floe.frontend.service import EmbedService, error_label
+from floe.request_id import new_request_id, request_id
 from floe.protocol import EmbedResult
 from floe.transport.auth import AUTH_HINT, bearer_ok
 
@@ -108,11 +109,7 @@ ON_DISCONNECT = "floe.on_disconnect"
 
 
 def _request_id(request: Request) -> str:
-    rid = request.headers.get("x-request-id", "")
-    # a client's id is echoed in headers and logs: keep it short and printable
-    if rid and len(rid) <= 128 and rid.isprintable():
-        return rid
-    return new_request_id()
+    return request_id(request.headers.get("x-request-id"))
 
 
 class HttpRoutes:

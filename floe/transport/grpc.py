@@ -25,7 +25,6 @@ import asyncio
 import functools
 import json
 import logging
-import uuid
 from typing import Any, Awaitable, Callable, Optional, Protocol, Sequence
 
 import grpc
@@ -38,6 +37,7 @@ from floe.proto import arctic_inference_pb2 as arctic_pb2
 from floe.proto import floe_pb2
 from floe.protocol import (EmbedResult, EncodeOptions, TokenBatch, chunk_options_from_proto,
                            chunks_to_proto, encode_call_from_proto, result_to_proto)
+from floe.request_id import request_id as client_request_id
 from floe.transport.auth import AUTH_HINT, bearer_ok
 
 log = logging.getLogger("floe.grpc")
@@ -71,10 +71,6 @@ class EncodeBackend(Protocol):
     async def replica_info(self) -> floe_pb2.GetReplicaInfoResponse: ...
 
     async def abort(self, request_id: str) -> bool: ...
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex
 
 
 # --- error mapping ----------------------------------------------------------------------------
@@ -154,7 +150,7 @@ class EmbedderServicer:
     @_rpc
     async def Encode(self, request: floe_pb2.EncodeRequest, context) -> floe_pb2.EncodeResponse:
         request_id, texts, tokens, options, model = encode_call_from_proto(request)
-        request_id = request_id or new_request_id()
+        request_id = client_request_id(request_id)
         table = None
         if request.HasField("chunking"):
             chunk = chunk_options_from_proto(request.chunking)
@@ -185,7 +181,7 @@ class EmbedderServicer:
         rerank = getattr(self.backend, "rerank", None)
         if rerank is None:  # a replica: reranking is the front end's (it tokenizes the pairs)
             raise ValidationError("this endpoint does not rerank; call the front end")
-        request_id = request.request_id or new_request_id()
+        request_id = client_request_id(request.request_id)
         options = EncodeOptions(
             truncate=request.truncate if request.HasField("truncate") else None,
             truncation_direction="left" if request.truncation_direction == floe_pb2.LEFT else "right",
@@ -253,7 +249,7 @@ class ArcticServicer:
         if request.n_prompts != n:
             raise ValidationError(f"n_prompts is {request.n_prompts} but the request carries {n} inputs",
                                   param="n_prompts")
-        request_id = request.request_id or new_request_id()
+        request_id = client_request_id(request.request_id)
         options = EncodeOptions(priority=request.priority)
         result = await self.backend.encode(request_id, texts, tokens, options, request.model_name)
         rows = result.as_float32().astype("<f4", copy=False)
