@@ -10,6 +10,12 @@ that code built without a settings tree (``floe embed-corpus``, the bench script
 server's converted models.
 
 Precedence: command-line flag > ``FLOE_*`` environment variable > default.
+
+Every command builds its parser from this tree (``add_arguments``; ``only`` picks the fields a
+command takes): ``floe serve``, ``floe info``, ``python -m floe.replica``, ``floe embed-corpus``
+(for the knobs it shares with the server), and the Ray Serve deployment reads its arguments by
+field name (``sections_of``). A field left at None means "the default for this machine and
+model": floe/resolve.py settles those once, before any process starts.
 """
 
 from __future__ import annotations
