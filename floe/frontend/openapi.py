@@ -227,7 +227,7 @@ DOCS_HTML = """<!doctype html>
   var ui = null, placeholder = false;
   function keyless(refused) {
     return {openapi: "3.1.0", info: {title: "floe", version: "", description: refused
-      ? "**The API key was refused.** Press Authorize, Logout, and enter the key again."
+      ? "**The API key was refused.** Press Authorize and enter it again."
       : "This server needs an API key (`--api-key`). Press **Authorize**, enter the key, and " +
         "the API description loads; requests from this page then carry it."},
       paths: {}, components: {securitySchemes: {bearerAuth: {type: "http", scheme: "bearer"}}}};
@@ -240,7 +240,10 @@ DOCS_HTML = """<!doctype html>
     var k = key();
     return fetch("/openapi.json", {headers: k ? {authorization: "Bearer " + k} : {}})
       .then(function (r) {
-        if (r.status === 401) return keyless(Boolean(k));
+        if (r.status === 401) {
+          if (k) ui.authActions.logout(["bearerAuth"]);   // so Authorize asks again
+          return keyless(Boolean(k));
+        }
         if (!r.ok) throw new Error("GET /openapi.json answered " + r.status);
         return r.json();
       })

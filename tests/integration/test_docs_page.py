@@ -203,6 +203,12 @@ def test_with_an_api_key_authorize_loads_the_description_and_requests_carry_it(
         assert tab.page.locator(".opblock").count() == 0
         authorize.click()
         modal = tab.page.locator(".dialog-ux .modal-ux")
+        # a wrong key: refused, said so, and the dialog asks again
+        modal.locator("input#auth-bearer-value").fill("wrong")
+        modal.locator("button.authorize").click()
+        tab.page.wait_for_function(
+            "document.querySelector('.info').innerText.includes('key was refused')")
+        assert tab.page.locator(".opblock").count() == 0
         modal.locator("input#auth-bearer-value").fill(KEY)
         modal.locator("button.authorize").click()
         modal.locator("button.btn-done").click()
@@ -211,9 +217,10 @@ def test_with_an_api_key_authorize_loads_the_description_and_requests_carry_it(
         status, shown = tab.try_it_out("post", "/v1/embeddings")
         assert status == 200, shown
         assert len(json.loads(shown)["data"]) == 3
-        # the description: first without the key (401, the placeholder), then with it
+        # the description: without a key and with the wrong one (401, the placeholder), then
+        # with the key
         assert [a for _, u, a in tab.requests if u == key_server.url + "/openapi.json"] == [
-            None, f"Bearer {KEY}"], tab.requests
+            None, "Bearer wrong", f"Bearer {KEY}"], tab.requests
         assert [(u, a) for m, u, a in tab.requests if m == "POST"] == [
             (key_server.url + "/v1/embeddings", f"Bearer {KEY}")], tab.requests
         assert tab.off_server_requests() == []
