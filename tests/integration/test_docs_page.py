@@ -54,7 +54,11 @@ def browser():
                     "apt-get install chromium, which .ci/run does as root; or set "
                     "FLOE_TEST_CHROMIUM=/path/to/chromium)")
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        try:
+            b = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        except Exception as e:   # a Chromium that is there must work: fail, saying which one
+            raise RuntimeError(f"{exe} did not start ({e}); FLOE_TEST_CHROMIUM names another "
+                               "Chromium or Chrome") from e
         try:
             yield b
         finally:
