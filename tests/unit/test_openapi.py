@@ -79,4 +79,4 @@ def test_example_bodies_match_their_schemas():
             schema = {"$ref": "floe-openapi" + media["schema"]["$ref"]}
             jsonschema.Draft202012Validator(schema, registry=registry).validate(media["example"])
             examples += 1
-    assert examples == 9
+    assert examples >= 9   # every compute route
