@@ -185,7 +185,7 @@ def _setup_logging(rt: Runtime) -> None:
 
 def load(rt: Runtime):
     """Model spec, engine and tokenizer pool (the engine is warmed up in ``serve``, at the
-    budget its core settles)."""
+    settled budget its core runs with)."""
     from floe.engine import engine_for
     from floe.models import load_spec
     from floe.tokenize import TokenizerPool
