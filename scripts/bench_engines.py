@@ -4,14 +4,17 @@
 For each engine and workload it times ``engine.run(engine.prepare(batch))`` (padding, forward,
 pooling, Dense: what a replica's engine thread does per batch) and prints real (unpadded) tokens
 per second, the ratio OpenVINO / torch, and the share of the CPU's bf16 matmul peak, measured in
-the same run by a matmul of the model's own shapes (tokens x hidden @ hidden x intermediate).
+the same run by a matmul of the model's own shapes (tokens x hidden @ hidden x intermediate). The
+FLOPs are the model's own (floe/bench/roofline.py): a sliding-window layer counts its band, not
+n^2.
 
-Workloads: ``64x50`` (64 inputs of 50 tokens per batch), ``16x256``, and ``mixed`` (inputs of
-uniform 16-256 tokens, sorted by length and cut into batches of at most --max-batch-tokens padded
-tokens, as the replica's scheduler does).
+Workloads: ``64x50`` (64 inputs of 50 tokens per batch; any ``ROWSxLENGTH``, e.g. ``4x2048``),
+``16x256``, and ``mixed`` (inputs of uniform 16-256 tokens, sorted by length and cut into batches
+of at most --max-batch-tokens padded tokens, as the replica's scheduler does).
 
     .venv/bin/python scripts/bench_engines.py --threads 2 --seconds 20
     .venv/bin/python scripts/bench_engines.py --seconds 1 --workloads 64x50   # smoke run
+    .venv/bin/python scripts/bench_engines.py --model DIR --workloads 8x1024,4x2048
 
 Run it with nothing else on the cores: a busy machine drops every figure 3-5x.
 """
@@ -64,30 +67,15 @@ def time_engine(engine, batches: list[list[np.ndarray]], seconds: float, min_rou
     return {"tokens_per_s": tokens / dt, "seconds": dt, "rounds": rounds}
 
 
-def model_shapes(spec) -> dict:
-    with open(os.path.join(spec.backbone_path, "config.json"), encoding="utf-8") as f:
-        cfg = json.load(f)
-    cfg = cfg.get("text_config", cfg)
-    hidden = int(cfg["hidden_size"])
-    return {"hidden": hidden, "intermediate": int(cfg.get("intermediate_size", 4 * hidden)),
-            "layers": int(cfg["num_hidden_layers"])}
-
-
-def flops_per_token(shapes: dict, length: float) -> float:
-    """Multiply-adds x 2 of one encoder token: Q, K, V, O projections, the MLP, and attention."""
-    h, i = shapes["hidden"], shapes["intermediate"]
-    return shapes["layers"] * 2 * (4 * h * h + 2 * h * i + 2 * length * h)
-
-
-def matmul_peak(shapes: dict, threads: int, seconds: float, tokens: int = 4096,
+def matmul_peak(shapes, threads: int, seconds: float, tokens: int = 4096,
                 dtype: str = "bfloat16") -> float:
     """GFLOP/s of (tokens x hidden) @ (hidden x intermediate), the model's largest matmul, in
     ``dtype`` (the precision the engines run: a float32 run is measured against float32's peak)."""
     import torch
 
     torch.set_num_threads(threads)
-    a = torch.randn(tokens, shapes["hidden"]).to(getattr(torch, dtype))
-    b = torch.randn(shapes["hidden"], shapes["intermediate"]).to(getattr(torch, dtype))
+    a = torch.randn(tokens, shapes.hidden).to(getattr(torch, dtype))
+    b = torch.randn(shapes.hidden, shapes.intermediate).to(getattr(torch, dtype))
     for _ in range(3):
         torch.matmul(a, b)
     n, t0 = 0, time.perf_counter()
@@ -95,7 +83,7 @@ def matmul_peak(shapes: dict, threads: int, seconds: float, tokens: int = 4096,
         torch.matmul(a, b)
         n += 1
     dt = time.perf_counter() - t0
-    return 2 * tokens * shapes["hidden"] * shapes["intermediate"] * n / dt / 1e9
+    return 2 * tokens * shapes.hidden * shapes.intermediate * n / dt / 1e9
 
 
 def budget_sweep(engines: dict, spec, budgets: list[int], rounds: int) -> dict:
@@ -144,8 +132,10 @@ def main(argv=None) -> int:
     from floe.config import ModelSettings
     from floe.models import load_spec
 
+    from floe.bench.roofline import model_shapes
+
     spec = load_spec(ModelSettings(model=args.model))
-    shapes = model_shapes(spec)
+    shapes = model_shapes(spec.backbone_path)
     engines = {}
     for kind in args.engines.split(","):
         t0 = time.perf_counter()
@@ -169,7 +159,7 @@ def main(argv=None) -> int:
 
     peak = matmul_peak(shapes, args.threads, min(args.seconds, 5.0), dtype=args.dtype)
     print(f"# {spec.name}, {args.threads} threads, {args.dtype}; {args.dtype} matmul peak "
-          f"({4096}x{shapes['hidden']} @ {shapes['hidden']}x{shapes['intermediate']}): {peak:.0f} GFLOP/s")
+          f"({4096}x{shapes.hidden} @ {shapes.hidden}x{shapes.intermediate}): {peak:.0f} GFLOP/s")
     results = {"model": spec.name, "threads": args.threads, "dtype": args.dtype,
                "matmul_peak_gflops": peak, "workloads": {}}
     if args.budget_sweep:
@@ -183,12 +173,12 @@ def main(argv=None) -> int:
     for w in args.workloads.split(","):
         batches = batches_for(w, spec.vocab_size, args.max_batch_tokens)
         lengths = [len(s) for b in batches for s in b]
-        mean_len = float(np.mean(lengths))
+        flops = shapes.flops(lengths)  # the model's FLOPs for one pass over the workload
         padded = sum(max(len(s) for s in b) * len(b) for b in batches)
         row = results["workloads"].setdefault(w, {"real_over_padded": sum(lengths) / padded})
         for kind, engine in engines.items():
             r = time_engine(engine, batches, args.seconds)
-            r["percent_of_peak"] = 100 * r["tokens_per_s"] * flops_per_token(shapes, mean_len) / 1e9 / peak
+            r["percent_of_peak"] = 100 * r["tokens_per_s"] * flops / sum(lengths) / 1e9 / peak
             row[kind] = r
             ratio = (f"{r['tokens_per_s'] / row['torch']['tokens_per_s']:.2f}x"
                      if "torch" in row and kind != "torch" else "")

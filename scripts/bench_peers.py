@@ -2,9 +2,12 @@
 
     python scripts/bench_peers.py [--texts 2048] [--infinity .venv-infinity] [--skip ...]
                                   [--budgets 16384,4096] [--fills 0,0.9] [--rounds 3]
+                                  [--model DIR] [--max-tokens N]
 
 For each workload (50 tokens, 256 tokens, uniform 16-256 tokens per input, exact under the
-default model's tokenizer):
+model's tokenizer; --model: the embedded MiniLM by default, or any model folder, e.g. the
+embeddinggemma-300m-shaped one of scripts/build_bench_model.py with --workloads 50,256,1024,2048
+and --max-tokens to keep the long workloads to minutes):
 
 - sentence-transformers in-process, ``encode(all_texts, batch_size=64)`` once, bf16 and fp32
   (what a user indexing a corpus with the library runs);
@@ -12,7 +15,9 @@ default model's tokenizer):
   own environment: scripts/setup_infinity.sh), each over HTTP /v1/embeddings with
   encoding_format=base64 (what the openai client sends), 16 inputs per request, 64 requests in
   flight, every text sent twice;
-- the bf16 matmul peak of these cores with the model's own shapes (tokens x 384 @ 384 x 1536).
+- the bf16 matmul peak of these cores with the model's own shapes (tokens x hidden @ hidden x
+  intermediate), and each system's share of it: the model's own FLOPs (floe/bench/roofline.py; a
+  sliding-window layer counts its band, not n^2) per second over that peak.
 
 Prints tokens/s per cell and floe's ratio to each baseline, then the median request latency of
 each server (p50, the measured pass) and, for floe, the padding fill of its batches in that pass
@@ -60,11 +65,13 @@ def stop_server(proc: subprocess.Popen, grace: float = 60.0) -> None:
         proc.wait()
 
 
-def make_texts(n: int, lengths: str, seed: int = 0) -> tuple[list[str], int]:
-    """n texts of exact token lengths (special tokens included); returns (texts, total tokens)."""
+def make_texts(n: int, lengths: str, seed: int = 0,
+               model: str = "default") -> tuple[list[str], list[int]]:
+    """n texts of exact token lengths (special tokens included) under ``model``'s tokenizer;
+    returns (texts, their lengths)."""
     from floe.bench.workload import BenchTokenizer, load_model_spec
 
-    tok = BenchTokenizer(load_model_spec("default"))
+    tok = BenchTokenizer(load_model_spec(model))
     rng = random.Random(seed)
     if "-" in lengths:
         lo, hi = map(int, lengths.split("-"))
@@ -72,20 +79,19 @@ def make_texts(n: int, lengths: str, seed: int = 0) -> tuple[list[str], int]:
     else:
         sizes = [int(lengths)] * n
     texts, ids = tok.exact_texts(sizes, np.random.default_rng(seed))
-    return texts, sum(len(x) for x in ids)
+    return texts, [len(x) for x in ids]
 
 
 class STEncode:
     """sentence-transformers in-process: one ``encode(all_texts, batch_size=64)`` call per pass,
     the model loaded once."""
 
-    def __init__(self, dtype: str) -> None:
+    def __init__(self, dtype: str, model_path: str) -> None:
         import torch
         from sentence_transformers import SentenceTransformer
-        from floe.models.source import embedded_model_path
 
         torch.set_num_threads(os.cpu_count() or 1)
-        self.model = SentenceTransformer(embedded_model_path(), device="cpu")
+        self.model = SentenceTransformer(model_path, device="cpu")
         if dtype == "bfloat16":
             self.model = self.model.to(torch.bfloat16)
         self.model.encode(["warm up"] * 64, batch_size=64)
@@ -96,20 +102,21 @@ class STEncode:
         return {"tokens_s": total / (time.perf_counter() - t0), "p50_s": 0.0, "fill": 0.0}
 
 
-def matmul_peak(seconds: float = 3.0) -> float:
-    """bf16 GFLOP/s of a matmul of MiniLM's shapes (4096 tokens x 384 @ 384 x 1536)."""
+def matmul_peak(hidden: int = 384, intermediate: int = 1536, seconds: float = 3.0) -> float:
+    """bf16 GFLOP/s of a matmul of the model's shapes (4096 tokens x hidden @ hidden x
+    intermediate; MiniLM: 384 x 1536)."""
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    a = torch.randn(4096, 384).to(torch.bfloat16)
-    b = torch.randn(384, 1536).to(torch.bfloat16)
+    a = torch.randn(4096, hidden).to(torch.bfloat16)
+    b = torch.randn(hidden, intermediate).to(torch.bfloat16)
     for _ in range(5):
         a @ b
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
         n += 1
-    return 2 * 4096 * 384 * 1536 * n / (time.perf_counter() - t0) / 1e9
+    return 2 * 4096 * hidden * intermediate * n / (time.perf_counter() - t0) / 1e9
 
 
 class Server:
@@ -182,7 +189,8 @@ def padding_counters(url: str) -> tuple[float, float]:
 
 def serve_measure(url: str, texts: list[str], total: int) -> dict[str, float]:
     """tokens/s, p50 latency (s) and padding fill (floe only, else 0) of one measured pass."""
-    asyncio.run(drive(url, texts[:256], concurrency=16))   # warm-up
+    warm = max(16, min(256, 16384 * len(texts) // max(1, total)))  # about 16k tokens
+    asyncio.run(drive(url, texts[:warm], concurrency=16))   # warm-up
     real0, padded0 = padding_counters(url)
     seconds, latencies = asyncio.run(drive(url, texts + texts))
     real1, padded1 = padding_counters(url)
@@ -193,6 +201,10 @@ def serve_measure(url: str, texts: list[str], total: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--texts", type=int, default=2048)
+    ap.add_argument("--model", default="default",
+                    help="model folder (default: the embedded all-MiniLM-L6-v2)")
+    ap.add_argument("--max-tokens", type=int, default=0,
+                    help="at most this many tokens per workload (fewer texts for long inputs)")
     ap.add_argument("--workloads", default="50,256,16-256")
     ap.add_argument("--rounds", type=int, default=1,
                     help="passes per cell, the systems interleaved within each round; medians")
@@ -207,12 +219,23 @@ def main() -> None:
                          "with --budgets (default: the server's own default)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
+    from floe.bench.roofline import model_shapes
+    from floe.bench.workload import load_model_spec
     from floe.models.source import embedded_model_path
 
-    model_path = str(embedded_model_path())
-    peak = matmul_peak()
-    print(f"bf16 matmul peak (MiniLM shapes): {peak:.0f} GFLOP/s", flush=True)
-    workloads = [(wl, *make_texts(args.texts, wl)) for wl in args.workloads.split(",")]
+    model_path = str(embedded_model_path()) if args.model == "default" else args.model
+    spec = load_model_spec(model_path)
+    shapes = model_shapes(spec.backbone_path)
+    peak = matmul_peak(shapes.hidden, shapes.intermediate)
+    print(f"{spec.name}: bf16 matmul peak ({shapes.hidden} x {shapes.intermediate}): "
+          f"{peak:.0f} GFLOP/s", flush=True)
+    workloads, flops = [], {}
+    for wl in args.workloads.split(","):
+        longest = int(wl.split("-")[-1])
+        n = min(args.texts, max(1, args.max_tokens // longest)) if args.max_tokens else args.texts
+        texts, lengths = make_texts(n, wl, model=model_path)
+        workloads.append((wl, texts, sum(lengths)))
+        flops[wl] = shapes.flops(lengths)
 
     # Every system is started once, up front, and stays up (idle while another is measured): the
     # rounds then interleave them, so a machine whose speed drifts during the run (this one's
@@ -222,7 +245,7 @@ def main() -> None:
     try:
         for name, dtype in (("st_bf16", "bfloat16"), ("st_fp32", "float32")):
             if name not in skip:
-                systems[name] = STEncode(dtype)
+                systems[name] = STEncode(dtype, model_path)
         budgets = [int(b) for b in args.budgets.split(",") if b] or [None]
         fills = [f for f in args.fills.split(",") if f] or [None]
         for engine, budget, fill in ([("openvino", b, f) for b in budgets for f in fills]
@@ -232,7 +255,8 @@ def main() -> None:
             port = free_port()
             extra = (["--max-batch-tokens", str(budget)] if budget else []) + (
                 ["--min-batch-fill", fill] if fill else [])
-            srv = Server([sys.executable, "-m", "floe", "serve", "--engine", engine, "--dtype",
+            srv = Server([sys.executable, "-m", "floe", "serve", "--model", model_path,
+                          "--engine", engine, "--dtype",
                           "bfloat16", "--port", str(port), "--grpc-port", "0",
                           "--log-level", "warning", *extra],
                          f"http://127.0.0.1:{port}/v1/embeddings")
@@ -297,18 +321,14 @@ def main() -> None:
             f"{n} p50 {med(wl, n, 'p50_s'):.2f}" + (f" fill {med(wl, n, 'fill'):.3f}"
                                                      if med(wl, n, "fill") else "")
             for n in names if isinstance(systems[n], Server)))
-    # Share of the matmul peak: MiniLM's forward FLOPs per token (6 layers of QKV+output projections
-    # 4*384*384, FFN 2*384*1536, attention scores and mix 2*L*384) at the workload's mean length.
+    # Share of the matmul peak: the model's own FLOPs of the workload (floe/bench/roofline.py:
+    # projections, MLP, attention over the keys each layer really has) at each system's rate.
     print()
     print("share of the bf16 matmul peak: " + ", ".join(
         f"{wl}: " + " ".join(
-            f"{n} {100 * med(wl, n, 'tokens_s') * flops_per_token(total / len(texts)) / (peak * 1e9):.0f}%"
+            f"{n} {100 * med(wl, n, 'tokens_s') * flops[wl] / total / (peak * 1e9):.0f}%"
             for n in names)
         for wl, texts, total in workloads))
-
-
-def flops_per_token(mean_length: float, layers: int = 6, hidden: int = 384, ffn: int = 1536) -> float:
-    return 2 * layers * (4 * hidden * hidden + 2 * hidden * ffn + 2 * mean_length * hidden)
 
 
 if __name__ == "__main__":

@@ -55,61 +55,81 @@ def band_mask(valid: torch.Tensor, radius: int) -> torch.Tensor:
     return (keep | (dist == 0)[None])[:, None]
 
 
-def banded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor,
-                     window: Window, scaling: Optional[float]) -> torch.Tensor:
-    """Bidirectional local attention computed on the band only.
-
-    query (n, heads, L, d); key, value (n, kv_heads, L, d) (grouped-query heads share their keys:
-    the group's queries are stacked into one block, no keys repeated); valid (n, L) bool, the real
-    tokens. Requires L >= window.span. Returns (n, L, heads, d), as transformers' attention
-    functions do.
+class BandPlan:
+    """Where the banded path reads and writes, for one batch: built once per forward from the
+    mask and shared by every sliding layer (the index tensors and the band mask do not depend on
+    the layer).
 
     Query block k covers positions [qs_k, qs_k + block), qs_k = min(k x block, L - block) (the
     last block overlaps its neighbour rather than running past the end); its keys are the span
     [ks_k, ks_k + span), ks_k = qs_k - radius clamped inside [0, L - span], which holds every key
-    within the radius of every query of the block.
+    within the radius of every query of the block. Requires L > window.span.
+    """
+
+    def __init__(self, valid: torch.Tensor, window: Window) -> None:
+        block, span, radius = window.block, window.span, window.radius
+        pos = positions(valid)
+        length = pos[-1:] + 1                                              # (1,)
+        qs = torch.minimum(pos[::block], length - block)                   # (nb,)
+        ks = torch.minimum(torch.clamp(qs - radius, min=0), length - span)
+        q_pos = qs[:, None] + torch.arange(block, device=pos.device)       # (nb, block)
+        k_pos = ks[:, None] + torch.arange(span, device=pos.device)        # (nb, span)
+        dist = (q_pos[:, :, None] - k_pos[:, None, :]).abs()                # (nb, block, span)
+        n = valid.shape[0]
+        keep = (dist <= radius)[None] & valid.index_select(1, k_pos.reshape(-1)).reshape(n, -1, 1, span)
+        self.window = window
+        self.q_index = q_pos.reshape(-1)
+        self.k_index = k_pos.reshape(-1)
+        self.keep = keep | (dist == 0)[None]                                # (n, nb, block, span)
+        blk = torch.minimum(pos // block, (length - 1) // block)          # (L,)
+        self.rows = blk * block + pos - qs.index_select(0, blk)            # each position's row
+        self._grouped: dict[int, torch.Tensor] = {}
+
+    def keep_for(self, group: int) -> torch.Tensor:
+        """The mask for ``group`` query heads stacked per KV head: (n * nb, 1, group * block, span)."""
+        if group not in self._grouped:
+            block, span = self.window.block, self.window.span
+            keep = self.keep[:, :, None].expand(-1, -1, group, -1, -1)
+            self._grouped[group] = keep.reshape(-1, 1, group * block, span)
+        return self._grouped[group]
+
+
+def banded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: BandPlan,
+                     scaling: Optional[float]) -> torch.Tensor:
+    """Bidirectional local attention computed on the band only (``BandPlan``'s blocks).
+
+    query (n, heads, L, d); key, value (n, kv_heads, L, d) (grouped-query heads share their keys:
+    the group's queries are stacked into one block, no keys repeated). Returns (n, L, heads, d),
+    as transformers' attention functions do.
     """
     n, heads, _, d = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
-    block, span, radius = window.block, window.span, window.radius
-    pos = positions(valid)
-    length = pos[-1:] + 1                                              # (1,)
-    qs = torch.minimum(pos[::block], length - block)                   # (nb,)
-    ks = torch.minimum(torch.clamp(qs - radius, min=0), length - span)
-    q_pos = qs[:, None] + torch.arange(block, device=pos.device)       # (nb, block)
-    k_pos = ks[:, None] + torch.arange(span, device=pos.device)        # (nb, span)
+    block, span = plan.window.block, plan.window.span
     # (n, heads, nb * block, d) -> (n * nb, kv_heads, group * block, d)
-    qb = query.index_select(2, q_pos.reshape(-1)).reshape(n, kv_heads, group, -1, block, d)
+    qb = query.index_select(2, plan.q_index).reshape(n, kv_heads, group, -1, block, d)
     qb = qb.permute(0, 3, 1, 2, 4, 5).reshape(-1, kv_heads, group * block, d)
 
     def gather_keys(x: torch.Tensor) -> torch.Tensor:  # -> (n * nb, kv_heads, span, d)
-        x = x.index_select(2, k_pos.reshape(-1)).reshape(n, kv_heads, -1, span, d)
+        x = x.index_select(2, plan.k_index).reshape(n, kv_heads, -1, span, d)
         return x.permute(0, 2, 1, 3, 4).reshape(-1, kv_heads, span, d)
 
-    dist = (q_pos[:, :, None] - k_pos[:, None, :]).abs()                # (nb, block, span)
-    keep = (dist <= radius)[None] & valid.index_select(1, k_pos.reshape(-1)).reshape(n, -1, 1, span)
-    keep = keep | (dist == 0)[None]                                     # (n, nb, block, span)
-    keep = keep[:, :, None].expand(-1, -1, group, -1, -1).reshape(-1, 1, group * block, span)
     out = F.scaled_dot_product_attention(qb, gather_keys(key), gather_keys(value),
-                                         attn_mask=keep, scale=scaling)
+                                         attn_mask=plan.keep_for(group), scale=scaling)
     # (n * nb, kv_heads, group * block, d) -> (n, heads, nb * block, d) -> each position's row
     out = out.reshape(n, -1, kv_heads, group, block, d).permute(0, 2, 3, 1, 4, 5)
     out = out.reshape(n, heads, -1, d)
-    blk = torch.minimum(pos // block, (length - 1) // block)          # (L,)
-    rows = blk * block + pos - qs.index_select(0, blk)
-    return out.index_select(2, rows).transpose(1, 2)
+    return out.index_select(2, plan.rows).transpose(1, 2)
 
 
 def windowed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                        value: torch.Tensor, attention_mask: Optional[torch.Tensor],
                        dropout: float = 0.0, scaling: Optional[float] = None,
-                       floe_band: Optional[tuple[torch.Tensor, Window]] = None,
+                       floe_band: Optional[BandPlan] = None,
                        **kwargs: Any) -> tuple[torch.Tensor, None]:
     """The ``floe_windowed`` attention implementation (transformers' interface signature)."""
     if floe_band is not None and getattr(module, "sliding_window", None):
-        valid, window = floe_band
-        return banded_attention(query, key, value, valid, window, scaling), None
+        return banded_attention(query, key, value, floe_band, scaling), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -138,7 +158,7 @@ class WindowedForward:
         full = None if uniform else key_mask(valid)
         if self.window.banded(length):
             return ({"full_attention": full, "sliding_attention": full},
-                    {"floe_band": (valid, self.window)})
+                    {"floe_band": BandPlan(valid, self.window)})
         sliding = full if length <= self.window.radius + 1 else band_mask(valid, self.window.radius)
         return {"full_attention": full, "sliding_attention": sliding}, {}
 

@@ -26,8 +26,9 @@ from tests.support import ModuleMemo
 
 FAMILY_NAMES = list(families.FAMILIES)
 # Tokenization and float32 parity run for every family in the default tier; the batching and
-# bfloat16 checks there run for the two families the torch engine serves in production (OpenVINO
-# does not convert them), the rest in the full tier.
+# bfloat16 checks there run for the two families whose forward is floe's own (sliding-window
+# attention: floe/engine/attention.py; also tests/integration/test_windowed_engines.py), the rest
+# in the full tier.
 TORCH_SERVED = ("embeddinggemma", "modernbert-embed")
 TIERED = [n if n in TORCH_SERVED else pytest.param(n, marks=pytest.mark.full) for n in FAMILY_NAMES]
 FP32_MIN_COS = 0.99999

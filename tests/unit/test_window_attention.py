@@ -59,7 +59,7 @@ def _reference(q, k, v, valid, radius, scale):
 def test_banded_attention_equals_the_dense_band(heads, kv_heads, radius):
     import torch
 
-    from floe.engine.attention import banded_attention
+    from floe.engine.attention import BandPlan, banded_attention
 
     window = Window(radius=radius, sliding=(True,))
     gen = torch.Generator().manual_seed(radius * 10 + heads)
@@ -71,7 +71,8 @@ def test_banded_attention_equals_the_dense_band(heads, kv_heads, radius):
         q = torch.randn(4, heads, length, 16, generator=gen)
         k = torch.randn(4, kv_heads, length, 16, generator=gen)
         v = torch.randn(4, kv_heads, length, 16, generator=gen)
-        got = banded_attention(q, k, v, valid, window, scaling=0.3)
+        plan = BandPlan(valid, window)
+        got = banded_attention(q, k, v, plan, scaling=0.3)
         want = _reference(q, k, v, valid, radius, 0.3)
         assert got.shape == (4, length, heads, 16)
         assert torch.isfinite(got).all()  # padded positions too: they see themselves
@@ -79,6 +80,6 @@ def test_banded_attention_equals_the_dense_band(heads, kv_heads, radius):
         # a real token's output depends on nothing outside its band: move a far key, nothing moves
         far = k.clone()
         far[0, :, length - 1] += 5.0
-        moved = banded_attention(q, far, v, valid, window, scaling=0.3)
+        moved = banded_attention(q, far, v, plan, scaling=0.3)
         torch.testing.assert_close(moved[0, : length - 1 - radius], got[0, : length - 1 - radius])
         assert not torch.allclose(moved[0, length - 1], got[0, length - 1])
