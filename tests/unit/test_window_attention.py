@@ -83,3 +83,23 @@ def test_banded_attention_equals_the_dense_band(heads, kv_heads, radius):
         moved = banded_attention(q, far, v, plan, scaling=0.3)
         torch.testing.assert_close(moved[0, : length - 1 - radius], got[0, : length - 1 - radius])
         assert not torch.allclose(moved[0, length - 1], got[0, length - 1])
+
+
+def test_roofline_counts_the_band_on_sliding_layers():
+    from floe.bench.roofline import shapes_of_config
+
+    minilm = shapes_of_config({"model_type": "bert", "hidden_size": 384, "intermediate_size": 1536,
+                               "num_hidden_layers": 6, "num_attention_heads": 12})
+    for n in (50, 256):  # the plain encoder's count, unchanged
+        assert minilm.flops_per_token(n) == 2 * 6 * (4 * 384 * 384 + 2 * 384 * 1536 + 2 * n * 384)
+    gemma = shapes_of_config(dict(GEMMA_300M, hidden_size=768, intermediate_size=1152,
+                                  num_attention_heads=3, num_key_value_heads=1, head_dim=256))
+    dense = 2 * (768 * 768 + 2 * 768 * 256 + 768 * 768 + 3 * 768 * 1152)
+    full = 24 * (dense + 4 * 2048 * 768)
+    band = 20 * (dense + 4 * gemma.window.band_keys(2048) * 768) + 4 * (dense + 4 * 2048 * 768)
+    assert gemma.flops_per_token(2048) == pytest.approx(band)
+    assert gemma.flops_per_token(2048) < 0.75 * full
+    # within the radius the band is every key: nothing to subtract
+    assert gemma.flops_per_token(200) == pytest.approx(24 * (dense + 4 * 200 * 768))
+    assert gemma.flops([100, 300]) == pytest.approx(100 * gemma.flops_per_token(100)
+                                                   + 300 * gemma.flops_per_token(300))
