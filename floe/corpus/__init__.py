@@ -10,7 +10,7 @@ local path and the Ray path share the same reader, the same embedding step and t
     embed.py    rows -> token ids (in parallel) -> length-sorted batches -> engine -> post step
     writer.py   the output folder: manifest (fingerprints), part files, the final atomic output
     local.py    the in-process pipeline: read/tokenize, compute on N engine workers, write, overlapped
-    ray_data.py the same job on Ray Data (read tasks, an actor pool of floe engines that commit shards)
+    ray_pool.py the same job on Ray: a pool of floe engine actors that read, embed and commit shards
     args.py     the command-line options (imported by floe.entrypoints.cli; imports nothing heavy)
 
 Nothing here is imported by ``floe serve``.

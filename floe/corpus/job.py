@@ -2,7 +2,7 @@
 
 ``run(job)`` resolves the model, plans the input's shards, opens (or checks) the output's
 manifest, then hands the shards still to do (a ``Plan``, plan.py) to ``local.run_local`` or
-``ray_data.run_ray``, and finalizes the output. It returns the summary line's numbers.
+``ray_pool.run_ray``, and finalizes the output. It returns the summary line's numbers.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def run(job: CorpusJob) -> dict:
     try:
         if plan.pending:
             if job.ray is not None:
-                from floe.corpus.ray_data import run_ray
+                from floe.corpus.ray_pool import run_ray
 
                 run_ray(plan, progress)
             else:

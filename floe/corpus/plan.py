@@ -1,6 +1,6 @@
 """What a corpus job is and what its set-up found: ``CorpusJob`` and ``Plan``.
 
-The module both the job's driver (job.py) and its two runners (local.py, ray_data.py) import, so
+The module both the job's driver (job.py) and its two runners (local.py, ray_pool.py) import, so
 that none of them imports another: job.py builds a Plan and hands it to a runner; a runner reads
 it and imports nothing of job.py.
 """

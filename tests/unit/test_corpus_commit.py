@@ -163,11 +163,11 @@ def test_open_cleans_pieces_of_finished_shards_and_half_written_ones(tmp_path):
 
 
 def test_the_runners_do_not_import_the_job_module():
-    """local.py and ray_data.py take a Plan (plan.py); job.py imports them, never the reverse."""
+    """local.py and ray_pool.py take a Plan (plan.py); job.py imports them, never the reverse."""
     code = ("import sys, floe.corpus.local, floe.corpus.plan; "
             "assert 'floe.corpus.job' not in sys.modules, 'local imports job'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    for name in ("local.py", "ray_data.py"):
+    for name in ("local.py", "ray_pool.py"):
         src = open(os.path.join(os.path.dirname(__import__("floe.corpus").corpus.__file__), name)).read()
         assert "floe.corpus.job" not in src, name

@@ -19,7 +19,7 @@ def test_serve_modules_do_not_import_ray():
         "    importlib.import_module(m)\n"
         "from floe.entrypoints.cli import build_parser\n"
         "build_parser().parse_args(['embed-corpus', 'in.jsonl', '-o', 'out'])\n"
-        "bad = [m for m in ('ray', 'floe.ray', 'floe.corpus.ray_data', 'floe.corpus.local',"
+        "bad = [m for m in ('ray', 'floe.ray', 'floe.corpus.ray_pool', 'floe.corpus.local',"
         " 'pyarrow') if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )
