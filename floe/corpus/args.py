@@ -10,7 +10,7 @@ DESCRIPTION = """\
 Embed a corpus offline: INPUT (a Parquet file or dataset folder, JSONL or CSV) -> OUTPUT, a
 Parquet file (OUTPUT ending in .parquet) or a Parquet dataset folder with columns `id` and
 `embedding` (fixed-size list), rows in input order. The engine runs in-process (no HTTP);
---ray runs the same job on Ray Data. Killed at any point, the same command resumes it; a changed
+--ray runs the same job on a Ray cluster. Killed at any point, the same command resumes it; a changed
 input, model or option is refused."""
 
 
@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rows per output part: the unit of length-sorting and of the output's "
                         "files (commits come at least every --commit-seconds of compute)")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
-                   help="run on Ray Data: a new local Ray instance, or the cluster at ADDRESS "
+                   help="run on Ray actors: a new local Ray instance, or the cluster at ADDRESS "
                         "('auto' for the one this machine belongs to); needs floe[ray]")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal; log lines otherwise)")

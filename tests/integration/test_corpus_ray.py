@@ -1,4 +1,4 @@
-"""floe on Ray: `floe embed-corpus --ray` (Ray Data) and the Ray Serve deployment.
+"""floe on Ray: `floe embed-corpus --ray` (a pool of embedding actors) and the Ray Serve deployment.
 
 Ray listens on all interfaces, so these tests run a local Ray cluster inside a fresh network
 namespace that has only loopback: ``test_ray_in_loopback_namespace`` re-runs this file's ``inner``
