@@ -319,19 +319,13 @@ class _Base:
         return _Request(texts, ids, _options(normalize, dimensions, prompt_name, truncate,
                                              output_dtype))
 
-    def _chunk_plan(self, texts, ids, o: EncodeOptions) -> Plan:
-        """One request, retried as ``self.retry`` allows; returns its array."""
+    def _retried(self, once: Callable[[], Plan]) -> Plan:
+        """Runs the plan ``once()`` makes, again after the server's Retry-After for as long as
+        ``self.retry`` allows; returns its result."""
         attempt, waited = 1, 0.0
         while True:
             try:
-                if self.protocol == "http":
-                    r = yield _Http("POST", "/embed", _http_body(texts, ids, o),
-                                    {"accept": "application/octet-stream",
-                                     "content-type": "application/json"})
-                    _check_http(r)
-                    return _http_array(r, o)
-                reply = yield _Rpc("Encode", _grpc_request(texts, ids, o))
-                return _grpc_array(reply)
+                return (yield from once())
             except FloeError as err:
                 wait = self.retry.delay(err, attempt, waited)
                 if wait is None:
@@ -339,35 +333,39 @@ class _Base:
             yield _Sleep(wait)
             attempt, waited = attempt + 1, waited + wait
 
+    def _chunk_plan(self, texts, ids, o: EncodeOptions) -> Plan:
+        """One request, retried as ``self.retry`` allows; returns its array."""
+        def once() -> Plan:
+            if self.protocol == "http":
+                r = yield _Http("POST", "/embed", _http_body(texts, ids, o),
+                                {"accept": "application/octet-stream",
+                                 "content-type": "application/json"})
+                _check_http(r)
+                return _http_array(r, o)
+            return _grpc_array((yield _Rpc("Encode", _grpc_request(texts, ids, o))))
+        return (yield from self._retried(once))
+
     def _chunks_plan(self, texts: list[str], o: EncodeOptions, max_tokens: Optional[int],
                      overlap: int, late: bool) -> Plan:
         """One chunked request (documents are not split across requests: how many chunks they
         give is the server's to count, and it answers 413 past its item limit)."""
-        attempt, waited = 1, 0.0
-        while True:
-            try:
-                if self.protocol == "http":
-                    import orjson
-                    body = orjson.loads(_http_body(texts, None, o))
-                    body["chunking"] = {"overlap": overlap, "late": late}
-                    if max_tokens:
-                        body["chunking"]["max_tokens"] = max_tokens
-                    r = yield _Http("POST", "/embed", orjson.dumps(body),
-                                    {"content-type": "application/json"})
-                    _check_http(r)
-                    return Chunks.from_json(r.json())
-                from floe.proto import floe_pb2
-                msg = _grpc_request(texts, None, o)
-                msg.chunking.CopyFrom(floe_pb2.ChunkOptions(max_tokens=max_tokens or 0,
-                                                            overlap=overlap, late=late))
-                reply = yield _Rpc("Encode", msg)
-                return Chunks.from_proto(reply)
-            except FloeError as err:
-                wait = self.retry.delay(err, attempt, waited)
-                if wait is None:
-                    raise
-            yield _Sleep(wait)
-            attempt, waited = attempt + 1, waited + wait
+        def once() -> Plan:
+            if self.protocol == "http":
+                import orjson
+                body = orjson.loads(_http_body(texts, None, o))
+                body["chunking"] = {"overlap": overlap, "late": late}
+                if max_tokens:
+                    body["chunking"]["max_tokens"] = max_tokens
+                r = yield _Http("POST", "/embed", orjson.dumps(body),
+                                {"content-type": "application/json"})
+                _check_http(r)
+                return Chunks.from_json(r.json())
+            from floe.proto import floe_pb2
+            msg = _grpc_request(texts, None, o)
+            msg.chunking.CopyFrom(floe_pb2.ChunkOptions(max_tokens=max_tokens or 0,
+                                                        overlap=overlap, late=late))
+            return Chunks.from_proto((yield _Rpc("Encode", msg)))
+        return (yield from self._retried(once))
 
     def _health_plan(self) -> Plan:
         if self.protocol == "http":

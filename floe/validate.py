@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from floe.errors import ModelNotFoundError, TooLargeError, ValidationError
+from floe.kinds import KINDS
 from floe.protocol import OUTPUT_DTYPES, EncodeOptions, TokenBatch
 
 CHARS_PER_TOKEN_LIMIT = 250  # TEI's pre-limit: 250 characters per token the model accepts
@@ -59,7 +60,7 @@ class Limits:
             auto_truncate=auto_truncate, prompts=tuple(sorted(dict(spec.prompts).items())),
             default_prompt_name=default_prompt_name or spec.default_prompt_name,
             served_names=tuple(served_names) or (spec.name,), strict_model_name=strict_model_name,
-            accept_token_ids=accept_token_ids, pairs=getattr(spec, "task", "embed") == "score",
+            accept_token_ids=accept_token_ids, pairs=KINDS[getattr(spec, "task", "embed")].pairs,
             pooling=getattr(spec, "pooling", "mean"))
 
     @classmethod

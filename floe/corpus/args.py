@@ -58,6 +58,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-rows", type=int, default=10_000,
                    help="rows per output part: the unit of length-sorting and of the output's "
                         "files (commits come at least every --commit-seconds of compute)")
+    p.add_argument("--chunk-tokens", type=int, default=None, metavar="N",
+                   help="documents of any length: one output row per chunk of at most N tokens "
+                        "(special tokens and prompt included; 16 to the model's max length), with "
+                        "columns id, chunk, start, end (character offsets) and embedding; cuts fall "
+                        "on sentence or word boundaries (docs/api.md). Default: one row per input "
+                        "row, cut to the max length")
+    p.add_argument("--chunk-overlap", type=int, default=0, metavar="M",
+                   help="tokens consecutive chunks share (less than the chunk's text)")
+    p.add_argument("--late-chunking", action="store_true",
+                   help="pool each chunk from its whole document's token states (late chunking; "
+                        "with --chunk-tokens, or alone for chunks of the max length)")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="run on Ray actors: a new local Ray instance, or the cluster at ADDRESS "
                         "('auto' for the one this machine belongs to); needs floe[ray]")
@@ -84,7 +95,8 @@ def job_from_args(args: argparse.Namespace):
     options = CorpusOptions(
         text_column=args.text_column, id_column=args.id_column, prompt_name=args.prompt_name,
         dimensions=args.dimensions, normalize=args.normalize, output_dtype=args.output_dtype,
-        on_error=args.on_error, shard_rows=args.shard_rows)
+        on_error=args.on_error, shard_rows=args.shard_rows, chunk_tokens=args.chunk_tokens,
+        chunk_overlap=args.chunk_overlap, late_chunking=args.late_chunking)
     # the tree, read once here: the corpus section, and the engine's (the fake engine's
     # simulated costs, the converted-model cache) which the job hands to its engines
     settings = settings_from(args)

@@ -1,14 +1,16 @@
 """The engine interface: a model runner for one replica.
 
 A replica's batcher thread calls ``prepare`` (ids to device tensors) for batch N+1 while the
-engine thread runs ``forward`` (the model and the task's head) on batch N and the finisher thread
-runs ``finish`` (the output to host rows) on batch N-1: three stages, each on its own thread. Per-request steps (Normalize, Matryoshka slicing, output dtype) are applied by the replica after
-``run``, because one batch mixes requests with different options; a cross-encoder's activation is
-applied by the front end (a request may ask for raw scores).
+engine thread runs ``forward`` (the model and its kind's head) on batch N and the finisher thread
+runs ``finish`` (the output to host rows) on batch N-1: three stages, each on its own thread.
+Per-request steps (Normalize, Matryoshka slicing, output dtype) are applied by the replica after
+``forward``, because one batch mixes requests with different options; a cross-encoder's activation
+is applied by the front end (a request may ask for raw scores).
 
-What ``run`` returns per task (``spec.task``): "embed", pooled and Dense-projected rows, not
-normalized; "score", a cross-encoder's logits, (n, num_labels), no activation; "sparse", SPLADE
-rows, (n, vocab_size), non-negative and mostly zero.
+What ``run`` returns depends on the model's kind (floe/kinds/, ``Kind.torch_head``): an embedding
+model's pooled and Dense-projected rows, not normalized (one per span for late chunking); a
+cross-encoder's logits, (n, num_labels), no activation; SPLADE rows, (n, vocab_size),
+non-negative and mostly zero.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from floe.kinds import kind_of
 from floe.models.spec import ModelSpec
 
 
@@ -92,12 +95,8 @@ def span_rows(spans: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def head_summary(spec: ModelSpec) -> str:
-    """The task's head in a few words, for log lines."""
-    if spec.task == "score":
-        return f"cross-encoder, {spec.num_labels} label(s)"
-    if spec.task == "sparse":
-        return f"SPLADE {spec.splade_pooling} pooling, {spec.dim} dims"
-    return f"{spec.pooling} pooling, dim {spec.dim}"
+    """The model's head in a few words, for log lines."""
+    return kind_of(spec).summary(spec)
 
 
 @dataclass(frozen=True)

@@ -16,32 +16,16 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from floe.errors import ConfigError
+from floe.kinds import kind_of
+from floe.kinds.embed import EMBED
 from floe.models.spec import ModelSpec
 
-# config.json model_type values whose OpenVINO conversion equals sentence-transformers (cosine
-# >= 0.99999 in f32, >= 0.999 in bf16, batched equals alone): each has a stand-in in
-# tests/fixtures and a parity test in tests/integration/test_openvino_engine.py.
-# gemma3_text and modernbert convert through floe's own forward (floe/engine/attention.py: masks
-# built from attention_mask with plain tensor ops, and a banded graph for inputs longer than the
-# sliding window's key span).
-OPENVINO_MODEL_TYPES = frozenset({
-    "bert",          # all-MiniLM, BGE, arctic-embed-m/s, E5, GTE-base ...
-    "xlm-roberta",   # bge-m3, multilingual-e5, arctic-embed-l-v2
-    "qwen3",         # Qwen3-Embedding
-    "gemma3_text",   # embeddinggemma (bidirectional, sliding window on 5 of 6 layers)
-    "modernbert",    # ModernBERT, modernbert-embed (alternating local and global attention)
-})
-# --dtype int8 (its quality gate runs at first start): the architectures above but the
-# sliding-window ones, whose banded graph it does not quantize yet.
-INT8_MODEL_TYPES = frozenset({"bert", "xlm-roberta", "qwen3"})
-# The same for the other tasks (spec.task), each checked against CrossEncoder / SparseEncoder in
-# tests/integration/test_rerank_sparse_engines.py.
-OPENVINO_TASK_MODEL_TYPES = {
-    "embed": OPENVINO_MODEL_TYPES,
-    "score": frozenset({"bert",          # ms-marco-MiniLM cross-encoders (token types)
-                        "xlm-roberta"}),  # bge-reranker-base/-large, bge-reranker-v2-m3
-    "sparse": frozenset({"bert"}),        # naver/splade-v3, splade-cocondenser (BERT MLM heads)
-}
+# config.json model_types whose OpenVINO conversion is verified, per model kind: each kind declares
+# its own (floe/kinds/: ``Kind.openvino_model_types``, with the test that checks each), and
+# --dtype int8's (``Kind.int8_model_types``: its quality gate runs at first start; the
+# sliding-window families' banded graph is not quantized yet).
+OPENVINO_MODEL_TYPES = EMBED.openvino_model_types   # the embedding models'
+INT8_MODEL_TYPES = EMBED.int8_model_types
 
 KINDS = ("auto", "torch", "openvino", "fake")
 INT8_NEEDS_OPENVINO = ("--dtype int8 runs on the OpenVINO engine on a CPU (--engine openvino, or "
@@ -83,6 +67,7 @@ def choose_engine(kind: str, spec: ModelSpec, device: str = "auto", dtype: str =
     have_openvino = openvino_installed if have_openvino is None else have_openvino
     if kind not in KINDS:
         raise ConfigError(f"unknown engine {kind!r} (expected one of {', '.join(KINDS)})")
+    model_kind = kind_of(spec)   # the model's request kind (floe/kinds/), not the engine kind
     int8 = INT8_NEEDS_OPENVINO
     if kind == "torch" and dtype == "int8":
         raise ConfigError(int8 + "; the torch engine runs float32, bfloat16 and float16")
@@ -104,10 +89,10 @@ def choose_engine(kind: str, spec: ModelSpec, device: str = "auto", dtype: str =
     if dtype == "int8":
         if not on_cpu:
             raise ConfigError(int8 + f"; --device {device} runs torch (use --dtype bfloat16)")
-        if spec.task != "embed" or spec.model_type not in INT8_MODEL_TYPES:
+        if spec.model_type not in model_kind.int8_model_types:
             raise ConfigError(int8 + f", for the embedding architectures it is verified for "
                               f"({', '.join(sorted(INT8_MODEL_TYPES))}); not for this "
-                              f"{spec.model_type} {spec.task} model")
+                              f"{spec.model_type} {model_kind.name} model")
         if not have_openvino():
             raise ConfigError("--dtype int8 needs the openvino package (pip install openvino)")
         return EngineChoice("openvino", "auto: --dtype int8 runs on the OpenVINO engine")
@@ -115,9 +100,9 @@ def choose_engine(kind: str, spec: ModelSpec, device: str = "auto", dtype: str =
         return EngineChoice("torch", "auto: a GPU is present, and GPUs run the torch engine")
     if dtype == "float16":
         return EngineChoice("torch", "auto: float16 on the CPU is run by the torch engine only")
-    verified = OPENVINO_TASK_MODEL_TYPES.get(spec.task, frozenset())
+    verified = model_kind.openvino_model_types
     if spec.model_type not in verified:
-        what = "" if spec.task == "embed" else f" {spec.task}"
+        what = "" if model_kind is EMBED else f" {model_kind.name}"
         return EngineChoice("torch", f"auto: OpenVINO conversion is not verified for{what} model_type "
                                      f"{spec.model_type!r} (verified: "
                                      f"{', '.join(sorted(verified))})")

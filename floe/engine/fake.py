@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from floe.engine.base import Engine
+from floe.kinds import kind_of
 from floe.models.spec import ModelSpec
 
 _TABLE_ROWS = 4096  # ids are folded onto a fixed table so memory stays small for any vocabulary
@@ -49,7 +50,8 @@ class FakeEngine(Engine):
         self.seconds_per_batch = seconds_per_batch
         rng = np.random.default_rng(1234)
         self._table = rng.standard_normal((_TABLE_ROWS, _RANK)).astype(np.float32)
-        self._sparse = spec.task == "sparse"
+        # rows over the vocabulary (a SPLADE model's kind keeps them sparse): ids' own columns
+        self._sparse = kind_of(spec).keeps_sparse_rows
         if not self._sparse:  # a vocabulary-wide projection would be the largest thing here
             self._projection = rng.standard_normal((_RANK, spec.dim)).astype(np.float32)
 

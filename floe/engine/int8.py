@@ -30,6 +30,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from floe.errors import ConfigError
+from floe.kinds import kind_of
 from floe.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -136,9 +137,10 @@ def _read_report(folder: str) -> dict | None:
 
 
 def _build(core: Any, spec: ModelSpec, model_dir: str, folder: str, config: dict) -> dict:
-    if spec.task != "embed":
-        raise Int8Refused(f"--dtype int8 is measured for embedding models only; {spec.name} is a "
-                          f"{spec.task} model: use --dtype bfloat16 or auto")
+    kind = kind_of(spec)
+    if not kind.int8_model_types:
+        raise Int8Refused(f"--dtype int8 is measured for embedding models only; {spec.name} is "
+                          f"{kind.title}: use --dtype bfloat16 or auto")
     try:
         import nncf
     except ImportError:

@@ -47,6 +47,7 @@ from floe.engine.base import Engine, Padded, head_summary, right_pad, span_rows,
 from floe.engine.hardware import cpu_has_fast_bf16
 from floe.engine.window import Window, window_of
 from floe.errors import ConfigError
+from floe.kinds import kind_of
 from floe.models.spec import ModelSpec
 from floe.resolve import core_count
 
@@ -59,15 +60,12 @@ _TYPE_INPUT = "token_type_ids"
 _SPAN_INPUT = "span_weights"
 _SPAN_ROWS = "span_rows"   # (not a graph input) which rows of the span graph's output are real
 _PRECISION = {"bfloat16": "bf16", "float32": "f32"}
-_PROBE_MIN_COSINE = {"float32": 0.9999, "bfloat16": 0.999}
-# A cross-encoder's logits on the probe: |got - want| <= atol + rtol * |want|.
-_PROBE_SCORE_TOLERANCE = {"float32": (1e-3, 1e-3), "bfloat16": (5e-2, 5e-2)}
 
 
 def _graph_inputs(spec: ModelSpec) -> tuple[str, ...]:
     """The converted graph's inputs: token types only where they can differ from all-zero, in a
     cross-encoder's (query, document) pairs (an embedding graph keeps its two inputs)."""
-    return _INPUTS + ((_TYPE_INPUT,) if spec.task == "score" and spec.uses_token_types else ())
+    return _INPUTS + ((_TYPE_INPUT,) if kind_of(spec).pairs and spec.uses_token_types else ())
 
 
 class ConversionError(RuntimeError):
@@ -130,14 +128,13 @@ def cache_key(spec: ModelSpec, versions: Optional[dict[str, str]] = None,
         "pad_token_id": spec.pad_token_id,
     }
     window = window_of(spec.backbone_path)
-    if window is not None and spec.task == "embed":  # floe's own forward builds this graph
+    if window is not None and _own_forward(spec):  # floe's own forward builds this graph
         parts["window"] = {"radius": window.radius, "block": window.block,
                            "sliding": list(window.sliding), "band_graph": _band_window(spec) is not None,
                            "forward": _forward_digest()}
-    if spec.task != "embed":  # (left out for embeddings, whose keys, and caches, stay as they were)
-        parts["head"] = {"task": spec.task, "num_labels": spec.num_labels,
-                         "splade": [spec.splade_pooling, spec.splade_activation],
-                         "inputs": list(_graph_inputs(spec))}
+    head = kind_of(spec).graph_key(spec)
+    if head is not None:   # (None for embeddings, whose keys, and caches, stay as they were)
+        parts["head"] = {**head, "inputs": list(_graph_inputs(spec))}
     if spans:   # late chunking's graph: token states pooled by span weights, then Dense
         parts["head"] = {"task": "spans", "inputs": [*_INPUTS, _SPAN_INPUT]}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
@@ -190,10 +187,16 @@ def _forward_digest() -> str:
     return h.hexdigest()[:16]
 
 
+def _own_forward(spec: ModelSpec) -> bool:
+    """The backbone's hidden states feed the head, so a windowed backbone runs floe's own forward
+    (floe/engine/attention.py); a head of transformers' own (logits) keeps transformers' forward."""
+    return kind_of(spec).model_output == "last_hidden_state"
+
+
 def _band_window(spec: ModelSpec) -> Optional[Window]:
     """The window of an embedding model whose inputs can outgrow its key span, which therefore
     gets a second, banded graph (floe/engine/window.py); None for every other model."""
-    window = window_of(spec.backbone_path) if spec.task == "embed" else None
+    window = window_of(spec.backbone_path) if _own_forward(spec) else None
     return window if window is not None and window.banded(spec.max_seq_length) else None
 
 
@@ -253,6 +256,24 @@ def _trace_lengths(spec: ModelSpec) -> tuple[list[int], list[int]]:
     return [trace, max(1, trace - 5)], [probe, min(3, probe), max(1, probe - 7)]
 
 
+def _traced(pipeline: Any, example: dict[str, np.ndarray],
+            probe: dict[str, np.ndarray]) -> tuple[Any, np.ndarray]:
+    """``pipeline`` converted by tracing ``example``, and its torch output on ``probe``."""
+    import openvino as ov
+    import torch
+
+    with torch.no_grad():
+        try:
+            model = ov.convert_model(pipeline, example_input={
+                k: torch.from_numpy(v) for k, v in example.items()})
+        except Exception as exc:  # the converter raises many kinds; all mean "does not convert"
+            text = str(exc).strip()
+            raise ConversionError(f"openvino.convert_model failed: {type(exc).__name__}: "
+                                  f"{text.splitlines()[0][:300] if text else ''}") from exc
+        want = pipeline(**{k: torch.from_numpy(v) for k, v in probe.items()}).numpy()
+    return model, want
+
+
 def _span_batch(spec: ModelSpec, lengths: Sequence[int], seed: int) -> dict[str, np.ndarray]:
     """``_batch`` with late chunking's span weights: two spans per row, of other widths."""
     feed = _batch(spec, lengths, seed)
@@ -286,15 +307,8 @@ def _convert_spans(spec: ModelSpec, threads: Optional[int]) -> tuple[Any, tuple[
 
     pipeline = SpanPipeline().eval()
     trace_lengths, probe_lengths = _trace_lengths(spec)
-    example = {k: torch.from_numpy(v) for k, v in _span_batch(spec, trace_lengths, 0).items()}
     probe = _span_batch(spec, probe_lengths, 1)
-    with torch.no_grad():
-        try:
-            model = ov.convert_model(pipeline, example_input=example)
-        except Exception as exc:  # the converter raises many kinds; all mean "does not convert"
-            raise ConversionError(f"openvino.convert_model failed on the span graph: "
-                                  f"{type(exc).__name__}") from exc
-        want = pipeline(**{k: torch.from_numpy(v) for k, v in probe.items()}).numpy()
+    model, want = _traced(pipeline, _span_batch(spec, trace_lengths, 0), probe)
     model.reshape({"input_ids": ov.PartialShape([-1, -1]),
                    "attention_mask": ov.PartialShape([-1, -1]),
                    _SPAN_INPUT: ov.PartialShape([-1, -1, -1])})
@@ -332,15 +346,8 @@ def _convert(spec: ModelSpec, threads: Optional[int],
     window = _band_window(spec)
     trace_lengths, probe_lengths = (_band_lengths(spec, window) if banded and window is not None
                                     else _trace_lengths(spec))
-    example = {k: torch.from_numpy(v) for k, v in _batch(spec, trace_lengths, seed=0).items()}
     probe = _batch(spec, probe_lengths, seed=1)
-    with torch.no_grad():
-        try:
-            model = ov.convert_model(pipeline, example_input=example)
-        except Exception as exc:  # the converter raises many kinds; all mean "does not convert"
-            raise ConversionError(f"openvino.convert_model failed: {type(exc).__name__}: "
-                                  f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from exc
-        want = pipeline(**{k: torch.from_numpy(v) for k, v in probe.items()}).numpy()
+    model, want = _traced(pipeline, _batch(spec, trace_lengths, seed=0), probe)
     names = [port.get_any_name() for port in model.inputs]
     if sorted(names) != sorted(inputs):
         raise ConversionError(f"converted graph has inputs {names}, expected {list(inputs)}")
@@ -483,7 +490,7 @@ class OpenVINOEngine(Engine):
                 ov.save_model(band, os.path.join(tmp, "band.xml"), compress_to_fp16=False)
             with open(os.path.join(tmp, "floe.json"), "w", encoding="utf-8") as f:
                 json.dump({"model": self.spec.path, "architecture": self.spec.architecture,
-                           "task": self.spec.task, "pooling": self.spec.pooling, "format": CACHE_FORMAT,
+                           "task": kind_of(self.spec).name, "pooling": self.spec.pooling, "format": CACHE_FORMAT,
                            "openvino": _version("openvino")}, f, indent=1)
             os.rename(tmp, self.model_dir)
         except OSError:
@@ -502,21 +509,10 @@ class OpenVINOEngine(Engine):
             lines = [ln for ln in str(exc).splitlines() if ln.strip()]
             raise ConversionError("the converted graph fails on a probe batch of other shapes: "
                                   + (lines[-1][:300] if lines else type(exc).__name__)) from exc
-        if self.spec.task == "score":
-            atol, rtol = _PROBE_SCORE_TOLERANCE[self._float_dtype]
-            diff = np.abs(got - want)
-            if not np.isfinite(got).all() or (diff > atol + rtol * np.abs(want)).any():
-                raise ConversionError(
-                    f"the converted graph's scores differ from the torch model's on a probe batch "
-                    f"(largest difference {float(np.nan_to_num(diff, nan=np.inf).max()):.6f}; "
-                    f"allowed {atol} + {rtol} x |score|)")
-            return
-        norms = np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1)
-        cos = (got * want).sum(1) / np.maximum(norms, 1e-30)
-        limit = _PROBE_MIN_COSINE[self._float_dtype]
-        if not np.isfinite(got).all() or cos.min() < limit:
-            raise ConversionError(f"the converted graph differs from the torch model on a probe batch "
-                                  f"(cosine {float(np.nan_to_num(cos).min()):.6f} < {limit})")
+        why = kind_of(self.spec).probe_error(got, want, self._float_dtype)
+        if why is not None:
+            raise ConversionError("the converted graph differs from the torch model on a probe "
+                                  f"batch ({why})")
 
     @staticmethod
     def _record_failure(root: str, key: str, message: str) -> None:
@@ -588,12 +584,10 @@ class OpenVINOEngine(Engine):
                 feed, want = probe
                 request.infer(feed, share_inputs=True)
                 got = np.array(request.get_output_tensor(0).data, dtype=np.float32).reshape(want.shape)
-                cos = (got * want).sum(1) / np.maximum(
-                    np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1), 1e-30)
-                limit = _PROBE_MIN_COSINE[self._float_dtype]
-                if not np.isfinite(got).all() or cos.min() < limit:
+                why = kind_of(self.spec).probe_error(got, want, self._float_dtype)
+                if why is not None:
                     raise ConversionError(f"the late-chunking graph differs from the torch model "
-                                          f"(cosine {float(np.nan_to_num(cos).min()):.6f})")
+                                          f"({why})")
                 tmp = tempfile.mkdtemp(prefix=f".{key}.", dir=root)
                 try:
                     ov.save_model(model, os.path.join(tmp, "model.xml"), compress_to_fp16=False)

@@ -1,9 +1,10 @@
-"""The torch engine: backbone forward -> the task's head, in the device's best precision.
+"""The torch engine: backbone forward -> the model kind's head, in the device's best precision.
 
-Heads by ``spec.task``: "embed", pooling -> Dense (AutoModel's hidden states); "score", a
-cross-encoder's logits (AutoModelForSequenceClassification), no activation; "sparse",
-sentence-transformers' SpladePooling of AutoModelForMaskedLM's logits (log1p(relu(x)), max or sum
-over the real tokens).
+The model's kind (floe/kinds/) names the transformers class that loads the backbone with its head
+(``Kind.auto_class``), the output the head reads and the head itself (``Kind.torch_head``): an
+embedding model's pooling -> Dense over AutoModel's hidden states, a cross-encoder's logits
+(AutoModelForSequenceClassification) with no activation, sentence-transformers' SpladePooling of
+AutoModelForMaskedLM's logits.
 
 The model is cast to its dtype for real (``model.to(bfloat16)``), not run under autocast: on the
 CPUs floe targets, oneDNN's bf16 kernels (AMX / avx512_bf16) are several times faster than fp32,
@@ -25,6 +26,7 @@ import torch
 
 from floe.engine.base import Engine, head_summary, right_pad, span_rows, span_weights
 from floe.engine.hardware import cpu_flags, cpu_has_fast_bf16  # noqa: F401  (re-exported)
+from floe.kinds import kind_of
 from floe.errors import ConfigError, ModelLoadError
 from floe.models.spec import DenseSpec, ModelSpec
 
@@ -151,11 +153,6 @@ class Prepared:
         self.span_rows = span_rows        # (n, spans) bool: the real spans
 
 
-# The transformers class that loads each task's backbone with its head.
-_AUTO_CLASSES = {"embed": "AutoModel", "score": "AutoModelForSequenceClassification",
-                 "sparse": "AutoModelForMaskedLM"}
-
-
 class TorchEngine(Engine):
     """Runs one model folder (described by ``spec``) with transformers' AutoModel."""
 
@@ -164,6 +161,7 @@ class TorchEngine(Engine):
     def __init__(self, spec: ModelSpec, device: str = "auto", dtype: str = "auto",
                  threads: Optional[int] = None) -> None:
         self.spec = spec
+        self.kind = kind_of(spec)
         self.device, self.dtype = pick_device_and_dtype(device, dtype, spec)
         if threads:
             torch.set_num_threads(int(threads))
@@ -178,7 +176,7 @@ class TorchEngine(Engine):
         hf_logging.disable_progress_bar()  # replica logs are lines, not progress bars
 
         folder = spec.backbone_path
-        auto = getattr(transformers, _AUTO_CLASSES[spec.task])
+        auto = getattr(transformers, self.kind.auto_class)
         try:
             config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
             kwargs: dict[str, Any] = {"config": config, "dtype": self._torch_dtype}
@@ -201,7 +199,7 @@ class TorchEngine(Engine):
         # Backbones with sliding-window layers run floe's own forward (masks that trace, a band
         # that costs n x window): floe/engine/attention.py.
         self._windowed = None
-        if spec.task == "embed":
+        if self.kind.model_output == "last_hidden_state":   # a backbone's states, not a head's
             from floe.engine.attention import windowed_forward
 
             self._windowed = windowed_forward(model, folder)
@@ -238,7 +236,7 @@ class TorchEngine(Engine):
         return self.finish(self.forward(prepared))
 
     def forward(self, prepared: Prepared) -> torch.Tensor:
-        """The model and the task's head, left on the device (a GPU copies it in ``finish``
+        """The model and its kind's head, left on the device (a GPU copies it in ``finish``
         while the next batch runs)."""
         with self._lock, torch.inference_mode():
             return self._head(self._forward(prepared), prepared)
@@ -248,7 +246,7 @@ class TorchEngine(Engine):
             return output.float().cpu().numpy()
 
     def _forward(self, p: Prepared) -> torch.Tensor:
-        """The model's first output: hidden states (embed) or logits (score, sparse)."""
+        """The output the kind's head reads: hidden states or logits (``Kind.model_output``)."""
         if self._windowed is not None:
             return self._windowed(p.input_ids, p.attention_mask, uniform=p.uniform).last_hidden_state
         kwargs: dict[str, Any] = {"input_ids": p.input_ids}
@@ -261,55 +259,11 @@ class TorchEngine(Engine):
         out = self.model(**kwargs)
         if isinstance(out, (tuple, list)):
             return out[0]
-        return out.last_hidden_state if self.spec.task == "embed" else out.logits
+        return getattr(out, self.kind.model_output)
 
     def _head(self, out: torch.Tensor, p: Prepared) -> torch.Tensor:
-        """(n, spec.dim) in the model's dtype: pool + Dense, the logits as they are, or SPLADE."""
-        if self.spec.task == "score":
-            return out
-        if self.spec.task == "sparse":
-            return self._splade(out, p)
-        if p.span_weights is not None:   # late chunking: a row per span
-            pooled = torch.einsum("bsl,blh->bsh", p.span_weights, out.float()).to(out.dtype)
-            for layer in self._dense:
-                pooled = layer(pooled)
-            return pooled[p.span_rows]
-        pooled = self._pool(out, p)
-        for layer in self._dense:
-            pooled = layer(pooled)
-        return pooled
-
-    def _splade(self, logits: torch.Tensor, p: Prepared) -> torch.Tensor:
-        """sentence-transformers' SpladePooling, in the logits' dtype as it runs: padding zeroed,
-        log1p(relu(x)) (twice log1p for "log1p_relu"), then max or sum over the tokens. In place:
-        the (n, length, vocab) logits are the largest tensor of the forward."""
-        x = logits.mul_(p.attention_mask.unsqueeze(-1).to(logits.dtype)).relu_().log1p_()
-        if self.spec.splade_activation == "log1p_relu":
-            x = x.log1p_()
-        return x.amax(dim=1) if self.spec.splade_pooling == "max" else x.sum(dim=1)
-
-    def _pool(self, hidden: torch.Tensor, p: Prepared) -> torch.Tensor:
-        mode = self.spec.pooling
-        if mode == "cls":
-            return hidden[:, 0]
-        if mode == "last_token":
-            # Right padding: the last real token of row i sits at lengths[i] - 1.
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            return hidden[rows, p.lengths - 1]
-        mask = p.attention_mask.unsqueeze(-1)
-        if mode == "max":
-            return hidden.masked_fill(mask == 0, float("-inf")).max(dim=1).values
-        if mode in ("mean", "mean_sqrt_len_tokens"):
-            summed = (hidden * mask.to(hidden.dtype)).sum(dim=1, dtype=torch.float32)
-            count = p.lengths.to(torch.float32).clamp(min=1).unsqueeze(-1)
-            denom = count if mode == "mean" else count.sqrt()
-            return (summed / denom).to(hidden.dtype)
-        if mode == "weightedmean":
-            weights = torch.arange(1, hidden.shape[1] + 1, device=hidden.device, dtype=torch.float32)
-            w = mask.to(torch.float32) * weights.view(1, -1, 1)
-            summed = (hidden.float() * w).sum(dim=1)
-            return (summed / w.sum(dim=1).clamp(min=1e-9)).to(hidden.dtype)
-        raise ModelLoadError(f"unsupported pooling mode {mode!r}")
+        """(n, spec.dim) in the model's dtype: the kind's head (floe/kinds/)."""
+        return self.kind.torch_head(self, out, p)
 
     # --- lifecycle ---------------------------------------------------------------------------
 

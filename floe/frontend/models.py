@@ -4,7 +4,7 @@
 and batcher), all behind one Admission (the endpoint's concurrency bound). A request is routed by
 its route's kind and its ``model`` field:
 
-    the route's task  -> embed (/v1/embeddings, /embed, gRPC Encode), score (/rerank,
+    the route's kind  -> embed (/v1/embeddings, /embed, gRPC Encode), score (/rerank,
                          /v1/rerank, gRPC Rerank) or sparse (/embed_sparse)
     a served name     -> that model; a model of another kind is a 400 naming the right route
     empty or unknown  -> the first model of the route's kind (the unknown name logged once, or a
@@ -19,11 +19,8 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from floe.errors import ModelNotFoundError
-from floe.frontend.service import ROUTES_FOR_TASK, TASK_NAMES, EmbedService
-
-# The tasks each route kind accepts, in the order a default is looked for.
-ROUTE_TASKS = {"embed": ("embed",), "score": ("score",), "sparse": ("sparse",),
-               "encode": ("embed", "sparse")}
+from floe.frontend.service import EmbedService
+from floe.kinds import ROUTE_KINDS
 
 
 class ServedModels:
@@ -47,26 +44,21 @@ class ServedModels:
             out.extend(n for n in service.limits.served_names if n not in out)
         return out
 
-    def tasks(self) -> set[str]:
-        return {s.task for s in self.services}
-
     def for_request(self, route: str, model: Optional[str]) -> EmbedService:
         """The service that answers a request of ``route`` kind naming ``model``."""
-        tasks = ROUTE_TASKS[route]
         if model:
             named = self._by_name.get(model)
             if named is not None:
-                if named.task not in tasks:
-                    named.require_task(tasks[0])   # raises the 400 naming the right route
+                named.require(route)   # a model of another kind: the 400 naming the right route
                 return named
         for service in self.services:
-            if service.task in tasks:
+            if route in service.kind.route_kinds:
                 return service   # its edge logs an unknown name, or 404s under --strict-model-name
-        served = ", ".join(f"{s.model_name} ({s.task})" for s in self.services)
+        wanted = ROUTE_KINDS[route][0]
+        served = ", ".join(f"{s.model_name} ({s.kind.name})" for s in self.services)
         raise ModelNotFoundError(
-            f"this server serves no model for {ROUTES_FOR_TASK[tasks[0]]} (it needs "
-            f"{TASK_NAMES[tasks[0]]}); it serves {served}. Start floe serve with another --model "
-            "to add one", param="model")
+            f"this server serves no model for {wanted.routes} (it needs {wanted.title}); it "
+            f"serves {served}. Start floe serve with another --model to add one", param="model")
 
     # -- the public gRPC services' backend (floe/transport/grpc.py EncodeBackend) ----------------
 

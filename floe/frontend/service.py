@@ -5,11 +5,12 @@ the edge (floe/edge.py: validation once, here, then tokenization in the front en
 -> the router sends token ids to a replica -> an EmbedResult of raw bytes. Transports only parse
 their own wire format and map FloeError through their table in floe/errors.py.
 
-The model's task decides which paths it answers (``ModelSpec.task``): an embedding model
-``embed`` (with the compact output forms of floe/compact.py packed here, after the replica's
-float32), a cross-encoder ``rerank`` (pairs tokenized here; the replica returns logits and the
-activation is applied here, where ``raw_scores`` is known), a SPLADE model ``embed_sparse`` (the
-replica returns the non-zero entries). floe/frontend/models.py picks the service a request goes to.
+The model's kind decides which paths it answers (floe/kinds/: asked, never named): an embedding
+model ``embed`` and ``embed_chunked`` (with the compact output forms of floe/compact.py packed
+here, after the replica's float32), a cross-encoder ``rerank`` (pairs tokenized here; the replica
+returns logits and the activation is applied here, where ``raw_scores`` is known), a SPLADE model
+``embed`` too (the replica returns the non-zero entries). floe/frontend/models.py picks the
+service a request goes to.
 """
 
 from __future__ import annotations
@@ -29,18 +30,13 @@ from floe import compact, metrics, validate
 from floe.config import Settings
 from floe.chunking import ChunkOptions, Chunked
 from floe.edge import Edge
+from floe.kinds import ROUTE_KINDS, kind_of
+from floe.kinds.score import activation
 from floe.errors import FloeError, ValidationError
 from floe.frontend.admission import Admission
 from floe.models.spec import ModelSpec
 from floe.proto import floe_pb2
 from floe.protocol import COMPACT_DTYPES, EmbedResult, EncodeOptions, TokenBatch, row_bytes
-
-# What each task is called in messages (a request sent to the wrong kind of model).
-TASK_NAMES = {"embed": "an embedding model", "score": "a reranker (cross-encoder)",
-              "sparse": "a sparse embedding model (SPLADE)"}
-ROUTES_FOR_TASK = {"embed": "/v1/embeddings or /embed", "score": "/rerank or /v1/rerank",
-                   "sparse": "/embed_sparse"}
-
 
 @dataclass
 class Scores:
@@ -65,21 +61,6 @@ class Chunks:
     result: EmbedResult
     table: Chunked
 
-
-def _activation(name: str, logits: np.ndarray) -> np.ndarray:
-    """The torch.nn activation a CrossEncoder applies to its logits (ModelSpec.score_activation)."""
-    if name in ("", "Identity"):
-        return logits
-    if name == "Sigmoid":
-        return 0.5 * (1.0 + np.tanh(0.5 * logits))   # = 1 / (1 + e^-x), without overflow
-    if name == "Tanh":
-        return np.tanh(logits)
-    if name == "ReLU":
-        return np.maximum(logits, 0)
-    if name == "Softmax":
-        e = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
-    raise ValueError(f"unsupported activation {name!r}")
 
 log = logging.getLogger("floe.service")
 
@@ -166,29 +147,25 @@ class EmbedService:
                 time.perf_counter() - t0)
 
     @property
-    def task(self) -> str:
-        return self.spec.task
+    def kind(self):
+        """What this model answers (floe/kinds/)."""
+        return kind_of(self.spec)
 
-    def require_task(self, task: str) -> None:
+    def require(self, route: str) -> None:
         """A request for another kind of model than this one is the client's mistake (400)."""
-        if self.spec.task != task:
+        if route not in self.kind.route_kinds:
+            wanted = ROUTE_KINDS[route][0]
             raise ValidationError(
-                f"model {self.model_name!r} is {TASK_NAMES[self.spec.task]}; this route needs "
-                f"{TASK_NAMES[task]} (use {ROUTES_FOR_TASK[self.spec.task]} for this model)",
-                param="model")
+                f"model {self.model_name!r} is {self.kind.title}; this route needs "
+                f"{wanted.title} (use {self.kind.routes} for this model)", param="model")
 
     async def embed(self, request_id: str, texts: Optional[list[str]], tokens: Optional[TokenBatch],
                     options: EncodeOptions, model: str = "") -> EmbedResult:
         """Embeds texts (tokenized here) or token ids; raises FloeError for anything the client
         did. The caller has admitted the request. A sparse model answers with sparse rows."""
-        if self.spec.task == "score":
-            self.require_task("embed")
+        self.require("encode")
+        options = self.kind.request_options(options)
         compact_dtype = options.output_dtype if options.output_dtype in COMPACT_DTYPES else None
-        if self.spec.task == "sparse":
-            if options.output_dtype != "float32" or options.dimensions is not None:
-                raise ValidationError("a sparse model's values are float32 and have no "
-                                      "dimensions option", param="output_dtype")
-            options = dataclasses.replace(options, normalize=False)
         if compact_dtype is not None:
             options = dataclasses.replace(options, output_dtype="float32")
         result = await self._encode(request_id, texts, tokens, options, model)
@@ -202,7 +179,7 @@ class EmbedService:
         """Documents cut into chunks, one embedding per chunk (floe/chunking.py); the caller
         has admitted the request. A request whose documents give no chunk at all (empty texts)
         is answered without reaching a replica."""
-        self.require_task("embed")
+        self.require("embed")
         compact_dtype = options.output_dtype if options.output_dtype in COMPACT_DTYPES else None
         if compact_dtype is not None:
             options = dataclasses.replace(options, output_dtype="float32")
@@ -253,17 +230,16 @@ class EmbedService:
                      param: str = "documents") -> Scores:
         """Scores each document against the query (a cross-encoder); the caller has admitted
         the request. ``param`` names the documents' field in errors (TEI: texts)."""
-        self.require_task("score")
+        self.require("score")
         if self.spec.num_labels != 1:
             raise ValidationError(
                 f"model {self.model_name!r} has {self.spec.num_labels} labels; reranking needs a "
                 "model with one relevance score", param="model")
-        options = dataclasses.replace(options, normalize=False, dimensions=None,
-                                      output_dtype="float32")
+        options = self.kind.request_options(options)
         result = await self._encode(request_id, documents, None, options, model,
                                     pairs_query=query, param=param)
         logits = result.as_float32()
-        scores = logits if raw_scores else _activation(self.spec.score_activation, logits)
+        scores = logits if raw_scores else activation(self.spec.score_activation, logits)
         return Scores(scores=np.ascontiguousarray(scores[:, 0], dtype=np.float32), result=result)
 
     # -- compact output -------------------------------------------------------------------------
@@ -346,7 +322,7 @@ class EmbedService:
             "model_path_name": s.path.rstrip("/").split("/")[-1],
             "architecture": s.architecture,
             "model_type": s.model_type,
-            "task": s.task,
+            "task": self.kind.name,
             "pooling": s.pooling,
             "dim": s.dim,
             "max_input_length": s.max_seq_length,
@@ -354,8 +330,7 @@ class EmbedService:
             "prompts": s.prompts,
             "default_prompt_name": self.settings.model.default_prompt_name or s.default_prompt_name,
             "matryoshka_dimensions": list(s.matryoshka_dims),
-            "output_dtypes": (["float32", "float16", "bfloat16", *COMPACT_DTYPES]
-                              if s.task == "embed" else ["float32"]),
+            "output_dtypes": list(self.kind.output_dtypes),
             "int8_calibration": self.calibration(),
             # the precision and engine that run, as the replicas reported them at start-up
             **self._runs(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from floe.kinds import kind_of
 from floe.models.spec import ModelSpec
 
 
@@ -42,11 +43,7 @@ def describe(spec: ModelSpec, device: str = "auto", dtype: str = "auto", engine:
         "task": spec.task,
         "token_types": spec.uses_token_types,
     }
-    if spec.task == "score":
-        out["num_labels"], out["score_activation"] = spec.num_labels, spec.score_activation
-    elif spec.task == "sparse":
-        out["splade"] = {"pooling": spec.splade_pooling, "activation": spec.splade_activation,
-                         "max_active_dims": spec.max_active_dims}
+    out.update(kind_of(spec).describe(spec))
     from floe.errors import ConfigError
     from floe.engine.torch_engine import pick_device_and_dtype
 

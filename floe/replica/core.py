@@ -11,9 +11,10 @@ Threads and who owns what
   finisher, then takes the next batch at once (at most two outputs wait for the finisher: an
   engine whose forward returns before the device is done cannot run ahead without bound).
 * **the finisher thread** runs ``engine.finish`` (the output as host rows: a GPU's copy, while the
-  next forward runs), writes each output row into its request,
-  and when a request's last row arrives runs its per-request steps (normalize, Matryoshka slice,
-  output dtype, a sparse model's rows: ``_post``) and completes it. The event loop only wakes the
+  next forward runs), stores each output row in its request as the model's kind keeps rows
+  (floe/kinds/: float rows, or a sparse model's non-zero entries), and when a request's last row
+  arrives runs the kind's per-request steps (normalize, Matryoshka slice, output dtype:
+  ``Kind.finish``) and completes it. The event loop only wakes the
   awaiting task: no per-request array work runs on it, and none delays the next forward pass.
 
 Nobody polls: every wait is a ``Condition.wait`` woken by an arrival, a free slot, a finished
@@ -45,7 +46,8 @@ from floe.config import BatchSettings
 from floe.engine.base import Engine
 from floe.errors import (FloeError, InternalError, OverloadedError, TooLargeError,
                          UnavailableError, CancelledError as FloeCancelled)
-from floe.protocol import ITEMSIZE, EmbedResult, EncodeOptions, SparseRows, Timings, TokenBatch
+from floe.kinds import kind_of
+from floe.protocol import ITEMSIZE, EmbedResult, EncodeOptions, Timings, TokenBatch
 from floe.proto import floe_pb2
 from floe.replica.scheduler import DEFAULT_MAX_WAIT_S, Scheduler, Sequence
 
@@ -98,11 +100,8 @@ class _Request:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     submitted: float
-    out: Optional[np.ndarray]   # (n, dim) float32 rows; None for a sparse model (see ``sparse``)
-    remaining: int
-    # a sparse model's rows, as (indices, values) per item: a vocabulary-wide dense row per item
-    # would be 120 KB for BERT's 30,522 entries, of which SPLADE keeps a few hundred
-    sparse: Optional[list] = None
+    rows: Any                   # its output rows as the model's kind keeps them (Kind.new_rows)
+    remaining: int              # sequences not yet stored
     queue_s: float = 0.0
     inference_s: float = 0.0
     batches: set = field(default_factory=set)
@@ -130,7 +129,7 @@ class ReplicaCore:
         self.spec = engine.spec
         self.settings = batch
         self.replica_id = replica_id
-        self._sparse = self.spec.task == "sparse"
+        self.kind = kind_of(self.spec)
         from floe.resolve import resolve_batch
 
         # The budget and the fill floor arrive settled (floe/resolve.py: by the replica manager,
@@ -229,8 +228,8 @@ class ReplicaCore:
               and int(tokens.ids.min()) >= 0 and int(tokens.ids.max()) < spec.vocab_size
               and (options.dimensions is None or 1 <= options.dimensions <= spec.dim)
               and options.output_dtype in ITEMSIZE
-              and (tokens.type_splits is None or spec.task == "score")
-              and (tokens.spans is None or spec.task == "embed"))
+              and (tokens.type_splits is None or self.kind.pairs)
+              and (tokens.spans is None or "embed" in self.kind.route_kinds))
         if not ok:
             log.error("request violates the replica's invariants (validation missed it): %d "
                       "items, lengths %s..%s", tokens.n, tokens.lengths.min(initial=0),
@@ -265,9 +264,7 @@ class ReplicaCore:
             self._next_key += 1
             req = _Request(key=key, request_id=request_id, tokens=tokens, options=options,
                            loop=loop, future=fut, submitted=t0,
-                           out=None if self._sparse else np.empty((_rows(tokens), self.spec.dim),
-                                                                  dtype=np.float32),
-                           sparse=[None] * tokens.n if self._sparse else None,
+                           rows=self.kind.new_rows(self.spec, _rows(tokens)),
                            remaining=tokens.n)
             self._requests[key] = req
             self._by_id.setdefault(request_id, []).append(req)
@@ -308,27 +305,10 @@ class ReplicaCore:
             self._cv.notify()
 
     def _post(self, req: _Request) -> EmbedResult:
-        """Per-request post steps: normalize, Matryoshka slice (renormalized), output dtype; a
-        sparse model's rows joined into one SparseRows (no options apply to them)."""
-        o = req.options
-        timings = Timings(queue_s=req.queue_s, inference_s=req.inference_s)
-        if req.sparse is not None:
-            rows = SparseRows(counts=[len(i) for i, _ in req.sparse],
-                              indices=np.concatenate([i for i, _ in req.sparse]),
-                              values=np.concatenate([v for _, v in req.sparse]))
-            return EmbedResult(n=req.tokens.n, dim=self.spec.dim, dtype="float32", data=b"",
-                               token_counts=req.tokens.lengths, model=self.spec.name,
-                               request_id=req.request_id, timings=timings, sparse=rows)
-        arr = req.out
-        normalize = self.spec.normalize if o.normalize is None else o.normalize
-        if o.dimensions is not None and o.dimensions < arr.shape[1]:
-            arr = arr[:, : o.dimensions]
-        if normalize:
-            norms = np.linalg.norm(arr, axis=1, keepdims=True)
-            arr = arr / np.maximum(norms, 1e-12)
-        return EmbedResult.from_array(
-            arr, o.output_dtype, req.tokens.lengths, model=self.spec.name, request_id=req.request_id,
-            timings=timings)
+        """The request's answer: its kind's per-request steps over its rows (Kind.finish)."""
+        return self.kind.finish(self.spec, req.rows, req.options, req.tokens.lengths,
+                                req.request_id, Timings(queue_s=req.queue_s,
+                                                        inference_s=req.inference_s))
 
     def _complete(self, req: _Request, error: Optional[FloeError] = None) -> None:
         """Finishes a request once (from any thread) and wakes its awaiting task."""
@@ -502,9 +482,10 @@ class ReplicaCore:
         if error is None:
             try:
                 out = self.engine.finish(out)
-                if not isinstance(out, np.ndarray) or out.shape != (len(seqs), self.spec.dim):
+                n_rows = int(starts[-1])
+                if not isinstance(out, np.ndarray) or out.shape != (n_rows, self.spec.dim):
                     raise RuntimeError(f"engine returned {getattr(out, 'shape', type(out))}, "
-                                       f"expected ({len(seqs)}, {self.spec.dim})")
+                                       f"expected ({n_rows}, {self.spec.dim})")
             except BaseException as e:  # noqa: BLE001 - isolate the failure to this batch
                 error = e
         # from the forward's start to its rows on the host (a GPU's forward returns at launch)
@@ -529,12 +510,7 @@ class ReplicaCore:
         finite = np.isfinite(out).all(axis=1)
         if counts[-1] != 1 or len(out) != len(seqs):
             finite = np.logical_and.reduceat(finite, starts[:-1]) if len(finite) else finite
-        if self._sparse:
-            # one nonzero pass for the batch, then each row's slice of it
-            nz_rows, nz_cols = np.nonzero(out)
-            nz_vals = out[nz_rows, nz_cols]
-            nz_off = np.zeros(len(seqs) + 1, dtype=np.int64)
-            np.cumsum(np.bincount(nz_rows, minlength=len(seqs)), out=nz_off[1:])
+        batch_rows = self.kind.batch_rows(self.spec, out)   # once per batch (a sparse model's nonzeros)
         for row, s in enumerate(seqs):
             req: _Request = s.payload[0]
             if req.done or req.dropped:
@@ -547,18 +523,9 @@ class ReplicaCore:
                 self._complete(req, InternalError(
                     f"the model produced a non-finite embedding for input {s.index}"))
                 continue
-            if self._sparse:
-                a, b = nz_off[row], nz_off[row + 1]
-                cols, vals = nz_cols[a:b].astype(np.int32), nz_vals[a:b]
-                k = self.spec.max_active_dims
-                if k and len(vals) > k:   # the model keeps each row's k largest (ST's top-k)
-                    keep = np.sort(np.argpartition(vals, len(vals) - k)[len(vals) - k:])
-                    cols, vals = cols[keep], vals[keep]
-                req.sparse[s.index] = (cols, vals)
-            elif s.payload[4] is None:
-                req.out[s.payload[3]] = out[row]
-            else:
-                req.out[s.payload[3]: s.payload[3] + counts[row]] = out[starts[row]: starts[row + 1]]
+            # the sequence's rows: one, or one per span (late chunking), from the request's row
+            self.kind.store(self.spec, req.rows, batch_rows, int(starts[row]),
+                            int(starts[row + 1]), s.payload[3])
             req.remaining -= 1
             if req.remaining == 0:
                 try:

@@ -117,7 +117,7 @@ def test_default_activation_is_cross_encoders(bert_reranker, multilabel_cross_en
     """spec.score_activation, applied as the front end applies it, is CrossEncoder.predict's."""
     from sentence_transformers import CrossEncoder
 
-    from floe.frontend.service import _activation
+    from floe.kinds.score import activation as _activation
 
     for path in (bert_reranker, multilabel_cross_encoder):
         spec = spec_of(path)

@@ -15,7 +15,8 @@ from floe.errors import ModelNotFoundError, TooLargeError, ValidationError
 from floe.fleet.coalesce import split
 from floe.frontend import schemas
 from floe.frontend.models import ServedModels
-from floe.frontend.service import EmbedService, Scores, _activation
+from floe.frontend.service import EmbedService, Scores
+from floe.kinds.score import activation as _activation
 from floe.protocol import (EmbedResult, EncodeOptions, SparseRows, TokenBatch, request_to_proto,
                            result_from_proto, result_to_proto, row_bytes, tokens_from_proto)
 
