@@ -10,7 +10,10 @@ the shared storage a real cluster needs for its input and output.
   the worker node's raylet is SIGKILLed mid-job. The job completes, and its output is identical
   to the local path's: every row once, in order, the same bytes. The time lost is printed.
 * Ray Serve with two floe replicas, one on each node: the worker node's raylet is SIGKILLed while
-  requests flow, and every request is answered by the replica that is left.
+  requests flow to both. Every request not in flight on the lost replica is answered by the one
+  left, with the same embeddings; the ones in flight on it (at most one per client) get 500,
+  because Serve's proxy does not retry them: the test then reports itself xfailed, naming them
+  (issue 28 asks for their retry; not built yet, docs/scale-out.md).
 
 Marked ``ray_cluster`` and ``full`` (FLOE_TEST_FULL=1). Skips, saying why, without Ray, without
 root, or where network namespaces cannot be made. Every process this test starts lives in one of
@@ -80,6 +83,10 @@ class TwoNodes:
             # the head finds a dead node in about 3 s (default: 5 failures of 3 s checks)
             RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3",
             RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S="60", RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S="60",
+            # Serve's proxy (on the head) sends every request to the replica on its own node
+            # while that one keeps up: route between both, so that the lost node's replica has
+            # requests in flight when it goes
+            RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING="0",
             # token authentication on every node and client of this cluster, with a token of its
             # own (Ray turns it on for a head that finds ~/.ray/auth_token; a worker told the
             # address does not look there)
@@ -212,7 +219,7 @@ def _wait(cond, timeout: float, what: str, proc: subprocess.Popen | None = None)
 def embed_corpus_cmd(inp: str, out: str) -> list[str]:
     return [sys.executable, "-m", "floe", "embed-corpus", inp, "-o", out,
             "--ray", f"{HEAD_IP}:{PORT}", "--workers", "2", "--threads", "1",
-            "--commit-seconds", "2", "--engine", "fake", "--shard-rows", "10",
+            "--commit-seconds", "1", "--engine", "fake", "--shard-rows", "10",
             "--batch-tokens", "64", "--text-column", "body", "--id-column", "doc"]
 
 
@@ -256,8 +263,8 @@ def test_embed_corpus_survives_losing_the_worker_node(cluster, tmp_path):
     kept = n - int(summary.group(1)) if summary else "?"
     print(f"\nNODE LOSS (embed-corpus): worker raylet SIGKILLed {killed_at - t0:.1f} s into the job "
           f"with {written_at_kill}/{n // 10} shards written; job done {wall - (killed_at - t0):.1f} s "
-          f"later, {wall:.1f} s in all; {kept} row(s) the lost actor had committed were not "
-          f"embedded again. {cost.group(0) if cost else ''} | {summary.group(0) if summary else ''}")
+          f"later, {wall:.1f} s in all; {kept} row(s) the lost actor had committed (pieces, or a "
+          f"part whose status it did not return) were not embedded again. {cost.group(0) if cost else ''} | {summary.group(0) if summary else ''}")
 
 
 # --- Ray Serve -------------------------------------------------------------------------------------
@@ -268,7 +275,7 @@ import httpx, ray
 from ray import serve
 from floe.ray.serve import FloeEmbeddings
 
-head, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+head, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])  # argv[4]: clients
 ray.init(address=f"{head}:6379", logging_level="WARNING")
 serve.start(http_options={"host": head, "port": port, "location": "HeadOnly"})
 serve.run(FloeEmbeddings.options(num_replicas=2, ray_actor_options={"num_cpus": 1})
@@ -297,7 +304,7 @@ def loop():
                 with lock:
                     codes.append(0)
                     errors.append(repr(exc)[:200])
-threads = [threading.Thread(target=loop) for _ in range(4)]
+threads = [threading.Thread(target=loop) for _ in range(int(sys.argv[4]))]
 for t in threads: t.start()
 for t in threads: t.join()
 print("RESULT", json.dumps({"codes": codes, "errors": errors[:5], "same": same}), flush=True)
@@ -305,10 +312,13 @@ serve.shutdown()
 """
 
 
+CLIENTS = 4   # requests in flight at once
+
+
 def test_ray_serve_answers_every_request_when_a_replica_node_dies(cluster, tmp_path):
     script = tmp_path / "serve_client.py"
     script.write_text(SERVE_CLIENT)
-    proc = cluster.popen("head", [sys.executable, str(script), HEAD_IP, "8000", "25"],
+    proc = cluster.popen("head", [sys.executable, str(script), HEAD_IP, "8000", "25", str(CLIENTS)],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     try:
@@ -323,9 +333,11 @@ def test_ray_serve_answers_every_request_when_a_replica_node_dies(cluster, tmp_p
         time.sleep(5)   # requests flowing to both replicas
         cluster.kill_node("worker")
         # the worker node's replica had its share of them (Serve's access log, on that node)
-        logs = glob.glob(os.path.join(cluster.root, "w", "session_*", "logs", "serve", "replica_*.log"))
-        served = sum(open(p, errors="replace").read().count("/v1/embeddings") for p in logs)
-        assert served > 0, f"the worker node's replica served nothing before it was lost ({logs})"
+        logs = sorted({os.path.realpath(p) for p in glob.glob(os.path.join(
+            cluster.root, "w", "session_*", "logs", "serve", "replica_*.log"))})
+        served = sum(len(re.findall(r"POST \S* 200 ", open(p, errors="replace").read())) for p in logs)
+        assert served > 0, ("the worker node's replica served nothing before it was lost: "
+                            + "".join(open(p, errors="replace").read()[-1500:] for p in logs))
         rest, _ = proc.communicate(timeout=600)
         lines += rest.splitlines(keepends=True)
     finally:
@@ -339,5 +351,14 @@ def test_ray_serve_answers_every_request_when_a_replica_node_dies(cluster, tmp_p
     print(f"\nNODE LOSS (Serve): {len(codes)} requests, {codes.count(200)} answered 200, "
           f"others {sorted(set(codes) - {200})}; first errors {res['errors']}; the lost node's "
           f"replica had logged {served} request(s)")
-    assert codes and set(codes) == {200}, res
+    assert codes and set(codes) <= {200, 500}, res   # answered, never hung or refused
     assert res["same"]
+    # a request fails only if it was in flight on the lost replica: at most one per client
+    failed = len(codes) - codes.count(200)
+    assert failed <= CLIENTS, res
+    if failed:
+        # Serve's proxy does not retry a request whose replica dies under it (a 500); retrying
+        # those on the replica left needs an ingress of floe's own in front of the replicas
+        # (docs/scale-out.md): not built yet
+        pytest.xfail(f"{failed} request(s) in flight on the lost replica got 500: Serve does not "
+                     "retry them on the replica left")
