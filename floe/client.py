@@ -6,6 +6,9 @@ never through a list of Python floats. Server errors are raised as floe.errors t
 
     with floe.Client("127.0.0.1:50050", protocol="grpc") as c:
         vectors = c.embed(["a query", "a document"])
+        chunks = c.embed_chunks([long_document], max_tokens=256, overlap=32)  # or late=True
+        ranked = c.rerank("a query", ["doc one", "doc two"])      # a reranker served
+        sparse = c.embed_sparse(["a query"], model="splade")       # a SPLADE model served
 
 Bulk input
     ``embed`` takes any number of inputs: it splits them into requests the server accepts (at most
@@ -367,6 +370,60 @@ class _Base:
             return Chunks.from_proto((yield _Rpc("Encode", msg)))
         return (yield from self._retried(once))
 
+    def _rerank_plan(self, query: str, documents: list[str], top_n: Optional[int],
+                     raw_scores: bool, truncate: Optional[bool], model: str) -> Plan:
+        """One rerank request (TEI's /rerank, or gRPC Rerank): [(document index, score)], best
+        first."""
+        def once() -> Plan:
+            if self.protocol == "http":
+                import orjson
+                body: dict[str, Any] = {"query": query, "texts": documents,
+                                        "raw_scores": raw_scores, "model": model}
+                if truncate is not None:
+                    body["truncate"] = truncate
+                r = yield _Http("POST", "/rerank", orjson.dumps(body),
+                                {"content-type": "application/json"})
+                _check_http(r)
+                ranked = [(int(x["index"]), float(x["score"])) for x in r.json()]
+                return ranked[:top_n] if top_n else ranked
+            from floe.proto import floe_pb2
+            msg = floe_pb2.RerankRequest(request_id=uuid.uuid4().hex, query=query,
+                                         documents=documents, top_n=top_n or 0,
+                                         raw_scores=raw_scores, model=model)
+            if truncate is not None:
+                msg.truncate = truncate
+            reply = yield _Rpc("Rerank", msg)
+            return [(int(x.index), float(x.score)) for x in reply.results]
+        return (yield from self._retried(once))
+
+    def _sparse_plan(self, texts: list[str], truncate: Optional[bool], model: str) -> Plan:
+        """One sparse request (TEI's /embed_sparse, or gRPC Encode of a SPLADE model): per text,
+        its non-zero (indices, values), indices ascending."""
+        def once() -> Plan:
+            if self.protocol == "http":
+                import orjson
+                body: dict[str, Any] = {"inputs": texts, "model": model}
+                if truncate is not None:
+                    body["truncate"] = truncate
+                r = yield _Http("POST", "/embed_sparse", orjson.dumps(body),
+                                {"content-type": "application/json"})
+                _check_http(r)
+                return [(np.array([e["index"] for e in row], dtype=np.int32),
+                         np.array([e["value"] for e in row], dtype=np.float32))
+                        for row in r.json()]
+            from floe.protocol import result_from_proto
+            o = _options(None, None, None, truncate, "float32")
+            msg = _grpc_request(texts, None, o)
+            msg.model = model
+            rows = result_from_proto((yield _Rpc("Encode", msg))).sparse
+            if rows is None:
+                raise errors.ValidationError("the server's model is not a sparse model",
+                                             param="model")
+            off = rows.offsets()
+            return [(rows.indices[off[i]:off[i + 1]].copy(), rows.values[off[i]:off[i + 1]].copy())
+                    for i in range(len(texts))]
+        return (yield from self._retried(once))
+
     def _health_plan(self) -> Plan:
         if self.protocol == "http":
             try:
@@ -442,6 +499,17 @@ _CHUNKS_DOC = """Cuts documents into chunks of at most ``max_tokens`` tokens (de
         model's max length) sharing ``overlap`` tokens, and embeds each chunk; ``late=True``
         pools each chunk from its whole document's token states (late chunking). Returns
         ``Chunks``. One request: the documents' chunks count against the server's item limit."""
+
+
+_RERANK_DOC = """Scores each document against the query with the server's reranker
+        (cross-encoder); returns [(document index, score)], highest first, at most ``top_n``.
+        ``raw_scores``: the model's logits, without its activation. ``model``: a served
+        reranker's name (default: the first one served). One request."""
+
+_SPARSE_DOC = """SPLADE vectors of the texts from the server's sparse model: per text, its
+        non-zero entries as (int32 vocabulary indices, ascending; float32 values). ``model``: a
+        served sparse model's name (over gRPC it must be given when the server's first model is
+        not a sparse one). One request."""
 
 
 class _Collector:
@@ -558,6 +626,21 @@ class Client(_Base):
 
     embed_chunks.__doc__ = _CHUNKS_DOC
 
+    def rerank(self, query: str, documents: Sequence[str], *, top_n: Optional[int] = None,
+               raw_scores: bool = False, truncate: Optional[bool] = None,
+               model: str = "") -> list[tuple[int, float]]:
+        return self._run(self._rerank_plan(query, list(documents), top_n, raw_scores, truncate,
+                                           model))
+
+    rerank.__doc__ = _RERANK_DOC
+
+    def embed_sparse(self, texts: Union[str, Sequence[str]], *, truncate: Optional[bool] = None,
+                     model: str = "") -> list[tuple[np.ndarray, np.ndarray]]:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return self._run(self._sparse_plan(texts, truncate, model))
+
+    embed_sparse.__doc__ = _SPARSE_DOC
+
     def max_batch_size(self) -> int:
         """Most inputs this client sends in one request (asks the server once over HTTP)."""
         return self._run(self._limit_plan())
@@ -667,6 +750,22 @@ class AsyncClient(_Base):
         return await self._run(self._chunks_plan(texts, o, max_tokens, overlap, late))
 
     embed_chunks.__doc__ = _CHUNKS_DOC
+
+    async def rerank(self, query: str, documents: Sequence[str], *, top_n: Optional[int] = None,
+                     raw_scores: bool = False, truncate: Optional[bool] = None,
+                     model: str = "") -> list[tuple[int, float]]:
+        return await self._run(self._rerank_plan(query, list(documents), top_n, raw_scores,
+                                                 truncate, model))
+
+    rerank.__doc__ = _RERANK_DOC
+
+    async def embed_sparse(self, texts: Union[str, Sequence[str]], *,
+                           truncate: Optional[bool] = None,
+                           model: str = "") -> list[tuple[np.ndarray, np.ndarray]]:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return await self._run(self._sparse_plan(texts, truncate, model))
+
+    embed_sparse.__doc__ = _SPARSE_DOC
 
     async def max_batch_size(self) -> int:
         return await self._run(self._limit_plan())

@@ -227,3 +227,26 @@ def test_grpc_rerank_and_sparse_encode(server, names, http):
         packed = stub.Encode(floe_pb2.EncodeRequest(
             texts=["hello"], options=floe_pb2.EncodeOptions(output_dtype=floe_pb2.UBINARY)), timeout=30)
         assert packed.dtype == floe_pb2.UBINARY and len(packed.embeddings) == 384 // 8
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_python_client_reranks_and_embeds_sparse(server, names, http, protocol):
+    import asyncio
+
+    import floe
+
+    target = server.url if protocol == "http" else f"127.0.0.1:{server.grpc_port}"
+    tei = http.post("/rerank", json={"query": "what is a fox", "texts": DOCS}).json()
+    rows = http.post("/embed_sparse", json={"inputs": ["a red fox", "markets"]}).json()
+    with floe.Client(target, protocol=protocol) as c:
+        ranked = c.rerank("what is a fox", DOCS, top_n=3)
+        sparse = c.embed_sparse(["a red fox", "markets"], model=names["sparse"])
+    assert [i for i, _ in ranked] == [r["index"] for r in tei[:3]]
+    assert ranked[0][1] == pytest.approx(tei[0]["score"], abs=1e-6)
+    assert [idx.tolist() for idx, _ in sparse] == [[e["index"] for e in r] for r in rows]
+    assert np.allclose(sparse[0][1], [e["value"] for e in rows[0]], atol=1e-6)
+
+    async def run_async():
+        async with floe.AsyncClient(target, protocol=protocol) as c:
+            return await c.rerank("what is a fox", DOCS)
+    assert [i for i, _ in asyncio.run(run_async())] == [r["index"] for r in tei]
