@@ -329,9 +329,6 @@ class Settings:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         if s.frontend_workers is not None and not 1 <= s.frontend_workers <= 64:
             raise ConfigError("--frontend-workers must be between 1 and 64")
-        if self.model.also_serve and (s.frontend_workers or 1) > 1:
-            raise ConfigError("--frontend-workers above 1 serves one model; with several --model "
-                              "run one front end (or one floe serve per model)")
         if s.max_input_chars is not None and s.max_input_chars < 1:
             raise ConfigError("--max-input-chars must be positive")
         if self.model.max_seq_length is not None and self.model.max_seq_length < 1:

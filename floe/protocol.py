@@ -444,6 +444,9 @@ class FrontendLaunch:
     parent_pid: int
     http_fd: Optional[int] = None   # a listening socket shared by every front end (accept balances)
     metrics_dir: Optional[str] = None   # prometheus_client's multiprocess directory
+    # every served model's settings tree as floe serve resolved it (``--model A --model B``: one
+    # each, in order; the first is ``settings``); empty: ``settings`` alone
+    models: tuple = ()
 
     ENV = "FLOE_FRONTEND_LAUNCH"
 
@@ -452,7 +455,9 @@ class FrontendLaunch:
 
     @classmethod
     def from_json(cls, text: str) -> "FrontendLaunch":
-        return cls(**json.loads(text))
+        d = json.loads(text)
+        d["models"] = tuple(d.get("models") or ())
+        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -471,6 +476,7 @@ class ReplicaEndpoint:
     restarts: int = 0
     message: str = ""
     pid: Optional[int] = None
+    model: str = ""     # the served model whose replica this is (several --model: the key)
 
 
 @dataclass(frozen=True)

@@ -105,8 +105,10 @@ class ReplicaManager(Routed):
             shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def table(self) -> ReplicaTable:
-        """Every slot as the front-end workers' routers need it (floe/fleet/remote.py)."""
-        return ReplicaTable(tuple(s.endpoint() for s in self.slots))
+        """Every slot as the front-end workers' routers need it (floe/fleet/remote.py), keyed by
+        this model's name (a worker serving several models routes each to its own)."""
+        return ReplicaTable(tuple(dataclasses.replace(s.endpoint(), model=self.spec.name)
+                                  for s in self.slots))
 
     async def tables(self, every: float) -> AsyncIterator[ReplicaTable]:
         """The table now, then after every change a slot reports and at least every ``every``

@@ -104,6 +104,8 @@ class RemoteReplicas(Routed):
     def __init__(self, settings: Settings, spec: ModelSpec, worker_index: int = 0) -> None:
         self.settings = settings
         self.spec = spec
+        # the key of this model's rows in the replica table (no spec: every row is ours)
+        self.model = spec.name if spec is not None else ""
         r = settings.replicas
         limit = 256 * 1024 * 1024
         self.targets = [RemoteReplica(i, limit, coalesce_limits(settings))
@@ -114,6 +116,8 @@ class RemoteReplicas(Routed):
 
     async def apply(self, table: ReplicaTable) -> None:
         for e in table.replicas:
+            if e.model and self.model and e.model != self.model:
+                continue   # another served model's replica
             if 0 <= e.index < len(self.targets):
                 await self.targets[e.index].apply(e)
 

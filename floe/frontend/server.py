@@ -92,8 +92,8 @@ async def serve(settings: Settings, ready_event: Optional[asyncio.Event] = None,
                            lambda: any(svc.router.ready() for svc in services))
         for svc in services:
             svc.admission = shared
-    service, spec, manager = served.default, served.default.spec, served.default.router
-    service.frontends = n_frontends
+    for svc in services:
+        svc.frontends = n_frontends
     # bound before the replicas start: a busy port fails at once, and every front end shares it
     http_socket = bind_http(srv.host, srv.port) if srv.port else None
     workers = None
@@ -101,7 +101,8 @@ async def serve(settings: Settings, ready_event: Optional[asyncio.Event] = None,
         await asyncio.gather(*(svc.router.start() for svc in services))
         if n_frontends > 1:
             from floe.frontend.workers import FrontendWorkers
-            workers = FrontendWorkers(settings, manager, http_socket, n_frontends - 1,
+            workers = FrontendWorkers([(svc.settings, svc.router) for svc in services],
+                                      http_socket, n_frontends - 1,
                                       os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
             await workers.start()
 

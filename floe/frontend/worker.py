@@ -23,7 +23,9 @@ from floe.protocol import FrontendHello, FrontendLaunch, ReplicaTable
 log = logging.getLogger("floe.frontend.worker")
 
 
-async def _read_tables(replicas, first: asyncio.Event, stop: asyncio.Event) -> None:
+async def _read_tables(replicas: list, first: asyncio.Event, stop: asyncio.Event) -> None:
+    """The main process' replica tables from stdin, each applied to every served model's
+    routers (each takes its own model's rows)."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=16 * 1024 * 1024)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -35,27 +37,41 @@ async def _read_tables(replicas, first: asyncio.Event, stop: asyncio.Event) -> N
             return
         table = ReplicaTable.from_line(line.decode(errors="replace").strip())
         if table is not None:
-            await replicas.apply(table)
+            for r in replicas:
+                await r.apply(table)
             first.set()
 
 
 async def run(launch: FrontendLaunch) -> int:
     from floe.config import settings_from_dict
     from floe.frontend.server import run_frontend
+    from floe.frontend.admission import Admission
+    from floe.frontend.models import ServedModels
     from floe.frontend.service import EmbedService
     from floe.models import load_spec
     from floe.fleet.remote import RemoteReplicas
     from floe.tokenize import TokenizerPool
 
-    # the main process resolved the tree (floe/resolve.py): budget, max length, threads
+    # the main process resolved each model's tree (floe/resolve.py): budget, max length, threads
     settings = settings_from_dict(launch.settings)
-    spec = load_spec(settings.model)
-    tokenizers = TokenizerPool(spec, settings.server.tokenization_workers,
-                               max_input_chars=settings.server.max_input_chars,
-                               library_threads=False)
-    replicas = RemoteReplicas(settings, spec, worker_index=launch.index)
-    service = EmbedService(settings, spec, tokenizers, replicas)
-    service.frontend_index, service.frontends = launch.index, launch.frontends
+    trees = [settings_from_dict(t) for t in launch.models] or [settings]
+    services = []
+    for tree in trees:
+        spec = load_spec(tree.model)
+        tokenizers = TokenizerPool(spec, tree.server.tokenization_workers,
+                                   max_input_chars=tree.server.max_input_chars,
+                                   library_threads=False)
+        service = EmbedService(tree, spec, tokenizers,
+                               RemoteReplicas(tree, spec, worker_index=launch.index))
+        service.frontend_index, service.frontends = launch.index, launch.frontends
+        services.append(service)
+    served = ServedModels(services)
+    if len(services) > 1:   # one concurrency bound for the endpoint, as the main front end has
+        shared = Admission(settings.server.max_concurrent_requests,
+                           lambda: any(svc.router.ready() for svc in services))
+        for svc in services:
+            svc.admission = shared
+    replicas = [svc.router for svc in services]
     http_socket = None
     if launch.http_fd is not None:
         http_socket = socket.socket(fileno=launch.http_fd)
@@ -72,11 +88,12 @@ async def run(launch: FrontendLaunch) -> int:
             # the supervisor logs "front-end worker N ready" when it reads this
             print(FrontendHello(index=launch.index, pid=os.getpid()).to_line(), flush=True)
 
-        return await run_frontend(service, settings, http_socket, on_ready, stop=stop)
+        return await run_frontend(served, settings, http_socket, on_ready, stop=stop)
     finally:
         tables.cancel()
-        await replicas.stop()
-        tokenizers.close()
+        for svc in services:
+            await svc.router.stop()
+            svc.tokenizers.close()
 
 
 def main() -> int:

@@ -37,11 +37,11 @@ import logging
 import os
 import socket
 import sys
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from floe.config import Settings, settings_to_dict
 from floe.errors import WorkerStartError
-from floe.protocol import FrontendHello, FrontendLaunch
+from floe.protocol import FrontendHello, FrontendLaunch, ReplicaTable
 from floe.child_process import ChildProcess, Command
 
 log = logging.getLogger("floe.frontend.workers")
@@ -88,26 +88,37 @@ class FrontendWorker(ChildProcess):
 class FrontendWorkers:
     """The extra front-end processes and the one publisher of the replica table to them."""
 
-    def __init__(self, settings: Settings, manager, http_socket: Optional[socket.socket],
+    def __init__(self, models: Sequence[tuple[Settings, Any]], http_socket: Optional[socket.socket],
                  count: int, metrics_dir: Optional[str]) -> None:
-        self.settings = settings
-        self.manager = manager
+        """``models``: each served model's resolved settings and replica manager, the first
+        being ``--model``'s (its settings govern the workers)."""
+        self.settings = settings = models[0][0]
+        self.managers = [m for _, m in models]
+        trees = tuple(settings_to_dict(s) for s, _ in models) if len(models) > 1 else ()
         self.workers = [
             FrontendWorker(FrontendLaunch(settings=settings_to_dict(settings), index=i,
                                           frontends=count + 1, parent_pid=os.getpid(),
                                           http_fd=http_socket.fileno() if http_socket else None,
-                                          metrics_dir=metrics_dir),
+                                          metrics_dir=metrics_dir, models=trees),
                            http_socket, settings, self._table_line)
             for i in range(1, count + 1)]
-        self._publisher: Optional[asyncio.Task] = None
+        self._tables = [m.table() for m in self.managers]   # each model's latest
+        self._publishers: list[asyncio.Task] = []
 
     def _table_line(self) -> bytes:
-        return (self.manager.table().to_line() + "\n").encode()
+        """Every model's replicas in one table (each row keyed by its model)."""
+        self._tables = [m.table() for m in self.managers]
+        return self._line()
+
+    def _line(self) -> bytes:
+        rows = tuple(e for t in self._tables for e in t.replicas)
+        return (ReplicaTable(rows).to_line() + "\n").encode()
 
     async def start(self) -> None:
         for w in self.workers:
             w.start()
-        self._publisher = asyncio.create_task(self._publish(), name="floe-frontend-publish")
+        self._publishers = [asyncio.create_task(self._publish(k), name=f"floe-frontend-publish-{k}")
+                            for k in range(len(self.managers))]
         await asyncio.gather(*(w.ready_event.wait() for w in self.workers))
         failed = [w for w in self.workers if w.state == "failed"]
         if failed:
@@ -116,9 +127,11 @@ class FrontendWorkers:
         log.info("%d front-end worker processes ready (pids %s)", len(self.workers),
                  ", ".join(str(w.pid) for w in self.workers))
 
-    async def _publish(self) -> None:
-        async for table in self.manager.tables(self.settings.replicas.health_interval):
-            line = (table.to_line() + "\n").encode()
+    async def _publish(self, k: int) -> None:
+        """Model k's table on every change and health interval, sent with the others' latest."""
+        async for table in self.managers[k].tables(self.settings.replicas.health_interval):
+            self._tables[k] = table
+            line = self._line()
             await asyncio.gather(*(w.send(line) for w in self.workers))
 
     def begin_drain(self) -> None:
@@ -131,9 +144,9 @@ class FrontendWorkers:
             grace = self.settings.server.drain_timeout + 2.0
         # the publisher goes last: a draining worker still follows the replicas
         await asyncio.gather(*(w.stop(grace) for w in self.workers))
-        if self._publisher is not None:
-            self._publisher.cancel()
-            await asyncio.gather(self._publisher, return_exceptions=True)
+        for task in self._publishers:
+            task.cancel()
+        await asyncio.gather(*self._publishers, return_exceptions=True)
 
 
 def _mark_dead(metrics_dir: Optional[str], pid: int) -> None:

@@ -81,6 +81,31 @@ def test_two_front_ends_share_ports_replicas_and_metrics(tmp_path):
             time.sleep(0.5)
 
 
+def test_front_end_workers_serve_several_models(tmp_path, bert_reranker):
+    """--frontend-workers with several --model: every front end routes each model's requests to
+    that model's replicas (the replica table is keyed by model)."""
+    args = tuple("1" if i and ARGS[i - 1] == "--num-replicas" else a for i, a in enumerate(ARGS))
+    with floe_serve(*args, "--model", "default", "--model", bert_reranker,
+                    tmp_dir=str(tmp_path)) as srv:
+        assert len(_frontend_pids(srv.url)) == 2, srv.log()
+        texts = ["several models", "behind every front end"]
+        first = _embed(srv.url, texts)
+        docs = ["a fox is a small wild animal", "the stock market fell today"]
+        ranked = None
+        pids = set()
+        for _ in range(12):
+            with httpx.Client(base_url=srv.url, timeout=60) as c:   # a new connection each time
+                np.testing.assert_array_equal(_embed(srv.url, texts), first)
+                r = c.post("/rerank", json={"query": "what is a fox", "texts": docs})
+                assert r.status_code == 200, r.text
+                ranked = ranked or r.json()
+                assert r.json() == ranked
+                info = c.get("/info").json()
+                pids.add(info["frontend"]["pid"])
+                assert {m["task"] for m in info["models"]} == {"embed", "score"}
+        assert len(pids) == 2, pids
+
+
 @pytest.mark.full
 def test_worker_and_replica_deaths_lose_nothing(tmp_path):
     with floe_serve(*ARGS, tmp_dir=str(tmp_path)) as srv:

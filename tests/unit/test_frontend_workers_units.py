@@ -41,6 +41,12 @@ def test_control_messages_round_trip():
     assert FrontendHello.from_line(hello.to_line()) == hello
     launch = FrontendLaunch(settings={"server": {}}, index=1, frontends=3, parent_pid=7, http_fd=5)
     assert FrontendLaunch.from_json(launch.to_json()) == launch
+    several = FrontendLaunch(settings={"server": {}}, index=1, frontends=2, parent_pid=7,
+                             models=({"model": {"model": "a"}}, {"model": {"model": "b"}}))
+    assert FrontendLaunch.from_json(several.to_json()) == several
+    keyed = ReplicaTable((ReplicaEndpoint(0, "unix:/s/a0.sock", "t", 1, True, "ready", model="a"),
+                          ReplicaEndpoint(0, "unix:/s/b0.sock", "t", 2, True, "ready", model="b")))
+    assert ReplicaTable.from_line(keyed.to_line()) == keyed
 
 
 def test_balancers_of_different_workers_start_on_different_replicas():
@@ -135,3 +141,18 @@ def test_http_socket_connections_get_tcp_nodelay(rewrapped):
 
     asyncio.run(main())
     assert seen and seen[0] != 0
+
+
+async def test_each_model_takes_only_its_own_rows_of_the_table():
+    """Several served models share one table (each row keyed by its model): a worker's view of
+    model b ignores model a's replicas, whatever their index."""
+    from types import SimpleNamespace
+
+    view = RemoteReplicas(_settings(), spec=SimpleNamespace(name="b"))
+    a = ReplicaEndpoint(0, "unix:/nowhere/a0.sock", "t", 5, True, "ready", model="a")
+    b = ReplicaEndpoint(0, "unix:/nowhere/b0.sock", "t", 6, True, "ready", model="b")
+    await view.apply(ReplicaTable((a, b)))
+    assert view.targets[0].endpoint == b
+    await view.apply(ReplicaTable((a,)))
+    assert view.targets[0].endpoint == b
+    await view.stop()
