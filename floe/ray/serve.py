@@ -6,6 +6,10 @@ length-bucketed batcher + engine thread, floe/replica/core.py) driving one engin
 replicas (``ray_actor_options``: CPUs or a GPU each), routes requests between them, and restarts a
 replica whose health check fails (``check_health`` fails once the core's threads are gone).
 
+The HTTP routes are FloeIngress's, a light deployment in front of the replicas: it checks a body's
+content type and size, hands it to a replica through a deployment handle, and calls another when
+that replica dies under the call (its node lost): Serve's proxy alone would answer 500.
+
 Run it with ``serve run floe.ray.serve:build_app model=default`` or a config file (docs/scale-out.md):
 
     applications:
@@ -17,6 +21,8 @@ Run it with ``serve run floe.ray.serve:build_app model=default`` or a config fil
           - name: FloeEmbeddings
             num_replicas: 2
             ray_actor_options: {num_cpus: 1}
+          - name: FloeIngress
+            max_replicas_per_node: 1
 """
 
 # No `from __future__ import annotations` here: Serve's ingress hands the methods to FastAPI,
@@ -53,7 +59,6 @@ def _error(err: FloeError) -> Response:
 
 @serve.deployment(name="FloeEmbeddings", health_check_period_s=5, health_check_timeout_s=30,
                   max_ongoing_requests=64)
-@serve.ingress(app)
 class FloeEmbeddings:
     """One floe replica: tokenizer + ReplicaCore(engine). Its arguments are the deployment's
     config: settings of floe/config.py by field name (``model``, ``served_model_name``,
@@ -100,43 +105,102 @@ class FloeEmbeddings:
         if core is not None:
             core.stop()
 
-    async def _embed(self, request: Request) -> Response:
-        # the same checks, in the same order, as floe serve's OpenAI route (floe/frontend)
-        check_content_type(request)
-        body = await read_body(request, self.payload_limit)
-        req = schemas.parse_openai(self.limits, body)
-        prepared = await self.edge.prepare(req.texts, req.tokens, req.options, req.model)
-        result = await self.core.submit(prepared.tokens, req.options, uuid.uuid4().hex)
-        return _json(schemas.openai_response(result, req.encoding_format, self.spec.name))
+    async def embed_body(self, body: bytes) -> tuple[int, bytes]:
+        """An OpenAI embeddings request body (its content type and size already checked by
+        FloeIngress) -> (HTTP status, JSON body), with the checks of floe serve's OpenAI route
+        (floe/frontend), in the same order."""
+        try:
+            req = schemas.parse_openai(self.limits, body)
+            prepared = await self.edge.prepare(req.texts, req.tokens, req.options, req.model)
+            result = await self.core.submit(prepared.tokens, req.options, uuid.uuid4().hex)
+            out = schemas.openai_response(result, req.encoding_format, self.spec.name)
+            return 200, orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY)
+        except FloeError as err:
+            return HTTP_STATUS[err.kind], orjson.dumps(error_envelope(err))
+        except Exception:  # noqa: BLE001 - never a stack trace to the client
+            log.exception("internal error on /v1/embeddings")
+            err = InternalError()
+            return HTTP_STATUS[err.kind], orjson.dumps(error_envelope(err))
+
+    def model_name(self) -> str:
+        return self.spec.name
+
+
+# Errors of a call whose replica died under it (its node lost, its process killed): the request
+# did not finish there, and an embedding request is safe to run again on another replica.
+_REPLICA_GONE: tuple = ()
+try:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    _REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
+except ImportError:  # pragma: no cover - older Ray
+    from ray.exceptions import RayActorError
+
+    _REPLICA_GONE = (RayActorError,)
+
+
+@serve.deployment(name="FloeIngress", ray_actor_options={"num_cpus": 0},
+                  max_ongoing_requests=1024)
+@serve.ingress(app)
+class FloeIngress:
+    """The HTTP routes in front of the FloeEmbeddings replicas. It checks the body's content
+    type and size (415, 413), hands the body to a replica through a deployment handle, and when
+    that replica dies under the call (its node lost) calls another: Serve's proxy alone answers
+    such a request with a 500. No model here: place one replica where each proxy runs
+    (``max_replicas_per_node: 1``, or beside a head-only proxy)."""
+
+    def __init__(self, replicas, payload_limit: int, attempts: int = 3) -> None:
+        self.replicas = replicas
+        self.payload_limit = payload_limit
+        self.attempts = max(1, attempts)
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        from floe.errors import UnavailableError
+
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return await getattr(self.replicas, method).remote(*args)
+            except _REPLICA_GONE as exc:
+                log.warning("a floe replica died under a call (%s, attempt %d of %d): calling "
+                            "another", type(exc).__name__, attempt, self.attempts)
+        raise UnavailableError("no floe replica answered: they died under the request")
 
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> Response:
         try:
-            return await self._embed(request)
+            check_content_type(request)
+            body = await read_body(request, self.payload_limit)
+            status, data = await self._call("embed_body", body)
         except FloeError as err:
             return _error(err)
-        except Exception:  # noqa: BLE001 - never a stack trace to the client
-            log.exception("internal error on /v1/embeddings")
-            return _error(InternalError())
+        return Response(data, status_code=status, media_type="application/json")
 
     @app.get("/v1/models")
     async def models(self) -> Response:
+        try:
+            name = await self._call("model_name")
+        except FloeError as err:
+            return _error(err)
         return _json({"object": "list", "data": [
-            {"id": self.spec.name, "object": "model", "created": 0, "owned_by": "floe"}]})
+            {"id": name, "object": "model", "created": 0, "owned_by": "floe"}]})
 
     @app.get("/health")
     async def health(self) -> Response:
-        return _json({"status": "ok" if self.core.ready else "not ready"},
-                     status=200 if self.core.ready else 503)
+        return _json({"status": "ok"})
 
 
 def build_app(args: Optional[dict] = None):
     """Application builder for ``serve run floe.ray.serve:build_app key=value ...`` and config
     files: ``args`` are FloeEmbeddings' arguments, each checked and parsed here (as its flag
-    would be), so a misspelt or malformed one fails before Serve starts a replica."""
-    from floe.config import sections_of
+    would be), so a misspelt or malformed one fails before Serve starts a replica. The app is
+    FloeIngress (the HTTP routes, retrying a request whose replica died) in front of the
+    FloeEmbeddings replicas."""
+    from floe.config import ServerSettings, sections_of
 
     args = dict(args or {})
     threads = args.pop("threads", None)
-    config = {k: v for section in sections_of(args).values() for k, v in section.items()}
-    return FloeEmbeddings.bind(threads=None if threads is None else int(threads), **config)
+    sections = sections_of(args)
+    config = {k: v for section in sections.values() for k, v in section.items()}
+    limit = sections.get("server", {}).get("payload_limit", ServerSettings().payload_limit)
+    replicas = FloeEmbeddings.bind(threads=None if threads is None else int(threads), **config)
+    return FloeIngress.bind(replicas, int(limit))
