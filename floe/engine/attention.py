@@ -136,6 +136,36 @@ def windowed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
                                   scaling=scaling, **kwargs)
 
 
+class RotaryTable(torch.nn.Module):
+    """The model's rotary embedding as a table of cos and sin per position and layer type,
+    computed once in float32 by the model's own rotary module, then gathered by position.
+
+    In a graph run at bf16 (OpenVINO's precision hint applies to every float op) the angle
+    position x frequency would be computed in bf16, where integers above 256 are not exact: a long
+    input's far positions would get the wrong rotation (measured on the embeddinggemma-300m shape:
+    cosine to float32 0.9989 at 1,285 tokens). The table is what torch computes (float32 angles,
+    cos and sin cast to the activations' dtype), so the torch engine's numbers do not change.
+    """
+
+    def __init__(self, rotary: torch.nn.Module, max_positions: int, layer_types) -> None:
+        super().__init__()
+        self.layer_types = sorted(set(layer_types))
+        device = next(iter(rotary.buffers())).device
+        positions = torch.arange(max_positions, device=device)[None]
+        x = torch.zeros(1, device=device, dtype=torch.float32)
+        with torch.no_grad():
+            for layer_type in self.layer_types:
+                cos, sin = rotary(x, positions, layer_type)
+                self.register_buffer(f"{layer_type}_cos", cos[0].float(), persistent=False)
+                self.register_buffer(f"{layer_type}_sin", sin[0].float(), persistent=False)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor,
+                layer_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = getattr(self, f"{layer_type}_cos")[position_ids]
+        sin = getattr(self, f"{layer_type}_sin")[position_ids]
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
 class WindowedForward:
     """Runs a gemma3_text / ModernBERT backbone (AutoModel) with floe's masks and attention.
 
@@ -148,6 +178,9 @@ class WindowedForward:
 
         AttentionInterface.register(IMPLEMENTATION, windowed_attention)
         model.config._attn_implementation = IMPLEMENTATION
+        config = model.config
+        model.rotary_emb = RotaryTable(model.rotary_emb, int(config.max_position_embeddings),
+                                       config.layer_types)
         self.model = model
         self.window = window
 
