@@ -25,9 +25,10 @@ Macro-windows (``cover``)
 -------------------------
 Late chunking embeds a whole document in one pass and pools each chunk from the document's own
 token states. A document longer than the model's context is covered by overlapping windows of at
-most ``window`` tokens, each chunk pooled inside a window that holds it whole, with as much
-context on both sides as the window allows: a new window is opened centred on the first chunk the
-current window cannot hold, and takes every following chunk it holds whole.
+most ``window`` tokens, each chunk pooled inside a window that holds it whole, with context on
+both sides: a new window is opened at the first chunk the current window cannot hold, with a
+quarter of the room the chunk leaves before it and three quarters after (so it also holds the
+chunks that follow), and takes every following chunk it holds whole.
 """
 
 from __future__ import annotations
@@ -96,14 +97,17 @@ def split(n_tokens: int, budget: int, overlap: int, sentence: np.ndarray,
     if budget < 1 or not 0 <= overlap < budget:
         raise ValueError("need budget >= 1 and 0 <= overlap < budget")
     out: list[tuple[int, int]] = []
-    start = 0
+    start = prev_end = 0
     while start < n_tokens:
         end = min(start + budget, n_tokens)
         if end < n_tokens:
-            lo = start + max(1, budget // 2)
-            cut = _last(sentence, lo, end) or _last(word, lo, end)
+            # a cut in the chunk's second half, and past the previous chunk's end (each chunk
+            # must reach new text, whatever the overlap)
+            lo = max(start + max(1, budget // 2), prev_end + 1)
+            cut = (_last(sentence, lo, end) or _last(word, lo, end)) if lo <= end else 0
             if cut:
                 end = cut
+        prev_end = end
         out.append((start, end))
         if end >= n_tokens:
             break
@@ -141,7 +145,9 @@ def cover(spans: Sequence[tuple[int, int]], n_tokens: int,
         if out and out[-1][0] <= a and b <= out[-1][1]:
             out[-1][2].append(i)
             continue
-        ws = max(0, min(a - (window - (b - a)) // 2, n_tokens - window))
+        # the opening chunk gets a quarter of the spare room as context before it, three
+        # quarters after, so the window also holds the chunks that follow (fewer windows)
+        ws = max(0, min(a - (window - (b - a)) // 4, n_tokens - window))
         out.append((ws, ws + window, [i]))
     return out
 
