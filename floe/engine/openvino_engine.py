@@ -282,9 +282,11 @@ def _span_batch(spec: ModelSpec, lengths: Sequence[int], seed: int) -> dict[str,
     return feed
 
 
-def _convert_spans(spec: ModelSpec, threads: Optional[int]) -> tuple[Any, tuple[dict[str, np.ndarray], np.ndarray]]:
+def _convert_spans(spec: ModelSpec, threads: Optional[int],
+                   banded: bool = False) -> tuple[Any, tuple[dict[str, np.ndarray], np.ndarray]]:
     """Late chunking's graph: (input_ids, attention_mask, span_weights) -> (n, spans, dim), the
-    torch engine's span head (floe/engine/base.py span_weights), plus a probe and its output."""
+    torch engine's span head (floe/engine/base.py span_weights), plus a probe and its output.
+    ``banded``: the one for a sliding-window model's long windows, as ``_convert``'s."""
     import openvino as ov
     import torch
 
@@ -306,7 +308,9 @@ def _convert_spans(spec: ModelSpec, threads: Optional[int]) -> tuple[Any, tuple[
             return pooled.float()
 
     pipeline = SpanPipeline().eval()
-    trace_lengths, probe_lengths = _trace_lengths(spec)
+    window = _band_window(spec)
+    trace_lengths, probe_lengths = (_band_lengths(spec, window) if banded and window is not None
+                                    else _trace_lengths(spec))
     probe = _span_batch(spec, probe_lengths, 1)
     model, want = _traced(pipeline, _span_batch(spec, trace_lengths, 0), probe)
     model.reshape({"input_ids": ov.PartialShape([-1, -1]),
@@ -392,7 +396,8 @@ class OpenVINOEngine(Engine):
         self.threads = int(threads) if threads else core_count()
         self.cache_dir = cache_dir or default_cache_dir()
         self.converted = False  # True when this construction converted (no cache hit)
-        self._spans: Any = None   # late chunking's infer request, made on first use
+        self._spans: dict[bool, Any] = {}   # late chunking's infer requests (plain, banded),
+                                             # made on first use
         self._lock = threading.Lock()
         # Sliding-window models whose inputs can outgrow the key span have a second graph, run on
         # batches wider than the span (floe/engine/attention.py); int8 is not verified for them.
@@ -547,8 +552,9 @@ class OpenVINOEngine(Engine):
         if _SPAN_INPUT in prepared:
             rows = prepared[_SPAN_ROWS]
             feed = {k: v for k, v in prepared.items() if k != _SPAN_ROWS}
+            banded = self._window is not None and self._window.banded(feed["input_ids"].shape[1])
             with self._lock:
-                request = self._span_request()
+                request = self._span_request(banded)
                 request.infer(feed, share_inputs=True)
                 out = np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
             return out[rows]
@@ -559,16 +565,17 @@ class OpenVINOEngine(Engine):
             request.infer(prepared, share_inputs=True)
             return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
 
-    def _span_request(self) -> Any:
+    def _span_request(self, banded: bool = False) -> Any:
         """Late chunking's graph, converted (or read from the cache) and compiled on first use,
-        on the engine thread: a server that never late-chunks never pays for it. Caller holds
-        the lock."""
-        if self._spans is not None:
-            return self._spans
+        on the engine thread: a server that never late-chunks never pays for it. A
+        sliding-window model's windows wider than its key span take a banded one, as plain
+        batches do. Caller holds the lock."""
+        if banded in self._spans:
+            return self._spans[banded]
         import openvino as ov
 
         root = openvino_dir(self.cache_dir)
-        key = cache_key(self.spec, spans=True)
+        key = cache_key(self.spec, spans=True) + ("-band" if banded else "")
         folder = os.path.join(root, key)
         xml = os.path.join(folder, "model.xml")
         with _locked(os.path.join(root, key + ".lock")):
@@ -577,7 +584,7 @@ class OpenVINOEngine(Engine):
             else:
                 log.info("converting %s's late-chunking graph to OpenVINO (first use; cached in %s)",
                          self.spec.name, folder)
-                model, probe = _convert_spans(self.spec, self.threads)
+                model, probe = _convert_spans(self.spec, self.threads, banded)
             compiled = self._core.compile_model(model, "CPU", self._config)
             request = compiled.create_infer_request()
             if probe is not None:
@@ -597,7 +604,7 @@ class OpenVINOEngine(Engine):
                         raise
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
-        self._spans = request
+        self._spans[banded] = request
         return request
 
     def profiling_info(self) -> list:

@@ -142,3 +142,33 @@ def test_openvino_bf16_keeps_far_positions(root):
     ids = [rng.integers(5, spec.vocab_size, n).astype(np.int32) for n in (600, 450, 300)]
     cos = cosines(ov.run(ov.prepare(ids)), ref.run(ref.prepare(ids)))
     assert cos.min() >= BF16_MIN_COS, cos
+
+
+def test_late_chunking_beyond_the_window_on_both_engines(root):
+    """Late chunking of a document longer than the tiny embeddinggemma's key span: the OpenVINO
+    engine's span graph (the banded one, for windows wider than the key span) equals torch's, and
+    a one-chunk document is its plain embedding."""
+    from floe import validate
+    from floe.chunking import ChunkOptions
+
+    spec = spec_of(root, "embeddinggemma")
+    tok = _get(("tok", "embeddinggemma"), lambda: Tokenizer(spec))
+    plan = validate.Plan(prompt="", truncate=True, direction="right")
+    doc = " ".join(f"word{i % 37} and more text." for i in range(40))
+    chunked = tok.encode_chunked([doc], plan, ChunkOptions(max_tokens=24, overlap=4, late=True))
+    toks = chunked.tokens
+    assert toks.lengths.max() > 40   # wider than the tiny model's key span: banded
+    off = toks.spans.offsets()
+    seqs = [toks.item(i) for i in range(toks.n)]
+    spans = [toks.spans.bounds[off[i]:off[i + 1]] for i in range(toks.n)]
+    got = {kind: engine(root, "embeddinggemma", kind, "float32").run(
+        engine(root, "embeddinggemma", kind, "float32").prepare(seqs, spans=spans))
+        for kind in ("torch", "openvino")}
+    cos = (got["torch"] * got["openvino"]).sum(1) / np.linalg.norm(got["torch"], axis=1) / \
+        np.linalg.norm(got["openvino"], axis=1)
+    assert got["torch"].shape == (chunked.rows, spec.dim) and cos.min() >= 0.9999
+    one = tok.encode_chunked(["a short text."], plan, ChunkOptions(late=True)).tokens
+    eng = engine(root, "embeddinggemma", "openvino", "float32")
+    late = eng.run(eng.prepare([one.item(0)], spans=[one.spans.bounds]))
+    plain = eng.run(eng.prepare([one.item(0)]))
+    assert (late * plain).sum() / np.linalg.norm(late) / np.linalg.norm(plain) >= 0.99999
