@@ -139,6 +139,9 @@ def late(args) -> int:
     tok = Tokenizer(spec)
     engine = create_engine(spec, kind=args.engine, dtype=args.dtype)
     doc = make_documents(1, args.tokens, args.seed)[0]
+    # exactly --tokens tokens of text under this model's tokenizer (special tokens come on top)
+    offsets = tok._plain.encode(doc, add_special_tokens=False).offsets
+    doc = doc[:offsets[min(args.tokens, len(offsets)) - 1][1]]
     plan = validate.Plan(prompt="", truncate=True, direction="right")
     late_batch = tok.encode_chunked([doc], plan, ChunkOptions(max_tokens=args.chunk_tokens, late=True))
     plain_chunks = tok.encode_chunked([doc], plan, ChunkOptions(max_tokens=args.chunk_tokens))
