@@ -117,6 +117,25 @@ def test_inner_ray_data_equals_local(ray_cluster, tmp_path, tiny_bert):
 
 
 @inner
+def test_inner_ray_chunked_late_equals_local(ray_cluster, tmp_path, tiny_bert):
+    """--chunk-tokens with --late-chunking on Ray: the same rows (id, chunk, offsets) and
+    vectors as the local job."""
+    from floe.corpus.job import run
+    from tests.integration.test_corpus import emb, job, write_corpus
+    from tests.integration.test_corpus_chunking import documents
+
+    inp = write_corpus(tmp_path / "d.jsonl", documents(14), "jsonl")
+    kw = dict(id_column="doc", shard_rows=5, chunk_tokens=24, chunk_overlap=4, late_chunking=True)
+    run(job(inp, tmp_path / "local.parquet", tiny_bert, **kw))
+    run(job(inp, tmp_path / "ray.parquet", tiny_bert, ray="auto", **kw))
+    a, b = pq.read_table(str(tmp_path / "local.parquet")), pq.read_table(str(tmp_path / "ray.parquet"))
+    for name in ("id", "chunk", "start", "end"):
+        assert b.column(name).to_pylist() == a.column(name).to_pylist()
+    assert a.num_rows > 14
+    np.testing.assert_allclose(emb(b), emb(a), atol=1e-5)
+
+
+@inner
 def test_inner_ray_data_resumes_a_local_job_and_skips_bad_rows(ray_cluster, tmp_path, tiny_bert):
     from floe.corpus.job import prepare, run
     from floe.corpus.writer import part_name
