@@ -22,6 +22,7 @@ the API, so it follows the key like the HTTP API description does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -377,14 +378,26 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             await deny(request_or_iterator, context)
             yield  # pragma: no cover - abort raises
 
+        async def deny_read(requests: Any, context: grpc.aio.ServicerContext) -> None:
+            # A streaming request is refused once its first message has landed (or after a
+            # second): refused while the client is still writing it, the client's send fails and
+            # some clients report INTERNAL ("failed execute_batch") instead of UNAUTHENTICATED.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(requests.__aiter__().__anext__(), 1.0)
+            await deny(requests, context)
+
+        async def deny_read_stream(requests: Any, context: grpc.aio.ServicerContext):
+            await deny_read(requests, context)
+            yield  # pragma: no cover - abort raises
+
         kw = dict(request_deserializer=None, response_serializer=handler.response_serializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(deny, **kw)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(deny_stream, **kw)
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(deny, **kw)
-        return grpc.stream_stream_rpc_method_handler(deny_stream, **kw)
+            return grpc.stream_unary_rpc_method_handler(deny_read, **kw)
+        return grpc.stream_stream_rpc_method_handler(deny_read_stream, **kw)
 
 
 # --- the server -------------------------------------------------------------------------------
