@@ -142,10 +142,15 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
 
 # --- responses (described in the API document; built directly in the handlers for speed) ---------
 
-class EmbeddingItem(msgspec.Struct):
+class EmbeddingItem(msgspec.Struct, omit_defaults=True):
     object: str
     index: int
     embedding: Annotated[Union[list[float], str], msgspec.Meta(description="floats, or base64 of little-endian float32 bytes")]
+    # with `chunking` only (absent otherwise: the OpenAI shape is unchanged)
+    input_index: Annotated[Optional[int], msgspec.Meta(description="chunking: the input this chunk is from")] = None
+    chunk: Annotated[Optional[int], msgspec.Meta(description="chunking: its place among that input's chunks, from 0")] = None
+    start: Annotated[Optional[int], msgspec.Meta(description="chunking: its first character in the input")] = None
+    end: Annotated[Optional[int], msgspec.Meta(description="chunking: one past its last character")] = None
 
 
 class Usage(msgspec.Struct):
@@ -154,11 +159,13 @@ class Usage(msgspec.Struct):
     total_tokens: int
 
 
-class OpenAIEmbeddingResponse(msgspec.Struct):
+class OpenAIEmbeddingResponse(msgspec.Struct, omit_defaults=True):
     object: str
     data: list[EmbeddingItem]
     model: str
     usage: Usage
+    chunk_counts: Annotated[Optional[list[int]], msgspec.Meta(
+        description="chunking: how many chunks each input gave (0 for an input without text)")] = None
 
 
 class Token(msgspec.Struct):
