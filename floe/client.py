@@ -59,13 +59,19 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
-from typing import (Any, AsyncIterator, Callable, Generator, Iterator, Optional, Sequence, Union)
+from typing import (Any, AsyncIterator, Callable, Iterator, Optional, Sequence, Union)
 
 import numpy as np
 
 from floe import errors
 from floe.errors import ErrorKind, FloeError
-from floe.protocol import EmbedResult, EncodeOptions, TokenBatch
+from floe.protocol import EncodeOptions
+# what a plan sends and receives (floe/client_wire.py); Chunks is part of this module's API
+from floe.client_wire import (Chunks, Http as _Http, Plan, Rpc as _Rpc, Sleep as _Sleep,  # noqa: F401
+                               check_http as _check_http, grpc_array as _grpc_array,
+                               grpc_error as _grpc_error, grpc_request as _grpc_request,
+                               http_array as _http_array, http_body as _http_body,
+                               json_or_none as _json_or_none, unreachable as _unreachable)
 
 Inputs = Union[str, Sequence[str], Sequence[Sequence[int]]]
 
@@ -76,7 +82,6 @@ DEFAULT_MAX_BATCH_SIZE = 2048  # the server's default --max-client-batch-size
 DEFAULT_MAX_CHUNK_CHARS = 3_000_000
 _ID_CHARS = 8
 _MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-_HTTP_KIND = {status: kind for kind, status in errors.HTTP_STATUS.items()}
 _RETRIED = (ErrorKind.OVERLOADED, ErrorKind.UNAVAILABLE)
 
 
@@ -178,111 +183,7 @@ class _Request:
                    self.ids[a:b] if self.ids is not None else None)
 
 
-# --- the steps a plan yields, and their answers ---------------------------------------------
 
-@dataclass(frozen=True)
-class _Http:
-    method: str
-    path: str
-    content: Optional[bytes] = None
-    headers: Optional[dict] = None
-
-
-@dataclass(frozen=True)
-class _Rpc:
-    method: str  # a floe.v1.Embedder method name
-    request: Any
-
-
-@dataclass(frozen=True)
-class _Sleep:
-    seconds: float
-
-
-Plan = Generator[Union[_Http, _Rpc, _Sleep], Any, Any]
-
-
-def _http_error(status: int, payload: Any, retry_after: Optional[str]) -> FloeError:
-    """The FloeError an HTTP answer stands for: exactly the kind and param a floe server put in
-    its envelope (``code``, ``param``); the status's usual meaning for any other server."""
-    message, kind, param = f"HTTP {status}", None, None
-    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
-        body = payload["error"]
-        message = str(body.get("message") or message)
-        kind = body.get("code") if isinstance(body.get("code"), str) else None
-        param = body.get("param")
-    seconds = None
-    if retry_after:
-        try:
-            seconds = float(retry_after)
-        except ValueError:
-            seconds = None
-    if kind is None or kind.upper() not in ErrorKind.__members__:
-        kind = _HTTP_KIND.get(status, ErrorKind.INTERNAL).name
-    return errors.error_from_fields(kind, message, param, seconds)
-
-
-def _check_http(r) -> None:
-    if r.status_code != 200:
-        raise _http_error(r.status_code, _json_or_none(r), r.headers.get("retry-after"))
-
-
-def _grpc_error(e) -> FloeError:
-    """The FloeError a failed RPC stands for. A status that names neither a kind nor a
-    Retry-After did not come from a floe server's handler (most often: the server cannot be
-    reached), so it carries no retry_after and is never retried."""
-    metadata = [(k, v) for k, v in (e.trailing_metadata() or ())]
-    err = errors.from_grpc_status(e.code().name, e.details() or "", metadata)
-    if not any(k in (errors.KIND_METADATA_KEY, errors.RETRY_AFTER_METADATA_KEY)
-               for k, _ in metadata):
-        err.retry_after = None
-    return err
-
-
-def _unreachable(target: str, e: BaseException) -> FloeError:
-    return errors.UnavailableError(f"cannot reach {target}: {e}", retry_after=None)
-
-
-def _http_body(texts, ids, o: EncodeOptions) -> bytes:
-    import orjson
-    body: dict[str, Any] = {"inputs": texts if texts is not None else ids}
-    for key in ("normalize", "truncate", "prompt_name", "dimensions"):
-        value = getattr(o, key)
-        if value is not None:
-            body[key] = value
-    return orjson.dumps(body)
-
-
-def _http_array(r, o: EncodeOptions) -> np.ndarray:
-    n, dim = int(r.headers["x-embedding-count"]), int(r.headers["x-embedding-dim"])
-    arr = np.frombuffer(r.content, dtype="<f4").reshape(n, dim)
-    if o.output_dtype == "float16":
-        return arr.astype(np.float16)  # round to nearest even, as the replica casts
-    if o.output_dtype == "bfloat16":
-        # HTTP ships float32; apply the same round-to-nearest-even cast the replica would.
-        return EmbedResult.from_array(arr, "bfloat16", np.zeros(n)).as_float32().copy()
-    return arr.astype(np.float32, copy=True)
-
-
-def _grpc_request(texts, ids, o: EncodeOptions):
-    from floe.protocol import request_to_proto
-    tokens = TokenBatch.from_lists(ids) if ids is not None else None
-    return request_to_proto(uuid.uuid4().hex, o, tokens=tokens, texts=texts)
-
-
-def _grpc_array(reply) -> np.ndarray:
-    from floe.protocol import result_from_proto
-    result = result_from_proto(reply)
-    if result.dtype == "float16":
-        return np.frombuffer(result.data, dtype="<f2").reshape(result.n, result.dim).astype(np.float16)
-    return result.as_float32().copy()
-
-
-def _json_or_none(response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return None
 
 
 # --- plans: each operation written once --------------------------------------------------------
@@ -467,32 +368,6 @@ def _advance(plan: Plan, answer: Any, failure: Optional[FloeError]) -> tuple[boo
         return True, stop.value
 
 
-@dataclass(frozen=True)
-class Chunks:
-    """Documents cut into chunks: row k of ``embeddings`` is chunk ``chunk[k]`` of document
-    ``input_index[k]``, its characters ``text[start[k]:end[k]]``; ``counts[i]`` chunks came from
-    document i (0 for an empty one)."""
-
-    embeddings: np.ndarray
-    input_index: np.ndarray
-    chunk: np.ndarray
-    start: np.ndarray
-    end: np.ndarray
-    counts: np.ndarray
-
-    @classmethod
-    def from_json(cls, body: dict) -> "Chunks":
-        rows = body["chunks"]
-        col = lambda key: np.array([c[key] for c in rows], dtype=np.int64)  # noqa: E731
-        emb = np.array([c["embedding"] for c in rows], dtype=np.float32)
-        return cls(emb.reshape(len(rows), -1), col("input_index"), col("chunk"), col("start"),
-                   col("end"), np.array(body["chunk_counts"], dtype=np.int64))
-
-    @classmethod
-    def from_proto(cls, reply) -> "Chunks":
-        col = lambda f: np.array(f, dtype=np.int64)  # noqa: E731
-        return cls(_grpc_array(reply), col(reply.chunk_input_index), col(reply.chunk_index),
-                   col(reply.chunk_start), col(reply.chunk_end), col(reply.chunk_counts))
 
 
 _CHUNKS_DOC = """Cuts documents into chunks of at most ``max_tokens`` tokens (default: the
