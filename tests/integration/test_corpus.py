@@ -180,6 +180,25 @@ def test_bad_rows_skipped_and_listed(tmp_path, tiny_bert):
 
 # --- resume --------------------------------------------------------------------------------------
 
+def kill_job_when(args: list, env: dict, ready) -> None:
+    """Starts `floe embed-corpus ARGS`, SIGKILLs it as soon as ``ready()`` is true (within 180 s),
+    and fails when the job ended first."""
+    proc = subprocess.Popen([sys.executable, "-m", "floe", "embed-corpus", *args],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ready():
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the job ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 FAKE_ARGS = ("--engine", "fake", "--shard-rows", "5", "--batch-tokens", "64", "--text-column", "body")
 
 
@@ -201,22 +220,10 @@ def test_resume_after_sigkill_writes_every_row_once_in_order(tmp_path, out_name,
     assert _cli(inp, "-o", ref, *FAKE_ARGS).returncode == 0
     out = str(tmp_path / out_name)
     env = dict(os.environ, HF_HUB_OFFLINE="1", FLOE_FAKE_SECONDS_PER_BATCH="0.15")
-    proc = subprocess.Popen([sys.executable, "-m", "floe", "embed-corpus", inp, "-o", out, *FAKE_ARGS],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        manifest = os.path.join(out + ".parts" if out.endswith(".parquet") else out,
-                                "_floe_manifest.json")
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None:
-            if os.path.exists(manifest) and _parts(out) >= kill_after:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, "the job ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    manifest = os.path.join(out + ".parts" if out.endswith(".parquet") else out,
+                            "_floe_manifest.json")
+    kill_job_when([inp, "-o", out, *FAKE_ARGS], env,
+                  lambda: os.path.exists(manifest) and _parts(out) >= kill_after)
     written = _parts(out)
     assert kill_after <= written < 12
     r = _cli(inp, "-o", out, *FAKE_ARGS)
@@ -259,20 +266,7 @@ def test_a_kill_inside_a_shard_keeps_the_rows_committed_within_the_time_bound(tm
     work = out + ".parts"
     env = dict(os.environ, HF_HUB_OFFLINE="1", FLOE_FAKE_SECONDS_PER_BATCH="0.15",
                FLOE_COMMIT_SECONDS="0.5")
-    proc = subprocess.Popen([sys.executable, "-m", "floe", "embed-corpus", inp, "-o", out, *args],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None:
-            if len(piece_files(work).get(0, [])) >= 2:
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, "the job ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_job_when([inp, "-o", out, *args], env, lambda: len(piece_files(work).get(0, [])) >= 2)
     assert _parts(out) == 0, "killed after shard 0 was written: not inside it"
     from floe.corpus.writer import CorpusOutput
 

@@ -5,10 +5,6 @@ whole rows (a kill inside a shard keeps its committed chunks)."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -21,7 +17,7 @@ from floe.corpus.job import run
 from floe.models import load_spec
 from floe.textsets import stdlib_paragraphs
 from floe.tokenize import Tokenizer
-from tests.integration.test_corpus import emb, job, write_corpus
+from tests.integration.test_corpus import emb, job, kill_job_when, write_corpus
 from tests.support import floe_cli
 
 pytestmark = pytest.mark.slow
@@ -95,20 +91,8 @@ def test_a_killed_chunked_job_resumes_with_identical_output(tmp_path):
     out = str(tmp_path / "o.parquet")
     env = dict(os.environ, HF_HUB_OFFLINE="1", FLOE_FAKE_SECONDS_PER_BATCH="0.1",
                FLOE_COMMIT_SECONDS="0.3")
-    proc = subprocess.Popen([sys.executable, "-m", "floe", "embed-corpus", inp, "-o", out, *args],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None:
-            if len(piece_files(out + ".parts").get(0, [])) >= 2:
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, "the job ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_job_when([inp, "-o", out, *args], env,
+                  lambda: len(piece_files(out + ".parts").get(0, [])) >= 2)
     assert 0 < CorpusOutput(out).piece_rows()[0]
     r = floe_cli("embed-corpus", inp, "-o", out, *args)
     assert r.returncode == 0, r.stderr
