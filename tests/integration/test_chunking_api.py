@@ -8,31 +8,17 @@ runs on a real model in tests/integration/test_chunking_parity.py.
 
 from __future__ import annotations
 
-import httpx
 import numpy as np
 import pytest
 
 from floe.errors import FloeError
 from floe.textsets import stdlib_paragraphs
-from tests.integration.test_http_api import assert_error
-from tests.support import floe_serve
+# the same server as the HTTP API tests (fake engine, 64 inputs per request), one per module
+from tests.integration.test_http_api import assert_error, http, server  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
 DOC = "\n\n".join(stdlib_paragraphs(300))         # real prose: the standard library's docstrings
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with floe_serve("--engine", "fake", "--num-replicas", "1", "--max-client-batch-size", "64",
-                    "--payload-limit", "1000000", tmp_dir=str(tmp_path_factory.mktemp("logs"))) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
 
 
 def plain(http, texts: list[str]) -> np.ndarray:
