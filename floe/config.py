@@ -124,8 +124,31 @@ class BatchSettings:
     )
     max_queued_tokens: int = _knob(
         4_000_000,
-        "Admission limit per replica: tokens waiting for a forward pass. Beyond it requests get "
-        "429 / RESOURCE_EXHAUSTED with Retry-After.",
+        "Memory bound of a replica's queue: tokens waiting for a forward pass. Beyond it requests "
+        "get 429 / RESOURCE_EXHAUSTED with Retry-After (the time bounds below usually refuse "
+        "first).",
+    )
+    latency_target_ms: Optional[float] = _knob(
+        None,
+        "Latency target of a request: a replica admits a request only if its cost model predicts "
+        "it finishes within this many ms of its arrival (the work queued ahead included); others "
+        "get 429 / RESOURCE_EXHAUSTED at once, with a Retry-After from the model. A request's own "
+        "deadline (the gRPC deadline, the x-request-timeout-ms header) overrides it. Unset: the "
+        "queue is bounded in time by max_queue_ms instead (docs/operations.md).",
+    )
+    max_queue_ms: float = _knob(
+        30_000.0,
+        "Time bound of a replica's queue when no latency target is set: a request is refused "
+        "(429 with Retry-After) while the work queued ahead of it is predicted to take longer "
+        "than this.",
+    )
+    tuning: bool = _knob(
+        True,
+        "Online tuning of the batcher from the live load and the cost model: the batch wait "
+        "(0 at light load), the token budget (the throughput-optimal one under load, never "
+        "below max_batch_tokens unless the latency target needs it) and the fill floor (follows "
+        "the measured padding). Every change is logged and exported. --no-tuning keeps the "
+        "configured values, for reproducible benchmarks.",
     )
 
 
@@ -296,6 +319,10 @@ class Settings:
             raise ConfigError("--batch-timeout-ms must be >= 0")
         if b.min_batch_fill is not None and not 0.0 <= b.min_batch_fill <= 1.0:
             raise ConfigError("--min-batch-fill must be between 0 and 1")
+        if b.latency_target_ms is not None and not 0 < b.latency_target_ms < math.inf:
+            raise ConfigError("--latency-target-ms must be a positive number of milliseconds")
+        if not 0 < b.max_queue_ms < math.inf:
+            raise ConfigError("--max-queue-ms must be a positive number of milliseconds")
         if r.num_replicas < 1:
             raise ConfigError("--num-replicas must be at least 1")
         if r.num_gpus < 1:

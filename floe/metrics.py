@@ -76,7 +76,15 @@ _REPLICA_COUNTERS = {
                       "tokens_embedded / padded_tokens is the padding fill rate."),
     "batches": ("floe_batches", "Forward passes run."),
     "dropped_sequences": ("floe_dropped_sequences", "Sequences dropped before compute because "
-                          "their client went away or the request was aborted."),
+                          "their client went away, the request was aborted or its deadline "
+                          "passed."),
+    "refused_requests": ("floe_replica_refused_requests", "Requests a replica refused at arrival "
+                         "(429 / RESOURCE_EXHAUSTED): predicted to finish past their deadline or "
+                         "the latency target, or the queue past its time or token bound."),
+    "expired_requests": ("floe_replica_expired_requests", "Requests dropped before compute "
+                         "because their own deadline passed while they were queued."),
+    "tuning_changes": ("floe_batch_tuning_changes", "Changes the online tuner made to a "
+                       "replica's batch wait, token budget or fill floor."),
 }
 _REPLICA_GAUGES = {
     "in_flight_requests": ("floe_replica_in_flight_requests", "Requests inside a replica now."),
@@ -87,6 +95,24 @@ _REPLICA_GAUGES = {
                                  "GPU memory in use by the replica (0 on CPU)."),
     "device_memory_total_bytes": ("floe_replica_device_memory_total_bytes",
                                   "Total memory of the replica's GPU (0 on CPU)."),
+    "predicted_wait_seconds": ("floe_replica_predicted_wait_seconds",
+                               "The cost model's time to run the work queued in a replica now "
+                               "(what a new request would wait)."),
+    "cost_fixed_seconds": ("floe_cost_model_fixed_seconds",
+                           "Cost model: seconds of a forward pass whatever it carries."),
+    "cost_per_token_seconds": ("floe_cost_model_token_seconds",
+                               "Cost model: seconds per padded token of a forward pass."),
+    "cost_per_token_length_seconds": ("floe_cost_model_token_length_seconds",
+                                      "Cost model: seconds per padded token and token of row "
+                                      "length (attention)."),
+    "cost_relative_error": ("floe_cost_model_relative_error",
+                            "Moving mean of |measured - predicted| / measured forward time; above "
+                            "0.2 admission's predictions are loose."),
+    "batch_budget_tokens": ("floe_batch_budget_tokens",
+                            "A replica's token budget per forward pass now (tuned)."),
+    "batch_timeout_seconds": ("floe_batch_timeout_seconds",
+                              "A replica's wait for a batch to fill now (tuned)."),
+    "batch_min_fill": ("floe_batch_min_fill", "A replica's fill floor now (tuned)."),
 }
 _HISTOGRAM_HELP = {
     "batch_size": "Sequences per forward pass.",

@@ -23,6 +23,7 @@ import dataclasses
 import enum
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -37,6 +38,9 @@ OUTPUT_DTYPES = {"float32": floe_pb2.FLOAT32, "float16": floe_pb2.FLOAT16, "bflo
                  "ubinary": floe_pb2.UBINARY}
 _DTYPE_NAMES = {v: k for k, v in OUTPUT_DTYPES.items()}
 # The float forms a replica produces, and their bytes per value.
+# A deadline further out than a day is as good as none (and keeps the float arithmetic sane).
+MAX_DEADLINE_S = 86_400.0
+
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 # The compact forms (floe/compact.py), packed in the front end from a replica's float32 rows.
 COMPACT_DTYPES = ("int8", "uint8", "binary", "ubinary")
@@ -65,6 +69,11 @@ class EncodeOptions:
     dimensions: Optional[int] = None
     output_dtype: str = "float32"  # a key of OUTPUT_DTYPES
     priority: int = 0
+    # When the caller stops waiting, on this process' time.monotonic() clock (None: no deadline
+    # of its own). It crosses a process boundary as the milliseconds left (``deadline_ms``).
+    # Requests with different deadlines are never merged into one replica call (the coalescer
+    # merges equal options only), so each is admitted and expired on its own.
+    deadline: Optional[float] = None
 
 
 @dataclass
@@ -523,6 +532,9 @@ def options_to_proto(o: EncodeOptions) -> floe_pb2.EncodeOptions:
         output_dtype=OUTPUT_DTYPES[o.output_dtype],
         priority=o.priority,
     )
+    if o.deadline is not None:
+        # already past: the smallest positive value, so the receiver still sees a deadline
+        msg.deadline_ms = max(1e-3, (o.deadline - time.monotonic()) * 1000.0)
     if o.normalize is not None:
         msg.normalize = o.normalize
     if o.truncate is not None:
@@ -547,7 +559,15 @@ def options_from_proto(msg: floe_pb2.EncodeOptions) -> EncodeOptions:
         dimensions=msg.dimensions or None,
         output_dtype=_DTYPE_NAMES[msg.output_dtype],
         priority=msg.priority,
+        deadline=deadline_after(msg.deadline_ms / 1000.0) if msg.deadline_ms > 0 else None,
     )
+
+
+def deadline_after(seconds: float) -> float:
+    """The deadline ``seconds`` from now on the clock ``EncodeOptions.deadline`` uses."""
+    if not seconds == seconds or seconds < 0:   # NaN or negative: already past
+        seconds = 0.0
+    return time.monotonic() + min(seconds, MAX_DEADLINE_S)
 
 
 def request_to_proto(request_id: str, options: EncodeOptions, *, tokens: Optional[TokenBatch] = None,

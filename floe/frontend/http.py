@@ -14,9 +14,11 @@ bytes for base64 and application/octet-stream.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import importlib.util
 import logging
+import math
 import pathlib
 import sys
 import time
@@ -44,7 +46,7 @@ from floe.errors import (
 from floe.frontend.models import ServedModels
 from floe.frontend.service import EmbedService, error_label
 from floe.request_id import new_request_id, request_id
-from floe.protocol import EmbedResult
+from floe.protocol import MAX_DEADLINE_S, EmbedResult, deadline_after
 from floe.transport.auth import AUTH_HINT, bearer_ok
 
 log = logging.getLogger("floe.http")
@@ -112,6 +114,35 @@ def _request_id(request: Request) -> str:
     return request_id(request.headers.get("x-request-id"))
 
 
+# A request's own deadline over HTTP, in milliseconds from its arrival (gRPC has the call's
+# deadline): the replica refuses at once (429) what it predicts cannot finish in time and drops
+# what is still queued when the time is up (504). docs/operations.md.
+DEADLINE_HEADER = "x-request-timeout-ms"
+
+
+def request_deadline(request: Request) -> Optional[float]:
+    """The deadline the request's header sets, on the clock of EncodeOptions.deadline; None
+    without the header. A value that is not a positive number of milliseconds is a 400."""
+    raw = request.headers.get(DEADLINE_HEADER)
+    if raw is None:
+        return None
+    try:
+        ms = float(raw)
+    except ValueError:
+        ms = math.nan
+    if not 0 < ms <= MAX_DEADLINE_S * 1000:
+        raise ValidationError(f"{DEADLINE_HEADER} must be a positive number of milliseconds, "
+                              f"at most {MAX_DEADLINE_S * 1000:.0f}", param=DEADLINE_HEADER)
+    return deadline_after(ms / 1000.0)
+
+
+def _with_deadline(parsed: Any, deadline: Optional[float]) -> Any:
+    options = getattr(parsed, "options", None)
+    if deadline is None or options is None:
+        return parsed
+    return dataclasses.replace(parsed, options=dataclasses.replace(options, deadline=deadline))
+
+
 class HttpRoutes:
     """The endpoints of one front end, as methods over its served models (an EmbedService each).
 
@@ -153,6 +184,7 @@ class HttpRoutes:
         try:
             self.authorize(request)
             check_content_type(request)
+            deadline = request_deadline(request)
             with service.admission.admitted():
                 body = await read_body(request, self.limit)
                 if len(body) > _INLINE_BODY_BYTES:
@@ -160,6 +192,7 @@ class HttpRoutes:
                 else:
                     parsed = parse(self.limits, body)
                 del body
+                parsed = _with_deadline(parsed, deadline)
                 response = await respond(parsed, rid, request)
             metrics.REQUESTS.labels(endpoint=endpoint, transport="http").inc()
             return response
@@ -296,6 +329,7 @@ class HttpRoutes:
         model's under ``models``."""
         self.authorize(request)
         body = self.service.describe()
+        body["batching"] = await self.service.batching()
         if len(self.served.services) > 1:
             body["models"] = [s.describe() for s in self.served.services]
         return _json(body)

@@ -315,6 +315,38 @@ class EmbedService:
         abort = getattr(self.router, "abort", None)
         return bool(await abort(request_id)) if abort else False
 
+    async def batching(self, timeout: float = 2.0) -> dict:
+        """The /info view of admission and tuning: the settings, and per replica its cost model,
+        its knobs now and its predicted queue time, from the replicas' own statistics."""
+        b = self.settings.batch
+        out: dict[str, Any] = {"latency_target_ms": b.latency_target_ms,
+                               "max_queue_ms": None if b.latency_target_ms else b.max_queue_ms,
+                               "tuning": b.tuning, "replicas": []}
+        try:
+            infos = await asyncio.wait_for(self.router.replica_infos(), timeout)
+        except Exception:  # noqa: BLE001 - /info must answer while a replica is slow or down
+            log.warning("replica statistics unavailable for /info", exc_info=True)
+            return out
+        for info in infos:
+            if not info.HasField("stats"):
+                continue
+            st = info.stats
+            out["replicas"].append({
+                "replica_id": info.replica_id,
+                "cost_model": {"fixed_s": st.cost_fixed_seconds,
+                               "per_token_s": st.cost_per_token_seconds,
+                               "per_token_length_s": st.cost_per_token_length_seconds,
+                               "relative_error": st.cost_relative_error},
+                "max_batch_tokens": st.batch_budget_tokens,
+                "batch_timeout_ms": st.batch_timeout_seconds * 1000.0,
+                "min_batch_fill": st.batch_min_fill,
+                "predicted_wait_s": st.predicted_wait_seconds,
+                "refused_requests": st.refused_requests,
+                "expired_requests": st.expired_requests,
+                "tuning_changes": st.tuning_changes,
+            })
+        return out
+
     def describe(self) -> dict:
         s = self.spec
         return {

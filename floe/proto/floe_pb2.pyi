@@ -32,7 +32,7 @@ RIGHT: TruncationDirection
 LEFT: TruncationDirection
 
 class EncodeOptions(_message.Message):
-    __slots__ = ("normalize", "truncate", "truncation_direction", "prompt_name", "prompt", "dimensions", "output_dtype", "priority")
+    __slots__ = ("normalize", "truncate", "truncation_direction", "prompt_name", "prompt", "dimensions", "output_dtype", "priority", "deadline_ms")
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_DIRECTION_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class EncodeOptions(_message.Message):
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     normalize: bool
     truncate: bool
     truncation_direction: TruncationDirection
@@ -49,7 +50,8 @@ class EncodeOptions(_message.Message):
     dimensions: int
     output_dtype: OutputDType
     priority: int
-    def __init__(self, normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., prompt_name: _Optional[str] = ..., prompt: _Optional[str] = ..., dimensions: _Optional[int] = ..., output_dtype: _Optional[_Union[OutputDType, str]] = ..., priority: _Optional[int] = ...) -> None: ...
+    deadline_ms: float
+    def __init__(self, normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., prompt_name: _Optional[str] = ..., prompt: _Optional[str] = ..., dimensions: _Optional[int] = ..., output_dtype: _Optional[_Union[OutputDType, str]] = ..., priority: _Optional[int] = ..., deadline_ms: _Optional[float] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
     __slots__ = ("request_id", "model", "texts", "token_ids", "lengths", "options", "type_splits", "span_counts", "span_bounds", "chunking")
@@ -214,7 +216,7 @@ class Histogram(_message.Message):
     def __init__(self, name: _Optional[str] = ..., bounds: _Optional[_Iterable[float]] = ..., counts: _Optional[_Iterable[int]] = ..., sum: _Optional[float] = ..., count: _Optional[int] = ...) -> None: ...
 
 class ReplicaStats(_message.Message):
-    __slots__ = ("requests", "failed_requests", "sequences", "tokens", "padded_tokens", "batches", "dropped_sequences", "queued_sequences", "queued_tokens", "in_flight_requests", "rss_bytes", "device_memory_used_bytes", "device_memory_total_bytes", "histograms")
+    __slots__ = ("requests", "failed_requests", "sequences", "tokens", "padded_tokens", "batches", "dropped_sequences", "queued_sequences", "queued_tokens", "in_flight_requests", "rss_bytes", "device_memory_used_bytes", "device_memory_total_bytes", "histograms", "refused_requests", "expired_requests", "predicted_wait_seconds", "cost_fixed_seconds", "cost_per_token_seconds", "cost_per_token_length_seconds", "cost_relative_error", "batch_budget_tokens", "batch_timeout_seconds", "batch_min_fill", "tuning_changes")
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     FAILED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
@@ -229,6 +231,17 @@ class ReplicaStats(_message.Message):
     DEVICE_MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     HISTOGRAMS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COST_FIXED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COST_PER_TOKEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COST_PER_TOKEN_LENGTH_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COST_RELATIVE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    BATCH_BUDGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_MIN_FILL_FIELD_NUMBER: _ClassVar[int]
+    TUNING_CHANGES_FIELD_NUMBER: _ClassVar[int]
     requests: int
     failed_requests: int
     sequences: int
@@ -243,7 +256,18 @@ class ReplicaStats(_message.Message):
     device_memory_used_bytes: int
     device_memory_total_bytes: int
     histograms: _containers.RepeatedCompositeFieldContainer[Histogram]
-    def __init__(self, requests: _Optional[int] = ..., failed_requests: _Optional[int] = ..., sequences: _Optional[int] = ..., tokens: _Optional[int] = ..., padded_tokens: _Optional[int] = ..., batches: _Optional[int] = ..., dropped_sequences: _Optional[int] = ..., queued_sequences: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., in_flight_requests: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., device_memory_used_bytes: _Optional[int] = ..., device_memory_total_bytes: _Optional[int] = ..., histograms: _Optional[_Iterable[_Union[Histogram, _Mapping]]] = ...) -> None: ...
+    refused_requests: int
+    expired_requests: int
+    predicted_wait_seconds: float
+    cost_fixed_seconds: float
+    cost_per_token_seconds: float
+    cost_per_token_length_seconds: float
+    cost_relative_error: float
+    batch_budget_tokens: int
+    batch_timeout_seconds: float
+    batch_min_fill: float
+    tuning_changes: int
+    def __init__(self, requests: _Optional[int] = ..., failed_requests: _Optional[int] = ..., sequences: _Optional[int] = ..., tokens: _Optional[int] = ..., padded_tokens: _Optional[int] = ..., batches: _Optional[int] = ..., dropped_sequences: _Optional[int] = ..., queued_sequences: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., in_flight_requests: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., device_memory_used_bytes: _Optional[int] = ..., device_memory_total_bytes: _Optional[int] = ..., histograms: _Optional[_Iterable[_Union[Histogram, _Mapping]]] = ..., refused_requests: _Optional[int] = ..., expired_requests: _Optional[int] = ..., predicted_wait_seconds: _Optional[float] = ..., cost_fixed_seconds: _Optional[float] = ..., cost_per_token_seconds: _Optional[float] = ..., cost_per_token_length_seconds: _Optional[float] = ..., cost_relative_error: _Optional[float] = ..., batch_budget_tokens: _Optional[int] = ..., batch_timeout_seconds: _Optional[float] = ..., batch_min_fill: _Optional[float] = ..., tuning_changes: _Optional[int] = ...) -> None: ...
 
 class ReplicaInfo(_message.Message):
     __slots__ = ("replica_id", "model", "architecture", "dtype", "device", "ready", "healthy", "dim", "max_seq_length", "pooling", "prompts", "default_prompt_name", "matryoshka_dims", "max_batch_tokens", "max_batch_size", "batch_timeout_ms", "pid", "restarts", "status_message", "address", "stats", "vocab_size", "task")

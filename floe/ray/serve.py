@@ -72,6 +72,7 @@ class FloeEmbeddings:
         from floe.engine import engine_for
         from floe.models import load_spec
         from floe.replica.core import ReplicaCore
+        from floe.replica.cost import for_replica
         from floe.resolve import core_count, resolve_batch
         from floe.tokenize import TokenizerPool
 
@@ -91,7 +92,10 @@ class FloeEmbeddings:
         # this replica's own batch section, settled for the device its engine runs on
         batch = resolve_batch(settings.batch, str(eng.device).startswith("cuda"),
                               spec.max_seq_length)
-        self.core = ReplicaCore(eng, batch)
+        eng.warmup(batch.max_batch_tokens)
+        cost = for_replica(eng, batch.max_batch_tokens, batch.max_batch_size,
+                           settings.replicas.engine_cache_dir, threads)
+        self.core = ReplicaCore(eng, batch, cost=cost)
         self.core.start()
         log.info("floe replica ready: %s on %s (%s)", spec.name, eng.device, eng.dtype)
 

@@ -44,12 +44,23 @@ import psutil
 
 from floe.config import BatchSettings
 from floe.engine.base import Engine
-from floe.errors import (FloeError, InternalError, OverloadedError, TooLargeError,
+from floe.errors import (DeadlineError, FloeError, InternalError, OverloadedError, TooLargeError,
                          UnavailableError, CancelledError as FloeCancelled)
 from floe.kinds import kind_of
 from floe.protocol import ITEMSIZE, EmbedResult, EncodeOptions, Timings, TokenBatch
 from floe.proto import floe_pb2
+from floe.replica.admission import AdmissionPolicy
+from floe.replica.cost import CostModel
 from floe.replica.scheduler import DEFAULT_MAX_WAIT_S, Scheduler, Sequence
+from floe.replica.tuning import Knobs, Tuner, Window
+from floe.resolve import GPU_BATCH_TOKENS
+
+# The largest budget the tuner may choose (a GPU's default; a CPU's cost model never asks for it)
+MAX_TUNED_BUDGET = GPU_BATCH_TOKENS
+
+# How often the tuner looks at the load (floe/replica/tuning.py): long enough to hold a few
+# batches at any load, short enough to follow a step within seconds.
+TUNE_WINDOW_S = 1.0
 
 log = logging.getLogger("floe.replica")
 
@@ -118,13 +129,14 @@ class _Batch:
     formed_at: float
     prepared: Any = None
     error: Optional[BaseException] = None
+    predicted_s: float = 0.0    # the cost model's forward seconds for it
 
 
 class ReplicaCore:
     """Dynamic batching in front of one Engine. ``start()`` it, ``await submit(...)``, ``stop()``."""
 
     def __init__(self, engine: Engine, batch: BatchSettings, replica_id: str = "0",
-                 max_wait_s: float = DEFAULT_MAX_WAIT_S) -> None:
+                 max_wait_s: float = DEFAULT_MAX_WAIT_S, cost: Optional[CostModel] = None) -> None:
         self.engine = engine
         self.spec = engine.spec
         self.settings = batch
@@ -140,6 +152,19 @@ class ReplicaCore:
         self.min_fill = batch.min_batch_fill
         self._sched = Scheduler(batch.max_batch_tokens, batch.max_batch_size,
                                 batch.batch_timeout_ms / 1000.0, max_wait_s, min_fill=self.min_fill)
+        # The cost model (calibrated at start-up by main.py; learnt from the first batches when
+        # none is given), what admission predicts with, and the tuner that moves the knobs.
+        self.cost = cost if cost is not None else CostModel()
+        target_s = None if batch.latency_target_ms is None else batch.latency_target_ms / 1000.0
+        self.admission = AdmissionPolicy(target_s, batch.max_queue_ms / 1000.0)
+        self.knobs = Knobs(batch.max_batch_tokens, batch.batch_timeout_ms / 1000.0, self.min_fill)
+        self.tuner = (Tuner(self.knobs, min_budget=engine.spec.max_seq_length,
+                            max_budget=max(batch.max_batch_tokens, MAX_TUNED_BUDGET),
+                            max_batch_size=batch.max_batch_size, target_s=target_s)
+                      if batch.tuning else None)
+        self._fill = 0.9               # moving padding fill of recent batches (admission's guess)
+        self._running_until = 0.0      # predicted end of the forward pass running now
+        self._forming_s = 0.0          # predicted seconds of the batch being prepared
         lock = threading.Lock()
         self._cv = threading.Condition(lock)         # the scheduler thread waits on it
         self._engine_cv = threading.Condition(lock)  # the engine thread waits for the slot
@@ -159,7 +184,9 @@ class ReplicaCore:
         # --- guarded by _stats_lock ---
         self._stats_lock = threading.Lock()
         self._c = dict(requests=0, failed_requests=0, sequences=0, tokens=0, padded_tokens=0,
-                       batches=0, dropped_sequences=0)
+                       batches=0, dropped_sequences=0, refused_requests=0, expired_requests=0,
+                       tuning_changes=0)
+        self._busy_s = 0.0   # forward and finish seconds of every batch so far (the tuner's load)
         self._hist = {name: _Histogram(b) for name, b in HISTOGRAMS.items()}
         self._threads: list[threading.Thread] = []
         # engine thread -> finisher: (batch, output, seconds, error); None ends the finisher
@@ -257,9 +284,15 @@ class ReplicaCore:
                     f"request has {n_tokens} tokens, more than this replica queues at once "
                     f"({self.settings.max_queued_tokens})", param="input")
             if self._queued_tokens + n_tokens > self.settings.max_queued_tokens:
+                self._count("refused_requests")
                 raise OverloadedError(
                     f"replica {self.replica_id} queue is full ({self._queued_tokens} tokens "
                     "waiting), retry later", retry_after=1.0)
+            decision = self.admission.decide(t0, self._ahead_s(t0), self._drain_s(n_tokens, tokens.n),
+                                             options.deadline)
+            if not decision.admit:
+                self._count("refused_requests")
+                raise OverloadedError(_refusal(decision), retry_after=decision.retry_after_s)
             key = self._next_key
             self._next_key += 1
             req = _Request(key=key, request_id=request_id, tokens=tokens, options=options,
@@ -284,6 +317,23 @@ class ReplicaCore:
         result = req.result
         result.timings.total_s = time.monotonic() - t0
         return result
+
+    def _drain_s(self, tokens: int, sequences: int) -> float:
+        """Predicted seconds to run this much queued work at the current knobs."""
+        return self.cost.drain_seconds(tokens, sequences, self._sched.max_batch_tokens,
+                                       self._sched.max_batch_size, self._fill)
+
+    def _ahead_s(self, now: float) -> float:
+        """Predicted seconds until the work admitted so far is done: the running pass, the
+        prepared and the preparing ones, the queue. Called with the lock held."""
+        ahead = max(0.0, self._running_until - now) + self._forming_s
+        if self._slot is not None:
+            ahead += self._slot.predicted_s
+        return ahead + self._drain_s(self._queued_tokens, self._queued_seqs)
+
+    def _count(self, counter: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self._c[counter] += n
 
     def abort(self, request_id: str) -> bool:
         """Cancels every in-flight request with this id; its awaiting caller gets CancelledError
@@ -362,6 +412,7 @@ class ReplicaCore:
                 self._sched.add_many(
                     Sequence(request_key=req.key, index=i, length=int(req.tokens.lengths[i]),
                              arrival=req.submitted, priority=prio, group=int(spans is not None),
+                             deadline=req.options.deadline,
                              payload=(req, req.tokens.ids[off[i]: off[i + 1]],
                                       None if splits is None else int(splits[i]), rows[i],
                                       bounds[i]))
@@ -375,33 +426,55 @@ class ReplicaCore:
                     self._count_dropped(n)
 
     def _count_dropped(self, n: int) -> None:
-        with self._stats_lock:
-            self._c["dropped_sequences"] += n
+        self._count("dropped_sequences", n)
 
     def _scheduler_loop(self) -> None:
         number = 0
+        next_tune = time.monotonic() + TUNE_WINDOW_S
+        window = self._window_counters()
         while True:
+            expired: list[_Request] = []
+            seqs = None
             with self._cv:
                 while True:
                     self._take_inbox()
                     if self._stopping:
                         return
+                    now = time.monotonic()
+                    expired = self._expire(now)
+                    if expired:
+                        break   # completed outside the lock
+                    if self.tuner is not None and now >= next_tune:
+                        window = self._tune(now, window)
+                        next_tune = now + TUNE_WINDOW_S
                     timeout = None
                     if self._slot is None:
-                        now = time.monotonic()
                         idle = not self._running
                         seqs = self._sched.next_batch(now, engine_idle=idle)
                         if seqs:
                             self._queued_tokens -= sum(s.length for s in seqs)
                             self._queued_seqs -= len(seqs)
                             self._forming = True
+                            longest = max(s.length for s in seqs)
+                            self._forming_s = self.cost.seconds(len(seqs), longest)
                             break
                         deadline = self._sched.next_deadline(now) if idle else None
                         if deadline is not None:
                             timeout = max(0.0, deadline - now)
+                    expiry = self._sched.next_expiry()
+                    if expiry is not None:
+                        timeout = max(0.0, expiry - now) if timeout is None else min(
+                            timeout, max(0.0, expiry - now))
                     self._cv.wait(timeout)
+            if expired:
+                for req in expired:
+                    self._complete(req, DeadlineError(
+                        f"request {req.request_id} passed its deadline while queued; it was "
+                        "dropped before compute"))
+                continue
             number += 1
-            batch = _Batch(number=number, seqs=seqs, formed_at=time.monotonic())
+            batch = _Batch(number=number, seqs=seqs, formed_at=time.monotonic(),
+                           predicted_s=self._forming_s)
             try:
                 splits = None
                 if any(s.payload[2] is not None for s in seqs):
@@ -418,7 +491,57 @@ class ReplicaCore:
             with self._cv:
                 self._slot = batch
                 self._forming = False
+                self._forming_s = 0.0
                 self._engine_cv.notify()
+
+    def _expire(self, now: float) -> list[_Request]:
+        """Drops the queued sequences of requests whose own deadline has passed (with the lock
+        held); returns those requests, to be completed with DeadlineError once it is released."""
+        out = []
+        before = self._sched.queued_tokens
+        dropped = 0
+        for key, n in self._sched.expire(now):
+            dropped += n
+            req = self._requests.get(key)
+            if req is not None and not req.done:
+                req.dropped = True
+                out.append(req)
+        if dropped:
+            self._queued_seqs -= dropped
+            self._queued_tokens -= before - self._sched.queued_tokens
+            with self._stats_lock:
+                self._c["expired_requests"] += len(out)
+                self._c["dropped_sequences"] += dropped
+        return out
+
+    def _window_counters(self) -> tuple:
+        with self._stats_lock:
+            c = self._c
+            return (time.monotonic(), self._busy_s, c["batches"],
+                    c["sequences"], c["tokens"], c["padded_tokens"])
+
+    def _tune(self, now: float, last: tuple) -> tuple:
+        """One tuning step over the window since ``last`` (with the lock held); applies and logs
+        the tuner's changes. Returns the counters the next window starts from."""
+        cur = self._window_counters()
+        try:
+            used, total = self.engine.memory()
+        except Exception:  # noqa: BLE001 - a failed device query must not stop the batcher
+            used, total = 0, 0
+        window = Window(seconds=cur[0] - last[0], busy_s=cur[1] - last[1], batches=cur[2] - last[2],
+                        sequences=cur[3] - last[3], real_tokens=cur[4] - last[4],
+                        padded_tokens=cur[5] - last[5], device_used=used, device_total=total)
+        changes = self.tuner.step(window, self.cost)
+        if changes:
+            k = self.knobs = self.tuner.knobs
+            self._sched.max_batch_tokens = k.max_batch_tokens
+            self._sched.batch_timeout_s = k.batch_timeout_s
+            self._sched.min_fill = k.min_fill
+            self._count("tuning_changes", len(changes))
+            for c in changes:
+                log.info("replica %s tuning: %s %s -> %s (%s)", self.replica_id, c.knob,
+                         _knob_text(c.old), _knob_text(c.new), c.reason)
+        return cur
 
     # --- engine thread --------------------------------------------------------------------
 
@@ -432,12 +555,14 @@ class ReplicaCore:
                         return
                     batch, self._slot = self._slot, None
                     self._running = True
+                    self._running_until = time.monotonic() + batch.predicted_s
                     self._cv.notify()   # the slot is free: the scheduler may form the next batch
                 try:
                     self._finish_q.put(self._forward(batch))
                 finally:
                     with self._cv:
                         self._running = False
+                        self._running_until = 0.0
                         self._cv.notify()   # an idle engine: the scheduler may send a partial batch
         finally:
             self._finish_q.put(None)
@@ -456,7 +581,7 @@ class ReplicaCore:
                 out = self.engine.forward(batch.prepared)
             except BaseException as e:  # noqa: BLE001 - isolate the failure to this batch
                 error = e
-        return batch, out, t0, error
+        return batch, out, t0, error, time.monotonic() - t0
 
     # --- finisher thread ------------------------------------------------------------------
 
@@ -473,15 +598,18 @@ class ReplicaCore:
                     self._complete(req, InternalError("inference failed for this batch"))
 
     def _finish(self, batch: _Batch, out: Any, started: float,
-                error: Optional[BaseException]) -> None:
+                error: Optional[BaseException], forward_s: float) -> None:
         seqs = batch.seqs
         # rows per sequence: one, or one per span (late chunking)
         counts = [1 if s.payload[4] is None else len(s.payload[4]) for s in seqs]
         starts = np.zeros(len(seqs) + 1, dtype=np.int64)
         np.cumsum(counts, out=starts[1:])
+        finish_s = 0.0
         if error is None:
             try:
+                t_finish = time.monotonic()
                 out = self.engine.finish(out)
+                finish_s = time.monotonic() - t_finish
                 n_rows = int(starts[-1])
                 if not isinstance(out, np.ndarray) or out.shape != (n_rows, self.spec.dim):
                     raise RuntimeError(f"engine returned {getattr(out, 'shape', type(out))}, "
@@ -491,8 +619,14 @@ class ReplicaCore:
         # from the forward's start to its rows on the host (a GPU's forward returns at launch)
         elapsed = time.monotonic() - started
         real = sum(s.length for s in seqs)
-        padded = max(s.length for s in seqs) * len(seqs)
+        longest = max(s.length for s in seqs)
+        padded = longest * len(seqs)
+        if error is None:
+            # the device's time for this shape: the forward, and the copy a GPU's finish waits on
+            self.cost.observe(len(seqs), longest, forward_s + finish_s)
+            self._fill += 0.1 * (real / padded - self._fill)
         with self._stats_lock:
+            self._busy_s += forward_s + finish_s
             self._c["batches"] += 1
             self._c["sequences"] += len(seqs)
             self._c["tokens"] += real
@@ -542,6 +676,9 @@ class ReplicaCore:
         with self._cv:
             queued_seqs, queued_tokens = self._queued_seqs, self._queued_tokens
             in_flight = len(self._requests)
+            wait = self._ahead_s(time.monotonic())
+            knobs = self.knobs
+        cost = self.cost.coefficients
         try:
             used, total = self.engine.memory()
         except Exception:  # noqa: BLE001 - stats must not fail because the device query did
@@ -551,8 +688,27 @@ class ReplicaCore:
                 **self._c, queued_sequences=queued_seqs, queued_tokens=queued_tokens,
                 in_flight_requests=in_flight, rss_bytes=self._proc.memory_info().rss,
                 device_memory_used_bytes=used, device_memory_total_bytes=total,
-                histograms=[h.to_proto(name) for name, h in self._hist.items()])
+                histograms=[h.to_proto(name) for name, h in self._hist.items()],
+                predicted_wait_seconds=wait, cost_fixed_seconds=cost.fixed_s,
+                cost_per_token_seconds=cost.per_token_s,
+                cost_per_token_length_seconds=cost.per_token_length_s,
+                cost_relative_error=self.cost.error, batch_budget_tokens=knobs.max_batch_tokens,
+                batch_timeout_seconds=knobs.batch_timeout_s, batch_min_fill=knobs.min_fill)
         return msg
+
+
+def _knob_text(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _refusal(decision) -> str:
+    """The client's message for a refused request: why, with the prediction."""
+    if decision.reason == "queue":
+        return (f"the queue holds {decision.predicted_s:.1f} s of work, more than the server's "
+                "bound; retry later")
+    what = "its deadline" if decision.reason == "deadline" else "the server's latency target"
+    return (f"the request is predicted to finish in {decision.predicted_s * 1000:.0f} ms, past "
+            f"{what} ({decision.limit_s * 1000:.0f} ms); retry later")
 
 
 def _rows(tokens: TokenBatch) -> int:

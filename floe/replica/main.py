@@ -117,6 +117,9 @@ class ReplicaBackend:
         self.settings = settings
         self.address = address
         self.trusted = trusted
+        # behind a front end a gRPC call's deadline is the link's timeout; the client's own
+        # deadline arrives in the message (floe/transport/grpc.py with_call_deadline)
+        self.call_deadlines = not trusted
         self.draining = False
         self.edge = Edge(validate.Limits.for_server(self.spec, settings), tokenizers)
 
@@ -230,6 +233,7 @@ async def _watch_pid(pid: int, on_exit) -> None:
 
 async def serve(rt: Runtime, engine, tokenizers) -> int:
     from floe.replica.core import ReplicaCore
+    from floe.replica.cost import for_replica
     from floe.resolve import resolve_batch
 
     settings = rt.settings
@@ -238,8 +242,11 @@ async def serve(rt: Runtime, engine, tokenizers) -> int:
     # The warm-up runs one forward at that budget (before serving).
     batch = resolve_batch(settings.batch, str(engine.device).startswith("cuda"),
                           engine.spec.max_seq_length)
-    core = ReplicaCore(engine, batch, replica_id=rt.replica_id)
-    engine.warmup(core.settings.max_batch_tokens)
+    engine.warmup(batch.max_batch_tokens)
+    # the forward time by batch shape, for admission and tuning (floe/replica/cost.py)
+    cost = for_replica(engine, batch.max_batch_tokens, batch.max_batch_size,
+                       settings.replicas.engine_cache_dir, rt.threads)
+    core = ReplicaCore(engine, batch, replica_id=rt.replica_id, cost=cost)
     # Managed: the front end already bounded the request; its token ids are at most
     # max_client_batch_size x max_seq_length int32s.
     limit = settings.server.grpc_payload_limit

@@ -37,6 +37,10 @@ Rules
   different heads); the anchor's group decides, the others wait for a batch of their own, and a
   batch that left some out counts as full.
 * **Cancellation.** ``remove_request`` drops a request's queued sequences before compute.
+* **Deadlines.** A sequence may carry a deadline (its request's own: a gRPC deadline or the
+  HTTP header). ``expire(now)`` removes every queued sequence of each request one of whose
+  sequences' deadline has passed and returns those requests, so that none is computed after its
+  client stopped waiting; ``next_expiry`` says when to look again.
 
 Complexity: adding k sequences to a queue of n is O(k log n + n) worst case (a sort of nearly
 sorted data); forming a batch of b sequences is O(b log n) plus skipped other-priority entries;
@@ -72,6 +76,8 @@ class Sequence:
     # sequences of different groups never share a batch (the engine runs each group's head apart:
     # late chunking's span pooling is group 1, everything else group 0)
     group: int = 0
+    # when its client stops waiting (same clock as ``arrival``); None: never dropped for lateness
+    deadline: Optional[float] = None
     # assigned by the scheduler: a unique, increasing id (tie-breaker and index key)
     seq_id: int = field(default=-1, compare=False)
 
@@ -97,6 +103,7 @@ class Scheduler:
         self._by_len: list[tuple[int, int]] = []           # sorted (length, seq_id), tombstones allowed
         self._oldest: list[tuple[float, int]] = []         # heap (arrival, seq_id), lazy deletion
         self._by_prio: list[tuple[int, float, int]] = []   # heap (-priority, arrival, seq_id), lazy
+        self._deadlines: list[tuple[float, int]] = []      # heap (deadline, seq_id), lazy
         self._by_request: dict[Hashable, set[int]] = {}
         self._prio_counts: dict[int, int] = {}
         self._queued_tokens = 0
@@ -132,6 +139,8 @@ class Scheduler:
             new.append((seq.length, sid))
             heapq.heappush(self._oldest, (seq.arrival, sid))
             heapq.heappush(self._by_prio, (-seq.priority, seq.arrival, sid))
+            if seq.deadline is not None:
+                heapq.heappush(self._deadlines, (seq.deadline, sid))
             self._by_request.setdefault(seq.request_key, set()).add(sid)
             self._prio_counts[seq.priority] = self._prio_counts.get(seq.priority, 0) + 1
             self._queued_tokens += seq.length
@@ -180,6 +189,27 @@ class Scheduler:
         if len(self._by_prio) > 2 * live + 64:
             self._by_prio = [e for e in self._by_prio if e[2] in self._live]
             heapq.heapify(self._by_prio)
+        if len(self._deadlines) > 2 * live + 64:
+            self._deadlines = [e for e in self._deadlines if e[1] in self._live]
+            heapq.heapify(self._deadlines)
+
+    def next_expiry(self) -> Optional[float]:
+        """The earliest deadline among queued sequences, or None."""
+        while self._deadlines and self._deadlines[0][1] not in self._live:
+            heapq.heappop(self._deadlines)
+        return self._deadlines[0][0] if self._deadlines else None
+
+    def expire(self, now: float) -> list[tuple[Hashable, int]]:
+        """Drops every queued sequence of the requests whose deadline is at or before ``now``;
+        returns (request key, sequences dropped) for each such request."""
+        out = []
+        while True:
+            first = self.next_expiry()
+            if first is None or first > now:
+                break
+            key = self._live[self._deadlines[0][1]].request_key
+            out.append((key, self.remove_request(key)))
+        return out
 
     # --- policy -----------------------------------------------------------------------------
 

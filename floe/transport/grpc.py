@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -37,7 +38,8 @@ from floe.errors import GRPC_STATUS, FloeError, ValidationError, grpc_trailing_m
 from floe.proto import arctic_inference_pb2 as arctic_pb2
 from floe.proto import floe_pb2
 from floe.protocol import (EmbedResult, EncodeOptions, TokenBatch, chunk_options_from_proto,
-                           chunks_to_proto, encode_call_from_proto, result_to_proto)
+                           chunks_to_proto, deadline_after, encode_call_from_proto,
+                           result_to_proto)
 from floe.request_id import request_id as client_request_id
 from floe.transport.auth import AUTH_HINT, bearer_ok
 
@@ -142,6 +144,23 @@ async def _abort(backend: EncodeBackend, request_id: str) -> tuple[bool, str]:
     return ok, "aborted" if ok else "no such request in flight"
 
 
+def with_call_deadline(options: EncodeOptions, context: Any, backend: Any) -> EncodeOptions:
+    """The options with the call's gRPC deadline as the request's own (the shorter of it and a
+    ``deadline_ms`` the message carries): the replica refuses what cannot finish in time and
+    drops what outlives it (floe/replica/admission.py). A replica behind a front end ignores the
+    call's deadline (``backend.call_deadlines`` False): that is the link's own timeout, and the
+    client's deadline arrived in ``deadline_ms``."""
+    if not getattr(backend, "call_deadlines", True):
+        return options
+    remaining = context.time_remaining()
+    if remaining is None:
+        return options
+    deadline = deadline_after(remaining)
+    if options.deadline is not None and options.deadline <= deadline:
+        return options
+    return dataclasses.replace(options, deadline=deadline)
+
+
 # --- floe.v1.Embedder -------------------------------------------------------------------------
 
 class EmbedderServicer:
@@ -152,6 +171,7 @@ class EmbedderServicer:
     async def Encode(self, request: floe_pb2.EncodeRequest, context) -> floe_pb2.EncodeResponse:
         request_id, texts, tokens, options, model = encode_call_from_proto(request)
         request_id = client_request_id(request_id)
+        options = with_call_deadline(options, context, self.backend)
         table = None
         if request.HasField("chunking"):
             chunk = chunk_options_from_proto(request.chunking)
@@ -187,6 +207,7 @@ class EmbedderServicer:
             truncate=request.truncate if request.HasField("truncate") else None,
             truncation_direction="left" if request.truncation_direction == floe_pb2.LEFT else "right",
             priority=request.priority)
+        options = with_call_deadline(options, context, self.backend)
         scored = await rerank(request_id, request.query, list(request.documents), options,
                               request.raw_scores, request.model)
         scores = scored.scores
@@ -251,7 +272,8 @@ class ArcticServicer:
             raise ValidationError(f"n_prompts is {request.n_prompts} but the request carries {n} inputs",
                                   param="n_prompts")
         request_id = client_request_id(request.request_id)
-        options = EncodeOptions(priority=request.priority)
+        options = with_call_deadline(EncodeOptions(priority=request.priority), context,
+                                     self.backend)
         result = await self.backend.encode(request_id, texts, tokens, options, request.model_name)
         rows = result.as_float32().astype("<f4", copy=False)
         return arctic_pb2.EncodeResponse(

@@ -378,3 +378,116 @@ async def test_sparse_rows_keep_the_models_top_k():
     top = np.sort(np.argsort(dense[0])[-2:])
     assert first.tolist() == top.tolist()
     assert np.allclose(rows.values[: rows.counts[0]], dense[0][top])
+
+
+# --- latency: admission by the cost model, deadlines, tuning (floe/replica/admission.py) -------
+
+def _fixed_cost(seconds: float):
+    """A cost model whose every pass takes ``seconds`` (whatever it holds)."""
+    from floe.replica.cost import CostModel
+
+    return CostModel([(1, 1, seconds), (2, 1, seconds), (1, 2, seconds)], refit_every=10 ** 9)
+
+
+@pytest.fixture
+def make_timed_core():
+    cores = []
+
+    def _make(pass_s: float, **batch_kw):
+        kw = dict(max_batch_tokens=512, max_batch_size=1, batch_timeout_ms=0.0, tuning=False)
+        kw.update(batch_kw)
+        engine = LoggingEngine(make_spec())
+        core = ReplicaCore(engine, BatchSettings(**kw), replica_id="t", cost=_fixed_cost(pass_s))
+        core.start()
+        cores.append(core)
+        return core, engine
+
+    yield _make
+    for c in cores:
+        c.engine.gate.set()
+        c.stop(drain_timeout=0.0)
+
+
+async def test_the_latency_target_refuses_what_would_finish_late(make_timed_core):
+    # each pass is predicted to take 10 s; the target is 15 s (admitted against 85% of it)
+    core, engine = make_timed_core(10.0, latency_target_ms=15_000)
+    engine.gate.clear()
+    first = asyncio.create_task(core.submit(TokenBatch.from_lists([[1, 2]]), EncodeOptions(), "a"))
+    await _until(lambda: _started(engine))
+    t0 = time.monotonic()
+    with pytest.raises(OverloadedError) as ei:
+        await core.submit(TokenBatch.from_lists([[3, 4]]), EncodeOptions(), "b")
+    assert time.monotonic() - t0 < 1.0            # refused at once, not after waiting
+    assert "latency target" in ei.value.message
+    # retry after the predicted excess: about 10 + 10 - 12.75 s
+    assert 3.0 < ei.value.retry_after < 8.0
+    engine.gate.set()
+    await first
+    stats = core.stats()
+    assert stats.refused_requests == 1 and stats.cost_fixed_seconds == pytest.approx(10.0)
+    assert all(3 not in b[0] for b in engine.batches)   # no forward pass was spent on it
+
+
+async def test_a_deadline_too_close_is_refused_before_any_compute(make_timed_core):
+    from floe.protocol import deadline_after
+
+    core, engine = make_timed_core(0.5)
+    with pytest.raises(OverloadedError) as ei:
+        await core.submit(TokenBatch.from_lists([[5, 6]]), EncodeOptions(deadline=deadline_after(0.2)),
+                          "d")
+    assert "deadline" in ei.value.message and ei.value.retry_after > 0
+    assert engine.batches == []
+
+
+async def test_a_queued_request_whose_deadline_passes_is_dropped_before_compute(make_timed_core):
+    from floe.errors import DeadlineError
+    from floe.protocol import deadline_after
+
+    core, engine = make_timed_core(0.0)   # predicts nothing: the deadline is admitted
+    engine.gate.clear()
+    running = asyncio.create_task(core.submit(TokenBatch.from_lists([[1, 1]]), EncodeOptions(), "r"))
+    await _until(lambda: _started(engine))
+    slot = asyncio.create_task(core.submit(TokenBatch.from_lists([[2, 2]]), EncodeOptions(), "s"))
+    await _until(lambda: core._slot is not None)
+    t0 = time.monotonic()
+    with pytest.raises(DeadlineError):
+        await core.submit(TokenBatch.from_lists([[7, 7, 7]]),
+                          EncodeOptions(deadline=deadline_after(0.3)), "late")
+    waited = time.monotonic() - t0
+    assert 0.25 < waited < 5.0     # answered when its deadline passed, not when the engine freed
+    engine.gate.set()
+    await asyncio.gather(running, slot)
+    assert all(7 not in b[0] for b in engine.batches)
+    stats = core.stats()
+    assert stats.expired_requests == 1 and stats.dropped_sequences == 1
+    assert stats.queued_tokens == 0 and stats.queued_sequences == 0
+
+
+async def test_without_a_target_the_queue_is_bounded_in_time(make_timed_core):
+    # 0.6 s a pass, one input a pass, a 1 s bound: running + prepared = 1.2 s ahead -> refused
+    core, engine = make_timed_core(0.6, max_queue_ms=1000)
+    engine.gate.clear()
+    running = asyncio.create_task(core.submit(TokenBatch.from_lists([[1, 1]]), EncodeOptions(), "r"))
+    await _until(lambda: _started(engine))
+    slot = asyncio.create_task(core.submit(TokenBatch.from_lists([[2, 2]]), EncodeOptions(), "s"))
+    await _until(lambda: core._slot is not None)
+    with pytest.raises(OverloadedError) as ei:
+        await core.submit(TokenBatch.from_lists([[3, 3]]), EncodeOptions(), "q")
+    assert "queue" in ei.value.message
+    assert core.stats().predicted_wait_seconds > 1.0
+    engine.gate.set()
+    await asyncio.gather(running, slot)
+
+
+async def test_tuning_drops_the_batch_wait_at_light_load(make_timed_core, monkeypatch):
+    from floe.replica import core as core_module
+
+    monkeypatch.setattr(core_module, "TUNE_WINDOW_S", 0.05)
+    core, engine = make_timed_core(0.001, tuning=True, batch_timeout_ms=5.0, max_batch_size=64)
+    assert core.stats().batch_timeout_seconds == pytest.approx(0.005)
+    for i in range(3):
+        await asyncio.sleep(0.1)   # an idle engine: light load
+        await core.submit(TokenBatch.from_lists([[1, 2, 3]]), EncodeOptions(), f"l{i}")
+    stats = core.stats()
+    assert stats.batch_timeout_seconds == 0.0 and stats.tuning_changes >= 1
+    assert core.knobs.batch_timeout_s == 0.0 and core._sched.batch_timeout_s == 0.0
