@@ -142,6 +142,7 @@ class Router:
         exclude: list[int] = []   # tried replicas the retry must not go back to
         last: Optional[FloeError] = None
         tried = crashes = 0
+        refused: list[float] = []   # Retry-After of each replica that refused it
         try:
             for attempt in range(2):
                 if crashes:
@@ -160,6 +161,8 @@ class Router:
                         metrics.RETRIES.inc()
                     return result
                 last = err
+                if isinstance(err, OverloadedError) and err.retry_after:
+                    refused.append(err.retry_after)
                 crashes += crashed
                 if crashes == 2:
                     raise self._remember_poison(tokens)
@@ -171,8 +174,10 @@ class Router:
             self.failed_retries += 1
             metrics.FAILED_RETRIES.inc()
         if isinstance(last, OverloadedError):
-            raise OverloadedError("every replica tried is at its queue limit, retry later",
-                                  retry_after=last.retry_after or 1.0)
+            # the replica's own reason (its queue, or a deadline or target its cost model says
+            # cannot be met), and the soonest any replica tried said it would fit
+            raise OverloadedError(f"every replica tried refused it: {last.message}",
+                                  retry_after=min(refused) if refused else 1.0)
         raise UnavailableError("no healthy replica could take the request, retry later")
 
     async def _attempt(self, tokens: TokenBatch, options: EncodeOptions, request_id: str,

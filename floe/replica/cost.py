@@ -265,10 +265,14 @@ def load_or_calibrate(engine: Any, budget: int, max_batch_size: int, cache_dir: 
 def for_replica(engine: Any, budget: int, max_batch_size: int, cache_dir: Optional[str],
                 threads: Optional[int] = None) -> CostModel:
     """A serving replica's cost model: calibrated (or read from the cache beside the converted
-    models) for a real engine; for the fake engine, whose simulated costs are test parameters,
-    measured every time and never stored."""
+    models) for a real engine; for the fake engine, its simulated costs (test parameters, never
+    stored)."""
     if getattr(engine, "backend", "") == "fake":
-        return load_or_calibrate(engine, budget, max_batch_size, None, threads)
+        # its cost is a formula by construction: the model is that formula, measured by no one
+        per_batch = getattr(engine, "seconds_per_batch", 0.0)
+        per_token = getattr(engine, "seconds_per_token", 0.0)
+        shapes = calibration_shapes(budget, engine.spec.max_seq_length, max_batch_size)
+        return CostModel([(c, n, per_batch + per_token * c * n) for c, n in shapes])
     from floe.engine.openvino_engine import default_cache_dir
 
     return load_or_calibrate(engine, budget, max_batch_size, cache_dir or default_cache_dir(),
