@@ -2,8 +2,10 @@
 
 It takes ArcticInference's benchmark options (--server, --model, --batch-sizes, --requests,
 --concurrency, --prompt-length, --distribution) and adds --protocol grpc|http, an open loop
-(--rate, Poisson arrivals), --warmup, --duration, --output-json, and --in-process, which runs the
-same workload through sentence-transformers in this process as the plain-library baseline.
+(--rate, Poisson arrivals, with a --schedule that steps or bursts), --warmup, --duration,
+--output-json, --plot, and --in-process, which runs the same workload through sentence-transformers
+in this process as the plain-library baseline. An open-loop run also reports its results over time,
+window by window (``stats.timeline``).
 
 Prompt lengths are exact under the model's tokenizer and throughput counts the tokens the server
 reports, so tokens/s means the same for every server. See docs/benchmarks.md for the method.
@@ -26,7 +28,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from floe.bench.runner import Progress, run_closed, run_open
-from floe.bench.stats import format_table, summarize
+from floe.bench.schedule import SCHEDULES, RateSchedule
+from floe.bench.stats import format_table, format_timeline, summarize, timeline
 from floe.bench.workload import (DISTRIBUTIONS, BenchError, BenchTokenizer, build_requests,
                                  load_model_spec, poisson_schedule)
 
@@ -103,6 +106,22 @@ def build_parser(prog: str = "floe bench") -> argparse.ArgumentParser:
     w.add_argument("--rate", type=_positive_float, default=None,
                    help="Open loop: requests/s with Poisson arrivals; latency counts from the "
                         "scheduled send time.")
+    w.add_argument("--schedule", choices=SCHEDULES, default="steady",
+                   help="Open loop's rate over time: steady = --rate throughout; step = --rate, then "
+                        "--step-rate from --step-at seconds on; burst = --rate with bursts at "
+                        "--burst-rate lasting --burst-seconds every --burst-every seconds (the first "
+                        "at --burst-every). step and burst need --duration and send as many requests "
+                        "as the schedule's Poisson arrivals within it (--requests is not used).")
+    w.add_argument("--step-rate", type=_positive_float, default=None,
+                   help="--schedule step: requests/s from --step-at on.")
+    w.add_argument("--step-at", type=_positive_float, default=None,
+                   help="--schedule step: seconds from the start when the rate changes.")
+    w.add_argument("--burst-rate", type=_positive_float, default=None,
+                   help="--schedule burst: requests/s during a burst.")
+    w.add_argument("--burst-seconds", type=_positive_float, default=None,
+                   help="--schedule burst: how long each burst lasts.")
+    w.add_argument("--burst-every", type=_positive_float, default=None,
+                   help="--schedule burst: seconds between burst starts.")
     w.add_argument("--prompt-length", type=_positive_int, default=50,
                    help="Tokens per input, special tokens included, exact under --model's tokenizer.")
     w.add_argument("--distribution", choices=DISTRIBUTIONS, default="fixed",
@@ -123,12 +142,56 @@ def build_parser(prog: str = "floe bench") -> argparse.ArgumentParser:
     i.add_argument("--device", default=None, help="In-process device (default: sentence-transformers').")
     o = p.add_argument_group("output")
     o.add_argument("--output-json", default=None, help="Write the JSON report here.")
+    o.add_argument("--window", type=_positive_float, default=1.0,
+                   help="Open loop: seconds per window of the results over time (logged, and "
+                        "'timeline' in the JSON), by scheduled send time.")
+    o.add_argument("--plot", default=None, metavar="PATH.png",
+                   help="Open loop: draw the results over time (rates, latency p50/p99 on a log "
+                        "scale, requests outstanding) into this PNG; with several --batch-sizes one "
+                        "PNG each, named PATH-b<size>.png. Needs matplotlib (pip install 'floe[plot]').")
     o.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                    help="Live status line on stderr (auto: only when stderr is a terminal).")
     return p
 
 
+_SCHEDULE_FLAGS = {"step": ("step_rate", "step_at"),
+                   "burst": ("burst_rate", "burst_seconds", "burst_every")}
+
+
+def schedule_of(args: argparse.Namespace) -> Optional[RateSchedule]:
+    """The open loop's rate schedule the options ask for (None for a closed loop); raises
+    BenchError for options that do not fit together."""
+    kind = getattr(args, "schedule", "steady")
+    for other, names in _SCHEDULE_FLAGS.items():
+        given = [n for n in names if getattr(args, n, None) is not None]
+        if given and kind != other:
+            raise BenchError(f"--{given[0].replace('_', '-')} is for --schedule {other}")
+    if args.rate is None:
+        if kind != "steady":
+            raise BenchError(f"--schedule {kind} needs --rate (the base rate)")
+        return None
+    if kind != "steady":
+        missing = [n for n in _SCHEDULE_FLAGS[kind] if getattr(args, n, None) is None]
+        if missing:
+            raise BenchError(f"--schedule {kind} needs "
+                             + ", ".join("--" + n.replace("_", "-") for n in missing))
+        if args.duration is None:
+            raise BenchError(f"--schedule {kind} needs --duration: the run sends the schedule's "
+                             f"arrivals within it")
+        if kind == "step" and args.step_at >= args.duration:
+            raise BenchError(f"--step-at {args.step_at:g} must be before --duration {args.duration:g}")
+    return RateSchedule(kind, args.rate, **{n: getattr(args, n, None)
+                                            for names in _SCHEDULE_FLAGS.values() for n in names})
+
+
 def _check(args: argparse.Namespace) -> None:
+    schedule_of(args)
+    if getattr(args, "plot", None):
+        if args.rate is None:
+            raise BenchError("--plot draws an open-loop run's results over time: give --rate")
+        from floe.bench.plot import require_matplotlib
+
+        require_matplotlib()
     if args.warmup < 0:
         raise BenchError("--warmup must be >= 0")
     if args.in_process and args.rate is not None:
@@ -192,6 +255,8 @@ async def run(args: argparse.Namespace, log=print) -> dict:
         raise BenchError(f"--prompt-length {args.prompt_length} exceeds max_seq_length "
                          f"{tok.max_seq_length}: pass --max-seq-length (and start the server with it)")
     rng = np.random.default_rng(args.seed)
+    schedule = schedule_of(args)
+    window = getattr(args, "window", 1.0)
     client = _make_client(args, tok)
     rows = []
     try:
@@ -200,7 +265,11 @@ async def run(args: argparse.Namespace, log=print) -> dict:
         for bs in args.batch_sizes:
             t_gen = time.perf_counter()
             warm = build_requests(tok, args.warmup, bs, args.prompt_length, args.distribution, rng)
-            reqs = build_requests(tok, args.requests, bs, args.prompt_length, args.distribution, rng)
+            offsets = None
+            if schedule is not None and schedule.kind != "steady":
+                offsets = schedule.arrivals(args.duration, rng)
+            n = args.requests if offsets is None else len(offsets)
+            reqs = build_requests(tok, n, bs, args.prompt_length, args.distribution, rng)
             log(f"batch size {bs}: {len(reqs)} requests, {sum(len(r.texts) for r in reqs)} inputs, "
                 f"{sum(r.client_tokens for r in reqs)} tokens generated in {time.perf_counter() - t_gen:.1f}s")
             conc = 1 if args.in_process else args.concurrency
@@ -208,13 +277,22 @@ async def run(args: argparse.Namespace, log=print) -> dict:
                 await run_closed(client, warm, conc)
             enabled = None if args.progress == "auto" else args.progress == "on"
             progress = Progress(f"batch {bs}", len(reqs), enabled=enabled)
-            if args.rate is not None:
-                offsets = poisson_schedule(len(reqs), args.rate, rng)
-                samples = await run_open(client, reqs, offsets, conc, args.duration, progress)
+            if schedule is not None:
+                horizon = args.duration  # the schedule's end, for the timeline's last window
+                if offsets is None:  # steady: as many arrivals as --requests, cut at --duration
+                    offsets = poisson_schedule(len(reqs), args.rate, rng)
+                    if horizon is not None and len(offsets) and offsets[-1] < horizon:
+                        horizon = None  # the requests ran out first: the schedule ended there
+                t0 = time.perf_counter()
+                samples = await run_open(client, reqs, offsets, conc, args.duration, progress, t0=t0)
             else:
                 samples = await run_closed(client, reqs, conc, args.duration, progress)
             row = summarize(samples, bs)
             row["client_tokens"] = sum(r.client_tokens for r in reqs[: len(samples)])
+            if schedule is not None:
+                row["timeline"] = timeline(samples, t0, window, horizon)
+                log(f"batch size {bs}, over time ({window:g} s windows, by scheduled send time):\n"
+                    + format_timeline(row["timeline"]))
             rows.append(row)
     finally:
         await client.close()
@@ -230,6 +308,8 @@ async def run(args: argparse.Namespace, log=print) -> dict:
             "batch_sizes": args.batch_sizes, "requests": args.requests, "duration": args.duration,
             "concurrency": 1 if args.in_process else args.concurrency, "rate": args.rate,
             "loop": "open" if args.rate is not None else "closed",
+            "schedule": schedule.describe() if schedule is not None else None,
+            "window": window if schedule is not None else None,
             "prompt_length": args.prompt_length, "distribution": args.distribution,
             "warmup": args.warmup, "seed": args.seed, "send_token_ids": args.send_token_ids,
             "encoding_format": args.encoding_format if mode == "http" else None,
@@ -241,6 +321,26 @@ async def run(args: argparse.Namespace, log=print) -> dict:
     })
 
 
+def _plot(report: dict, path: str) -> None:
+    """One PNG per batch size of an open-loop report (``plot.plot_path`` names them)."""
+    from floe.bench.plot import plot_path, plot_timeline
+
+    cfg, rows = report["config"], report["results"]
+    sched = cfg["schedule"]
+    points = None
+    if sched is not None and cfg["duration"] is not None:
+        segs = RateSchedule(**sched).segments(cfg["duration"])
+        points = [p for a, b, r in segs for p in ((a, r), (b, r))]
+    for row in rows:
+        if not row.get("timeline"):
+            continue
+        out = plot_path(path, row["batch_size"], len(rows))
+        title = (f"floe bench: {report['target']['mode']}, batch {row['batch_size']}, "
+                 f"{sched['kind']} schedule from {sched['rate']:g} req/s")
+        plot_timeline(row["timeline"], out, title, points)
+        print(f"plot: {out}", file=sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`floe bench ...`: 0 when the run completed, 1 when a batch size had no successful request,
     2 for options or a server that cannot be used."""
@@ -248,6 +348,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv
+    try:
+        schedule_of(args)
+    except BenchError as e:
+        parser.error(str(e))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         report = asyncio.run(run(args, log=lambda m: print(m, file=sys.stderr)))
@@ -266,4 +370,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(args.output_json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
             f.write("\n")
+    if args.plot:
+        try:
+            _plot(report, args.plot)
+        except (BenchError, OSError) as e:
+            print(f"floe bench: --plot: {e}", file=sys.stderr)
+            return 2
     return 1 if any(r["successful"] == 0 for r in report["results"]) else 0

@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 
 from floe.bench.workload import BenchError, Request
+from floe.errors import KIND_METADATA_KEY, RETRY_AFTER_METADATA_KEY
 
 
 @dataclass
@@ -26,12 +27,26 @@ class Outcome:
     tokens: int = 0
     server_tokens: bool = True
     error: Optional[str] = None
+    refused: bool = False       # the server shed it for load: HTTP 429, gRPC RESOURCE_EXHAUSTED
+    retry_after: bool = False   # ... and named a Retry-After
 
 
 def _ok_tokens(req: Request, reported: Optional[int]) -> Outcome:
     if reported is None or reported <= 0:
         return Outcome(True, len(req.texts), req.client_tokens, server_tokens=False)
     return Outcome(True, len(req.texts), reported, server_tokens=True)
+
+
+def _grpc_failure(e) -> Outcome:
+    """A failed RPC. RESOURCE_EXHAUSTED is a refusal unless a floe server's trailing metadata
+    names another kind (it also stands for "request too large")."""
+    code = e.code().name
+    if code != "RESOURCE_EXHAUSTED":
+        return Outcome(False, error=f"grpc:{code}")
+    md = {k: v for k, v in (e.trailing_metadata() or ())}
+    refused = md.get(KIND_METADATA_KEY, "overloaded") == "overloaded"
+    return Outcome(False, error=f"grpc:{code}", refused=refused,
+                   retry_after=refused and RETRY_AFTER_METADATA_KEY in md)
 
 
 class GrpcClient:
@@ -83,7 +98,7 @@ class GrpcClient:
         try:
             resp = await self._stub.Encode(msg, timeout=self.timeout)
         except self._grpc.aio.AioRpcError as e:
-            return Outcome(False, error=f"grpc:{e.code().name}")
+            return _grpc_failure(e)
         itemsize = 4 if resp.dtype == self._pb.FLOAT32 else 2
         if resp.n != len(req.texts) or len(resp.embeddings) != resp.n * resp.dim * itemsize:
             return Outcome(False, error="bad_response:shape")
@@ -159,6 +174,9 @@ class HttpClient:
             return Outcome(False, error="timeout")
         except self._httpx.HTTPError as e:
             return Outcome(False, error=f"transport:{type(e).__name__}")
+        if r.status_code == 429:
+            return Outcome(False, error="http:429", refused=True,
+                           retry_after="retry-after" in r.headers)
         if r.status_code != 200:
             return Outcome(False, error=f"http:{r.status_code}")
         try:

@@ -71,7 +71,8 @@ async def _one(client: Client, req: Request, start: float, out: list[Sample]) ->
     except Exception as e:  # a client bug must not end the run; it is counted by type
         o = Outcome(False, error=f"exception:{type(e).__name__}")
     out.append(Sample(start=start, end=time.perf_counter(), ok=o.ok, sequences=o.sequences,
-                      tokens=o.tokens, server_tokens=o.server_tokens, error=o.error))
+                      tokens=o.tokens, server_tokens=o.server_tokens, error=o.error,
+                      refused=o.refused, retry_after=o.retry_after))
 
 
 async def run_closed(client: Client, requests: Sequence[Request], concurrency: int,
@@ -102,9 +103,11 @@ async def run_closed(client: Client, requests: Sequence[Request], concurrency: i
 
 async def run_open(client: Client, requests: Sequence[Request], offsets: np.ndarray,
                    max_in_flight: int, duration: Optional[float] = None,
-                   progress: Optional[Progress] = None) -> list[Sample]:
-    """Sends request i at ``t0 + offsets[i]`` (Poisson arrivals) whether or not earlier ones have
-    answered, with at most ``max_in_flight`` outstanding; stops scheduling after ``duration``."""
+                   progress: Optional[Progress] = None, t0: Optional[float] = None) -> list[Sample]:
+    """Sends request i at ``t0 + offsets[i]`` (sorted offsets, e.g. Poisson arrivals) whether or
+    not earlier ones have answered, with at most ``max_in_flight`` outstanding; stops scheduling
+    after ``duration``. ``t0`` is a ``time.perf_counter()`` reading (default: now), so the caller
+    knows the origin of the samples' times."""
     out: list[Sample] = progress.samples if progress else []
     gate = asyncio.Semaphore(max(1, max_in_flight))
     tasks: list[asyncio.Task] = []
@@ -116,7 +119,7 @@ async def run_open(client: Client, requests: Sequence[Request], offsets: np.ndar
 
     if progress:
         progress.start()
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if t0 is None else t0
     try:
         for req, off in zip(requests, offsets.tolist()):
             if duration is not None and off >= duration:
