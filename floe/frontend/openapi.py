@@ -36,11 +36,22 @@ _ERRORS = {
            "asks (a reranker for rerank, a SPLADE model for sparse).",
     "413": "Body, item count, prompt or input over a limit; never retried.",
     "415": "Content type is not application/json.",
-    "429": "Overloaded; retry after the Retry-After header's seconds.",
+    "429": "Overloaded, or predicted to finish past the request's deadline or the server's "
+           "latency target; retry after the Retry-After header's seconds.",
     "503": "Not ready, draining, no healthy replica or the forward timeout passed; retry after "
            "Retry-After.",
     "500": "Internal error (generic message; details in the server log).",
+    "504": "The request's own deadline (x-request-timeout-ms) passed while it was queued; it was "
+           "dropped before compute.",
 }
+
+# A request's own deadline (floe/frontend/http.py DEADLINE_HEADER; docs/operations.md)
+_DEADLINE_PARAM = {
+    "name": "x-request-timeout-ms", "in": "header", "required": False,
+    "schema": {"type": "number", "exclusiveMinimum": 0},
+    "description": "Milliseconds this request may take from its arrival. Predicted to take "
+                   "longer: 429 at once, with Retry-After. Still queued when they pass: 504, "
+                   "never computed. Overrides the server's --latency-target-ms."}
 
 
 def _json_body(ref: str, example: Any = None) -> dict:
@@ -72,7 +83,7 @@ def _errors(*codes: str) -> dict:
             for c in codes}
 
 
-_COMPUTE_ERRORS = ("400", "401", "404", "413", "415", "429", "503", "500")
+_COMPUTE_ERRORS = ("400", "401", "404", "413", "415", "429", "503", "504", "500")
 _SECURED = [{"bearerAuth": []}]
 
 
@@ -188,6 +199,13 @@ def openapi_document() -> dict[str, Any]:
                              "tags": ["probes"],
                              "responses": {"200": {"description": "Metrics", **text}}}},
     }
+    for route in paths.values():
+        op = route.get("post")
+        if op is not None and "504" in op["responses"]:   # the compute routes
+            if op["tags"] == ["tokenize"]:   # answered by the front end: no queue, no deadline
+                del op["responses"]["504"]
+            else:
+                op["parameters"] = [_DEADLINE_PARAM]
     return {
         "openapi": "3.1.0",
         "info": {"title": "floe", "version": VERSION,
