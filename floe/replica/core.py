@@ -187,6 +187,13 @@ class ReplicaCore:
                        batches=0, dropped_sequences=0, refused_requests=0, expired_requests=0,
                        tuning_changes=0)
         self._busy_s = 0.0   # forward and finish seconds of every batch so far (the tuner's load)
+        self._idle_s = 0.0   # seconds the engine thread waited for a batch
+        self._predicted_run_s = 0.0   # the cost model's seconds for the batches run so far
+        # Wall seconds per predicted second while the engine has work: the cost model times the
+        # forward pass, and a replica sharing its cores (the front end, other replicas, its own
+        # prepare and finish threads) drains its queue slower than its passes add up to.
+        # Admission predicts with it (1: no evidence yet).
+        self.wall_factor = 1.0
         self._hist = {name: _Histogram(b) for name, b in HISTOGRAMS.items()}
         self._threads: list[threading.Thread] = []
         # engine thread -> finisher: (batch, output, seconds, error); None ends the finisher
@@ -288,8 +295,9 @@ class ReplicaCore:
                 raise OverloadedError(
                     f"replica {self.replica_id} queue is full ({self._queued_tokens} tokens "
                     "waiting), retry later", retry_after=1.0)
-            decision = self.admission.decide(t0, self._ahead_s(t0), self._drain_s(n_tokens, tokens.n),
-                                             options.deadline)
+            decision = self.admission.decide(
+                t0, self._ahead_s(t0), self._drain_s(n_tokens, tokens.n) * self.wall_factor,
+                options.deadline)
             if not decision.admit:
                 self._count("refused_requests")
                 raise OverloadedError(_refusal(decision), retry_after=decision.retry_after_s)
@@ -329,7 +337,7 @@ class ReplicaCore:
         ahead = max(0.0, self._running_until - now) + self._forming_s
         if self._slot is not None:
             ahead += self._slot.predicted_s
-        return ahead + self._drain_s(self._queued_tokens, self._queued_seqs)
+        return (ahead + self._drain_s(self._queued_tokens, self._queued_seqs)) * self.wall_factor
 
     def _count(self, counter: str, n: int = 1) -> None:
         with self._stats_lock:
@@ -444,7 +452,7 @@ class ReplicaCore:
                     expired = self._expire(now)
                     if expired:
                         break   # completed outside the lock
-                    if self.tuner is not None and now >= next_tune:
+                    if now >= next_tune:
                         window = self._tune(now, window)
                         next_tune = now + TUNE_WINDOW_S
                     timeout = None
@@ -518,7 +526,8 @@ class ReplicaCore:
         with self._stats_lock:
             c = self._c
             return (time.monotonic(), self._busy_s, c["batches"],
-                    c["sequences"], c["tokens"], c["padded_tokens"])
+                    c["sequences"], c["tokens"], c["padded_tokens"], self._idle_s,
+                    self._predicted_run_s)
 
     def _tune(self, now: float, last: tuple) -> tuple:
         """One tuning step over the window since ``last`` (with the lock held); applies and logs
@@ -531,6 +540,10 @@ class ReplicaCore:
         window = Window(seconds=cur[0] - last[0], busy_s=cur[1] - last[1], batches=cur[2] - last[2],
                         sequences=cur[3] - last[3], real_tokens=cur[4] - last[4],
                         padded_tokens=cur[5] - last[5], device_used=used, device_total=total)
+        self.wall_factor = wall_factor(self.wall_factor, window.seconds, cur[6] - last[6],
+                                       cur[7] - last[7])
+        if self.tuner is None:
+            return cur
         changes = self.tuner.step(window, self.cost)
         if changes:
             k = self.knobs = self.tuner.knobs
@@ -549,8 +562,13 @@ class ReplicaCore:
         try:
             while True:
                 with self._cv:
-                    while self._slot is None and not self._stopping:
-                        self._engine_cv.wait()
+                    if self._slot is None:
+                        t_idle = time.monotonic()
+                        while self._slot is None and not self._stopping:
+                            self._engine_cv.wait()
+                        idle = time.monotonic() - t_idle
+                        with self._stats_lock:
+                            self._idle_s += idle
                     if self._slot is None:
                         return
                     batch, self._slot = self._slot, None
@@ -627,6 +645,7 @@ class ReplicaCore:
             self._fill += 0.1 * (real / padded - self._fill)
         with self._stats_lock:
             self._busy_s += forward_s + finish_s
+            self._predicted_run_s += batch.predicted_s
             self._c["batches"] += 1
             self._c["sequences"] += len(seqs)
             self._c["tokens"] += real
@@ -695,6 +714,16 @@ class ReplicaCore:
                 cost_relative_error=self.cost.error, batch_budget_tokens=knobs.max_batch_tokens,
                 batch_timeout_seconds=knobs.batch_timeout_s, batch_min_fill=knobs.min_fill)
         return msg
+
+
+def wall_factor(current: float, seconds: float, idle_s: float, predicted_s: float) -> float:
+    """The moving wall-per-predicted-second factor after a window of ``seconds`` in which the
+    engine waited ``idle_s`` and ran batches the cost model priced at ``predicted_s``. A window
+    with little work says nothing (the factor stays); the factor is kept within [0.5, 10]."""
+    if seconds <= 0 or predicted_s < 0.2 * seconds:
+        return current
+    ratio = min(10.0, max(0.5, max(0.0, seconds - idle_s) / predicted_s))
+    return current + 0.3 * (ratio - current)
 
 
 def _knob_text(v: Any) -> str:

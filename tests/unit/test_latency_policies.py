@@ -334,3 +334,26 @@ def test_every_change_says_what_and_why_and_is_counted():
     assert (c.knob, c.old, c.new) == ("batch_timeout_s", 0.002, 0.0) and c.reason
     assert t.changes == 1
     assert not math.isnan(t.knobs.batch_timeout_s)
+
+
+# --- the wall factor: queue drain slower than the passes add up to -----------------------------
+
+def test_wall_factor_follows_how_much_slower_the_queue_drains_than_predicted():
+    from floe.replica.core import wall_factor
+
+    f = 1.0
+    for _ in range(30):   # 1 s windows, never idle, passes priced at 0.5 s: the queue drains at half
+        f = wall_factor(f, seconds=1.0, idle_s=0.0, predicted_s=0.5)
+    assert f == pytest.approx(2.0, rel=0.01)
+    # idle time is not the model's fault: 0.5 s busy for 0.5 s predicted is on time
+    g = 2.0
+    for _ in range(30):
+        g = wall_factor(g, seconds=1.0, idle_s=0.5, predicted_s=0.5)
+    assert g == pytest.approx(1.0, rel=0.01)
+    # a window with little work says nothing
+    assert wall_factor(1.7, seconds=1.0, idle_s=0.95, predicted_s=0.05) == 1.7
+    # bounded both ways
+    for _ in range(60):
+        f = wall_factor(f, seconds=1.0, idle_s=0.0, predicted_s=0.2)
+    assert f <= 5.0 + 1e-9
+    assert wall_factor(1.0, 1.0, 0.0, 100.0) >= 0.5
