@@ -14,8 +14,8 @@ Scenarios (every rate is a fraction of ``capacity``, the closed-loop requests/s 
   the default server without a target, for comparison).
 - ``light``: one query of about 12 words at 10% of capacity, 20 s, tuning on and off.
 - ``step``: 10% then 90% of capacity (the step at 15 s of 45), tuning on.
-- ``sweep``: closed-loop capacity of static configurations (--no-tuning, budgets 1024 / 2048 /
-  4096) against the tuned default.
+- ``sweep``: closed-loop capacity of static configurations (--no-tuning, budgets
+  ``--sweep-budgets``, 1024 / 2048 / 4096 by default) against the tuned default.
 - ``deadline``: a gRPC call with a 200 ms deadline behind a full queue (10 s of work queued).
 
 Writes one JSON per run, PNGs of the open-loop runs, and ``summary.json``.
@@ -147,6 +147,10 @@ def main() -> int:
     p.add_argument("--target-ms", type=float, default=1000.0)
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--scenarios", default="capacity,overload,light,step,sweep,deadline")
+    p.add_argument("--sweep-budgets", default="1024,2048,4096",
+                   help="Token budgets of the static configurations the sweep compares.")
+    p.add_argument("--concurrency", type=int, default=8, help="Closed loops' concurrency.")
+    p.add_argument("--closed-seconds", type=float, default=20.0, help="Closed loops' length.")
     p.add_argument("--serve-flag", action="append", default=[],
                    help="Extra `floe serve` flag for every server (repeat; e.g. --serve-flag=--max-batch-tokens=4096).")
     args = p.parse_args()
@@ -163,8 +167,8 @@ def main() -> int:
             json.dump(summary, f, indent=1)
 
     with serve(args.out, "default", model, *extra) as (url, _):
-        r = bench(args.out, "capacity", url, model, *shape, "--concurrency", "8", "--duration",
-                  "20", "--requests", "1500")
+        r = bench(args.out, "capacity", url, model, *shape, "--concurrency", str(args.concurrency), "--duration",
+                  str(args.closed_seconds), "--requests", "1500")
         capacity = r["requests_per_s"]
     summary["capacity"] = row(r)
     print(f"capacity: {capacity:.2f} req/s ({r['tokens_per_s']:.0f} tok/s)", flush=True)
@@ -209,12 +213,12 @@ def main() -> int:
         save()
     if "sweep" in todo:
         summary["sweep"] = {}
-        for name, flags in (("tuned", []), ("static-1024", ["--no-tuning", "--max-batch-tokens", "1024"]),
-                            ("static-2048", ["--no-tuning", "--max-batch-tokens", "2048"]),
-                            ("static-4096", ["--no-tuning", "--max-batch-tokens", "4096"])):
+        configs = [("tuned", [])] + [(f"static-{b}", ["--no-tuning", "--max-batch-tokens", b])
+                                     for b in args.sweep_budgets.split(",")]
+        for name, flags in configs:
             with serve(args.out, f"sweep-{name}", model, *extra, *flags) as (url, _):
-                r = bench(args.out, f"sweep-{name}", url, model, *shape, "--concurrency", "8",
-                          "--duration", "20", "--requests", "1500")
+                r = bench(args.out, f"sweep-{name}", url, model, *shape, "--concurrency", str(args.concurrency),
+                          "--duration", str(args.closed_seconds), "--requests", "1500")
             summary["sweep"][name] = row(r)
             print("sweep", name, f"{r['requests_per_s']:.2f} req/s", flush=True)
             save()
