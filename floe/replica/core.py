@@ -187,7 +187,8 @@ class ReplicaCore:
                        batches=0, dropped_sequences=0, refused_requests=0, expired_requests=0,
                        tuning_changes=0)
         self._busy_s = 0.0   # forward and finish seconds of every batch so far (the tuner's load)
-        self._idle_s = 0.0   # seconds the engine thread waited for a batch
+        self._idle_s = 0.0   # seconds the engine thread waited for a batch (waits that ended)
+        self._idle_since: Optional[float] = None   # when its current wait began (guarded by lock)
         self._predicted_run_s = 0.0   # the cost model's seconds for the batches run so far
         # Wall seconds per predicted second while the engine has work: the cost model times the
         # forward pass, and a replica sharing its cores (the front end, other replicas, its own
@@ -523,10 +524,15 @@ class ReplicaCore:
         return out
 
     def _window_counters(self) -> tuple:
+        """Cumulative counters a window is the difference of (called with the lock held). Idle
+        time includes the engine's wait in progress: a model whose pass outlasts the window
+        would otherwise look idle in every window no pass ended in, or busy while it waits."""
+        now = time.monotonic()
+        waiting = 0.0 if self._idle_since is None else now - self._idle_since
         with self._stats_lock:
             c = self._c
-            return (time.monotonic(), self._busy_s, c["batches"],
-                    c["sequences"], c["tokens"], c["padded_tokens"], self._idle_s,
+            return (now, self._busy_s, c["batches"],
+                    c["sequences"], c["tokens"], c["padded_tokens"], self._idle_s + waiting,
                     self._predicted_run_s)
 
     def _tune(self, now: float, last: tuple) -> tuple:
@@ -537,7 +543,11 @@ class ReplicaCore:
             used, total = self.engine.memory()
         except Exception:  # noqa: BLE001 - a failed device query must not stop the batcher
             used, total = 0, 0
-        window = Window(seconds=cur[0] - last[0], busy_s=cur[1] - last[1], batches=cur[2] - last[2],
+        seconds = cur[0] - last[0]
+        # busy: the wall time the engine was not waiting for a batch (its passes' own seconds
+        # arrive only when each ends, so a long pass would leave windows empty)
+        window = Window(seconds=seconds, busy_s=max(0.0, seconds - (cur[6] - last[6])),
+                        batches=cur[2] - last[2],
                         sequences=cur[3] - last[3], real_tokens=cur[4] - last[4],
                         padded_tokens=cur[5] - last[5], device_used=used, device_total=total)
         self.wall_factor = wall_factor(self.wall_factor, window.seconds, cur[6] - last[6],
@@ -563,10 +573,11 @@ class ReplicaCore:
             while True:
                 with self._cv:
                     if self._slot is None:
-                        t_idle = time.monotonic()
+                        t_idle = self._idle_since = time.monotonic()
                         while self._slot is None and not self._stopping:
                             self._engine_cv.wait()
                         idle = time.monotonic() - t_idle
+                        self._idle_since = None
                         with self._stats_lock:
                             self._idle_s += idle
                     if self._slot is None:

@@ -491,3 +491,26 @@ async def test_tuning_drops_the_batch_wait_at_light_load(make_timed_core, monkey
     stats = core.stats()
     assert stats.batch_timeout_seconds == 0.0 and stats.tuning_changes >= 1
     assert core.knobs.batch_timeout_s == 0.0 and core._sched.batch_timeout_s == 0.0
+
+
+async def test_a_pass_longer_than_the_tuning_window_counts_as_busy(make_timed_core, monkeypatch):
+    # windows in which no pass ended are still busy while a pass runs (a slow model's long
+    # passes must not flip the tuner to light load and back)
+    from floe.replica import core as core_module
+
+    monkeypatch.setattr(core_module, "TUNE_WINDOW_S", 0.05)
+    core, engine = make_timed_core(0.001, tuning=True, batch_timeout_ms=5.0, max_batch_size=1)
+    engine.gate.clear()
+    tasks = [asyncio.create_task(core.submit(TokenBatch.from_lists([[1, 2, 3]]), EncodeOptions(),
+                                             "held"))]
+    await _until(lambda: _started(engine))
+    for i in range(8):   # each arrival wakes the batcher, which looks at the load
+        await asyncio.sleep(0.06)
+        tasks.append(asyncio.create_task(core.submit(TokenBatch.from_lists([[4, 5, i + 6]]),
+                                                     EncodeOptions(), f"w{i}")))
+    await _until(lambda: core.tuner.changes or len(core._sched) > 0)
+    await asyncio.sleep(0.1)
+    assert core.tuner.level == "busy"
+    assert core.knobs.batch_timeout_s == pytest.approx(0.005)
+    engine.gate.set()
+    await asyncio.gather(*tasks)
