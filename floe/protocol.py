@@ -4,11 +4,14 @@ Everything that crosses between the front end and a replica is one of the types 
 only code that converts them to and from the wire lives here, with round-trip tests in
 tests/unit/test_protocol.py:
 
-* the data plane: ``EncodeOptions``, ``TokenBatch``, ``EmbedResult`` and their protobuf form
-  (floe/proto/floe.proto), the same messages on every transport;
-* the replica link's frames (``Frame``, ``frame``, ``FrameReader``): how those messages and the
-  link's control calls (health, info, abort) travel on a replica's Unix socket, and the one error
-  codec a frame carries (``error_to_frame`` / ``error_from_frame``, over errors.error_fields);
+* the data plane: ``EncodeOptions``, ``TokenBatch``, ``EmbedResult``, and their public protobuf
+  form (floe/proto/floe.proto: the gRPC API, and a standalone or TCP replica, itself a public
+  server);
+* the private link between a front end and its replicas on this machine: floe's own messages
+  (``EncodeCall`` / ``EncodeAnswer`` keyed by model and kind, ``HealthCall``, ``AbortCall``;
+  msgspec structs in MessagePack) in frames (``Frame``, ``frame``, ``FrameReader``) on a
+  replica's Unix socket, and the one error codec a frame carries (``error_to_frame`` /
+  ``error_from_frame``, over errors.error_fields);
 * the control plane: what the supervisor hands a child process at launch and what the child
   answers (``ReplicaLaunch``, ``ReplicaHello``, ``FrontendLaunch``, ``FrontendHello``,
   ``ReplicaTable``).
@@ -25,9 +28,11 @@ import json
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
+import msgspec
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from floe.errors import FloeError, InternalError, ValidationError, error_fields, error_from_fields
 from floe.proto import floe_pb2
@@ -294,28 +299,208 @@ class Frame(enum.IntEnum):
     are answered in any order, matched by call id.
 
     The client opens with HELLO (the replica's launch token); a connection that does not start
-    with the right one is closed. A call is one request frame, answered by RESULT (the answer's
-    protobuf) or ERROR (``error_to_frame``). CANCEL (empty) withdraws a call: the replica drops
+    with the right one is closed. A call is one request frame, answered by RESULT (the answer,
+    ``FRAME_CALLS``) or ERROR (``error_to_frame``). CANCEL (empty) withdraws a call: the replica drops
     its queued work, as a gRPC deadline or cancellation would.
     """
 
     HELLO = 1
-    ENCODE = 2      # floe.v1.EncodeRequest          -> EncodeResponse
+    ENCODE = 2      # EncodeCall                     -> EncodeAnswer
     RESULT = 3
     ERROR = 4
     CANCEL = 5
-    HEALTH = 6      # floe.v1.HealthCheckRequest     -> HealthCheckResponse
-    INFO = 7        # floe.v1.GetReplicaInfoRequest  -> GetReplicaInfoResponse
-    ABORT = 8       # floe.v1.AbortRequest           -> AbortResponse
+    HEALTH = 6      # HealthCall                     -> HealthAnswer
+    INFO = 7        # InfoCall                       -> floe.v1.GetReplicaInfoResponse
+    ABORT = 8       # AbortCall                      -> AbortAnswer
 
 
-# The protobuf request and answer of each call frame.
+# --- the private link's messages (frames on a replica's Unix socket) ---------------------------
+#
+# floe's own, not the public floe.v1 API: msgspec structs in MessagePack, positional (array_like)
+# so a message is its values. The public API may grow fields a client sends (texts, chunking) that
+# mean nothing between a front end and its replica; these carry exactly what crosses. Every call
+# names the model and the request kind it is meant for, and the replica refuses one meant for
+# another (a misrouted call is a bug, answered as an internal error, never computed).
+# GetReplicaInfo stays floe.v1: it is what the public GetReplicaInfo and /metrics return.
+
+
+class LinkOptions(msgspec.Struct, frozen=True, array_like=True):
+    """EncodeOptions on the link; ``deadline_ms``: milliseconds left when sent (None: none)."""
+
+    normalize: Optional[bool] = None
+    truncate: Optional[bool] = None
+    truncation_direction: str = "right"
+    prompt_name: Optional[str] = None
+    prompt: Optional[str] = None
+    dimensions: Optional[int] = None
+    output_dtype: str = "float32"
+    priority: int = 0
+    deadline_ms: Optional[float] = None
+
+
+class EncodeCall(msgspec.Struct, frozen=True, array_like=True):
+    """A request's token ids for one model and kind (the front end tokenized and validated)."""
+
+    request_id: str
+    model: str            # the served model's name
+    kind: str             # its kind (floe/kinds: "embed", "score", "sparse")
+    ids: bytes            # int32 little-endian, every item's ids concatenated
+    lengths: bytes        # int32 little-endian, one per item
+    options: LinkOptions
+    type_splits: Optional[bytes] = None   # int32 LE per item (cross-encoder pairs)
+    span_counts: Optional[bytes] = None   # int32 LE per item (late chunking)
+    span_bounds: Optional[bytes] = None   # int32 LE (start, end) pairs
+
+
+class EncodeAnswer(msgspec.Struct, frozen=True, array_like=True):
+    request_id: str
+    model: str
+    n: int
+    dim: int
+    dtype: str
+    data: bytes
+    token_counts: bytes                   # int64 LE per item
+    timings: tuple[float, float, float, float]   # tokenize, queue, inference, total seconds
+    sparse_counts: Optional[bytes] = None  # int64 LE per row
+    sparse_indices: Optional[bytes] = None  # int32 LE
+    sparse_values: Optional[bytes] = None  # float32 LE
+
+
+class HealthCall(msgspec.Struct, frozen=True, array_like=True):
+    pass
+
+
+class HealthAnswer(msgspec.Struct, frozen=True, array_like=True):
+    healthy: bool
+    ready: bool
+    message: str = ""
+
+
+class InfoCall(msgspec.Struct, frozen=True, array_like=True):
+    pass
+
+
+class AbortCall(msgspec.Struct, frozen=True, array_like=True):
+    request_id: str
+
+
+class AbortAnswer(msgspec.Struct, frozen=True, array_like=True):
+    success: bool
+    message: str = ""
+
+
+# The request and answer of each call frame.
 FRAME_CALLS: dict[Frame, tuple[type, type]] = {
-    Frame.ENCODE: (floe_pb2.EncodeRequest, floe_pb2.EncodeResponse),
-    Frame.HEALTH: (floe_pb2.HealthCheckRequest, floe_pb2.HealthCheckResponse),
-    Frame.INFO: (floe_pb2.GetReplicaInfoRequest, floe_pb2.GetReplicaInfoResponse),
-    Frame.ABORT: (floe_pb2.AbortRequest, floe_pb2.AbortResponse),
+    Frame.ENCODE: (EncodeCall, EncodeAnswer),
+    Frame.HEALTH: (HealthCall, HealthAnswer),
+    Frame.INFO: (InfoCall, floe_pb2.GetReplicaInfoResponse),
+    Frame.ABORT: (AbortCall, AbortAnswer),
 }
+_MSGPACK = msgspec.msgpack.Encoder()
+_DECODERS: dict[type, Any] = {}
+
+
+def encode_message(msg: Any) -> bytes:
+    """A frame's payload: MessagePack for the link's own messages, protobuf for floe.v1's."""
+    if isinstance(msg, msgspec.Struct):
+        return _MSGPACK.encode(msg)
+    return msg.SerializeToString()
+
+
+def decode_message(kind: type, payload: bytes) -> Any:
+    """The message of type ``kind`` in ``payload``; ValidationError when it is not one."""
+    try:
+        if issubclass(kind, msgspec.Struct):
+            dec = _DECODERS.get(kind)
+            if dec is None:
+                dec = _DECODERS[kind] = msgspec.msgpack.Decoder(kind)
+            return dec.decode(payload)
+        return kind.FromString(payload)
+    except (msgspec.DecodeError, DecodeError, ValueError, RuntimeError):
+        raise ValidationError(f"the message is not a valid {kind.__name__}") from None
+
+
+def _i32(values: Any) -> bytes:
+    return np.asarray(values, dtype="<i4").tobytes()
+
+
+def link_options(o: EncodeOptions) -> LinkOptions:
+    left = None
+    if o.deadline is not None:
+        left = max(1e-3, (o.deadline - time.monotonic()) * 1000.0)
+    return LinkOptions(o.normalize, o.truncate, o.truncation_direction, o.prompt_name, o.prompt,
+                       o.dimensions, o.output_dtype, o.priority, left)
+
+
+def options_from_link(o: LinkOptions) -> EncodeOptions:
+    if o.output_dtype not in OUTPUT_DTYPES:
+        raise ValidationError(f"unknown output_dtype {o.output_dtype!r}", param="output_dtype")
+    if o.truncation_direction not in ("left", "right"):
+        raise ValidationError(f"unknown truncation_direction {o.truncation_direction!r}",
+                              param="truncation_direction")
+    deadline = None
+    if o.deadline_ms is not None and o.deadline_ms == o.deadline_ms:   # not NaN
+        deadline = deadline_after(o.deadline_ms / 1000.0)
+    return EncodeOptions(normalize=o.normalize, truncate=o.truncate,
+                         truncation_direction=o.truncation_direction, prompt_name=o.prompt_name,
+                         prompt=o.prompt, dimensions=o.dimensions, output_dtype=o.output_dtype,
+                         priority=o.priority, deadline=deadline)
+
+
+def encode_call(request_id: str, tokens: "TokenBatch", options: EncodeOptions, model: str,
+                kind: str) -> EncodeCall:
+    spans = tokens.spans
+    return EncodeCall(
+        request_id=request_id, model=model, kind=kind, ids=_i32(tokens.ids),
+        lengths=_i32(tokens.lengths), options=link_options(options),
+        type_splits=None if tokens.type_splits is None else _i32(tokens.type_splits),
+        span_counts=None if spans is None else _i32(spans.counts),
+        span_bounds=None if spans is None else _i32(spans.bounds))
+
+
+def tokens_from_call(call: EncodeCall) -> "TokenBatch":
+    """The call's token ids; malformed buffers are a ValidationError."""
+    for name in ("ids", "lengths", "type_splits", "span_counts", "span_bounds"):
+        buf = getattr(call, name)
+        if buf is not None and len(buf) % 4:
+            raise ValidationError(f"{name} is not whole int32s", param=name)
+    lengths = np.frombuffer(call.lengths, dtype="<i4").astype(np.int64)
+    tokens = TokenBatch.from_bytes(call.ids, lengths.tolist())
+    splits = (None if call.type_splits is None
+              else np.frombuffer(call.type_splits, dtype="<i4").astype(np.int64))
+    spans = None
+    if call.span_counts is not None or call.span_bounds is not None:
+        if call.span_bounds is None or call.span_counts is None or len(call.span_bounds) % 8:
+            raise ValidationError("span_bounds is not whole int32 pairs", param="spans")
+        spans = Spans(counts=np.frombuffer(call.span_counts, dtype="<i4").astype(np.int64),
+                      bounds=np.frombuffer(call.span_bounds, dtype="<i4").astype(np.int64))
+    if splits is not None or spans is not None:
+        tokens = TokenBatch(tokens.ids, tokens.lengths, splits, spans)
+    return tokens
+
+
+def encode_answer(r: "EmbedResult") -> EncodeAnswer:
+    t = r.timings
+    sparse = r.sparse
+    return EncodeAnswer(
+        request_id=r.request_id, model=r.model, n=r.n, dim=r.dim, dtype=r.dtype, data=r.data,
+        token_counts=np.asarray(r.token_counts, dtype="<i8").tobytes(),
+        timings=(t.tokenize_s, t.queue_s, t.inference_s, t.total_s),
+        sparse_counts=None if sparse is None else np.asarray(sparse.counts, "<i8").tobytes(),
+        sparse_indices=None if sparse is None else np.asarray(sparse.indices, "<i4").tobytes(),
+        sparse_values=None if sparse is None else np.asarray(sparse.values, "<f4").tobytes())
+
+
+def result_from_answer(a: EncodeAnswer) -> "EmbedResult":
+    sparse = None
+    if a.sparse_counts is not None:
+        sparse = SparseRows(counts=np.frombuffer(a.sparse_counts, dtype="<i8").astype(np.int64),
+                            indices=np.frombuffer(a.sparse_indices or b"", dtype="<i4"),
+                            values=np.frombuffer(a.sparse_values or b"", dtype="<f4"))
+    return EmbedResult(n=a.n, dim=a.dim, dtype=a.dtype, data=a.data,
+                       token_counts=np.frombuffer(a.token_counts, dtype="<i8").astype(np.int64),
+                       model=a.model, request_id=a.request_id, timings=Timings(*a.timings),
+                       sparse=sparse)
 FRAME_HEADER = struct.Struct("<IIB")
 MAX_CALL_ID = 2 ** 32 - 1
 

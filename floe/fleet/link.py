@@ -3,9 +3,11 @@
 ``open_link(address, ...)`` returns a ``ReplicaLink`` for a replica's address, chosen by its
 scheme alone: ``unix:/path`` is the replica's frames socket on this machine
 (floe/transport/frames.py), ``host:port`` its gRPC server (a replica reached over TCP: the
-ArcticInference-style replica manager's ``--replica-transport tcp``, a remote replica). Both carry
-the same floe.v1 messages and answer the same four calls: ``encode``, ``health``, ``info``,
-``abort``.
+ArcticInference-style replica manager's ``--replica-transport tcp``, a remote replica). Both
+answer the same four calls (``encode``: token ids and options in, an EmbedResult out;
+``health``, ``info``, ``abort``); what travels differs: floe's own messages on frames
+(protocol.py ``EncodeCall``, named for a model and kind), the public floe.v1 API over gRPC (a
+TCP replica is a public server).
 
 What can go wrong is told apart here, once, for both transports; the router and the supervisor
 never see a transport's own exception or status name:
@@ -31,7 +33,9 @@ from typing import Optional
 from floe import errors
 from floe.errors import ErrorKind, FloeError, UnavailableError
 from floe.proto import floe_pb2
-from floe.protocol import Frame
+from floe.protocol import (AbortCall, EmbedResult, EncodeOptions, Frame, HealthAnswer, HealthCall, InfoCall,
+                           TokenBatch, encode_call, request_to_proto, result_from_answer,
+                           result_from_proto)
 
 
 class LinkError(UnavailableError):
@@ -57,17 +61,22 @@ class ReplicaTimeout(LinkError):
 class ReplicaLink(abc.ABC):
     """One replica's four calls. Raises the replica's FloeError, or a LinkError."""
 
-    def __init__(self, address: str, replica_index: int) -> None:
+    def __init__(self, address: str, replica_index: int, model: str = "", kind: str = "") -> None:
         self.address = address
         self.replica_index = replica_index
+        # what every call says it is meant for (the replica refuses another model's or kind's)
+        self.model = model
+        self.kind = kind
         self.closed = False
 
     @abc.abstractmethod
-    async def encode(self, msg: floe_pb2.EncodeRequest, timeout: Optional[float]) -> floe_pb2.EncodeResponse:
+    async def encode(self, request_id: str, tokens: TokenBatch, options: EncodeOptions,
+                     timeout: Optional[float]) -> EmbedResult:
         ...
 
     @abc.abstractmethod
-    async def health(self, timeout: float) -> floe_pb2.HealthCheckResponse: ...
+    async def health(self, timeout: float) -> "HealthAnswer | floe_pb2.HealthCheckResponse":
+        """``.healthy``, ``.ready``, ``.message``, whichever transport answered."""
 
     @abc.abstractmethod
     async def info(self, timeout: float) -> floe_pb2.GetReplicaInfoResponse: ...
@@ -102,8 +111,9 @@ class ReplicaLink(abc.ABC):
 class FramesLink(ReplicaLink):
     """A replica on this machine: frames on its Unix socket."""
 
-    def __init__(self, address: str, replica_index: int, token: str, receive_limit: int) -> None:
-        super().__init__(address, replica_index)
+    def __init__(self, address: str, replica_index: int, token: str, receive_limit: int,
+                 model: str = "", kind: str = "") -> None:
+        super().__init__(address, replica_index, model, kind)
         from floe.transport.frames import FramesConnection
 
         self._conn = FramesConnection(address[len("unix:"):], token, receive_limit)
@@ -120,18 +130,19 @@ class FramesLink(ReplicaLink):
         except FloeError as e:
             raise self._from_replica(e) from None
 
-    async def encode(self, msg, timeout):
-        return await self._call(Frame.ENCODE, msg, timeout)
+    async def encode(self, request_id, tokens, options, timeout):
+        call = encode_call(request_id, tokens, options, self.model, self.kind)
+        return result_from_answer(await self._call(Frame.ENCODE, call, timeout))
 
     async def health(self, timeout):
-        return await self._call(Frame.HEALTH, floe_pb2.HealthCheckRequest(), timeout)
+        return await self._call(Frame.HEALTH, HealthCall(), timeout)
 
     async def info(self, timeout):
-        return await self._call(Frame.INFO, floe_pb2.GetReplicaInfoRequest(), timeout)
+        return await self._call(Frame.INFO, InfoCall(), timeout)
 
     async def abort(self, request_id, timeout):
         try:
-            reply = await self._call(Frame.ABORT, floe_pb2.AbortRequest(request_id=request_id), timeout)
+            reply = await self._call(Frame.ABORT, AbortCall(request_id=request_id), timeout)
         except FloeError:
             return False
         return reply.success
@@ -157,8 +168,9 @@ _TRANSPORT_HINTS = ("rst_stream", "stream removed", "socket closed", "connection
 class GrpcLink(ReplicaLink):
     """A replica reached over TCP: its floe.v1.Embedder gRPC server."""
 
-    def __init__(self, address: str, replica_index: int, token: str, receive_limit: int) -> None:
-        super().__init__(address, replica_index)
+    def __init__(self, address: str, replica_index: int, token: str, receive_limit: int,
+                 model: str = "", kind: str = "") -> None:
+        super().__init__(address, replica_index, model, kind)
         import grpc
 
         from floe.proto import floe_pb2_grpc
@@ -225,8 +237,10 @@ class GrpcLink(ReplicaLink):
                 self._calls.discard(task)
                 self._failed_tasks.discard(task)
 
-    async def encode(self, msg, timeout):
-        return await self._call(self._stub.Encode, msg, timeout)
+    async def encode(self, request_id, tokens, options, timeout):
+        # a TCP replica is a public server: floe.v1 (its model named as the public API does)
+        msg = request_to_proto(request_id, options, tokens=tokens, model=self.model)
+        return result_from_proto(await self._call(self._stub.Encode, msg, timeout))
 
     async def health(self, timeout):
         return await self._call(self._stub.HealthCheck, floe_pb2.HealthCheckRequest(), timeout)
@@ -257,8 +271,9 @@ class GrpcLink(ReplicaLink):
 
 
 def open_link(address: str, replica_index: int, token: str = "",
-              receive_limit: int = 256 * 1024 * 1024) -> ReplicaLink:
-    """The link for ``address``: frames for ``unix:/path``, gRPC for ``host:port``."""
+              receive_limit: int = 256 * 1024 * 1024, model: str = "", kind: str = "") -> ReplicaLink:
+    """The link for ``address``: frames for ``unix:/path``, gRPC for ``host:port``; its calls
+    are meant for ``model`` of ``kind`` (empty: whatever the replica serves)."""
     if address.startswith("unix:"):
-        return FramesLink(address, replica_index, token, receive_limit)
-    return GrpcLink(address, replica_index, token, receive_limit)
+        return FramesLink(address, replica_index, token, receive_limit, model, kind)
+    return GrpcLink(address, replica_index, token, receive_limit, model, kind)

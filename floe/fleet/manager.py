@@ -39,7 +39,7 @@ from floe.protocol import ReplicaTable
 from floe.resolve import Hardware, resolve_batch
 from floe.fleet.balance import Balancer
 from floe.fleet.placement import plan_placement
-from floe.fleet.replica_client import load_fields, replica_info
+from floe.fleet.replica_client import link_key, load_fields, replica_info
 from floe.fleet.router import Routed, Router
 from floe.fleet.replica_slot import ReplicaSlot
 from floe.transport.grpc import grpc_target
@@ -69,8 +69,9 @@ class ReplicaManager(Routed):
         else:
             addresses = [grpc_target(r.replica_host, r.start_port + i) for i in range(r.num_replicas)]
         self._changed = asyncio.Event()   # set by any slot's change; cleared by tables()
+        key = link_key(spec)
         self.slots = [ReplicaSlot(i, addresses[i], placements[i], settings,
-                                  secrets.token_urlsafe(24), on_change=self._changed.set)
+                                  secrets.token_urlsafe(24), on_change=self._changed.set, key=key)
                       for i in range(r.num_replicas)]
         self.router = Router(Balancer(r.load_balancing), self.slots, r.forward_timeout,
                              r.replica_wait)

@@ -24,15 +24,18 @@ from floe.models.spec import ModelSpec
 from floe.proto import floe_pb2
 from floe.protocol import ReplicaEndpoint, ReplicaTable
 from floe.fleet.balance import Balancer, ReplicaLoad
-from floe.fleet.replica_client import ReplicaClient, coalesce_limits, load_fields, replica_info
+from floe.fleet.replica_client import (ReplicaClient, coalesce_limits, link_key, load_fields,
+                                       replica_info)
 from floe.fleet.router import Routed, Router
 
 
 class RemoteReplica:
     """One replica for the router (the ``Target`` of floe/fleet/router.py)."""
 
-    def __init__(self, index: int, receive_limit: int, coalesce: Optional[dict] = None) -> None:
+    def __init__(self, index: int, receive_limit: int, coalesce: Optional[dict] = None,
+                 key: tuple[str, str] = ("", "")) -> None:
         self.index = index
+        self.key = key   # (model, kind) every call on its link is meant for
         self.endpoint: Optional[ReplicaEndpoint] = None
         self.client: Optional[ReplicaClient] = None
         self.out_of_rotation = False
@@ -85,7 +88,8 @@ class RemoteReplica:
             await client.close()
         if e.state == "ready" and self.client is None:
             self.client = ReplicaClient(e.address, e.index, e.token,
-                                        receive_limit=self._receive_limit, **self._coalesce)
+                                        receive_limit=self._receive_limit, model=self.key[0],
+                                        kind=self.key[1], **self._coalesce)
         if e.healthy:
             self.out_of_rotation = False
         self.changed.set()
@@ -108,7 +112,8 @@ class RemoteReplicas(Routed):
         self.model = spec.name if spec is not None else ""
         r = settings.replicas
         limit = 256 * 1024 * 1024
-        self.targets = [RemoteReplica(i, limit, coalesce_limits(settings))
+        key = link_key(spec) if spec is not None else ("", "")
+        self.targets = [RemoteReplica(i, limit, coalesce_limits(settings), key)
                         for i in range(r.num_replicas)]
         self.router = Router(Balancer(r.load_balancing, start=worker_index), self.targets,
                              r.forward_timeout, r.replica_wait)

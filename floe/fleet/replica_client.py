@@ -20,7 +20,7 @@ from typing import Optional
 
 from floe.errors import FloeError
 from floe.proto import floe_pb2
-from floe.protocol import EmbedResult, EncodeOptions, TokenBatch, request_to_proto, result_from_proto
+from floe.protocol import EmbedResult, EncodeOptions, TokenBatch
 from floe.fleet.coalesce import Coalescer
 from floe.fleet.link import LinkError, ReplicaLink, open_link
 
@@ -28,15 +28,23 @@ from floe.fleet.link import LinkError, ReplicaLink, open_link
 CLOSE_GRACE_S = 2.0
 
 
+def link_key(spec) -> tuple[str, str]:
+    """(model, kind) the calls to a model's replicas name (protocol.py EncodeCall)."""
+    from floe.kinds import kind_of
+
+    return spec.name, kind_of(spec).name
+
+
 class ReplicaClient:
     """One link to one replica. Cheap to create; the supervisor makes one per (re)start."""
 
     def __init__(self, address: str, replica_index: int, token: str = "",
                  receive_limit: int = 256 * 1024 * 1024, coalesce_tokens: int = 0,
-                 coalesce_items: int = 256, link: Optional[ReplicaLink] = None) -> None:
+                 coalesce_items: int = 256, link: Optional[ReplicaLink] = None, model: str = "",
+                 kind: str = "") -> None:
         self.address = address
         self.replica_index = replica_index
-        self.link = link or open_link(address, replica_index, token, receive_limit)
+        self.link = link or open_link(address, replica_index, token, receive_limit, model, kind)
         self.in_flight_tokens = 0
         self.in_flight_requests = 0
         self.calls_in_flight = 0   # Encode calls on the wire (a merged call carries several requests)
@@ -74,10 +82,9 @@ class ReplicaClient:
 
     async def _call(self, tokens: TokenBatch, options: EncodeOptions, request_id: str,
                     timeout: Optional[float]) -> EmbedResult:
-        msg = request_to_proto(request_id, options, tokens=tokens)
         self.calls_in_flight += 1
         try:
-            reply = await self.link.encode(msg, timeout)
+            result = await self.link.encode(request_id, tokens, options, timeout)
         except LinkError:
             raise
         except FloeError:
@@ -86,7 +93,7 @@ class ReplicaClient:
         finally:
             self.calls_in_flight -= 1
         self.last_answer = time.monotonic()
-        return result_from_proto(reply)
+        return result
 
     @property
     def queued_requests(self) -> int:

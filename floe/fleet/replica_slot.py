@@ -49,13 +49,15 @@ class ReplicaSlot(ChildProcess):
     HELLO = ReplicaHello
 
     def __init__(self, index: int, address: str, placement: Placement, settings: Settings,
-                 token: str, on_change: Optional[Callable[[], None]] = None) -> None:
+                 token: str, on_change: Optional[Callable[[], None]] = None,
+                 key: tuple[str, str] = ("", "")) -> None:
         super().__init__(f"replica {index}", settings.replicas, f"floe.replica.{index}", on_change)
         self.index = index
         self.address = address      # "unix:/path" or "host:port"
         self.placement = placement
         self.settings = settings
         self.token = token
+        self.key = key   # (model, kind) every call on its link is meant for
         self.client: Optional[ReplicaClient] = None
         self._healthy = False
         self.probe_failures = 0
@@ -129,8 +131,8 @@ class ReplicaSlot(ChildProcess):
 
     def _on_ready(self, hello: ReplicaHello) -> None:
         self.client = ReplicaClient(hello.address, self.index, token=self.token,
-                                    receive_limit=256 * 1024 * 1024,
-                                    **coalesce_limits(self.settings))
+                                    receive_limit=256 * 1024 * 1024, model=self.key[0],
+                                    kind=self.key[1], **coalesce_limits(self.settings))
         self.probe_failures = 0
         self.runs = {"engine": hello.engine, "dtype": hello.dtype, "device": hello.device}
         self.healthy = True

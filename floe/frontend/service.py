@@ -315,9 +315,11 @@ class EmbedService:
         abort = getattr(self.router, "abort", None)
         return bool(await abort(request_id)) if abort else False
 
-    async def batching(self, timeout: float = 2.0) -> dict:
+    async def batching(self, timeout: float = 0.5) -> dict:
         """The /info view of admission and tuning: the settings, and per replica its cost model,
-        its knobs now and its predicted queue time, from the replicas' own statistics."""
+        its knobs now and its predicted queue time, from the replicas' own statistics. Waits at
+        most ``timeout`` for them: /info is polled by people and scripts watching a replica that
+        hangs, and must answer at once (the replicas are then left out)."""
         b = self.settings.batch
         out: dict[str, Any] = {"latency_target_ms": b.latency_target_ms,
                                "max_queue_ms": None if b.latency_target_ms else b.max_queue_ms,

@@ -36,7 +36,7 @@ from typing import Optional
 from floe import validate
 from floe.edge import Edge
 from floe.config import Settings, add_arguments, settings_from, settings_from_dict
-from floe.errors import ConfigError, ModelLoadError, UnavailableError
+from floe.errors import ConfigError, InternalError, ModelLoadError, UnavailableError
 from floe.proto import floe_pb2
 from floe.protocol import EmbedResult, EncodeOptions, ReplicaHello, ReplicaLaunch, TokenBatch
 
@@ -137,6 +137,14 @@ class ReplicaBackend:
         result.timings.tokenize_s = t_tok
         result.timings.total_s = time.monotonic() - t0
         return result
+
+    def check_key(self, model: str, kind: str) -> None:
+        """A call on the private link names the model and kind it is meant for: another model's
+        or kind's call reached the wrong replica (a routing bug), and is never computed."""
+        if (model and model != self.spec.name) or (kind and kind != self.core.kind.name):
+            log.error("a call for %r (%s) reached replica %s of %r (%s)", model, kind,
+                      self.core.replica_id, self.spec.name, self.core.kind.name)
+            raise InternalError("the request reached a replica of another model")
 
     def ready(self) -> bool:
         return self.core.ready and not self.draining

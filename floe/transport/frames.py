@@ -5,7 +5,8 @@ this module only moves them over asyncio sockets. Why not gRPC on one machine: w
 (a device that costs nothing) gRPC's aio layer was the largest single cost on both sides of the
 link (py-spy, docs/benchmarks-history.md): about half of a replica's GIL time and a fifth of the
 front end's, per call, for messages that never leave the machine. Here a call is one ``write`` of a
-frame and one future, and the messages are the same protobufs gRPC carries.
+frame and one future, and the messages are floe's own (protocol.py: ``EncodeCall`` and the rest),
+not the public API's.
 
 A frame larger than the receiver's limit, an unknown type or a bad HELLO is a protocol error: the
 connection is closed (the client's calls on it fail as a lost replica and are retried).
@@ -19,12 +20,11 @@ import hmac
 import logging
 from typing import Any, Optional, Protocol
 
-from google.protobuf.message import DecodeError
-
 from floe.errors import FloeError, InternalError, ValidationError
 from floe.proto import floe_pb2
-from floe.protocol import (FRAME_CALLS, MAX_CALL_ID, Frame, FrameReader, encode_call_from_proto,
-                           error_from_frame, error_to_frame, frame, result_to_proto)
+from floe.protocol import (FRAME_CALLS, MAX_CALL_ID, AbortAnswer, Frame, FrameReader, HealthAnswer,
+                           decode_message, encode_answer, encode_message, error_from_frame,
+                           error_to_frame, frame, options_from_link, tokens_from_call)
 
 log = logging.getLogger("floe.frames")
 
@@ -33,6 +33,9 @@ class FramesBackend(Protocol):
     """What the replica's frames server calls (floe/replica/main.py ``ReplicaBackend``)."""
 
     async def encode(self, request_id: str, texts, tokens, options, model: str) -> Any: ...
+
+    def check_key(self, model: str, kind: str) -> None:
+        """Raises InternalError when a call names another model or kind than this replica's."""
 
     async def health(self) -> floe_pb2.HealthCheckResponse: ...
 
@@ -94,25 +97,23 @@ class _ServerConnection(asyncio.Protocol):
             self.transport.abort()
 
     async def _answer(self, kind: Frame, call_id: int, payload: bytes) -> bytes:
-        request_type, _ = FRAME_CALLS[kind]
-        try:
-            msg = request_type.FromString(payload)
-        except (DecodeError, ValueError, RuntimeError):
-            raise ValidationError(f"the request is not a valid {request_type.DESCRIPTOR.full_name} "
-                                  "message") from None
+        msg = decode_message(FRAME_CALLS[kind][0], payload)
         backend = self._backend
         if kind == Frame.ENCODE:
-            request_id, texts, tokens, options, model = encode_call_from_proto(msg)
-            result = await backend.encode(request_id or f"link-{call_id}", texts, tokens, options, model)
+            backend.check_key(msg.model, msg.kind)
+            tokens, options = tokens_from_call(msg), options_from_link(msg.options)
+            request_id = msg.request_id or f"link-{call_id}"
+            result = await backend.encode(request_id, None, tokens, options, msg.model)
             result.request_id = result.request_id or request_id
-            return result_to_proto(result).SerializeToString()
+            return encode_message(encode_answer(result))
         if kind == Frame.HEALTH:
-            return (await backend.health()).SerializeToString()
+            h = await backend.health()
+            return encode_message(HealthAnswer(healthy=h.healthy, ready=h.ready, message=h.message))
         if kind == Frame.INFO:
-            return (await backend.replica_info()).SerializeToString()
+            return encode_message(await backend.replica_info())
         ok = await backend.abort(msg.request_id)
-        return floe_pb2.AbortResponse(success=ok, message="aborted" if ok else
-                                      "no such request in flight").SerializeToString()
+        return encode_message(AbortAnswer(success=ok, message="aborted" if ok else
+                                          "no such request in flight"))
 
     async def _call(self, kind: Frame, call_id: int, payload: bytes) -> None:
         try:
@@ -248,7 +249,7 @@ class FramesConnection:
         call_id = self._next_id
         fut = asyncio.get_running_loop().create_future()
         conn.pending[call_id] = fut
-        conn.transport.write(frame(kind, call_id, msg.SerializeToString()))
+        conn.transport.write(frame(kind, call_id, encode_message(msg)))
         try:
             async with asyncio.timeout(timeout):
                 answer, payload = await fut
@@ -260,8 +261,8 @@ class FramesConnection:
             raise
         if answer == Frame.RESULT:
             try:
-                return FRAME_CALLS[kind][1].FromString(payload)
-            except (DecodeError, ValueError, RuntimeError):
+                return decode_message(FRAME_CALLS[kind][1], payload)
+            except ValidationError:
                 raise InternalError("the replica sent an unreadable answer") from None
         if answer == Frame.ERROR:
             raise error_from_frame(payload)

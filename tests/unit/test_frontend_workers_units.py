@@ -148,7 +148,7 @@ async def test_each_model_takes_only_its_own_rows_of_the_table():
     model b ignores model a's replicas, whatever their index."""
     from types import SimpleNamespace
 
-    view = RemoteReplicas(_settings(), spec=SimpleNamespace(name="b"))
+    view = RemoteReplicas(_settings(), spec=SimpleNamespace(name="b", task="embed"))
     a = ReplicaEndpoint(0, "unix:/nowhere/a0.sock", "t", 5, True, "ready", model="a")
     b = ReplicaEndpoint(0, "unix:/nowhere/b0.sock", "t", 6, True, "ready", model="b")
     await view.apply(ReplicaTable((a, b)))

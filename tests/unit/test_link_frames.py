@@ -13,7 +13,8 @@ import pytest
 
 from floe.errors import InternalError, OverloadedError, TooLargeError, UnavailableError, ValidationError
 from floe.proto import floe_pb2
-from floe.protocol import EmbedResult, EncodeOptions, TokenBatch, request_to_proto
+from floe.protocol import (AbortCall, EmbedResult, EncodeCall, EncodeOptions, HealthCall, InfoCall,
+                           LinkOptions, TokenBatch, encode_call)
 from floe.fleet.replica_client import ReplicaClient
 from floe.fleet.link import ReplicaDraining, ReplicaLost, ReplicaTimeout
 from floe.protocol import FRAME_HEADER as HEADER, Frame, frame
@@ -28,8 +29,9 @@ def batch(*rows: list[int]) -> TokenBatch:
     return TokenBatch.from_lists([list(r) for r in rows])
 
 
-def msg(request_id: str, tb: TokenBatch, **options) -> floe_pb2.EncodeRequest:
-    return request_to_proto(request_id, EncodeOptions(**options), tokens=tb)
+def msg(request_id: str, tb: TokenBatch, model: str = "m", kind: str = "embed",
+        **options) -> EncodeCall:
+    return encode_call(request_id, tb, EncodeOptions(**options), model, kind)
 
 
 class Replica:
@@ -42,6 +44,10 @@ class Replica:
         self.fail: dict[str, Exception] = {}
         self.aborted: list[str] = []
         self.ready = True
+
+    def check_key(self, model, kind):
+        if (model, kind) != ("m", "embed") and (model, kind) != ("", ""):
+            raise InternalError("the request reached a replica of another model")
 
     async def health(self):
         return floe_pb2.HealthCheckResponse(healthy=True, ready=self.ready, message="ok")
@@ -107,7 +113,7 @@ async def until(cond, seconds: float = 30.0) -> None:
 
 
 def rows(reply) -> np.ndarray:
-    return np.frombuffer(reply.embeddings, "<f4").reshape(reply.n, reply.dim)
+    return np.frombuffer(reply.data, "<f4").reshape(reply.n, reply.dim)
 
 
 async def test_concurrent_calls_each_get_their_own_answer(served):
@@ -145,10 +151,18 @@ async def test_errors_keep_their_kind_and_fields(served):
     assert rows(await client.encode(msg("ok", batch([5])), timeout=10)).tolist() == [[5, 1]]
 
 
-async def test_a_request_with_neither_texts_nor_ids_is_a_validation_error(served):
-    _, client, _ = served
-    with pytest.raises(ValidationError, match="neither texts nor token_ids"):
-        await client.encode(floe_pb2.EncodeRequest(request_id="e"), timeout=10)
+async def test_a_malformed_call_is_a_validation_error_and_a_misrouted_one_is_not_computed(served):
+    replica, client, _ = served
+    bad = EncodeCall(request_id="e", model="m", kind="embed", ids=b"\x01\x00\x00",
+                     lengths=b"\x01\x00\x00\x00", options=LinkOptions())
+    with pytest.raises(ValidationError, match="not whole int32s"):
+        await client.encode(bad, timeout=10)
+    with pytest.raises(ValidationError, match="not a valid EncodeCall"):
+        await client.encode(AbortCall(request_id="not an encode call"), timeout=10)
+    for model, kind in (("another-model", "embed"), ("m", "score")):
+        with pytest.raises(InternalError, match="another model"):
+            await client.encode(msg("misrouted", batch([1]), model=model, kind=kind), timeout=10)
+    assert "e" not in replica.calls and "misrouted" not in replica.calls
 
 
 async def test_timeout_and_cancellation_cancel_the_call_on_the_replica(served):
@@ -240,19 +254,19 @@ async def test_close_with_grace_lets_answers_in_flight_arrive(served):
 
 async def test_health_info_and_abort_travel_as_frames(served):
     replica, client, _ = served
-    h = await client.conn.call(Frame.HEALTH, floe_pb2.HealthCheckRequest(), 5)
+    h = await client.conn.call(Frame.HEALTH, HealthCall(), 5)
     assert h.healthy and h.ready and h.message == "ok"
-    info = await client.conn.call(Frame.INFO, floe_pb2.GetReplicaInfoRequest(), 5)
+    info = await client.conn.call(Frame.INFO, InfoCall(), 5)
     assert info.replicas[0].replica_id == "7"
     replica.hold["a"] = asyncio.Event()
-    a = await client.conn.call(Frame.ABORT, floe_pb2.AbortRequest(request_id="a"), 5)
-    b = await client.conn.call(Frame.ABORT, floe_pb2.AbortRequest(request_id="nope"), 5)
+    a = await client.conn.call(Frame.ABORT, AbortCall(request_id="a"), 5)
+    b = await client.conn.call(Frame.ABORT, AbortCall(request_id="nope"), 5)
     assert a.success and not b.success and replica.aborted == ["a", "nope"]
 
 
 async def test_replica_client_over_frames_maps_every_outcome(served):
     replica, _, path = served
-    rc = ReplicaClient(f"unix:{path}", 3, token=TOKEN)
+    rc = ReplicaClient(f"unix:{path}", 3, token=TOKEN, model="m", kind="embed")
     replica.fail = {"d": UnavailableError("replica is draining"),
                     "t": TooLargeError("too many tokens", param="input"),
                     "o": OverloadedError("queue full", retry_after=2.5)}

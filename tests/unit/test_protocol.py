@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -138,7 +140,63 @@ def test_a_frame_over_the_limit_is_refused_before_its_payload_arrives():
 def test_every_call_frame_has_its_request_and_answer_messages():
     from floe.protocol import FRAME_CALLS, Frame
 
+    import msgspec
+
     assert set(FRAME_CALLS) == {Frame.ENCODE, Frame.HEALTH, Frame.INFO, Frame.ABORT}
-    for request_type, answer_type in FRAME_CALLS.values():
-        assert request_type.FromString(request_type().SerializeToString()) == request_type()
-        assert answer_type.DESCRIPTOR.full_name.startswith("floe.v1.")
+    for kind, (request_type, answer_type) in FRAME_CALLS.items():
+        # the link's own messages; only GetReplicaInfo is the public API's (what it returns)
+        assert issubclass(request_type, msgspec.Struct)
+        if kind == Frame.INFO:
+            assert answer_type.DESCRIPTOR.full_name == "floe.v1.GetReplicaInfoResponse"
+        else:
+            assert issubclass(answer_type, msgspec.Struct)
+
+
+def test_the_private_encode_call_round_trips_every_field():
+    from floe.protocol import (Spans, decode_message, encode_call, encode_message, EncodeCall,
+                               options_from_link, tokens_from_call)
+
+    tb = TokenBatch(np.array([5, 6, 7, 8, 9, 10], dtype=np.int32), np.array([2, 4]),
+                    type_splits=np.array([1, 3]),
+                    spans=Spans(counts=np.array([1, 2]), bounds=np.array([0, 2, 0, 2, 2, 4])))
+    opts = EncodeOptions(normalize=False, truncate=True, truncation_direction="left",
+                         prompt_name="query", prompt="q: ", dimensions=8, output_dtype="float16",
+                         priority=3, deadline=time.monotonic() + 5.0)
+    wire = encode_message(encode_call("r1", tb, opts, "model-a", "embed"))
+    call = decode_message(EncodeCall, wire)
+    assert (call.request_id, call.model, call.kind) == ("r1", "model-a", "embed")
+    back = tokens_from_call(call)
+    np.testing.assert_array_equal(back.ids, tb.ids)
+    np.testing.assert_array_equal(back.lengths, tb.lengths)
+    np.testing.assert_array_equal(back.type_splits, [1, 3])
+    np.testing.assert_array_equal(back.spans.counts, [1, 2])
+    np.testing.assert_array_equal(back.spans.bounds.reshape(-1), [0, 2, 0, 2, 2, 4])
+    o = options_from_link(call.options)
+    assert (o.normalize, o.truncate, o.truncation_direction, o.prompt_name, o.prompt,
+            o.dimensions, o.output_dtype, o.priority) == (False, True, "left", "query", "q: ", 8,
+                                                          "float16", 3)
+    assert 4.0 < o.deadline - time.monotonic() <= 5.0   # the time left crossed, not the clock
+    plain = tokens_from_call(decode_message(EncodeCall, encode_message(
+        encode_call("r2", TokenBatch.from_lists([[1, 2]]), EncodeOptions(), "", ""))))
+    assert plain.type_splits is None and plain.spans is None
+    assert options_from_link(decode_message(EncodeCall, encode_message(encode_call(
+        "r3", TokenBatch.from_lists([[1]]), EncodeOptions(), "", ""))).options) == EncodeOptions()
+
+
+def test_the_private_encode_answer_round_trips_dense_and_sparse():
+    from floe.protocol import (EncodeAnswer, SparseRows, decode_message, encode_answer,
+                               encode_message, result_from_answer)
+
+    r = EmbedResult.from_array(np.arange(6, dtype=np.float32).reshape(2, 3), "float32",
+                               np.array([4, 5]), model="m", request_id="x")
+    r.timings = Timings(0.1, 0.2, 0.3, 0.6)
+    back = result_from_answer(decode_message(EncodeAnswer, encode_message(encode_answer(r))))
+    assert (back.n, back.dim, back.dtype, back.model, back.request_id) == (2, 3, "float32", "m", "x")
+    np.testing.assert_array_equal(back.as_float32(), r.as_float32())
+    assert back.token_counts.tolist() == [4, 5] and back.timings == r.timings
+    sparse = EmbedResult(n=2, dim=100, dtype="float32", data=b"", token_counts=np.array([3, 2]),
+                         sparse=SparseRows(counts=np.array([2, 1]), indices=np.array([3, 9, 7], "<i4"),
+                                           values=np.array([0.5, 1.5, 2.0], "<f4")))
+    sb = result_from_answer(decode_message(EncodeAnswer, encode_message(encode_answer(sparse))))
+    assert sb.sparse.counts.tolist() == [2, 1] and sb.sparse.indices.tolist() == [3, 9, 7]
+    assert sb.sparse.values.tolist() == [0.5, 1.5, 2.0] and sb.data == b""

@@ -21,7 +21,7 @@ GPU16 = Hardware(gpus=("0",), cores=tuple(range(16)))
 
 
 def spec(max_len: int = 256):
-    return SimpleNamespace(max_seq_length=max_len)
+    return SimpleNamespace(max_seq_length=max_len, name="m", task="embed")
 
 
 def test_cpu_host_defaults():
