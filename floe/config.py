@@ -162,7 +162,8 @@ class ReplicaSetSettings:
         "How the front end reaches its replicas. unix: a Unix socket in a private directory "
         "(mode 0700) that only this user can open, no ports to collide, and the link's frames "
         "(floe/transport/frames.py: a fraction of gRPC's cost per call on both sides). tcp: "
-        "gRPC on replica_host:start_port + i, for replicas another host must reach.")
+        "the same frames on replica_host:start_port + i, behind the launch token, for replicas "
+        "another host must reach.")
     replica_host: str = _knob("127.0.0.1", "Address replicas bind to (replica_transport tcp).")
     start_port: int = _knob(50100, "Replica i listens on start_port + i (replica_transport tcp).")
     num_gpus: int = _knob(1, "GPUs to place replicas on.")

@@ -20,7 +20,7 @@ from typing import Optional
 
 from floe.errors import FloeError
 from floe.proto import floe_pb2
-from floe.protocol import EmbedResult, EncodeOptions, TokenBatch
+from floe.protocol import EmbedResult, EncodeOptions, HealthAnswer, TokenBatch
 from floe.fleet.coalesce import Coalescer
 from floe.fleet.link import LinkError, ReplicaLink, open_link
 
@@ -100,7 +100,7 @@ class ReplicaClient:
         """Requests waiting for the end of this event-loop turn to be sent (merged or alone)."""
         return self._coalescer.queued
 
-    async def health(self, timeout: float = 1.0) -> floe_pb2.HealthCheckResponse:
+    async def health(self, timeout: float = 1.0) -> HealthAnswer:
         """The replica's HealthCheck; raises a FloeError when it does not answer in time."""
         return await self.link.health(timeout)
 

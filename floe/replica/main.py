@@ -262,34 +262,31 @@ async def serve(rt: Runtime, engine, tokenizers) -> int:
         limit = max(limit, settings.server.max_client_batch_size * engine.spec.max_seq_length * 4
                     + (1 << 20))
     backend = ReplicaBackend(core, tokenizers, settings, address=rt.address, trusted=rt.managed)
-    # The link a front end reaches this replica by (floe/fleet/link.py): frames on a managed
-    # replica's Unix socket; gRPC on TCP, and always for a standalone replica, which is a
-    # complete public server (floe.v1, ArcticInference, grpc.health, reflection).
-    frames_path = rt.address[len("unix:"):] if rt.managed and rt.address.startswith("unix:") else ""
+    # The link a front end reaches this replica by (floe/fleet/link.py): a managed replica
+    # speaks the private link's frames (floe/protocol.py), on its Unix socket or on TCP for a
+    # front end on another host; a standalone replica is a complete public server (floe.v1,
+    # ArcticInference, grpc.health, reflection) on gRPC.
     address = rt.address
     server = health = frames = None
-    if frames_path:
-        from floe.transport.frames import start_frames_server
+    if rt.managed:
+        from floe.transport.frames import split_address, start_frames_server
 
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(frames_path)   # left behind by a killed predecessor
+        scheme, where, _port = split_address(rt.address)
+        if scheme == "unix":
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(where)   # left behind by a killed predecessor
         try:
-            frames = await start_frames_server(frames_path, backend, rt.token, limit)
+            frames = await start_frames_server(rt.address, backend, rt.token, limit)
         except OSError as e:
-            raise AddressBusyError(f"cannot listen on {frames_path}: {e}") from None
-        os.chmod(frames_path, 0o600)
+            raise AddressBusyError(f"cannot listen on {rt.address}: {e}") from None
+        if scheme == "unix":
+            os.chmod(where, 0o600)
+        address = backend.address = frames.address
     else:
         from floe.transport.grpc import start_server
 
-        try:
-            server, health, ports = await start_server(backend, [rt.address], receive_limit=limit,
-                                                       api_key=rt.token)
-        except ConfigError as e:
-            if rt.managed:
-                # A busy address may be freed: not the "bad configuration" exit (2) the
-                # supervisor gives up on at once, but a failed start counted towards the cap.
-                raise AddressBusyError(str(e)) from None
-            raise
+        server, health, ports = await start_server(backend, [rt.address], receive_limit=limit,
+                                                   api_key=rt.token)
         if ports and ports[0]:
             host = rt.address.rsplit(":", 1)[0]
             address = f"{host}:{ports[0]}"

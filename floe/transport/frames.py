@@ -133,12 +133,27 @@ class _ServerConnection(asyncio.Protocol):
             self.transport.close()   # flushes what is written, then closes
 
 
-class FramesServer:
-    """A replica's frames listener. ``stop`` closes it once the replica has drained."""
+def split_address(address: str) -> tuple[str, str, int]:
+    """("unix", path, 0) for ``unix:/path`` (or a bare absolute path), ("tcp", host, port) for
+    ``host:port`` / ``[v6]:port``; ValueError for anything else."""
+    if address.startswith("unix:"):
+        return "unix", address[len("unix:"):], 0
+    if address.startswith("/"):
+        return "unix", address, 0
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"not a frames address: {address!r} (unix:/path or host:port)")
+    return "tcp", host.strip("[]"), int(port)
 
-    def __init__(self, server: asyncio.AbstractServer, connections: set) -> None:
+
+class FramesServer:
+    """A replica's frames listener. ``stop`` closes it once the replica has drained;
+    ``address`` is where it listens (a TCP port 0 resolved)."""
+
+    def __init__(self, server: asyncio.AbstractServer, connections: set, address: str) -> None:
         self._server = server
         self._connections = connections
+        self.address = address
 
     async def stop(self) -> None:
         self._server.close()
@@ -148,14 +163,24 @@ class FramesServer:
             await asyncio.wait_for(self._server.wait_closed(), 2.0)
 
 
-async def start_frames_server(path: str, backend: FramesBackend, token: Optional[str],
+async def start_frames_server(address: str, backend: FramesBackend, token: Optional[str],
                               max_payload: int) -> FramesServer:
-    """Listens on Unix socket ``path`` and answers call frames with ``backend``."""
+    """Listens on ``address`` (a Unix socket, or host:port for a replica another host reaches:
+    the same frames, behind the same launch token) and answers call frames with ``backend``."""
     connections: set = set()
     loop = asyncio.get_running_loop()
-    server = await loop.create_unix_server(
-        lambda: _ServerConnection(backend, token, max_payload, connections), path)
-    return FramesServer(server, connections)
+    scheme, where, port = split_address(address)
+
+    def factory():
+        return _ServerConnection(backend, token, max_payload, connections)
+
+    if scheme == "unix":
+        server = await loop.create_unix_server(factory, where)
+        return FramesServer(server, connections, f"unix:{where}")
+    server = await loop.create_server(factory, where, port)
+    bound = server.sockets[0].getsockname()[1]
+    host = f"[{where}]" if ":" in where else where
+    return FramesServer(server, connections, f"{host}:{bound}")
 
 
 # --- the front end's side -------------------------------------------------------------------------
@@ -211,8 +236,9 @@ class FramesConnection:
     """The front end's connection to one replica's socket (opened on first use, reopened after a
     loss). ``call`` sends one request message and returns the answer's message."""
 
-    def __init__(self, path: str, token: str = "", max_payload: int = 256 * 1024 * 1024) -> None:
-        self.path = path
+    def __init__(self, address: str, token: str = "", max_payload: int = 256 * 1024 * 1024) -> None:
+        self.address = address
+        self._where = split_address(address)
         self._token = token
         self._max_payload = max_payload
         self._conn: Optional[_ClientConnection] = None
@@ -233,9 +259,14 @@ class FramesConnection:
             if self.closed:
                 raise FramesClosed("the connection to the replica is closed")
             loop = asyncio.get_running_loop()
+            scheme, where, port = self._where
             try:
-                _t, conn = await loop.create_unix_connection(
-                    lambda: _ClientConnection(self._max_payload), self.path)
+                if scheme == "unix":
+                    _t, conn = await loop.create_unix_connection(
+                        lambda: _ClientConnection(self._max_payload), where)
+                else:
+                    _t, conn = await loop.create_connection(
+                        lambda: _ClientConnection(self._max_payload), where, port)
             except OSError as e:
                 raise FramesClosed(f"cannot connect to the replica's socket: {e}") from None
             conn.transport.write(frame(Frame.HELLO, 0, self._token.encode()))

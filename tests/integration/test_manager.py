@@ -136,9 +136,10 @@ async def test_sigkill_replica_mid_load_loses_nothing_and_it_comes_back(fake_env
     m, spec = await started(make_settings(load_balancing="round_robin", fake_seconds_per_batch=0.005,
                                           replica_transport=transport))
     try:
-        # the link follows the replica's address: frames on a Unix socket, gRPC on TCP
+        # the private link's frames on either transport, at the address the replica reported
         kinds = {type(s.client.link).__name__ for s in m.slots}
-        assert kinds == {"FramesLink" if transport == "unix" else "GrpcLink"}
+        assert kinds == {"FramesLink"}
+        assert all(s.client.address.startswith("unix:") == (transport == "unix") for s in m.slots)
         engine = FakeEngine(spec)
         victim = m.slots[0]
         old_pid = victim.proc.pid

@@ -18,7 +18,8 @@ from floe.protocol import (AbortCall, EmbedResult, EncodeCall, EncodeOptions, He
 from floe.fleet.replica_client import ReplicaClient
 from floe.fleet.link import ReplicaDraining, ReplicaLost, ReplicaTimeout
 from floe.protocol import FRAME_HEADER as HEADER, Frame, frame
-from floe.transport.frames import FramesClosed, FramesConnection, FramesTimeout, start_frames_server
+from floe.transport.frames import (FramesClosed, FramesConnection, FramesTimeout, split_address,
+                                  start_frames_server)
 
 CANCEL, ENCODE, HELLO = Frame.CANCEL, Frame.ENCODE, Frame.HELLO
 
@@ -90,17 +91,37 @@ class Conn:
         return getattr(self.conn, name)
 
 
-@pytest.fixture
-async def served():
+@pytest.fixture(params=["unix", "tcp"])
+async def served(request):
+    """A frames server and a connection to it: on a Unix socket (a replica on this machine) and
+    on TCP (``--replica-transport tcp``), the same frames either way. Yields (replica, client,
+    the server's address)."""
     d = tempfile.mkdtemp(prefix="floe-link-")
-    path = os.path.join(d, "r.sock")
+    where = f"unix:{os.path.join(d, 'r.sock')}" if request.param == "unix" else "127.0.0.1:0"
     replica = Replica()
-    server = await start_frames_server(path, replica, TOKEN, max_payload=1 << 20)
-    client = Conn(FramesConnection(path, TOKEN))
-    yield replica, client, path
+    server = await start_frames_server(where, replica, TOKEN, max_payload=1 << 20)
+    client = Conn(FramesConnection(server.address, TOKEN))
+    yield replica, client, server.address
     await client.close()
     await server.stop()
     os.rmdir(d) if not os.listdir(d) else None
+
+
+async def open_raw(address: str):
+    """A raw (reader, writer) to a frames server's address."""
+    scheme, where, port = split_address(address)
+    if scheme == "unix":
+        return await asyncio.open_unix_connection(where)
+    return await asyncio.open_connection(where, port)
+
+
+def nobody_at(address: str) -> str:
+    """An address of the same kind where nothing accepts connections."""
+    if address.startswith("unix:"):
+        return address + ".missing"
+    with socket.socket() as sock:   # a port just freed: connection refused
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
 
 
 async def until(cond, seconds: float = 30.0) -> None:
@@ -194,7 +215,7 @@ async def test_malformed_and_oversized_frames_close_only_that_connection(served)
                  frame(HELLO, 0, TOKEN.encode()) + HEADER.pack(1 << 30, 2, ENCODE),
                  frame(HELLO, 0, TOKEN.encode()) + frame(99, 3),
                  b"\x00" * 3):   # half a header, then the client goes away
-        r, w = await asyncio.open_unix_connection(path)
+        r, w = await open_raw(path)
         w.write(junk)
         await w.drain()
         if len(junk) < HEADER.size:
@@ -266,7 +287,7 @@ async def test_health_info_and_abort_travel_as_frames(served):
 
 async def test_replica_client_over_frames_maps_every_outcome(served):
     replica, _, path = served
-    rc = ReplicaClient(f"unix:{path}", 3, token=TOKEN, model="m", kind="embed")
+    rc = ReplicaClient(path, 3, token=TOKEN, model="m", kind="embed")
     replica.fail = {"d": UnavailableError("replica is draining"),
                     "t": TooLargeError("too many tokens", param="input"),
                     "o": OverloadedError("queue full", retry_after=2.5)}
@@ -296,7 +317,7 @@ async def test_replica_client_over_frames_maps_every_outcome(served):
         assert (await rc.health(5)).ready and (await rc.info(5)).replicas[0].replica_id == "7"
     finally:
         await rc.close()
-    gone = ReplicaClient(f"unix:{path}.missing", 0, token=TOKEN)
+    gone = ReplicaClient(nobody_at(path), 0, token=TOKEN)
     with pytest.raises(ReplicaLost):
         await gone.encode(batch([1]), EncodeOptions(), "z")
     await gone.close()

@@ -1,19 +1,19 @@
-"""ReplicaClient over a GrpcLink against a real in-process grpc.aio server (a replica reached over
-TCP): error families and exact accounting."""
+"""ReplicaClient against a real in-process frames server on TCP (a replica reached over
+``--replica-transport tcp``): error families and exact accounting, and the supervisor's probes."""
 
 import asyncio
+import socket
 
-import grpc
 import numpy as np
 import pytest
 
 from floe import errors
 from floe.engine.fake import FakeEngine
 from floe.models.spec import ModelSpec
-from floe.proto import floe_pb2, floe_pb2_grpc
-from floe.protocol import EmbedResult, EncodeOptions, TokenBatch, result_to_proto, tokens_from_proto
+from floe.protocol import EmbedResult, EncodeOptions, HealthAnswer, TokenBatch
 from floe.fleet.replica_client import ReplicaClient
 from floe.fleet.link import ReplicaDraining, ReplicaLost, ReplicaTimeout
+from floe.transport.frames import start_frames_server
 
 RETRIED = (ReplicaLost, ReplicaDraining)   # the link outcomes the router retries elsewhere
 
@@ -21,56 +21,52 @@ SPEC = ModelSpec(path="", name="t", architecture="BertModel", model_type="bert",
                  dim=8, max_seq_length=16, vocab_size=100, pooling="mean")
 
 
-class Servicer(floe_pb2_grpc.EmbedderServicer):
-    """Embeds with the fake engine; ``mode`` makes it fail the way a replica can."""
+class Backend:
+    """A replica's frames backend embedding with the fake engine; ``mode`` makes it fail the way
+    a replica can."""
 
     def __init__(self):
         self.engine = FakeEngine(SPEC)
         self.mode = "ok"
         self.entered = asyncio.Event()
 
-    async def Encode(self, request, context):
+    def check_key(self, model, kind):
+        pass
+
+    async def encode(self, request_id, texts, tokens, options, model):
         self.entered.set()
-        if self.mode == "invalid":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "token id 999 out of range")
-        if self.mode == "overloaded":
-            context.set_trailing_metadata((("retry-after", "3"),))
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
-        if self.mode == "too_large":  # a floe replica names the kind: not "overloaded"
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many tokens",
-                                trailing_metadata=errors.grpc_trailing_metadata(
-                                    errors.TooLargeError("too many tokens")))
-        if self.mode == "replica_deadline":  # the replica's own deadline, not our timeout
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline",
-                                trailing_metadata=errors.grpc_trailing_metadata(
-                                    errors.DeadlineError("deadline")))
-        if self.mode == "internal":
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-        if self.mode == "draining":
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "replica draining")
+        fail = {"invalid": errors.ValidationError("token id 999 out of range"),
+                "overloaded": errors.OverloadedError("queue full", retry_after=3.0),
+                "too_large": errors.TooLargeError("too many tokens"),
+                "replica_deadline": errors.DeadlineError("deadline"),
+                "internal": errors.InternalError(),
+                "draining": errors.UnavailableError("replica draining")}.get(self.mode)
+        if fail is not None:
+            raise fail
         if self.mode == "hang":
             await asyncio.sleep(30)
-        tb = tokens_from_proto(request)
-        seqs = [tb.item(i) for i in range(tb.n)]
+        seqs = [tokens.item(i) for i in range(tokens.n)]
         out = self.engine.run(self.engine.prepare(seqs))
-        return result_to_proto(EmbedResult.from_array(out, "float32", tb.lengths,
-                                                      request_id=request.request_id))
+        return EmbedResult.from_array(out, "float32", tokens.lengths, request_id=request_id)
 
-    async def HealthCheck(self, request, context):
+    async def health(self):
         if self.mode == "slow_health":   # probes time out; Encode still answers
             await asyncio.sleep(30)
-        return floe_pb2.HealthCheckResponse(healthy=True, ready=True)
+        return HealthAnswer(healthy=True, ready=True)
+
+    async def replica_info(self):
+        raise errors.InternalError("not used here")
+
+    async def abort(self, request_id):
+        return False
 
 
 @pytest.fixture
 async def server():
-    srv = grpc.aio.server()
-    servicer = Servicer()
-    floe_pb2_grpc.add_EmbedderServicer_to_server(servicer, srv)
-    port = srv.add_insecure_port("127.0.0.1:0")
-    await srv.start()
-    yield servicer, f"127.0.0.1:{port}", srv
-    await srv.stop(None)
+    backend = Backend()
+    srv = await start_frames_server("127.0.0.1:0", backend, "", max_payload=1 << 20)
+    yield backend, srv.address, srv
+    await srv.stop()
 
 
 TOKENS = TokenBatch.from_lists([[1, 2, 3], [4, 5]])
@@ -78,9 +74,9 @@ TOKENS = TokenBatch.from_lists([[1, 2, 3], [4, 5]])
 
 async def connected(addr: str, index: int) -> ReplicaClient:
     """A client whose connection is up: these tests are about what a call answers, and a loaded
-    machine can take longer than a call's deadline to finish the HTTP/2 handshake."""
+    machine can take longer than a call's deadline to connect."""
     c = ReplicaClient(addr, index)
-    await asyncio.wait_for(c.link._channel.channel_ready(), 60)
+    await asyncio.wait_for(c.link._conn._connection(), 60)
     return c
 
 
@@ -89,10 +85,10 @@ def assert_idle(c):
 
 
 async def test_encode_ok_and_accounting(server):
-    servicer, addr, _ = server
+    backend, addr, _ = server
     c = await connected(addr, 0)
     r = await c.encode(TOKENS, EncodeOptions(), "r1", timeout=5)
-    expected = servicer.engine.run(servicer.engine.prepare([TOKENS.item(0), TOKENS.item(1)]))
+    expected = backend.engine.run(backend.engine.prepare([TOKENS.item(0), TOKENS.item(1)]))
     np.testing.assert_array_equal(r.as_float32(), expected)
     assert r.request_id == "r1" and list(r.token_counts) == [3, 2]
     assert_idle(c)
@@ -107,11 +103,11 @@ async def test_encode_ok_and_accounting(server):
     ("internal", errors.InternalError, False),
     ("too_large", errors.TooLargeError, False),
     ("replica_deadline", errors.DeadlineError, False),
-    ("draining", ReplicaLost, True),   # a bare UNAVAILABLE (no floe kind): the transport's
+    ("draining", ReplicaDraining, True),   # the replica says it is stopping: retried elsewhere
 ])
 async def test_error_families(server, mode, exc, retryable):
-    servicer, addr, _ = server
-    servicer.mode = mode
+    backend, addr, _ = server
+    backend.mode = mode
     c = await connected(addr, 3)
     with pytest.raises(exc) as ei:
         await c.encode(TOKENS, EncodeOptions(), "r", timeout=5)
@@ -127,8 +123,8 @@ async def test_error_families(server, mode, exc, retryable):
 
 async def test_timeout_is_its_own_error_not_a_replica_failure(server):
     # A timeout is answered 503 and not retried: it must not look like a dead replica.
-    servicer, addr, _ = server
-    servicer.mode = "hang"
+    backend, addr, _ = server
+    backend.mode = "hang"
     c = await connected(addr, 1)
     with pytest.raises(ReplicaTimeout, match="within 0.2 s") as ei:
         await c.encode(TOKENS, EncodeOptions(), "r", timeout=0.2)
@@ -140,12 +136,12 @@ async def test_timeout_is_its_own_error_not_a_replica_failure(server):
 
 
 async def test_cancellation_keeps_accounting_exact(server):
-    servicer, addr, _ = server
-    servicer.mode = "hang"
+    backend, addr, _ = server
+    backend.mode = "hang"
     c = await connected(addr, 0)
     tasks = [asyncio.create_task(c.encode(TOKENS, EncodeOptions(), f"r{i}", timeout=10))
              for i in range(5)]
-    await asyncio.wait_for(servicer.entered.wait(), 30)
+    await asyncio.wait_for(backend.entered.wait(), 30)
     assert c.in_flight_requests == 5 and c.in_flight_tokens == 5 * TOKENS.total_tokens
     for t in tasks:
         t.cancel()
@@ -156,11 +152,10 @@ async def test_cancellation_keeps_accounting_exact(server):
 
 
 async def test_dead_replica_is_replica_failure():
-    # Nothing listens on this port any more: connection refused -> UNAVAILABLE -> retryable.
-    srv = grpc.aio.server()
-    port = srv.add_insecure_port("127.0.0.1:0")
-    await srv.start()
-    await srv.stop(None)
+    # Nothing listens on this port any more: connection refused -> retryable.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     c = ReplicaClient(f"127.0.0.1:{port}", 2)
     with pytest.raises(ReplicaLost):
         await c.encode(TOKENS, EncodeOptions(), "r", timeout=2)
@@ -171,12 +166,12 @@ async def test_dead_replica_is_replica_failure():
 
 
 async def test_server_killed_mid_call_is_replica_failure(server):
-    servicer, addr, srv = server
-    servicer.mode = "hang"
+    backend, addr, srv = server
+    backend.mode = "hang"
     c = await connected(addr, 0)
     task = asyncio.create_task(c.encode(TOKENS, EncodeOptions(), "r", timeout=10))
-    await asyncio.wait_for(servicer.entered.wait(), 30)
-    await srv.stop(None)  # no grace: in-flight calls are cut off like a dying process
+    await asyncio.wait_for(backend.entered.wait(), 30)
+    await srv.stop()   # its connections close with the call on them, like a dying process
     with pytest.raises(ReplicaLost):
         await task
     assert_idle(c)
@@ -196,8 +191,8 @@ async def test_a_busy_replica_that_misses_probes_is_not_killed_a_silent_one_is(s
     from floe.protocol import Placement
     from floe.fleet.replica_slot import PROBE_FAILURES_TO_KILL, ReplicaSlot
 
-    servicer, address, _ = server
-    servicer.mode = "slow_health"
+    backend, address, _ = server
+    backend.mode = "slow_health"
     settings = Settings(replicas=ReplicaSetSettings(health_interval=0.1))
     slot = ReplicaSlot(0, address, Placement(), settings, token="")
     slot.client, slot.proc = ReplicaClient(address, 0), FakeProcess()
@@ -221,11 +216,11 @@ async def test_a_busy_replica_that_misses_probes_is_not_killed_a_silent_one_is(s
 async def test_a_call_cut_by_closing_the_channel_is_a_replica_failure(server):
     # the supervisor closes a dead replica's channel; the calls still on it must come back as a
     # replica failure (retried elsewhere), not as a cancellation of the caller's request
-    servicer, addr, _ = server
-    servicer.mode = "hang"
+    backend, addr, _ = server
+    backend.mode = "hang"
     c = await connected(addr, 2)
     call = asyncio.get_running_loop().create_task(c.encode(TOKENS, EncodeOptions(), "r", timeout=20))
-    await asyncio.wait_for(servicer.entered.wait(), 10)
+    await asyncio.wait_for(backend.entered.wait(), 10)
     await c.close()
     with pytest.raises(ReplicaLost) as ei:
         await call
