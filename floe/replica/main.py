@@ -5,10 +5,10 @@ watch. A replica runs in one of two ways:
 
 * **managed** (started by the fleet's supervisor, floe/fleet/replica_slot.py): the whole settings
   tree, its address, placement and a per-launch token arrive as a ``ReplicaLaunch``
-  (floe/protocol.py) in FLOE_REPLICA_LAUNCH. On a Unix socket (the default) it serves the link's
-  frames (floe/transport/frames.py), on TCP gRPC; it requires the token (frames: the HELLO;
-  gRPC: on every call but health), trusts the front end's validation (its core only asserts
-  invariants), writes JSON log lines to stderr for the supervisor to re-emit, and prints a
+  (floe/protocol.py) in FLOE_REPLICA_LAUNCH. It serves the private link's frames
+  (floe/transport/frames.py, floe's own messages) on its Unix socket (the default) or on TCP,
+  requires the token as every connection's first frame (HELLO), trusts the front end's
+  validation (its core only asserts invariants), writes JSON log lines to stderr for the supervisor to re-emit, and prints a
   ``ReplicaHello`` line on stdout once it serves.
 * **standalone** (run by hand, flags below): a complete gRPC server on its own. It is then the
   edge, so it validates requests with floe/validate.py and tokenizes strings itself.
