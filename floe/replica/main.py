@@ -278,7 +278,7 @@ async def serve(rt: Runtime, engine, tokenizers) -> int:
         try:
             frames = await start_frames_server(rt.address, backend, rt.token, limit)
         except OSError as e:
-            raise AddressBusyError(f"cannot listen on {rt.address}: {e}") from None
+            raise AddressBusyError(f"cannot bind {rt.address}: {e.strerror or e}") from None
         if scheme == "unix":
             os.chmod(where, 0o600)
         address = backend.address = frames.address
