@@ -36,6 +36,7 @@ import asyncio
 import collections
 import hashlib
 import logging
+import time
 from typing import Optional, Protocol, Sequence
 
 from floe import metrics
@@ -94,6 +95,10 @@ class Router:
         self._routes: dict[str, Target] = {}   # request id -> replica running it (for abort)
         self._suspects = asyncio.Lock()        # one crash suspect in flight at a time
         self._poison: collections.OrderedDict[bytes, str] = collections.OrderedDict()
+        # replica index -> when its last refusal said a request like that one would fit again
+        # (time.monotonic()); cleared by its next answer (early_refusal)
+        self._refused_until: dict[int, float] = {}
+        self.early_refused = 0    # requests refused here, without a replica's round trip
         self.retried = 0          # requests that succeeded on their retry replica
         self.failed_retries = 0   # requests whose retry failed too
         self.poisoned = 0         # requests refused as inputs that crash the model
@@ -115,6 +120,31 @@ class Router:
                     t.may_recover() for t in self.targets if t.index not in exclude):
                 return None
             await asyncio.sleep(WAIT_POLL_S)
+
+    def early_refusal(self) -> Optional[OverloadedError]:
+        """The refusal a request without a deadline of its own gets before it is even tokenized,
+        while every healthy replica's last answer was a refusal whose Retry-After has not passed
+        (each is the time until the replica's queue has drained enough for a request like the
+        one it refused). Under overload most requests are refused, and each refusal would cost a
+        tokenization and a round trip to every replica, CPU the replicas' forward passes share on
+        a small machine. None: try the replicas."""
+        if not self._refused_until:
+            return None
+        now = time.monotonic()
+        waits = []
+        for t in self.targets:
+            if not t.load().healthy:
+                continue
+            until = self._refused_until.get(t.index)
+            if until is None or until <= now:
+                return None
+            waits.append(until - now)
+        if not waits:
+            return None
+        self.early_refused += 1
+        return OverloadedError("every replica refused a request like this one moments ago and "
+                               "is not predicted to have room yet; retry later",
+                               retry_after=min(waits))
 
     def _refuse_known_poison(self, tokens: TokenBatch) -> None:
         if not self._poison:
@@ -195,6 +225,7 @@ class Router:
         try:
             result = await client.encode(tokens, options, request_id, timeout=self.forward_timeout,
                                          alone=alone)
+            self._refused_until.pop(target.index, None)
             return result, None, False
         except ReplicaTimeout as e:
             log.warning("request %s: %s; answered 503", request_id, e.message)
@@ -209,6 +240,8 @@ class Router:
                 crashed = await target.crashed_under(client, CRASH_WATCH_S)
             err: FloeError = e
         except OverloadedError as e:
+            if e.retry_after and options.deadline is None:
+                self._refused_until[target.index] = time.monotonic() + e.retry_after
             err = e
         except InternalError as e:
             if not await target.crashed_under(client, CRASH_WATCH_S):
@@ -230,6 +263,7 @@ class Router:
                 "healthy_replicas": sum(bool(r["healthy"]) for r in replicas),
                 "num_replicas": len(replicas), "retried_requests": self.retried,
                 "failed_retries": self.failed_retries, "poisoned_requests": self.poisoned,
+                "early_refused_requests": self.early_refused,
                 "replicas": replicas}
 
     async def abort(self, request_id: str) -> bool:

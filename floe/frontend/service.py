@@ -204,6 +204,11 @@ class EmbedService:
                       tokens: Optional[TokenBatch], options: EncodeOptions, model: str,
                       pairs_query: Any = None, param: str = "documents") -> EmbedResult:
         request_id = request_id or new_request_id()
+        if options.deadline is None:   # (a deadline of its own may be longer than the target)
+            early = getattr(getattr(self.router, "router", None), "early_refusal", None)
+            refusal = early() if early is not None else None
+            if refusal is not None:
+                raise refusal
         t0 = time.perf_counter()
         if pairs_query is not None:
             prepared = await self.edge.prepare_pairs(pairs_query, texts or [], options, model, param)

@@ -257,3 +257,39 @@ def test_an_overloaded_replica_is_not_retried_on_itself():
     with pytest.raises(OverloadedError):
         run(router(t, replica_wait=5.0))
     assert t.client.calls == 1
+
+
+def test_while_every_replica_refused_a_request_like_it_the_next_is_refused_without_a_trip(monkeypatch):
+    from floe.fleet import router as router_module
+
+    clock = [100.0]
+    monkeypatch.setattr(router_module.time, "monotonic", lambda: clock[0])
+    a = FakeTarget(0, OverloadedError("past the target", retry_after=0.5))
+    b = FakeTarget(1, OverloadedError("past the target", retry_after=0.8))
+    r = router(a, b)
+    assert r.early_refusal() is None          # nothing refused yet: try the replicas
+    with pytest.raises(OverloadedError) as e:
+        run(r)
+    assert e.value.retry_after == 0.5 and a.client.calls == b.client.calls == 1
+    early = r.early_refusal()                 # both refused: the next waits for the sooner
+    assert isinstance(early, OverloadedError) and early.retry_after == pytest.approx(0.5)
+    assert r.early_refused == 1 and r.status([], True, False)["early_refused_requests"] == 1
+    clock[0] += 0.6                           # replica 0's Retry-After has passed
+    assert r.early_refusal() is None
+    a.client.outcome = None                   # and it admits: its mark is cleared
+    assert run(r).n == 1
+    clock[0] -= 0.6
+    assert r.early_refusal() is None          # one replica with room is enough
+    # an unhealthy replica's mark does not keep requests away from a healthy one
+    b.healthy = False
+    assert r.early_refusal() is None
+
+
+def test_a_refusal_for_a_requests_own_deadline_marks_nothing():
+    from floe.protocol import deadline_after
+
+    a = FakeTarget(0, OverloadedError("past its deadline", retry_after=3.0))
+    r = router(a)
+    with pytest.raises(OverloadedError):
+        asyncio.run(r.encode(TOKENS, EncodeOptions(deadline=deadline_after(0.1)), "d"))
+    assert r.early_refusal() is None   # a request without that deadline may well fit
