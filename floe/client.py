@@ -312,7 +312,7 @@ class _Base:
                 return [(np.array([e["index"] for e in row], dtype=np.int32),
                          np.array([e["value"] for e in row], dtype=np.float32))
                         for row in r.json()]
-            from floe.protocol import result_from_proto
+            from floe.proto.convert import result_from_proto
             o = _options(None, None, None, truncate, "float32")
             msg = _grpc_request(texts, None, o)
             msg.model = model

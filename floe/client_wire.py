@@ -105,13 +105,13 @@ def http_array(r, o: EncodeOptions) -> np.ndarray:
 
 
 def grpc_request(texts, ids, o: EncodeOptions):
-    from floe.protocol import request_to_proto
+    from floe.proto.convert import request_to_proto
     tokens = TokenBatch.from_lists(ids) if ids is not None else None
     return request_to_proto(uuid.uuid4().hex, o, tokens=tokens, texts=texts)
 
 
 def grpc_array(reply) -> np.ndarray:
-    from floe.protocol import result_from_proto
+    from floe.proto.convert import result_from_proto
     result = result_from_proto(reply)
     if result.dtype == "float16":
         return np.frombuffer(result.data, dtype="<f2").reshape(result.n, result.dim).astype(np.float16)

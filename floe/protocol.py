@@ -4,13 +4,12 @@ Everything that crosses between the front end and a replica is one of the types 
 only code that converts them to and from the wire lives here, with round-trip tests in
 tests/unit/test_protocol.py:
 
-* the data plane: ``EncodeOptions``, ``TokenBatch``, ``EmbedResult``, and their public protobuf
-  form (floe/proto/floe.proto: the gRPC API, and a standalone or TCP replica, itself a public
-  server);
+* the data plane: ``EncodeOptions``, ``TokenBatch``, ``EmbedResult`` (their public floe.v1 form,
+  for the gRPC API's edge and a standalone replica, is converted in floe/proto/convert.py);
 * the private link between a front end and its replicas on this machine: floe's own messages
   (``EncodeCall`` / ``EncodeAnswer`` keyed by model and kind, ``HealthCall``, ``AbortCall``;
   msgspec structs in MessagePack) in frames (``Frame``, ``frame``, ``FrameReader``) on a
-  replica's Unix socket, and the one error codec a frame carries (``error_to_frame`` /
+  replica's Unix socket or TCP port, and the one error codec a frame carries (``error_to_frame`` /
   ``error_from_frame``, over errors.error_fields);
 * the control plane: what the supervisor hands a child process at launch and what the child
   answers (``ReplicaLaunch``, ``ReplicaHello``, ``FrontendLaunch``, ``FrontendHello``,
@@ -41,7 +40,6 @@ from floe.proto import floe_pb2
 OUTPUT_DTYPES = {"float32": floe_pb2.FLOAT32, "float16": floe_pb2.FLOAT16, "bfloat16": floe_pb2.BFLOAT16,
                  "int8": floe_pb2.INT8, "uint8": floe_pb2.UINT8, "binary": floe_pb2.BINARY,
                  "ubinary": floe_pb2.UBINARY}
-_DTYPE_NAMES = {v: k for k, v in OUTPUT_DTYPES.items()}
 # The float forms a replica produces, and their bytes per value.
 # A deadline further out than a day is as good as none (and keeps the float arithmetic sane).
 MAX_DEADLINE_S = 86_400.0
@@ -707,147 +705,8 @@ class FrontendHello(_HelloLine):
     PREFIX = "FLOE_FRONTEND_READY"
 
 
-# --- wire conversion --------------------------------------------------------------------------
-
-def options_to_proto(o: EncodeOptions) -> floe_pb2.EncodeOptions:
-    msg = floe_pb2.EncodeOptions(
-        truncation_direction=floe_pb2.LEFT if o.truncation_direction == "left" else floe_pb2.RIGHT,
-        prompt_name=o.prompt_name or "",
-        dimensions=o.dimensions or 0,
-        output_dtype=OUTPUT_DTYPES[o.output_dtype],
-        priority=o.priority,
-    )
-    if o.deadline is not None:
-        # already past: the smallest positive value, so the receiver still sees a deadline
-        msg.deadline_ms = max(1e-3, (o.deadline - time.monotonic()) * 1000.0)
-    if o.normalize is not None:
-        msg.normalize = o.normalize
-    if o.truncate is not None:
-        msg.truncate = o.truncate
-    if o.prompt is not None:
-        msg.prompt = o.prompt
-    return msg
-
-
-def options_from_proto(msg: floe_pb2.EncodeOptions) -> EncodeOptions:
-    if msg.output_dtype not in _DTYPE_NAMES:
-        raise ValidationError(f"unknown output_dtype {msg.output_dtype}", param="output_dtype")
-    if msg.truncation_direction not in (floe_pb2.LEFT, floe_pb2.RIGHT):
-        raise ValidationError(f"unknown truncation_direction {msg.truncation_direction}",
-                              param="truncation_direction")
-    return EncodeOptions(
-        normalize=msg.normalize if msg.HasField("normalize") else None,
-        truncate=msg.truncate if msg.HasField("truncate") else None,
-        truncation_direction="left" if msg.truncation_direction == floe_pb2.LEFT else "right",
-        prompt_name=msg.prompt_name or None,
-        prompt=msg.prompt if msg.HasField("prompt") else None,
-        dimensions=msg.dimensions or None,
-        output_dtype=_DTYPE_NAMES[msg.output_dtype],
-        priority=msg.priority,
-        deadline=deadline_after(msg.deadline_ms / 1000.0) if msg.deadline_ms > 0 else None,
-    )
-
-
 def deadline_after(seconds: float) -> float:
     """The deadline ``seconds`` from now on the clock ``EncodeOptions.deadline`` uses."""
     if not seconds == seconds or seconds < 0:   # NaN or negative: already past
         seconds = 0.0
     return time.monotonic() + min(seconds, MAX_DEADLINE_S)
-
-
-def request_to_proto(request_id: str, options: EncodeOptions, *, tokens: Optional[TokenBatch] = None,
-                     texts: Optional[list[str]] = None, model: str = "") -> floe_pb2.EncodeRequest:
-    msg = floe_pb2.EncodeRequest(request_id=request_id, model=model, options=options_to_proto(options))
-    if tokens is not None:
-        msg.token_ids = tokens.ids.astype("<i4", copy=False).tobytes()
-        msg.lengths.extend(tokens.lengths.tolist())
-        if tokens.type_splits is not None:
-            msg.type_splits.extend(tokens.type_splits.tolist())
-        if tokens.spans is not None:
-            msg.span_counts.extend(tokens.spans.counts.tolist())
-            msg.span_bounds = tokens.spans.bounds.astype("<i4").tobytes()
-    if texts is not None:
-        msg.texts.extend(texts)
-    return msg
-
-
-def tokens_from_proto(msg: floe_pb2.EncodeRequest) -> Optional[TokenBatch]:
-    """The request's token ids, or None when it carries texts. Both at once is a ValidationError."""
-    has_ids = bool(msg.token_ids) or len(msg.lengths) > 0
-    if has_ids and len(msg.texts):
-        raise ValidationError("send either texts or token_ids, not both", param="texts")
-    if not has_ids:
-        if len(msg.type_splits) or len(msg.span_counts):
-            raise ValidationError("type_splits and spans go with token_ids", param="type_splits")
-        return None
-    tokens = TokenBatch.from_bytes(msg.token_ids, list(msg.lengths))
-    splits = np.asarray(msg.type_splits, dtype=np.int64) if len(msg.type_splits) else None
-    spans = None
-    if len(msg.span_counts) or msg.span_bounds:
-        if len(msg.span_bounds) % 8:
-            raise ValidationError("span_bounds is not whole int32 pairs", param="spans")
-        spans = Spans(counts=np.asarray(msg.span_counts, dtype=np.int64),
-                      bounds=np.frombuffer(msg.span_bounds, dtype="<i4").astype(np.int64))
-    if splits is not None or spans is not None:
-        tokens = TokenBatch(tokens.ids, tokens.lengths, splits, spans)
-    return tokens
-
-
-def encode_call_from_proto(msg: floe_pb2.EncodeRequest
-                           ) -> tuple[str, Optional[list[str]], Optional[TokenBatch], EncodeOptions, str]:
-    """An Encode call's arguments (request id, texts or token ids, options, model), whatever
-    transport carried it. A request with neither texts nor ids is a ValidationError."""
-    tokens = tokens_from_proto(msg)
-    texts = None
-    if tokens is None:
-        if not msg.texts:
-            raise ValidationError("request carries neither texts nor token_ids", param="texts")
-        texts = list(msg.texts)
-    return msg.request_id, texts, tokens, options_from_proto(msg.options), msg.model
-
-
-def result_to_proto(r: EmbedResult) -> floe_pb2.EncodeResponse:
-    msg = floe_pb2.EncodeResponse(
-        request_id=r.request_id, n=r.n, dim=r.dim, dtype=OUTPUT_DTYPES[r.dtype], embeddings=r.data,
-        token_counts=r.token_counts.tolist(), model=r.model,
-        # field by field: dataclasses.asdict deep-copies, a measurable cost on every answer
-        timings=floe_pb2.Timings(tokenize_s=r.timings.tokenize_s, queue_s=r.timings.queue_s,
-                                 inference_s=r.timings.inference_s, total_s=r.timings.total_s),
-    )
-    if r.sparse is not None:
-        msg.sparse_counts.extend(r.sparse.counts.tolist())
-        msg.sparse_indices = r.sparse.indices.tobytes()
-        msg.sparse_values = r.sparse.values.tobytes()
-    return msg
-
-
-def result_from_proto(msg: floe_pb2.EncodeResponse) -> EmbedResult:
-    t = msg.timings
-    sparse = None
-    if len(msg.sparse_counts) or msg.sparse_indices:
-        sparse = SparseRows(counts=np.asarray(msg.sparse_counts, dtype=np.int64),
-                            indices=np.frombuffer(msg.sparse_indices, dtype="<i4"),
-                            values=np.frombuffer(msg.sparse_values, dtype="<f4"))
-    return EmbedResult(sparse=sparse,
-        n=msg.n, dim=msg.dim, dtype=_DTYPE_NAMES[msg.dtype], data=msg.embeddings,
-        token_counts=np.asarray(msg.token_counts, dtype=np.int64), model=msg.model,
-        request_id=msg.request_id,
-        timings=Timings(t.tokenize_s, t.queue_s, t.inference_s, t.total_s),
-    )
-
-
-def chunk_options_from_proto(msg: floe_pb2.ChunkOptions):
-    """A gRPC request's ``chunking`` as floe/chunking.py's ChunkOptions (0 tokens: the model's
-    max length); the edge checks the values."""
-    from floe.chunking import ChunkOptions
-
-    return ChunkOptions(max_tokens=msg.max_tokens or None, overlap=msg.overlap, late=msg.late)
-
-
-def chunks_to_proto(table, msg: floe_pb2.EncodeResponse) -> None:
-    """A chunked answer's table (floe/chunking.py Chunked) into the response's chunk fields."""
-    msg.chunk_input_index.extend(table.input_index.tolist())
-    msg.chunk_index.extend(table.chunk.tolist())
-    msg.chunk_start.extend(table.start.tolist())
-    msg.chunk_end.extend(table.end.tolist())
-    msg.chunk_counts.extend(table.counts.tolist())

@@ -37,9 +37,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from floe.errors import GRPC_STATUS, FloeError, ValidationError, grpc_trailing_metadata
 from floe.proto import arctic_inference_pb2 as arctic_pb2
 from floe.proto import floe_pb2
-from floe.protocol import (EmbedResult, EncodeOptions, TokenBatch, chunk_options_from_proto,
-                           chunks_to_proto, deadline_after, encode_call_from_proto,
-                           result_to_proto)
+from floe.protocol import EmbedResult, EncodeOptions, TokenBatch, deadline_after
+from floe.proto.convert import (chunk_options_from_proto, chunks_to_proto, encode_call_from_proto,
+                                result_to_proto)
 from floe.request_id import request_id as client_request_id
 from floe.transport.auth import AUTH_HINT, bearer_ok
 

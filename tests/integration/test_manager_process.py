@@ -20,7 +20,8 @@ import pytest
 from floe.proto import arctic_inference_pb2 as apb
 from floe.proto import arctic_inference_pb2_grpc as agrpc
 from floe.proto import floe_pb2, floe_pb2_grpc
-from floe.protocol import EncodeOptions, TokenBatch, request_to_proto, result_from_proto
+from floe.protocol import EncodeOptions, TokenBatch
+from floe.proto.convert import request_to_proto, result_from_proto
 
 pytestmark = pytest.mark.slow
 

@@ -25,7 +25,8 @@ def grpc_encode(address: str, items: list[list[int]]) -> list[int]:
     import grpc
 
     from floe.proto import floe_pb2_grpc
-    from floe.protocol import EncodeOptions, TokenBatch, request_to_proto
+    from floe.protocol import EncodeOptions, TokenBatch
+    from floe.proto.convert import request_to_proto
 
     with grpc.insecure_channel(address) as channel:
         stub = floe_pb2_grpc.EmbedderStub(channel)

@@ -24,8 +24,8 @@ from floe.models import load_spec
 from floe.proto import arctic_inference_pb2 as apb
 from floe.proto import arctic_inference_pb2_grpc as agrpc
 from floe.proto import floe_pb2, floe_pb2_grpc
-from floe.protocol import (EncodeOptions, ReplicaHello, ReplicaLaunch, request_to_proto,
-                           result_from_proto)
+from floe.protocol import EncodeOptions, ReplicaHello, ReplicaLaunch
+from floe.proto.convert import request_to_proto, result_from_proto
 from floe.tokenize import Tokenizer
 
 READY = "FLOE_REPLICA_READY"

@@ -9,9 +9,9 @@ import pytest
 
 from floe.errors import ValidationError
 from floe.proto import floe_pb2
-from floe.protocol import (EmbedResult, EncodeOptions, Timings, TokenBatch, options_from_proto,
-                           options_to_proto, request_to_proto, result_from_proto, result_to_proto,
-                           tokens_from_proto)
+from floe.protocol import EmbedResult, EncodeOptions, Timings, TokenBatch
+from floe.proto.convert import (options_from_proto, options_to_proto, request_to_proto,
+                                result_from_proto, result_to_proto, tokens_from_proto)
 
 
 @pytest.mark.parametrize("options", [

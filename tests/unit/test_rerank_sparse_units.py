@@ -17,8 +17,9 @@ from floe.frontend import schemas
 from floe.frontend.models import ServedModels
 from floe.frontend.service import EmbedService, Scores
 from floe.kinds.score import activation as _activation
-from floe.protocol import (EmbedResult, EncodeOptions, SparseRows, TokenBatch, request_to_proto,
-                           result_from_proto, result_to_proto, row_bytes, tokens_from_proto)
+from floe.protocol import EmbedResult, EncodeOptions, SparseRows, TokenBatch, row_bytes
+from floe.proto.convert import (request_to_proto, result_from_proto, result_to_proto,
+                                tokens_from_proto)
 
 
 # --- compact output ----------------------------------------------------------------------------
