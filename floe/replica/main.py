@@ -117,9 +117,6 @@ class ReplicaBackend:
         self.settings = settings
         self.address = address
         self.trusted = trusted
-        # behind a front end a gRPC call's deadline is the link's timeout; the client's own
-        # deadline arrives in the message (floe/transport/grpc.py with_call_deadline)
-        self.call_deadlines = not trusted
         self.draining = False
         self.edge = Edge(validate.Limits.for_server(self.spec, settings), tokenizers)
 

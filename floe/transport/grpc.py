@@ -144,14 +144,10 @@ async def _abort(backend: EncodeBackend, request_id: str) -> tuple[bool, str]:
     return ok, "aborted" if ok else "no such request in flight"
 
 
-def with_call_deadline(options: EncodeOptions, context: Any, backend: Any) -> EncodeOptions:
+def with_call_deadline(options: EncodeOptions, context: Any) -> EncodeOptions:
     """The options with the call's gRPC deadline as the request's own (the shorter of it and a
     ``deadline_ms`` the message carries): the replica refuses what cannot finish in time and
-    drops what outlives it (floe/replica/admission.py). A replica behind a front end ignores the
-    call's deadline (``backend.call_deadlines`` False): that is the link's own timeout, and the
-    client's deadline arrived in ``deadline_ms``."""
-    if not getattr(backend, "call_deadlines", True):
-        return options
+    drops what outlives it (floe/replica/admission.py)."""
     remaining = context.time_remaining()
     if remaining is None:
         return options
@@ -171,7 +167,7 @@ class EmbedderServicer:
     async def Encode(self, request: floe_pb2.EncodeRequest, context) -> floe_pb2.EncodeResponse:
         request_id, texts, tokens, options, model = encode_call_from_proto(request)
         request_id = client_request_id(request_id)
-        options = with_call_deadline(options, context, self.backend)
+        options = with_call_deadline(options, context)
         table = None
         if request.HasField("chunking"):
             chunk = chunk_options_from_proto(request.chunking)
@@ -207,7 +203,7 @@ class EmbedderServicer:
             truncate=request.truncate if request.HasField("truncate") else None,
             truncation_direction="left" if request.truncation_direction == floe_pb2.LEFT else "right",
             priority=request.priority)
-        options = with_call_deadline(options, context, self.backend)
+        options = with_call_deadline(options, context)
         scored = await rerank(request_id, request.query, list(request.documents), options,
                               request.raw_scores, request.model)
         scores = scored.scores
@@ -272,8 +268,7 @@ class ArcticServicer:
             raise ValidationError(f"n_prompts is {request.n_prompts} but the request carries {n} inputs",
                                   param="n_prompts")
         request_id = client_request_id(request.request_id)
-        options = with_call_deadline(EncodeOptions(priority=request.priority), context,
-                                     self.backend)
+        options = with_call_deadline(EncodeOptions(priority=request.priority), context)
         result = await self.backend.encode(request_id, texts, tokens, options, request.model_name)
         rows = result.as_float32().astype("<f4", copy=False)
         return arctic_pb2.EncodeResponse(
