@@ -748,7 +748,7 @@ def _refusal(decision) -> str:
                 "bound; retry later")
     what = "its deadline" if decision.reason == "deadline" else "the server's latency target"
     return (f"the request is predicted to finish in {decision.predicted_s * 1000:.0f} ms, past "
-            f"{what} ({decision.limit_s * 1000:.0f} ms); retry later")
+            f"{what} ({max(0.0, decision.limit_s) * 1000:.0f} ms left); retry later")
 
 
 def _rows(tokens: TokenBatch) -> int:
