@@ -14,12 +14,16 @@ Per run, on one synthetic Parquet corpus (bench_corpus.py's random words, by def
            listens on every interface): its wall time against T (target >= 0.9x), its rate after
            the first shard against the local one (target >= 0.95x), and Ray's fixed-cost line
            (connect, actor placement, class load, engine load)
+  ray-cluster  the same with `--ray 127.0.0.1:PORT` on a head node started beforehand with
+           `ray start --head` in the same namespace (a user's running cluster): the floe
+           command's own wall time
 
 Prints one JSON line per measurement and a summary line. Keep the machine otherwise idle.
 
   python scripts/bench_corpus_resume.py                       # 12,000 rows, one run
   python scripts/bench_corpus_resume.py --runs 2 -- --engine openvino
   python scripts/bench_corpus_resume.py --rows 300 --no-ray   # smoke
+  python scripts/bench_corpus_resume.py -- --shard-rows 2000  # the steady rate over 5 shards
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -98,6 +103,18 @@ def isolated(cmd: list[str]) -> Optional[list[str]]:
     return ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *cmd]
 
 
+CLUSTER_PORT = 6391
+
+
+def ray_side(i: int, side: str, rwall: float, text: str, wall: float, full: dict) -> dict:
+    cost = re.search(r"Ray fixed cost: .*", text)
+    rs, ls = steady(text), full["steady_rows_per_s"]
+    return {"run": i, "side": side, "wall_s": round(rwall, 2), "job_s": job_seconds(text),
+            "ray_over_local_wall": round(wall / rwall, 3), "steady_rows_per_s": rs,
+            "ray_steady_over_local": round(rs / ls, 3) if rs and ls else None,
+            "fixed_cost": cost.group(0) if cost else None}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=12000)
@@ -108,6 +125,8 @@ def main() -> int:
     ap.add_argument("--commit-seconds", type=float, default=30.0,
                     help="the bound the resume target allows (the job's --commit-seconds)")
     ap.add_argument("--no-ray", action="store_true", help="resume only")
+    ap.add_argument("--no-cluster", action="store_true",
+                    help="Ray on a new local instance only (not also on a running head node)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("floe_args", nargs="*", help="extra floe embed-corpus arguments (after --)")
@@ -177,20 +196,35 @@ def main() -> int:
             emit({"run": i, "side": "ray", "skipped": "no loopback-only network namespace can be "
                   "made here (run as root, or inside `unshare --net`)"})
             continue
-        rwall, text = run(cmd, dict(env, RAY_USAGE_STATS_ENABLED="0"))
-        cost = re.search(r"Ray fixed cost: .*", text)
-        rs, ls = steady(text), full["steady_rows_per_s"]
-        emit({"run": i, "side": "ray", "wall_s": round(rwall, 2), "job_s": job_seconds(text),
-              "local_over_ray_wall": round(wall / rwall, 3), "steady_rows_per_s": rs,
-              "ray_steady_over_local": round(rs / ls, 3) if rs and ls else None,
-              "fixed_cost": cost.group(0) if cost else None})
+        ray_env = dict(env, RAY_USAGE_STATS_ENABLED="0")
+        rwall, text = run(cmd, ray_env)
+        emit(ray_side(i, "ray", rwall, text, wall, full))
+        if args.no_cluster:
+            continue
+        # the same job on a Ray cluster already running (a head node started beforehand in the
+        # same namespace, as a user's cluster is): the job's wall is the floe command's alone
+        out = os.path.join(work, f"ray-cluster-{i}.parquet")
+        job_cmd = " ".join(shlex.quote(c) for c in floe_cmd(corpus, out, extra + [
+            "--ray", f"127.0.0.1:{CLUSTER_PORT}"], level="info"))
+        ray_bin = shlex.quote(os.path.join(os.path.dirname(sys.executable), "ray"))
+        script = (f"{ray_bin} start --head --port {CLUSTER_PORT} --num-cpus {os.cpu_count()} "
+                  f"--include-dashboard=false --disable-usage-stats >&2 || exit 3; "
+                  f"t0=$(date +%s%N); {job_cmd}; rc=$?; t1=$(date +%s%N); "
+                  f"{ray_bin} stop --force >&2; echo \"JOB_NS $((t1 - t0))\"; exit $rc")
+        _, text = run(isolated(["sh", "-c", script]), ray_env)
+        cwall = int(re.search(r"JOB_NS (\d+)", text).group(1)) / 1e9
+        emit(ray_side(i, "ray-cluster", cwall, text, wall, full))
     resumes = [x for x in lines if x["side"] == "resume"]
-    rays = [x for x in lines if x["side"] == "ray" and "wall_s" in x]
+    rays = [x for x in lines if x["side"].startswith("ray") and "wall_s" in x]
     emit({"summary": True, "cpu_count": os.cpu_count(),
           "resume_met": all(x["met"] for x in resumes),
           "best_rerun_over_target": min(x["rerun_wall_s"] / x["target_s"] for x in resumes),
-          "best_local_over_ray_wall": max((x["local_over_ray_wall"] for x in rays), default=None),
-          "best_ray_steady_over_local": max((x["ray_steady_over_local"] or 0 for x in rays), default=None)})
+          **{f"best_{side}_over_local_wall": max((x["ray_over_local_wall"] for x in rays
+                                                   if x["side"] == side), default=None)
+             for side in ("ray", "ray-cluster")},
+          **{f"best_{side}_steady_over_local": max((x["ray_steady_over_local"] or 0 for x in rays
+                                                     if x["side"] == side), default=None)
+             for side in ("ray", "ray-cluster")}})
     return 0
 
 

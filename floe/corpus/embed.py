@@ -16,10 +16,11 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -302,25 +303,54 @@ class ShardEmbedder:
                 batch.idx = todo[batch.idx]
             yield batch, [ids[offsets[i]:offsets[i + 1]] for i in batch.idx]
 
-    def embed(self, tok: Tokenized, run_batch: Callable[[np.ndarray, list[np.ndarray]], np.ndarray],
+    def embed(self, tok: Tokenized,
+              runs: Sequence[Callable[[np.ndarray, list[np.ndarray]], np.ndarray]],
               todo: Optional[np.ndarray] = None, out: Optional[np.ndarray] = None,
               after_batch: Optional[Callable[[Batch, float], None]] = None) -> np.ndarray:
-        """Runs the shard's batches (``todo``'s, by default all) in this thread into ``out``
-        (default: a new array); returns the pooled (n_good, dim) rows. ``after_batch(batch,
-        seconds)`` is called once a batch's rows are in ``out`` (the commit policy's hook)."""
+        """Runs the shard's batches (``todo``'s, by default all) into ``out`` (default: a new
+        array); returns the pooled (n_good, dim) rows. ``runs``: one function per engine, each
+        called from its own thread (one: this thread), taking the next batch as it ends one.
+        ``after_batch(batch, seconds)`` is called, from the engine's thread, once a batch's rows
+        are in ``out`` (the commit policy's hook)."""
         if out is None:
             out = np.empty((len(tok.row_keys), self.spec.dim), dtype=np.float32)
-        for batch, seqs in self.batches(tok, todo):
-            t0 = time.perf_counter()
-            try:
-                out[tok.rows_of(batch.idx)] = run_batch(batch.idx, seqs)
-            except BaseException:
-                self.tuner.abandon()
-                raise
-            dt = time.perf_counter() - t0
-            self.tuner.record(batch, max(len(s) for s in seqs), dt)
-            if after_batch is not None:
-                after_batch(batch, dt)
+        source = self.batches(tok, todo)
+        take = threading.Lock()   # one generator, several engines: one takes a batch at a time
+        failed: list[BaseException] = []
+
+        def engine_loop(run_batch) -> None:
+            while not failed:
+                with take:
+                    item = next(source, None)
+                if item is None:
+                    return
+                batch, seqs = item
+                t0 = time.perf_counter()
+                try:
+                    out[tok.rows_of(batch.idx)] = run_batch(batch.idx, seqs)
+                except BaseException as exc:
+                    failed.append(exc)
+                    self.tuner.abandon()
+                    return
+                dt = time.perf_counter() - t0
+                self.tuner.record(batch, max(len(s) for s in seqs), dt)
+                if after_batch is not None:
+                    try:
+                        after_batch(batch, dt)
+                    except BaseException as exc:
+                        failed.append(exc)
+                        return
+
+        others = [threading.Thread(target=engine_loop, args=(r,), daemon=True,
+                                   name=f"floe-corpus-engine-{i + 1}")
+                  for i, r in enumerate(runs[1:])]
+        for t in others:
+            t.start()
+        engine_loop(runs[0])
+        for t in others:
+            t.join()
+        if failed:
+            raise failed[0]
         return out
 
     def result_table(self, tok: Tokenized, pooled: np.ndarray) -> tuple[pa.Table, list[dict]]:

@@ -14,6 +14,7 @@ import time
 from typing import Optional
 
 from floe.corpus.budget import tuner_for
+from floe.corpus.cores import cpu_engines
 from floe.corpus.embed import ShardEmbedder
 from floe.corpus.plan import CorpusJob, Plan
 from floe.corpus.reader import CorpusError, open_source
@@ -41,14 +42,12 @@ def on_gpu(device: str) -> bool:
 
 
 def default_workers(job: CorpusJob, cores: Optional[int] = None) -> int:
-    """Engine workers when --workers is not given. Ray: one actor (Ray places more on request).
-    A GPU: one. A CPU with 2 cores or more: two, each on half of the threads: on a 2-core AMD
-    EPYC (Zen 2, float32) 2 x 1 thread ran the random-word corpus 2-5% faster than 1 x 2 threads,
-    for less CPU time (docs/benchmarks.md, section 1)."""
+    """Engine workers when --workers is not given. Ray: one actor per job (Ray places more on
+    request; each actor runs ``cpu_engines`` engines on its threads). A GPU: one. A CPU:
+    ``cores.cpu_engines``."""
     if job.ray is not None or on_gpu(job.device):
         return 1
-    cores = cores if cores is not None else (job.threads or core_count())
-    return 2 if cores >= 2 else 1
+    return cpu_engines(cores if cores is not None else (job.threads or core_count()))
 
 
 def prepare(job: CorpusJob) -> Plan:

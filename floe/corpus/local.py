@@ -39,6 +39,7 @@ from typing import Optional
 import numpy as np
 
 from floe.corpus.commit import CommitPolicy, OpenShard
+from floe.corpus.cores import background_thread, warm_up
 from floe.corpus.embed import Tokenized
 from floe.corpus.plan import Plan
 from floe.corpus.progress import Progress
@@ -48,22 +49,6 @@ from floe.resolve import core_count
 log = logging.getLogger("floe.corpus")
 
 READ_AHEAD = 2   # shards read and tokenized ahead of the one computing
-BACKGROUND_NICE = 10   # reading, tokenizing and writing yield the cores to the forward pass
-
-
-def _background_thread() -> None:
-    """Pool initializer: this thread runs at a lower priority than the engine's threads.
-
-    Reading, tokenizing and writing are a few percent of the job, but a thread of theirs that
-    preempts one of the engine's threads stalls the whole forward at its next barrier. At nice 10
-    they take the CPU the forward leaves idle (between batches, at the end of a shard), and when
-    the engine waits for their next shard they have the cores to themselves. Linux applies
-    niceness per thread; elsewhere this does nothing.
-    """
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
-    except (AttributeError, OSError):
-        pass
 
 
 class _ShardState(OpenShard):
@@ -114,13 +99,7 @@ def make_engines(plan: Plan) -> list:
     engines = [engine_for(plan.spec, section, device=dev, dtype=job.dtype, threads=share,
                           share_cores=job.workers > 1)
                for dev in _worker_devices(job.device, job.workers)]
-    # One tiny forward per engine, here, before the worker threads start: the first call into
-    # OpenVINO's Python bindings initializes function-local statics under a C++ guard that waits
-    # while holding what the other thread needs, and two workers making their first call at once
-    # deadlocked (py-spy: both in __cxa_guard_acquire under InferRequest.infer).
-    probe = [np.full(min(8, plan.spec.max_seq_length), min(1000, plan.spec.vocab_size - 1), np.int32)]
-    for engine in engines:
-        engine.run(engine.prepare(probe))
+    warm_up(engines, plan.spec)
     e = engines[0]
     log.info("%d engine worker(s): %s on %s in %s, %d thread(s) each", len(engines),
              type(e).__name__, e.device, e.dtype, share)
@@ -139,11 +118,11 @@ class _Pipeline:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         tok_threads = job.tokenize_threads or max(1, min(8, core_count()))
         self.tok_pool = ThreadPoolExecutor(tok_threads, thread_name_prefix="floe-corpus-tok",
-                                           initializer=_background_thread)
+                                           initializer=background_thread)
         self.read_pool = ThreadPoolExecutor(1, thread_name_prefix="floe-corpus-read",
-                                            initializer=_background_thread)
+                                            initializer=background_thread)
         self.write_pool = ThreadPoolExecutor(1, thread_name_prefix="floe-corpus-write",
-                                             initializer=_background_thread)
+                                             initializer=background_thread)
         self.work: queue.Queue = queue.Queue(maxsize=2 * max(1, plan.job.workers))
         self.error: Optional[BaseException] = None
         self._err_lock = threading.Lock()

@@ -45,12 +45,12 @@ import itertools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
+import threading  # noqa: E402
 from typing import Optional
-
-import numpy as np
 
 from floe.corpus.commit import CommitPolicy, OpenShard
 from floe.corpus.embed import CorpusOptions
+from floe.corpus.cores import background_thread, cpu_engines, warm_up
 from floe.corpus.plan import Plan
 from floe.corpus.progress import Progress
 from floe.corpus.reader import CorpusError, Shard, Source
@@ -111,15 +111,36 @@ class _EmbedActor:
         from floe.tokenize import Tokenizer
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        # One tokenizer call per pool thread, as on the local path: the Rust library's own
+        # threads run at the engine's priority and spin between calls
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         spec = load_spec(ModelSettings(model=model))
-        # the job's engine section, read once by its command line (the fake engine's simulated
-        # costs, the converted-model cache), as the local path's engines get it
-        self.engine = engine_for(spec, replicas, device=device, dtype=dtype, threads=threads)
+        # The job's engine section, read once by its command line (the fake engine's simulated
+        # costs, the converted-model cache), as the local path's engines get it.
+        # On a CPU the actor's threads run as cpu_engines() engines (two from 2 threads up), as
+        # the local path's workers do: 2 x 1 thread ran 1.13x 1 x 2 threads on 2 cores.
+        # OpenVINO pins a stream's threads to cores, counting from the first core it may use:
+        # two engines in one process, or two 1-thread actors on one node, would all pin to core
+        # 0 and run at one core's rate. Engines that do not have all of the node's cores leave
+        # their threads unpinned.
+        gpu = device.startswith("cuda")
+        n = 1 if gpu else cpu_engines(threads)
+        share = not gpu and (n > 1 or threads < core_count())
+        self.engines = [engine_for(spec, replicas, device=device, dtype=dtype,
+                                   threads=max(1, threads // n), share_cores=share)
+                        for _ in range(n)]
+        warm_up(self.engines, spec)
         # each actor measures its own budget (its engine, its cores) unless one is given
-        tuner = tuner_for(spec, batch_tokens, max_batch_size, self.engine.device.startswith("cuda"))
+        tuner = tuner_for(spec, batch_tokens, max_batch_size, gpu)
         self.embedder = ShardEmbedder(spec, Tokenizer(spec), CorpusOptions(**options), tuner)
-        # the Rust tokenizer releases the GIL: a shard's chunks tokenize on the actor's cores
-        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="floe-tokenize")
+        # the Rust tokenizer releases the GIL: a shard's chunks tokenize on the actor's cores, at
+        # a lower priority than the forward pass (cores.py)
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="floe-tokenize",
+                                       initializer=background_thread)
+        # The actor runs QUEUED calls at once (a threaded actor): the next shard is read and
+        # tokenized while this one computes, as the local path reads ahead. One shard computes
+        # at a time.
+        self.computing = threading.Lock()
         self.work = work
         self.schema = schema_for(manifest)
         self.source = source
@@ -129,8 +150,6 @@ class _EmbedActor:
         self.init_s = self.ready_at - t0
         self.node = ray.get_runtime_context().get_node_id()[:12]
 
-    def _run(self, tok, units: np.ndarray, seqs: list) -> np.ndarray:
-        return tok.run(self.engine, units, seqs)
 
     def _shard(self, shard: Shard) -> tuple[int, int, int]:
         """Embeds and commits one shard; returns (rows, tokens, skipped) new in this call."""
@@ -140,6 +159,16 @@ class _EmbedActor:
             return 0, 0, 0   # a retried call whose first try committed the shard
         rows = self.source.read(shard)
         tok = self.embedder.tokenize(rows, self.pool)
+        with self.computing:
+            state = self._compute(tok)
+        # the part file is written while the next shard computes
+        table, skipped_rows = self.embedder.result_table(tok, state.pooled)
+        write_part(self.work, shard.index, table, skipped_rows, self.schema)
+        drop_pieces(self.work, shard.index)
+        return shard.rows - state.resumed, state.n_tokens_todo, len(skipped_rows)
+
+    def _compute(self, tok) -> OpenShard:
+        """The shard's forward passes, its finished rows committed in pieces as they go."""
         state = OpenShard(tok, self.dim, self.work)
         policy = self.policy
         policy.restart()   # nothing of this actor is uncommitted between shards
@@ -155,13 +184,9 @@ class _EmbedActor:
                     raise
                 policy.committed(time.perf_counter() - t0)
 
-        pooled = self.embedder.embed(tok, functools.partial(self._run, tok), todo=state.todo,
-                                     out=state.pooled,
-                                     after_batch=after_batch)
-        table, skipped_rows = self.embedder.result_table(tok, pooled)
-        write_part(self.work, shard.index, table, skipped_rows, self.schema)
-        drop_pieces(self.work, shard.index)
-        return shard.rows - state.resumed, state.n_tokens_todo, len(skipped_rows)
+        self.embedder.embed(tok, [functools.partial(tok.run, e) for e in self.engines],
+                            todo=state.todo, out=state.pooled, after_batch=after_batch)
+        return state
 
     def embed_shard(self, item: dict) -> dict:
         """Embeds and commits one shard (``shard_items``); returns its status row."""
@@ -221,7 +246,7 @@ def run_ray(plan: Plan, progress: Progress) -> None:
         actor = ray.remote(_EmbedActor).options(
             num_cpus=reserve, num_gpus=1 if use_gpu else 0, scheduling_strategy="SPREAD",
             # a node lost: the actor starts again where there is room, its calls are retried
-            max_restarts=-1, max_task_retries=-1)
+            max_restarts=-1, max_task_retries=-1, max_concurrency=QUEUED)
         kwargs = dict(
             model=plan.spec.path, options=plan.embedder.options.to_json(),
             replicas=dataclasses.replace(job.replicas, engine=job.engine or "auto"),

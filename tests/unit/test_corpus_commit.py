@@ -171,3 +171,64 @@ def test_the_runners_do_not_import_the_job_module():
     for name in ("local.py", "ray_pool.py"):
         src = open(os.path.join(os.path.dirname(__import__("floe.corpus").corpus.__file__), name)).read()
         assert "floe.corpus.job" not in src, name
+
+
+# --- several engines on one shard (a Ray actor's) ----------------------------------------------
+
+def _embedder(tuner):
+    from floe.config import ModelSettings
+    from floe.corpus.embed import CorpusOptions, ShardEmbedder
+    from floe.models import load_spec
+    from floe.models.source import embedded_model_path
+    from floe.tokenize import Tokenizer
+
+    spec = load_spec(ModelSettings(model=embedded_model_path()))
+    return ShardEmbedder(spec, Tokenizer(spec), CorpusOptions(), tuner)
+
+
+def _rows(n: int) -> Rows:
+    rng = np.random.default_rng(0)
+    texts = [" ".join(["word"] * int(k)) for k in rng.integers(1, 200, size=n)]
+    return Rows(Shard(0, 0, n), pa.array(np.arange(n)), texts, {})
+
+
+def _engine_run(calls: list, fail_after: int = -1):
+    """A run function whose rows say which inputs it saw: row = [length, first id, ...]."""
+    import threading
+
+    def run(units, seqs):
+        calls.append(threading.get_ident())
+        if fail_after >= 0 and len(calls) > fail_after:
+            raise RuntimeError("engine died")
+        out = np.zeros((len(seqs), 384), np.float32)
+        out[:, 0] = [len(s) for s in seqs]
+        out[:, 1] = [int(s.sum()) for s in seqs]
+        return out
+    return run
+
+
+@pytest.mark.parametrize("candidates", [(512,), (256, 512)])   # a fixed budget; one measured
+def test_several_engines_share_a_shard_and_fill_every_row(candidates):
+    from floe.corpus.budget import BudgetTuner
+
+    emb = _embedder(BudgetTuner(candidates=candidates, max_size=16))
+    tok = emb.tokenize(_rows(400))
+    calls: list = []
+    out = emb.embed(tok, [_engine_run(calls), _engine_run(calls)])
+    ids, off = tok.tokens.ids, tok.tokens.offsets()
+    want = np.array([[off[i + 1] - off[i], ids[off[i]:off[i + 1]].sum()] for i in range(len(off) - 1)])
+    np.testing.assert_array_equal(out[tok.rows_of(np.arange(len(off) - 1)), :2], want)
+    assert len(set(calls)) == 2, "both engines ran batches"
+    if len(candidates) > 1:   # the measurement ended with both engines pulling batches
+        assert emb.tuner.chosen in candidates
+
+
+def test_an_engine_failing_stops_the_shard_with_its_error():
+    from floe.corpus.budget import BudgetTuner
+
+    emb = _embedder(BudgetTuner(candidates=(512,), max_size=16))
+    tok = emb.tokenize(_rows(400))
+    calls: list = []
+    with pytest.raises(RuntimeError, match="engine died"):
+        emb.embed(tok, [_engine_run(calls, fail_after=3), _engine_run(calls, fail_after=3)])
+    assert len(calls) < 10   # the other engine stopped too
