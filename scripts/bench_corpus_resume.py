@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -103,6 +104,41 @@ def isolated(cmd: list[str]) -> Optional[list[str]]:
     return ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *cmd]
 
 
+def resume(i: int, corpus: str, work: str, extra: list, env: dict, args, wall: float,
+           job, full: dict, rows: int) -> dict:
+    """The job SIGKILLed at kill_at x T, then the same command again."""
+    out = os.path.join(work, f"resume-{i}.parquet")
+    kill_after = args.kill_at * wall
+    t0 = time.monotonic()
+    proc = subprocess.Popen(floe_cmd(corpus, out, extra), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        proc.wait(timeout=kill_after)
+        sys.exit("the job ended before it could be killed: raise --rows")
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_s = time.monotonic() - t0
+    parts, pieces = committed_rows(out)
+    rerun, text = run(floe_cmd(corpus, out, extra), env)
+    remaining = (1 - args.kill_at) * wall
+    rate = rows / job if job else None
+    lost_rows = None
+    if full["steady_rows_per_s"] or rate:
+        # rows the killed run had computed (at the full run's pace after its start-up) but
+        # not committed
+        done_by_kill = max(0.0, killed_s - (full["startup_s"] or 0)) * (rate or 0)
+        lost_rows = max(0, round(min(rows, done_by_kill) - parts - pieces))
+    target = remaining + args.commit_seconds + (full["startup_s"] or 0)
+    return {"run": i, "side": "resume", "killed_at_s": round(killed_s, 2),
+            "committed_rows_at_kill": parts + pieces, "in_parts": parts, "in_pieces": pieces,
+            "lost_rows_estimate": lost_rows,
+            "lost_compute_s_estimate": round(lost_rows / rate, 1) if lost_rows is not None and rate else None,
+            "rerun_wall_s": round(rerun, 2), "rerun_job_s": job_seconds(text),
+            "target_s": round(target, 2), "met": rerun <= target,
+            "killed_plus_rerun_over_full": round((killed_s + rerun) / wall, 3)}
+
+
 CLUSTER_PORT = 6391
 
 
@@ -125,6 +161,7 @@ def main() -> int:
     ap.add_argument("--commit-seconds", type=float, default=30.0,
                     help="the bound the resume target allows (the job's --commit-seconds)")
     ap.add_argument("--no-ray", action="store_true", help="resume only")
+    ap.add_argument("--no-resume", action="store_true", help="the uninterrupted job and Ray only")
     ap.add_argument("--no-cluster", action="store_true",
                     help="Ray on a new local instance only (not also on a running head node)")
     ap.add_argument("--seed", type=int, default=0)
@@ -156,37 +193,8 @@ def main() -> int:
                 "startup_s": round(wall - job, 2) if job else None, "steady_rows_per_s": steady(text),
                 "rows": rows, "tokens": tokens}
         emit(full)
-        # killed at kill_at x T, then rerun
-        out = os.path.join(work, f"resume-{i}.parquet")
-        kill_after = args.kill_at * wall
-        t0 = time.monotonic()
-        proc = subprocess.Popen(floe_cmd(corpus, out, extra), env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        try:
-            proc.wait(timeout=kill_after)
-            sys.exit("the job ended before it could be killed: raise --rows")
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-        killed_s = time.monotonic() - t0
-        parts, pieces = committed_rows(out)
-        rerun, text = run(floe_cmd(corpus, out, extra), env)
-        remaining = (1 - args.kill_at) * wall
-        rate = rows / job if job else None
-        lost_rows = None
-        if full["steady_rows_per_s"] or rate:
-            # rows the killed run had computed (at the full run's pace after its start-up) but
-            # not committed
-            done_by_kill = max(0.0, killed_s - (full["startup_s"] or 0)) * (rate or 0)
-            lost_rows = max(0, round(min(rows, done_by_kill) - parts - pieces))
-        target = remaining + args.commit_seconds + (full["startup_s"] or 0)
-        emit({"run": i, "side": "resume", "killed_at_s": round(killed_s, 2),
-              "committed_rows_at_kill": parts + pieces, "in_parts": parts, "in_pieces": pieces,
-              "lost_rows_estimate": lost_rows,
-              "lost_compute_s_estimate": round(lost_rows / rate, 1) if lost_rows is not None and rate else None,
-              "rerun_wall_s": round(rerun, 2), "rerun_job_s": job_seconds(text),
-              "target_s": round(target, 2), "met": rerun <= target,
-              "killed_plus_rerun_over_full": round((killed_s + rerun) / wall, 3)})
+        if not args.no_resume:
+            emit(resume(i, corpus, work, extra, env, args, wall, job, full, rows))
         # Ray
         if args.no_ray:
             continue
@@ -211,14 +219,18 @@ def main() -> int:
                   f"--include-dashboard=false --disable-usage-stats >&2 || exit 3; "
                   f"t0=$(date +%s%N); {job_cmd}; rc=$?; t1=$(date +%s%N); "
                   f"{ray_bin} stop --force >&2; echo \"JOB_NS $((t1 - t0))\"; exit $rc")
-        _, text = run(isolated(["sh", "-c", script]), ray_env)
+        # Ray 2.60 starts a head node with token authentication: the job presents the same token
+        # (docs/scale-out.md's recipe)
+        _, text = run(isolated(["sh", "-c", script]),
+                      dict(ray_env, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32)))
         cwall = int(re.search(r"JOB_NS (\d+)", text).group(1)) / 1e9
         emit(ray_side(i, "ray-cluster", cwall, text, wall, full))
     resumes = [x for x in lines if x["side"] == "resume"]
     rays = [x for x in lines if x["side"].startswith("ray") and "wall_s" in x]
     emit({"summary": True, "cpu_count": os.cpu_count(),
-          "resume_met": all(x["met"] for x in resumes),
-          "best_rerun_over_target": min(x["rerun_wall_s"] / x["target_s"] for x in resumes),
+          "resume_met": all(x["met"] for x in resumes) if resumes else None,
+          "best_rerun_over_target": min((x["rerun_wall_s"] / x["target_s"] for x in resumes),
+                                        default=None),
           **{f"best_{side}_over_local_wall": max((x["ray_over_local_wall"] for x in rays
                                                    if x["side"] == side), default=None)
              for side in ("ray", "ray-cluster")},

@@ -162,3 +162,52 @@ class OpenShard:
             return 0
         write_piece(self.work, self.index, *got)
         return len(got[0])
+
+
+class ShardInFlight(OpenShard):
+    """A shard's pooled rows as its batches fill them. Its batches are cut while earlier ones
+    run, so the shard is complete when it is sealed (no more batches) and none is left;
+    ``complete`` is set then, or at its first failed batch (``error``)."""
+
+    def __init__(self, tok, dim: int, work: str) -> None:
+        super().__init__(tok, dim, work)
+        self.left = 0
+        self.sealed = False
+        self.written = False   # its part file is (being) written: no more pieces of it
+        self.error: Optional[BaseException] = None
+        self.complete = threading.Event()
+
+    def add(self) -> None:
+        with self._lock:
+            self.left += 1
+
+    def seal(self) -> bool:
+        """No more batches; True when every batch has already finished."""
+        with self._lock:
+            self.sealed = True
+            done = self.left == 0
+        if done:
+            self.complete.set()
+        return done
+
+    def batch_done(self, idx: np.ndarray) -> bool:
+        """A batch's rows are in ``pooled``; True when that made the shard complete."""
+        with self._lock:
+            self._new.append(self.tok.rows_of(idx))
+            self.left -= 1
+            done = self.sealed and self.left == 0
+        if done:
+            self.complete.set()
+        return done
+
+    def batch_failed(self, exc: BaseException) -> None:
+        with self._lock:
+            self.left -= 1
+        self.fail(exc)
+
+    def fail(self, exc: BaseException) -> None:
+        """The shard cannot complete (its first error is kept): whoever waits for it wakes."""
+        with self._lock:
+            if self.error is None:
+                self.error = exc
+        self.complete.set()

@@ -16,11 +16,9 @@
 from __future__ import annotations
 
 import json
-import threading
-import time
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -145,9 +143,9 @@ def embedding_array(arr: np.ndarray, output_dtype: str) -> pa.FixedSizeListArray
 class ShardEmbedder:
     """Tokenizes, batches and post-processes the shards of one job for a given model.
 
-    It holds no engine: ``embed`` takes a ``run_batch(units, their int32 id arrays) -> rows``
-    callable (``Tokenized.run`` with an engine), so the local path can spread batches over several engines and a Ray actor can use
-    its own. ``tuner`` cuts the batches (a fixed budget, or the one it measures).
+    It holds no engine: ``batches`` cuts a shard into forward passes, which the local path's
+    engine workers (local.py) or a Ray actor's engines (engines.py) run with ``Tokenized.run``.
+    ``tuner`` cuts the batches (a fixed budget, or the one it measures).
     """
 
     def __init__(self, spec, tokenizer, options: CorpusOptions, tuner: BudgetTuner) -> None:
@@ -302,56 +300,6 @@ class ShardEmbedder:
             if todo is not None:
                 batch.idx = todo[batch.idx]
             yield batch, [ids[offsets[i]:offsets[i + 1]] for i in batch.idx]
-
-    def embed(self, tok: Tokenized,
-              runs: Sequence[Callable[[np.ndarray, list[np.ndarray]], np.ndarray]],
-              todo: Optional[np.ndarray] = None, out: Optional[np.ndarray] = None,
-              after_batch: Optional[Callable[[Batch, float], None]] = None) -> np.ndarray:
-        """Runs the shard's batches (``todo``'s, by default all) into ``out`` (default: a new
-        array); returns the pooled (n_good, dim) rows. ``runs``: one function per engine, each
-        called from its own thread (one: this thread), taking the next batch as it ends one.
-        ``after_batch(batch, seconds)`` is called, from the engine's thread, once a batch's rows
-        are in ``out`` (the commit policy's hook)."""
-        if out is None:
-            out = np.empty((len(tok.row_keys), self.spec.dim), dtype=np.float32)
-        source = self.batches(tok, todo)
-        take = threading.Lock()   # one generator, several engines: one takes a batch at a time
-        failed: list[BaseException] = []
-
-        def engine_loop(run_batch) -> None:
-            while not failed:
-                with take:
-                    item = next(source, None)
-                if item is None:
-                    return
-                batch, seqs = item
-                t0 = time.perf_counter()
-                try:
-                    out[tok.rows_of(batch.idx)] = run_batch(batch.idx, seqs)
-                except BaseException as exc:
-                    failed.append(exc)
-                    self.tuner.abandon()
-                    return
-                dt = time.perf_counter() - t0
-                self.tuner.record(batch, max(len(s) for s in seqs), dt)
-                if after_batch is not None:
-                    try:
-                        after_batch(batch, dt)
-                    except BaseException as exc:
-                        failed.append(exc)
-                        return
-
-        others = [threading.Thread(target=engine_loop, args=(r,), daemon=True,
-                                   name=f"floe-corpus-engine-{i + 1}")
-                  for i, r in enumerate(runs[1:])]
-        for t in others:
-            t.start()
-        engine_loop(runs[0])
-        for t in others:
-            t.join()
-        if failed:
-            raise failed[0]
-        return out
 
     def result_table(self, tok: Tokenized, pooled: np.ndarray) -> tuple[pa.Table, list[dict]]:
         """The shard's output rows (good rows, in input order) and its skipped-row records."""

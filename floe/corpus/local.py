@@ -36,9 +36,8 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional
 
-import numpy as np
 
-from floe.corpus.commit import CommitPolicy, OpenShard
+from floe.corpus.commit import CommitPolicy, ShardInFlight
 from floe.corpus.cores import background_thread, warm_up
 from floe.corpus.embed import Tokenized
 from floe.corpus.plan import Plan
@@ -49,33 +48,6 @@ from floe.resolve import core_count
 log = logging.getLogger("floe.corpus")
 
 READ_AHEAD = 2   # shards read and tokenized ahead of the one computing
-
-
-class _ShardState(OpenShard):
-    """A shard's pooled rows as its batches fill them. Its batches are cut while earlier ones
-    run, so the shard is complete when it is sealed (no more batches) and none is left."""
-
-    def __init__(self, tok: Tokenized, dim: int, work: str) -> None:
-        super().__init__(tok, dim, work)
-        self.left = 0
-        self.sealed = False
-        self.written = False   # its part file is (being) written: no more pieces of it
-
-    def add(self) -> None:
-        with self._lock:
-            self.left += 1
-
-    def seal(self) -> bool:
-        """No more batches; True when every batch has already finished."""
-        with self._lock:
-            self.sealed = True
-            return self.left == 0
-
-    def batch_done(self, idx: np.ndarray) -> bool:
-        with self._lock:
-            self._new.append(self.tok.rows_of(idx))
-            self.left -= 1
-            return self.sealed and self.left == 0
 
 
 def _worker_devices(device: str, n: int) -> list[str]:
@@ -129,7 +101,7 @@ class _Pipeline:
         self.writes: list[Future] = []
         self._writes_lock = threading.Lock()
         self.policy = CommitPolicy(job.corpus.commit_seconds)
-        self.open: list[_ShardState] = []   # shards computing, in order (the writer's to edit)
+        self.open: list[ShardInFlight] = []   # shards computing, in order (the writer's to edit)
         self._open_lock = threading.Lock()
 
     def fail(self, exc: BaseException) -> None:
@@ -190,7 +162,7 @@ class _Pipeline:
             raise
         self.policy.committed(time.perf_counter() - t0)
 
-    def _write(self, state: _ShardState) -> None:
+    def _write(self, state: ShardInFlight) -> None:
         with self._open_lock:
             state.written = True
             self.open.remove(state)
@@ -228,7 +200,7 @@ class _Pipeline:
                 nxt = next(pending, None)
                 if nxt is not None:
                     ahead.append(self.read_pool.submit(self._read, nxt))
-                state = _ShardState(tok, self.plan.spec.dim, self.plan.output.work)
+                state = ShardInFlight(tok, self.plan.spec.dim, self.plan.output.work)
                 with self._open_lock:
                     self.open.append(state)
                 for batch, seqs in self.embedder.batches(tok, state.todo):

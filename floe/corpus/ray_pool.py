@@ -40,16 +40,15 @@ import time
 _IMPORTED_AT = time.time()
 
 import dataclasses  # noqa: E402
-import functools  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
-import threading  # noqa: E402
 from typing import Optional
 
-from floe.corpus.commit import CommitPolicy, OpenShard
+from floe.corpus.commit import CommitPolicy, ShardInFlight
 from floe.corpus.embed import CorpusOptions
+from floe.corpus.engines import EnginePool
 from floe.corpus.cores import background_thread, cpu_engines, warm_up
 from floe.corpus.plan import Plan
 from floe.corpus.progress import Progress
@@ -135,21 +134,18 @@ class _EmbedActor:
         self.embedder = ShardEmbedder(spec, Tokenizer(spec), CorpusOptions(**options), tuner)
         # the Rust tokenizer releases the GIL: a shard's chunks tokenize on the actor's cores, at
         # a lower priority than the forward pass (cores.py)
-        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="floe-tokenize",
-                                       initializer=background_thread)
+        self.tokenize_pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="floe-tokenize",
+                                                initializer=background_thread)
         # The actor runs QUEUED calls at once (a threaded actor): the next shard is read and
-        # tokenized while this one computes, as the local path reads ahead. One shard computes
-        # at a time.
-        self.computing = threading.Lock()
+        # tokenized while this one computes, and its batches follow this one's on the engines
+        self.engine_pool = EnginePool(self.engines, self.embedder, CommitPolicy(commit_seconds))
         self.work = work
         self.schema = schema_for(manifest)
         self.source = source
         self.dim = spec.dim
-        self.policy = CommitPolicy(commit_seconds)
         self.ready_at = time.time()
         self.init_s = self.ready_at - t0
         self.node = ray.get_runtime_context().get_node_id()[:12]
-
 
     def _shard(self, shard: Shard) -> tuple[int, int, int]:
         """Embeds and commits one shard; returns (rows, tokens, skipped) new in this call."""
@@ -158,35 +154,14 @@ class _EmbedActor:
         if os.path.exists(os.path.join(self.work, part_name(shard.index))):
             return 0, 0, 0   # a retried call whose first try committed the shard
         rows = self.source.read(shard)
-        tok = self.embedder.tokenize(rows, self.pool)
-        with self.computing:
-            state = self._compute(tok)
+        tok = self.embedder.tokenize(rows, self.tokenize_pool)
+        state = ShardInFlight(tok, self.dim, self.work)
+        self.engine_pool.embed(state)
         # the part file is written while the next shard computes
         table, skipped_rows = self.embedder.result_table(tok, state.pooled)
         write_part(self.work, shard.index, table, skipped_rows, self.schema)
         drop_pieces(self.work, shard.index)
         return shard.rows - state.resumed, state.n_tokens_todo, len(skipped_rows)
-
-    def _compute(self, tok) -> OpenShard:
-        """The shard's forward passes, its finished rows committed in pieces as they go."""
-        state = OpenShard(tok, self.dim, self.work)
-        policy = self.policy
-        policy.restart()   # nothing of this actor is uncommitted between shards
-
-        def after_batch(batch, seconds: float) -> None:
-            state.finished(batch.idx)
-            if policy.batch_done(seconds):
-                t0 = time.perf_counter()
-                try:
-                    state.commit_new()
-                except BaseException:
-                    policy.failed()
-                    raise
-                policy.committed(time.perf_counter() - t0)
-
-        self.embedder.embed(tok, [functools.partial(tok.run, e) for e in self.engines],
-                            todo=state.todo, out=state.pooled, after_batch=after_batch)
-        return state
 
     def embed_shard(self, item: dict) -> dict:
         """Embeds and commits one shard (``shard_items``); returns its status row."""

@@ -173,7 +173,7 @@ def test_the_runners_do_not_import_the_job_module():
         assert "floe.corpus.job" not in src, name
 
 
-# --- several engines on one shard (a Ray actor's) ----------------------------------------------
+# --- a Ray actor's engines (engines.py) -------------------------------------------------------
 
 def _embedder(tuner):
     from floe.config import ModelSettings
@@ -186,49 +186,100 @@ def _embedder(tuner):
     return ShardEmbedder(spec, Tokenizer(spec), CorpusOptions(), tuner)
 
 
-def _rows(n: int) -> Rows:
-    rng = np.random.default_rng(0)
+def _shard(emb, index: int, n: int, work: str):
+    from floe.corpus.commit import ShardInFlight
+
+    rng = np.random.default_rng(index)
     texts = [" ".join(["word"] * int(k)) for k in rng.integers(1, 200, size=n)]
-    return Rows(Shard(0, 0, n), pa.array(np.arange(n)), texts, {})
+    rows = Rows(Shard(index, index * n, (index + 1) * n), pa.array(np.arange(n)), texts, {})
+    return ShardInFlight(emb.tokenize(rows), 384, work)
 
 
-def _engine_run(calls: list, fail_after: int = -1):
-    """A run function whose rows say which inputs it saw: row = [length, first id, ...]."""
-    import threading
+class _Engine:
+    """Rows that say which inputs the engine saw: [length, sum of ids, ...]."""
 
-    def run(units, seqs):
-        calls.append(threading.get_ident())
-        if fail_after >= 0 and len(calls) > fail_after:
+    def __init__(self, calls: list, fail_at: int = -1, seconds: float = 0.0) -> None:
+        self.calls, self.fail_at, self.seconds = calls, fail_at, seconds
+        self.n = 0
+
+    def prepare(self, seqs, spans=None):
+        return seqs
+
+    def run(self, seqs):
+        import threading
+        import time
+
+        self.calls.append(threading.get_ident())
+        self.n += 1
+        if self.n == self.fail_at:   # this engine's n-th batch
             raise RuntimeError("engine died")
+        time.sleep(self.seconds)
         out = np.zeros((len(seqs), 384), np.float32)
         out[:, 0] = [len(s) for s in seqs]
         out[:, 1] = [int(s.sum()) for s in seqs]
         return out
-    return run
+
+
+def _want(state):
+    ids, off = state.tok.tokens.ids, state.tok.tokens.offsets()
+    return np.array([[off[i + 1] - off[i], ids[off[i]:off[i + 1]].sum()]
+                     for i in range(len(off) - 1)])
 
 
 @pytest.mark.parametrize("candidates", [(512,), (256, 512)])   # a fixed budget; one measured
-def test_several_engines_share_a_shard_and_fill_every_row(candidates):
+def test_engines_share_shards_in_flight_and_fill_every_row(candidates, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
     from floe.corpus.budget import BudgetTuner
+    from floe.corpus.engines import EnginePool
 
     emb = _embedder(BudgetTuner(candidates=candidates, max_size=16))
-    tok = emb.tokenize(_rows(400))
     calls: list = []
-    out = emb.embed(tok, [_engine_run(calls), _engine_run(calls)])
-    ids, off = tok.tokens.ids, tok.tokens.offsets()
-    want = np.array([[off[i + 1] - off[i], ids[off[i]:off[i + 1]].sum()] for i in range(len(off) - 1)])
-    np.testing.assert_array_equal(out[tok.rows_of(np.arange(len(off) - 1)), :2], want)
+    pool = EnginePool([_Engine(calls), _Engine(calls)], emb, CommitPolicy(30.0))
+    states = [_shard(emb, i, 300, str(tmp_path)) for i in range(3)]
+    try:
+        with ThreadPoolExecutor(2) as ex:   # two calls at once, as the threaded actor makes
+            list(ex.map(pool.embed, states))
+    finally:
+        pool.close()
+    for state in states:
+        np.testing.assert_array_equal(state.pooled[state.tok.rows_of(state.todo), :2], _want(state))
     assert len(set(calls)) == 2, "both engines ran batches"
-    if len(candidates) > 1:   # the measurement ended with both engines pulling batches
+    if len(candidates) > 1:   # the measurement ended with both engines taking batches
         assert emb.tuner.chosen in candidates
 
 
-def test_an_engine_failing_stops_the_shard_with_its_error():
+def test_a_failed_batch_fails_its_shard_and_the_engines_go_on(tmp_path):
     from floe.corpus.budget import BudgetTuner
+    from floe.corpus.engines import EnginePool
 
     emb = _embedder(BudgetTuner(candidates=(512,), max_size=16))
-    tok = emb.tokenize(_rows(400))
     calls: list = []
-    with pytest.raises(RuntimeError, match="engine died"):
-        emb.embed(tok, [_engine_run(calls, fail_after=3), _engine_run(calls, fail_after=3)])
-    assert len(calls) < 10   # the other engine stopped too
+    pool = EnginePool([_Engine(calls, fail_at=3), _Engine(calls)], emb, CommitPolicy(30.0))
+    try:
+        bad = _shard(emb, 0, 300, str(tmp_path))
+        with pytest.raises(RuntimeError, match="engine died"):
+            pool.embed(bad)
+        good = _shard(emb, 1, 300, str(tmp_path))   # a later shard (a retried call) completes
+        pool.embed(good)
+    finally:
+        pool.close()
+    np.testing.assert_array_equal(good.pooled[good.tok.rows_of(good.todo), :2], _want(good))
+
+
+def test_engines_commit_pieces_of_every_shard_in_flight(tmp_path):
+    from floe.corpus.budget import BudgetTuner
+    from floe.corpus.engines import EnginePool
+
+    emb = _embedder(BudgetTuner(candidates=(512,), max_size=16))
+    calls: list = []
+    policy = CommitPolicy(0.05)   # a commit after every batch or two
+    pool = EnginePool([_Engine(calls, seconds=0.03)], emb, policy)
+    state = _shard(emb, 0, 120, str(tmp_path))
+    try:
+        pool.embed(state)
+    finally:
+        pool.close()
+    pos, vecs = read_pieces(str(tmp_path), 0, 384)
+    assert len(pos) > 0, "pieces were committed while the shard computed"
+    np.testing.assert_array_equal(vecs, state.pooled[np.searchsorted(state.keys, pos)])
