@@ -284,8 +284,12 @@ def fixed_cost(statuses: list[dict], t_start: float, t_connected: float) -> str:
     process = ("a process Ray had started before the job" if r["process_at"] <= t_connected else
                f"a process started +{r['process_at'] - t_connected:.1f} s")
     nodes = sorted({x["node"] for x in statuses})
+    # the end's tail: from the first node out of shards to the last shard's end (one node waits)
+    last = {n: max(x["ended_at"] for x in statuses if x["node"] == n) for n in nodes}
+    tail = max(last.values()) - min(last.values())
     return (f"Ray fixed cost: connect {t_connected - t_start:.1f} s; first actor's creation "
             f"reached its process +{r['imported_at'] - t_connected:.1f} s ({process}), its class "
             f"loaded in {built - r['imported_at']:.1f} s, its constructor {r['init_s']:.1f} s "
             f"(model, engine); first shard started {first - r['ready_at']:.1f} s after that, "
-            f"{first - t_start:.1f} s into the job; {len(statuses)} shard(s) on {len(nodes)} node(s)")
+            f"{first - t_start:.1f} s into the job; {len(statuses)} shard(s) on {len(nodes)} node(s), "
+            f"the last ending {tail:.1f} s after the first node's last")
