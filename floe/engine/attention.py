@@ -27,7 +27,7 @@ when the forward asks for it, everything else goes to transformers' own SDPA fun
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -145,24 +145,28 @@ class RotaryTable(torch.nn.Module):
     input's far positions would get the wrong rotation (measured on the embeddinggemma-300m shape:
     cosine to float32 0.9989 at 1,285 tokens). The table is what torch computes (float32 angles,
     cos and sin cast to the activations' dtype), so the torch engine's numbers do not change.
+
+    ``layer_types``: the model's (its rotary module takes the layer type, as gemma3's and
+    ModernBERT's do), or None for a model with one rotation for every layer (Qwen3's).
     """
 
-    def __init__(self, rotary: torch.nn.Module, max_positions: int, layer_types) -> None:
+    def __init__(self, rotary: torch.nn.Module, max_positions: int,
+                 layer_types: Optional[Sequence[str]] = None) -> None:
         super().__init__()
-        self.layer_types = sorted(set(layer_types))
+        self.layer_types = sorted(set(layer_types)) if layer_types is not None else None
         device = next(iter(rotary.buffers())).device
         positions = torch.arange(max_positions, device=device)[None]
         x = torch.zeros(1, device=device, dtype=torch.float32)
         with torch.no_grad():
-            for layer_type in self.layer_types:
-                cos, sin = rotary(x, positions, layer_type)
-                self.register_buffer(f"{layer_type}_cos", cos[0].float(), persistent=False)
-                self.register_buffer(f"{layer_type}_sin", sin[0].float(), persistent=False)
+            for layer_type in self.layer_types or [None]:
+                cos, sin = rotary(x, positions) if layer_type is None else rotary(x, positions, layer_type)
+                self.register_buffer(f"{layer_type or 'all'}_cos", cos[0].float(), persistent=False)
+                self.register_buffer(f"{layer_type or 'all'}_sin", sin[0].float(), persistent=False)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor,
-                layer_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = getattr(self, f"{layer_type}_cos")[position_ids]
-        sin = getattr(self, f"{layer_type}_sin")[position_ids]
+                layer_type: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = getattr(self, f"{layer_type or 'all'}_cos")[position_ids]
+        sin = getattr(self, f"{layer_type or 'all'}_sin")[position_ids]
         return cos.to(x.dtype), sin.to(x.dtype)
 
 

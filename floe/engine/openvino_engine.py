@@ -132,6 +132,8 @@ def cache_key(spec: ModelSpec, versions: Optional[dict[str, str]] = None,
         parts["window"] = {"radius": window.radius, "block": window.block,
                            "sliding": list(window.sliding), "band_graph": _band_window(spec) is not None,
                            "forward": _forward_digest()}
+    elif _rotary(spec):   # a float32 table of rotations (_float32_rotation), as long as this
+        parts["rotation"] = {"table": "float32", "positions": spec.max_seq_length}
     head = kind_of(spec).graph_key(spec)
     if head is not None:   # (None for embeddings, whose keys, and caches, stay as they were)
         parts["head"] = {**head, "inputs": list(_graph_inputs(spec))}
@@ -225,6 +227,31 @@ def _sliding_window(spec: ModelSpec) -> int:
     return max(window, int(config.get("local_attention") or 0))  # ModernBERT's local layers
 
 
+def _rotary(spec: ModelSpec) -> bool:
+    """Whether the backbone rotates its queries and keys (config.json names a rope setting)."""
+    try:
+        with open(os.path.join(spec.backbone_path, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    config = config.get("text_config", config)
+    return any(k in config for k in ("rope_theta", "rope_parameters", "rope_scaling"))
+
+
+def _float32_rotation(backbone: Any, spec: ModelSpec) -> None:
+    """Gives a rotary backbone (Qwen3's) a float32 table of its rotations (attention.py's
+    RotaryTable) before it is traced. Its own module computes position x frequency, which the
+    graph then runs at the bf16 precision hint: far positions rotate wrong (on the tiny Qwen3 of
+    tests/fixtures, cosine to float32 0.993 at 300 tokens, 0.964 at 700). floe's own forward
+    (gemma3, ModernBERT) installs its table itself."""
+    from floe.engine.attention import RotaryTable
+
+    rotary = getattr(backbone, "rotary_emb", None)
+    if rotary is None or isinstance(rotary, RotaryTable) or not _rotary(spec):
+        return
+    backbone.rotary_emb = RotaryTable(rotary, int(spec.max_seq_length))
+
+
 def _batch(spec: ModelSpec, lengths: Sequence[int], seed: int) -> dict[str, np.ndarray]:
     """The graph's inputs for right-padded random in-vocabulary ids (and, for a graph that takes
     token types, a random split in each row)."""
@@ -293,6 +320,7 @@ def _convert_spans(spec: ModelSpec, threads: Optional[int],
     from floe.engine.torch_engine import Prepared, TorchEngine
 
     source = TorchEngine(spec, device="cpu", dtype="float32", threads=threads)
+    _float32_rotation(source.model, spec)
 
     class SpanPipeline(torch.nn.Module):
         def __init__(self) -> None:
@@ -331,6 +359,7 @@ def _convert(spec: ModelSpec, threads: Optional[int],
     from floe.engine.torch_engine import Prepared, TorchEngine
 
     source = TorchEngine(spec, device="cpu", dtype="float32", threads=threads)
+    _float32_rotation(source.model, spec)
 
     class Pipeline(torch.nn.Module):
         """(input_ids, attention_mask[, token_type_ids]) -> the task's (n, dim) float32 rows."""
