@@ -2,10 +2,11 @@
 
     the driver        one small item per shard still to do (index, row range, where it starts in
                       the input), handed to the actors, at most two queued per actor
-    _EmbedActor x N   floe engines (one per GPU, or per group of cores), spread over the nodes;
-                      each call is one shard: read it (floe's reader), tokenize, length-sorted
-                      batches, forward, post step, then the write: the shard's part file, atomic
-                      rename. While a shard computes, its finished rows are committed in pieces
+    _EmbedActor x N   floe engines (one per GPU; on a CPU two per actor from 2 threads up),
+                      spread over the nodes; each call is one shard: read it (floe's reader),
+                      tokenize, length-sorted batches onto the actor's engines (engines.py, the
+                      two queued calls' batches back to back), post step, then the write: the
+                      shard's part file, atomic rename. While a shard computes, its finished rows are committed in pieces
                       within --commit-seconds (commit.py). It returns one small status row
     the driver        counts progress from the status rows, then finalizes (job.py)
 
@@ -47,9 +48,9 @@ import os  # noqa: E402
 from typing import Optional
 
 from floe.corpus.commit import CommitPolicy, ShardInFlight
+from floe.corpus.cores import background_thread, cpu_engines, warm_up
 from floe.corpus.embed import CorpusOptions
 from floe.corpus.engines import EnginePool
-from floe.corpus.cores import background_thread, cpu_engines, warm_up
 from floe.corpus.plan import Plan
 from floe.corpus.progress import Progress
 from floe.corpus.reader import CorpusError, Shard, Source
