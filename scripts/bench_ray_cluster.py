@@ -53,6 +53,7 @@ def main() -> int:
     ap.add_argument("--shard-rows", type=int, default=2000)
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("floe_args", nargs="*", help="extra floe embed-corpus arguments, both sides (after --)")
     args = ap.parse_args()
 
     from floe.bench.ray_cluster import HEAD_IP, PORT, TwoNodes, problem
@@ -67,7 +68,7 @@ def main() -> int:
     make_corpus(corpus, "words", args.rows, 3, 120, 0)
     base = [sys.executable, "-m", "floe", "embed-corpus", corpus, "--no-progress",
             "--log-level", "info", "--model", embedded_model_path(),
-            "--shard-rows", str(args.shard_rows)]
+            "--shard-rows", str(args.shard_rows), *args.floe_args]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     results = []
     for i in range(args.runs):
