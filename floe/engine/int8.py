@@ -25,13 +25,15 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from floe.engine.window import Window
 from floe.errors import ConfigError
 from floe.kinds import kind_of
 from floe.models.spec import ModelSpec
+from floe.protocol import EncodeOptions
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,8 @@ MIN_TOP10_OVERLAP = 0.95
 CALIBRATION_TEXTS = 1024
 EVAL_TEXTS = 2000
 EVAL_QUERIES = 200
+LONG_CALIBRATION = 32   # a sliding-window model's banded graph: documents past its key span
+LONG_EVAL = 48
 _BATCH = 16
 GATE_FORMAT = 1   # bump when the recipe or the gate changes: cached verdicts are then redone
 
@@ -83,14 +87,13 @@ def neighbour_overlap(reference: np.ndarray, candidate: np.ndarray, queries: np.
     return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b)]))
 
 
-def _feeds(spec: ModelSpec, texts: list[str]) -> Iterator[dict[str, np.ndarray]]:
+def _feeds(spec: ModelSpec, texts: list[str], batch_size: int = _BATCH) -> Iterator[dict[str, np.ndarray]]:
     from floe.engine.base import right_pad
-    from floe.protocol import EncodeOptions
     from floe.tokenize import Tokenizer
 
     tok = Tokenizer(spec)
-    for i in range(0, len(texts), _BATCH):
-        batch = tok.encode(texts[i:i + _BATCH], EncodeOptions())
+    for i in range(0, len(texts), batch_size):
+        batch = tok.encode(texts[i:i + batch_size], EncodeOptions())
         off = batch.offsets()
         p = right_pad(spec, [batch.ids[off[j]:off[j + 1]] for j in range(batch.n)])
         yield {"input_ids": p.input_ids, "attention_mask": p.attention_mask}
@@ -101,21 +104,27 @@ def _embed(core: Any, model: Any, feeds: list, config: dict) -> np.ndarray:
     return np.concatenate([np.array(request.infer(f)[0], dtype=np.float32) for f in feeds])
 
 
-def quantized_model(core: Any, spec: ModelSpec, model_dir: str, config: dict) -> str:
-    """The int8 graph's model.xml for the converted graph in ``model_dir``: cached, or built
-    and measured now (the caller holds the converted graph's lock). Raises Int8Refused."""
+def quantized_model(core: Any, spec: ModelSpec, model_dir: str, config: dict,
+                    window: Optional[Window] = None) -> tuple[str, Optional[str]]:
+    """The int8 graphs' model.xml (and, for a sliding-window model whose inputs can outgrow its
+    key span, band.xml) for the converted graphs in ``model_dir``: cached, or built and measured
+    now (the caller holds the converted graph's lock). Raises Int8Refused."""
     folder = os.path.join(model_dir, "int8")
-    report = _read_report(folder)
+    report = _read_report(folder, banded=window is not None)
     if report is None:
-        report = _build(core, spec, model_dir, folder, config)
+        report = _build(core, spec, model_dir, folder, config, window)
+    band = report.get("band")
     if not report["passed"]:
+        long = (f"; documents longer than its key span ({band['eval_texts']} of "
+                f"{band['tokens']} tokens) at mean cosine {band['mean_cosine']:.4f}") if band else ""
         raise Int8Refused(
             f"--dtype int8 is refused for {spec.name}: quantized, it embeds real prose at mean "
             f"cosine {report['mean_cosine']:.4f} to float32 (min {report['min_cosine']:.4f}) and "
-            f"agrees on {report['top10_overlap']:.3f} of the 10 nearest neighbours; floe serves "
-            f"int8 only at >= {MIN_MEAN_COSINE} and >= {MIN_TOP10_OVERLAP}. Use --dtype bfloat16 "
-            f"(or auto). Measured once and cached in {folder}")
-    return os.path.join(folder, "model.xml")
+            f"agrees on {report['top10_overlap']:.3f} of the 10 nearest neighbours{long}; floe "
+            f"serves int8 only at >= {MIN_MEAN_COSINE} and >= {MIN_TOP10_OVERLAP}. Use --dtype "
+            f"bfloat16 (or auto). Measured once and cached in {folder}")
+    return (os.path.join(folder, "model.xml"),
+            os.path.join(folder, "band.xml") if window is not None else None)
 
 
 def read_quality(model_dir: str) -> dict | None:
@@ -123,7 +132,7 @@ def read_quality(model_dir: str) -> dict | None:
     return _read_report(os.path.join(model_dir, "int8"))
 
 
-def _read_report(folder: str) -> dict | None:
+def _read_report(folder: str, banded: bool = False) -> dict | None:
     try:
         with open(os.path.join(folder, "quality.json"), encoding="utf-8") as f:
             report = json.load(f)
@@ -131,12 +140,46 @@ def _read_report(folder: str) -> dict | None:
         return None
     if report.get("format") != GATE_FORMAT:
         return None
-    if report["passed"] and not os.path.isfile(os.path.join(folder, "model.xml")):
+    graphs = ("model.xml", "band.xml") if banded else ("model.xml",)
+    if report["passed"] and not all(os.path.isfile(os.path.join(folder, g)) for g in graphs):
+        return None
+    if banded and "band" not in report:
         return None
     return report
 
 
-def _build(core: Any, spec: ModelSpec, model_dir: str, folder: str, config: dict) -> dict:
+def _long_texts(spec: ModelSpec, paragraphs: list[str], min_tokens: int, count: int) -> list[str]:
+    """``count`` documents longer than ``min_tokens`` tokens: consecutive paragraphs joined
+    until the text is (the server cuts it at the model's max length, and so will the feed)."""
+    from floe.tokenize import Tokenizer
+
+    tok = Tokenizer(spec)
+    out: list[str] = []
+    parts: list[str] = []
+    for para in paragraphs:
+        parts.append(para)
+        text = "\n\n".join(parts)
+        if len(tok.encode([text], EncodeOptions()).ids) > min_tokens:
+            out.append(text)
+            parts = []
+            if len(out) == count:
+                break
+    return out
+
+
+def _quantize(nncf: Any, model: Any, calibration: list, kept: list[str]) -> Any:
+    return nncf.quantize(
+        model, nncf.Dataset(calibration), model_type=nncf.ModelType.TRANSFORMER,
+        subset_size=len(calibration), ignored_scope=nncf.IgnoredScope(names=kept, validate=False))
+
+
+def _cosines(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    return (got * want).sum(1) / np.maximum(
+        np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1), 1e-30)
+
+
+def _build(core: Any, spec: ModelSpec, model_dir: str, folder: str, config: dict,
+           window: Optional[Window] = None) -> dict:
     kind = kind_of(spec)
     if not kind.int8_model_types:
         raise Int8Refused(f"--dtype int8 is measured for embedding models only; {spec.name} is "
@@ -158,28 +201,46 @@ def _build(core: Any, spec: ModelSpec, model_dir: str, folder: str, config: dict
                           "docstrings to calibrate on")
     calibration = list(_feeds(spec, paragraphs[:CALIBRATION_TEXTS]))
     kept = down_projections(fp32, spec.hidden_size)
-    quantized = nncf.quantize(
-        fp32, nncf.Dataset(calibration), model_type=nncf.ModelType.TRANSFORMER,
-        subset_size=len(calibration),
-        ignored_scope=nncf.IgnoredScope(names=kept, validate=False))
+    quantized = _quantize(nncf, fp32, calibration, kept)
     evaluation = list(_feeds(spec, paragraphs[CALIBRATION_TEXTS:]))
-    want = _embed(core, fp32, evaluation, {**config, "INFERENCE_PRECISION_HINT": "f32"})
+    f32 = {**config, "INFERENCE_PRECISION_HINT": "f32"}
+    want = _embed(core, fp32, evaluation, f32)
     got = _embed(core, quantized, evaluation, config)
-    cos = (got * want).sum(1) / np.maximum(
-        np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1), 1e-30)
+    cos = _cosines(got, want)
     queries = np.linspace(0, len(want) - 1, EVAL_QUERIES).astype(int)
     overlap = neighbour_overlap(want, got, queries)
     report = {"format": GATE_FORMAT, "model": spec.name, "mean_cosine": float(cos.mean()),
               "min_cosine": float(cos.min()), "top10_overlap": overlap,
               "eval_texts": len(want), "calibration_texts": CALIBRATION_TEXTS,
               "kept_float": len(kept), "passed": gate(float(cos.mean()), overlap)}
-    log.info("int8 %s: mean cosine %.4f (min %.4f), top-10 overlap %.3f: %s", spec.name,
+    band = None
+    if window is not None:
+        # The banded graph (inputs longer than the key span) is quantized and measured on its
+        # own inputs: documents of consecutive paragraphs joined past the span. Its gate is the
+        # mean cosine (a few dozen long documents are too few for a neighbour test).
+        band_fp32 = core.read_model(os.path.join(model_dir, "band.xml"))
+        longs = _long_texts(spec, paragraphs, window.span, LONG_CALIBRATION + LONG_EVAL)
+        if len(longs) < LONG_CALIBRATION + LONG_EVAL:
+            raise Int8Refused("--dtype int8: too few standard-library docstrings to build "
+                              f"documents longer than {spec.name}'s key span to calibrate on")
+        band = _quantize(nncf, band_fp32, list(_feeds(spec, longs[:LONG_CALIBRATION], 1)),
+                         down_projections(band_fp32, spec.hidden_size))
+        held = list(_feeds(spec, longs[LONG_CALIBRATION:], 1))
+        band_cos = _cosines(_embed(core, band, held, config), _embed(core, band_fp32, held, f32))
+        report["band"] = {"mean_cosine": float(band_cos.mean()), "min_cosine": float(band_cos.min()),
+                          "eval_texts": len(held), "calibration_texts": LONG_CALIBRATION,
+                          "tokens": int(np.mean([f["attention_mask"].sum() for f in held]))}
+        report["passed"] = report["passed"] and float(band_cos.mean()) >= MIN_MEAN_COSINE
+    log.info("int8 %s: mean cosine %.4f (min %.4f), top-10 overlap %.3f%s: %s", spec.name,
              report["mean_cosine"], report["min_cosine"], overlap,
+             f"; past the key span {report['band']['mean_cosine']:.4f}" if band is not None else "",
              "served" if report["passed"] else "refused")
     tmp = tempfile.mkdtemp(prefix=".int8.", dir=model_dir)
     try:
         if report["passed"]:
             ov.save_model(quantized, os.path.join(tmp, "model.xml"), compress_to_fp16=False)
+            if band is not None:
+                ov.save_model(band, os.path.join(tmp, "band.xml"), compress_to_fp16=False)
         with open(os.path.join(tmp, "quality.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
         shutil.rmtree(folder, ignore_errors=True)

@@ -429,12 +429,9 @@ class OpenVINOEngine(Engine):
                                              # made on first use
         self._lock = threading.Lock()
         # Sliding-window models whose inputs can outgrow the key span have a second graph, run on
-        # batches wider than the span (floe/engine/attention.py); int8 is not verified for them.
+        # batches wider than the span (floe/engine/attention.py); int8 quantizes and gates both.
         self._window = _band_window(spec)
         self._band_request: Any = None
-        if self._window is not None and self.dtype == "int8":
-            raise ConfigError(f"--dtype int8 is not verified for {spec.model_type} models "
-                              "(sliding-window attention); use --dtype bfloat16 or auto")
         root = openvino_dir(self.cache_dir)
         os.makedirs(root, exist_ok=True)
         key = cache_key(spec)
@@ -471,7 +468,11 @@ class OpenVINOEngine(Engine):
             if self.dtype == "int8":
                 from floe.engine.int8 import quantized_model
 
-                self._compile(quantized_model(self._core, spec, self.model_dir, self._config))
+                plain, band = quantized_model(self._core, spec, self.model_dir, self._config,
+                                              self._window)
+                self._compile(plain)
+                if band is not None:
+                    self._compile_band(band)
         actual = str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
         if self.dtype != "int8" and (actual.endswith("f32") or actual == "float32"):
             self.dtype = "float32"  # a CPU that cannot run the bf16 hint runs f32

@@ -24,9 +24,9 @@ class EmbedKind(Kind):
     routes = "/v1/embeddings or /embed"
     route_kinds = ("embed", "encode")
     output_dtypes = ("float32", "float16", "bfloat16", *COMPACT_DTYPES)
-    # --dtype int8 (its quality gate runs at first start): the architectures below but the
-    # sliding-window ones, whose banded graph it does not quantize yet
-    int8_model_types = frozenset({"bert", "xlm-roberta", "qwen3"})
+    # --dtype int8 (its quality gate runs at first start, on the banded graph too for the
+    # sliding-window families): every architecture below
+    int8_model_types = frozenset({"bert", "xlm-roberta", "qwen3", "gemma3_text", "modernbert"})
     # config.json model_types whose OpenVINO conversion equals sentence-transformers (cosine
     # >= 0.99999 in f32, >= 0.999 in bf16, batched equals alone): each has a stand-in in
     # tests/fixtures and a parity test in tests/integration/test_openvino_engine.py.

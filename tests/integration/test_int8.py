@@ -110,3 +110,40 @@ def test_minilm_int8_meets_the_targets_against_sentence_transformers(minilm_path
     got /= np.linalg.norm(got, axis=1, keepdims=True)
     want = st_model(minilm_path).encode(_texts(), normalize_embeddings=True)
     assert ((got * want).sum(1) >= 0.99).all()
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("name", ["embeddinggemma", "modernbert-embed"])
+def test_int8_quantizes_and_gates_both_graphs_of_a_sliding_window_model(name, tmp_path, monkeypatch):
+    """A sliding-window model whose inputs outgrow its key span has a banded graph for them: int8
+    quantizes it too, on documents joined past the span, and gates it on its own inputs."""
+    from floe.engine.openvino_engine import OpenVINOEngine
+    from tests.fixtures import families
+
+    spec = load_spec(ModelSettings(model=families.FAMILIES[name](str(tmp_path / name)),
+                                   max_seq_length=600))
+    monkeypatch.setattr(int8, "MIN_TOP10_OVERLAP", 0.0)   # a random model: the recipe, not quality
+    monkeypatch.setattr(int8, "MIN_MEAN_COSINE", 0.9)
+    for const, value in (("CALIBRATION_TEXTS", 64), ("EVAL_TEXTS", 256), ("EVAL_QUERIES", 32),
+                         ("LONG_CALIBRATION", 8), ("LONG_EVAL", 8)):   # the recipe in seconds
+        monkeypatch.setattr(int8, const, value)
+    cache = str(tmp_path / "cache")
+    engine = _engine(spec, cache)
+    assert engine.dtype == "int8" and engine._window is not None
+    report = int8.read_quality(engine.model_dir)
+    band = report["band"]
+    assert report["passed"] and band["eval_texts"] == int8.LONG_EVAL
+    assert band["tokens"] > engine._window.span and 0.0 < band["mean_cosine"] <= 1.0
+    assert os.path.isfile(os.path.join(engine.model_dir, "int8", "band.xml"))
+    rng = np.random.default_rng(3)
+    batch = [rng.integers(5, spec.vocab_size - 1, n).astype(np.int32)
+             for n in (600, engine._window.span + 7, 40)]   # the banded graph's inputs
+    got = engine.run(engine.prepare(batch))
+    want = OpenVINOEngine(spec, dtype="float32", threads=2, cache_dir=cache).run(engine.prepare(batch))
+    cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert np.isfinite(got).all() and cos.min() > 0.95, cos
+    # below the long documents' target: refused, with their figure
+    monkeypatch.setattr(int8, "MIN_MEAN_COSINE", band["mean_cosine"] + 1e-6)
+    monkeypatch.setattr(int8, "_read_report", lambda *a, **k: None)   # measure again
+    with pytest.raises(int8.Int8Refused, match="longer than its key span"):
+        _engine(spec, str(tmp_path / "cache2"))
