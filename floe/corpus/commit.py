@@ -200,6 +200,20 @@ class ShardInFlight(OpenShard):
             self.complete.set()
         return done
 
+    def run_batch(self, engine, batch, seqs: list, tuner) -> float:
+        """Runs one of the shard's batches on ``engine`` into ``pooled``, reports it to the
+        budget ``tuner`` (as dropped when it raises, and re-raises) and marks its rows finished;
+        returns its seconds. The step every engine thread of both runners takes per batch."""
+        t0 = time.perf_counter()
+        try:
+            self.pooled[self.tok.rows_of(batch.idx)] = self.tok.run(engine, batch.idx, seqs)
+        except BaseException:
+            tuner.record(batch, 0, None)
+            raise
+        dt = time.perf_counter() - t0
+        tuner.record(batch, max(len(s) for s in seqs), dt)
+        return dt
+
     def batch_failed(self, exc: BaseException) -> None:
         with self._lock:
             self.left -= 1

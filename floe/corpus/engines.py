@@ -76,15 +76,11 @@ class EnginePool:
                 tuner.record(batch, 0, None)
                 state.batch_failed(state.error)
                 continue
-            t0 = time.perf_counter()
             try:
-                state.pooled[state.tok.rows_of(batch.idx)] = state.tok.run(engine, batch.idx, seqs)
+                dt = state.run_batch(engine, batch, seqs, tuner)
             except BaseException as exc:  # noqa: BLE001 - raised by the shard's call
-                tuner.record(batch, 0, None)
                 state.batch_failed(exc)
                 continue
-            dt = time.perf_counter() - t0
-            tuner.record(batch, max(len(s) for s in seqs), dt)
             state.batch_done(batch.idx)
             if self.policy.batch_done(dt):
                 self._commit()

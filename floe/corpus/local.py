@@ -125,15 +125,11 @@ class _Pipeline:
             if self.error is not None:
                 tuner.record(batch, 0, None)
                 continue  # the job failed: drop queued work
-            t0 = time.perf_counter()
             try:
-                state.pooled[state.tok.rows_of(batch.idx)] = state.tok.run(engine, batch.idx, seqs)
+                dt = state.run_batch(engine, batch, seqs, tuner)
             except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-                tuner.record(batch, 0, None)
                 self.fail(exc)
                 continue
-            dt = time.perf_counter() - t0
-            tuner.record(batch, max(len(s) for s in seqs), dt)
             complete = state.batch_done(batch.idx)
             if self.policy.batch_done(dt):
                 self._submit(self._commit)
