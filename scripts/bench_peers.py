@@ -187,15 +187,44 @@ def padding_counters(url: str) -> tuple[float, float]:
     return sums["floe_tokens_embedded_total"], sums["floe_padded_tokens_total"]
 
 
-def serve_measure(url: str, texts: list[str], total: int) -> dict[str, float]:
-    """tokens/s, p50 latency (s) and padding fill (floe only, else 0) of one measured pass."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and all its descendants (a server's replicas and
+    tokenizer workers included); those that exit in between are not counted."""
+    import psutil
+
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        pass
+    return total
+
+
+def serve_measure(server: "Server", texts: list[str], total: int) -> dict[str, float]:
+    """tokens/s, p50 latency (s), padding fill (floe only, else 0) and the server's and this
+    client's CPU seconds per million tokens of one measured pass: on these shared cores, what
+    the client takes is not the server's, and the server's CPU per token is what a wall time on
+    a noisy machine hides."""
+    url = server.url
     warm = max(16, min(256, 16384 * len(texts) // max(1, total)))  # about 16k tokens
     asyncio.run(drive(url, texts[:warm], concurrency=16))   # warm-up
     real0, padded0 = padding_counters(url)
+    server0, client0 = cpu_seconds(server.proc.pid), time.process_time()
     seconds, latencies = asyncio.run(drive(url, texts + texts))
+    server1, client1 = cpu_seconds(server.proc.pid), time.process_time()
     real1, padded1 = padding_counters(url)
     fill = (real1 - real0) / (padded1 - padded0) if padded1 > padded0 else 0.0
-    return {"tokens_s": 2 * total / seconds, "p50_s": float(np.median(latencies)), "fill": fill}
+    per_m = 1e6 / (2 * total)
+    return {"tokens_s": 2 * total / seconds, "p50_s": float(np.median(latencies)), "fill": fill,
+            "server_cpu_per_m": (server1 - server0) * per_m,
+            "client_cpu_per_m": (client1 - client0) * per_m,
+            "server_cores": (server1 - server0) / seconds}
 
 
 def main() -> None:
@@ -283,7 +312,7 @@ def main() -> None:
                 for name, system in systems.items():
                     try:
                         if isinstance(system, Server):
-                            m = serve_measure(system.url, texts, total)
+                            m = serve_measure(system, texts, total)
                         else:
                             m = system.measure(texts, total)
                     except Exception as e:  # noqa: BLE001 - one system's failure ends only its cell
@@ -320,6 +349,14 @@ def main() -> None:
         print(f"  {wl}: " + ", ".join(
             f"{n} p50 {med(wl, n, 'p50_s'):.2f}" + (f" fill {med(wl, n, 'fill'):.3f}"
                                                      if med(wl, n, "fill") else "")
+            for n in names if isinstance(systems[n], Server)))
+    print()
+    print("CPU seconds per million tokens, the server's processes (the cores they kept busy) "
+          "and this client's, medians:")
+    for wl, _, _ in workloads:
+        print(f"  {wl}: " + ", ".join(
+            f"{n} server {med(wl, n, 'server_cpu_per_m'):.1f} ({med(wl, n, 'server_cores'):.2f} "
+            f"cores) client {med(wl, n, 'client_cpu_per_m'):.1f}"
             for n in names if isinstance(systems[n], Server)))
     # Share of the matmul peak: the model's own FLOPs of the workload (floe/bench/roofline.py:
     # projections, MLP, attention over the keys each layer really has) at each system's rate.
