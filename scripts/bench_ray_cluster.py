@@ -16,7 +16,7 @@ progress line's steady rate, which flatters a pool of actors: their first shards
 the rate after the fixed cost (rows over the time after Ray's first shard started, against the
 local job's time after its engines loaded; target: at least 0.95x); Ray's fixed-cost line (with
 the end's tail: how long one node waited for the other's last shard) and whether the outputs are
-identical. Needs root (the namespaces) and Ray. Keep the machine otherwise idle.
+identical. Each side's log is kept in the work folder. Needs root (the namespaces) and Ray. Keep the machine otherwise idle.
 
   sudo python scripts/bench_ray_cluster.py --runs 2
 """
@@ -77,6 +77,8 @@ def main() -> int:
         if r.returncode:
             sys.exit(r.stderr[-3000:])
         text = r.stdout + r.stderr
+        with open(os.path.join(work, f"local-{i}.log"), "w") as f:
+            f.write(text)
         # until its engines were loaded: the local path's fixed cost
         loaded = re.search(r"(\d\d:\d\d:\d\d,\d+) INFO floe.corpus: \d+ engine worker", text)
         begun = re.search(r"(\d\d:\d\d:\d\d,\d+) ", text)
@@ -95,6 +97,8 @@ def main() -> int:
             text, _ = p.communicate(timeout=3600)
         finally:
             nodes.close()
+        with open(os.path.join(work, f"cluster-{i}.log"), "w") as f:
+            f.write(text)
         if p.returncode:
             sys.exit(text[-3000:])
         cost = re.search(r"Ray fixed cost: .*", text)
@@ -105,11 +109,16 @@ def main() -> int:
         # first shard's start), against the local job's time after its engine load
         after = args.rows / (job - float(first.group(1))) if first else None
         local_after = args.rows / (ljob - local["startup_s"])
+        # the nodes' rates while each computed, summed (neither the fixed cost nor the tail)
+        m = re.search(r"together ([0-9.]+) rows/s", text)
+        together = float(m.group(1)) if m else None
         row = {"run": i, "side": "cluster", "job_s": job_seconds(text), "steady_rows_per_s": rs,
                "steady_over_local": round(rs / local["steady_rows_per_s"], 3) if rs else None,
                "rows_per_s_after_fixed_cost": round(after, 1) if after else None,
                "after_fixed_cost_over_local": round(after / local_after, 3) if after else None,
                "wall_over_local": round(local["job_s"] / job_seconds(text), 3),
+               "node_rates_together": together,
+               "together_over_local": round(together / local_after, 3) if together else None,
                "identical_output": identical(out, local_out),
                "fixed_cost": cost.group(0) if cost else None}
         print(json.dumps(row), flush=True)
@@ -118,6 +127,7 @@ def main() -> int:
                       "steady_over_local": [r["steady_over_local"] for r in results],
                       "after_fixed_cost_over_local": [r["after_fixed_cost_over_local"]
                                                       for r in results],
+                      "together_over_local": [r["together_over_local"] for r in results],
                       "all_identical": all(r["identical_output"] for r in results)}))
     return 0
 

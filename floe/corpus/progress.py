@@ -100,3 +100,49 @@ class Progress:
         return (f"embedded {new_rows} rows in {wall_s:.1f} s ({_rate(new_rows / wall_s if wall_s else 0)} "
                 f"rows/s, {_rate(self.tokens / wall_s if wall_s else 0)} tokens/s{after}){resumed}; "
                 f"{output}: {written_rows} rows, {skipped} skipped")
+
+
+# --- a Ray job's profile (ray_pool.py logs it; pure, so tested without Ray) ---------------------
+
+def fixed_cost(statuses: list[dict], t_start: float, t_connected: float) -> str:
+    """Where the Ray job's time went before its steady state, from the actors' status rows (wall
+    clock: the driver's and the actors' on one machine, or clocks kept in step). For the first
+    actor ready: connecting to (or starting) Ray; until the actor's creation reached its worker
+    process (the actor's placement, the process' start unless Ray had one waiting); loading the
+    actor's class (importing pyarrow and floe); its
+    constructor (model, tokenizer, engine); then until its first shard started. One line,
+    logged at the end of a job."""
+    if not statuses:
+        return f"Ray: connect {t_connected - t_start:.1f} s; no shard ran"
+    r = min(statuses, key=lambda r: r["ready_at"])
+    first = min(x["started_at"] for x in statuses)
+    built = r["ready_at"] - r["init_s"]
+    process = ("a process Ray had started before the job" if r["process_at"] <= t_connected else
+               f"a process started +{r['process_at'] - t_connected:.1f} s")
+    nodes = sorted({x["node"] for x in statuses})
+    # the end's tail: from the first node out of shards to the last shard's end (one node waits)
+    last = {n: max(x["ended_at"] for x in statuses if x["node"] == n) for n in nodes}
+    tail = max(last.values()) - min(last.values())
+    # the start's stagger: a node whose actor was placed or built later starts later
+    latest = max(min(x["started_at"] for x in statuses if x["node"] == n) for n in nodes)
+    return (f"Ray fixed cost: connect {t_connected - t_start:.1f} s; first actor's creation "
+            f"reached its process +{r['imported_at'] - t_connected:.1f} s ({process}), its class "
+            f"loaded in {built - r['imported_at']:.1f} s, its constructor {r['init_s']:.1f} s "
+            f"(model, engine); first shard started {first - r['ready_at']:.1f} s after that, "
+            f"{first - t_start:.1f} s into the job (the last node's {latest - t_start:.1f} s); "
+            f"{len(statuses)} shard(s) on {len(nodes)} node(s), "
+            f"the last ending {tail:.1f} s after the first node's last; {node_rates(statuses)}")
+
+
+def node_rates(statuses: list[dict]) -> str:
+    """Each node's rate while it computed (its rows over the span from its first shard's start
+    to its last shard's end) and their sum: the cluster's steady rate, which neither Ray's fixed
+    cost at the start nor the end's tail (one node idle while another ends its last shard) is in."""
+    rates = {}
+    for n in sorted({x["node"] for x in statuses}):
+        mine = [x for x in statuses if x["node"] == n]
+        span = max(x["ended_at"] for x in mine) - min(x["started_at"] for x in mine)
+        rates[n] = sum(x["rows"] for x in mine) / span if span > 0 else 0.0
+    return ("node rates " + ", ".join(f"{n} {r:.1f}" for n, r in rates.items())
+            + f" rows/s, together {sum(rates.values()):.1f} rows/s")
+

@@ -52,7 +52,7 @@ from floe.corpus.cores import background_thread, cpu_engines, warm_up
 from floe.corpus.embed import CorpusOptions
 from floe.corpus.engines import EnginePool
 from floe.corpus.plan import Plan
-from floe.corpus.progress import Progress
+from floe.corpus.progress import Progress, fixed_cost
 from floe.corpus.reader import CorpusError, Shard, Source
 from floe.resolve import core_count
 
@@ -267,30 +267,3 @@ def _dispatch(pool: list, items: list[dict]):
         if item is not None:
             running[a.embed_shard.remote(item)] = a
         yield row
-
-
-def fixed_cost(statuses: list[dict], t_start: float, t_connected: float) -> str:
-    """Where the Ray job's time went before its steady state, from the actors' status rows (wall
-    clock: the driver's and the actors' on one machine, or clocks kept in step). For the first
-    actor ready: connecting to (or starting) Ray; until the actor's creation reached its worker
-    process (the actor's placement, the process' start unless Ray had one waiting); loading the
-    actor's class (importing pyarrow and floe); its
-    constructor (model, tokenizer, engine); then until its first shard started. One line,
-    logged at the end of a job."""
-    if not statuses:
-        return f"Ray: connect {t_connected - t_start:.1f} s; no shard ran"
-    r = min(statuses, key=lambda r: r["ready_at"])
-    first = min(x["started_at"] for x in statuses)
-    built = r["ready_at"] - r["init_s"]
-    process = ("a process Ray had started before the job" if r["process_at"] <= t_connected else
-               f"a process started +{r['process_at'] - t_connected:.1f} s")
-    nodes = sorted({x["node"] for x in statuses})
-    # the end's tail: from the first node out of shards to the last shard's end (one node waits)
-    last = {n: max(x["ended_at"] for x in statuses if x["node"] == n) for n in nodes}
-    tail = max(last.values()) - min(last.values())
-    return (f"Ray fixed cost: connect {t_connected - t_start:.1f} s; first actor's creation "
-            f"reached its process +{r['imported_at'] - t_connected:.1f} s ({process}), its class "
-            f"loaded in {built - r['imported_at']:.1f} s, its constructor {r['init_s']:.1f} s "
-            f"(model, engine); first shard started {first - r['ready_at']:.1f} s after that, "
-            f"{first - t_start:.1f} s into the job; {len(statuses)} shard(s) on {len(nodes)} node(s), "
-            f"the last ending {tail:.1f} s after the first node's last")

@@ -210,3 +210,26 @@ def test_progress_steady_rate_excludes_what_came_before_the_first_shard(monkeypa
     assert p.steady_rows_per_s() == pytest.approx(10.0)     # 200 rows in the 20 s after the first
     line = p.summary("o.parquet", 300, 0, 80.0)
     assert "embedded 300 rows in 80.0 s" in line and "10.0 rows/s after the first shard" in line
+
+
+def _status(shard, node, rows, started, ended):
+    return {"shard": shard, "node": node, "rows": rows, "started_at": started, "ended_at": ended,
+            "ready_at": 10.0, "init_s": 1.0, "process_at": 0.0, "imported_at": 8.5}
+
+
+def test_ray_profile_gives_each_nodes_rate_and_the_end_tail():
+    from floe.corpus.progress import fixed_cost, node_rates
+
+    # node a: 3 shards of 100 rows from t=12 to t=42 (10 rows/s); node b: 2 shards from t=13
+    # (its actor ready 1 s later) to t=33, then idle while a ends its last (the tail: 9 s)
+    statuses = [_status(0, "a", 100, 12, 22), _status(1, "a", 100, 22, 32),
+                _status(2, "a", 100, 32, 42), _status(3, "b", 100, 13, 22),
+                _status(4, "b", 100, 22, 33)]
+    assert node_rates(statuses) == "node rates a 10.0, b 10.0 rows/s, together 20.0 rows/s"
+    line = fixed_cost(statuses, t_start=5.0, t_connected=6.0)
+    assert "connect 1.0 s" in line and "7.0 s into the job (the last node's 8.0 s)" in line
+    assert "5 shard(s) on 2 node(s), the last ending 9.0 s after the first node's last" in line
+    assert line.endswith("together 20.0 rows/s")
+    # a resumed shard (no new rows) counts in the span, not in the rows
+    assert node_rates([_status(0, "a", 0, 0, 5), _status(1, "a", 50, 5, 10)]).endswith(
+        "together 5.0 rows/s")
