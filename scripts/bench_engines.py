@@ -10,7 +10,9 @@ n^2.
 
 Workloads: ``64x50`` (64 inputs of 50 tokens per batch; any ``ROWSxLENGTH``, e.g. ``4x2048``),
 ``16x256``, and ``mixed`` (inputs of uniform 16-256 tokens, sorted by length and cut into batches
-of at most --max-batch-tokens padded tokens, as the replica's scheduler does).
+of at most --max-batch-tokens padded tokens, as the replica's scheduler does), and ``prose`` (the
+same with the lengths of 2,048 standard-library docstring paragraphs, floe.textsets, as
+bench_peers.py's prose workload). ``fill`` is real over padded tokens.
 
     .venv/bin/python scripts/bench_engines.py --threads 2 --seconds 20
     .venv/bin/python scripts/bench_engines.py --seconds 1 --workloads 64x50   # smoke run
@@ -34,15 +36,29 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKLOADS = ("64x50", "16x256", "mixed")
 
 
-def batches_for(name: str, vocab: int, max_batch_tokens: int, seed: int = 0) -> list[list[np.ndarray]]:
+def prose_lengths(spec, n: int = 2048) -> list[int]:
+    """Token counts of the first ``n`` standard-library docstring paragraphs (floe.textsets)
+    within the model's length: bench_peers.py's ``prose`` workload."""
+    from floe.bench.workload import BenchTokenizer
+    from floe.textsets import stdlib_paragraphs
+
+    tok = BenchTokenizer(spec)
+    counts = tok.count(stdlib_paragraphs())
+    return [int(c) for c in counts if c <= tok.max_seq_length][:n]
+
+
+def batches_for(name: str, vocab: int, max_batch_tokens: int, seed: int = 0,
+                lengths: list[int] | None = None) -> list[list[np.ndarray]]:
+    """``lengths``: the row lengths of the ``prose`` workload (prose_lengths)."""
     rng = np.random.default_rng(seed)
     low = min(1000, vocab - 1)
 
     def seq(n: int) -> np.ndarray:
         return rng.integers(low, vocab, n).astype(np.int32)
 
-    if name == "mixed":
-        seqs = sorted((seq(int(n)) for n in rng.integers(16, 257, 1024)), key=len)
+    if name in ("mixed", "prose"):
+        drawn = lengths if name == "prose" else rng.integers(16, 257, 1024)
+        seqs = sorted((seq(int(n)) for n in drawn), key=len)
         out, cur = [], []
         for s in seqs:  # lengths ascend, so the padded cost of a batch is len(s) x count
             if cur and len(s) * (len(cur) + 1) > max_batch_tokens:
@@ -118,7 +134,9 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=20.0, help="time per engine and workload")
     p.add_argument("--workloads", default=",".join(WORKLOADS))
     p.add_argument("--engines", default="torch,openvino")
-    p.add_argument("--max-batch-tokens", type=int, default=16384)
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="padded-token budget of the mixed and prose batches (default: floe "
+                        "serve's on a CPU for this model)")
     p.add_argument("--budget-sweep", default=None,
                    help="comma-separated padded-token budgets: time the mixed workload cut "
                         "at each budget, interleaved round by round (so a machine whose speed "
@@ -136,6 +154,10 @@ def main(argv=None) -> int:
 
     spec = load_spec(ModelSettings(model=args.model))
     shapes = model_shapes(spec.backbone_path)
+    if args.max_batch_tokens is None:
+        from floe.resolve import batch_budget
+
+        args.max_batch_tokens = batch_budget(None, False, int(spec.max_seq_length))
     engines = {}
     for kind in args.engines.split(","):
         t0 = time.perf_counter()
@@ -169,9 +191,10 @@ def main(argv=None) -> int:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(results, f, indent=1)
         return 0
-    print(f"{'workload':<10} {'engine':<13} {'tokens/s':>10} {'vs torch':>9} {'% peak':>7}")
+    print(f"{'workload':<10} {'engine':<13} {'tokens/s':>10} {'vs torch':>9} {'% peak':>7} {'fill':>6}")
     for w in args.workloads.split(","):
-        batches = batches_for(w, spec.vocab_size, args.max_batch_tokens)
+        batches = batches_for(w, spec.vocab_size, args.max_batch_tokens,
+                              lengths=prose_lengths(spec) if w == "prose" else None)
         lengths = [len(s) for b in batches for s in b]
         flops = shapes.flops(lengths)  # the model's FLOPs for one pass over the workload
         padded = sum(max(len(s) for s in b) * len(b) for b in batches)
@@ -182,8 +205,8 @@ def main(argv=None) -> int:
             row[kind] = r
             ratio = (f"{r['tokens_per_s'] / row['torch']['tokens_per_s']:.2f}x"
                      if "torch" in row and kind != "torch" else "")
-            print(f"{w:<10} {kind:<13} {r['tokens_per_s']:>10.0f} {ratio:>9} {r['percent_of_peak']:>6.0f}%",
-                  flush=True)
+            print(f"{w:<10} {kind:<13} {r['tokens_per_s']:>10.0f} {ratio:>9} {r['percent_of_peak']:>6.0f}%"
+                  f" {row['real_over_padded']:>6.3f}", flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)

@@ -5,7 +5,8 @@
                                   [--model DIR] [--max-tokens N]
 
 For each workload (50 tokens, 256 tokens, uniform 16-256 tokens per input, exact under the
-model's tokenizer; --model: the embedded MiniLM by default, or any model folder, e.g. the
+model's tokenizer, or ``prose``: the standard library's docstring paragraphs within the model's
+length, floe.textsets; --model: the embedded MiniLM by default, or any model folder, e.g. the
 embeddinggemma-300m-shaped one of scripts/build_bench_model.py with --workloads 50,256,1024,2048
 and --max-tokens to keep the long workloads to minutes):
 
@@ -72,6 +73,15 @@ def make_texts(n: int, lengths: str, seed: int = 0,
     from floe.bench.workload import BenchTokenizer, load_model_spec
 
     tok = BenchTokenizer(load_model_spec(model))
+    if lengths == "prose":
+        # real prose: the standard library's docstring paragraphs (floe.textsets), in their
+        # fixed order, those within the model's length (so no system truncates or refuses one)
+        from floe.textsets import stdlib_paragraphs
+
+        paragraphs = stdlib_paragraphs()
+        counts = tok.count(paragraphs)
+        keep = [i for i, c in enumerate(counts) if c <= tok.max_seq_length][:n]
+        return [paragraphs[i] for i in keep], [int(counts[i]) for i in keep]
     rng = random.Random(seed)
     if "-" in lengths:
         lo, hi = map(int, lengths.split("-"))
@@ -260,7 +270,7 @@ def main() -> None:
           f"{peak:.0f} GFLOP/s", flush=True)
     workloads, flops = [], {}
     for wl in args.workloads.split(","):
-        longest = int(wl.split("-")[-1])
+        longest = 256 if wl == "prose" else int(wl.split("-")[-1])
         n = min(args.texts, max(1, args.max_tokens // longest)) if args.max_tokens else args.texts
         texts, lengths = make_texts(n, wl, model=model_path)
         workloads.append((wl, texts, sum(lengths)))
