@@ -114,7 +114,7 @@ class BatchSettings:
         None,
         "Fill floor of a batch (real tokens / padded tokens, 0-1): an input joins a batch only if "
         "the batch stays at least this full, so a short input does not pad a hundred rows up to "
-        "the longest of them. Default: 0.9 on CPU, where a pass costs its padded tokens and little "
+        "the longest of them. Default: 0.95 on CPU, where a pass costs its padded tokens and little "
         "else; 0 (off) on GPUs, where fewer, larger passes pay more than padding costs.",
     )
     batch_timeout_ms: float = _knob(

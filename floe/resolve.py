@@ -50,9 +50,11 @@ GPU_BATCH_TOKENS = 16384
 # replica) the floor raised the fill from 0.87 / 0.92 / 0.96 to 0.93 / 0.95 / 0.97 and the real
 # tokens per second by 3.5 / 1.7 / 0.9% (-1.3% at 64 if a pass had a fixed 10 ms). Served
 # (docs/benchmarks-history.md, "The fill floor, served"): fill 0.90 -> 0.95 and +26% / +51% tokens/s in
-# two rounds with the OpenVINO engine. On a GPU a pass has a fixed cost that larger batches
-# amortize: off.
-CPU_MIN_BATCH_FILL = 0.9
+# two rounds with the OpenVINO engine. 0.95 against 0.9, served on AMD Zen 4 (docs/benchmarks.md,
+# section 2), medians of 3 rounds in two runs: uniform 16-256 +1.1 / +1.6% (fill 0.971 -> 0.979),
+# standard-library prose +4.7 / +2.2% (fill 0.910 -> 0.961); 0.98 was no better than 0.9. On a
+# GPU a pass has a fixed cost that larger batches amortize: off.
+CPU_MIN_BATCH_FILL = 0.95
 
 # Default --frontend-workers on GPU hosts: one front-end process per this many cores left beside
 # the replicas, at most MAX_DEFAULT_FRONTENDS (past that the replicas, not the front end, are the
@@ -125,7 +127,7 @@ def batch_budget(asked: Optional[int], on_gpu: bool, model_max_length: int) -> i
 
 
 def batch_fill_floor(asked: Optional[float], on_gpu: bool) -> float:
-    """The fill floor replicas batch with: ``asked`` (--min-batch-fill) when given, else 0.9 on
+    """The fill floor replicas batch with: ``asked`` (--min-batch-fill) when given, else 0.95 on
     CPU and 0 on GPUs."""
     if asked is not None:
         return asked

@@ -61,7 +61,7 @@ def test_the_default_budget_follows_the_device_and_the_model():
 
 
 def test_the_default_fill_floor_follows_the_device():
-    assert batch_fill_floor(None, False) == 0.9
+    assert batch_fill_floor(None, False) == 0.95
     assert batch_fill_floor(None, True) == 0.0
     assert batch_fill_floor(0.5, True) == batch_fill_floor(0.5, False) == 0.5
     assert batch_fill_floor(0.0, False) == 0.0

@@ -18,6 +18,7 @@ from floe.errors import (InternalError, OverloadedError, TooLargeError, Unavaila
 from floe.models.spec import ModelSpec
 from floe.protocol import EncodeOptions, TokenBatch
 from floe.replica.core import HISTOGRAMS, ReplicaCore
+from floe.resolve import CPU_MIN_BATCH_FILL
 
 DIM = 32
 
@@ -347,8 +348,8 @@ async def test_stop_without_drain_fails_in_flight(make_core):
 
 
 async def test_fill_floor_defaults_by_device_and_splits_scattered_lengths(make_core):
-    core, _ = make_core(batch_timeout_ms=30.0)   # CPU engine, no floor asked: 0.9
-    assert core.min_fill == 0.9
+    core, _ = make_core(batch_timeout_ms=30.0)   # CPU engine, no floor asked: CPU's default
+    assert core.min_fill == CPU_MIN_BATCH_FILL == 0.95
     await asyncio.gather(
         core.submit(TokenBatch.from_lists([[1] * 4, [1] * 8]), EncodeOptions(), "x"),
         core.submit(TokenBatch.from_lists([[2] * 2]), EncodeOptions(), "y"))
