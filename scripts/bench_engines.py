@@ -43,7 +43,7 @@ def prose_lengths(spec, n: int = 2048) -> list[int]:
     from floe.textsets import stdlib_paragraphs
 
     tok = BenchTokenizer(spec)
-    counts = tok.count(stdlib_paragraphs())
+    counts = tok.count_lenient(stdlib_paragraphs())
     return [int(c) for c in counts if c <= tok.max_seq_length][:n]
 
 

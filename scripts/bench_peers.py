@@ -79,7 +79,7 @@ def make_texts(n: int, lengths: str, seed: int = 0,
         from floe.textsets import stdlib_paragraphs
 
         paragraphs = stdlib_paragraphs()
-        counts = tok.count(paragraphs)
+        counts = tok.count_lenient(paragraphs)
         keep = [i for i, c in enumerate(counts) if c <= tok.max_seq_length][:n]
         return [paragraphs[i] for i in keep], [int(counts[i]) for i in keep]
     rng = random.Random(seed)
