@@ -195,3 +195,13 @@ def test_byte_level_bpe_tokenizer(tmp_path):
     texts, _ = tok.exact_texts(targets, np.random.default_rng(11))
     counts = [len(bpe.encode(t).ids) for t in texts]
     assert counts == targets
+
+
+def test_lenient_count_marks_texts_past_the_models_length(tok):
+    long = " ".join(["word"] * (tok.max_seq_length + 40))
+    texts = ["a short one", long, "another short text"] * 100   # several chunks, each with a long text
+    counts = tok.count_lenient(texts, chunk=64)
+    assert len(counts) == 300
+    assert (counts[1::3] == tok.max_seq_length + 1).all()
+    short = tok.count(["a short one", "another short text"])
+    assert (counts[0::3] == short[0]).all() and (counts[2::3] == short[1]).all()
