@@ -46,7 +46,7 @@ def shapes_arg(text: str) -> list[tuple[int, int]]:
 
 def batch(engine, rows: int, length: int, vocab: int, seed: int = 0):
     rng = np.random.default_rng(seed)
-    return engine.prepare([rng.integers(1000, vocab, length).astype(np.int32) for _ in range(rows)])
+    return engine.prepare([rng.integers(min(1000, vocab - 1), vocab, length).astype(np.int32) for _ in range(rows)])
 
 
 def profile_openvino(spec, dtype: str, threads: int, shapes, repeats: int) -> None:
