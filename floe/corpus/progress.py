@@ -145,4 +145,3 @@ def node_rates(statuses: list[dict]) -> str:
         rates[n] = sum(x["rows"] for x in mine) / span if span > 0 else 0.0
     return ("node rates " + ", ".join(f"{n} {r:.1f}" for n, r in rates.items())
             + f" rows/s, together {sum(rates.values()):.1f} rows/s")
-
