@@ -256,6 +256,9 @@ def main() -> None:
     ap.add_argument("--fills", default="",
                     help="comma list of --min-batch-fill values for the OpenVINO server, crossed "
                          "with --budgets (default: the server's own default)")
+    ap.add_argument("--floe-dtype", default="bfloat16", choices=("bfloat16", "int8"),
+                    help="the OpenVINO server's --dtype (int8: quality-gated at its first start; "
+                         "the share of the peak stays the bf16 peak's)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     from floe.bench.roofline import model_shapes
@@ -296,7 +299,8 @@ def main() -> None:
                 ["--min-batch-fill", fill] if fill else [])
             srv = Server([sys.executable, "-m", "floe", "serve", "--model", model_path,
                           "--engine", engine, "--dtype",
-                          "bfloat16", "--port", str(port), "--grpc-port", "0",
+                          args.floe_dtype if engine == "openvino" else "bfloat16",
+                          "--port", str(port), "--grpc-port", "0",
                           "--log-level", "warning", *extra],
                          f"http://127.0.0.1:{port}/v1/embeddings")
             servers.append(srv)
