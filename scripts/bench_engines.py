@@ -12,11 +12,14 @@ Workloads: ``64x50`` (64 inputs of 50 tokens per batch; any ``ROWSxLENGTH``, e.g
 ``16x256``, and ``mixed`` (inputs of uniform 16-256 tokens, sorted by length and cut into batches
 of at most --max-batch-tokens padded tokens, as the replica's scheduler does), and ``prose`` (the
 same with the lengths of 2,048 standard-library docstring paragraphs, floe.textsets, as
-bench_peers.py's prose workload). ``fill`` is real over padded tokens.
+bench_peers.py's prose workload). ``fill`` is real over padded tokens. ``torch-padded`` is the
+torch engine without its packed forward for BERT-family encoders (floe/engine/unpadded.py): with
+a GPU's budget (``--max-batch-tokens 16384``) the mixed batches are far from full.
 
     .venv/bin/python scripts/bench_engines.py --threads 2 --seconds 20
     .venv/bin/python scripts/bench_engines.py --seconds 1 --workloads 64x50   # smoke run
     .venv/bin/python scripts/bench_engines.py --model DIR --workloads 8x1024,4x2048
+    .venv/bin/python scripts/bench_engines.py --engines torch,torch-padded --workloads mixed,prose --max-batch-tokens 16384
 
 Run it with nothing else on the cores: a busy machine drops every figure 3-5x.
 """
@@ -142,6 +145,9 @@ def main(argv=None) -> int:
                         "at each budget, interleaved round by round (so a machine whose speed "
                         "drifts shows in every budget alike), medians over --rounds")
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--turns", type=int, default=3,
+                   help="each engine's --seconds per workload is cut into this many turns, the "
+                        "engines alternating; the median turn is reported")
     p.add_argument("--cache-dir", default=None, help="converted-model cache (default: floe's)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
@@ -165,6 +171,11 @@ def main(argv=None) -> int:
             from floe.engine.torch_engine import TorchEngine
 
             engines[kind] = TorchEngine(spec, device="cpu", dtype=args.dtype, threads=args.threads)
+        elif kind == "torch-padded":   # torch without the packed forward (floe/engine/unpadded.py)
+            from floe.engine.torch_engine import TorchEngine
+
+            engines[kind] = TorchEngine(spec, device="cpu", dtype=args.dtype, threads=args.threads,
+                                        unpad=False)
         elif kind == "openvino":
             from floe.engine.openvino_engine import OpenVINOEngine
 
@@ -199,8 +210,12 @@ def main(argv=None) -> int:
         flops = shapes.flops(lengths)  # the model's FLOPs for one pass over the workload
         padded = sum(max(len(s) for s in b) * len(b) for b in batches)
         row = results["workloads"].setdefault(w, {"real_over_padded": sum(lengths) / padded})
-        for kind, engine in engines.items():
-            r = time_engine(engine, batches, args.seconds)
+        turns: dict[str, list[dict]] = {kind: [] for kind in engines}
+        for _ in range(args.turns):   # engines take turns: a drift in the machine hits all alike
+            for kind, engine in engines.items():
+                turns[kind].append(time_engine(engine, batches, args.seconds / args.turns))
+        for kind in engines:
+            r = sorted(turns[kind], key=lambda t: t["tokens_per_s"])[len(turns[kind]) // 2]
             r["percent_of_peak"] = 100 * r["tokens_per_s"] * flops / sum(lengths) / 1e9 / peak
             row[kind] = r
             ratio = (f"{r['tokens_per_s'] / row['torch']['tokens_per_s']:.2f}x"

@@ -319,7 +319,7 @@ def _convert_spans(spec: ModelSpec, threads: Optional[int],
 
     from floe.engine.torch_engine import Prepared, TorchEngine
 
-    source = TorchEngine(spec, device="cpu", dtype="float32", threads=threads)
+    source = TorchEngine(spec, device="cpu", dtype="float32", threads=threads, unpad=False)
     _float32_rotation(source.model, spec)
 
     class SpanPipeline(torch.nn.Module):
@@ -358,7 +358,7 @@ def _convert(spec: ModelSpec, threads: Optional[int],
 
     from floe.engine.torch_engine import Prepared, TorchEngine
 
-    source = TorchEngine(spec, device="cpu", dtype="float32", threads=threads)
+    source = TorchEngine(spec, device="cpu", dtype="float32", threads=threads, unpad=False)
     _float32_rotation(source.model, spec)
 
     class Pipeline(torch.nn.Module):

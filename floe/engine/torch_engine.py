@@ -138,12 +138,13 @@ class Prepared:
     """A padded batch on the device: what ``run`` consumes."""
 
     __slots__ = ("input_ids", "attention_mask", "lengths", "uniform", "token_type_ids",
-                 "span_weights", "span_rows")
+                 "span_weights", "span_rows", "rows", "slots")
 
     def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: torch.Tensor,
                  uniform: bool, token_type_ids: Optional[torch.Tensor] = None,
                  span_weights: Optional[torch.Tensor] = None,
-                 span_rows: Optional[torch.Tensor] = None) -> None:
+                 span_rows: Optional[torch.Tensor] = None,
+                 rows: Optional[torch.Tensor] = None, slots: Optional[torch.Tensor] = None) -> None:
         self.input_ids = input_ids
         self.attention_mask = attention_mask
         self.lengths = lengths
@@ -151,6 +152,9 @@ class Prepared:
         self.token_type_ids = token_type_ids  # None: all type 0
         self.span_weights = span_weights  # late chunking: (n, spans, length) pooling weights
         self.span_rows = span_rows        # (n, spans) bool: the real spans
+        # the packed forward's indices (floe/engine/unpadded.py pack_indices); None: run padded
+        self.rows = rows
+        self.slots = slots
 
 
 class TorchEngine(Engine):
@@ -159,7 +163,9 @@ class TorchEngine(Engine):
     backend = "torch"
 
     def __init__(self, spec: ModelSpec, device: str = "auto", dtype: str = "auto",
-                 threads: Optional[int] = None) -> None:
+                 threads: Optional[int] = None, unpad: bool = True) -> None:
+        """``unpad``: run a BERT-family encoder's dense layers on real tokens only
+        (floe/engine/unpadded.py); the OpenVINO converter traces the padded forward."""
         self.spec = spec
         self.kind = kind_of(spec)
         self.device, self.dtype = pick_device_and_dtype(device, dtype, spec)
@@ -203,6 +209,11 @@ class TorchEngine(Engine):
             from floe.engine.attention import windowed_forward
 
             self._windowed = windowed_forward(model, folder)
+        self._unpadded = None
+        if unpad and self._windowed is None and self.kind.model_output == "last_hidden_state":
+            from floe.engine.unpadded import unpadded_forward
+
+            self._unpadded = unpadded_forward(model)
         self._dense = [_Dense(d, self._torch_device, self._torch_dtype) for d in spec.dense]
         log.info("loaded %s on %s in %s (%s)", spec.name, self.device, self.dtype, head_summary(spec))
 
@@ -215,6 +226,11 @@ class TorchEngine(Engine):
         with token types from ``type_splits`` where the backbone has them (``Engine.prepare``)."""
         padded = right_pad(self.spec, sequences, type_splits)
         dev = self._torch_device
+        packed = None
+        if self._unpadded is not None and not padded.uniform:
+            from floe.engine.unpadded import pack_indices
+
+            packed = pack_indices(padded.attention_mask)
         non_blocking = dev.type == "cuda"
 
         def put(a: np.ndarray) -> torch.Tensor:
@@ -229,6 +245,8 @@ class TorchEngine(Engine):
             span_weights=None if spans is None else put(
                 span_weights(self.spec, padded.input_ids.shape[1], spans)),
             span_rows=None if spans is None else put(span_rows(spans)),
+            rows=None if packed is None else put(packed[0]),
+            slots=None if packed is None else put(packed[1]),
         )
 
     def run(self, prepared: Prepared) -> np.ndarray:
@@ -249,6 +267,8 @@ class TorchEngine(Engine):
         """The output the kind's head reads: hidden states or logits (``Kind.model_output``)."""
         if self._windowed is not None:
             return self._windowed(p.input_ids, p.attention_mask, uniform=p.uniform).last_hidden_state
+        if p.rows is not None:
+            return self._unpadded(p.input_ids, p.attention_mask, p.rows, p.slots, p.token_type_ids)
         kwargs: dict[str, Any] = {"input_ids": p.input_ids}
         # A batch without padding needs no mask, which lets SDPA take its unmasked (faster) path.
         # RoBERTa-likes still need the pad id only for position ids, which ids alone determine.
