@@ -42,7 +42,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -154,9 +154,14 @@ class Server:
 
 
 async def drive(url: str, texts: list[str], per_request: int = 16, concurrency: int = 64,
-                model: str = "m") -> tuple[float, list[float]]:
+                model: str = "m", refusals: Optional[list] = None) -> tuple[float, list[float]]:
     """Sends ``texts`` in requests of ``per_request``, ``concurrency`` in flight; returns the
-    wall seconds from the first request to the last answer and each request's latency."""
+    wall seconds from the first request to the last answer and each request's latency.
+
+    A request refused for load (429, or 503 at the connection cap) is sent again after its
+    Retry-After, as the OpenAI client does: a slow model's server refuses what its queue bound
+    cannot hold (floe: 30 s of predicted work) while it stays busy with the rest. Each refusal
+    is appended to ``refusals``."""
     import httpx
 
     bodies = [json.dumps({"input": texts[i:i + per_request], "model": model,
@@ -171,6 +176,12 @@ async def drive(url: str, texts: list[str], per_request: int = 16, concurrency: 
                 body = queue.pop()
                 sent = time.perf_counter()
                 r = await client.post(url, content=body, headers={"content-type": "application/json"})
+                if r.status_code in (429, 503) and "retry-after" in r.headers:
+                    if refusals is not None:
+                        refusals.append(r.status_code)
+                    await asyncio.sleep(float(r.headers["retry-after"]))
+                    queue.append(body)
+                    continue
                 r.raise_for_status()
                 latencies.append(time.perf_counter() - sent)
                 data = r.json()["data"]
@@ -226,7 +237,8 @@ def serve_measure(server: "Server", texts: list[str], total: int) -> dict[str, f
     asyncio.run(drive(url, texts[:warm], concurrency=16))   # warm-up
     real0, padded0 = padding_counters(url)
     server0, client0 = cpu_seconds(server.proc.pid), time.process_time()
-    seconds, latencies = asyncio.run(drive(url, texts + texts))
+    refusals: list = []
+    seconds, latencies = asyncio.run(drive(url, texts + texts, refusals=refusals))
     server1, client1 = cpu_seconds(server.proc.pid), time.process_time()
     real1, padded1 = padding_counters(url)
     fill = (real1 - real0) / (padded1 - padded0) if padded1 > padded0 else 0.0
@@ -234,7 +246,7 @@ def serve_measure(server: "Server", texts: list[str], total: int) -> dict[str, f
     return {"tokens_s": 2 * total / seconds, "p50_s": float(np.median(latencies)), "fill": fill,
             "server_cpu_per_m": (server1 - server0) * per_m,
             "client_cpu_per_m": (client1 - client0) * per_m,
-            "server_cores": (server1 - server0) / seconds}
+            "server_cores": (server1 - server0) / seconds, "refused": len(refusals)}
 
 
 def main() -> None:
@@ -336,7 +348,9 @@ def main() -> None:
                     runs[wl][name].append(m)
                     print(f"round {r + 1} {wl} {name}: {m['tokens_s']:,.0f} tokens/s"
                           + (f", p50 {m['p50_s']:.2f} s" if m["p50_s"] else "")
-                          + (f", fill {m['fill']:.3f}" if m["fill"] else ""), flush=True)
+                          + (f", fill {m['fill']:.3f}" if m["fill"] else "")
+                          + (f", {m['refused']} refusals retried" if m.get("refused") else ""),
+                          flush=True)
     finally:
         for srv in servers:
             srv.stop()
