@@ -26,6 +26,7 @@ import torch
 
 from floe.engine.base import Engine, head_summary, right_pad, span_rows, span_weights
 from floe.engine.hardware import cpu_flags, cpu_has_fast_bf16  # noqa: F401  (re-exported)
+from floe.engine.unpadded import pack_indices, unpadded_forward
 from floe.kinds import kind_of
 from floe.errors import ConfigError, ModelLoadError
 from floe.models.spec import DenseSpec, ModelSpec
@@ -211,8 +212,6 @@ class TorchEngine(Engine):
             self._windowed = windowed_forward(model, folder)
         self._unpadded = None
         if unpad and self._windowed is None and self.kind.model_output == "last_hidden_state":
-            from floe.engine.unpadded import unpadded_forward
-
             self._unpadded = unpadded_forward(model)
         self._dense = [_Dense(d, self._torch_device, self._torch_dtype) for d in spec.dense]
         log.info("loaded %s on %s in %s (%s)", spec.name, self.device, self.dtype, head_summary(spec))
@@ -228,8 +227,6 @@ class TorchEngine(Engine):
         dev = self._torch_device
         packed = None
         if self._unpadded is not None and not padded.uniform:
-            from floe.engine.unpadded import pack_indices
-
             packed = pack_indices(padded.attention_mask)
         non_blocking = dev.type == "cuda"
 
