@@ -265,7 +265,8 @@ class TorchEngine(Engine):
         if self._windowed is not None:
             return self._windowed(p.input_ids, p.attention_mask, uniform=p.uniform).last_hidden_state
         if p.rows is not None:
-            return self._unpadded(p.input_ids, p.attention_mask, p.rows, p.slots, p.token_type_ids)
+            return self._unpadded(p.input_ids, p.attention_mask, p.rows, p.slots, p.lengths,
+                                  p.token_type_ids)
         kwargs: dict[str, Any] = {"input_ids": p.input_ids}
         # A batch without padding needs no mask, which lets SDPA take its unmasked (faster) path.
         # RoBERTa-likes still need the pad id only for position ids, which ids alone determine.

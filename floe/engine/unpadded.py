@@ -18,6 +18,11 @@ OpenVINO graph keeps the padded forward for that reason: its converter traces
 The packing indices are made on the host when a batch is prepared (``pack_indices``), so the
 forward needs no device-to-host sync to learn T.
 
+On a GPU in half precision, where torch has it (``torch.nn.attention.varlen``: Flash Attention's
+variable-length kernel), attention runs packed too, from the inputs' cumulative lengths: no pad
+is computed anywhere. The first batch that tries it and fails (a GPU the kernel does not support)
+logs why and leaves the padded attention for the rest of the process.
+
 Families: transformers' ``bert``, ``roberta`` and ``xlm-roberta`` encoders (MiniLM, BGE,
 snowflake-arctic-embed-m, e5, multilingual-e5, bge-m3): their layers share one structure, and
 ``unpadded_forward`` checks that structure rather than trusting the name. Their own embeddings
@@ -27,11 +32,14 @@ transformers' own) and its output is packed.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import logging
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 FAMILIES = ("bert", "roberta", "xlm-roberta")
 
@@ -65,6 +73,15 @@ def _supported(model: Any) -> bool:
     return True
 
 
+def _flash_varlen() -> Optional[Callable]:
+    """torch's variable-length flash attention (CUDA, fp16/bf16), or None where torch lacks it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
 class UnpaddedForward:
     """Calls the backbone's own modules on packed rows; see the module docstring."""
 
@@ -74,30 +91,66 @@ class UnpaddedForward:
         self.heads = int(config.num_attention_heads)
         self.head_dim = int(config.hidden_size) // self.heads
         self.hidden = int(config.hidden_size)
+        self.varlen = _flash_varlen()   # dropped for good if it fails once
+
+    def takes_varlen(self, states: torch.Tensor) -> bool:
+        return (self.varlen is not None and states.device.type == "cuda"
+                and states.dtype in (torch.float16, torch.bfloat16))
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 rows: torch.Tensor, slots: torch.Tensor,
+                 rows: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
                  token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(n, L, hidden) last hidden states of a right-padded batch, zero at the pads."""
+        """(n, L, hidden) last hidden states of a right-padded batch, zero at the pads;
+        ``lengths``: (n,) real tokens per row."""
         n, length = input_ids.shape
         model = self.model
         kwargs: dict[str, Any] = {"input_ids": input_ids}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         states = model.embeddings(**kwargs).reshape(n * length, self.hidden).index_select(0, rows)
+        if self.takes_varlen(states):
+            starts = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+            try:
+                out = self._layers(states, lambda q, k, v, scale: self._varlen_attention(
+                    q, k, v, scale, starts, length))
+            except (RuntimeError, NotImplementedError) as exc:
+                log.warning("packed flash attention failed on %s (%s: %s); padded attention from "
+                            "now on", states.device, type(exc).__name__, str(exc)[:200])
+                self.varlen = None
+            else:
+                return self._unpack(out, rows, n, length)
         keys = attention_mask[:, None, None, :].bool()  # (n, 1, 1, L): the real keys of each row
 
         def padded(x: torch.Tensor) -> torch.Tensor:
             return (x.index_select(0, slots).view(n, length, self.heads, self.head_dim)
                     .transpose(1, 2))
 
-        for layer in model.encoder.layer:
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale) -> torch.Tensor:
+            out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=keys,
+                                                 scale=scale)
+            return out.transpose(1, 2).reshape(n * length, self.hidden).index_select(0, rows)
+
+        return self._unpack(self._layers(states, attend), rows, n, length)
+
+    def _layers(self, states: torch.Tensor, attend: Callable) -> torch.Tensor:
+        """The encoder's layers on packed rows; ``attend(q, k, v, scale)`` maps packed (T, hidden)
+        projections to packed attention output."""
+        for layer in self.model.encoder.layer:
             core = layer.attention.self
-            q, k, v = (padded(proj(states)) for proj in (core.query, core.key, core.value))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys,
-                                                 scale=getattr(core, "scaling", None))
-            out = out.transpose(1, 2).reshape(n * length, self.hidden).index_select(0, rows)
+            out = attend(core.query(states), core.key(states), core.value(states),
+                         getattr(core, "scaling", None))
             states = layer.feed_forward_chunk(layer.attention.output(out, states))
+        return states
+
+    def _varlen_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale,
+                          starts: torch.Tensor, longest: int) -> torch.Tensor:
+        tokens = q.shape[0]
+        shape = (tokens, self.heads, self.head_dim)
+        out = self.varlen(q.view(shape), k.view(shape), v.view(shape), starts, starts, longest,
+                          longest, scale=scale)
+        return out.reshape(tokens, self.hidden)
+
+    def _unpack(self, states: torch.Tensor, rows: torch.Tensor, n: int, length: int) -> torch.Tensor:
         full = states.new_zeros(n * length, self.hidden)
         return full.index_copy_(0, rows, states).view(n, length, self.hidden)
 

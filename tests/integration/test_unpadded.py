@@ -83,3 +83,56 @@ def test_other_families_and_heads_keep_the_padded_forward(tiny_model_root, bert_
     assert TorchEngine(qwen, device="cpu", dtype="float32")._unpadded is None
     reranker = load_spec(ModelSettings(model=bert_reranker))  # reads logits, not hidden states
     assert TorchEngine(reranker, device="cpu", dtype="float32")._unpadded is None
+
+
+def _reference_varlen(calls):
+    """torch.nn.attention.varlen.varlen_attn's contract, one input at a time with SDPA: (T, heads,
+    dim) packed rows, cumulative starts (n + 1,) int32, the longest length, a scale."""
+    import torch
+    import torch.nn.functional as F
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None):
+        assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and max_q == max_k
+        assert int(cu_q[-1]) == q.shape[0] and int((cu_q[1:] - cu_q[:-1]).max()) == max_q
+        calls.append(q.shape)
+        out = torch.empty_like(q)
+        for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            out[a:b] = F.scaled_dot_product_attention(
+                *(x[a:b].transpose(0, 1)[None] for x in (q, k, v)), scale=scale)[0].transpose(0, 1)
+        return out
+
+    return varlen
+
+
+def test_packed_attention_takes_the_inputs_cumulative_lengths(tiny_bert):
+    """The flash path's plumbing (a GPU's fp16/bf16 path) run on CPU with a reference kernel of
+    the same contract: the packed projections, the starts and the output layout."""
+    spec = load_spec(ModelSettings(model=tiny_bert))
+    packed = TorchEngine(spec, device="cpu", dtype="float32")
+    padded = TorchEngine(spec, device="cpu", dtype="float32", unpad=False)
+    calls: list = []
+    packed._unpadded.varlen = _reference_varlen(calls)
+    packed._unpadded.takes_varlen = lambda states: True
+    seqs = _batch(spec, seed=3)
+    got = packed.run(packed.prepare(seqs))
+    assert len(calls) == packed.model.config.num_hidden_layers
+    assert calls[0][0] == sum(LENGTHS)
+    np.testing.assert_allclose(got, padded.run(padded.prepare(seqs)), rtol=1e-5, atol=1e-5)
+
+
+def test_a_failing_packed_attention_falls_back_to_padded_for_good(tiny_bert, caplog):
+    spec = load_spec(ModelSettings(model=tiny_bert))
+    packed = TorchEngine(spec, device="cpu", dtype="float32")
+    padded = TorchEngine(spec, device="cpu", dtype="float32", unpad=False)
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer")
+
+    packed._unpadded.varlen = unsupported
+    packed._unpadded.takes_varlen = lambda states: packed._unpadded.varlen is not None
+    seqs = _batch(spec, seed=4)
+    with caplog.at_level("WARNING", logger="floe.engine.unpadded"):
+        got = packed.run(packed.prepare(seqs))
+    assert "packed flash attention failed" in caplog.text and "Ampere" in caplog.text
+    assert packed._unpadded.varlen is None
+    np.testing.assert_allclose(got, padded.run(padded.prepare(seqs)), rtol=1e-5, atol=1e-5)
