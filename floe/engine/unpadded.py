@@ -11,7 +11,7 @@ the pads.
 
 Where it pays: with the GPU's batching (a 16,384-token budget, no fill floor) a batch of mixed
 lengths is often half padding; with the CPU's fill floor of 0.95 there is little left to win, and
-the two gathers per layer cost about what they save (docs/benchmarks.md section 12). The
+the gathers around attention cost about what they save (docs/benchmarks.md section 12). The
 OpenVINO graph keeps the padded forward for that reason: its converter traces
 ``TorchEngine(unpad=False)``.
 
