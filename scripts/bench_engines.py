@@ -21,6 +21,10 @@ a GPU's budget (``--max-batch-tokens 16384``) the mixed batches are far from ful
     .venv/bin/python scripts/bench_engines.py --model DIR --workloads 8x1024,4x2048
     .venv/bin/python scripts/bench_engines.py --engines torch,torch-padded --workloads mixed,prose --max-batch-tokens 16384
 
+Each engine's ``--seconds`` per workload is cut into ``--turns`` turns taken in alternation, and
+the median turn is reported: on the 2-core build machine whichever engine ran first could be 10%
+faster, so engines timed one after the other misled.
+
 Run it with nothing else on the cores: a busy machine drops every figure 3-5x.
 """
 
