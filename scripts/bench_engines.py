@@ -20,6 +20,7 @@ a GPU's budget (``--max-batch-tokens 16384``) the mixed batches are far from ful
     .venv/bin/python scripts/bench_engines.py --seconds 1 --workloads 64x50   # smoke run
     .venv/bin/python scripts/bench_engines.py --model DIR --workloads 8x1024,4x2048
     .venv/bin/python scripts/bench_engines.py --engines torch,torch-padded --workloads mixed,prose --max-batch-tokens 16384
+    .venv/bin/python scripts/bench_engines.py --device cuda --dtype bfloat16 --engines torch,torch-padded --workloads mixed,prose --max-batch-tokens 16384
 
 Each engine's ``--seconds`` per workload is cut into ``--turns`` turns taken in alternation, and
 the median turn is reported: on the 2-core build machine whichever engine ran first could be 10%
@@ -91,20 +92,30 @@ def time_engine(engine, batches: list[list[np.ndarray]], seconds: float, min_rou
 
 
 def matmul_peak(shapes, threads: int, seconds: float, tokens: int = 4096,
-                dtype: str = "bfloat16") -> float:
+                dtype: str = "bfloat16", device: str = "cpu") -> float:
     """GFLOP/s of (tokens x hidden) @ (hidden x intermediate), the model's largest matmul, in
-    ``dtype`` (the precision the engines run: a float32 run is measured against float32's peak)."""
+    ``dtype`` (the precision the engines run: a float32 run is measured against float32's peak),
+    on ``device``."""
     import torch
 
     torch.set_num_threads(threads)
-    a = torch.randn(tokens, shapes.hidden).to(getattr(torch, dtype))
-    b = torch.randn(shapes.hidden, shapes.intermediate).to(getattr(torch, dtype))
+    a = torch.randn(tokens, shapes.hidden).to(device=device, dtype=getattr(torch, dtype))
+    b = torch.randn(shapes.hidden, shapes.intermediate).to(device=device, dtype=getattr(torch, dtype))
+
+    def sync() -> None:
+        if device != "cpu":
+            torch.cuda.synchronize(device)
+
     for _ in range(3):
         torch.matmul(a, b)
+    sync()
     n, t0 = 0, time.perf_counter()
     while n < 5 or time.perf_counter() - t0 < seconds:
         torch.matmul(a, b)
         n += 1
+        if n % 50 == 0:
+            sync()
+    sync()
     dt = time.perf_counter() - t0
     return 2 * tokens * shapes.hidden * shapes.intermediate * n / dt / 1e9
 
@@ -137,7 +148,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default", help="model folder or 'default' (embedded MiniLM)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where the torch engines run (OpenVINO runs on the CPU only)")
     p.add_argument("--seconds", type=float, default=20.0, help="time per engine and workload")
     p.add_argument("--workloads", default=",".join(WORKLOADS))
     p.add_argument("--engines", default="torch,openvino")
@@ -174,12 +187,16 @@ def main(argv=None) -> int:
         if kind == "torch":
             from floe.engine.torch_engine import TorchEngine
 
-            engines[kind] = TorchEngine(spec, device="cpu", dtype=args.dtype, threads=args.threads)
+            engines[kind] = TorchEngine(spec, device=args.device, dtype=args.dtype,
+                                        threads=args.threads)
         elif kind == "torch-padded":   # torch without the packed forward (floe/engine/unpadded.py)
             from floe.engine.torch_engine import TorchEngine
 
-            engines[kind] = TorchEngine(spec, device="cpu", dtype=args.dtype, threads=args.threads,
-                                        unpad=False)
+            engines[kind] = TorchEngine(spec, device=args.device, dtype=args.dtype,
+                                        threads=args.threads, unpad=False)
+        elif args.device != "cpu":
+            raise SystemExit(f"{kind} runs on the CPU only; --device {args.device} takes torch "
+                             "and torch-padded")
         elif kind == "openvino":
             from floe.engine.openvino_engine import OpenVINOEngine
 
@@ -194,9 +211,12 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown engine {kind!r}")
         print(f"# {kind}: ready in {time.perf_counter() - t0:.1f} s ({engines[kind].dtype})", flush=True)
 
-    peak = matmul_peak(shapes, args.threads, min(args.seconds, 5.0), dtype=args.dtype)
-    print(f"# {spec.name}, {args.threads} threads, {args.dtype}; {args.dtype} matmul peak "
-          f"({4096}x{shapes.hidden} @ {shapes.hidden}x{shapes.intermediate}): {peak:.0f} GFLOP/s")
+    rows = 4096 if args.device == "cpu" else 65536   # a GPU needs more rows to reach its peak
+    peak = matmul_peak(shapes, args.threads, min(args.seconds, 5.0), dtype=args.dtype,
+                       device=args.device, tokens=rows)
+    where = f"{args.threads} threads" if args.device == "cpu" else args.device
+    print(f"# {spec.name}, {where}, {args.dtype}; {args.dtype} matmul peak "
+          f"({rows}x{shapes.hidden} @ {shapes.hidden}x{shapes.intermediate}): {peak:.0f} GFLOP/s")
     results = {"model": spec.name, "threads": args.threads, "dtype": args.dtype,
                "matmul_peak_gflops": peak, "workloads": {}}
     if args.budget_sweep:
