@@ -167,20 +167,20 @@ async def drive(url: str, texts: list[str], per_request: int = 16, concurrency: 
     bodies = [json.dumps({"input": texts[i:i + per_request], "model": model,
                           "encoding_format": "base64"}).encode()
               for i in range(0, len(texts), per_request)]
-    queue = list(bodies)
+    queue = [(body, None) for body in bodies]   # (body, when it was first sent)
     latencies: list[float] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         async def worker() -> None:
             while queue:
-                body = queue.pop()
-                sent = time.perf_counter()
+                body, sent = queue.pop()
+                sent = time.perf_counter() if sent is None else sent   # latency counts retries
                 r = await client.post(url, content=body, headers={"content-type": "application/json"})
                 if r.status_code in (429, 503) and "retry-after" in r.headers:
                     if refusals is not None:
                         refusals.append(r.status_code)
                     await asyncio.sleep(float(r.headers["retry-after"]))
-                    queue.append(body)
+                    queue.append((body, sent))
                     continue
                 r.raise_for_status()
                 latencies.append(time.perf_counter() - sent)

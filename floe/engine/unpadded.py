@@ -73,6 +73,10 @@ def _supported(model: Any) -> bool:
     return True
 
 
+class _KernelRefused(Exception):
+    """The flash kernel itself refused the batch (not a memory error, not another layer's)."""
+
+
 def _flash_varlen() -> Optional[Callable]:
     """torch's variable-length flash attention (CUDA, fp16/bf16), or None where torch lacks it."""
     try:
@@ -113,7 +117,8 @@ class UnpaddedForward:
             try:
                 out = self._layers(states, lambda q, k, v, scale: self._varlen_attention(
                     q, k, v, scale, starts, length))
-            except (RuntimeError, NotImplementedError) as exc:
+            except _KernelRefused as refused:
+                exc = refused.__cause__
                 log.warning("packed flash attention failed on %s (%s: %s); padded attention from "
                             "now on", states.device, type(exc).__name__, str(exc)[:200])
                 self.varlen = None
@@ -146,8 +151,13 @@ class UnpaddedForward:
                           starts: torch.Tensor, longest: int) -> torch.Tensor:
         tokens = q.shape[0]
         shape = (tokens, self.heads, self.head_dim)
-        out = self.varlen(q.view(shape), k.view(shape), v.view(shape), starts, starts, longest,
-                          longest, scale=scale)
+        try:
+            out = self.varlen(q.view(shape), k.view(shape), v.view(shape), starts, starts,
+                              longest, longest, scale=scale)
+        except torch.OutOfMemoryError:
+            raise   # keeps its kind: the engine's memory handling, not a reason to drop the kernel
+        except (RuntimeError, NotImplementedError) as exc:
+            raise _KernelRefused() from exc
         return out.reshape(tokens, self.hidden)
 
     def _unpack(self, states: torch.Tensor, rows: torch.Tensor, n: int, length: int) -> torch.Tensor:

@@ -136,3 +136,19 @@ def test_a_failing_packed_attention_falls_back_to_padded_for_good(tiny_bert, cap
     assert "packed flash attention failed" in caplog.text and "Ampere" in caplog.text
     assert packed._unpadded.varlen is None
     np.testing.assert_allclose(got, padded.run(padded.prepare(seqs)), rtol=1e-5, atol=1e-5)
+
+
+def test_out_of_memory_in_packed_attention_keeps_its_kind_and_the_kernel(tiny_bert):
+    import torch
+
+    spec = load_spec(ModelSettings(model=tiny_bert))
+    packed = TorchEngine(spec, device="cpu", dtype="float32")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    packed._unpadded.varlen = out_of_memory
+    packed._unpadded.takes_varlen = lambda states: True
+    with pytest.raises(torch.OutOfMemoryError):
+        packed.run(packed.prepare(_batch(spec, seed=5)))
+    assert packed._unpadded.varlen is out_of_memory
