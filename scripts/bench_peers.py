@@ -15,7 +15,7 @@ and --max-tokens to keep the long workloads to minutes):
 - floe serve with the OpenVINO engine and with the torch engine (bf16), and Infinity (bf16, its
   own environment: scripts/setup_infinity.sh), each over HTTP /v1/embeddings with
   encoding_format=base64 (what the openai client sends), 16 inputs per request, 64 requests in
-  flight, every text sent twice;
+  flight, every text sent twice, by the same load generator (--client);
 - the bf16 matmul peak of these cores with the model's own shapes (tokens x hidden @ hidden x
   intermediate), and each system's share of it: the model's own FLOPs (floe/bench/roofline.py; a
   sliding-window layer counts its band, not n^2) per second over that peak.
@@ -25,8 +25,12 @@ each server (p50, the measured pass) and, for floe, the padding fill of its batc
 (real / padded tokens, from the server's /metrics). Every system is started once and stays up;
 ``--rounds`` passes per cell interleave the systems, and the tables are medians. ``--budgets`` runs the OpenVINO server once
 per ``--max-batch-tokens`` value (columns ``floe_openvino_b<budget>``) and ``--fills`` once per
-``--min-batch-fill`` value (``_f<fill>``). The client is a Python asyncio loop on
-the same cores; at these rates (a few hundred requests/s) it takes a small share of them.
+``--min-batch-fill`` value (``_f<fill>``). The load generator runs on the same cores as the
+servers: by default wrk (C, one thread, scripts/bench_peers.lua), which takes about a tenth of
+the Python asyncio client's CPU per request (``--client python``: httpx, 4% of the two cores
+on all-MiniLM); the Python client still sends each pass's warm-up and decodes its answers, and
+it is the one to use against a server that refuses load (it retries after Retry-After, wrk
+cannot).
 """
 
 from __future__ import annotations
@@ -37,10 +41,13 @@ import base64
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from typing import Any, Optional
 
@@ -191,6 +198,65 @@ async def drive(url: str, texts: list[str], per_request: int = 16, concurrency: 
         return time.perf_counter() - t0, latencies
 
 
+WRK_SCRIPT = os.path.join(REPO, "scripts", "bench_peers.lua")
+
+
+def ensure_wrk() -> str:
+    """wrk (Debian's package), installed with apt-get when missing."""
+    path = shutil.which("wrk")
+    if not path:
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True,
+                       stdout=subprocess.DEVNULL)
+        path = shutil.which("wrk") or sys.exit("wrk is not available: use --client python")
+    return path
+
+
+def drive_wrk(url: str, texts: list[str], per_request: int = 16, concurrency: int = 64,
+              model: str = "m") -> tuple[float, float, float]:
+    """The same requests as ``drive``, sent by wrk (a C load generator, one thread) through
+    scripts/bench_peers.lua; returns the wall seconds to the last answer, the median latency and
+    wrk's CPU seconds. wrk cannot tell which body a refusal was for, so a refused or failed
+    request voids the pass (use ``--client python``, which retries, for a server that refuses)."""
+    import psutil
+
+    bodies = [json.dumps({"input": texts[i:i + per_request], "model": model,
+                          "encoding_format": "base64"})
+              for i in range(0, len(texts), per_request)]
+    wrk = ensure_wrk()
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl") as f:
+        f.write("\n".join(bodies) + "\n")
+        f.flush()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([wrk, "-t", "1", "-c", str(min(concurrency, len(bodies))),
+                                 "-d", "3600s", "--timeout", "600s", "-s", WRK_SCRIPT, url,
+                                 "--", f.name],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # a pass that never ends (a lost connection drops its request) is stopped after 30 min
+        watchdog = threading.Timer(1800, proc.kill)
+        watchdog.daemon = True
+        watchdog.start()
+        said = []
+        for line in proc.stderr:   # the script writes "done ..." when the last answer came
+            if line.startswith("done "):
+                seconds = time.perf_counter() - t0
+                answered, refused, failed = map(int, line.split()[1:])
+                break
+            said.append(line)
+        else:
+            proc.wait()
+            watchdog.cancel()
+            raise RuntimeError(f"wrk exited with {proc.returncode}: {''.join(said)[-400:]}")
+        cpu = psutil.Process(proc.pid).cpu_times()
+        proc.send_signal(signal.SIGINT)   # wrk stops and prints the script's summary
+        out, _ = proc.communicate(timeout=60)
+        watchdog.cancel()
+    if refused or failed:
+        raise RuntimeError(f"{refused} requests refused and {failed} failed of {len(bodies)} "
+                           f"({''.join(said)[-300:]}); --client python retries refusals")
+    p50_us = next(float(x.split()[1]) for x in out.splitlines() if x.startswith("latency_p50_us"))
+    return seconds, p50_us / 1e6, cpu.user + cpu.system
+
+
 def padding_counters(url: str) -> tuple[float, float]:
     """floe's (real, padded) token counters summed over replicas; (0, 0) for other servers."""
     import httpx
@@ -227,25 +293,31 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def serve_measure(server: "Server", texts: list[str], total: int) -> dict[str, float]:
-    """tokens/s, p50 latency (s), padding fill (floe only, else 0) and the server's and this
+def serve_measure(server: "Server", texts: list[str], total: int,
+                  client: str = "python") -> dict[str, float]:
+    """tokens/s, p50 latency (s), padding fill (floe only, else 0) and the server's and the
     client's CPU seconds per million tokens of one measured pass: on these shared cores, what
     the client takes is not the server's, and the server's CPU per token is what a wall time on
-    a noisy machine hides."""
+    a noisy machine hides. The warm-up is always the Python client's, which decodes the answers:
+    wrk only checks that each answer is a 200 with embeddings in it."""
     url = server.url
     warm = max(16, min(256, 16384 * len(texts) // max(1, total)))  # about 16k tokens
     asyncio.run(drive(url, texts[:warm], concurrency=16))   # warm-up
     real0, padded0 = padding_counters(url)
     server0, client0 = cpu_seconds(server.proc.pid), time.process_time()
     refusals: list = []
-    seconds, latencies = asyncio.run(drive(url, texts + texts, refusals=refusals))
+    if client == "wrk":
+        seconds, p50, wrk_cpu = drive_wrk(url, texts + texts)
+    else:
+        seconds, latencies = asyncio.run(drive(url, texts + texts, refusals=refusals))
+        p50, wrk_cpu = float(np.median(latencies)), 0.0
     server1, client1 = cpu_seconds(server.proc.pid), time.process_time()
     real1, padded1 = padding_counters(url)
     fill = (real1 - real0) / (padded1 - padded0) if padded1 > padded0 else 0.0
     per_m = 1e6 / (2 * total)
-    return {"tokens_s": 2 * total / seconds, "p50_s": float(np.median(latencies)), "fill": fill,
+    return {"tokens_s": 2 * total / seconds, "p50_s": p50, "fill": fill,
             "server_cpu_per_m": (server1 - server0) * per_m,
-            "client_cpu_per_m": (client1 - client0) * per_m,
+            "client_cpu_per_m": (client1 - client0 + wrk_cpu) * per_m,
             "server_cores": (server1 - server0) / seconds, "refused": len(refusals)}
 
 
@@ -271,6 +343,9 @@ def main() -> None:
     ap.add_argument("--floe-dtype", default="bfloat16", choices=("bfloat16", "int8"),
                     help="the OpenVINO server's --dtype (int8: quality-gated at its first start; "
                          "the share of the peak stays the bf16 peak's)")
+    ap.add_argument("--client", default="wrk", choices=("wrk", "python"),
+                    help="the servers' load generator: wrk (C, one thread; installed with apt-get "
+                         "when missing) or the Python asyncio client, which retries refusals")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     from floe.bench.roofline import model_shapes
@@ -338,7 +413,7 @@ def main() -> None:
                 for name, system in systems.items():
                     try:
                         if isinstance(system, Server):
-                            m = serve_measure(system, texts, total)
+                            m = serve_measure(system, texts, total, args.client)
                         else:
                             m = system.measure(texts, total)
                     except Exception as e:  # noqa: BLE001 - one system's failure ends only its cell

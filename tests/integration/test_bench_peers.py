@@ -1,0 +1,42 @@
+"""scripts/bench_peers.py's wrk driver (scripts/bench_peers.lua) against a real `floe serve
+--engine fake`: every request body is sent exactly once, and a pass with a failed request is
+void. Needs wrk (Debian's package; the benchmark installs it when missing)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import pytest
+
+from tests.support import floe_serve
+
+pytestmark = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+
+SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "..", "scripts")
+
+
+@pytest.fixture(scope="module")
+def bench_peers():
+    sys.path.insert(0, os.path.abspath(SCRIPTS))
+    try:
+        import bench_peers
+        yield bench_peers
+    finally:
+        sys.path.remove(os.path.abspath(SCRIPTS))
+
+
+def test_wrk_sends_each_body_once_and_voids_a_failed_pass(bench_peers):
+    # 7 requests of varied lengths over 4 connections: a body skipped or sent twice (wrk calls
+    # the script's request() once before it connects) would change the tokens the server counts
+    texts, lengths = bench_peers.make_texts(100, "16-64", seed=3)
+    with floe_serve("--engine", "fake", "--num-replicas", "1", "--model", "default") as srv:
+        url = srv.url + "/v1/embeddings"
+        real0, _ = bench_peers.padding_counters(url)
+        seconds, p50, cpu = bench_peers.drive_wrk(url, texts, per_request=16, concurrency=4)
+        real1, _ = bench_peers.padding_counters(url)
+        assert real1 - real0 == sum(lengths)
+        assert 0 < p50 <= seconds and cpu >= 0
+        with pytest.raises(RuntimeError, match="7 failed of 7"):
+            bench_peers.drive_wrk(srv.url + "/v1/nowhere", texts, per_request=16, concurrency=4)
