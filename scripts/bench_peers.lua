@@ -7,22 +7,25 @@
 -- read line by line there) when the last answer came: "done <answered> <refused> <failed>". The
 -- driver times the pass itself and stops wrk with SIGINT; wrk then prints its latency summary,
 -- which counts only these bodies' requests: a connection with nothing left to send waits on a
--- ten-minute delay instead of sending anything else. The driver opens no more connections than
--- there are bodies, so every connection's first request has one.
+-- ten-minute delay instead of sending anything else.
 
 function init(args)
     bodies = {}
     for line in io.lines(args[1]) do
         bodies[#bodies + 1] = line
     end
-    sent, answered, refused, failed = 0, 0, 0, 0
+    claimed, sent, answered, refused, failed = 0, 0, 0, 0, 0
     headers = {["Content-Type"] = "application/json"}
 end
 
+-- wrk asks delay() before every request (a first one included) and request() some time later,
+-- when the delay's timer fires: a body is claimed in delay(), so a connection that was told to
+-- go on always has one left when it asks for it
 function delay()
-    if sent >= #bodies then
+    if claimed >= #bodies then
         return 600000
     end
+    claimed = claimed + 1
     return 0
 end
 
@@ -32,9 +35,6 @@ function request()
         -- nothing from that call): give it the first body without counting it as sent
         verified = true
         return wrk.format("POST", nil, headers, bodies[1])
-    end
-    if sent >= #bodies then
-        return wrk.format("GET")   -- never sent while delay() parks the done connections
     end
     sent = sent + 1
     return wrk.format("POST", nil, headers, bodies[sent])

@@ -17,7 +17,7 @@ and --max-tokens to keep the long workloads to minutes):
   encoding_format=base64 (what the openai client sends), 16 inputs per request, 64 requests in
   flight, every text sent twice, by the same load generator (--client);
 - the bf16 matmul peak of these cores with the model's own shapes (tokens x hidden @ hidden x
-  intermediate), and each system's share of it: the model's own FLOPs (floe/bench/roofline.py; a
+  intermediate), measured at the start of each round, and each system's share of it: the model's own FLOPs (floe/bench/roofline.py; a
   sliding-window layer counts its band, not n^2) per second over that peak.
 
 Prints tokens/s per cell and floe's ratio to each baseline, then the median request latency of
@@ -355,9 +355,9 @@ def main() -> None:
     model_path = str(embedded_model_path()) if args.model == "default" else args.model
     spec = load_model_spec(model_path)
     shapes = model_shapes(spec.backbone_path)
-    peak = matmul_peak(shapes.hidden, shapes.intermediate)
-    print(f"{spec.name}: bf16 matmul peak ({shapes.hidden} x {shapes.intermediate}): "
-          f"{peak:.0f} GFLOP/s", flush=True)
+    # the peak is measured again at the start of each round: this machine's speed moves by
+    # several percent over minutes, and a share is only as good as the peak it divides by
+    peaks: list[float] = []
     workloads, flops = [], {}
     for wl in args.workloads.split(","):
         longest = 256 if wl == "prose" else int(wl.split("-")[-1])
@@ -409,6 +409,9 @@ def main() -> None:
         runs: dict[str, dict[str, list[dict[str, float]]]] = {
             wl: {name: [] for name in systems} for wl, _, _ in workloads}
         for r in range(args.rounds):
+            peaks.append(matmul_peak(shapes.hidden, shapes.intermediate))
+            print(f"round {r + 1}: bf16 matmul peak ({shapes.hidden} x {shapes.intermediate}): "
+                  f"{peaks[-1]:.0f} GFLOP/s", flush=True)
             for wl, texts, total in workloads:
                 for name, system in systems.items():
                     try:
@@ -420,6 +423,7 @@ def main() -> None:
                         print(f"round {r + 1} {wl} {name}: failed ({type(e).__name__}: {e})",
                               flush=True)
                         continue
+                    m["share"] = m["tokens_s"] * flops[wl] / total / (peaks[-1] * 1e9)
                     runs[wl][name].append(m)
                     print(f"round {r + 1} {wl} {name}: {m['tokens_s']:,.0f} tokens/s"
                           + (f", p50 {m['p50_s']:.2f} s" if m["p50_s"] else "")
@@ -462,13 +466,13 @@ def main() -> None:
             f"cores) client {med(wl, n, 'client_cpu_per_m'):.1f}"
             for n in names if isinstance(systems[n], Server)))
     # Share of the matmul peak: the model's own FLOPs of the workload (floe/bench/roofline.py:
-    # projections, MLP, attention over the keys each layer really has) at each system's rate.
+    # projections, MLP, attention over the keys each layer really has) at each system's rate,
+    # over the peak of its round.
     print()
-    print("share of the bf16 matmul peak: " + ", ".join(
-        f"{wl}: " + " ".join(
-            f"{n} {100 * med(wl, n, 'tokens_s') * flops[wl] / total / (peak * 1e9):.0f}%"
-            for n in names)
-        for wl, texts, total in workloads))
+    print(f"share of the bf16 matmul peak (peaks {', '.join(f'{p:.0f}' for p in peaks)} "
+          f"GFLOP/s), medians of the rounds: " + ", ".join(
+              f"{wl}: " + " ".join(f"{n} {100 * med(wl, n, 'share'):.0f}%" for n in names)
+              for wl, _, _ in workloads))
 
 
 if __name__ == "__main__":

@@ -28,15 +28,17 @@ def bench_peers():
 
 
 def test_wrk_sends_each_body_once_and_voids_a_failed_pass(bench_peers):
-    # 7 requests of varied lengths over 4 connections: a body skipped or sent twice (wrk calls
-    # the script's request() once before it connects) would change the tokens the server counts
-    texts, lengths = bench_peers.make_texts(100, "16-64", seed=3)
+    # 60 requests of varied lengths over 8 connections, answered at once by the fake engine: a
+    # body skipped or sent twice (wrk calls the script's request() once before it connects, and
+    # a connection asks for its next body some time after it was told to go on) would change the
+    # tokens the server counts
+    texts, lengths = bench_peers.make_texts(240, "16-64", seed=3)
     with floe_serve("--engine", "fake", "--num-replicas", "1", "--model", "default") as srv:
         url = srv.url + "/v1/embeddings"
         real0, _ = bench_peers.padding_counters(url)
-        seconds, p50, cpu = bench_peers.drive_wrk(url, texts, per_request=16, concurrency=4)
+        seconds, p50, cpu = bench_peers.drive_wrk(url, texts, per_request=4, concurrency=8)
         real1, _ = bench_peers.padding_counters(url)
         assert real1 - real0 == sum(lengths)
         assert 0 < p50 <= seconds and cpu >= 0
-        with pytest.raises(RuntimeError, match="7 failed of 7"):
-            bench_peers.drive_wrk(srv.url + "/v1/nowhere", texts, per_request=16, concurrency=4)
+        with pytest.raises(RuntimeError, match="60 failed of 60"):
+            bench_peers.drive_wrk(srv.url + "/v1/nowhere", texts, per_request=4, concurrency=8)
