@@ -17,8 +17,9 @@ and --max-tokens to keep the long workloads to minutes):
   encoding_format=base64 (what the openai client sends), 16 inputs per request, 64 requests in
   flight, every text sent twice, by the same load generator (--client);
 - the bf16 matmul peak of these cores with the model's own shapes (tokens x hidden @ hidden x
-  intermediate), measured at the start of each round, and each system's share of it: the model's own FLOPs (floe/bench/roofline.py; a
-  sliding-window layer counts its band, not n^2) per second over that peak.
+  intermediate), measured at the start of each round, and each system's share of it: the
+  model's own FLOPs (floe/bench/roofline.py; a sliding-window layer counts its band, not n^2)
+  per second over that round's peak.
 
 Prints tokens/s per cell and floe's ratio to each baseline, then the median request latency of
 each server (p50, the measured pass) and, for floe, the padding fill of its batches in that pass
