@@ -70,6 +70,20 @@ def down_projections(model: Any, hidden: int) -> list[str]:
     return names
 
 
+def pooling_matmuls(model: Any) -> list[str]:
+    """Names of the MatMuls that pool token states into rows ((n, 1, length) 0/1 weights @ the
+    hidden states: floe/kinds/embed.py pool as a matmul): they stay in float, as the element-wise
+    pooling they replace did."""
+    names = []
+    for op in model.get_ops():
+        if op.get_type_name() != "MatMul":
+            continue
+        weights = op.input(0).get_partial_shape()
+        if len(weights) == 3 and weights[1].is_static and weights[1].get_length() == 1:
+            names.append(op.get_friendly_name())
+    return names
+
+
 def gate(mean_cosine: float, top10_overlap: float) -> bool:
     return mean_cosine >= MIN_MEAN_COSINE and top10_overlap >= MIN_TOP10_OVERLAP
 
@@ -201,7 +215,7 @@ def _build(core: Any, spec: ModelSpec, model_dir: str, folder: str, config: dict
         raise Int8Refused("--dtype int8: this Python install has too few standard-library "
                           "docstrings to calibrate on")
     calibration = list(_feeds(spec, paragraphs[:CALIBRATION_TEXTS]))
-    kept = down_projections(fp32, spec.hidden_size)
+    kept = down_projections(fp32, spec.hidden_size) + pooling_matmuls(fp32)
     quantized = _quantize(nncf, fp32, calibration, kept)
     evaluation = list(_feeds(spec, paragraphs[CALIBRATION_TEXTS:]))
     f32 = {**config, "INFERENCE_PRECISION_HINT": "f32"}

@@ -210,6 +210,8 @@ class TorchEngine(Engine):
             from floe.engine.attention import windowed_forward
 
             self._windowed = windowed_forward(model, folder)
+        # pooling as a matmul (floe/kinds/embed.py pool): set by the OpenVINO converter only
+        self.matmul_pooling = False
         self._unpadded = None
         if unpad and self._windowed is None and self.kind.model_output == "last_hidden_state":
             self._unpadded = unpadded_forward(model)

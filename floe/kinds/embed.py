@@ -64,7 +64,7 @@ class EmbedKind(Kind):
             for layer in engine._dense:
                 pooled = layer(pooled)
             return pooled[prepared.span_rows]
-        pooled = pool(engine.spec.pooling, out, prepared)
+        pooled = pool(engine.spec.pooling, out, prepared, as_matmul=engine.matmul_pooling)
         for layer in engine._dense:
             pooled = layer(pooled)
         return pooled
@@ -73,13 +73,22 @@ class EmbedKind(Kind):
         return f"{spec.pooling} pooling, dim {spec.dim}"
 
 
-def pool(mode: str, hidden: Any, p: Any) -> Any:
+def pool(mode: str, hidden: Any, p: Any, as_matmul: bool = False) -> Any:
     """sentence-transformers' Pooling over a right-padded batch's hidden states, in their dtype
-    (sums accumulated in float32, as the library does)."""
+    (sums accumulated in float32, as the library does).
+
+    ``as_matmul``: CLS, last token, mean and mean / sqrt(length) as one batched matmul of 0/1
+    token weights (n, 1, length) with the hidden states, for the OpenVINO graph (floe/engine/openvino_engine.py). Its
+    CPU plugin keeps the nodes between the last matmul and the outputs in float32 under the bf16
+    hint; with the pooling as element-wise ops and sums, that tail reaches back through every
+    residual add and layer norm of the backbone, which then run in float32 between conversions.
+    A matmul ends the tail there (all-MiniLM, 40 x 50 tokens, one thread: 2.1% faster)."""
     import torch
 
     from floe.errors import ModelLoadError
 
+    if as_matmul and mode in ("cls", "last_token", "mean", "mean_sqrt_len_tokens"):
+        return _pool_matmul(mode, hidden, p)
     if mode == "cls":
         return hidden[:, 0]
     if mode == "last_token":
@@ -100,6 +109,25 @@ def pool(mode: str, hidden: Any, p: Any) -> Any:
         summed = (hidden.float() * w).sum(dim=1)
         return (summed / w.sum(dim=1).clamp(min=1e-9)).to(hidden.dtype)
     raise ModelLoadError(f"unsupported pooling mode {mode!r}")
+
+
+def _pool_matmul(mode: str, hidden: Any, p: Any) -> Any:
+    """``pool`` as (n, 1, length) 0/1 token weights @ (n, length, hidden): the weights are exact
+    in any float precision, and the division by the length comes after, in float32."""
+    import torch
+
+    positions = torch.arange(hidden.shape[1], device=hidden.device)
+    if mode == "cls":
+        weights = (positions == 0).unsqueeze(0).expand_as(p.attention_mask)
+    elif mode == "last_token":
+        weights = positions.unsqueeze(0) == (p.lengths - 1).unsqueeze(1)
+    else:
+        weights = p.attention_mask
+    summed = torch.matmul(weights.to(hidden.dtype).unsqueeze(1), hidden).squeeze(1).float()
+    if mode in ("mean", "mean_sqrt_len_tokens"):
+        count = p.lengths.to(torch.float32).clamp(min=1).unsqueeze(-1)
+        summed = summed / (count if mode == "mean" else count.sqrt())
+    return summed.to(hidden.dtype)
 
 
 EMBED = EmbedKind()

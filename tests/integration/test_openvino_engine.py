@@ -271,3 +271,58 @@ def test_qwen3_bf16_keeps_far_positions(folder):
     ids = [rng.integers(5, spec.vocab_size - 1, n).astype(np.int32) for n in (800, 700, 300, 60)]
     cos = cosines(ov.run(ov.prepare(ids)), ref.run(ref.prepare(ids)))
     assert cos.min() >= BF16_MIN_COS, cos
+
+
+# --- the graph's tailoring (openvino_engine._tailored) --------------------------------------------
+
+@pytest.mark.parametrize("mode", ["cls", "last_token", "mean", "mean_sqrt_len_tokens"])
+def test_pooling_as_a_matmul_equals_the_pooling(mode):
+    import torch
+
+    from floe.engine.torch_engine import Prepared
+    from floe.kinds.embed import pool
+
+    lengths = torch.tensor([7, 1, 4])
+    mask = (torch.arange(7).unsqueeze(0) < lengths.unsqueeze(1)).to(torch.int64)
+    hidden = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(0))
+    batch = Prepared(torch.zeros(3, 7, dtype=torch.int64), mask, lengths, uniform=False)
+    want = pool(mode, hidden, batch)
+    got = pool(mode, hidden, batch, as_matmul=True)
+    assert torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
+
+
+def test_folding_the_query_scale_keeps_the_output(folder):
+    import torch
+
+    from floe.engine.openvino_engine import _fold_query_scale
+    from floe.engine.torch_engine import TorchEngine
+
+    path = folder("arctic-embed-m")
+    engine = TorchEngine(spec_of(path), device="cpu", dtype="float32", unpad=False)
+    batch = engine.prepare(ids_of(path, TEXTS[:4]))
+    want = engine.run(batch)
+    layers = engine.model.config.num_hidden_layers
+    assert _fold_query_scale(engine.model) == layers
+    assert all(m.scaling == 1.0 for m in engine.model.modules() if hasattr(m, "query"))
+    np.testing.assert_allclose(engine.run(batch), want, rtol=1e-5, atol=1e-6)
+    assert _fold_query_scale(engine.model) == 0   # folded once only
+    with torch.no_grad():
+        engine.model.encoder.layer[0].attention.self.query.weight.mul_(2.0)
+    assert np.abs(engine.run(batch) - want).max() > 1e-3   # the check can fail
+
+
+@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="the bf16 hint needs a bf16 CPU")
+def test_bf16_graph_runs_its_residual_stream_in_bf16(folder):
+    """With pooling as a matmul, the CPU plugin's float32 tail ends at the pooling: the layer
+    norms and residual adds run in bf16, and no pass multiplies the keys by the scale."""
+    engine = ov_engine(folder("arctic-embed-m"), "bfloat16")
+    ops = [(op.get_rt_info()["layerType"].astype(str),
+            op.get_rt_info()["runtimePrecision"].astype(str),
+            op.get_rt_info()["originalLayersNames"].astype(str))
+           for op in engine._compiled.get_runtime_model().get_ordered_ops()]
+    norms = [prec for kind, prec, _ in ops if kind == "MVN"]
+    assert norms and set(norms) == {"bf16"}, norms
+    residual = [prec for kind, prec, names in ops if kind == "Eltwise" and "output/aten::add" in names]
+    assert residual and set(residual) == {"bf16"}, residual
+    # the attention decomposition's own scale multiply (a node named Multiply_<n>): gone
+    assert not [names for kind, _, names in ops if kind == "Eltwise" and names.startswith("Multiply_")]
