@@ -28,7 +28,7 @@ each server (p50, the measured pass) and, for floe, the padding fill of its batc
 per ``--max-batch-tokens`` value (columns ``floe_openvino_b<budget>``) and ``--fills`` once per
 ``--min-batch-fill`` value (``_f<fill>``). The load generator runs on the same cores as the
 servers: by default wrk (C, one thread, scripts/bench_peers.lua), which takes a twentieth of
-the Python asyncio client's CPU per token (``--client python``: httpx, 3-4% of the two cores
+the Python asyncio client's CPU per token (``--client python``: httpx, about 3% of the two cores
 on all-MiniLM); the Python client still sends each pass's warm-up and decodes its answers, and
 it is the one to use against a server that refuses load (it retries after Retry-After, wrk
 cannot).
