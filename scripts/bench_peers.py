@@ -213,11 +213,12 @@ def ensure_wrk() -> str:
 
 
 def drive_wrk(url: str, texts: list[str], per_request: int = 16, concurrency: int = 64,
-              model: str = "m") -> tuple[float, float, float]:
+              model: str = "m", give_up_s: float = 1800.0) -> tuple[float, float, float]:
     """The same requests as ``drive``, sent by wrk (a C load generator, one thread) through
     scripts/bench_peers.lua; returns the wall seconds to the last answer, the median latency and
     wrk's CPU seconds. wrk cannot tell which body a refusal was for, so a refused or failed
-    request voids the pass (use ``--client python``, which retries, for a server that refuses)."""
+    request voids the pass (use ``--client python``, which retries, for a server that refuses).
+    A pass still unanswered after ``give_up_s`` (a request lost with its connection) fails."""
     import psutil
 
     bodies = [json.dumps({"input": texts[i:i + per_request], "model": model,
@@ -232,8 +233,7 @@ def drive_wrk(url: str, texts: list[str], per_request: int = 16, concurrency: in
                                  "-d", "3600s", "--timeout", "600s", "-s", WRK_SCRIPT, url,
                                  "--", f.name],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        # a pass that never ends (a lost connection drops its request) is stopped after 30 min
-        watchdog = threading.Timer(1800, proc.kill)
+        watchdog = threading.Timer(give_up_s, proc.kill)
         watchdog.daemon = True
         watchdog.start()
         said = []

@@ -36,9 +36,12 @@ def test_wrk_sends_each_body_once_and_voids_a_failed_pass(bench_peers):
     with floe_serve("--engine", "fake", "--num-replicas", "1", "--model", "default") as srv:
         url = srv.url + "/v1/embeddings"
         real0, _ = bench_peers.padding_counters(url)
-        seconds, p50, cpu = bench_peers.drive_wrk(url, texts, per_request=4, concurrency=8)
+        # a miscount would leave the pass waiting for an answer that never comes: 60 s, not 30 min
+        seconds, p50, cpu = bench_peers.drive_wrk(url, texts, per_request=4, concurrency=8,
+                                                  give_up_s=60)
         real1, _ = bench_peers.padding_counters(url)
         assert real1 - real0 == sum(lengths)
         assert 0 < p50 <= seconds and cpu >= 0
         with pytest.raises(RuntimeError, match="60 failed of 60"):
-            bench_peers.drive_wrk(srv.url + "/v1/nowhere", texts, per_request=4, concurrency=8)
+            bench_peers.drive_wrk(srv.url + "/v1/nowhere", texts, per_request=4, concurrency=8,
+                                  give_up_s=60)
