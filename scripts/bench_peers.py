@@ -202,14 +202,25 @@ async def drive(url: str, texts: list[str], per_request: int = 16, concurrency: 
 WRK_SCRIPT = os.path.join(REPO, "scripts", "bench_peers.lua")
 
 
+def install_wrk() -> Optional[str]:
+    """wrk's path, installed from Debian's package with apt-get when missing (the package lists
+    refreshed if the first try fails); None where it cannot be."""
+    for steps in ([["apt-get", "install", "-y", "-qq", "wrk"]],
+                  [["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "wrk"]]):
+        if shutil.which("wrk"):
+            break
+        for step in steps:
+            try:
+                subprocess.run(step, check=True, timeout=300, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+            except (OSError, subprocess.SubprocessError):
+                break
+    return shutil.which("wrk")
+
+
 def ensure_wrk() -> str:
-    """wrk (Debian's package), installed with apt-get when missing."""
-    path = shutil.which("wrk")
-    if not path:
-        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True,
-                       stdout=subprocess.DEVNULL)
-        path = shutil.which("wrk") or sys.exit("wrk is not available: use --client python")
-    return path
+    return install_wrk() or sys.exit("wrk is not available (apt-get install wrk): "
+                                     "use --client python")
 
 
 def drive_wrk(url: str, texts: list[str], per_request: int = 16, concurrency: int = 64,
