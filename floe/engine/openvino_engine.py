@@ -53,7 +53,7 @@ from floe.resolve import core_count
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2          # bump when the graph floe builds changes (2: _tailored)
+CACHE_FORMAT = 3          # bump when the graph floe builds changes (2: _tailored, 3: aligned keys)
 ENV_CACHE_DIR = "FLOE_ENGINE_CACHE_DIR"
 _INPUTS = ("input_ids", "attention_mask")
 _TYPE_INPUT = "token_type_ids"
@@ -276,12 +276,15 @@ def _fold_query_scale(backbone: Any) -> int:
 def _tailored(make_source: Callable[[], Any], pipeline_of: Callable[[Any], Any],
               probe: dict[str, np.ndarray]) -> tuple[Any, np.ndarray]:
     """The pipeline to trace, and its float32 output on ``probe`` before any change: the torch
-    engine ``make_source()`` builds, with the query scale folded in and pooling as a matmul
-    (floe/kinds/embed.py pool), so the graph runs faster on OpenVINO's CPU plugin. These change
+    engine ``make_source()`` builds, with the query scale folded in, pooling as a matmul
+    (floe/kinds/embed.py pool) and the attention's keys padded to whole blocks
+    (floe/engine/aligned_keys.py), so the graph runs faster on OpenVINO's CPU plugin. These change
     the graph, not the function: if the tailored pipeline's output on the probe moves by more
     than float32 rounding, a fresh, untouched one is traced instead (and the probe check after
     the conversion compares the graph with the untouched model either way)."""
     import torch
+
+    from floe.engine import aligned_keys
 
     def run(pipeline: Any) -> np.ndarray:
         with torch.no_grad():
@@ -292,12 +295,14 @@ def _tailored(make_source: Callable[[], Any], pipeline_of: Callable[[Any], Any],
     want = run(pipeline)
     source.matmul_pooling = True
     folded = _fold_query_scale(source.model)
+    aligned = aligned_keys.install(source.model)
     got = run(pipeline)
     scale = max(float(np.abs(want).max()), 1e-6)
     if not np.isfinite(got).all() or float(np.abs(got - want).max()) > 1e-4 * scale:
-        log.warning("the graph's tailoring (%d query scales folded, pooling as a matmul) changed "
-                    "the float32 output (%.3g): converting the model unchanged",
-                    folded, float(np.nan_to_num(np.abs(got - want)).max()))
+        log.warning("the graph's tailoring (%d query scales folded, pooling as a matmul%s) "
+                    "changed the float32 output (%.3g): converting the model unchanged",
+                    folded, ", keys aligned" if aligned else "",
+                    float(np.nan_to_num(np.abs(got - want)).max()))
         pipeline = pipeline_of(make_source())
     return pipeline, want
 

@@ -311,6 +311,88 @@ def test_folding_the_query_scale_keeps_the_output(folder):
     assert np.abs(engine.run(batch) - want).max() > 1e-3   # the check can fail
 
 
+def _attention_inputs(length: int, mask_kind: str, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(3, 2, length, 8, generator=g) for _ in range(3))
+    lengths = torch.tensor([length, max(1, length - 5), 1])
+    keep = (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1))[:, None, None, :]
+    mask = {"none": None, "bool": keep,
+            "float": torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)}[mask_kind]
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "none"])
+@pytest.mark.parametrize("length", [1, 15, 16, 17, 33])
+def test_aligned_keys_attention_equals_sdpa(mask_kind, length):
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from floe.engine.aligned_keys import aligned_attention
+
+    module = torch.nn.Module()
+    module.is_causal = False
+    q, k, v, mask = _attention_inputs(length, mask_kind)
+    want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
+    got, _ = aligned_attention(module, q, k, v, mask, scaling=0.3)
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
+    if length % 16:   # the padded keys must be masked: unmasked zero keys change the output
+        pad = 16 - length % 16
+        zeros = k.new_zeros(3, 2, pad, 8)
+        unmasked, _ = sdpa_attention_forward(module, q, torch.cat([k, zeros], 2),
+                                             torch.cat([v, zeros], 2), None, scaling=0.3)
+        assert not torch.allclose(unmasked, want, atol=1e-3)
+
+
+def test_aligned_keys_leave_causal_attention_alone():
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from floe.engine.aligned_keys import aligned_attention
+
+    module = torch.nn.Module()
+    module.is_causal = True
+    q, k, v, _ = _attention_inputs(17, "none")
+    want, _ = sdpa_attention_forward(module, q, k, v, None)
+    got, _ = aligned_attention(module, q, k, v, None)
+    assert torch.equal(got, want)
+
+
+def test_aligning_the_keys_keeps_the_output(folder):
+    from floe.engine import aligned_keys
+    from floe.engine.torch_engine import TorchEngine
+
+    path = folder("arctic-embed-m")
+    engine = TorchEngine(spec_of(path), device="cpu", dtype="float32", unpad=False)
+    batch = engine.prepare(ids_of(path, TEXTS[:4]))   # padded rows of several lengths
+    want = engine.run(batch)
+    assert aligned_keys.install(engine.model)
+    assert engine.model.config._attn_implementation == aligned_keys.IMPLEMENTATION
+    np.testing.assert_allclose(engine.run(batch), want, rtol=1e-5, atol=1e-6)
+    eager = TorchEngine(spec_of(path), device="cpu", dtype="float32", unpad=False)
+    eager.model.config._attn_implementation = "eager"
+    assert not aligned_keys.install(eager.model)   # only a model on SDPA attention
+
+
+def test_converted_graph_aligns_its_keys(folder):
+    """Each layer's keys and values reach the attention through a concatenation with zeros."""
+    path = folder("arctic-embed-m")
+    engine = ov_engine(path, "float32")
+    with open(os.path.join(spec_of(path).backbone_path, "config.json"), encoding="utf-8") as f:
+        layers = json.load(f)["num_hidden_layers"]
+    model = engine._core.read_model(os.path.join(engine.model_dir, "model.xml"))
+    cats = [op for op in model.get_ordered_ops()
+            if op.get_type_name() == "Concat" and "attention" in op.get_friendly_name()
+            and "aten::cat" in op.get_friendly_name()]
+    # keys and values: (batch, heads, length, head dim), the head dim static; the masks' (the
+    # converter may share one between layers) end in the dynamic key length
+    kv = [op for op in cats if op.get_output_partial_shape(0)[3].is_static]
+    assert len(kv) == 2 * layers, [op.get_friendly_name() for op in cats]
+    assert len(cats) > len(kv)   # and the mask is widened to match
+
+
 @pytest.mark.skipif(not cpu_has_fast_bf16(), reason="the bf16 hint needs a bf16 CPU")
 def test_bf16_graph_runs_its_residual_stream_in_bf16(folder):
     """With pooling as a matmul, the CPU plugin's float32 tail ends at the pooling: the layer
@@ -324,5 +406,7 @@ def test_bf16_graph_runs_its_residual_stream_in_bf16(folder):
     assert norms and set(norms) == {"bf16"}, norms
     residual = [prec for kind, prec, names in ops if kind == "Eltwise" and "output/aten::add" in names]
     assert residual and set(residual) == {"bf16"}, residual
-    # the attention decomposition's own scale multiply (a node named Multiply_<n>): gone
-    assert not [names for kind, _, names in ops if kind == "Eltwise" and names.startswith("Multiply_")]
+    # the attention decomposition's own scale multiply (a float node named Multiply_<n>): gone
+    # (integer ones compute the aligned keys' padding from the length)
+    assert not [names for kind, prec, names in ops
+                if kind == "Eltwise" and names.startswith("Multiply_") and prec in ("bf16", "f32")]
