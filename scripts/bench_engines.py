@@ -20,6 +20,7 @@ a GPU's budget (``--max-batch-tokens 16384``) the mixed batches are far from ful
     .venv/bin/python scripts/bench_engines.py --seconds 1 --workloads 64x50   # smoke run
     .venv/bin/python scripts/bench_engines.py --model DIR --workloads 8x1024,4x2048
     .venv/bin/python scripts/bench_engines.py --engines torch,torch-padded --workloads mixed,prose --max-batch-tokens 16384
+    .venv/bin/python scripts/bench_engines.py --engines openvino-unaligned,openvino --threads 1 --workloads 40x50,16x120,8x250,mixed,prose
     .venv/bin/python scripts/bench_engines.py --device cuda --dtype bfloat16 --engines torch,torch-padded --workloads mixed,prose --max-batch-tokens 16384
 
 Each engine's ``--seconds`` per workload is cut into ``--turns`` turns taken in alternation, and
@@ -202,6 +203,17 @@ def main(argv=None) -> int:
 
             engines[kind] = OpenVINOEngine(spec, dtype=args.dtype, threads=args.threads,
                                            cache_dir=args.cache_dir)
+        elif kind == "openvino-unaligned":   # the graph without floe/engine/aligned_keys.py's keys
+            from floe.engine import aligned_keys
+            from floe.engine.openvino_engine import OpenVINOEngine, default_cache_dir
+
+            aligned_keys.ENABLED = False
+            try:
+                engines[kind] = OpenVINOEngine(
+                    spec, dtype=args.dtype, threads=args.threads,
+                    cache_dir=os.path.join(args.cache_dir or default_cache_dir(), "unaligned-keys"))
+            finally:
+                aligned_keys.ENABLED = True
         elif kind == "openvino-int8":   # --dtype int8 (the float layers in --dtype), vs the same torch
             from floe.engine.openvino_engine import OpenVINOEngine
 

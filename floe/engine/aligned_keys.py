@@ -25,6 +25,9 @@ import torch
 
 IMPLEMENTATION = "floe_aligned_keys"
 KEY_MULTIPLE = 16
+# scripts/bench_engines.py's ``openvino-unaligned`` turns it off to convert the graph without it
+# (into a cache of its own: the cache key does not name it), for the A/B of docs/benchmarks.md
+ENABLED = True
 
 
 def _padded_mask(mask: Optional[torch.Tensor], length: Any, pad: Any,
@@ -69,7 +72,7 @@ def install(model: torch.nn.Module) -> bool:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     config = getattr(model, "config", None)
-    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+    if not ENABLED or config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return False
     AttentionInterface.register(IMPLEMENTATION, aligned_attention)
     AttentionMaskInterface.register(IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
