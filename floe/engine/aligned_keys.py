@@ -7,8 +7,9 @@ layer, against 4.8 ms at 16 x 128, more tokens. Padding the keys and values with
 the next multiple of 16, masked, runs the 120-token batch's attention in 4.3 ms, and the keys'
 transpose that the plugin otherwise leaves outside the kernel becomes a cheaper one (0.6-0.75 ->
 2 x 0.15 ms per layer at 2,000 tokens). The padding is a concatenation with zeros of the
-missing length, not a Pad (which copies its input even when nothing is missing). The result is
-the same function: a masked key adds exp(-inf) = 0 to the softmax.
+missing length, not a Pad: OpenVINO's (reference) Pad took 0.28 ms per tensor and layer at 16 x
+128, where nothing is missing, the concatenation 0.05-0.08. The result is the same function: a
+masked key adds exp(-inf) = 0 to the softmax.
 
 ``install(model)`` points a transformers backbone whose layers call the attention interface
 (BERT, RoBERTa, XLM-RoBERTa ...) at ``aligned_attention``; the OpenVINO converter does so before it
