@@ -104,7 +104,10 @@ _REPLICA_GAUGES = {
                                "Cost model: seconds per padded token of a forward pass."),
     "cost_per_token_length_seconds": ("floe_cost_model_token_length_seconds",
                                       "Cost model: seconds per padded token and token of row "
-                                      "length (attention)."),
+                                      "length (attention of the full-attention layers)."),
+    "cost_per_token_window_seconds": ("floe_cost_model_token_window_seconds",
+                                      "Cost model: seconds per padded token and key computed on "
+                                      "the sliding-window layers (min(row length, key span))."),
     "cost_relative_error": ("floe_cost_model_relative_error",
                             "Moving mean of |measured - predicted| / measured forward time; above "
                             "0.2 admission's predictions are loose."),

@@ -343,6 +343,8 @@ class EmbedService:
                 "cost_model": {"fixed_s": st.cost_fixed_seconds,
                                "per_token_s": st.cost_per_token_seconds,
                                "per_token_length_s": st.cost_per_token_length_seconds,
+                               "per_token_window_s": st.cost_per_token_window_seconds,
+                               "window_span": st.cost_window_span,
                                "relative_error": st.cost_relative_error},
                 "max_batch_tokens": st.batch_budget_tokens,
                 "batch_timeout_ms": st.batch_timeout_seconds * 1000.0,

@@ -722,6 +722,8 @@ class ReplicaCore:
                 predicted_wait_seconds=wait, cost_fixed_seconds=cost.fixed_s,
                 cost_per_token_seconds=cost.per_token_s,
                 cost_per_token_length_seconds=cost.per_token_length_s,
+                cost_per_token_window_seconds=cost.per_token_window_s,
+                cost_window_span=cost.span,
                 cost_relative_error=self.cost.error, batch_budget_tokens=knobs.max_batch_tokens,
                 batch_timeout_seconds=knobs.batch_timeout_s, batch_min_fill=knobs.min_fill)
         return msg

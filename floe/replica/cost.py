@@ -3,12 +3,17 @@
 A batch of ``count`` sequences padded to ``length`` tokens costs
 
     seconds = fixed + per_token * count * length + per_token_length * count * length**2
+                    + per_token_window * count * length * min(length, span)
 
 ``fixed`` is what a pass costs whatever it carries (a call into the engine, a kernel launch,
-reading the weights once), ``per_token`` the dense layers (linear in the padded tokens), and
-``per_token_length`` attention's score matrix (each token against each other of its row). A model
-with a sliding window pays that last term only up to its window; the fit takes whatever the
-measurements say, so a windowed model simply gets a smaller attention coefficient.
+reading the weights once), ``per_token`` the dense layers (linear in the padded tokens),
+``per_token_length`` attention's score matrix on full-attention layers (each token against each
+other of its row), and ``per_token_window`` the same on sliding-window layers, where a query
+computes at most ``span`` keys: floe's windowed forward (floe/engine/window.py) runs an input
+longer than its key span by bands, so those layers grow as n x span, not n^2. Only a model with
+such layers has the last term (``span`` > 0). One quadratic term could not fit both sides of the
+span: on the embeddinggemma-300m shape (OpenVINO bf16, 1 thread, AMD Zen 4) it predicted 12-17%
+too little at 384-1,024 tokens to be right at 2,048 (docs/benchmarks.md section 9).
 
 It is a pure object: no clock, no engine. ``calibrate`` (below) measures a few real passes at
 start-up and the replica core refines the fit from every batch it runs (``observe``). The fit is
@@ -38,7 +43,8 @@ import numpy as np
 log = logging.getLogger("floe.cost")
 
 # bumped when the model's form or the calibration's shapes change: older cache files are ignored
-COST_FORMAT = 1
+# (2: the sliding-window term and its calibration lengths)
+COST_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -46,50 +52,62 @@ class Coefficients:
     fixed_s: float = 0.0
     per_token_s: float = 0.0
     per_token_length_s: float = 0.0
+    per_token_window_s: float = 0.0
+    span: int = 0   # keys a query computes at most on a sliding-window layer; 0: no such layer
 
     def seconds(self, count: float, length: float) -> float:
         tokens = count * length
-        return self.fixed_s + self.per_token_s * tokens + self.per_token_length_s * tokens * length
+        return (self.fixed_s + self.per_token_s * tokens + self.per_token_length_s * tokens * length
+                + self.per_token_window_s * tokens * min(length, self.span))
 
     @property
     def known(self) -> bool:
-        return self.fixed_s > 0 or self.per_token_s > 0 or self.per_token_length_s > 0
+        return (self.fixed_s > 0 or self.per_token_s > 0 or self.per_token_length_s > 0
+                or self.per_token_window_s > 0)
 
 
-def _features(count: np.ndarray, length: np.ndarray) -> np.ndarray:
+def _features(count: np.ndarray, length: np.ndarray, span: int) -> np.ndarray:
     tokens = count * length
-    return np.stack([np.ones_like(tokens), tokens, tokens * length], axis=1)
+    columns = [np.ones_like(tokens), tokens, tokens * length]
+    if span > 0:
+        columns.append(tokens * np.minimum(length, span))
+    return np.stack(columns, axis=1)
 
 
 def fit(count: Sequence[float], length: Sequence[float], seconds: Sequence[float],
-        weights: Optional[Sequence[float]] = None) -> Coefficients:
+        weights: Optional[Sequence[float]] = None, span: int = 0) -> Coefficients:
     """Non-negative least squares of relative error over observed passes.
 
-    Three coefficients, so the exact non-negative optimum is the best of the seven subsets of
-    free coefficients whose unconstrained fit is non-negative (no solver needed)."""
+    Three coefficients (four with a sliding-window ``span``), so the exact non-negative optimum
+    is the best of the subsets of free coefficients whose unconstrained fit is non-negative (no
+    solver needed). Where no pass is longer than the span, the two attention terms are the same
+    column: a subset with one of them fits as well as both, and the first found (the
+    full-attention term) is kept."""
     c = np.asarray(count, dtype=np.float64)
     n = np.asarray(length, dtype=np.float64)
     t = np.asarray(seconds, dtype=np.float64)
     keep = (t > 0) & (c > 0) & (n > 0)
     if not keep.any():
-        return Coefficients()
+        return Coefficients(span=span)
     c, n, t = c[keep], n[keep], t[keep]
     w = (np.ones_like(t) if weights is None else np.asarray(weights, dtype=np.float64)[keep]) / t
-    x = _features(c, n) * w[:, None]
+    x = _features(c, n, span) * w[:, None]
     y = t * w
-    best, best_err = np.zeros(3), math.inf
-    for k in (3, 2, 1):
-        for cols in itertools.combinations(range(3), k):
+    terms = x.shape[1]
+    best, best_err = np.zeros(terms), math.inf
+    for k in range(1, terms + 1):
+        for cols in itertools.combinations(range(terms), k):
             sub = x[:, cols]
             sol, *_ = np.linalg.lstsq(sub, y, rcond=None)
             if (sol < 0).any():
                 continue
             err = float(np.sum((sub @ sol - y) ** 2))
-            if err < best_err - 1e-15:
+            # a larger subset must fit better by more than rounding: an equal fit keeps fewer terms
+            if err < best_err * (1 - 1e-9) - 1e-15:
                 best_err = err
-                best = np.zeros(3)
+                best = np.zeros(terms)
                 best[list(cols)] = sol
-    return Coefficients(*(float(v) for v in best))
+    return Coefficients(*(float(v) for v in best), span=span)
 
 
 class CostModel:
@@ -98,14 +116,16 @@ class CostModel:
     value, replaced whole) from others."""
 
     def __init__(self, calibration: Iterable[tuple[int, int, float]] = (), *, recent: int = 256,
-                 refit_every: int = 16) -> None:
+                 refit_every: int = 16, span: int = 0) -> None:
+        self.span = span   # the sliding-window layers' key span (Coefficients.span); 0: none
         self._calibration = [(float(c), float(n), float(t)) for c, n, t in calibration]
         self._recent: deque = deque(maxlen=recent)
         self.refit_every = refit_every
         self._since_fit = 0
         self.observed = 0
         self.error = 0.0   # moving mean of |observed - predicted| / observed, over recent batches
-        self.coefficients = fit(*zip(*self._calibration)) if self._calibration else Coefficients()
+        self.coefficients = (fit(*zip(*self._calibration), span=span) if self._calibration
+                             else Coefficients(span=span))
 
     @property
     def calibrated(self) -> bool:
@@ -136,7 +156,7 @@ class CostModel:
         # the latest batches say how the machine runs now (another tenant, a thermal limit): they
         # weigh more than the start-up passes, which still anchor shapes the traffic lacks
         weights = [1.0] * len(self._calibration) + [2.0] * len(self._recent)
-        self.coefficients = fit(*zip(*rows), weights=weights)
+        self.coefficients = fit(*zip(*rows), weights=weights, span=self.span)
 
     def drain_seconds(self, tokens: int, sequences: int, budget: int, max_batch_size: int,
                       fill: float) -> float:
@@ -157,17 +177,25 @@ class CostModel:
     def summary(self) -> dict:
         c = self.coefficients
         return {"fixed_s": c.fixed_s, "per_token_s": c.per_token_s,
-                "per_token_length_s": c.per_token_length_s, "calibrated": self.calibrated,
+                "per_token_length_s": c.per_token_length_s,
+                "per_token_window_s": c.per_token_window_s, "span": c.span,
+                "calibrated": self.calibrated,
                 "calibration_passes": len(self._calibration), "observed_batches": self.observed,
                 "relative_error": self.error}
 
 
 # --- calibration -------------------------------------------------------------------------------
 
-def calibration_shapes(budget: int, max_len: int, max_batch_size: int) -> list[tuple[int, int]]:
+def calibration_shapes(budget: int, max_len: int, max_batch_size: int,
+                       span: int = 0) -> list[tuple[int, int]]:
     """(count, length) pairs spanning what the batcher forms: short and long rows, lone inputs
-    and full budgets. Few, so that start-up stays short even for a slow model."""
-    lengths = sorted({min(max_len, n) for n in (16, 64, 256, max_len)})
+    and full budgets. Few, so that start-up stays short even for a slow model. With a
+    sliding-window ``span`` shorter than the model's inputs, also rows of the span and of twice
+    it, so that the fit can tell the windowed layers' attention from the full layers'."""
+    wanted = [16, 64, 256, max_len]
+    if 0 < span < max_len:
+        wanted += [span, 2 * span]
+    lengths = sorted({min(max_len, n) for n in wanted})
     shapes = {(1, lengths[0])}
     for n in lengths:
         full = max(1, min(max_batch_size, budget // n))
@@ -230,7 +258,7 @@ def _cpu_name() -> str:
 
 
 def load_or_calibrate(engine: Any, budget: int, max_batch_size: int, cache_dir: Optional[str],
-                      threads: Optional[int] = None) -> CostModel:
+                      threads: Optional[int] = None, span: int = 0) -> CostModel:
     """The engine's cost model: from ``cache_dir/cost/<key>.json`` when this model, engine,
     precision and machine were calibrated before, else measured now and stored there."""
     key = cache_key(engine, budget, threads)
@@ -239,15 +267,15 @@ def load_or_calibrate(engine: Any, budget: int, max_batch_size: int, cache_dir: 
         try:
             with open(path, encoding="utf-8") as f:
                 rows = [tuple(r) for r in json.load(f)["passes"]]
-            model = CostModel(rows)
+            model = CostModel(rows, span=span)
             log.info("cost model from %s: %s", path, model.summary())
             return model
         except (OSError, ValueError, KeyError, TypeError):
             log.warning("ignoring an unreadable cost model cache %s", path)
     t0 = time.perf_counter()
-    shapes = calibration_shapes(budget, engine.spec.max_seq_length, max_batch_size)
+    shapes = calibration_shapes(budget, engine.spec.max_seq_length, max_batch_size, span)
     rows = calibrate(engine_runner(engine), shapes)
-    model = CostModel(rows)
+    model = CostModel(rows, span=span)
     log.info("cost model calibrated on %d shapes in %.2f s: %s", len(rows),
              time.perf_counter() - t0, model.summary())
     if path:
@@ -276,4 +304,15 @@ def for_replica(engine: Any, budget: int, max_batch_size: int, cache_dir: Option
     from floe.engine.openvino_engine import default_cache_dir
 
     return load_or_calibrate(engine, budget, max_batch_size, cache_dir or default_cache_dir(),
-                             threads)
+                             threads, key_span(engine.spec))
+
+
+def key_span(spec: Any) -> int:
+    """The key span of the model's sliding-window layers (floe/engine/window.py), 0 when it has
+    none. A model whose engine runs every layer over all keys anyway (a head of transformers' own)
+    still gets the term: the fit then finds its coefficient near zero."""
+    from floe.engine.window import window_of
+
+    path = getattr(spec, "backbone_path", None)
+    window = window_of(path) if path else None
+    return window.span if window is not None else 0

@@ -55,6 +55,10 @@ def test_the_cost_model_is_in_info_and_metrics(server):
     assert replica["cost_model"]["fixed_s"] == pytest.approx(PASS_S, rel=0.05)
     assert replica["max_batch_tokens"] > 0
     assert _metric(server, "floe_cost_model_fixed_seconds") == pytest.approx(PASS_S, rel=0.05)
+    # the fake engine's model has no sliding-window layers: no window term, and it says so
+    assert replica["cost_model"]["per_token_window_s"] == 0
+    assert replica["cost_model"]["window_span"] == 0
+    assert _metric(server, "floe_cost_model_token_window_seconds") == 0
 
 
 def _early(server) -> int:

@@ -172,3 +172,22 @@ def test_late_chunking_beyond_the_window_on_both_engines(root):
     late = eng.run(eng.prepare([one.item(0)], spans=[one.spans.bounds]))
     plain = eng.run(eng.prepare([one.item(0)]))
     assert (late * plain).sum() / np.linalg.norm(late) / np.linalg.norm(plain) >= 0.99999
+
+
+def test_the_replicas_cost_model_has_the_window_term(root, tmp_path):
+    """A serving replica of a windowed model calibrates rows of its key span and twice it, and
+    its fit carries the sliding layers' attention apart from the full layers'."""
+    from floe.replica.cost import calibration_shapes, for_replica
+
+    spec = spec_of(root, "embeddinggemma")
+    span = window_of(spec.backbone_path).span
+    assert 0 < span < spec.max_seq_length
+    eng = engine(root, "embeddinggemma", "torch", "float32")
+    budget = max(2048, spec.max_seq_length)
+    model = for_replica(eng, budget, 64, str(tmp_path))
+    assert model.coefficients.span == span and model.calibrated
+    lengths = {n for _, n in calibration_shapes(budget, spec.max_seq_length, 64, span)}
+    assert {span, min(2 * span, spec.max_seq_length)} <= lengths
+    # the stored passes are read back with the same term
+    again = for_replica(eng, budget, 64, str(tmp_path))
+    assert again.coefficients == model.coefficients

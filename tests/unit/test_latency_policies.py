@@ -11,7 +11,7 @@ import pytest
 
 from floe.replica.admission import MIN_RETRY_AFTER_S, AdmissionPolicy
 from floe.replica.cost import (CostModel, Coefficients, calibrate, calibration_shapes, fit,
-                               load_or_calibrate)
+                               key_span, load_or_calibrate)
 from floe.replica.scheduler import Scheduler, Sequence
 from floe.replica.tuning import Knobs, Tuner, Window
 
@@ -88,6 +88,78 @@ def test_calibration_shapes_span_short_long_lone_and_full():
     assert (1, 16) in shapes and (128, 16) in shapes and (4, 512) in shapes
     assert all(c * n <= 2048 for c, n in shapes)
     assert calibration_shapes(budget=64, max_len=8, max_batch_size=2) == [(1, 8), (2, 8)]
+
+
+# A model with sliding-window layers (embeddinggemma's shape: a key span of 640): the windowed
+# layers' attention grows as tokens x min(length, span), the full layers' as tokens x length.
+SPAN = 640
+WINDOWED = Coefficients(fixed_s=0.009, per_token_s=1e-3, per_token_length_s=7e-8,
+                        per_token_window_s=3.3e-7, span=SPAN)
+
+
+def test_a_sliding_window_term_fits_both_sides_of_the_span():
+    shapes = calibration_shapes(budget=2048, max_len=2048, max_batch_size=64, span=SPAN)
+    rows = _rows(WINDOWED, shapes)
+    got = fit(*zip(*rows), span=SPAN)
+    assert got.span == SPAN
+    assert got.per_token_length_s == pytest.approx(WINDOWED.per_token_length_s, rel=1e-5)
+    assert got.per_token_window_s == pytest.approx(WINDOWED.per_token_window_s, rel=1e-5)
+    # one quadratic term, fitted to the same passes, misses lengths between the span and the end
+    # (the error measured on the embeddinggemma-300m shape: 12% too little at 640-900 tokens)
+    quadratic = fit(*zip(*rows))
+    assert quadratic.per_token_window_s == 0 and quadratic.span == 0
+    for c, n in [(4, 384), (3, 640), (2, 768), (2, 1024), (1, 1536)]:
+        truth = WINDOWED.seconds(c, n)
+        assert got.seconds(c, n) == pytest.approx(truth, rel=1e-6)
+    worst = max(abs(quadratic.seconds(c, n) / WINDOWED.seconds(c, n) - 1)
+                for c, n in [(3, 640), (2, 768), (1, 900)])
+    assert worst > 0.05
+
+
+def test_without_a_pass_past_the_span_the_window_term_stays_zero():
+    # every calibration row within the span: both attention columns are the same numbers, and
+    # the fit keeps the one term it needs instead of splitting it arbitrarily
+    shapes = calibration_shapes(budget=2048, max_len=512, max_batch_size=64, span=SPAN)
+    assert {n for _, n in shapes} == {16, 64, 256, 512}
+    got = fit(*zip(*_rows(TRUE, shapes)), span=SPAN)
+    assert got.per_token_window_s == 0
+    assert got.per_token_length_s == pytest.approx(TRUE.per_token_length_s, rel=1e-5)
+
+
+def test_calibration_adds_rows_of_the_span_and_twice_it_for_a_windowed_model():
+    plain = calibration_shapes(budget=2048, max_len=2048, max_batch_size=64)
+    windowed = calibration_shapes(budget=2048, max_len=2048, max_batch_size=64, span=SPAN)
+    assert {n for _, n in plain} == {16, 64, 256, 2048}
+    assert {n for _, n in windowed} == {16, 64, 256, 640, 1280, 2048}
+    assert set(plain) < set(windowed) and all(c * n <= 2048 for c, n in windowed)
+    # twice the span past the model's length is clipped to it
+    assert {n for _, n in calibration_shapes(4096, 1000, 64, span=SPAN)} == {16, 64, 256, 640, 1000}
+
+
+def test_online_refits_keep_the_window_term():
+    model = CostModel(_rows(WINDOWED, calibration_shapes(2048, 2048, 64, SPAN)), span=SPAN,
+                      refit_every=4)
+    for _ in range(8):
+        for c, n in [(2, 1024), (8, 128)]:
+            model.observe(c, n, WINDOWED.seconds(c, n))
+    assert model.coefficients.span == SPAN
+    assert model.seconds(1, 1792) == pytest.approx(WINDOWED.seconds(1, 1792), rel=1e-6)
+    assert model.summary()["per_token_window_s"] == pytest.approx(WINDOWED.per_token_window_s,
+                                                                  rel=1e-5)
+
+
+def _folder(tmp_path, config: dict):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return type("Spec", (), {"backbone_path": str(tmp_path)})()
+
+
+def test_key_span_is_the_windowed_forwards_and_zero_without_local_layers(tmp_path):
+    gemma = {"model_type": "gemma3_text", "use_bidirectional_attention": True,
+             "sliding_window": 512, "num_hidden_layers": 6}
+    # radius 256, query blocks of 128: each block attends to 128 + 2 x 256 keys
+    assert key_span(_folder(tmp_path, gemma)) == 640
+    assert key_span(_folder(tmp_path, {"model_type": "bert", "num_hidden_layers": 6})) == 0
+    assert key_span(type("Spec", (), {})()) == 0
 
 
 def test_calibrate_keeps_each_shapes_fastest_pass():
