@@ -12,8 +12,9 @@ other of its row), and ``per_token_window`` the same on sliding-window layers, w
 computes at most ``span`` keys: floe's windowed forward (floe/engine/window.py) runs an input
 longer than its key span by bands, so those layers grow as n x span, not n^2. Only a model with
 such layers has the last term (``span`` > 0). One quadratic term could not fit both sides of the
-span: on the embeddinggemma-300m shape (OpenVINO bf16, 1 thread, AMD Zen 4) it predicted 12-17%
-too little at 384-1,024 tokens to be right at 2,048 (docs/benchmarks.md section 9).
+span: on the embeddinggemma-300m shape (OpenVINO bf16, 1 thread, AMD Zen 4) it predicted up to
+11-14% too little just past the span (640-900 tokens) to be right at 2,048 (docs/benchmarks.md
+section 9).
 
 It is a pure object: no clock, no engine. ``calibrate`` (below) measures a few real passes at
 start-up and the replica core refines the fit from every batch it runs (``observe``). The fit is
