@@ -222,6 +222,12 @@ class ReplicaSetSettings:
         None, "Where converted models are cached (OpenVINO), so that later starts skip the "
         "conversion (default: $XDG_CACHE_HOME/floe, else ~/.cache/floe)."
     )
+    packing: bool = _knob(
+        True, "Let several short inputs share one row of a forward pass (block-diagonal "
+        "attention, positions per input) where that is cheaper than padding them: the OpenVINO "
+        "engine, BERT-family embedding models. The replica's batcher then forms packed batches "
+        "where its cost model prices them lower per token."
+    )
     fake_seconds_per_token: float = _knob(
         0.0, "fake engine only: simulated compute time per padded token (load and failover tests).")
     fake_seconds_per_batch: float = _knob(

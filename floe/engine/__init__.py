@@ -21,13 +21,15 @@ log = logging.getLogger(__name__)
 
 def create_engine(spec: ModelSpec, kind: str = "auto", device: str = "auto", dtype: str = "auto",
                   threads: Optional[int] = None, cache_dir: Optional[str] = None,
-                  share_cores: bool = False) -> Engine:
+                  share_cores: bool = False, packing: bool = False) -> Engine:
     """Builds the engine for ``spec``: "auto", "torch", "openvino" or "fake".
 
     ``auto`` logs which backend it picked and why. When OpenVINO cannot convert the model (or the
     conversion differs from the torch model), the replica falls back to torch with a WARNING.
     ``cache_dir`` holds converted models (default: ``openvino_engine.default_cache_dir()``).
     ``share_cores``: other engines run in this process too, so none may pin its threads to cores.
+    ``packing``: let the engine pack short inputs into shared rows where it can
+    (floe/engine/packing.py; OpenVINO only).
 
     Raises ConfigError for an unknown kind or an impossible device/dtype, ModelLoadError when the
     weights cannot be loaded.
@@ -44,7 +46,7 @@ def create_engine(spec: ModelSpec, kind: str = "auto", device: str = "auto", dty
 
         try:
             return OpenVINOEngine(spec, dtype=dtype, threads=threads, cache_dir=cache_dir,
-                                  pin_threads=not share_cores)
+                                  pin_threads=not share_cores, packing=packing)
         except ConversionError as exc:
             log.warning("engine: OpenVINO cannot run %s (%s): falling back to the torch engine",
                         spec.name, exc)
@@ -66,4 +68,5 @@ def engine_for(spec: ModelSpec, replicas: "ReplicaSetSettings", device: str = "a
                           seconds_per_batch=replicas.fake_seconds_per_batch,
                           crash_token_id=replicas.fake_crash_token_id)
     return create_engine(spec, replicas.engine, device=device, dtype=dtype, threads=threads,
-                         cache_dir=replicas.engine_cache_dir, share_cores=share_cores)
+                         cache_dir=replicas.engine_cache_dir, share_cores=share_cores,
+                         packing=replicas.packing)

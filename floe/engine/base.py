@@ -30,6 +30,10 @@ class Engine(abc.ABC):
     dtype: str      # "float32" | "bfloat16" | "float16"
     device: str     # "cpu" | "cuda:0" ...
     backend: str = ""  # "torch" | "openvino" | "fake": what runs the forward pass
+    # The row width's multiple where the engine packs several short inputs into one row of a
+    # forward pass (floe/engine/packing.py), None where it only pads. The replica's scheduler
+    # forms packed batches for it, priced as the engine will run them.
+    packing: Optional[int] = None
 
     @abc.abstractmethod
     def prepare(self, sequences: Sequence[np.ndarray], type_splits: Optional[np.ndarray] = None,

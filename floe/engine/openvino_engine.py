@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from floe.engine import packed_graph, packing
 from floe.engine.base import Engine, Padded, head_summary, right_pad, span_rows, span_weights
 from floe.engine.hardware import cpu_has_fast_bf16
 from floe.engine.window import Window, window_of
@@ -59,6 +60,7 @@ _INPUTS = ("input_ids", "attention_mask")
 _TYPE_INPUT = "token_type_ids"
 _SPAN_INPUT = "span_weights"
 _SPAN_ROWS = "span_rows"   # (not a graph input) which rows of the span graph's output are real
+_PACKED_WHERE = "packed_where"  # (not a graph input) each input's row of the packed output
 _PRECISION = {"bfloat16": "bf16", "float32": "f32"}
 
 
@@ -109,7 +111,7 @@ def _folder_files(spec: ModelSpec) -> list[tuple[str, int, int]]:
 
 
 def cache_key(spec: ModelSpec, versions: Optional[dict[str, str]] = None,
-              spans: bool = False) -> str:
+              spans: bool = False, packed: bool = False) -> str:
     """Hex key of the converted graph: model files, pipeline options and library versions.
 
     The inference precision is not part of it: the graph is stored in float32 and the precision is
@@ -139,6 +141,8 @@ def cache_key(spec: ModelSpec, versions: Optional[dict[str, str]] = None,
         parts["head"] = {**head, "inputs": list(_graph_inputs(spec))}
     if spans:   # late chunking's graph: token states pooled by span weights, then Dense
         parts["head"] = {"task": "spans", "inputs": [*_INPUTS, _SPAN_INPUT]}
+    if packed:  # several inputs per row (floe/engine/packed_graph.py)
+        parts["head"] = {"task": "packed", "inputs": list(packed_graph.INPUTS)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -475,10 +479,12 @@ class OpenVINOEngine(Engine):
 
     def __init__(self, spec: ModelSpec, dtype: str = "auto", threads: Optional[int] = None,
                  cache_dir: Optional[str] = None, pin_threads: bool = True,
-                 profile: bool = False) -> None:
+                 profile: bool = False, packing: bool = False) -> None:
         """``pin_threads``: let OpenVINO pin its threads to cores (its default). Off where several
         engines share one process: each would pin to the same first cores. ``profile``: keep
-        per-node performance counters (``profiling_info``), for scripts/profile_engine.py."""
+        per-node performance counters (``profiling_info``), for scripts/profile_engine.py.
+        ``packing``: pack short inputs into shared rows (floe/engine/packing.py) where the model
+        allows it; the packed graph is made ready by ``warmup``, after which ``packing`` is set."""
         import openvino as ov
 
         self.spec = spec
@@ -490,11 +496,18 @@ class OpenVINOEngine(Engine):
         self.converted = False  # True when this construction converted (no cache hit)
         self._spans: dict[bool, Any] = {}   # late chunking's infer requests (plain, banded),
                                              # made on first use
+        self._packed_request: Any = None    # the packed graph's (warmup makes it)
         self._lock = threading.Lock()
         # Sliding-window models whose inputs can outgrow the key span have a second graph, run on
         # batches wider than the span (floe/engine/attention.py); int8 quantizes and gates both.
         self._window = _band_window(spec)
         self._band_request: Any = None
+        why = packed_graph.packable(spec)
+        if why is None and self._window is not None:
+            why = "a sliding-window model"
+        if why is None and self.dtype == "int8":
+            why = "int8 quantizes the padded graph only"
+        self._pack_refused = why if packing else "off"
         root = openvino_dir(self.cache_dir)
         os.makedirs(root, exist_ok=True)
         key = cache_key(spec)
@@ -629,6 +642,12 @@ class OpenVINOEngine(Engine):
         and token types where the graph takes them (from ``type_splits``; all 0 without them);
         with ``spans``, late chunking's span weights for the span graph."""
         takes_types = _TYPE_INPUT in self._inputs  # (an embedding graph: single texts, all type 0)
+        if self.packing and spans is None:
+            layout = packing.plan([len(s) for s in sequences], self.packing)
+            if layout is not None:   # smaller packed than padded: the packed graph
+                feed = packing.packed_feed(sequences, layout[0], layout[1], self.spec.pooling,
+                                           self.spec.pad_token_id)
+                return {**feed.inputs, _PACKED_WHERE: feed.where}
         padded = right_pad(self.spec, sequences, type_splits if takes_types else None)
         feed = _feed(padded)
         if spans is not None:
@@ -642,6 +661,13 @@ class OpenVINOEngine(Engine):
     def run(self, prepared: dict[str, np.ndarray]) -> np.ndarray:
         """Forward and the task's head in one graph; returns (n, spec.dim) float32 (one row per
         span for a late-chunking batch)."""
+        if _PACKED_WHERE in prepared:
+            where = prepared[_PACKED_WHERE]
+            feed = {k: v for k, v in prepared.items() if k != _PACKED_WHERE}
+            with self._lock:
+                self._packed_request.infer(feed, share_inputs=True)
+                out = self._packed_request.get_output_tensor(0).data
+                return np.array(out.reshape(-1, out.shape[-1])[where], dtype=np.float32, copy=True)
         if _SPAN_INPUT in prepared:
             rows = prepared[_SPAN_ROWS]
             feed = {k: v for k, v in prepared.items() if k != _SPAN_ROWS}
@@ -663,31 +689,52 @@ class OpenVINOEngine(Engine):
         on the engine thread: a server that never late-chunks never pays for it. A
         sliding-window model's windows wider than its key span take a banded one, as plain
         batches do. Caller holds the lock."""
-        if banded in self._spans:
-            return self._spans[banded]
+        if banded not in self._spans:
+            key = cache_key(self.spec, spans=True) + ("-band" if banded else "")
+
+            def convert() -> tuple[Any, Any]:
+                model, (feed, want) = _convert_spans(self.spec, self.threads, banded)
+                return model, (feed, want, None)
+
+            self._spans[banded] = self._side_request(key, convert, "late-chunking graph")
+        return self._spans[banded]
+
+    def _side_request(self, key: str, convert: Callable[[], tuple[Any, Any]], what: str) -> Any:
+        """An infer request of a second graph (late chunking's, the packed one): read from the
+        cache, or made by ``convert`` (the ov.Model and a probe: feed, torch rows, and which rows
+        of the output they are, None: all), checked on its probe and saved. A failure is
+        recorded beside the cache, so that the next start does not convert again."""
         import openvino as ov
 
         root = openvino_dir(self.cache_dir)
-        key = cache_key(self.spec, spans=True) + ("-band" if banded else "")
         folder = os.path.join(root, key)
         xml = os.path.join(folder, "model.xml")
         with _locked(os.path.join(root, key + ".lock")):
-            if os.path.isfile(xml):
-                model, probe = xml, None
-            else:
-                log.info("converting %s's late-chunking graph to OpenVINO (first use; cached in %s)",
-                         self.spec.name, folder)
-                model, probe = _convert_spans(self.spec, self.threads, banded)
-            compiled = self._core.compile_model(model, "CPU", self._config)
-            request = compiled.create_infer_request()
+            failure = _read_failure(root, key)
+            if failure is not None:
+                raise ConversionError(f"{failure} (recorded in {root}/{key}.failed)")
+            try:
+                if os.path.isfile(xml):
+                    model, probe = xml, None
+                else:
+                    log.info("converting %s's %s to OpenVINO (first use; cached in %s)",
+                             self.spec.name, what, folder)
+                    model, probe = convert()
+                compiled = self._core.compile_model(model, "CPU", self._config)
+                request = compiled.create_infer_request()
+                if probe is not None:
+                    feed, want, select = probe
+                    request.infer(feed, share_inputs=True)
+                    got = np.array(request.get_output_tensor(0).data, dtype=np.float32)
+                    got = got.reshape(-1, want.shape[-1])
+                    why = kind_of(self.spec).probe_error(
+                        got if select is None else got[select], want, self._float_dtype)
+                    if why is not None:
+                        raise ConversionError(f"the {what} differs from the torch model ({why})")
+            except (ConversionError, RuntimeError) as exc:
+                self._record_failure(root, key, f"{what}: {exc}"[:500])
+                raise ConversionError(str(exc)) from exc
             if probe is not None:
-                feed, want = probe
-                request.infer(feed, share_inputs=True)
-                got = np.array(request.get_output_tensor(0).data, dtype=np.float32).reshape(want.shape)
-                why = kind_of(self.spec).probe_error(got, want, self._float_dtype)
-                if why is not None:
-                    raise ConversionError(f"the late-chunking graph differs from the torch model "
-                                          f"({why})")
                 tmp = tempfile.mkdtemp(prefix=f".{key}.", dir=root)
                 try:
                     ov.save_model(model, os.path.join(tmp, "model.xml"), compress_to_fp16=False)
@@ -697,7 +744,6 @@ class OpenVINOEngine(Engine):
                         raise
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
-        self._spans[banded] = request
         return request
 
     def profiling_info(self) -> list:
@@ -707,9 +753,26 @@ class OpenVINOEngine(Engine):
     # --- lifecycle ---------------------------------------------------------------------------
 
     def warmup(self, max_batch_tokens: int) -> None:
-        """One forward at the full token budget (proves it fits), then a tiny one."""
+        """Makes the packed graph ready where packing was asked for and the model allows it
+        (converted on the first start), then one forward at the full token budget (proves it
+        fits), then a tiny one."""
+        if self._pack_refused is None and self._packed_request is None:
+            try:
+                with self._lock:
+                    self._packed_request = self._side_request(
+                        cache_key(self.spec, packed=True),
+                        lambda: packed_graph.convert(self.spec, self.threads), "packed graph")
+                self.packing = packing.ALIGN
+                log.info("packing: short inputs share rows of the forward pass (%s)",
+                         self.spec.name)
+            except ConversionError as exc:
+                self._pack_refused = str(exc)
+                log.warning("packing off for %s: %s", self.spec.name, exc)
         seq = self.spec.max_seq_length
         rows = max(1, int(max_batch_tokens) // seq)
         filler = min(1000, self.spec.vocab_size - 1)
         self.run(self.prepare([np.full(seq, filler, dtype=np.int32)] * rows))
         self.run(self.prepare([np.full(min(8, seq), filler, dtype=np.int32)]))
+        if self.packing:   # a packed batch: one input and four short ones sharing its row
+            short = [np.full(3, filler, dtype=np.int32)] * 4
+            self.run(self.prepare([np.full(min(20, seq), filler, dtype=np.int32)] + short))

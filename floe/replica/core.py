@@ -43,6 +43,7 @@ import numpy as np
 import psutil
 
 from floe.config import BatchSettings
+from floe.engine import packing
 from floe.engine.base import Engine
 from floe.errors import (DeadlineError, FloeError, InternalError, OverloadedError, TooLargeError,
                          UnavailableError, CancelledError as FloeCancelled)
@@ -130,6 +131,7 @@ class _Batch:
     prepared: Any = None
     error: Optional[BaseException] = None
     predicted_s: float = 0.0    # the cost model's forward seconds for it
+    shape: tuple[int, int] = (0, 0)   # (rows, width) of its forward pass (packed or padded)
 
 
 class ReplicaCore:
@@ -150,11 +152,14 @@ class ReplicaCore:
         batch = self.settings = resolve_batch(batch, str(engine.device).startswith("cuda"),
                                               engine.spec.max_seq_length)
         self.min_fill = batch.min_batch_fill
-        self._sched = Scheduler(batch.max_batch_tokens, batch.max_batch_size,
-                                batch.batch_timeout_ms / 1000.0, max_wait_s, min_fill=self.min_fill)
         # The cost model (calibrated at start-up by main.py; learnt from the first batches when
         # none is given), what admission predicts with, and the tuner that moves the knobs.
         self.cost = cost if cost is not None else CostModel()
+        # An engine that packs short inputs into shared rows (floe/engine/packing.py) gets packed
+        # batches where the cost model says they are cheaper per token than padded ones.
+        self._sched = Scheduler(batch.max_batch_tokens, batch.max_batch_size,
+                                batch.batch_timeout_ms / 1000.0, max_wait_s, min_fill=self.min_fill,
+                                pack_align=engine.packing, cost=self._batch_cost)
         target_s = None if batch.latency_target_ms is None else batch.latency_target_ms / 1000.0
         self.admission = AdmissionPolicy(target_s, batch.max_queue_ms / 1000.0)
         self.knobs = Knobs(batch.max_batch_tokens, batch.batch_timeout_ms / 1000.0, self.min_fill)
@@ -165,6 +170,7 @@ class ReplicaCore:
         self._fill = 0.9               # moving padding fill of recent batches (admission's guess)
         self._running_until = 0.0      # predicted end of the forward pass running now
         self._forming_s = 0.0          # predicted seconds of the batch being prepared
+        self._forming_shape = (0, 0)   # and its forward pass's (rows, width)
         lock = threading.Lock()
         self._cv = threading.Condition(lock)         # the scheduler thread waits on it
         self._engine_cv = threading.Condition(lock)  # the engine thread waits for the slot
@@ -464,8 +470,8 @@ class ReplicaCore:
                             self._queued_tokens -= sum(s.length for s in seqs)
                             self._queued_seqs -= len(seqs)
                             self._forming = True
-                            longest = max(s.length for s in seqs)
-                            self._forming_s = self.cost.seconds(len(seqs), longest)
+                            self._forming_shape = self._shape(seqs)
+                            self._forming_s = self.cost.seconds(*self._forming_shape)
                             break
                         deadline = self._sched.next_deadline(now) if idle else None
                         if deadline is not None:
@@ -483,7 +489,7 @@ class ReplicaCore:
                 continue
             number += 1
             batch = _Batch(number=number, seqs=seqs, formed_at=time.monotonic(),
-                           predicted_s=self._forming_s)
+                           predicted_s=self._forming_s, shape=self._forming_shape)
             try:
                 splits = None
                 if any(s.payload[2] is not None for s in seqs):
@@ -502,6 +508,19 @@ class ReplicaCore:
                 self._forming = False
                 self._forming_s = 0.0
                 self._engine_cv.notify()
+
+    def _batch_cost(self, rows: float, width: float) -> float:
+        """The scheduler's price of a forward pass: the cost model's seconds, padded tokens
+        until it knows any."""
+        if self.cost.coefficients.known:
+            return self.cost.seconds(rows, width)
+        return rows * width
+
+    def _shape(self, seqs: list[Sequence]) -> tuple[int, int]:
+        """(rows, width) of the forward pass the engine runs for ``seqs``: packed as the engine
+        packs it (floe/engine/packing.py; plain batches only), else padded."""
+        lengths = [s.length for s in seqs]
+        return packing.shape(lengths, self._sched.pack_align if seqs[0].group == 0 else None)
 
     def _expire(self, now: float) -> list[_Request]:
         """Drops the queued sequences of requests whose own deadline has passed (with the lock
@@ -648,11 +667,11 @@ class ReplicaCore:
         # from the forward's start to its rows on the host (a GPU's forward returns at launch)
         elapsed = time.monotonic() - started
         real = sum(s.length for s in seqs)
-        longest = max(s.length for s in seqs)
-        padded = longest * len(seqs)
+        rows, width = batch.shape
+        padded = rows * width
         if error is None:
             # the device's time for this shape: the forward, and the copy a GPU's finish waits on
-            self.cost.observe(len(seqs), longest, forward_s + finish_s)
+            self.cost.observe(rows, width, forward_s + finish_s)
             self._fill += 0.1 * (real / padded - self._fill)
         with self._stats_lock:
             self._busy_s += forward_s + finish_s

@@ -33,6 +33,16 @@ Rules
   make it take those sequences. A lone anchor is always a valid batch, so the starvation bound is
   unchanged; what changes is that a short anchor in a queue of scattered lengths no longer pads a
   hundred rows up to the longest of them.
+* **Packing.** With ``pack_align`` set (an engine that packs: floe/engine/packing.py), a batch
+  of group 0 may instead be *packed*: rows of one width (the anchor's length rounded up to
+  ``pack_align``), each holding one or more sequences, filled best-fit from the longest waiting
+  sequence that fits down to the shortest, within the budget (rows x width) and the size cap. Of
+  the two candidate batches around the same anchor, the padded one and the packed one, the one
+  with the lower predicted cost per real token is handed out (``cost(rows, width)``: the
+  replica's cost model, floe/replica/cost.py; padded tokens without one). The fill floor applies
+  to the padded candidate; a packed one is taken only where its fill beats the floor anyway. The
+  packed batch lists its sequences in the order they were placed: the engine packs them again in
+  that order (``packing.plan``) and gets the same rows.
 * **Groups.** Sequences of different ``group`` never share a batch (the engine runs them through
   different heads); the anchor's group decides, the others wait for a batch of their own, and a
   batch that left some out counts as full.
@@ -52,7 +62,9 @@ from __future__ import annotations
 import bisect
 import heapq
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Iterable, Optional
+from typing import Any, Callable, Hashable, Iterable, Optional
+
+from floe.engine.packing import Packer, shape, width_for
 
 # A sequence that has waited this long anchors the next batch whatever its priority.
 DEFAULT_MAX_WAIT_S = 1.0
@@ -86,7 +98,9 @@ class Scheduler:
     """Length-bucketed, token-budgeted batch formation. Not thread-safe: one owner."""
 
     def __init__(self, max_batch_tokens: int, max_batch_size: int, batch_timeout_s: float,
-                 max_wait_s: float = DEFAULT_MAX_WAIT_S, min_fill: float = 0.0) -> None:
+                 max_wait_s: float = DEFAULT_MAX_WAIT_S, min_fill: float = 0.0,
+                 pack_align: Optional[int] = None,
+                 cost: Optional[Callable[[float, float], float]] = None) -> None:
         if max_batch_tokens < 1 or max_batch_size < 1:
             raise ValueError("max_batch_tokens and max_batch_size must be positive")
         if batch_timeout_s < 0 or max_wait_s < 0:
@@ -94,6 +108,8 @@ class Scheduler:
         if not 0.0 <= min_fill <= 1.0:
             raise ValueError("min_fill must be in [0, 1]")
         self.min_fill = min_fill
+        self.pack_align = pack_align
+        self._cost = cost or (lambda rows, width: rows * width)
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
         self.batch_timeout_s = batch_timeout_s
@@ -230,6 +246,57 @@ class Scheduler:
     def _form(self, now: float) -> tuple[list[Sequence], bool]:
         """Builds the batch that would be handed out now; returns (batch, full). Pure: no removal."""
         anchor = self._anchor(now)
+        batch, full = self._form_padded(anchor)
+        if not self.pack_align or anchor.group != 0 or len(self._live) < 2:
+            return batch, full
+        packed = self._form_packed(anchor)
+        if packed is None:
+            return batch, full
+        chosen, packed_full, rows, width, real = packed
+        # each priced as the engine will run it: the padded walk's batch too may run packed
+        padded_real = sum(s.length for s in batch)
+        padded_each = self._cost(*shape([s.length for s in batch], self.pack_align)) / padded_real
+        fill = real / (rows * width)
+        if fill >= self.min_fill and self._cost(rows, width) / real < padded_each:
+            return chosen, packed_full
+        return batch, full
+
+    def _form_packed(self, anchor: Sequence) -> Optional[tuple[list[Sequence], bool, int, int, int]]:
+        """The packed candidate around ``anchor``: (batch, full, rows, width, real tokens), or
+        None when the anchor's width leaves no room for a second row's worth of inputs."""
+        budget, cap = self.max_batch_tokens, self.max_batch_size
+        width = width_for(anchor.length, self.pack_align or 1)
+        if 2 * width > budget:
+            return None
+        packer = Packer(width, budget // width)
+        packer.add(anchor.length, anchor)
+        chosen = [anchor]
+        taken = {anchor.seq_id}
+        index = self._by_len
+        for prio in sorted(self._prio_counts, reverse=True):
+            pos = bisect.bisect_right(index, (width, self._next_id)) - 1
+            while pos >= 0 and len(chosen) < cap:
+                length, sid = index[pos]
+                if not packer.fits(length):
+                    room = packer.largest_free
+                    if room == 0:
+                        break
+                    # only what fits the rows' free room: jump down to it
+                    pos = min(pos - 1, bisect.bisect_right(index, (room, self._next_id)) - 1)
+                    continue
+                if self._eligible(sid, prio, anchor.group, taken):
+                    seq = self._live[sid]
+                    packer.add(length, seq)
+                    taken.add(sid)
+                    chosen.append(seq)
+                pos -= 1
+        rows = len(packer.rows)
+        full = (len(chosen) >= cap or len(chosen) < len(self._live)
+                or (rows * width + width > budget and packer.largest_free == 0))
+        return chosen, full, rows, width, packer.real
+
+    def _form_padded(self, anchor: Sequence) -> tuple[list[Sequence], bool]:
+        """The padded candidate: the anchor and the closest lengths (see Rules)."""
         budget, cap = self.max_batch_tokens, self.max_batch_size
         chosen = [anchor]
         taken = {anchor.seq_id}
