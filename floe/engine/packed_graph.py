@@ -20,8 +20,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from floe.engine.packing import ALIGN, POOLINGS, Packer, PackedFeed, packed_feed, width_for
-from floe.engine.unpadded import FAMILIES
+from floe.engine.packing import (ALIGN, BERT_FAMILIES, POOLINGS, Packer, PackedFeed,
+                                 packed_feed, width_for)
+from floe.kinds import kind_of
 from floe.models.spec import ModelSpec
 
 INPUTS = ("input_ids", "position_ids", "segments", "pool_tokens", "pool_scale")
@@ -30,9 +31,10 @@ _ROBERTA_LIKE = ("roberta", "xlm-roberta")
 
 def packable(spec: ModelSpec) -> Optional[str]:
     """Why ``spec`` cannot run packed batches, or None when it can."""
-    if spec.task != "embed":
-        return f"a {spec.task} model's head is not pooled rows"
-    if spec.model_type not in FAMILIES:
+    kind = kind_of(spec)
+    if not kind.pools_rows:
+        return f"{kind.title}'s head does not pool a row per input"
+    if spec.model_type not in BERT_FAMILIES:
         return f"{spec.model_type} is not a BERT-family encoder"
     if spec.pooling not in POOLINGS:
         return f"{spec.pooling} pooling"

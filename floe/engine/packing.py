@@ -37,6 +37,9 @@ import numpy as np
 
 ALIGN = 16   # floe/engine/aligned_keys.py KEY_MULTIPLE
 POOLINGS = ("mean", "cls", "last_token", "mean_sqrt_len_tokens")   # what a packed row can pool
+# transformers' encoders whose attention takes a 4-D mask and whose embeddings take position ids,
+# one layer structure (the torch engine's unpadded forward, floe/engine/unpadded.py, too)
+BERT_FAMILIES = ("bert", "roberta", "xlm-roberta")
 
 
 def width_for(longest: int, align: int) -> int:

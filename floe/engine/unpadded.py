@@ -39,9 +39,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from floe.engine.packing import BERT_FAMILIES
+
 log = logging.getLogger(__name__)
 
-FAMILIES = ("bert", "roberta", "xlm-roberta")
+FAMILIES = BERT_FAMILIES
 
 
 def pack_indices(attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -60,6 +60,8 @@ class Kind:
     # --- engine ---------------------------------------------------------------------------------
     auto_class: str = "AutoModel"  # the transformers class of the backbone with its head
     model_output: str = "last_hidden_state"   # the output the head reads
+    pools_rows: bool = False       # the head pools token states into a row per input, then
+                                   # Dense: inputs can share a packed row (floe/engine/packing.py)
     openvino_model_types: frozenset = frozenset()   # config model_types whose OpenVINO
                                                     # conversion is verified for this kind
     int8_model_types: frozenset = frozenset()   # those whose --dtype int8 is measured for

@@ -21,6 +21,7 @@ from floe.protocol import COMPACT_DTYPES, EmbedResult, EncodeOptions, Timings
 class EmbedKind(Kind):
     name = "embed"
     title = "an embedding model"
+    pools_rows = True
     routes = "/v1/embeddings or /embed"
     route_kinds = ("embed", "encode")
     output_dtypes = ("float32", "float16", "bfloat16", *COMPACT_DTYPES)

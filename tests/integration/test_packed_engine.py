@@ -92,7 +92,7 @@ def test_packing_is_refused_where_it_cannot_run(tiny_bert, bert_reranker):
     off.warmup(256)
     assert off.packing is None and "segments" not in off.prepare(_inputs(off.spec))
     spec = load_spec(ModelSettings(model=bert_reranker))
-    assert "score" in packed_graph.packable(spec)
+    assert "reranker" in packed_graph.packable(spec)
     reranker = OpenVINOEngine(spec, dtype="float32", threads=1, packing=True)
     reranker.warmup(256)
     assert reranker.packing is None
