@@ -25,8 +25,9 @@ Prints tokens/s per cell and floe's ratio to each baseline, then the median requ
 each server (p50, the measured pass) and, for floe, the padding fill of its batches in that pass
 (real / padded tokens, from the server's /metrics). Every system is started once and stays up;
 ``--rounds`` passes per cell interleave the systems, and the tables are medians. ``--budgets`` runs the OpenVINO server once
-per ``--max-batch-tokens`` value (columns ``floe_openvino_b<budget>``) and ``--fills`` once per
-``--min-batch-fill`` value (``_f<fill>``). The load generator runs on the same cores as the
+per ``--max-batch-tokens`` value (columns ``floe_openvino_b<budget>``), ``--fills`` once per
+``--min-batch-fill`` value (``_f<fill>``) and ``--packing on,off`` with and without packing
+(``_pack_on``, ``_pack_off``). The load generator runs on the same cores as the
 servers: by default wrk (C, one thread, scripts/bench_peers.lua), which takes a twentieth of
 the Python asyncio client's CPU per token (``--client python``: httpx, about 3% of the two cores
 on all-MiniLM); the Python client still sends each pass's warm-up and decodes its answers, and
@@ -352,6 +353,9 @@ def main() -> None:
     ap.add_argument("--fills", default="",
                     help="comma list of --min-batch-fill values for the OpenVINO server, crossed "
                          "with --budgets (default: the server's own default)")
+    ap.add_argument("--packing", default="",
+                    help="comma list of on,off: the OpenVINO server with --packing / --no-packing, "
+                         "crossed with --budgets and --fills (default: the server's own default)")
     ap.add_argument("--floe-dtype", default="bfloat16", choices=("bfloat16", "int8"),
                     help="the OpenVINO server's --dtype (int8: quality-gated at its first start; "
                          "the share of the peak stays the bf16 peak's)")
@@ -389,13 +393,15 @@ def main() -> None:
                 systems[name] = STEncode(dtype, model_path)
         budgets = [int(b) for b in args.budgets.split(",") if b] or [None]
         fills = [f for f in args.fills.split(",") if f] or [None]
-        for engine, budget, fill in ([("openvino", b, f) for b in budgets for f in fills]
-                                     + [("torch", None, None)]):
+        packs = [p for p in args.packing.split(",") if p] or [None]
+        for engine, budget, fill, pack in ([("openvino", b, f, p) for b in budgets for f in fills
+                                            for p in packs] + [("torch", None, None, None)]):
             if engine in skip:
                 continue
             port = free_port()
             extra = (["--max-batch-tokens", str(budget)] if budget else []) + (
-                ["--min-batch-fill", fill] if fill else [])
+                ["--min-batch-fill", fill] if fill else []) + (
+                [{"on": "--packing", "off": "--no-packing"}[pack]] if pack else [])
             srv = Server([sys.executable, "-m", "floe", "serve", "--model", model_path,
                           "--engine", engine, "--dtype",
                           args.floe_dtype if engine == "openvino" else "bfloat16",
@@ -404,7 +410,7 @@ def main() -> None:
                          f"http://127.0.0.1:{port}/v1/embeddings")
             servers.append(srv)
             systems[f"floe_{engine}" + (f"_b{budget}" if budget else "")
-                    + (f"_f{fill}" if fill else "")] = srv
+                    + (f"_f{fill}" if fill else "") + (f"_pack_{pack}" if pack else "")] = srv
         inf = os.path.join(args.infinity, "bin", "infinity_emb")
         if "infinity" not in skip and os.path.exists(inf):
             port = free_port()
