@@ -35,14 +35,15 @@ Rules
   hundred rows up to the longest of them.
 * **Packing.** With ``pack_align`` set (an engine that packs: floe/engine/packing.py), a batch
   of group 0 may instead be *packed*: rows of one width (the anchor's length rounded up to
-  ``pack_align``), each holding one or more sequences, filled best-fit from the longest waiting
-  sequence that fits down to the shortest, within the budget (rows x width) and the size cap. Of
-  the two candidate batches around the same anchor, the padded one and the packed one, the one
-  with the lower predicted cost per real token is handed out (``cost(rows, width)``: the
-  replica's cost model, floe/replica/cost.py; padded tokens without one). The fill floor applies
-  to the padded candidate; a packed one is taken only where its fill beats the floor anyway. The
+  ``pack_align``, or one or two alignments wider: ``packing.WIDTHS`` candidates), each holding one
+  or more sequences, filled best-fit from the longest waiting sequence that fits down to the
+  shortest, within the budget (rows x width) and the size cap. Of the candidates around the same
+  anchor, the padded one and the packed ones, the one with the lowest predicted cost per real
+  token is handed out (``cost(rows, width)``: the replica's cost model, floe/replica/cost.py;
+  padded tokens without one), a packed one only where its fill is at the floor or above. A
   packed batch lists its sequences in the order they were placed: the engine packs them again in
-  that order (``packing.plan``) and gets the same rows.
+  that order (``packing.plan``, which tries the same widths), so its layout is never larger than
+  the one priced here.
 * **Groups.** Sequences of different ``group`` never share a batch (the engine runs them through
   different heads); the anchor's group decides, the others wait for a batch of their own, and a
   batch that left some out counts as full.
@@ -64,6 +65,7 @@ import heapq
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterable, Optional
 
+from floe.engine import packing
 from floe.engine.packing import Packer, shape, width_for
 
 # A sequence that has waited this long anchors the next batch whatever its priority.
@@ -109,6 +111,7 @@ class Scheduler:
             raise ValueError("min_fill must be in [0, 1]")
         self.min_fill = min_fill
         self.pack_align = pack_align
+        self.pack_widths = packing.WIDTHS   # packed candidates per batch, one per row width
         self._cost = cost or (lambda rows, width: rows * width)
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
@@ -249,23 +252,26 @@ class Scheduler:
         batch, full = self._form_padded(anchor)
         if not self.pack_align or anchor.group != 0 or len(self._live) < 2:
             return batch, full
-        packed = self._form_packed(anchor)
-        if packed is None:
-            return batch, full
-        chosen, packed_full, rows, width, real = packed
         # each priced as the engine will run it: the padded walk's batch too may run packed
-        padded_real = sum(s.length for s in batch)
-        padded_each = self._cost(*shape([s.length for s in batch], self.pack_align)) / padded_real
-        fill = real / (rows * width)
-        if fill >= self.min_fill and self._cost(rows, width) / real < padded_each:
-            return chosen, packed_full
-        return batch, full
+        real = sum(s.length for s in batch)
+        best = (self._cost(*shape([s.length for s in batch], self.pack_align)) / real, batch, full)
+        for blocks in range(min(self.pack_widths, packing.WIDTHS)):
+            packed = self._form_packed(anchor, blocks)
+            if packed is None:
+                break
+            chosen, packed_full, rows, width, real = packed
+            each = self._cost(rows, width) / real
+            if real >= self.min_fill * rows * width and each < best[0]:
+                best = (each, chosen, packed_full)
+        return best[1], best[2]
 
-    def _form_packed(self, anchor: Sequence) -> Optional[tuple[list[Sequence], bool, int, int, int]]:
-        """The packed candidate around ``anchor``: (batch, full, rows, width, real tokens), or
-        None when the anchor's width leaves no room for a second row's worth of inputs."""
+    def _form_packed(self, anchor: Sequence,
+                     blocks: int = 0) -> Optional[tuple[list[Sequence], bool, int, int, int]]:
+        """The packed candidate around ``anchor`` in rows ``blocks`` alignments wider than the
+        anchor needs: (batch, full, rows, width, real tokens), or None when the width leaves no
+        room for a second row."""
         budget, cap = self.max_batch_tokens, self.max_batch_size
-        width = width_for(anchor.length, self.pack_align or 1)
+        width = width_for(anchor.length, self.pack_align or 1) + blocks * (self.pack_align or 1)
         if 2 * width > budget:
             return None
         packer = Packer(width, budget // width)

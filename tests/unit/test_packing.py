@@ -165,7 +165,7 @@ def test_the_cheaper_candidate_per_real_token_is_handed_out(cost):
             s.add(seq(i, n, arrival=float(i)))
         anchor = s._anchor(100.0)
         padded, _ = s._form_padded(anchor)
-        packed = s._form_packed(anchor)
+        candidates = [s._form_packed(anchor, blocks) for blocks in range(s.pack_widths)]
         got = s.next_batch(now=100.0)
 
         def each(batch):
@@ -173,9 +173,17 @@ def test_the_cheaper_candidate_per_real_token_is_handed_out(cost):
             return price(*shape(lengths, 16)) / sum(lengths)
 
         want = padded
-        if packed is not None:
+        for packed in candidates:
+            if packed is None:
+                continue
             batch, _, rows, width, real = packed
-            if real / (rows * width) >= s.min_fill and each(batch) < each(padded):
-                want = batch
+            assert width == 16 * -(-anchor.length // 16) + 16 * candidates.index(packed)
+            # the engine's layout (its plan tries this width too) is never larger than the
+            # packer's rows the scheduler priced
+            engine_rows, engine_width = shape([x.length for x in batch], 16)
+            assert engine_rows * engine_width <= rows * width
+            if real >= s.min_fill * rows * width and price(rows, width) / real < (
+                    each(want) if want is padded else price_want):
+                want, price_want = batch, price(rows, width) / real
         assert [x.seq_id for x in got] == [x.seq_id for x in want]
         assert each(got) <= each(padded) + 1e-12
