@@ -75,6 +75,8 @@ _REPLICA_COUNTERS = {
     "padded_tokens": ("floe_padded_tokens", "Tokens computed including padding; "
                       "tokens_embedded / padded_tokens is the padding fill rate."),
     "batches": ("floe_batches", "Forward passes run."),
+    "packed_batches": ("floe_packed_batches", "Forward passes that ran packed: several inputs "
+                       "shared a row (--packing; floe/engine/packing.py)."),
     "dropped_sequences": ("floe_dropped_sequences", "Sequences dropped before compute because "
                           "their client went away, the request was aborted or its deadline "
                           "passed."),

@@ -349,6 +349,8 @@ class EmbedService:
                 "max_batch_tokens": st.batch_budget_tokens,
                 "batch_timeout_ms": st.batch_timeout_seconds * 1000.0,
                 "min_batch_fill": st.batch_min_fill,
+                "packing_align": st.batch_packing_align,
+                "packed_batches": st.packed_batches,
                 "predicted_wait_s": st.predicted_wait_seconds,
                 "refused_requests": st.refused_requests,
                 "expired_requests": st.expired_requests,

@@ -216,7 +216,7 @@ class Histogram(_message.Message):
     def __init__(self, name: _Optional[str] = ..., bounds: _Optional[_Iterable[float]] = ..., counts: _Optional[_Iterable[int]] = ..., sum: _Optional[float] = ..., count: _Optional[int] = ...) -> None: ...
 
 class ReplicaStats(_message.Message):
-    __slots__ = ("requests", "failed_requests", "sequences", "tokens", "padded_tokens", "batches", "dropped_sequences", "queued_sequences", "queued_tokens", "in_flight_requests", "rss_bytes", "device_memory_used_bytes", "device_memory_total_bytes", "histograms", "refused_requests", "expired_requests", "predicted_wait_seconds", "cost_fixed_seconds", "cost_per_token_seconds", "cost_per_token_length_seconds", "cost_relative_error", "batch_budget_tokens", "batch_timeout_seconds", "batch_min_fill", "tuning_changes", "cost_per_token_window_seconds", "cost_window_span")
+    __slots__ = ("requests", "failed_requests", "sequences", "tokens", "padded_tokens", "batches", "dropped_sequences", "queued_sequences", "queued_tokens", "in_flight_requests", "rss_bytes", "device_memory_used_bytes", "device_memory_total_bytes", "histograms", "refused_requests", "expired_requests", "predicted_wait_seconds", "cost_fixed_seconds", "cost_per_token_seconds", "cost_per_token_length_seconds", "cost_relative_error", "batch_budget_tokens", "batch_timeout_seconds", "batch_min_fill", "tuning_changes", "cost_per_token_window_seconds", "cost_window_span", "packed_batches", "batch_packing_align")
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     FAILED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
@@ -244,6 +244,8 @@ class ReplicaStats(_message.Message):
     TUNING_CHANGES_FIELD_NUMBER: _ClassVar[int]
     COST_PER_TOKEN_WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
     COST_WINDOW_SPAN_FIELD_NUMBER: _ClassVar[int]
+    PACKED_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_PACKING_ALIGN_FIELD_NUMBER: _ClassVar[int]
     requests: int
     failed_requests: int
     sequences: int
@@ -271,7 +273,9 @@ class ReplicaStats(_message.Message):
     tuning_changes: int
     cost_per_token_window_seconds: float
     cost_window_span: int
-    def __init__(self, requests: _Optional[int] = ..., failed_requests: _Optional[int] = ..., sequences: _Optional[int] = ..., tokens: _Optional[int] = ..., padded_tokens: _Optional[int] = ..., batches: _Optional[int] = ..., dropped_sequences: _Optional[int] = ..., queued_sequences: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., in_flight_requests: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., device_memory_used_bytes: _Optional[int] = ..., device_memory_total_bytes: _Optional[int] = ..., histograms: _Optional[_Iterable[_Union[Histogram, _Mapping]]] = ..., refused_requests: _Optional[int] = ..., expired_requests: _Optional[int] = ..., predicted_wait_seconds: _Optional[float] = ..., cost_fixed_seconds: _Optional[float] = ..., cost_per_token_seconds: _Optional[float] = ..., cost_per_token_length_seconds: _Optional[float] = ..., cost_relative_error: _Optional[float] = ..., batch_budget_tokens: _Optional[int] = ..., batch_timeout_seconds: _Optional[float] = ..., batch_min_fill: _Optional[float] = ..., tuning_changes: _Optional[int] = ..., cost_per_token_window_seconds: _Optional[float] = ..., cost_window_span: _Optional[int] = ...) -> None: ...
+    packed_batches: int
+    batch_packing_align: int
+    def __init__(self, requests: _Optional[int] = ..., failed_requests: _Optional[int] = ..., sequences: _Optional[int] = ..., tokens: _Optional[int] = ..., padded_tokens: _Optional[int] = ..., batches: _Optional[int] = ..., dropped_sequences: _Optional[int] = ..., queued_sequences: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., in_flight_requests: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., device_memory_used_bytes: _Optional[int] = ..., device_memory_total_bytes: _Optional[int] = ..., histograms: _Optional[_Iterable[_Union[Histogram, _Mapping]]] = ..., refused_requests: _Optional[int] = ..., expired_requests: _Optional[int] = ..., predicted_wait_seconds: _Optional[float] = ..., cost_fixed_seconds: _Optional[float] = ..., cost_per_token_seconds: _Optional[float] = ..., cost_per_token_length_seconds: _Optional[float] = ..., cost_relative_error: _Optional[float] = ..., batch_budget_tokens: _Optional[int] = ..., batch_timeout_seconds: _Optional[float] = ..., batch_min_fill: _Optional[float] = ..., tuning_changes: _Optional[int] = ..., cost_per_token_window_seconds: _Optional[float] = ..., cost_window_span: _Optional[int] = ..., packed_batches: _Optional[int] = ..., batch_packing_align: _Optional[int] = ...) -> None: ...
 
 class ReplicaInfo(_message.Message):
     __slots__ = ("replica_id", "model", "architecture", "dtype", "device", "ready", "healthy", "dim", "max_seq_length", "pooling", "prompts", "default_prompt_name", "matryoshka_dims", "max_batch_tokens", "max_batch_size", "batch_timeout_ms", "pid", "restarts", "status_message", "address", "stats", "vocab_size", "task")

@@ -191,7 +191,7 @@ class ReplicaCore:
         self._stats_lock = threading.Lock()
         self._c = dict(requests=0, failed_requests=0, sequences=0, tokens=0, padded_tokens=0,
                        batches=0, dropped_sequences=0, refused_requests=0, expired_requests=0,
-                       tuning_changes=0)
+                       tuning_changes=0, packed_batches=0)
         self._busy_s = 0.0   # forward and finish seconds of every batch so far (the tuner's load)
         self._idle_s = 0.0   # seconds the engine thread waited for a batch (waits that ended)
         self._idle_since: Optional[float] = None   # when its current wait began (guarded by lock)
@@ -677,6 +677,7 @@ class ReplicaCore:
             self._busy_s += forward_s + finish_s
             self._predicted_run_s += batch.predicted_s
             self._c["batches"] += 1
+            self._c["packed_batches"] += rows < len(seqs)   # several inputs shared a row
             self._c["sequences"] += len(seqs)
             self._c["tokens"] += real
             self._c["padded_tokens"] += padded
@@ -744,7 +745,8 @@ class ReplicaCore:
                 cost_per_token_window_seconds=cost.per_token_window_s,
                 cost_window_span=cost.span,
                 cost_relative_error=self.cost.error, batch_budget_tokens=knobs.max_batch_tokens,
-                batch_timeout_seconds=knobs.batch_timeout_s, batch_min_fill=knobs.min_fill)
+                batch_timeout_seconds=knobs.batch_timeout_s, batch_min_fill=knobs.min_fill,
+                batch_packing_align=self._sched.pack_align or 0)
         return msg
 
 

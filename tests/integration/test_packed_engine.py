@@ -157,5 +157,7 @@ def test_a_replica_runs_packed_batches_and_answers_as_the_engine_alone(tiny_bert
         # packed: the passes ran fewer padded tokens than the inputs padded to their longest
         assert stats.padded_tokens < stats.sequences * max(LENGTHS)
         assert stats.padded_tokens / stats.tokens < 1.25
+        assert stats.batch_packing_align == 16
+        assert stats.packed_batches == sum(packed for packed, _ in layouts) > 0
     finally:
         core.stop(drain_timeout=0.0)
