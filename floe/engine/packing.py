@@ -23,8 +23,9 @@ engine's layout is the one the scheduler priced:
 A batch is packed only where that is smaller than padding it (``plan`` returns None otherwise):
 inputs of one length pack no better than they pad, and rounding the width up would cost more.
 
-Measured (docs/benchmarks.md section 12): on the prose workload's rows (median 18 tokens),
-all-MiniLM on OpenVINO bf16, packed rows ran 1.03-1.05x the padded batches a replica forms.
+Measured (docs/benchmarks.md section 12, AMD Zen 4): all-MiniLM served over HTTP on the prose
+paragraphs (median 17 tokens), 1.06x the tokens per second without packing and 7% fewer CPU
+seconds per token; inputs of one length never pack.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ import numpy as np
 ALIGN = 16   # floe/engine/aligned_keys.py KEY_MULTIPLE
 # Row widths a packed batch may take: as wide as its longest input needs, and up to WIDTHS - 1
 # alignments wider (room beside a row's first input for short ones). On the prose paragraphs'
-# lengths, 3 formed batches of 1,370 real tokens at fill 0.98, against 1,166 and 0.974 with 1
-# (tests/unit/test_packing.py simulates the scheduler; the engine measured 1.02x).
+# lengths the batcher then forms batches of 1,442 real tokens at fill 0.976, against 1,166 at
+# 0.974 with one width (scripts/bench_replica_packing.py --simulate).
 WIDTHS = 3
 POOLINGS = ("mean", "cls", "last_token", "mean_sqrt_len_tokens")   # what a packed row can pool
 # transformers' encoders whose attention takes a 4-D mask and whose embeddings take position ids,
