@@ -23,6 +23,11 @@ start together convert once and never read a half-written model. A start that fi
 imports neither torch nor transformers. The compiled form (precision- and thread-specific) is
 cached by OpenVINO itself in ``<cache dir>/openvino/compiled``.
 
+Second graphs, each converted on first use, checked on a probe and cached under a key of its
+own: late chunking's (span weights as a third input), a sliding-window model's banded one, and
+for a BERT-family embedding model with ``packing`` the packed one, several inputs per row
+(floe/engine/packed_graph.py; ``prepare`` packs a batch where that is smaller than padding it).
+
 Precision: the ``INFERENCE_PRECISION_HINT`` is bf16 on CPUs with AMX or avx512_bf16 (read from
 /proc/cpuinfo flags) and f32 elsewhere or when float32 is asked.
 """
@@ -256,6 +261,16 @@ def _float32_rotation(backbone: Any, spec: ModelSpec) -> None:
     backbone.rotary_emb = RotaryTable(rotary, int(spec.max_seq_length))
 
 
+def _source(spec: ModelSpec, threads: Optional[int]) -> Any:
+    """The torch engine a graph is traced from: float32, the padded forward, rotations from a
+    float32 table."""
+    from floe.engine.torch_engine import TorchEngine
+
+    source = TorchEngine(spec, device="cpu", dtype="float32", threads=threads, unpad=False)
+    _float32_rotation(source.model, spec)
+    return source
+
+
 def _fold_query_scale(backbone: Any) -> int:
     """Folds attention's 1/sqrt(head dim) into the query projection of transformers' BERT-family
     self-attention (a ``query`` Linear and a float ``scaling`` it passes to the attention
@@ -379,9 +394,7 @@ def _convert_spans(spec: ModelSpec, threads: Optional[int],
     from floe.engine.torch_engine import Prepared, TorchEngine
 
     def make_source() -> TorchEngine:
-        source = TorchEngine(spec, device="cpu", dtype="float32", threads=threads, unpad=False)
-        _float32_rotation(source.model, spec)
-        return source
+        return _source(spec, threads)
 
     class SpanPipeline(torch.nn.Module):
         def __init__(self, source: TorchEngine) -> None:
@@ -422,9 +435,7 @@ def _convert(spec: ModelSpec, threads: Optional[int],
     from floe.engine.torch_engine import Prepared, TorchEngine
 
     def make_source() -> TorchEngine:
-        source = TorchEngine(spec, device="cpu", dtype="float32", threads=threads, unpad=False)
-        _float32_rotation(source.model, spec)
-        return source
+        return _source(spec, threads)
 
     class Pipeline(torch.nn.Module):
         """(input_ids, attention_mask[, token_type_ids]) -> the task's (n, dim) float32 rows."""

@@ -64,8 +64,7 @@ def convert(spec: ModelSpec, threads: Optional[int]) -> tuple[Any, tuple[dict, n
     import openvino as ov
     import torch
 
-    from floe.engine.openvino_engine import (ConversionError, _float32_rotation, _tailored,
-                                             _traced)
+    from floe.engine.openvino_engine import ConversionError, _source, _tailored, _traced
     from floe.engine.torch_engine import TorchEngine
 
     why = packable(spec)
@@ -73,9 +72,7 @@ def convert(spec: ModelSpec, threads: Optional[int]) -> tuple[Any, tuple[dict, n
         raise ConversionError(f"no packed graph: {why}")
 
     def make_source() -> TorchEngine:
-        source = TorchEngine(spec, device="cpu", dtype="float32", threads=threads, unpad=False)
-        _float32_rotation(source.model, spec)
-        return source
+        return _source(spec, threads)
 
     class PackedPipeline(torch.nn.Module):
         def __init__(self, source: TorchEngine) -> None:

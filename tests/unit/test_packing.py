@@ -172,7 +172,7 @@ def test_the_cheaper_candidate_per_real_token_is_handed_out(cost):
             lengths = [x.length for x in batch]
             return price(*shape(lengths, 16)) / sum(lengths)
 
-        want = padded
+        want, lowest = padded, each(padded)
         for packed in candidates:
             if packed is None:
                 continue
@@ -182,8 +182,7 @@ def test_the_cheaper_candidate_per_real_token_is_handed_out(cost):
             # packer's rows the scheduler priced
             engine_rows, engine_width = shape([x.length for x in batch], 16)
             assert engine_rows * engine_width <= rows * width
-            if real >= s.min_fill * rows * width and price(rows, width) / real < (
-                    each(want) if want is padded else price_want):
-                want, price_want = batch, price(rows, width) / real
+            if real >= s.min_fill * rows * width and price(rows, width) / real < lowest:
+                want, lowest = batch, price(rows, width) / real
         assert [x.seq_id for x in got] == [x.seq_id for x in want]
         assert each(got) <= each(padded) + 1e-12
