@@ -96,6 +96,12 @@ def test_packing_is_refused_where_it_cannot_run(tiny_bert, bert_reranker):
     reranker = OpenVINOEngine(spec, dtype="float32", threads=1, packing=True)
     reranker.warmup(256)
     assert reranker.packing is None
+    # `floe info` says so, and why
+    from floe.models.describe import describe
+
+    assert describe(spec, device="cpu")["packing"].startswith("no: a reranker")
+    assert describe(off.spec, device="cpu", dtype="int8")["packing"].startswith("no: int8")
+    assert describe(off.spec, device="cpu")["packing"].startswith("yes: packed graph")
 
 
 def test_a_packed_graph_that_fails_its_check_leaves_the_engine_padding(tiny_bert, monkeypatch,
@@ -114,9 +120,13 @@ def test_a_packed_graph_that_fails_its_check_leaves_the_engine_padding(tiny_bert
     # the batch still runs, padded
     rows = engine.run(engine.prepare(_inputs(spec)))
     assert rows.shape == (len(LENGTHS), spec.dim) and np.isfinite(rows).all()
-    # the next start reads the record and does not convert again
+    # the next start reads the record and does not convert again; `floe info` shows it
     monkeypatch.setattr(packed_graph, "convert", lambda *a: pytest.fail("converted again"))
     assert _engine(tiny_bert, cache_dir=cache).packing is None
+    from floe.models.describe import describe
+
+    state = describe(spec, device="cpu", engine_cache_dir=cache)["packing"]
+    assert state.startswith("no: the packed graph failed") and ".failed" in state
 
 
 def test_a_replica_runs_packed_batches_and_answers_as_the_engine_alone(tiny_bert):
