@@ -155,30 +155,6 @@ def openvino_dir(cache_dir: Optional[str] = None) -> str:
     return os.path.join(cache_dir or default_cache_dir(), "openvino")
 
 
-def _pack_refusal(spec: ModelSpec, dtype: str) -> Optional[str]:
-    """Why the engine would not pack ``spec``'s batches (None: it would)."""
-    why = packed_graph.packable(spec)
-    if why is None and _band_window(spec) is not None:
-        why = "a sliding-window model"
-    if why is None and dtype == "int8":
-        why = "int8 quantizes the padded graph only"
-    return why
-
-
-def packing_state(spec: ModelSpec, dtype: str, cache_dir: Optional[str] = None) -> str:
-    """What ``--packing`` (the default) does for ``spec`` on this engine, for `floe info`."""
-    why = _pack_refusal(spec, pick_precision(dtype) if dtype == "auto" else dtype)
-    if why is not None:
-        return f"no: {why}"
-    root, key = openvino_dir(cache_dir), cache_key(spec, packed=True)
-    failed = _read_failure(root, key)
-    if failed is not None:
-        return f"no: the packed graph failed ({failed}; delete {root}/{key}.failed to retry)"
-    if os.path.isfile(os.path.join(root, key, "model.xml")):
-        return f"yes: packed graph cached in {os.path.join(root, key)}"
-    return f"yes: packed graph converted at first start into {os.path.join(root, key)}"
-
-
 def cached_state(spec: ModelSpec, cache_dir: Optional[str] = None) -> tuple[str, str]:
     """("converted" | "failed" | "absent", detail) for ``spec`` in the cache (for `floe info`)."""
     root, key = openvino_dir(cache_dir), cache_key(spec)
@@ -537,7 +513,7 @@ class OpenVINOEngine(Engine):
         # batches wider than the span (floe/engine/attention.py); int8 quantizes and gates both.
         self._window = _band_window(spec)
         self._band_request: Any = None
-        self._pack_refused = _pack_refusal(spec, self.dtype) if packing else "off"
+        self._pack_refused = packed_graph.refusal(spec, self.dtype) if packing else "off"
         root = openvino_dir(self.cache_dir)
         os.makedirs(root, exist_ok=True)
         key = cache_key(spec)

@@ -41,6 +41,36 @@ def packable(spec: ModelSpec) -> Optional[str]:
     return None
 
 
+def refusal(spec: ModelSpec, dtype: str) -> Optional[str]:
+    """Why the OpenVINO engine would not pack ``spec``'s batches at ``dtype`` (None: it would)."""
+    from floe.engine.openvino_engine import _band_window
+
+    why = packable(spec)
+    if why is None and _band_window(spec) is not None:
+        why = "a sliding-window model"
+    if why is None and dtype == "int8":
+        why = "int8 quantizes the padded graph only"
+    return why
+
+
+def state(spec: ModelSpec, dtype: str, cache_dir: Optional[str] = None) -> str:
+    """What ``--packing`` (the default) does for ``spec`` on the OpenVINO engine, for `floe info`."""
+    import os
+
+    from floe.engine.openvino_engine import _read_failure, cache_key, openvino_dir, pick_precision
+
+    why = refusal(spec, pick_precision(dtype) if dtype == "auto" else dtype)
+    if why is not None:
+        return f"no: {why}"
+    root, key = openvino_dir(cache_dir), cache_key(spec, packed=True)
+    failed = _read_failure(root, key)
+    if failed is not None:
+        return f"no: the packed graph failed ({failed}; delete {root}/{key}.failed to retry)"
+    if os.path.isfile(os.path.join(root, key, "model.xml")):
+        return f"yes: packed graph cached in {os.path.join(root, key)}"
+    return f"yes: packed graph converted at first start into {os.path.join(root, key)}"
+
+
 def example(spec: ModelSpec, lengths: list[int], seed: int) -> tuple[list[np.ndarray], PackedFeed]:
     """Random in-vocabulary inputs of ``lengths``, packed in that order (several per row, padding
     at the rows' ends)."""

@@ -65,9 +65,9 @@ def describe(spec: ModelSpec, device: str = "auto", dtype: str = "auto", engine:
         else:
             out["engine_cache"] = (f"converted graph cached in {detail}" if state == "converted"
                                    else f"converted at first start into {detail}")
-        from floe.engine.openvino_engine import packing_state
+        from floe.engine import packed_graph
 
-        out["packing"] = packing_state(spec, dtype, engine_cache_dir)
+        out["packing"] = packed_graph.state(spec, dtype, engine_cache_dir)
         if dtype == "int8":
             from floe.engine import int8
 
