@@ -38,7 +38,8 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def prepare(self, sequences: Sequence[np.ndarray], type_splits: Optional[np.ndarray] = None,
                 spans: Optional[Sequence[np.ndarray]] = None) -> Any:
-        """Pads int32 id arrays into whatever ``run`` consumes. Called off the engine thread.
+        """Pads int32 id arrays into whatever ``run`` consumes (or packs them several to a row,
+        where the engine has ``packing``: floe/engine/packing.py). Called off the engine thread.
 
         ``type_splits`` (int array, one per sequence, or None): where token type 1 starts in each
         sequence (a cross-encoder pair's second segment); ``len(sequence)`` when it is all type 0.

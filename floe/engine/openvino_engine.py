@@ -646,7 +646,9 @@ class OpenVINOEngine(Engine):
                 spans: Optional[Sequence[np.ndarray]] = None) -> dict[str, np.ndarray]:
         """The graph's inputs: (n, longest) int64 arrays, right-padded with the model's pad id,
         and token types where the graph takes them (from ``type_splits``; all 0 without them);
-        with ``spans``, late chunking's span weights for the span graph."""
+        with ``spans``, late chunking's span weights for the span graph. With packing on, a batch
+        that packs into fewer padded tokens (``packing.plan``, in the order given) gets the packed
+        graph's inputs instead; ``run`` returns its rows in the same order either way."""
         takes_types = _TYPE_INPUT in self._inputs  # (an embedding graph: single texts, all type 0)
         if self.packing and spans is None:
             layout = packing.plan([len(s) for s in sequences], self.packing)
