@@ -151,12 +151,29 @@ class Server:
                 raise RuntimeError(f"{argv[0]} exited with {self.proc.returncode}")
             try:
                 r = httpx.post(url, json={"input": ["warm up"] * 16, "model": "m"}, timeout=30)
-                if r.status_code == 200:
+                if r.status_code == 200 and self._all_replicas_up(deadline):
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(1)
         raise RuntimeError("server did not come up")
+
+    def _all_replicas_up(self, deadline: float) -> bool:
+        """floe answers once one replica is ready; the others may still be converting or
+        calibrating, on the cores the next measurement needs. Waits for every replica (/info);
+        a server without /info (Infinity) is up when it answers."""
+        import httpx
+        base = self.url.rsplit("/v1/", 1)[0]
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(f"{base}/info", timeout=10)
+            except httpx.HTTPError:
+                return False
+            fleet = r.json().get("replicas") if r.status_code == 200 else None
+            if not isinstance(fleet, dict) or fleet.get("healthy_replicas") == fleet.get("num_replicas"):
+                return True
+            time.sleep(0.5)
+        return False
 
     def stop(self) -> None:
         stop_server(self.proc)
