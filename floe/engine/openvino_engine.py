@@ -710,8 +710,8 @@ class OpenVINOEngine(Engine):
     def _side_request(self, key: str, convert: Callable[[], tuple[Any, Any]], what: str) -> Any:
         """An infer request of a second graph (late chunking's, the packed one): read from the
         cache, or made by ``convert`` (the ov.Model and a probe: feed, torch rows, and which rows
-        of the output they are, None: all), checked on its probe and saved. A failure is
-        recorded beside the cache, so that the next start does not convert again."""
+        of the output they are, None: all), checked on its probe and saved. A conversion that
+        fails is recorded beside the cache, so that the next start does not convert again."""
         import openvino as ov
 
         root = openvino_dir(self.cache_dir)
@@ -721,8 +721,9 @@ class OpenVINOEngine(Engine):
             failure = _read_failure(root, key)
             if failure is not None:
                 raise ConversionError(f"{failure} (recorded in {root}/{key}.failed)")
+            converting = not os.path.isfile(xml)
             try:
-                if os.path.isfile(xml):
+                if not converting:
                     model, probe = xml, None
                 else:
                     log.info("converting %s's %s to OpenVINO (first use; cached in %s)",
@@ -740,7 +741,10 @@ class OpenVINOEngine(Engine):
                     if why is not None:
                         raise ConversionError(f"the {what} differs from the torch model ({why})")
             except (ConversionError, RuntimeError) as exc:
-                self._record_failure(root, key, f"{what}: {exc}"[:500])
+                if converting:
+                    # a conversion that failed fails again: recorded (a cached graph that did not
+                    # compile this time is not: the cause may pass)
+                    self._record_failure(root, key, f"{what}: {exc}"[:500])
                 raise ConversionError(str(exc)) from exc
             if probe is not None:
                 tmp = tempfile.mkdtemp(prefix=f".{key}.", dir=root)
@@ -773,9 +777,9 @@ class OpenVINOEngine(Engine):
                 self.packing = packing.ALIGN
                 log.info("packing: short inputs share rows of the forward pass (%s)",
                          self.spec.name)
-            except ConversionError as exc:
+            except Exception as exc:  # noqa: BLE001 - packing is optional: the engine pads
                 self._pack_refused = str(exc)
-                log.warning("packing off for %s: %s", self.spec.name, exc)
+                log.warning("packing off for %s: %s: %s", self.spec.name, type(exc).__name__, exc)
         seq = self.spec.max_seq_length
         rows = max(1, int(max_batch_tokens) // seq)
         filler = min(1000, self.spec.vocab_size - 1)

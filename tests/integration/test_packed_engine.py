@@ -171,3 +171,17 @@ def test_a_replica_runs_packed_batches_and_answers_as_the_engine_alone(tiny_bert
         assert stats.packed_batches == sum(packed for packed, _ in layouts) > 0
     finally:
         core.stop(drain_timeout=0.0)
+
+
+def test_any_failure_of_the_packed_graph_leaves_the_replica_serving(tiny_bert, monkeypatch,
+                                                                    tmp_path):
+    """Not only a ConversionError: whatever the packed graph's conversion raises, the engine
+    starts and pads (packing is optional)."""
+    def broken(spec, threads):
+        raise ValueError("an unexpected shape")
+
+    monkeypatch.setattr(packed_graph, "convert", broken)
+    engine = _engine(tiny_bert, cache_dir=str(tmp_path / "cache"))
+    assert engine.packing is None and "unexpected" in engine._pack_refused
+    rows = engine.run(engine.prepare(_inputs(engine.spec)))
+    assert rows.shape == (len(LENGTHS), engine.spec.dim)
