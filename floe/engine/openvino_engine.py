@@ -25,9 +25,8 @@ cached by OpenVINO itself in ``<cache dir>/openvino/compiled``.
 
 Second graphs, each converted on first use, checked on a probe and cached under a key of its
 own: late chunking's (span weights as a third input), a sliding-window model's banded one, and
-for a BERT-family embedding model or cross-encoder with ``packing`` the packed one, several
-inputs per row (floe/engine/packed_graph.py; ``prepare`` packs a batch where that is smaller
-than padding it).
+for a BERT-family embedding model with ``packing`` the packed one, several inputs per row
+(floe/engine/packed_graph.py; ``prepare`` packs a batch where that is smaller than padding it).
 
 Precision: the ``INFERENCE_PRECISION_HINT`` is bf16 on CPUs with AMX or avx512_bf16 (read from
 /proc/cpuinfo flags) and f32 elsewhere or when float32 is asked.
@@ -148,7 +147,7 @@ def cache_key(spec: ModelSpec, versions: Optional[dict[str, str]] = None,
     if spans:   # late chunking's graph: token states pooled by span weights, then Dense
         parts["head"] = {"task": "spans", "inputs": [*_INPUTS, _SPAN_INPUT]}
     if packed:  # several inputs per row (floe/engine/packed_graph.py)
-        parts["head"] = {"task": "packed", "inputs": list(packed_graph.inputs(spec))}
+        parts["head"] = {"task": "packed", "inputs": list(packed_graph.INPUTS)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -654,13 +653,8 @@ class OpenVINOEngine(Engine):
         if self.packing and spans is None:
             layout = packing.plan([len(s) for s in sequences], self.packing)
             if layout is not None:   # smaller packed than padded: the packed graph
-                splits = None
-                if packed_graph.TYPE_INPUT in packed_graph.inputs(self.spec):
-                    splits = (np.fromiter((len(s) for s in sequences), np.int64, len(sequences))
-                              if type_splits is None else type_splits)
-                feed = packing.packed_feed(sequences, layout[0], layout[1],
-                                           kind_of(self.spec).packed_pooling(self.spec),
-                                           self.spec.pad_token_id, splits)
+                feed = packing.packed_feed(sequences, layout[0], layout[1], self.spec.pooling,
+                                           self.spec.pad_token_id)
                 return {**feed.inputs, _PACKED_WHERE: feed.where}
         padded = right_pad(self.spec, sequences, type_splits if takes_types else None)
         feed = _feed(padded)

@@ -1,18 +1,14 @@
 """The OpenVINO engine's packed graph: several inputs per row (floe/engine/packing.py).
 
-(input_ids, position_ids, segments, pool_tokens, pool_scale[, token_type_ids]) -> (rows, slots,
-dim): the backbone with a block-diagonal attention mask built in the graph from the segment
-numbers, positions given per input (plus a RoBERTa-like's offset), then the kind's head on each
-input's tokens (``Kind.packed_forward``): for an embedding model, pooling as the 0/1 token
-weights times the hidden states in one batched matmul, scaled in float32, then the model's Dense
-layers; for a cross-encoder, each pair's first token through transformers' classification head
-(token types from each pair's split where the backbone has them). It is traced from the same
-torch model and tailoring as the padded graph (openvino_engine._tailored).
+(input_ids, position_ids, segments, pool_tokens, pool_scale) -> (rows, slots, dim): the backbone
+with a block-diagonal attention mask built in the graph from the segment numbers, positions given
+per input (plus a RoBERTa-like's offset), pooling as the 0/1 token weights times the hidden states
+in one batched matmul, scaled in float32, then the model's Dense layers. It is traced from the
+same torch backbone and tailoring as the padded graph (openvino_engine._tailored).
 
-Which models: an embedding model (CLS, last-token, mean or mean / sqrt(length) pooling, then
-Dense) or a cross-encoder (BERT's pooler and classifier, RoBERTa's classification head) on a
-BERT-family encoder (``bert``, ``roberta``, ``xlm-roberta``: their attention takes a 4-D mask and
-their embeddings take position ids), without a sliding window.
+Which models: an embedding model (the plain head: CLS, last-token, mean or mean / sqrt(length)
+pooling, then Dense) on a BERT-family encoder (``bert``, ``roberta``, ``xlm-roberta``: their
+attention takes a 4-D mask and their embeddings take position ids), without a sliding window.
 Before it is traced, the torch pipeline's packed rows are compared with the same inputs run
 alone through the padded forward (float32): a transformers release that ignored the 4-D mask or
 the position ids would fail that check, and the engine then runs padded batches only.
@@ -30,26 +26,19 @@ from floe.kinds import kind_of
 from floe.models.spec import ModelSpec
 
 INPUTS = ("input_ids", "position_ids", "segments", "pool_tokens", "pool_scale")
-TYPE_INPUT = "token_type_ids"
 _ROBERTA_LIKE = ("roberta", "xlm-roberta")
 
 
 def packable(spec: ModelSpec) -> Optional[str]:
     """Why ``spec`` cannot run packed batches, or None when it can."""
     kind = kind_of(spec)
-    if not kind.packs:
-        return f"{kind.title}'s head reads more than each input's own tokens"
+    if not kind.pools_rows:
+        return f"{kind.title}'s head does not pool a row per input"
     if spec.model_type not in BERT_FAMILIES:
         return f"{spec.model_type} is not a BERT-family encoder"
-    if kind.packed_pooling(spec) not in POOLINGS:
+    if spec.pooling not in POOLINGS:
         return f"{spec.pooling} pooling"
     return None
-
-
-def inputs(spec: ModelSpec) -> tuple[str, ...]:
-    """The packed graph's inputs: token types for a cross-encoder's pairs where the backbone
-    has them."""
-    return INPUTS + ((TYPE_INPUT,) if kind_of(spec).pairs and spec.uses_token_types else ())
 
 
 def refusal(spec: ModelSpec, dtype: str) -> Optional[str]:
@@ -82,21 +71,16 @@ def state(spec: ModelSpec, dtype: str, cache_dir: Optional[str] = None) -> str:
     return f"yes: packed graph converted at first start into {os.path.join(root, key)}"
 
 
-def example(spec: ModelSpec, lengths: list[int],
-            seed: int) -> tuple[list[np.ndarray], Optional[np.ndarray], PackedFeed]:
-    """Random in-vocabulary inputs of ``lengths`` (and, for a graph with token types, a random
-    split in each), packed in that order (several per row, padding at the rows' ends)."""
+def example(spec: ModelSpec, lengths: list[int], seed: int) -> tuple[list[np.ndarray], PackedFeed]:
+    """Random in-vocabulary inputs of ``lengths``, packed in that order (several per row, padding
+    at the rows' ends)."""
     rng = np.random.default_rng(seed)
     low = min(5, spec.vocab_size - 1)
     seqs = [rng.integers(low, spec.vocab_size, n).astype(np.int32) for n in lengths]
-    splits = (np.array([rng.integers(1, n + 1) for n in lengths], dtype=np.int64)
-              if TYPE_INPUT in inputs(spec) else None)
     packer = Packer(width_for(max(lengths), ALIGN))
     for i, n in enumerate(lengths):
         packer.add(n, i)
-    feed = packed_feed(seqs, packer.rows, packer.width, kind_of(spec).packed_pooling(spec),
-                       spec.pad_token_id, splits)
-    return seqs, splits, feed
+    return seqs, packed_feed(seqs, packer.rows, packer.width, spec.pooling, spec.pad_token_id)
 
 
 def _lengths(spec: ModelSpec, seed: int) -> list[int]:
@@ -116,8 +100,6 @@ def convert(spec: ModelSpec, threads: Optional[int]) -> tuple[Any, tuple[dict, n
     why = packable(spec)
     if why is not None:
         raise ConversionError(f"no packed graph: {why}")
-    kind = kind_of(spec)
-    names = inputs(spec)
 
     def make_source() -> TorchEngine:
         return _source(spec, threads)
@@ -126,34 +108,35 @@ def convert(spec: ModelSpec, threads: Optional[int]) -> tuple[Any, tuple[dict, n
         def __init__(self, source: TorchEngine) -> None:
             super().__init__()
             self.source = source
-            self.model = source.model
-            embeddings = getattr(source.model.base_model, "embeddings", None)
+            self.backbone = source.model
+            embeddings = getattr(source.model, "embeddings", None)
             # RoBERTa-likes number positions from their pad id + 1 (transformers' own rule)
             self.offset = (int(getattr(embeddings, "padding_idx", spec.pad_token_id)) + 1
                            if spec.model_type in _ROBERTA_LIKE else 0)
 
         def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                    segments: torch.Tensor, pool_tokens: torch.Tensor, pool_scale: torch.Tensor,
-                    token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    segments: torch.Tensor, pool_tokens: torch.Tensor,
+                    pool_scale: torch.Tensor) -> torch.Tensor:
             source = self.source
             # a token sees its own input's tokens; padding (segment 0) sees padding
             mask = (segments[:, :, None] == segments[:, None, :])[:, None]
-            backbone: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask,
-                                        "position_ids": position_ids + self.offset}
+            kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask,
+                                      "position_ids": position_ids + self.offset}
             if source._takes_token_types:
-                backbone["token_type_ids"] = (torch.zeros_like(input_ids) if token_type_ids is None
-                                              else token_type_ids)
-            return kind.packed_forward(source, backbone, pool_tokens, pool_scale).float()
+                kwargs["token_type_ids"] = torch.zeros_like(input_ids)
+            hidden = self.backbone(**kwargs).last_hidden_state
+            summed = torch.matmul(pool_tokens.to(hidden.dtype), hidden).float()
+            pooled = (summed * pool_scale.unsqueeze(-1)).to(hidden.dtype)
+            for layer in source._dense:
+                pooled = layer(pooled)
+            return pooled.float()
 
-    seqs, splits, probe = example(spec, _lengths(spec, 1), seed=1)
+    seqs, probe = example(spec, _lengths(spec, 1), seed=1)
     # packed rows equal each input alone (float32, untouched model) before anything is traced
     source = make_source()
-    alone = source.run(source.prepare(seqs, type_splits=splits))
-    try:
-        with torch.no_grad():
-            out = PackedPipeline(source)(**{k: torch.from_numpy(v) for k, v in probe.inputs.items()})
-    except (ValueError, RuntimeError) as exc:
-        raise ConversionError(f"no packed graph: {exc}") from exc
+    alone = source.run(source.prepare(seqs))
+    with torch.no_grad():
+        out = PackedPipeline(source)(**{k: torch.from_numpy(v) for k, v in probe.inputs.items()})
     packed = out.reshape(-1, out.shape[-1]).numpy()[probe.where]
     scale = max(float(np.abs(alone).max()), 1e-6)
     if not np.isfinite(packed).all() or float(np.abs(packed - alone).max()) > 1e-4 * scale:
@@ -162,15 +145,15 @@ def convert(spec: ModelSpec, threads: Optional[int]) -> tuple[Any, tuple[dict, n
                               "transformers release does not honour the 4-D mask or position ids")
     del source
     pipeline, want = _tailored(make_source, lambda s: PackedPipeline(s).eval(), probe.inputs)
-    _, _, traced_example = example(spec, _lengths(spec, 0), seed=0)
+    _, traced_example = example(spec, _lengths(spec, 0), seed=0)
     model, _ = _traced(pipeline, traced_example.inputs, probe.inputs)
     # (a traced input may carry more than one tensor name: its own and an internal one)
-    ports = {name: port for port in model.inputs for name in port.get_names() if name in names}
-    if sorted(ports) != sorted(names) or len(model.inputs) != len(names):
+    ports = {name: port for port in model.inputs for name in port.get_names() if name in INPUTS}
+    if sorted(ports) != sorted(INPUTS) or len(model.inputs) != len(INPUTS):
         raise ConversionError(f"the packed graph has inputs "
-                              f"{[sorted(p.get_names()) for p in model.inputs]}, expected {list(names)}")
+                              f"{[sorted(p.get_names()) for p in model.inputs]}, expected {list(INPUTS)}")
     model.reshape({ports[name]: ov.PartialShape([-1] * (3 if name == "pool_tokens" else 2))
-                   for name in names})
+                   for name in INPUTS})
     del pipeline
     rows = want.reshape(-1, want.shape[-1])[probe.where]
     return model, (probe.inputs, rows, probe.where)

@@ -141,8 +141,7 @@ class PackedFeed:
 
 
 def packed_feed(sequences: Sequence[np.ndarray], rows: Sequence[Sequence[int]], width: int,
-                pooling: str, pad_token_id: int,
-                type_splits: Optional[Sequence[int]] = None) -> PackedFeed:
+                pooling: str, pad_token_id: int) -> PackedFeed:
     """The packed graph's five inputs for ``rows`` (indices into ``sequences``) of ``width``:
 
     * ``input_ids`` (rows, width), pad id where no input is;
@@ -153,9 +152,7 @@ def packed_feed(sequences: Sequence[np.ndarray], rows: Sequence[Sequence[int]], 
     * ``pool_tokens`` (rows, slots, width) float32, 0/1: which tokens each input pools (exact in
       any precision the graph runs);
     * ``pool_scale`` (rows, slots) float32: what the pooled sum is multiplied by (1 / length for
-      mean, 1 / sqrt(length) for mean_sqrt_len_tokens, 1 for CLS and last token);
-    * with ``type_splits`` (a cross-encoder's pairs: where each input's second segment starts),
-      ``token_type_ids`` (rows, width): 1 from the split to the input's end, else 0.
+      mean, 1 / sqrt(length) for mean_sqrt_len_tokens, 1 for CLS and last token).
     """
     if pooling not in POOLINGS:
         raise ValueError(f"a packed batch cannot pool {pooling!r}")
@@ -166,7 +163,6 @@ def packed_feed(sequences: Sequence[np.ndarray], rows: Sequence[Sequence[int]], 
     tokens = np.zeros((count, slots, width), dtype=np.float32)
     scale = np.zeros((count, slots), dtype=np.float32)
     where = np.empty(len(sequences), dtype=np.int64)
-    types = None if type_splits is None else np.zeros((count, width), dtype=np.int64)
     for r, members in enumerate(rows):
         at = 0
         for slot, i in enumerate(members):
@@ -175,8 +171,6 @@ def packed_feed(sequences: Sequence[np.ndarray], rows: Sequence[Sequence[int]], 
             ids[r, at:at + n] = seq
             positions[r, at:at + n] = np.arange(n)
             segments[r, at:at + n] = slot + 1
-            if types is not None:
-                types[r, at + int(type_splits[i]):at + n] = 1
             if pooling == "cls":
                 tokens[r, slot, at] = 1.0
                 scale[r, slot] = 1.0
@@ -188,8 +182,5 @@ def packed_feed(sequences: Sequence[np.ndarray], rows: Sequence[Sequence[int]], 
                 scale[r, slot] = 1.0 / n if pooling == "mean" else 1.0 / math.sqrt(n)
             where[i] = r * slots + slot
             at += n
-    inputs = {"input_ids": ids, "position_ids": positions, "segments": segments,
-              "pool_tokens": tokens, "pool_scale": scale}
-    if types is not None:
-        inputs["token_type_ids"] = types
-    return PackedFeed(inputs, where)
+    return PackedFeed({"input_ids": ids, "position_ids": positions, "segments": segments,
+                       "pool_tokens": tokens, "pool_scale": scale}, where)

@@ -60,8 +60,8 @@ class Kind:
     # --- engine ---------------------------------------------------------------------------------
     auto_class: str = "AutoModel"  # the transformers class of the backbone with its head
     model_output: str = "last_hidden_state"   # the output the head reads
-    packs: bool = False            # its head reads each input's own tokens: inputs can share a
-                                   # packed row (floe/engine/packing.py, packed_graph.py)
+    pools_rows: bool = False       # the head pools token states into a row per input, then
+                                   # Dense: inputs can share a packed row (floe/engine/packing.py)
     openvino_model_types: frozenset = frozenset()   # config model_types whose OpenVINO
                                                     # conversion is verified for this kind
     int8_model_types: frozenset = frozenset()   # those whose --dtype int8 is measured for
@@ -76,17 +76,6 @@ class Kind:
     def torch_head(self, engine: Any, out: Any, prepared: Any) -> Any:
         """The head on the backbone's output, in torch, on the engine's device: (n, spec.dim)."""
         raise NotImplementedError
-
-    def packed_pooling(self, spec: Any) -> str:
-        """Which tokens of an input the packed head reads (floe/engine/packing.py POOLINGS)."""
-        return spec.pooling
-
-    def packed_forward(self, engine: Any, inputs: dict, tokens: Any, scale: Any) -> Any:
-        """The packed graph's torch pipeline past its mask (floe/engine/packed_graph.py): the
-        backbone on ``inputs`` (ids, the 4-D block-diagonal mask, position ids, token types),
-        then the head on each input's tokens (``tokens``: (rows, slots, width) 0/1 weights,
-        ``scale``: (rows, slots)); returns (rows, slots, spec.dim). Only for kinds that pack."""
-        raise NotImplementedError(f"{self.name} does not pack")
 
     def probe_error(self, got: np.ndarray, want: np.ndarray, float_dtype: str) -> Optional[str]:
         """Why a converted graph's probe rows differ too much from torch's (None: they agree).

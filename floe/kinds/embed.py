@@ -21,7 +21,7 @@ from floe.protocol import COMPACT_DTYPES, EmbedResult, EncodeOptions, Timings
 class EmbedKind(Kind):
     name = "embed"
     title = "an embedding model"
-    packs = True
+    pools_rows = True
     routes = "/v1/embeddings or /embed"
     route_kinds = ("embed", "encode")
     output_dtypes = ("float32", "float16", "bfloat16", *COMPACT_DTYPES)
@@ -66,16 +66,6 @@ class EmbedKind(Kind):
                 pooled = layer(pooled)
             return pooled[prepared.span_rows]
         pooled = pool(engine.spec.pooling, out, prepared, as_matmul=engine.matmul_pooling)
-        for layer in engine._dense:
-            pooled = layer(pooled)
-        return pooled
-
-    def packed_forward(self, engine: Any, inputs: dict, tokens: Any, scale: Any) -> Any:
-        import torch
-
-        hidden = engine.model(**inputs).last_hidden_state
-        summed = torch.matmul(tokens.to(hidden.dtype), hidden).float()
-        pooled = (summed * scale.unsqueeze(-1)).to(hidden.dtype)
         for layer in engine._dense:
             pooled = layer(pooled)
         return pooled

@@ -44,29 +44,6 @@ class ScoreKind(Kind):
     def torch_head(self, engine: Any, out: Any, prepared: Any) -> Any:
         return out
 
-    packs = True
-
-    def packed_pooling(self, spec: Any) -> str:
-        return "cls"   # the classification heads read each pair's first token
-
-    def packed_forward(self, engine: Any, inputs: dict, tokens: Any, scale: Any) -> Any:
-        """transformers' sequence-classification head on each pair's first token: BERT's pooler
-        (dense, tanh) then its classifier; RoBERTa's classification head (it takes token 0)."""
-        import torch
-
-        model = engine.model
-        hidden = model.base_model(**inputs).last_hidden_state
-        first = torch.matmul(tokens.to(hidden.dtype), hidden)   # (rows, slots, hidden)
-        flat = first.reshape(-1, 1, first.shape[-1])
-        bert = getattr(model, "bert", None)
-        if bert is not None and getattr(bert, "pooler", None) is not None:
-            logits = model.classifier(model.dropout(bert.pooler(flat)))
-        elif getattr(model, "roberta", None) is not None and hasattr(model.classifier, "out_proj"):
-            logits = model.classifier(flat)
-        else:
-            raise ValueError(f"no packed head for {type(model).__name__}")
-        return logits.reshape(first.shape[0], first.shape[1], -1)
-
     def probe_error(self, got: np.ndarray, want: np.ndarray, float_dtype: str) -> Optional[str]:
         atol, rtol = self.PROBE_TOLERANCE[float_dtype]
         diff = np.abs(got - want)

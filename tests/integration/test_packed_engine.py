@@ -87,19 +87,19 @@ def test_minilm_packed_in_bfloat16_and_against_sentence_transformers(minilm_path
         assert cos.min() >= 0.9999   # a batched input equals it alone
 
 
-def test_packing_is_refused_where_it_cannot_run(tiny_bert, bert_splade):
+def test_packing_is_refused_where_it_cannot_run(tiny_bert, bert_reranker):
     off = OpenVINOEngine(load_spec(ModelSettings(model=tiny_bert)), dtype="float32", threads=1)
     off.warmup(256)
     assert off.packing is None and "segments" not in off.prepare(_inputs(off.spec))
-    spec = load_spec(ModelSettings(model=bert_splade))   # SPLADE: a max over every token
-    assert "sparse" in packed_graph.packable(spec)
-    splade = OpenVINOEngine(spec, dtype="float32", threads=1, packing=True)
-    splade.warmup(256)
-    assert splade.packing is None
+    spec = load_spec(ModelSettings(model=bert_reranker))
+    assert "reranker" in packed_graph.packable(spec)
+    reranker = OpenVINOEngine(spec, dtype="float32", threads=1, packing=True)
+    reranker.warmup(256)
+    assert reranker.packing is None
     # `floe info` says so, and why
     from floe.models.describe import describe
 
-    assert describe(spec, device="cpu")["packing"].startswith("no: a sparse")
+    assert describe(spec, device="cpu")["packing"].startswith("no: a reranker")
     assert describe(off.spec, device="cpu", dtype="int8")["packing"].startswith("no: int8")
     assert describe(off.spec, device="cpu")["packing"].startswith("yes: packed graph")
 
@@ -185,25 +185,3 @@ def test_any_failure_of_the_packed_graph_leaves_the_replica_serving(tiny_bert, m
     assert engine.packing is None and "unexpected" in engine._pack_refused
     rows = engine.run(engine.prepare(_inputs(engine.spec)))
     assert rows.shape == (len(LENGTHS), engine.spec.dim)
-
-
-@pytest.mark.parametrize("name", ["bert_reranker", "xlmr_reranker"])
-def test_a_cross_encoders_packed_pairs_score_as_each_pair_alone(name, bert_reranker, xlmr_reranker):
-    """Pairs share rows too: each pair's first token through transformers' classification head
-    (BERT's pooler and classifier with token types; XLM-R's head, RoBERTa positions)."""
-    path = {"bert_reranker": bert_reranker, "xlmr_reranker": xlmr_reranker}[name]
-    engine = _engine(path)
-    assert engine.packing == 16
-    seqs = _inputs(engine.spec)
-    splits = np.array([max(1, len(s) // 3) for s in seqs], dtype=np.int64)
-    prepared = engine.prepare(seqs, type_splits=splits)
-    assert "segments" in prepared and prepared["input_ids"].shape[0] < len(seqs)
-    assert ("token_type_ids" in prepared) == engine.spec.uses_token_types
-    got = engine.run(prepared)
-    alone = np.concatenate([engine.run(engine.prepare([s], type_splits=splits[i:i + 1]))
-                            for i, s in enumerate(seqs)])
-    assert got.shape == (len(seqs), engine.spec.num_labels)
-    np.testing.assert_allclose(got, alone, rtol=2e-5, atol=2e-5)
-    if engine.spec.uses_token_types:   # the splits reach the packed rows: without them it differs
-        plain = engine.run(engine.prepare(seqs))
-        assert not np.allclose(plain, got, atol=1e-4)
