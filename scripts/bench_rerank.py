@@ -1,7 +1,8 @@
 """Rerank throughput: `floe serve` /rerank against sentence-transformers' CrossEncoder.predict.
 
     python scripts/bench_rerank.py [--requests 32] [--docs 64] [--query-tokens 16]
-                                   [--doc-tokens 200] [--rounds 3] [--concurrency 4]
+                                   [--doc-tokens 200 | 20-200] [--rounds 3] [--concurrency 4]
+                                   [-- floe serve arguments, e.g. --no-packing]
 
 The reranker is a cross-encoder of ms-marco-MiniLM-L6-v2's shape built from the embedded
 all-MiniLM-L6-v2 backbone with a one-label classification head (seeded; no model hub here), saved
@@ -55,13 +56,23 @@ def build_reranker(folder: str, seed: int = 0) -> str:
     return folder
 
 
-def workload(requests: int, docs: int, q_tokens: int, d_tokens: int, seed: int = 0):
+def doc_lengths(spec: str, count: int, seed: int = 0) -> list[int]:
+    """``--doc-tokens``: one length ("200") or a range ("20-200", uniform, seeded)."""
+    lo, _, hi = spec.partition("-")
+    if not hi:
+        return [int(lo)] * count
+    rng = np.random.default_rng(seed + 1)
+    return [int(n) for n in rng.integers(int(lo), int(hi) + 1, count)]
+
+
+def workload(requests: int, docs: int, q_tokens: int, d_tokens: str, seed: int = 0):
     from floe.bench.workload import BenchTokenizer, load_model_spec
 
     tok = BenchTokenizer(load_model_spec("default"))
     rng = np.random.default_rng(seed)
     queries, _ = tok.exact_texts([q_tokens + 2] * requests, rng)   # + [CLS] [SEP]
-    documents, _ = tok.exact_texts([d_tokens + 2] * (requests * docs), rng)
+    documents, _ = tok.exact_texts([n + 2 for n in doc_lengths(d_tokens, requests * docs, seed)],
+                                   rng)
     return [(queries[r], documents[r * docs:(r + 1) * docs]) for r in range(requests)]
 
 
@@ -151,7 +162,8 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--docs", type=int, default=64)
     p.add_argument("--query-tokens", type=int, default=16)
-    p.add_argument("--doc-tokens", type=int, default=200)
+    p.add_argument("--doc-tokens", default="200",
+                   help="word pieces per document: one length, or a range such as 20-200")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--peer-dtype", default="auto", choices=["auto", "bfloat16", "float32"])
@@ -173,7 +185,8 @@ def main() -> None:
     f, lib = statistics.median(floe_rates), statistics.median(lib_rates)
     print(json.dumps({
         "summary": True, "pairs": len(lib_scores), "docs_per_request": args.docs,
-        "pair_tokens": args.query_tokens + args.doc_tokens + 3, "peer_dtype": dtype,
+        "pair_tokens": args.query_tokens + float(np.mean(doc_lengths(
+            args.doc_tokens, args.requests * args.docs))) + 3, "peer_dtype": dtype,
         "floe_pairs_per_s": round(f, 1), "library_pairs_per_s": round(lib, 1),
         "floe_over_library": round(f / lib, 3),
         "max_abs_score_diff": float(np.abs(floe_scores - lib_scores).max()),
