@@ -184,6 +184,11 @@ class ReplicaSetSettings:
         "least_loaded",
         "round_robin, random, or least_loaded (fewest in-flight tokens, counted by the front end).",
     )
+    split_min_tokens: int = _knob(
+        256, "With least_loaded balancing, a request of several inputs is cut across replicas "
+        "when that ends it sooner: water-filling of the replicas' in-flight tokens, each part "
+        "at least this many tokens (one client sending one large request at a time then gets "
+        "every replica, not one). Under steady load requests stay whole. 0: never cut.")
     health_interval: float = _knob(1.0, "Seconds between health probes of each replica.")
     forward_timeout: float = _knob(
         120.0, "Seconds a replica may take to answer one request. Past it the request gets 503 / "
@@ -345,8 +350,10 @@ class Settings:
         for name in ("health_interval", "forward_timeout", "startup_timeout", "restart_window"):
             if not getattr(r, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-        if not r.replica_wait >= 0 or r.max_restarts < 0 or r.coalesce_tokens < 0:
-            raise ConfigError("--replica-wait, --max-restarts and --coalesce-tokens must be >= 0")
+        if not r.replica_wait >= 0 or r.max_restarts < 0 or r.coalesce_tokens < 0 \
+                or r.split_min_tokens < 0:
+            raise ConfigError("--replica-wait, --max-restarts, --coalesce-tokens and "
+                              "--split-min-tokens must be >= 0")
         if s.max_client_batch_size < 1:
             raise ConfigError("--max-client-batch-size must be positive")
         if s.api_key is not None and not s.api_key.strip():

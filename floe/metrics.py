@@ -60,6 +60,10 @@ POISON_INPUTS = Counter(
     "floe_poison_inputs", "Requests refused because their input made the model's process exit on "
     "two replicas (and later requests with the same input, refused before reaching one).",
     registry=REGISTRY)
+SPLIT_REQUESTS = Counter(
+    "floe_split_requests", "Requests cut into parts run side by side on several replicas "
+    "(--split-min-tokens; one large request would otherwise leave the other replicas idle).",
+    registry=REGISTRY)
 TOKENIZE_SECONDS = Histogram(
     "floe_tokenization_duration_seconds", "Time to tokenize one request in the front end.",
     buckets=LATENCY_BUCKETS, registry=REGISTRY)

@@ -125,6 +125,19 @@ class TokenBatch:
         off = self.offsets()
         return self.ids[off[i]: off[i + 1]]
 
+    def take(self, start: int, stop: int) -> "TokenBatch":
+        """Items ``start`` to ``stop`` (exclusive) as a batch of their own, with their type
+        splits and spans: a request cut across replicas (floe/fleet/balance.py ``spread``)."""
+        off = self.offsets()
+        spans = None
+        if self.spans is not None:
+            rows = self.spans.offsets()
+            spans = Spans(counts=self.spans.counts[start:stop],
+                          bounds=self.spans.bounds[rows[start]:rows[stop]])
+        return TokenBatch(ids=self.ids[off[start]:off[stop]], lengths=self.lengths[start:stop],
+                          type_splits=None if self.type_splits is None else self.type_splits[start:stop],
+                          spans=spans)
+
     @classmethod
     def from_lists(cls, items: list[list[int]]) -> "TokenBatch":
         lengths = np.fromiter((len(x) for x in items), dtype=np.int64, count=len(items))
@@ -266,6 +279,23 @@ class EmbedResult:
             return np.frombuffer(self.data, dtype="<f2").astype(np.float32).reshape(self.n, self.dim)
         raw = np.frombuffer(self.data, dtype="<u2").astype(np.uint32) << 16
         return raw.view(np.float32).reshape(self.n, self.dim)
+
+    @classmethod
+    def concat(cls, parts: "list[EmbedResult]", request_id: str = "") -> "EmbedResult":
+        """The answers to consecutive parts of one request (``TokenBatch.take``), as one answer
+        in item order. The parts ran side by side: each timing is the longest part's."""
+        first = parts[0]
+        sparse = None
+        if first.sparse is not None:
+            sparse = SparseRows(counts=np.concatenate([p.sparse.counts for p in parts]),
+                                indices=np.concatenate([p.sparse.indices for p in parts]),
+                                values=np.concatenate([p.sparse.values for p in parts]))
+        return cls(n=sum(p.n for p in parts), dim=first.dim, dtype=first.dtype,
+                   data=b"".join(p.data for p in parts),
+                   token_counts=np.concatenate([p.token_counts for p in parts]),
+                   timings=Timings(*(max(getattr(p.timings, f) for p in parts) for f in
+                                     ("tokenize_s", "queue_s", "inference_s", "total_s"))),
+                   model=first.model, request_id=request_id or first.request_id, sparse=sparse)
 
     @classmethod
     def from_array(cls, arr: np.ndarray, dtype: str, token_counts, **kw) -> "EmbedResult":

@@ -15,7 +15,8 @@ and --max-tokens to keep the long workloads to minutes):
 - floe serve with the OpenVINO engine and with the torch engine (bf16), and Infinity (bf16, its
   own environment: scripts/setup_infinity.sh), each over HTTP /v1/embeddings with
   encoding_format=base64 (what the openai client sends), 16 inputs per request, 64 requests in
-  flight, every text sent twice, by the same load generator (--client);
+  flight (``--per-request``, ``--concurrency``: 512 and 1 are a sequential indexing client),
+  every text sent twice, by the same load generator (--client);
 - the bf16 matmul peak of these cores with the model's own shapes (tokens x hidden @ hidden x
   intermediate), measured at the start of each round, and each system's share of it: the
   model's own FLOPs (floe/bench/roofline.py; a sliding-window layer counts its band, not n^2)
@@ -27,7 +28,8 @@ each server (p50, the measured pass) and, for floe, the padding fill of its batc
 ``--rounds`` passes per cell interleave the systems, and the tables are medians. ``--budgets`` runs the OpenVINO server once
 per ``--max-batch-tokens`` value (columns ``floe_openvino_b<budget>``), ``--fills`` once per
 ``--min-batch-fill`` value (``_f<fill>``) and ``--packing on,off`` with and without packing
-(``_pack_on``, ``_pack_off``). The load generator runs on the same cores as the
+(``_pack_on``, ``_pack_off``), ``--split on,off`` with and without cutting requests across
+replicas (``_split_on``, ``_split_off``). The load generator runs on the same cores as the
 servers: by default wrk (C, one thread, scripts/bench_peers.lua), which takes a twentieth of
 the Python asyncio client's CPU per token (``--client python``: httpx, about 3% of the two cores
 on all-MiniLM); the Python client still sends each pass's warm-up and decodes its answers, and
@@ -324,7 +326,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 def serve_measure(server: "Server", texts: list[str], total: int,
-                  client: str = "python") -> dict[str, float]:
+                  client: str = "python", per_request: int = 16,
+                  concurrency: int = 64) -> dict[str, float]:
     """tokens/s, p50 latency (s), padding fill (floe only, else 0) and the server's and the
     client's CPU seconds per million tokens of one measured pass: on these shared cores, what
     the client takes is not the server's, and the server's CPU per token is what a wall time on
@@ -337,9 +340,10 @@ def serve_measure(server: "Server", texts: list[str], total: int,
     server0, client0 = cpu_seconds(server.proc.pid), time.process_time()
     refusals: list = []
     if client == "wrk":
-        seconds, p50, wrk_cpu = drive_wrk(url, texts + texts)
+        seconds, p50, wrk_cpu = drive_wrk(url, texts + texts, per_request, concurrency)
     else:
-        seconds, latencies = asyncio.run(drive(url, texts + texts, refusals=refusals))
+        seconds, latencies = asyncio.run(drive(url, texts + texts, per_request, concurrency,
+                                               refusals=refusals))
         p50, wrk_cpu = float(np.median(latencies)), 0.0
     server1, client1 = cpu_seconds(server.proc.pid), time.process_time()
     real1, padded1 = padding_counters(url)
@@ -373,6 +377,12 @@ def main() -> None:
     ap.add_argument("--packing", default="",
                     help="comma list of on,off: the OpenVINO server with --packing / --no-packing, "
                          "crossed with --budgets and --fills (default: the server's own default)")
+    ap.add_argument("--split", default="",
+                    help="on,off: serve floe with and without cutting a request across replicas "
+                         "(--split-min-tokens at its default, or 0): columns _split_on, _split_off")
+    ap.add_argument("--per-request", type=int, default=16, help="inputs per request")
+    ap.add_argument("--concurrency", type=int, default=64,
+                    help="requests in flight (1: a sequential client, one request at a time)")
     ap.add_argument("--floe-dtype", default="bfloat16", choices=("bfloat16", "int8"),
                     help="the OpenVINO server's --dtype (int8: quality-gated at its first start; "
                          "the share of the peak stays the bf16 peak's)")
@@ -411,14 +421,17 @@ def main() -> None:
         budgets = [int(b) for b in args.budgets.split(",") if b] or [None]
         fills = [f for f in args.fills.split(",") if f] or [None]
         packs = [p for p in args.packing.split(",") if p] or [None]
-        for engine, budget, fill, pack in ([("openvino", b, f, p) for b in budgets for f in fills
-                                            for p in packs] + [("torch", None, None, None)]):
+        splits = [p for p in args.split.split(",") if p] or [None]
+        for engine, budget, fill, pack, split in (
+                [("openvino", b, f, p, c) for b in budgets for f in fills for p in packs
+                 for c in splits] + [("torch", None, None, None, None)]):
             if engine in skip:
                 continue
             port = free_port()
             extra = (["--max-batch-tokens", str(budget)] if budget else []) + (
                 ["--min-batch-fill", fill] if fill else []) + (
-                [{"on": "--packing", "off": "--no-packing"}[pack]] if pack else [])
+                [{"on": "--packing", "off": "--no-packing"}[pack]] if pack else []) + (
+                ["--split-min-tokens", "0"] if split == "off" else [])
             srv = Server([sys.executable, "-m", "floe", "serve", "--model", model_path,
                           "--engine", engine, "--dtype",
                           args.floe_dtype if engine == "openvino" else "bfloat16",
@@ -427,7 +440,8 @@ def main() -> None:
                          f"http://127.0.0.1:{port}/v1/embeddings")
             servers.append(srv)
             systems[f"floe_{engine}" + (f"_b{budget}" if budget else "")
-                    + (f"_f{fill}" if fill else "") + (f"_pack_{pack}" if pack else "")] = srv
+                    + (f"_f{fill}" if fill else "") + (f"_pack_{pack}" if pack else "")
+                    + (f"_split_{split}" if split else "")] = srv
         inf = os.path.join(args.infinity, "bin", "infinity_emb")
         if "infinity" not in skip and os.path.exists(inf):
             port = free_port()
@@ -451,7 +465,8 @@ def main() -> None:
                 for name, system in systems.items():
                     try:
                         if isinstance(system, Server):
-                            m = serve_measure(system, texts, total, args.client)
+                            m = serve_measure(system, texts, total, args.client,
+                                              args.per_request, args.concurrency)
                         else:
                             m = system.measure(texts, total)
                     except Exception as e:  # noqa: BLE001 - one system's failure ends only its cell

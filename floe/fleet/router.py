@@ -27,6 +27,14 @@ not see that as a 503. A replica given up (crash loop) or stopping is not waited
 replica a failed attempt left, once back in rotation, may take the retry: with one replica
 there is nowhere else to go.
 
+**A request cut across replicas.** Under ``least_loaded``, a request of several inputs that
+would leave a replica idle while another works through it alone is cut into consecutive parts,
+one per replica (floe/fleet/balance.py ``spread``: water-filling of the replicas' in-flight
+tokens), sent side by side and answered as one. Each part is routed as a request of its own
+(its replica's failure retried elsewhere, a crash suspect isolated), the first part to fail
+fails the request with its error and withdraws the others, and a request aborted by its client
+aborts every part. A sequential client, one large request at a time, then gets every replica.
+
 Client-facing messages never name replica addresses; the log line does.
 """
 
@@ -42,7 +50,7 @@ from typing import Optional, Protocol, Sequence
 from floe import metrics
 from floe.errors import FloeError, InternalError, OverloadedError, PoisonInputError, UnavailableError
 from floe.protocol import EmbedResult, EncodeOptions, TokenBatch
-from floe.fleet.balance import Balancer, ReplicaLoad
+from floe.fleet.balance import Balancer, Part, ReplicaLoad
 from floe.fleet.replica_client import ReplicaClient
 from floe.fleet.link import ReplicaDraining, ReplicaLost, ReplicaTimeout
 
@@ -87,12 +95,14 @@ def fingerprint(tokens: TokenBatch) -> bytes:
 
 class Router:
     def __init__(self, balancer: Balancer, targets: Sequence[Target], forward_timeout: float,
-                 replica_wait: float) -> None:
+                 replica_wait: float, split_min_tokens: int = 0) -> None:
         self.balancer = balancer
         self.targets = list(targets)
         self.forward_timeout = forward_timeout
         self.replica_wait = replica_wait
+        self.split_min_tokens = split_min_tokens
         self._routes: dict[str, Target] = {}   # request id -> replica running it (for abort)
+        self._parts: dict[str, list[str]] = {}   # request id -> its parts' ids (a split request)
         self._suspects = asyncio.Lock()        # one crash suspect in flight at a time
         self._poison: collections.OrderedDict[bytes, str] = collections.OrderedDict()
         # replica index -> when its last refusal said a request like that one would fit again
@@ -102,14 +112,20 @@ class Router:
         self.retried = 0          # requests that succeeded on their retry replica
         self.failed_retries = 0   # requests whose retry failed too
         self.poisoned = 0         # requests refused as inputs that crash the model
+        self.split = 0            # requests cut across replicas
 
     def _pick(self, exclude: list[int]) -> Optional[Target]:
         i = self.balancer.pick([t.load() for t in self.targets], exclude)
         return None if i is None else self.targets[i]
 
-    async def _next_target(self, exclude: list[int]) -> Optional[Target]:
-        """A healthy replica not in ``exclude``, waiting up to ``replica_wait`` seconds for one
-        that may come back; None when there is none to wait for or the wait ran out."""
+    async def _next_target(self, exclude: list[int], prefer: Optional[int] = None) -> Optional[Target]:
+        """A healthy replica not in ``exclude`` (``prefer``, a replica index, when it is one),
+        waiting up to ``replica_wait`` seconds for one that may come back; None when there is
+        none to wait for or the wait ran out."""
+        if prefer is not None and prefer not in exclude:
+            target = self.targets[prefer]
+            if target.load().healthy and target.client is not None:
+                return target
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.replica_wait
         while True:
@@ -155,7 +171,10 @@ class Router:
             metrics.POISON_INPUTS.inc()
             raise PoisonInputError(why + "; it is refused without being sent again", param="input")
 
-    def _remember_poison(self, tokens: TokenBatch) -> PoisonInputError:
+    def _remember_poison(self, tokens: TokenBatch, count: bool = True) -> PoisonInputError:
+        """Remembers ``tokens`` as an input that crashes the model; the error to answer it with.
+        ``count=False``: the same request already counted (a split request, remembered whole
+        beside the part that crashed, so that sent again it is refused before any replica)."""
         n = tokens.n
         what = ("the input" if n == 1 else f"one or more of these {n} inputs")
         why = (f"{what} ({tokens.total_tokens} tokens, fingerprint "
@@ -163,12 +182,58 @@ class Router:
         self._poison[fingerprint(tokens)] = why
         while len(self._poison) > POISON_MEMORY:
             self._poison.popitem(last=False)
-        self.poisoned += 1
-        metrics.POISON_INPUTS.inc()
+        if count:
+            self.poisoned += 1
+            metrics.POISON_INPUTS.inc()
         return PoisonInputError(why + "; it is not retried", param="input")
+
+    def _spread(self, tokens: TokenBatch) -> list[Part]:
+        if self.split_min_tokens <= 0 or tokens.n < 2:
+            return []
+        loads = [t.load() for t in self.targets]
+        ready = [l if t.client is not None else ReplicaLoad(l.index, False)
+                 for t, l in zip(self.targets, loads)]
+        return self.balancer.spread(ready, tokens.lengths.tolist(), self.split_min_tokens)
 
     async def encode(self, tokens: TokenBatch, options: EncodeOptions, request_id: str) -> EmbedResult:
         self._refuse_known_poison(tokens)
+        parts = self._spread(tokens)
+        if parts:
+            return await self._encode_split(tokens, options, request_id, parts)
+        return await self._encode_whole(tokens, options, request_id)
+
+    async def _encode_split(self, tokens: TokenBatch, options: EncodeOptions, request_id: str,
+                            parts: list[Part]) -> EmbedResult:
+        """The parts side by side, each routed as a request of its own; their answers joined in
+        item order, or the first failure (in item order among those failed together), the
+        other parts withdrawn."""
+        self.split += 1
+        metrics.SPLIT_REQUESTS.inc()
+        ids = [f"{request_id}/{k}" for k in range(len(parts))]
+        self._parts[request_id] = ids
+        tasks = [asyncio.ensure_future(self._encode_whole(tokens.take(a, b), options, part_id,
+                                                          prefer=replica))
+                 for part_id, (replica, a, b) in zip(ids, parts)]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
+            if failed:
+                err = failed[0].exception()
+                if isinstance(err, PoisonInputError):
+                    self._remember_poison(tokens, count=False)
+                raise err
+            return EmbedResult.concat([t.result() for t in tasks], request_id)
+        finally:
+            self._parts.pop(request_id, None)
+            pending = [t for t in tasks if not t.done()]
+            for t in pending:
+                t.cancel()
+            if pending:
+                # each part's cancellation reaches its replica (the coalescer withdraws the call)
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _encode_whole(self, tokens: TokenBatch, options: EncodeOptions, request_id: str,
+                            prefer: Optional[int] = None) -> EmbedResult:
         exclude: list[int] = []   # tried replicas the retry must not go back to
         last: Optional[FloeError] = None
         tried = crashes = 0
@@ -180,7 +245,8 @@ class Router:
                     async with self._suspects:
                         outcome = await self._attempt(tokens, options, request_id, exclude, alone=True)
                 else:
-                    outcome = await self._attempt(tokens, options, request_id, exclude, alone=False)
+                    outcome = await self._attempt(tokens, options, request_id, exclude, alone=False,
+                                                  prefer=None if attempt else prefer)
                 if outcome is None:
                     break
                 result, err, crashed = outcome
@@ -211,11 +277,11 @@ class Router:
         raise UnavailableError("no healthy replica could take the request, retry later")
 
     async def _attempt(self, tokens: TokenBatch, options: EncodeOptions, request_id: str,
-                       exclude: list[int], alone: bool):
+                       exclude: list[int], alone: bool, prefer: Optional[int] = None):
         """One try on one replica: (result, None, False), or (None, the error, whether the
         replica crashed under it) for an error worth a retry; None when no replica is there.
         Raises the answer for errors that are the answer."""
-        target = await self._next_target(exclude)
+        target = await self._next_target(exclude, prefer)
         if target is None:
             return None
         client = target.client
@@ -263,11 +329,16 @@ class Router:
                 "healthy_replicas": sum(bool(r["healthy"]) for r in replicas),
                 "num_replicas": len(replicas), "retried_requests": self.retried,
                 "failed_retries": self.failed_retries, "poisoned_requests": self.poisoned,
-                "early_refused_requests": self.early_refused,
+                "early_refused_requests": self.early_refused, "split_requests": self.split,
                 "replicas": replicas}
 
     async def abort(self, request_id: str) -> bool:
-        """Asks the replica running ``request_id`` to drop its queued sequences."""
+        """Asks the replica running ``request_id`` (each, for a split request) to drop its
+        queued sequences."""
+        parts = self._parts.get(request_id)
+        if parts is not None:
+            found = await asyncio.gather(*(self.abort(p) for p in parts))
+            return any(found)
         target = self._routes.get(request_id)
         if target is None or target.client is None:
             return False

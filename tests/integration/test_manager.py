@@ -116,7 +116,8 @@ async def test_least_loaded_avoids_the_busy_replica(fake_env):
     # a 4000-token request takes ~16 s: six small ones must finish while it runs, on a loaded
     # machine; no health probe meanwhile (see test_policy_distribution)
     m, _ = await started(make_settings(load_balancing="least_loaded", fake_seconds_per_token=0.004,
-                                       forward_timeout=60.0, health_interval=60.0))
+                                       forward_timeout=60.0, health_interval=60.0,
+                                       split_min_tokens=0))
     try:
         big = asyncio.create_task(m.encode(tokens(0, n_items=16, length=250), EncodeOptions(), "big"))
         await asyncio.sleep(0.1)
@@ -127,6 +128,38 @@ async def test_least_loaded_avoids_the_busy_replica(fake_env):
         assert counts[busy] == 0 and counts[1 - busy] == 6, counts
         await big
         assert [r.client.in_flight_tokens for r in m.slots] == [0, 0]
+    finally:
+        await m.stop()
+
+
+async def test_a_large_request_is_cut_across_the_replicas_and_loses_nothing_to_a_crash(fake_env):
+    """One request at a time, as a sequential indexing client sends them: each is cut across
+    both replicas (their counters say so), answered exactly as the engine answers it whole, and
+    a replica killed under the cut requests costs none of them."""
+    m, spec = await started(make_settings(load_balancing="least_loaded", health_interval=60.0,
+                                          fake_seconds_per_token=0.0002))
+    try:
+        engine = FakeEngine(spec)
+        for k in range(6):
+            tb = tokens(k, n_items=64, length=16)   # 1,024 tokens: two parts of 512
+            r = await m.encode(tb, EncodeOptions(normalize=False), f"big{k}")
+            expected = engine.run(engine.prepare([tb.item(i) for i in range(tb.n)]))
+            np.testing.assert_allclose(r.as_float32(), expected, rtol=1e-6, atol=1e-6)
+            assert r.n == 64 and r.request_id == f"big{k}"
+        assert completed(m) == [6, 6] and m.router.split == 6
+        assert m.status()["split_requests"] == 6
+
+        victim = m.slots[1]
+        tasks = [asyncio.create_task(m.encode(tokens(k, n_items=64, length=16),
+                                              EncodeOptions(normalize=False), f"c{k}"))
+                 for k in range(8)]
+        await asyncio.sleep(0.05)
+        os.kill(victim.proc.pid, signal.SIGKILL)
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 60)   # raises on any failure
+        for k, r in enumerate(results):
+            tb = tokens(k, n_items=64, length=16)
+            expected = engine.run(engine.prepare([tb.item(i) for i in range(tb.n)]))
+            np.testing.assert_allclose(r.as_float32(), expected, rtol=1e-6, atol=1e-6)
     finally:
         await m.stop()
 
