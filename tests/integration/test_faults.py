@@ -208,6 +208,35 @@ def test_a_grpc_client_gone_while_queued_has_its_work_dropped_before_compute(que
     holder.join(timeout=60)
 
 
+def test_a_client_gone_from_a_request_cut_across_replicas_has_every_part_dropped(tmp_path):
+    """A request cut across two replicas (--split-min-tokens 1: parts of any size), each replica
+    computing one sequence per 1 s pass: the client goes away, and both parts' queued sequences
+    are dropped before compute; the server answers the next request, cut again, in item order."""
+    with floe_serve("--engine", "fake", "--num-replicas", "2", "--max-batch-size", "1",
+                    "--fake-seconds-per-batch", "1", "--batch-timeout-ms", "0",
+                    "--split-min-tokens", "1", "--forward-timeout", "60",
+                    tmp_dir=str(tmp_path)) as srv:
+        dropped = metric(srv, "floe_dropped_sequences_total")
+        with socket.create_connection(("127.0.0.1", srv.port)) as s:
+            body = json.dumps({"input": [f"input {k}" for k in range(10)]}).encode()
+            s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            wait_for(lambda: metric(srv, "floe_split_requests_total") >= 1, 30, "cut")
+            wait_for(lambda: sum(r["in_flight_requests"] for r in info(srv)["replicas"]) == 2,
+                     30, "both parts on their replicas")
+        # 10 inputs, 5 on each replica, at most 2 of each computed or in a pass by now
+        wait_for(lambda: metric(srv, "floe_dropped_sequences_total") >= dropped + 6, 30,
+                 "both parts' queued sequences dropped")
+        wait_for(lambda: sum(r["in_flight_requests"] for r in info(srv)["replicas"]) == 0, 30,
+                 "nothing left in flight")
+        r = embed(srv, [f"after {k}" for k in range(4)])
+        assert r.status_code == 200
+        got = np.array([d["embedding"] for d in r.json()["data"]])
+        alone = np.array([embed(srv, [f"after {k}"]).json()["data"][0]["embedding"] for k in range(4)])
+        np.testing.assert_allclose(got, alone, rtol=1e-6, atol=1e-6)
+        assert metric(srv, "floe_split_requests_total") >= 2
+
+
 def _raw(server, head: bytes) -> tuple[int, bytes]:
     with socket.create_connection(("127.0.0.1", server.port)) as s:
         s.settimeout(30)
