@@ -44,6 +44,15 @@ Rules
   packed batch lists its sequences in the order they were placed: the engine packs them again in
   that order (``packing.plan``, which tries the same widths), so its layout is never larger than
   the one priced here.
+* **Draining a short queue.** The fill floor holds a sequence back for company of its own
+  length, which a long queue provides. When everything waiting fits in one batch (the budget and
+  the size cap, as the engine would run it: packed where it packs), the floor's plan for it (the
+  batches the rules above would form from it, nothing else arriving) is priced against that one
+  batch, and the cheaper is handed out: a lone request of scattered lengths, or the last of a
+  queue, runs in one pass instead of one per length (a pass has a fixed cost the cost model
+  knows). The single batch is not *full*: it waits for an idle engine and the bounded wait like
+  any partial batch, and may take what arrives meanwhile. The decision is cached until the queue
+  changes.
 * **Groups.** Sequences of different ``group`` never share a batch (the engine runs them through
   different heads); the anchor's group decides, the others wait for a batch of their own, and a
   batch that left some out counts as full.
@@ -112,6 +121,8 @@ class Scheduler:
         self.min_fill = min_fill
         self.pack_align = pack_align
         self.pack_widths = packing.WIDTHS   # packed candidates per batch, one per row width
+        self.drain = True   # price a short queue's single batch against the floor's plan
+        self._drained: tuple[tuple[int, int, int], Optional[list[Sequence]]] = ((-1, -1, -1), None)
         self._cost = cost or (lambda rows, width: rows * width)
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
@@ -248,6 +259,48 @@ class Scheduler:
 
     def _form(self, now: float) -> tuple[list[Sequence], bool]:
         """Builds the batch that would be handed out now; returns (batch, full). Pure: no removal."""
+        batch, full = self._form_rules(now)
+        if self.drain and self.min_fill and len(batch) < len(self._live):
+            whole = self._whole_queue()
+            if whole is not None:
+                return whole, False
+        return batch, full
+
+    def _whole_queue(self) -> Optional[list[Sequence]]:
+        """Every waiting sequence as one batch, where it fits one and costs less than the batches
+        the floor would form from them (see Rules); None otherwise. Cached per queue state."""
+        key = (self._next_id, len(self._live), self._queued_tokens)
+        if self._drained[0] == key:
+            return self._drained[1]
+        whole = None
+        live = list(self._live.values())
+        if (len(live) <= self.max_batch_size and self._queued_tokens <= self.max_batch_tokens
+                and len({(s.group, s.priority) for s in live}) == 1):
+            lengths = [s.length for s in live]
+            align = self.pack_align if live[0].group == 0 else None
+            rows, width = shape(lengths, align)
+            if rows * width <= self.max_batch_tokens and self._cost(rows, width) < self._plan_cost(live):
+                whole = live
+        self._drained = (key, whole)
+        return whole
+
+    def _plan_cost(self, live: list[Sequence]) -> float:
+        """The cost of the batches the rules would form from ``live`` alone, to the last."""
+        plan = Scheduler(self.max_batch_tokens, self.max_batch_size, 0.0, self.max_wait_s,
+                         self.min_fill, self.pack_align, self._cost)
+        plan.pack_widths, plan.drain = self.pack_widths, False
+        plan.add_many(Sequence(None, i, s.length, s.arrival, s.priority, group=s.group)
+                      for i, s in enumerate(live))
+        total = 0.0
+        while True:
+            batch = plan.next_batch(float("inf"))
+            if batch is None:
+                return total
+            align = self.pack_align if batch[0].group == 0 else None
+            total += self._cost(*shape([s.length for s in batch], align))
+
+    def _form_rules(self, now: float) -> tuple[list[Sequence], bool]:
+        """The batch around the anchor: the padded walk's, or a packed one (see Rules)."""
         anchor = self._anchor(now)
         batch, full = self._form_padded(anchor)
         if not self.pack_align or anchor.group != 0 or len(self._live) < 2:

@@ -350,6 +350,9 @@ async def test_stop_without_drain_fails_in_flight(make_core):
 async def test_fill_floor_defaults_by_device_and_splits_scattered_lengths(make_core):
     core, _ = make_core(batch_timeout_ms=30.0)   # CPU engine, no floor asked: CPU's default
     assert core.min_fill == CPU_MIN_BATCH_FILL == 0.95
+    # the floor's own rule: a queue this short would otherwise run as one batch wherever that is
+    # cheaper (the scheduler's drain, tests/unit/test_scheduler.py)
+    core._sched.drain = False
     await asyncio.gather(
         core.submit(TokenBatch.from_lists([[1] * 4, [1] * 8]), EncodeOptions(), "x"),
         core.submit(TokenBatch.from_lists([[2] * 2]), EncodeOptions(), "y"))

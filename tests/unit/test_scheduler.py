@@ -269,3 +269,84 @@ def test_fill_floor_batch_is_full_while_the_engine_is_busy():
 def test_fill_floor_out_of_range_is_refused():
     with pytest.raises(ValueError):
         Scheduler(max_batch_tokens=64, max_batch_size=4, batch_timeout_s=0.0, min_fill=1.5)
+
+
+# --- draining a short queue in one batch ----------------------------------------------------------
+
+def fixed(per_pass: float):
+    """A cost with a pass's fixed part, as the replica's cost model has (floe/replica/cost.py)."""
+    return lambda rows, width: per_pass + rows * width
+
+
+SCATTERED = [30, 31, 33, 45, 60, 90, 120]
+
+
+def test_a_short_queue_runs_in_one_batch_where_the_floors_passes_cost_more():
+    s = Scheduler(max_batch_tokens=4096, max_batch_size=256, batch_timeout_s=0.01, min_fill=0.9,
+                  cost=fixed(400.0))
+    for i, n in enumerate(SCATTERED):
+        s.add(seq(i, n, arrival=0.0))
+    # one batch: 400 + 7 x 120 = 1,240 against five passes of 400 + 414 padded tokens
+    assert s.next_batch(0.0, engine_idle=False) is None     # not full: waits for an idle engine
+    assert s.next_batch(0.0) is None                          # and for the bounded wait
+    s.add(seq("late", 50, arrival=0.005))                    # which may bring company
+    batch = s.next_batch(0.02)
+    assert sorted(x.length for x in batch) == sorted(SCATTERED + [50]) and len(s) == 0
+
+
+def test_without_a_fixed_cost_the_floors_batches_stay():
+    s = Scheduler(max_batch_tokens=4096, max_batch_size=256, batch_timeout_s=0.0, min_fill=0.9,
+                  cost=fixed(0.0))
+    for i, n in enumerate(SCATTERED):
+        s.add(seq(i, n))
+    assert [x.length for x in s.next_batch(1.0)] == [30, 31, 33]
+
+
+def test_a_queue_longer_than_one_batch_keeps_the_floor():
+    s = Scheduler(max_batch_tokens=256, max_batch_size=256, batch_timeout_s=0.0, min_fill=0.9,
+                  cost=fixed(10_000.0))
+    for i, n in enumerate(SCATTERED):   # 409 real tokens: more than one batch holds
+        s.add(seq(i, n))
+    batches = drain(s, 1.0)
+    assert [[x.length for x in b] for b in batches] == [[30, 31, 33], [45], [60], [90, 120]]
+    # while more waited than one batch holds, the floor held; then the last two (210 real
+    # tokens, 240 padded) drained in one pass
+    assert all(sum(x.length for x in b) >= 0.9 * padded_tokens(b) for b in batches[:3])
+
+
+def test_a_packing_engines_short_queue_drains_packed_within_the_budget():
+    from floe.engine.packing import shape
+
+    lengths = [12, 25, 40, 8, 17, 33, 60, 21]   # a request of prose paragraphs
+    s = Scheduler(max_batch_tokens=2048, max_batch_size=256, batch_timeout_s=0.0, min_fill=0.95,
+                  pack_align=16, cost=fixed(300.0))
+    for i, n in enumerate(lengths):
+        s.add(seq("r", n, index=i))
+    batch = s.next_batch(1.0)
+    assert len(batch) == len(lengths) and len(s) == 0
+    rows, width = shape([x.length for x in batch], 16)
+    assert rows * width <= 2048 and rows < len(lengths)   # several to a row
+
+
+def test_mixed_priorities_and_groups_are_not_drained_together():
+    for second in (dict(priority=1), dict(group=1)):
+        s = Scheduler(max_batch_tokens=4096, max_batch_size=256, batch_timeout_s=0.0,
+                      min_fill=0.9, cost=fixed(10_000.0))
+        s.add(Sequence("a", 0, 20, 0.0))
+        s.add(Sequence("b", 0, 200, 0.0, **second))
+        assert len(s.next_batch(1.0)) == 1
+
+
+def test_the_drain_decision_is_priced_once_per_queue_state(monkeypatch):
+    s = Scheduler(max_batch_tokens=4096, max_batch_size=256, batch_timeout_s=10.0, min_fill=0.9,
+                  cost=fixed(400.0))
+    for i, n in enumerate(SCATTERED):
+        s.add(seq(i, n))
+    calls = []
+    real = Scheduler._plan_cost
+    monkeypatch.setattr(Scheduler, "_plan_cost", lambda self, live: calls.append(1) or real(self, live))
+    for _ in range(5):
+        assert s.next_batch(0.0, engine_idle=False) is None
+    assert len(calls) == 1
+    s.add(seq("x", 70))
+    assert s.next_batch(0.0, engine_idle=False) is None and len(calls) == 2
