@@ -188,7 +188,7 @@ class Router:
         return PoisonInputError(why + "; it is not retried", param="input")
 
     def _spread(self, tokens: TokenBatch) -> list[Part]:
-        if self.split_min_tokens <= 0 or tokens.n < 2:
+        if self.split_min_tokens <= 0 or tokens.n < 2 or tokens.total_tokens < 2 * self.split_min_tokens:
             return []
         loads = [t.load() for t in self.targets]
         ready = [l if t.client is not None else ReplicaLoad(l.index, False)

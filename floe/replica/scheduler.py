@@ -273,9 +273,12 @@ class Scheduler:
         if self._drained[0] == key:
             return self._drained[1]
         whole = None
-        live = list(self._live.values())
-        if (len(live) <= self.max_batch_size and self._queued_tokens <= self.max_batch_tokens
-                and len({(s.group, s.priority) for s in live}) == 1):
+        if (len(self._live) <= self.max_batch_size and self._queued_tokens <= self.max_batch_tokens
+                and len(self._prio_counts) == 1):
+            live = list(self._live.values())
+        else:
+            live = []   # a long queue (the common case under load): the floor's batches
+        if live and len({s.group for s in live}) == 1:
             lengths = [s.length for s in live]
             align = self.pack_align if live[0].group == 0 else None
             rows, width = shape(lengths, align)
