@@ -76,20 +76,24 @@ class Balancer:
         request at a time, as most indexing tools send) would otherwise keep one replica busy
         and leave the others idle.
 
-        Water-filling: the request's tokens fill the least-loaded healthy replicas up to one
+        Only where the least-loaded healthy replica holds less than the request itself: a
+        fleet queued deeper than that keeps every replica busy anyway, and a request cut there
+        would only cost a second call. Water-filling: the request's tokens fill the
+        least-loaded healthy replicas up to one
         level, ``level - in_flight_tokens`` each; a replica whose share would be under
         ``min_part_tokens`` (one already busier than the rest, or a request too small to be
         worth another call) takes none. The inputs are cut in order at the item boundaries
         nearest those shares; a part that comes out under ``min_part_tokens`` joins its
         neighbour. Returns the parts in item order, or [] when the request goes whole to one
         replica (``pick``): another policy, fewer than two inputs or healthy replicas, or a
-        share too small. Under steady load every replica holds far more in flight than one
-        request, the shares come out uneven and small, and requests stay whole."""
+        share too small, or the fleet queued deeper than the request."""
         n = len(item_tokens)
         if self.policy != "least_loaded" or min_part_tokens <= 0 or n < 2:
             return []
         total = sum(int(t) for t in item_tokens)
         ranked = sorted((l for l in loads if l.healthy), key=lambda l: (l.in_flight_tokens, l.index))
+        if not ranked or ranked[0].in_flight_tokens >= total:
+            return []
         k = min(len(ranked), total // min_part_tokens)
         while k >= 2:
             level = (total + sum(l.in_flight_tokens for l in ranked[:k])) / k

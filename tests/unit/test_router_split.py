@@ -48,9 +48,13 @@ def test_water_filling_gives_the_busier_replica_less():
 
 
 def test_under_steady_load_requests_stay_whole():
-    # each replica holds far more than one request: the shares are small and uneven
+    # every replica holds more than the request: each stays busy whether it is cut or not
     assert Balancer().spread(loads(20000, 20400), [17] * 16, 256) == []
     assert Balancer().spread(loads(20000, 20000), [17] * 16, 256) == []
+    assert Balancer().spread(loads(12000, 12100), [50] * 16, 256) == []   # 800 tokens
+    assert Balancer().spread(loads(9000, 9000), [136] * 16, 256) == []    # 2,176 tokens
+    # a request larger than what the least-loaded replica holds is still cut
+    assert Balancer().spread(loads(1500, 1600), [136] * 16, 256) != []
 
 
 def test_a_busy_replica_takes_no_part():
