@@ -306,23 +306,26 @@ def padding_counters(url: str) -> tuple[float, float]:
     return sums["floe_tokens_embedded_total"], sums["floe_padded_tokens_total"]
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and all its descendants (a server's replicas and
-    tokenizer workers included); those that exit in between are not counted."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User + system CPU seconds of a process (a server's front end) and of all its descendants
+    (floe's replicas, Infinity's workers); those that exit in between are not counted."""
     import psutil
 
-    total = 0.0
+    own = children = 0.0
     try:
         root = psutil.Process(pid)
         for p in [root, *root.children(recursive=True)]:
             try:
                 t = p.cpu_times()
-                total += t.user + t.system
             except psutil.Error:
-                pass
+                continue
+            if p.pid == pid:
+                own += t.user + t.system
+            else:
+                children += t.user + t.system
     except psutil.Error:
         pass
-    return total
+    return own, children
 
 
 def serve_measure(server: "Server", texts: list[str], total: int,
@@ -337,7 +340,7 @@ def serve_measure(server: "Server", texts: list[str], total: int,
     warm = max(16, min(256, 16384 * len(texts) // max(1, total)))  # about 16k tokens
     asyncio.run(drive(url, texts[:warm], concurrency=16))   # warm-up
     real0, padded0 = padding_counters(url)
-    server0, client0 = cpu_seconds(server.proc.pid), time.process_time()
+    (front0, rest0), client0 = cpu_seconds(server.proc.pid), time.process_time()
     refusals: list = []
     if client == "wrk":
         seconds, p50, wrk_cpu = drive_wrk(url, texts + texts, per_request, concurrency)
@@ -345,12 +348,14 @@ def serve_measure(server: "Server", texts: list[str], total: int,
         seconds, latencies = asyncio.run(drive(url, texts + texts, per_request, concurrency,
                                                refusals=refusals))
         p50, wrk_cpu = float(np.median(latencies)), 0.0
-    server1, client1 = cpu_seconds(server.proc.pid), time.process_time()
+    (front1, rest1), client1 = cpu_seconds(server.proc.pid), time.process_time()
+    server0, server1 = front0 + rest0, front1 + rest1
     real1, padded1 = padding_counters(url)
     fill = (real1 - real0) / (padded1 - padded0) if padded1 > padded0 else 0.0
     per_m = 1e6 / (2 * total)
     return {"tokens_s": 2 * total / seconds, "p50_s": p50, "fill": fill,
             "server_cpu_per_m": (server1 - server0) * per_m,
+            "front_cpu_per_m": (front1 - front0) * per_m,
             "client_cpu_per_m": (client1 - client0 + wrk_cpu) * per_m,
             "server_cores": (server1 - server0) / seconds, "refused": len(refusals)}
 
@@ -508,11 +513,12 @@ def main() -> None:
                                                      if med(wl, n, "fill") else "")
             for n in names if isinstance(systems[n], Server)))
     print()
-    print("CPU seconds per million tokens, the server's processes (the cores they kept busy) "
-          "and this client's, medians:")
+    print("CPU seconds per million tokens, the server's processes (of which its first process: "
+          "floe's front end; the cores they kept busy) and this client's, medians:")
     for wl, _, _ in workloads:
         print(f"  {wl}: " + ", ".join(
-            f"{n} server {med(wl, n, 'server_cpu_per_m'):.1f} ({med(wl, n, 'server_cores'):.2f} "
+            f"{n} server {med(wl, n, 'server_cpu_per_m'):.1f} (its first process "
+            f"{med(wl, n, 'front_cpu_per_m'):.1f}; {med(wl, n, 'server_cores'):.2f} "
             f"cores) client {med(wl, n, 'client_cpu_per_m'):.1f}"
             for n in names if isinstance(systems[n], Server)))
     # Share of the matmul peak: the model's own FLOPs of the workload (floe/bench/roofline.py:
