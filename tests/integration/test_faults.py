@@ -216,6 +216,8 @@ def test_a_client_gone_from_a_request_cut_across_replicas_has_every_part_dropped
                     "--fake-seconds-per-batch", "1", "--batch-timeout-ms", "0",
                     "--split-min-tokens", "1", "--forward-timeout", "60",
                     tmp_dir=str(tmp_path)) as srv:
+        # the server answers once one replica is ready; a request is cut only across healthy ones
+        wait_for(lambda: info(srv)["healthy_replicas"] == 2, 60, "both replicas healthy")
         dropped = metric(srv, "floe_dropped_sequences_total")
         with socket.create_connection(("127.0.0.1", srv.port)) as s:
             body = json.dumps({"input": [f"input {k}" for k in range(10)]}).encode()
