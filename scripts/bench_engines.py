@@ -205,7 +205,8 @@ def main(argv=None) -> int:
                                            cache_dir=args.cache_dir)
         elif kind == "openvino-unaligned":   # the graph without floe/engine/aligned_keys.py's keys
             from floe.engine import aligned_keys
-            from floe.engine.openvino_engine import OpenVINOEngine, default_cache_dir
+            from floe.engine.openvino_convert import default_cache_dir
+            from floe.engine.openvino_engine import OpenVINOEngine
 
             aligned_keys.ENABLED = False
             try:

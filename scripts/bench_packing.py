@@ -106,13 +106,13 @@ def main(argv=None) -> int:
     from bench_engines import prose_lengths
     from floe.bench.workload import load_model_spec
     from floe.engine import aligned_keys
-    from floe.engine.openvino_engine import _fold_query_scale
+    from floe.engine.openvino_convert import fold_query_scale
     from floe.models.source import embedded_model_path
     from floe.replica.scheduler import Scheduler, Sequence
 
     spec = load_model_spec(str(embedded_model_path()) if args.model == "default" else args.model)
     bert = AutoModel.from_pretrained(spec.backbone_path, attn_implementation="sdpa").eval()
-    _fold_query_scale(bert)
+    fold_query_scale(bert)
     if not aligned_keys.install(bert):
         sys.exit("the model's attention is not transformers' SDPA: not a BERT-family encoder")
 

@@ -26,7 +26,7 @@ def create_engine(spec: ModelSpec, kind: str = "auto", device: str = "auto", dty
 
     ``auto`` logs which backend it picked and why. When OpenVINO cannot convert the model (or the
     conversion differs from the torch model), the replica falls back to torch with a WARNING.
-    ``cache_dir`` holds converted models (default: ``openvino_engine.default_cache_dir()``).
+    ``cache_dir`` holds converted models (default: ``openvino_convert.default_cache_dir()``).
     ``share_cores``: other engines run in this process too, so none may pin its threads to cores.
     ``packing``: let the engine pack short inputs into shared rows where it can
     (floe/engine/packing.py; OpenVINO only).
@@ -42,7 +42,8 @@ def create_engine(spec: ModelSpec, kind: str = "auto", device: str = "auto", dty
 
         return FakeEngine(spec)
     if choice.kind == "openvino":
-        from floe.engine.openvino_engine import ConversionError, OpenVINOEngine
+        from floe.engine.openvino_convert import ConversionError
+        from floe.engine.openvino_engine import OpenVINOEngine
 
         try:
             return OpenVINOEngine(spec, dtype=dtype, threads=threads, cache_dir=cache_dir,

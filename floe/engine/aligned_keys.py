@@ -13,7 +13,7 @@ masked key adds exp(-inf) = 0 to the softmax.
 
 ``install(model)`` points a transformers backbone whose layers call the attention interface
 (BERT, RoBERTa, XLM-RoBERTa ...) at ``aligned_attention``; the OpenVINO converter does so before it
-traces (floe/engine/openvino_engine.py ``_tailored``), and checks that the float32 output did not
+traces (floe/engine/openvino_convert.py ``tailored``), and checks that the float32 output did not
 move. Causal layers (decoders) are passed through unchanged. Queries keep their length, so the
 dense layers never see the padding. floe's own windowed forward (embeddinggemma's 256-dimension
 heads, ModernBERT's 64) does not take it: timed at neighbouring lengths, those graphs showed no

@@ -1,6 +1,6 @@
 """int8 for the OpenVINO engine (``--dtype int8``): post-training quantization with a quality gate.
 
-The converted float32 graph (openvino_engine.py) is quantized once per model with NNCF
+The converted float32 graph (openvino_convert.py) is quantized once per model with NNCF
 (``nncf.quantize``, transformer preset: int8 weights and activations of the linear layers,
 SmoothQuant), calibrated on 1,024 paragraphs of the Python standard library's docstrings
 (floe/textsets.py: real prose that every install has offline). The feed-forward down-projections

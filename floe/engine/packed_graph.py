@@ -4,7 +4,7 @@
 with a block-diagonal attention mask built in the graph from the segment numbers, positions given
 per input (plus a RoBERTa-like's offset), pooling as the 0/1 token weights times the hidden states
 in one batched matmul, scaled in float32, then the model's Dense layers. It is traced from the
-same torch backbone and tailoring as the padded graph (openvino_engine._tailored).
+same torch backbone and tailoring as the padded graph (openvino_convert.tailored).
 
 Which models: an embedding model (the plain head: CLS, last-token, mean or mean / sqrt(length)
 pooling, then Dense) on a BERT-family encoder (``bert``, ``roberta``, ``xlm-roberta``: their
@@ -43,10 +43,10 @@ def packable(spec: ModelSpec) -> Optional[str]:
 
 def refusal(spec: ModelSpec, dtype: str) -> Optional[str]:
     """Why the OpenVINO engine would not pack ``spec``'s batches at ``dtype`` (None: it would)."""
-    from floe.engine.openvino_engine import _band_window
+    from floe.engine.openvino_convert import band_window
 
     why = packable(spec)
-    if why is None and _band_window(spec) is not None:
+    if why is None and band_window(spec) is not None:
         why = "a sliding-window model"
     if why is None and dtype == "int8":
         why = "int8 quantizes the padded graph only"
@@ -57,13 +57,14 @@ def state(spec: ModelSpec, dtype: str, cache_dir: Optional[str] = None) -> str:
     """What ``--packing`` (the default) does for ``spec`` on the OpenVINO engine, for `floe info`."""
     import os
 
-    from floe.engine.openvino_engine import _read_failure, cache_key, openvino_dir, pick_precision
+    from floe.engine.openvino_convert import cache_key, openvino_dir, read_failure
+    from floe.engine.openvino_engine import pick_precision
 
     why = refusal(spec, pick_precision(dtype) if dtype == "auto" else dtype)
     if why is not None:
         return f"no: {why}"
     root, key = openvino_dir(cache_dir), cache_key(spec, packed=True)
-    failed = _read_failure(root, key)
+    failed = read_failure(root, key)
     if failed is not None:
         return f"no: the packed graph failed ({failed}; delete {root}/{key}.failed to retry)"
     if os.path.isfile(os.path.join(root, key, "model.xml")):
@@ -94,7 +95,7 @@ def convert(spec: ModelSpec, threads: Optional[int]) -> tuple[Any, tuple[dict, n
     import openvino as ov
     import torch
 
-    from floe.engine.openvino_engine import ConversionError, _source, _tailored, _traced
+    from floe.engine.openvino_convert import ConversionError, source_engine, tailored, traced
     from floe.engine.torch_engine import TorchEngine
 
     why = packable(spec)
@@ -102,7 +103,7 @@ def convert(spec: ModelSpec, threads: Optional[int]) -> tuple[Any, tuple[dict, n
         raise ConversionError(f"no packed graph: {why}")
 
     def make_source() -> TorchEngine:
-        return _source(spec, threads)
+        return source_engine(spec, threads)
 
     class PackedPipeline(torch.nn.Module):
         def __init__(self, source: TorchEngine) -> None:
@@ -144,9 +145,9 @@ def convert(spec: ModelSpec, threads: Optional[int]) -> tuple[Any, tuple[dict, n
                               f"{float(np.nan_to_num(np.abs(packed - alone)).max()):.3g}): this "
                               "transformers release does not honour the 4-D mask or position ids")
     del source
-    pipeline, want = _tailored(make_source, lambda s: PackedPipeline(s).eval(), probe.inputs)
+    pipeline, want = tailored(make_source, lambda s: PackedPipeline(s).eval(), probe.inputs)
     _, traced_example = example(spec, _lengths(spec, 0), seed=0)
-    model, _ = _traced(pipeline, traced_example.inputs, probe.inputs)
+    model, _ = traced(pipeline, traced_example.inputs, probe.inputs)
     # (a traced input may carry more than one tensor name: its own and an internal one)
     ports = {name: port for port in model.inputs for name in port.get_names() if name in INPUTS}
     if sorted(ports) != sorted(INPUTS) or len(model.inputs) != len(INPUTS):

@@ -80,7 +80,7 @@ def pool(mode: str, hidden: Any, p: Any, as_matmul: bool = False) -> Any:
 
     ``as_matmul``: CLS, last token, mean and mean / sqrt(length) as one batched matmul of 0/1
     token weights (n, 1, length) with the hidden states, for the OpenVINO graph
-    (floe/engine/openvino_engine.py). Its CPU plugin keeps the nodes between the last matmul and
+    (floe/engine/openvino_convert.py). Its CPU plugin keeps the nodes between the last matmul and
     the outputs in float32 under the bf16 hint; with the pooling as element-wise ops and sums,
     that tail reaches back through every residual add and layer norm of the backbone, which then
     run in float32 between conversions. A matmul ends the tail there (all-MiniLM, 40 x 50

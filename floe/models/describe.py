@@ -56,7 +56,7 @@ def describe(spec: ModelSpec, device: str = "auto", dtype: str = "auto", engine:
         out["engine"], out["engine_reason"] = engine, f"cannot run: {exc}"
         choice = None
     if choice is not None and choice.kind == "openvino":
-        from floe.engine.openvino_engine import cached_state
+        from floe.engine.openvino_convert import cached_state
 
         state, detail = cached_state(spec, engine_cache_dir)
         if state == "failed":

@@ -302,7 +302,7 @@ def for_replica(engine: Any, budget: int, max_batch_size: int, cache_dir: Option
         per_token = getattr(engine, "seconds_per_token", 0.0)
         shapes = calibration_shapes(budget, engine.spec.max_seq_length, max_batch_size)
         return CostModel([(c, n, per_batch + per_token * c * n) for c, n in shapes])
-    from floe.engine.openvino_engine import default_cache_dir
+    from floe.engine.openvino_convert import default_cache_dir
 
     return load_or_calibrate(engine, budget, max_batch_size, cache_dir or default_cache_dir(),
                              threads, key_span(engine.spec))

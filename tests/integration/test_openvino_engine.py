@@ -26,7 +26,8 @@ import pytest
 from floe.config import ModelSettings
 from floe.engine import create_engine
 from floe.engine.hardware import cpu_has_fast_bf16
-from floe.engine.openvino_engine import OpenVINOEngine, cache_key, openvino_dir
+from floe.engine.openvino_convert import cache_key, openvino_dir
+from floe.engine.openvino_engine import OpenVINOEngine
 from floe.models import load_spec
 from floe.protocol import EncodeOptions
 from floe.tokenize import Tokenizer
@@ -222,7 +223,7 @@ def test_a_model_that_does_not_convert_falls_back_to_torch(name, folder, tmp_pat
     def fails(*args, **kwargs):
         raise openvino_engine.ConversionError("openvino.convert_model failed: (a stand-in)")
 
-    monkeypatch.setattr(openvino_engine, "_convert", fails)
+    monkeypatch.setattr(openvino_engine, "convert", fails)
     spec = load_spec(ModelSettings(model=folder(name)))
     cache = str(tmp_path / "cache")
     with caplog.at_level(logging.WARNING, logger="floe.engine"):
@@ -258,7 +259,7 @@ def test_floe_info_names_the_engine(tiny_bert, tmp_path):
 
 
 def test_qwen3_bf16_keeps_far_positions(folder):
-    """Qwen3's rotations come from a float32 table (openvino_engine._float32_rotation): computed
+    """Qwen3's rotations come from a float32 table (openvino_convert._float32_rotation): computed
     in the graph at the bf16 hint, position x frequency is not exact above 256 and a long input
     drifted (this tiny Qwen3: cosine 0.993 at 300 tokens, 0.964 at 700). OpenVINO bf16 against
     the torch engine's float32 (itself checked against sentence-transformers above), past the
@@ -273,7 +274,7 @@ def test_qwen3_bf16_keeps_far_positions(folder):
     assert cos.min() >= BF16_MIN_COS, cos
 
 
-# --- the graph's tailoring (openvino_engine._tailored) --------------------------------------------
+# --- the graph's tailoring (openvino_convert.tailored) --------------------------------------------
 
 @pytest.mark.parametrize("mode", ["cls", "last_token", "mean", "mean_sqrt_len_tokens"])
 def test_pooling_as_a_matmul_equals_the_pooling(mode):
@@ -294,7 +295,7 @@ def test_pooling_as_a_matmul_equals_the_pooling(mode):
 def test_folding_the_query_scale_keeps_the_output(folder):
     import torch
 
-    from floe.engine.openvino_engine import _fold_query_scale
+    from floe.engine.openvino_convert import fold_query_scale
     from floe.engine.torch_engine import TorchEngine
 
     path = folder("arctic-embed-m")
@@ -302,10 +303,10 @@ def test_folding_the_query_scale_keeps_the_output(folder):
     batch = engine.prepare(ids_of(path, TEXTS[:4]))
     want = engine.run(batch)
     layers = engine.model.config.num_hidden_layers
-    assert _fold_query_scale(engine.model) == layers
+    assert fold_query_scale(engine.model) == layers
     assert all(m.scaling == 1.0 for m in engine.model.modules() if hasattr(m, "query"))
     np.testing.assert_allclose(engine.run(batch), want, rtol=1e-5, atol=1e-6)
-    assert _fold_query_scale(engine.model) == 0   # folded once only
+    assert fold_query_scale(engine.model) == 0   # folded once only
     with torch.no_grad():
         engine.model.encoder.layer[0].attention.self.query.weight.mul_(2.0)
     assert np.abs(engine.run(batch) - want).max() > 1e-3   # the check can fail

@@ -13,7 +13,8 @@ import pytest
 
 from floe.config import BatchSettings, ModelSettings
 from floe.engine import packed_graph
-from floe.engine.openvino_engine import ConversionError, OpenVINOEngine, cache_key, openvino_dir
+from floe.engine.openvino_convert import ConversionError, cache_key, openvino_dir
+from floe.engine.openvino_engine import OpenVINOEngine
 from floe.models import load_spec
 from floe.protocol import EncodeOptions, TokenBatch
 from tests.fixtures import tiny_models

@@ -119,7 +119,7 @@ def test_auto_picks_openvino_for_the_windowed_families(root):
 def test_the_cache_key_follows_floe_forward(root, tiny_bert, monkeypatch):
     """A change in floe's windowed forward (its source) changes the converted graph's key; a model
     without sliding layers keeps its key."""
-    from floe.engine import openvino_engine as ov
+    from floe.engine import openvino_convert as ov
 
     spec, bert = spec_of(root, "embeddinggemma"), load_spec(ModelSettings(model=tiny_bert))
     before, bert_before = ov.cache_key(spec, versions={}), ov.cache_key(bert, versions={})

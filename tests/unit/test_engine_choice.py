@@ -13,8 +13,8 @@ import subprocess
 import pytest
 
 from floe.engine.choice import OPENVINO_MODEL_TYPES, choose_engine
-from floe.engine.openvino_engine import (cache_key, cached_state, default_cache_dir, openvino_dir,
-                                         pick_precision)
+from floe.engine.openvino_convert import cache_key, cached_state, default_cache_dir, openvino_dir
+from floe.engine.openvino_engine import pick_precision
 from floe.errors import ConfigError
 from floe.models.spec import DenseSpec, ModelSpec
 
@@ -174,7 +174,7 @@ def test_cached_state_sees_a_converted_graph_and_a_recorded_failure(folder, tmp_
 def test_choosing_an_engine_imports_neither_torch_nor_openvino():
     code = ("import sys\n"
             "from floe.engine.choice import choose_engine\n"
-            "from floe.engine.openvino_engine import cache_key\n"
+            "from floe.engine.openvino_convert import cache_key\n"
             "from floe.models.spec import ModelSpec\n"
             "s = ModelSpec(path='.', name='m', architecture='BertModel', model_type='bert', hidden_size=8,"
             " dim=8, max_seq_length=8, vocab_size=10, pooling='mean')\n"

@@ -16,7 +16,7 @@ from floe.config import ModelSettings
 from floe.engine.base import right_pad
 from floe.engine.choice import choose_engine
 from floe.engine.fake import FakeEngine
-from floe.engine.openvino_engine import cache_key
+from floe.engine.openvino_convert import cache_key
 from floe.errors import ModelLoadError
 from floe.models import ModelSpec, describe, load_spec
 from tests.support import edit_json
