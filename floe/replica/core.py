@@ -552,7 +552,7 @@ class ReplicaCore:
             c = self._c
             return (now, self._busy_s, c["batches"],
                     c["sequences"], c["tokens"], c["padded_tokens"], self._idle_s + waiting,
-                    self._predicted_run_s)
+                    self._predicted_run_s, self._sched.idle_starts, self._sched.company_starts)
 
     def _tune(self, now: float, last: tuple) -> tuple:
         """One tuning step over the window since ``last`` (with the lock held); applies and logs
@@ -568,7 +568,8 @@ class ReplicaCore:
         window = Window(seconds=seconds, busy_s=max(0.0, seconds - (cur[6] - last[6])),
                         batches=cur[2] - last[2],
                         sequences=cur[3] - last[3], real_tokens=cur[4] - last[4],
-                        padded_tokens=cur[5] - last[5], device_used=used, device_total=total)
+                        padded_tokens=cur[5] - last[5], device_used=used, device_total=total,
+                        idle_starts=cur[8] - last[8], company_starts=cur[9] - last[9])
         self.wall_factor = wall_factor(self.wall_factor, window.seconds, cur[6] - last[6],
                                        cur[7] - last[7])
         if self.tuner is None:

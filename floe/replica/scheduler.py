@@ -56,6 +56,10 @@ Rules
 * **Groups.** Sequences of different ``group`` never share a batch (the engine runs them through
   different heads); the anchor's group decides, the others wait for a batch of their own, and a
   batch that left some out counts as full.
+* **Company.** ``idle_starts`` counts the partial batches handed to an idle engine and
+  ``company_starts`` those a second request shared, or would have shared: the next arrival came
+  within the configured wait of the first sequence's arrival (``company_window_s``, whatever
+  the wait is tuned to now). The tuner drops the wait where company does not come.
 * **Cancellation.** ``remove_request`` drops a request's queued sequences before compute.
 * **Deadlines.** A sequence may carry a deadline (its request's own: a gRPC deadline or the
   HTTP header). ``expire(now)`` removes every queued sequence of each request one of whose
@@ -128,6 +132,14 @@ class Scheduler:
         self.max_batch_size = max_batch_size
         self.batch_timeout_s = batch_timeout_s
         self.max_wait_s = max_wait_s
+        # Whether waiting for company pays (read by the replica's tuner, floe/replica/tuning.py):
+        # of the partial batches handed to an idle engine, how many held a request that came
+        # after the first one's, or were followed by one within the configured wait (which a
+        # shorter wait, tuned down, would have missed).
+        self.company_window_s = batch_timeout_s   # the configured wait, however it is tuned
+        self.idle_starts = 0
+        self.company_starts = 0
+        self._company_until: Optional[float] = None
         self._next_id = 0
         self._live: dict[int, Sequence] = {}               # seq_id -> queued sequence
         self._by_len: list[tuple[int, int]] = []           # sorted (length, seq_id), tombstones allowed
@@ -161,6 +173,9 @@ class Scheduler:
         """Queues sequences. Lengths must be >= 1 (an empty input is refused before this)."""
         new: list[tuple[int, int]] = []
         for seq in seqs:
+            if self._company_until is not None:   # the first arrival after a lone start
+                self.company_starts += int(seq.arrival <= self._company_until)
+                self._company_until = None
             if seq.length < 1:
                 raise ValueError(f"sequence length must be >= 1, got {seq.length}")
             seq.seq_id = sid = self._next_id
@@ -434,6 +449,12 @@ class Scheduler:
             oldest = self.oldest_arrival()
             if oldest is not None and now < oldest + self.batch_timeout_s:
                 return None
+            self.idle_starts += 1
+            first = min(s.arrival for s in batch)
+            if any(s.arrival > first for s in batch):
+                self.company_starts += 1
+            else:
+                self._company_until = first + self.company_window_s
         for seq in batch:
             self._forget(seq.seq_id)
         self._maybe_compact()

@@ -12,7 +12,12 @@ Rules
   a threshold does not flip the knobs back and forth.
 * **Batch wait.** Light: 0, so a lone request runs at once (waiting for company that does not come
   only adds latency). Busy: the configured wait (``--batch-timeout-ms``), at most a twentieth of
-  the latency target, so a partial batch under a moderate load still fills.
+  the latency target, so a partial batch under a moderate load still fills; but 0 where the
+  window shows that company does not come: of at least ``MIN_BATCHES`` partial batches started
+  on an idle engine, fewer than a tenth shared it with a second request or were followed by one
+  within the configured wait (the scheduler's ``company_starts``). A client that sends one
+  request and waits for its answer can keep a replica 20-40% busy, inside the band, and never
+  has company: after a busy spell the wait was all of its queue time.
 * **Token budget.** Busy: the throughput-optimal budget at the traffic's measured padded length,
   from the cost model: the smallest candidate (powers of two up to the largest allowed budget,
   from the configured one) whose predicted seconds per token is within 3% of the best, so the
@@ -43,6 +48,7 @@ FILL_CAP = 0.9
 BUDGET_SLACK = 1.03      # a budget within 3% of the best throughput counts as the best
 GPU_MEMORY_HIGH = 0.9
 MIN_BATCHES = 4          # fewer batches in a window say too little about padding or shape
+COMPANY_SHARE = 0.1      # waiting pays where at least this share of idle starts had company
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,8 @@ class Window:
     padded_tokens: int
     device_used: int = 0     # GPU bytes in use at the window's end (0 on CPU)
     device_total: int = 0
+    idle_starts: int = 0     # partial batches handed to an idle engine
+    company_starts: int = 0  # of those, with (or followed within the wait by) another request
 
 
 @dataclass(frozen=True)
@@ -138,7 +146,14 @@ class Tuner:
         timeout = 0.0 if self.level == "light" else self.base.batch_timeout_s
         if self.target_s is not None:
             timeout = min(timeout, self.target_s / 20)
-        want["batch_timeout_s"] = (timeout, f"{self.level} load ({load:.0%} busy)")
+        why = f"{self.level} load ({load:.0%} busy)"
+        if (timeout and window.idle_starts >= MIN_BATCHES
+                and window.company_starts < COMPANY_SHARE * window.idle_starts):
+            timeout = 0.0
+            why += (f", but {window.idle_starts - window.company_starts} of the "
+                    f"{window.idle_starts} batches started on an idle engine had no company "
+                    "within the wait")
+        want["batch_timeout_s"] = (timeout, why)
 
         if window.device_total > 0 and window.device_used > GPU_MEMORY_HIGH * window.device_total:
             want["max_batch_tokens"] = (

@@ -13,7 +13,7 @@ from floe.replica.admission import MIN_RETRY_AFTER_S, AdmissionPolicy
 from floe.replica.cost import (CostModel, Coefficients, calibrate, calibration_shapes, fit,
                                key_span, load_or_calibrate)
 from floe.replica.scheduler import Scheduler, Sequence
-from floe.replica.tuning import Knobs, Tuner, Window
+from floe.replica.tuning import MIN_BATCHES, Knobs, Tuner, Window
 
 TRUE = Coefficients(fixed_s=0.002, per_token_s=4e-6, per_token_length_s=2e-9)
 SHAPES = [(1, 16), (64, 16), (16, 64), (4, 256), (1, 512), (8, 256), (32, 32)]
@@ -322,6 +322,21 @@ def test_light_load_runs_at_once_and_busy_load_waits_for_company():
     for _ in range(3):
         t.step(_window(0.9), CPU_COST)
     assert t.level == "busy" and t.knobs.batch_timeout_s == BASE.batch_timeout_s
+
+
+def test_busy_load_without_company_runs_at_once():
+    # a client that sends one request and waits for its answer: the replica is busy, but no
+    # second request ever came within the wait
+    t = _tuner(cooldown=0)
+    changes = t.step(_window(0.6, idle_starts=30, company_starts=1), CPU_COST)
+    assert t.level == "busy" and t.knobs.batch_timeout_s == 0.0
+    assert "no company" in changes[0].reason and "29 of the 30" in changes[0].reason
+    # company comes (a second client): the configured wait again
+    t.step(_window(0.6, idle_starts=30, company_starts=6), CPU_COST)
+    assert t.knobs.batch_timeout_s == BASE.batch_timeout_s
+    # too few idle starts to tell (a queue always full): as configured
+    t.step(_window(0.9, idle_starts=MIN_BATCHES - 1, company_starts=0), CPU_COST)
+    assert t.knobs.batch_timeout_s == BASE.batch_timeout_s
 
 
 def test_load_between_the_thresholds_keeps_the_level_it_had():

@@ -518,3 +518,37 @@ async def test_a_pass_longer_than_the_tuning_window_counts_as_busy(make_timed_co
     assert core.knobs.batch_timeout_s == pytest.approx(0.005)
     engine.gate.set()
     await asyncio.gather(*tasks)
+
+
+async def test_a_client_that_waits_for_each_answer_gets_no_batch_wait(monkeypatch):
+    # one request at a time keeps the engine busy (passes of 30 ms) but never brings company:
+    # the tuner drops the wait; two requests sent together each time keep it
+    from floe.replica import core as core_module
+
+    monkeypatch.setattr(core_module, "TUNE_WINDOW_S", 0.25)   # about 7 passes a window
+
+    async def client(core, together: int, requests: int, until=lambda: False) -> None:
+        for i in range(requests):
+            await asyncio.gather(*(core.submit(TokenBatch.from_lists([[1, 2, i % 50 + 3]]),
+                                               EncodeOptions(), f"r{i}-{k}")
+                                   for k in range(together)))
+            if until():
+                return
+
+    for together in (1, 2):
+        engine = FakeEngine(make_spec(), seconds_per_batch=0.03)
+        core = ReplicaCore(engine, BatchSettings(max_batch_tokens=512, max_batch_size=64,
+                                                 batch_timeout_ms=5.0, tuning=True),
+                           replica_id="t", cost=_fixed_cost(0.03))
+        core.start()
+        try:
+            if together == 1:
+                await client(core, 1, 300, until=lambda: core.knobs.batch_timeout_s == 0.0)
+                assert core.knobs.batch_timeout_s == 0.0 and core.tuner.level == "busy"
+                assert core._sched.company_starts == 0 and core._sched.idle_starts >= 4
+            else:
+                await client(core, 2, 50)
+                assert core.knobs.batch_timeout_s == pytest.approx(0.005)
+                assert core._sched.company_starts >= 0.9 * core._sched.idle_starts
+        finally:
+            core.stop(drain_timeout=0.0)

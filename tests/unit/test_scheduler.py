@@ -350,3 +350,40 @@ def test_the_drain_decision_is_priced_once_per_queue_state(monkeypatch):
     assert len(calls) == 1
     s.add(seq("x", 70))
     assert s.next_batch(0.0, engine_idle=False) is None and len(calls) == 2
+
+
+# --- company: whether waiting for a batch to fill pays (read by the tuner) ------------------------
+
+def test_a_partial_batch_that_a_second_request_joined_during_the_wait_had_company():
+    s = Scheduler(max_batch_tokens=1000, max_batch_size=64, batch_timeout_s=0.01)
+    s.add(seq("a", 10, arrival=0.0))
+    assert s.next_batch(now=0.005) is None          # waiting for company
+    s.add(seq("b", 10, arrival=0.006))              # it came
+    batch = s.next_batch(now=0.011)
+    assert {x.request_key for x in batch} == {"a", "b"}
+    assert (s.idle_starts, s.company_starts) == (1, 1)
+
+
+def test_a_lone_start_counts_the_next_arrival_within_the_configured_wait_only():
+    s = Scheduler(max_batch_tokens=1000, max_batch_size=64, batch_timeout_s=0.01)
+    s.batch_timeout_s = 0.0                         # tuned down: a lone request runs at once
+    s.add(seq("a", 10, arrival=0.0))
+    assert [x.request_key for x in s.next_batch(now=0.0)] == ["a"]
+    s.add(seq("b", 10, arrival=0.004))              # the configured wait would have held "a" for it
+    assert [x.request_key for x in s.next_batch(now=0.004)] == ["b"]
+    assert (s.idle_starts, s.company_starts) == (2, 1)
+    s.add(seq("c", 10, arrival=0.5))                # "b" alone, and nothing near it
+    assert (s.idle_starts, s.company_starts) == (2, 1)
+    s.add(seq("d", 10, arrival=0.5001))
+    assert [x.request_key for x in s.next_batch(now=0.5001)] == ["c", "d"]
+    assert (s.idle_starts, s.company_starts) == (3, 2)
+
+
+def test_full_batches_and_a_busy_engine_say_nothing_about_company():
+    s = Scheduler(max_batch_tokens=40, max_batch_size=64, batch_timeout_s=0.01)
+    for k in range(8):
+        s.add(seq(k, 10, arrival=0.0))
+    assert s.next_batch(now=0.0, engine_idle=False) is not None   # full: formed at once
+    s.add(seq("late", 5, arrival=0.001))
+    assert s.next_batch(now=0.001, engine_idle=True) is not None   # full again
+    assert (s.idle_starts, s.company_starts) == (0, 0)
