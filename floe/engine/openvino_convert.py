@@ -254,6 +254,21 @@ def source_engine(spec: ModelSpec, threads: Optional[int]) -> Any:
     return source
 
 
+def source_module() -> type:
+    """The base of the pipelines traced here: a torch module holding the torch engine it runs
+    (``source``, not a module itself) with that engine's backbone as a submodule, so that the
+    trace sees its weights. Made on call: torch is imported only when a conversion runs."""
+    import torch
+
+    class SourceModule(torch.nn.Module):
+        def __init__(self, source: Any) -> None:
+            super().__init__()
+            self.source = source
+            self.backbone = source.model
+
+    return SourceModule
+
+
 def fold_query_scale(backbone: Any) -> int:
     """Folds attention's 1/sqrt(head dim) into the query projection of transformers' BERT-family
     self-attention (a ``query`` Linear and a float ``scaling`` it passes to the attention
@@ -379,12 +394,7 @@ def convert_spans(spec: ModelSpec, threads: Optional[int],
     def make_source() -> TorchEngine:
         return source_engine(spec, threads)
 
-    class SpanPipeline(torch.nn.Module):
-        def __init__(self, source: TorchEngine) -> None:
-            super().__init__()
-            self.source = source
-            self.backbone = source.model
-
+    class SpanPipeline(source_module()):
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     span_weights: torch.Tensor) -> torch.Tensor:
             source = self.source
@@ -420,13 +430,8 @@ def convert(spec: ModelSpec, threads: Optional[int],
     def make_source() -> TorchEngine:
         return source_engine(spec, threads)
 
-    class Pipeline(torch.nn.Module):
+    class Pipeline(source_module()):
         """(input_ids, attention_mask[, token_type_ids]) -> the task's (n, dim) float32 rows."""
-
-        def __init__(self, source: TorchEngine) -> None:
-            super().__init__()
-            self.source = source
-            self.backbone = source.model
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -95,7 +95,8 @@ def convert(spec: ModelSpec, threads: Optional[int]) -> tuple[Any, tuple[dict, n
     import openvino as ov
     import torch
 
-    from floe.engine.openvino_convert import ConversionError, source_engine, tailored, traced
+    from floe.engine.openvino_convert import (ConversionError, source_engine, source_module,
+                                              tailored, traced)
     from floe.engine.torch_engine import TorchEngine
 
     why = packable(spec)
@@ -105,11 +106,9 @@ def convert(spec: ModelSpec, threads: Optional[int]) -> tuple[Any, tuple[dict, n
     def make_source() -> TorchEngine:
         return source_engine(spec, threads)
 
-    class PackedPipeline(torch.nn.Module):
+    class PackedPipeline(source_module()):
         def __init__(self, source: TorchEngine) -> None:
-            super().__init__()
-            self.source = source
-            self.backbone = source.model
+            super().__init__(source)
             embeddings = getattr(source.model, "embeddings", None)
             # RoBERTa-likes number positions from their pad id + 1 (transformers' own rule)
             self.offset = (int(getattr(embeddings, "padding_idx", spec.pad_token_id)) + 1
