@@ -189,6 +189,12 @@ class ReplicaSetSettings:
         "when that ends it sooner: water-filling of the replicas' in-flight tokens, each part "
         "at least this many tokens (one client sending one large request at a time then gets "
         "every replica, not one). Under steady load requests stay whole. 0: never cut.")
+    hand_back_min_tokens: int = _knob(
+        512, "With least_loaded balancing, when a replica answers its last request while another "
+        "still has a queue (the end of a client's wave of requests), the busy one gives back "
+        "queued inputs it has not started, up to half of its work, and the idle one computes "
+        "them; the requests' answers are joined in the front end. Only queues holding twice "
+        "this many tokens are asked, and only shares of at least this many are given. 0: never.")
     health_interval: float = _knob(1.0, "Seconds between health probes of each replica.")
     forward_timeout: float = _knob(
         120.0, "Seconds a replica may take to answer one request. Past it the request gets 503 / "
@@ -351,9 +357,9 @@ class Settings:
             if not getattr(r, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         if not r.replica_wait >= 0 or r.max_restarts < 0 or r.coalesce_tokens < 0 \
-                or r.split_min_tokens < 0:
-            raise ConfigError("--replica-wait, --max-restarts, --coalesce-tokens and "
-                              "--split-min-tokens must be >= 0")
+                or r.split_min_tokens < 0 or r.hand_back_min_tokens < 0:
+            raise ConfigError("--replica-wait, --max-restarts, --coalesce-tokens, "
+                              "--split-min-tokens and --hand-back-min-tokens must be >= 0")
         if s.max_client_batch_size < 1:
             raise ConfigError("--max-client-batch-size must be positive")
         if s.api_key is not None and not s.api_key.strip():

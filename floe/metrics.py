@@ -64,6 +64,9 @@ SPLIT_REQUESTS = Counter(
     "floe_split_requests", "Requests cut into parts run side by side on several replicas "
     "(--split-min-tokens; one large request would otherwise leave the other replicas idle).",
     registry=REGISTRY)
+HANDED_BACK_ROWS = Counter(
+    "floe_handed_back_rows", "Queued inputs a replica gave back uncomputed to be run on another "
+    "replica that had gone idle (--hand-back-min-tokens; a wave's end).", registry=REGISTRY)
 TOKENIZE_SECONDS = Histogram(
     "floe_tokenization_duration_seconds", "Time to tokenize one request in the front end.",
     buckets=LATENCY_BUCKETS, registry=REGISTRY)

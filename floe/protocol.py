@@ -7,7 +7,8 @@ tests/unit/test_protocol.py:
 * the data plane: ``EncodeOptions``, ``TokenBatch``, ``EmbedResult`` (their public floe.v1 form,
   for the gRPC API's edge and a standalone replica, is converted in floe/proto/convert.py);
 * the private link between a front end and its replicas on this machine: floe's own messages
-  (``EncodeCall`` / ``EncodeAnswer`` keyed by model and kind, ``HealthCall``, ``AbortCall``;
+  (``EncodeCall`` / ``EncodeAnswer`` keyed by model and kind, ``HealthCall``, ``AbortCall``,
+  ``HandBackCall``;
   msgspec structs in MessagePack) in frames (``Frame``, ``frame``, ``FrameReader``) on a
   replica's Unix socket or TCP port, and the one error codec a frame carries (``error_to_frame`` /
   ``error_from_frame``, over errors.error_fields);
@@ -138,6 +139,18 @@ class TokenBatch:
                           type_splits=None if self.type_splits is None else self.type_splits[start:stop],
                           spans=spans)
 
+    def pick(self, items: np.ndarray) -> "TokenBatch":
+        """The given items (ascending indices) as a batch of their own, with their type splits:
+        the rows a replica handed back (floe/fleet/replica_client.py). Not for late chunking."""
+        if self.spans is not None:
+            raise ValueError("a late-chunking batch is not picked apart")
+        items = np.asarray(items, dtype=np.int64)
+        off = self.offsets()
+        ids = (np.concatenate([self.ids[off[i]:off[i + 1]] for i in items.tolist()])
+               if items.size else self.ids[:0])
+        return TokenBatch(ids=ids, lengths=self.lengths[items],
+                          type_splits=None if self.type_splits is None else self.type_splits[items])
+
     @classmethod
     def from_lists(cls, items: list[list[int]]) -> "TokenBatch":
         lengths = np.fromiter((len(x) for x in items), dtype=np.int64, count=len(items))
@@ -255,6 +268,10 @@ class EmbedResult:
     model: str = ""
     request_id: str = ""
     sparse: Optional[SparseRows] = None
+    # items of the call this answer leaves out, ascending: a replica handed their rows back
+    # before computing them (``HandBackCall``); the front end has them computed elsewhere and
+    # ``interleave``s the two answers. None: every item is here.
+    handed_back: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.token_counts, np.ndarray):
@@ -296,6 +313,32 @@ class EmbedResult:
                    timings=Timings(*(max(getattr(p.timings, f) for p in parts) for f in
                                      ("tokenize_s", "queue_s", "inference_s", "total_s"))),
                    model=first.model, request_id=request_id or first.request_id, sparse=sparse)
+
+    @classmethod
+    def interleave(cls, kept: "EmbedResult", rest: "EmbedResult", rest_items: np.ndarray
+                   ) -> "EmbedResult":
+        """One call's answer from a replica's (``kept``: every item but ``rest_items``, in item
+        order) and the answer for the items it handed back (``rest``, in ``rest_items``'s
+        order). Timings are the longer of the two."""
+        n = kept.n + rest.n
+        rest_items = np.asarray(rest_items, dtype=np.int64)
+        if kept.sparse is not None or rest.sparse is not None or rest.n != rest_items.size \
+                or (kept.dim, kept.dtype) != (rest.dim, rest.dtype) or \
+                (rest_items.size and (rest_items.min() < 0 or rest_items.max() >= n)):
+            raise ValueError("the handed-back answer does not fit the replica's")
+        mine = np.ones(n, dtype=bool)
+        mine[rest_items] = False
+        size = row_bytes(kept.dtype, kept.dim)
+        out = np.empty((n, size), dtype=np.uint8)
+        out[mine] = np.frombuffer(kept.data, dtype=np.uint8).reshape(kept.n, size)
+        out[rest_items] = np.frombuffer(rest.data, dtype=np.uint8).reshape(rest.n, size)
+        counts = np.empty(n, dtype=np.int64)
+        counts[mine] = kept.token_counts
+        counts[rest_items] = rest.token_counts
+        return cls(n=n, dim=kept.dim, dtype=kept.dtype, data=out.tobytes(), token_counts=counts,
+                   timings=Timings(*(max(getattr(kept.timings, f), getattr(rest.timings, f))
+                                     for f in ("tokenize_s", "queue_s", "inference_s", "total_s"))),
+                   model=kept.model, request_id=kept.request_id)
 
     @classmethod
     def from_array(cls, arr: np.ndarray, dtype: str, token_counts, **kw) -> "EmbedResult":
@@ -340,6 +383,7 @@ class Frame(enum.IntEnum):
     HEALTH = 6      # HealthCall                     -> HealthAnswer
     INFO = 7        # InfoCall                       -> floe.v1.GetReplicaInfoResponse
     ABORT = 8       # AbortCall                      -> AbortAnswer
+    HAND_BACK = 9   # HandBackCall                   -> HandBackAnswer
 
 
 # --- the private link's messages (frames on a replica's Unix socket) ---------------------------
@@ -392,6 +436,7 @@ class EncodeAnswer(msgspec.Struct, frozen=True, array_like=True):
     sparse_counts: Optional[bytes] = None  # int64 LE per row
     sparse_indices: Optional[bytes] = None  # int32 LE
     sparse_values: Optional[bytes] = None  # float32 LE
+    handed_back: Optional[bytes] = None    # int32 LE: items left out (EmbedResult.handed_back)
 
 
 class HealthCall(msgspec.Struct, frozen=True, array_like=True):
@@ -417,12 +462,31 @@ class AbortAnswer(msgspec.Struct, frozen=True, array_like=True):
     message: str = ""
 
 
+class HandBackCall(msgspec.Struct, frozen=True, array_like=True):
+    """Asks a replica to give back queued rows it has not started, of these calls only (the
+    asker's own, most recent first), up to ``max_tokens`` and at most half of what it has queued,
+    and nothing unless that is ``min_tokens`` or more: another replica is idle
+    (floe/fleet/router.py, "Handing back")."""
+
+    request_ids: list[str]
+    max_tokens: int
+    min_tokens: int = 1
+
+
+class HandBackAnswer(msgspec.Struct, frozen=True, array_like=True):
+    """Per call that gave any: its request id and the items handed back (int32 LE, ascending).
+    Those calls' answers leave the items out (``EncodeAnswer.handed_back``)."""
+
+    calls: list[tuple[str, bytes]]
+
+
 # The request and answer of each call frame.
 FRAME_CALLS: dict[Frame, tuple[type, type]] = {
     Frame.ENCODE: (EncodeCall, EncodeAnswer),
     Frame.HEALTH: (HealthCall, HealthAnswer),
     Frame.INFO: (InfoCall, floe_pb2.GetReplicaInfoResponse),
     Frame.ABORT: (AbortCall, AbortAnswer),
+    Frame.HAND_BACK: (HandBackCall, HandBackAnswer),
 }
 _MSGPACK = msgspec.msgpack.Encoder()
 _DECODERS: dict[type, Any] = {}
@@ -516,7 +580,22 @@ def encode_answer(r: "EmbedResult") -> EncodeAnswer:
         timings=(t.tokenize_s, t.queue_s, t.inference_s, t.total_s),
         sparse_counts=None if sparse is None else np.asarray(sparse.counts, "<i8").tobytes(),
         sparse_indices=None if sparse is None else np.asarray(sparse.indices, "<i4").tobytes(),
-        sparse_values=None if sparse is None else np.asarray(sparse.values, "<f4").tobytes())
+        sparse_values=None if sparse is None else np.asarray(sparse.values, "<f4").tobytes(),
+        handed_back=None if r.handed_back is None else _i32(r.handed_back))
+
+
+def hand_back_answer(given: list[tuple[str, np.ndarray]]) -> HandBackAnswer:
+    return HandBackAnswer(calls=[(rid, _i32(items)) for rid, items in given])
+
+
+def handed_from_answer(a: HandBackAnswer) -> list[tuple[str, np.ndarray]]:
+    """(request id, items) per call; items not whole int32s are a ValidationError."""
+    out = []
+    for rid, buf in a.calls:
+        if len(buf) % 4:
+            raise ValidationError("handed-back items are not whole int32s", param="calls")
+        out.append((rid, np.frombuffer(buf, dtype="<i4").astype(np.int64)))
+    return out
 
 
 def result_from_answer(a: EncodeAnswer) -> "EmbedResult":
@@ -528,7 +607,8 @@ def result_from_answer(a: EncodeAnswer) -> "EmbedResult":
     return EmbedResult(n=a.n, dim=a.dim, dtype=a.dtype, data=a.data,
                        token_counts=np.frombuffer(a.token_counts, dtype="<i8").astype(np.int64),
                        model=a.model, request_id=a.request_id, timings=Timings(*a.timings),
-                       sparse=sparse)
+                       sparse=sparse, handed_back=None if a.handed_back is None else
+                       np.frombuffer(a.handed_back, dtype="<i4").astype(np.int64))
 FRAME_HEADER = struct.Struct("<IIB")
 MAX_CALL_ID = 2 ** 32 - 1
 

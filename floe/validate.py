@@ -24,7 +24,7 @@ import numpy as np
 
 from floe.errors import ModelNotFoundError, TooLargeError, ValidationError
 from floe.kinds import KINDS
-from floe.protocol import OUTPUT_DTYPES, EncodeOptions, TokenBatch
+from floe.protocol import ITEMSIZE, OUTPUT_DTYPES, EncodeOptions, TokenBatch
 
 CHARS_PER_TOKEN_LIMIT = 250  # TEI's pre-limit: 250 characters per token the model accepts
 _INT32_MIN, _INT32_MAX = -(2 ** 31), 2 ** 31 - 1
@@ -399,3 +399,18 @@ def _ids_batch(items: list[list[Any]], param: str, single: bool) -> TokenBatch:
         where = _p(param, pos) if single else f"{_p(param, item)}[{pos - int(lengths[:item].sum())}]"
         raise ValidationError(f"`{where}` must be a token id (an integer in int32 range)", param=where)
     return TokenBatch(ids=ids.astype(np.int32), lengths=lengths)
+
+
+def invariants_hold(spec: Any, kind: Any, tokens: TokenBatch, options: EncodeOptions) -> bool:
+    """What the checks above guarantee a request that reaches a replica's model, re-checked
+    there in O(1) numpy passes (floe/replica/core.py): items of 1 to max_seq_length ids, each id
+    in the vocabulary, dimensions and output dtype a replica produces, pairs and spans only for
+    a kind that takes them."""
+    return (tokens.n > 0 and int(tokens.lengths.min()) >= 1
+            and int(tokens.lengths.max()) <= spec.max_seq_length
+            and int(tokens.lengths.sum()) == tokens.total_tokens
+            and int(tokens.ids.min()) >= 0 and int(tokens.ids.max()) < spec.vocab_size
+            and (options.dimensions is None or 1 <= options.dimensions <= spec.dim)
+            and options.output_dtype in ITEMSIZE
+            and (tokens.type_splits is None or kind.pairs)
+            and (tokens.spans is None or "embed" in kind.route_kinds))

@@ -29,7 +29,8 @@ each server (p50, the measured pass) and, for floe, the padding fill of its batc
 per ``--max-batch-tokens`` value (columns ``floe_openvino_b<budget>``), ``--fills`` once per
 ``--min-batch-fill`` value (``_f<fill>``) and ``--packing on,off`` with and without packing
 (``_pack_on``, ``_pack_off``), ``--split on,off`` with and without cutting requests across
-replicas (``_split_on``, ``_split_off``). The load generator runs on the same cores as the
+replicas (``_split_on``, ``_split_off``), ``--hand-back on,off`` with and without handing back
+queued inputs to an idle replica (``_hb_on``, ``_hb_off``). The load generator runs on the same cores as the
 servers: by default wrk (C, one thread, scripts/bench_peers.lua), which takes a twentieth of
 the Python asyncio client's CPU per token (``--client python``: httpx, about 3% of the two cores
 on all-MiniLM); the Python client still sends each pass's warm-up and decodes its answers, and
@@ -385,6 +386,10 @@ def main() -> None:
     ap.add_argument("--split", default="",
                     help="on,off: serve floe with and without cutting a request across replicas "
                          "(--split-min-tokens at its default, or 0): columns _split_on, _split_off")
+    ap.add_argument("--hand-back", default="",
+                    help="on,off: serve floe with and without handing back queued inputs to an "
+                         "idle replica (--hand-back-min-tokens at its default, or 0): columns "
+                         "_hb_on, _hb_off")
     ap.add_argument("--per-request", type=int, default=16, help="inputs per request")
     ap.add_argument("--concurrency", type=int, default=64,
                     help="requests in flight (1: a sequential client, one request at a time)")
@@ -427,16 +432,18 @@ def main() -> None:
         fills = [f for f in args.fills.split(",") if f] or [None]
         packs = [p for p in args.packing.split(",") if p] or [None]
         splits = [p for p in args.split.split(",") if p] or [None]
-        for engine, budget, fill, pack, split in (
-                [("openvino", b, f, p, c) for b in budgets for f in fills for p in packs
-                 for c in splits] + [("torch", None, None, None, None)]):
+        hand_backs = [p for p in args.hand_back.split(",") if p] or [None]
+        for engine, budget, fill, pack, split, hb in (
+                [("openvino", b, f, p, c, h) for b in budgets for f in fills for p in packs
+                 for c in splits for h in hand_backs] + [("torch", None, None, None, None, None)]):
             if engine in skip:
                 continue
             port = free_port()
             extra = (["--max-batch-tokens", str(budget)] if budget else []) + (
                 ["--min-batch-fill", fill] if fill else []) + (
                 [{"on": "--packing", "off": "--no-packing"}[pack]] if pack else []) + (
-                ["--split-min-tokens", "0"] if split == "off" else [])
+                ["--split-min-tokens", "0"] if split == "off" else []) + (
+                ["--hand-back-min-tokens", "0"] if hb == "off" else [])
             srv = Server([sys.executable, "-m", "floe", "serve", "--model", model_path,
                           "--engine", engine, "--dtype",
                           args.floe_dtype if engine == "openvino" else "bfloat16",
@@ -446,7 +453,7 @@ def main() -> None:
             servers.append(srv)
             systems[f"floe_{engine}" + (f"_b{budget}" if budget else "")
                     + (f"_f{fill}" if fill else "") + (f"_pack_{pack}" if pack else "")
-                    + (f"_split_{split}" if split else "")] = srv
+                    + (f"_split_{split}" if split else "") + (f"_hb_{hb}" if hb else "")] = srv
         inf = os.path.join(args.infinity, "bin", "infinity_emb")
         if "infinity" not in skip and os.path.exists(inf):
             port = free_port()

@@ -132,3 +132,23 @@ class Balancer:
         order = sorted(range(len(bounds)), key=lambda i: -(prefix[bounds[i][1]] - prefix[bounds[i][0]]))
         replica = {i: ranked[r].index for r, i in enumerate(order)}
         return [(replica[i], a, b) for i, (a, b) in enumerate(bounds)]
+
+    def donor(self, loads: Sequence[ReplicaLoad], idle: int,
+              min_tokens: int) -> Optional[tuple[int, int]]:
+        """Handing back (floe/fleet/router.py): replica ``idle`` has just answered its last
+        request while another still holds work. Returns the busiest other healthy replica (the
+        most in-flight tokens) and the tokens it is asked to give back, half of its in-flight
+        ones (what would leave the two even), where it holds at least twice ``min_tokens``;
+        None otherwise, or under another policy than ``least_loaded``."""
+        if self.policy != "least_loaded" or min_tokens <= 0:
+            return None
+        me = next((l for l in loads if l.index == idle), None)
+        if me is None or not me.healthy or me.in_flight_tokens or me.in_flight_requests:
+            return None
+        others = [l for l in loads if l.healthy and l.index != idle]
+        if not others:
+            return None
+        busiest = max(others, key=lambda l: (l.in_flight_tokens, -l.index))
+        if busiest.in_flight_tokens < 2 * min_tokens:
+            return None
+        return busiest.index, busiest.in_flight_tokens // 2

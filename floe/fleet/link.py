@@ -25,13 +25,15 @@ Messages of these three name the replica for the log; clients never see them.
 from __future__ import annotations
 
 import abc
-import asyncio
 from typing import Optional
+
+import numpy as np
 
 from floe.errors import ErrorKind, FloeError, UnavailableError
 from floe.proto import floe_pb2
-from floe.protocol import (AbortCall, EmbedResult, EncodeOptions, Frame, HealthAnswer, HealthCall,
-                           InfoCall, TokenBatch, encode_call, result_from_answer)
+from floe.protocol import (AbortCall, EmbedResult, EncodeOptions, Frame, HandBackCall, HealthAnswer,
+                           HealthCall, InfoCall, TokenBatch, encode_call, handed_from_answer,
+                           result_from_answer)
 
 
 class LinkError(UnavailableError):
@@ -78,6 +80,12 @@ class ReplicaLink(abc.ABC):
 
     @abc.abstractmethod
     async def abort(self, request_id: str, timeout: float) -> bool: ...
+
+    @abc.abstractmethod
+    async def hand_back(self, request_ids: list[str], max_tokens: int, min_tokens: int,
+                        timeout: float) -> list[tuple[str, np.ndarray]]:
+        """The replica's queued rows of these calls it gave back (HandBackCall): (request id,
+        items) per call."""
 
     @abc.abstractmethod
     async def close(self, grace: Optional[float] = None) -> None:
@@ -141,6 +149,11 @@ class FramesLink(ReplicaLink):
         except FloeError:
             return False
         return reply.success
+
+    async def hand_back(self, request_ids, max_tokens, min_tokens, timeout):
+        reply = await self._call(Frame.HAND_BACK, HandBackCall(request_ids, max_tokens, min_tokens),
+                                 timeout)
+        return handed_from_answer(reply)
 
     def fail_pending(self, why: str) -> None:
         self._conn.fail_pending(why)

@@ -74,7 +74,8 @@ class ReplicaManager(Routed):
                                   secrets.token_urlsafe(24), on_change=self._changed.set, key=key)
                       for i in range(r.num_replicas)]
         self.router = Router(Balancer(r.load_balancing), self.slots, r.forward_timeout,
-                             r.replica_wait, r.split_min_tokens)
+                             r.replica_wait, r.split_min_tokens,
+                             r.hand_back_min_tokens)
         self._stopped = False
 
     # -- lifecycle ------------------------------------------------------------------------------

@@ -116,7 +116,8 @@ class RemoteReplicas(Routed):
         self.targets = [RemoteReplica(i, limit, coalesce_limits(settings), key)
                         for i in range(r.num_replicas)]
         self.router = Router(Balancer(r.load_balancing, start=worker_index), self.targets,
-                             r.forward_timeout, r.replica_wait, r.split_min_tokens)
+                             r.forward_timeout, r.replica_wait, r.split_min_tokens,
+                             r.hand_back_min_tokens)
         self._stopped = False
 
     async def apply(self, table: ReplicaTable) -> None:

@@ -9,16 +9,26 @@ TCP; the errors and link outcomes are told apart there, once). Here:
   own), the proof of life the supervisor weighs against a missed health probe;
 - requests sent to the replica in the same event-loop turn share one call (coalesce.py), except
   a request sent ``alone`` (a retry after a replica died under it: it must not take innocent
-  requests down with it a second time).
+  requests down with it a second time);
+- handing back (``hand_back``, floe/fleet/router.py): the replica gives back queued rows of its
+  calls that it has not started, another replica computes them (``Rehome``), and the call's
+  answer is joined here (``EmbedResult.interleave``), so the coalescer and the router above see
+  a whole answer. Where the rows cannot be computed elsewhere, this replica gets them back in a
+  call of their own: rows handed back are never lost.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import time
-from typing import Optional
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Optional
 
-from floe.errors import FloeError
+import numpy as np
+
+from floe.errors import FloeError, InternalError
 from floe.proto import floe_pb2
 from floe.protocol import EmbedResult, EncodeOptions, HealthAnswer, TokenBatch
 from floe.fleet.coalesce import Coalescer
@@ -26,6 +36,24 @@ from floe.fleet.link import LinkError, ReplicaLink, open_link
 
 # Seconds an exited replica's link is kept open for the answers it sent before exiting.
 CLOSE_GRACE_S = 2.0
+# Seconds a replica has to answer a hand-back (it only takes rows out of its queue).
+HAND_BACK_TIMEOUT_S = 2.0
+
+log = logging.getLogger("floe.router")
+
+# Computes handed-back rows on another replica: (tokens, options, request id, timeout).
+Rehome = Callable[[TokenBatch, EncodeOptions, str, Optional[float]], Awaitable[EmbedResult]]
+
+
+@dataclass(eq=False)
+class _Call:
+    """A call on the wire, as a hand-back needs it."""
+
+    tokens: TokenBatch
+    options: EncodeOptions
+    timeout: Optional[float]
+    handed: bool = False   # named in a hand-back already: its rows are asked for once
+    rest: Optional[asyncio.Task] = None   # its handed-back rows, computed elsewhere
 
 
 def link_key(spec) -> tuple[str, str]:
@@ -52,6 +80,8 @@ class ReplicaClient:
         self.failed = 0      # requests that raised (any reason, cancellation included)
         self.last_answer = 0.0
         self._coalescer = Coalescer(self._call, coalesce_tokens, coalesce_items)
+        self._calls: dict[str, _Call] = {}   # by request id, in the order sent
+        self._handing: Optional[asyncio.Future] = None   # the hand-back on the wire
 
     @property
     def closed(self) -> bool:
@@ -67,7 +97,7 @@ class ReplicaClient:
         ok = False
         try:
             if alone:
-                result = await self._call(tokens, options, request_id, timeout)
+                result = await self._call(tokens, options, request_id, timeout, alone=True)
             else:
                 result = await self._coalescer.submit(tokens, options, request_id, timeout)
             ok = True
@@ -81,19 +111,85 @@ class ReplicaClient:
                 self.failed += 1
 
     async def _call(self, tokens: TokenBatch, options: EncodeOptions, request_id: str,
-                    timeout: Optional[float]) -> EmbedResult:
+                    timeout: Optional[float], alone: bool = False) -> EmbedResult:
+        call = None
+        if not alone and tokens.spans is None and request_id not in self._calls:
+            call = self._calls[request_id] = _Call(tokens, options, timeout)
         self.calls_in_flight += 1
         try:
-            result = await self.link.encode(request_id, tokens, options, timeout)
-        except LinkError:
-            raise
-        except FloeError:
-            self.last_answer = time.monotonic()   # the replica's own answer: it is alive
-            raise
+            try:
+                result = await self.link.encode(request_id, tokens, options, timeout)
+            except LinkError:
+                raise
+            except FloeError:
+                self.last_answer = time.monotonic()   # the replica's own answer: it is alive
+                raise
+            finally:
+                self.calls_in_flight -= 1
+            self.last_answer = time.monotonic()
+            if result.handed_back is not None:
+                result = await self._join(call, result, request_id)
+            return result
         finally:
-            self.calls_in_flight -= 1
-        self.last_answer = time.monotonic()
-        return result
+            if call is not None:
+                self._calls.pop(request_id, None)
+                if call.rest is not None and not call.rest.done():
+                    call.rest.cancel()   # the call failed or was withdrawn: so is its rest
+
+    async def _join(self, call: Optional["_Call"], kept: EmbedResult, request_id: str) -> EmbedResult:
+        """The call's whole answer from the replica's and its handed-back rows'."""
+        items = kept.handed_back
+        if call is None:
+            raise InternalError(f"replica {self.replica_index} left rows out of a call it was "
+                                "never asked to hand back")
+        if call.rest is None and self._handing is not None:
+            await asyncio.shield(self._handing)   # its hand-back's answer is on the wire
+        if call.rest is None:   # that answer was lost: the rows go back to this replica
+            call.rest = asyncio.ensure_future(self._call(
+                call.tokens.pick(items), call.options, request_id + "/back", call.timeout, True))
+        rest = await call.rest
+        try:
+            return EmbedResult.interleave(kept, rest, items)
+        except ValueError as e:
+            raise InternalError(f"joining a handed-back call failed: {e}") from None
+
+    async def hand_back(self, max_tokens: int, min_tokens: int, rehome: Rehome) -> int:
+        """Asks the replica for up to ``max_tokens`` of its queued, unstarted rows of this
+        client's calls (the most recent first), and has ``rehome`` compute them; returns how
+        many rows it gave. One at a time."""
+        if self._handing is not None:
+            return 0
+        named = [rid for rid, c in reversed(self._calls.items()) if not c.handed]
+        if not named:
+            return 0
+        for rid in named:
+            self._calls[rid].handed = True
+        self._handing = asyncio.get_running_loop().create_future()
+        try:
+            given = await self.link.hand_back(named, max_tokens, min_tokens, HAND_BACK_TIMEOUT_S)
+            rows = 0
+            for rid, items in given:
+                call = self._calls.get(rid)
+                if call is None or call.rest is not None:
+                    continue   # gone (its join falls back), or a reply naming it twice
+                call.rest = asyncio.ensure_future(self._rest(call, rid, items, rehome))
+                rows += len(items)
+            return rows
+        finally:
+            self._handing.set_result(None)
+            self._handing = None
+
+    async def _rest(self, call: "_Call", request_id: str, items: np.ndarray,
+                    rehome: Rehome) -> EmbedResult:
+        """A call's handed-back rows, computed on another replica; on this one again if that
+        fails for any reason but the call's own withdrawal."""
+        tokens = call.tokens.pick(items)
+        try:
+            return await rehome(tokens, call.options, request_id + "/rest", call.timeout)
+        except FloeError as e:
+            log.warning("handed-back rows of %s: %s; computing them on replica %d", request_id,
+                        e.message, self.replica_index)
+        return await self._call(tokens, call.options, request_id + "/back", call.timeout, True)
 
     @property
     def queued_requests(self) -> int:

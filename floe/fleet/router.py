@@ -35,6 +35,17 @@ tokens), sent side by side and answered as one. Each part is routed as a request
 fails the request with its error and withdraws the others, and a request aborted by its client
 aborts every part. A sequential client, one large request at a time, then gets every replica.
 
+**Handing back.** A client that sends a wave of requests and waits for all of them (an indexing
+tool's batch of calls) ends each wave with one replica still working through its queue while
+the other, done, waits: on two cores that was 2-12% of a short wave. When a replica answers its
+last request while another holds at least twice ``hand_back_min_tokens`` in flight
+(``Balancer.donor``), the router asks the busy one to give back queued inputs no batch has
+taken yet, up to half its work, of this front end's calls only, most recent first (the
+replica's ``hand_back``); each call that gave some is answered without them, and the rows are
+routed as a request of their own, to the idle replica first, then joined into the call's answer
+(floe/fleet/replica_client.py). Nothing computed is computed twice, and rows the other replica
+cannot take go back to the first one: a hand-back never loses a row. One hand-back at a time.
+
 Client-facing messages never name replica addresses; the log line does.
 """
 
@@ -95,12 +106,15 @@ def fingerprint(tokens: TokenBatch) -> bytes:
 
 class Router:
     def __init__(self, balancer: Balancer, targets: Sequence[Target], forward_timeout: float,
-                 replica_wait: float, split_min_tokens: int = 0) -> None:
+                 replica_wait: float, split_min_tokens: int = 0,
+                 hand_back_min_tokens: int = 0) -> None:
         self.balancer = balancer
         self.targets = list(targets)
         self.forward_timeout = forward_timeout
         self.replica_wait = replica_wait
         self.split_min_tokens = split_min_tokens
+        self.hand_back_min_tokens = hand_back_min_tokens
+        self._handing_back: Optional[asyncio.Task] = None
         self._routes: dict[str, Target] = {}   # request id -> replica running it (for abort)
         self._parts: dict[str, list[str]] = {}   # request id -> its parts' ids (a split request)
         self._suspects = asyncio.Lock()        # one crash suspect in flight at a time
@@ -113,6 +127,7 @@ class Router:
         self.failed_retries = 0   # requests whose retry failed too
         self.poisoned = 0         # requests refused as inputs that crash the model
         self.split = 0            # requests cut across replicas
+        self.handed_back = 0      # rows a replica gave back to be computed on another
 
     def _pick(self, exclude: list[int]) -> Optional[Target]:
         i = self.balancer.pick([t.load() for t in self.targets], exclude)
@@ -292,6 +307,7 @@ class Router:
             result = await client.encode(tokens, options, request_id, timeout=self.forward_timeout,
                                          alone=alone)
             self._refused_until.pop(target.index, None)
+            self._maybe_hand_back(target)
             return result, None, False
         except ReplicaTimeout as e:
             log.warning("request %s: %s; answered 503", request_id, e.message)
@@ -320,6 +336,34 @@ class Router:
                     " (its process crashed)" if crashed else "")
         return None, err, crashed
 
+    def _maybe_hand_back(self, idle: Target) -> None:
+        """After an answer: where its replica has nothing left in flight and another has a
+        queue, that one hands back part of it (module docstring, "Handing back")."""
+        if self.hand_back_min_tokens <= 0 or self._handing_back is not None:
+            return
+        decision = self.balancer.donor([t.load() for t in self.targets], idle.index,
+                                       self.hand_back_min_tokens)
+        client = None if decision is None else self.targets[decision[0]].client
+        if client is not None:
+            self._handing_back = asyncio.ensure_future(
+                self._hand_back(client, idle.index, decision[1]))
+
+    async def _hand_back(self, client: ReplicaClient, idle: int, max_tokens: int) -> None:
+        async def rehome(tokens: TokenBatch, options: EncodeOptions, request_id: str,
+                         _timeout: Optional[float]) -> EmbedResult:
+            return await self._encode_whole(tokens, options, request_id, prefer=idle)
+
+        try:
+            rows = await client.hand_back(max_tokens, self.hand_back_min_tokens, rehome)
+        except FloeError as e:   # the rows it may have given are computed where they were
+            log.info("replica %d did not answer a hand-back: %s", client.replica_index, e.message)
+            rows = 0
+        finally:
+            self._handing_back = None
+        if rows:
+            self.handed_back += rows
+            metrics.HANDED_BACK_ROWS.inc(rows)
+
     def status(self, replicas: list[dict], ready: bool, stopping: bool) -> dict:
         """The /info summary of the replicas behind this router (``replicas``: one dict each,
         with at least ``index``, ``state`` and ``healthy``), with the router's own counters."""
@@ -330,6 +374,7 @@ class Router:
                 "num_replicas": len(replicas), "retried_requests": self.retried,
                 "failed_retries": self.failed_retries, "poisoned_requests": self.poisoned,
                 "early_refused_requests": self.early_refused, "split_requests": self.split,
+                "handed_back_rows": self.handed_back,
                 "replicas": replicas}
 
     async def abort(self, request_id: str) -> bool:
@@ -356,3 +401,4 @@ class Routed:
 
     async def abort(self, request_id: str) -> bool:
         return await self.router.abort(request_id)
+

@@ -77,3 +77,23 @@ class AdmissionPolicy:
             return Decision(False, predicted, None,
                             max(MIN_RETRY_AFTER_S, ahead_s - self.max_queue_s), "queue")
         return Decision(True, predicted, None)
+
+
+def refusal_message(decision) -> str:
+    """The client's message for a refused request: why, with the prediction."""
+    if decision.reason == "queue":
+        return (f"the queue holds {decision.predicted_s:.1f} s of work, more than the server's "
+                "bound; retry later")
+    what = "its deadline" if decision.reason == "deadline" else "the server's latency target"
+    return (f"the request is predicted to finish in {decision.predicted_s * 1000:.0f} ms, past "
+            f"{what} ({max(0.0, decision.limit_s) * 1000:.0f} ms left); retry later")
+
+
+def wall_factor(current: float, seconds: float, idle_s: float, predicted_s: float) -> float:
+    """The moving wall-per-predicted-second factor after a window of ``seconds`` in which the
+    engine waited ``idle_s`` and ran batches the cost model priced at ``predicted_s``. A window
+    with little work says nothing (the factor stays); the factor is kept within [0.5, 10]."""
+    if seconds <= 0 or predicted_s < 0.2 * seconds:
+        return current
+    ratio = min(10.0, max(0.5, max(0.0, seconds - idle_s) / predicted_s))
+    return current + 0.3 * (ratio - current)

@@ -30,7 +30,6 @@ Failure isolation: an exception in ``prepare`` or ``run`` fails only the request
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 import queue
 import threading
@@ -48,10 +47,12 @@ from floe.engine.base import Engine
 from floe.errors import (DeadlineError, FloeError, InternalError, OverloadedError, TooLargeError,
                          UnavailableError, CancelledError as FloeCancelled)
 from floe.kinds import kind_of
-from floe.protocol import ITEMSIZE, EmbedResult, EncodeOptions, Timings, TokenBatch
+from floe import validate
+from floe.protocol import EmbedResult, EncodeOptions, Timings, TokenBatch
 from floe.proto import floe_pb2
-from floe.replica.admission import AdmissionPolicy
+from floe.replica.admission import AdmissionPolicy, refusal_message, wall_factor
 from floe.replica.cost import CostModel
+from floe.replica.histograms import HISTOGRAMS, Histogram
 from floe.replica.scheduler import DEFAULT_MAX_WAIT_S, Scheduler, Sequence
 from floe.replica.tuning import Knobs, Tuner, Window
 from floe.resolve import GPU_BATCH_TOKENS
@@ -64,42 +65,6 @@ MAX_TUNED_BUDGET = GPU_BATCH_TOKENS
 TUNE_WINDOW_S = 1.0
 
 log = logging.getLogger("floe.replica")
-
-# Histogram bucket upper bounds (+Inf implied). floe/metrics.py exports the same bounds.
-BATCH_SIZE_BOUNDS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-BATCH_TOKENS_BOUNDS: tuple[float, ...] = (
-    64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
-PADDING_EFFICIENCY_BOUNDS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
-QUEUE_WAIT_SECONDS_BOUNDS: tuple[float, ...] = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-INFERENCE_SECONDS_BOUNDS: tuple[float, ...] = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-HISTOGRAMS: dict[str, tuple[float, ...]] = {
-    "batch_size": BATCH_SIZE_BOUNDS,
-    "batch_tokens": BATCH_TOKENS_BOUNDS,
-    "padding_efficiency": PADDING_EFFICIENCY_BOUNDS,
-    "queue_wait_seconds": QUEUE_WAIT_SECONDS_BOUNDS,
-    "inference_seconds": INFERENCE_SECONDS_BOUNDS,
-}
-
-
-class _Histogram:
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, v: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, v)] += 1  # first bound >= v
-        self.sum += v
-        self.count += 1
-
-    def to_proto(self, name: str) -> floe_pb2.Histogram:
-        return floe_pb2.Histogram(name=name, bounds=self.bounds, counts=self.counts,
-                                  sum=self.sum, count=self.count)
-
 
 @dataclass(eq=False)
 class _Request:
@@ -121,6 +86,16 @@ class _Request:
     result: Optional[EmbedResult] = None   # set by the finisher before it completes the request
     dropped: bool = False   # cancelled or aborted: results are discarded
     done: bool = False
+    handed_back: Optional[np.ndarray] = None   # items given back uncomputed (hand_back)
+
+
+@dataclass(eq=False)
+class _HandedBack:
+    """Items of a request the scheduler thread took out of the queue and handed back: the
+    finisher, the only writer of ``remaining`` once a request is queued, counts them done."""
+
+    req: _Request
+    items: np.ndarray
 
 
 @dataclass
@@ -176,7 +151,9 @@ class ReplicaCore:
         self._engine_cv = threading.Condition(lock)  # the engine thread waits for the slot
         self._drain_cv = threading.Condition(lock)   # stop() waits for in-flight requests
         # --- guarded by lock (any of the three conditions) ---
-        self._inbox: list[tuple[str, Any]] = []   # ("add", _Request) | ("drop", key)
+        # ("add", _Request) | ("drop", key) | ("hand_back", (ids, max, min tokens, loop, future))
+        self._inbox: list[tuple[str, Any]] = []
+        self._handed: list[_HandedBack] = []       # taken out, not yet given to the finisher
         self._slot: Optional[_Batch] = None        # prepared batch waiting for the engine
         self._running = False                      # engine thread inside engine.run
         self._forming = False                      # scheduler thread preparing a batch
@@ -201,7 +178,7 @@ class ReplicaCore:
         # prepare and finish threads) drains its queue slower than its passes add up to.
         # Admission predicts with it (1: no evidence yet).
         self.wall_factor = 1.0
-        self._hist = {name: _Histogram(b) for name, b in HISTOGRAMS.items()}
+        self._hist = {name: Histogram(b) for name, b in HISTOGRAMS.items()}
         self._threads: list[threading.Thread] = []
         # engine thread -> finisher: (batch, output, seconds, error); None ends the finisher
         self._finish_q: queue.Queue = queue.Queue(maxsize=2)
@@ -259,19 +236,9 @@ class ReplicaCore:
     # --- requests -------------------------------------------------------------------------
 
     def _assert_invariants(self, tokens: TokenBatch, options: EncodeOptions) -> None:
-        """What validation at the edge (floe/validate.py) guarantees, re-checked in O(1) numpy
-        passes because a violation would reach the model (an out-of-vocabulary id can poison a
-        CUDA context). A violation is a bug upstream, so it is an internal error, not a 400."""
-        spec = self.spec
-        ok = (tokens.n > 0 and int(tokens.lengths.min()) >= 1
-              and int(tokens.lengths.max()) <= spec.max_seq_length
-              and int(tokens.lengths.sum()) == tokens.total_tokens
-              and int(tokens.ids.min()) >= 0 and int(tokens.ids.max()) < spec.vocab_size
-              and (options.dimensions is None or 1 <= options.dimensions <= spec.dim)
-              and options.output_dtype in ITEMSIZE
-              and (tokens.type_splits is None or self.kind.pairs)
-              and (tokens.spans is None or "embed" in self.kind.route_kinds))
-        if not ok:
+        # a violation would reach the model (an out-of-vocabulary id can poison a CUDA
+        # context); it is a bug upstream, so an internal error, not a 400
+        if not validate.invariants_hold(self.spec, self.kind, tokens, options):
             log.error("request violates the replica's invariants (validation missed it): %d "
                       "items, lengths %s..%s", tokens.n, tokens.lengths.min(initial=0),
                       tokens.lengths.max(initial=0))
@@ -307,7 +274,7 @@ class ReplicaCore:
                 options.deadline)
             if not decision.admit:
                 self._count("refused_requests")
-                raise OverloadedError(_refusal(decision), retry_after=decision.retry_after_s)
+                raise OverloadedError(refusal_message(decision), retry_after=decision.retry_after_s)
             key = self._next_key
             self._next_key += 1
             req = _Request(key=key, request_id=request_id, tokens=tokens, options=options,
@@ -360,6 +327,49 @@ class ReplicaCore:
             self._complete(req, FloeCancelled(f"request {request_id} was aborted"))
         return bool(reqs)
 
+    async def hand_back(self, request_ids: list[str], max_tokens: int,
+                        min_tokens: int = 1) -> list[tuple[str, np.ndarray]]:
+        """Takes queued sequences of these requests (the asker's, most recent first) out of the
+        queue, up to ``max_tokens`` and half the queued tokens (none if that is under
+        ``min_tokens``); returns (request id, items) for each that gave any, and answers it
+        without them (``EmbedResult.handed_back``). floe/fleet/router.py, "Handing back"."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self._cv:
+            self._inbox.append(("hand_back", (list(request_ids), max_tokens, min_tokens, loop, fut)))
+            self._cv.notify()
+        return await fut
+
+    def _take_back(self, request_ids: list[str], max_tokens: int, min_tokens: int) -> list:
+        # scheduler thread, _cv held. Late chunking's rows and a sparse model's stay. A batch
+        # prepared for the engine but not started is unstarted work too: at a wave's end it is
+        # most of what is left, so its inputs go back to the queue to be shared.
+        slot = self._slot if self._slot is not None and self._slot.error is None else None
+        slot_tokens = sum(s.length for s in slot.seqs) if slot and slot.seqs[0].group == 0 else 0
+        room = min(max_tokens, (self._sched.queued_tokens + slot_tokens) // 2)
+        given: list[tuple[str, np.ndarray]] = []
+        if room < min_tokens or self.kind.keeps_sparse_rows:
+            return given
+        if slot_tokens:
+            self._slot = None
+            live = [q for q in slot.seqs if not (q.payload[0].dropped or q.payload[0].done)]
+            self._sched.requeue(live)
+            self._queued_tokens += sum(q.length for q in live)
+            self._queued_seqs += len(live)
+        for rid in request_ids:
+            req = next((r for r in self._by_id.get(rid, ()) if not (r.dropped or r.done)), None)
+            seqs = (self._sched.take_request(req.key, room)
+                    if req is not None and req.tokens.spans is None and room > 0 else ())
+            if seqs:
+                tokens = sum(q.length for q in seqs)
+                room -= tokens
+                self._queued_tokens -= tokens
+                self._queued_seqs -= len(seqs)
+                items = np.sort(np.fromiter((q.index for q in seqs), dtype=np.int64, count=len(seqs)))
+                self._handed.append(_HandedBack(req, items))
+                given.append((rid, items))
+        return given
+
     def _drop(self, req: _Request) -> None:
         # the scheduler thread removes the queued sequences; rows already in a batch are discarded
         with self._cv:
@@ -370,10 +380,17 @@ class ReplicaCore:
             self._cv.notify()
 
     def _post(self, req: _Request) -> EmbedResult:
-        """The request's answer: its kind's per-request steps over its rows (Kind.finish)."""
-        return self.kind.finish(self.spec, req.rows, req.options, req.tokens.lengths,
-                                req.request_id, Timings(queue_s=req.queue_s,
-                                                        inference_s=req.inference_s))
+        """The request's answer: its kind's per-request steps over its rows (Kind.finish),
+        those it handed back left out."""
+        rows, lengths = req.rows, req.tokens.lengths
+        if req.handed_back is not None:
+            kept = np.ones(req.tokens.n, dtype=bool)
+            kept[req.handed_back] = False
+            rows, lengths = rows[kept], lengths[kept]
+        result = self.kind.finish(self.spec, rows, req.options, lengths, req.request_id,
+                                  Timings(queue_s=req.queue_s, inference_s=req.inference_s))
+        result.handed_back = req.handed_back
+        return result
 
     def _complete(self, req: _Request, error: Optional[FloeError] = None) -> None:
         """Finishes a request once (from any thread) and wakes its awaiting task."""
@@ -397,7 +414,7 @@ class ReplicaCore:
                 self._c["failed_requests"] += 1
             else:
                 self._hist["queue_wait_seconds"].observe(req.queue_s)
-        req.loop.call_soon_threadsafe(_wake, req.future)
+        req.loop.call_soon_threadsafe(_resolve, req.future, None)
 
     # --- scheduler thread -----------------------------------------------------------------
 
@@ -432,6 +449,9 @@ class ReplicaCore:
                                       None if splits is None else int(splits[i]), rows[i],
                                       bounds[i]))
                     for i in range(req.tokens.n))
+            elif kind == "hand_back":
+                *ask, loop, fut = item
+                loop.call_soon_threadsafe(_resolve, fut, self._take_back(*ask))
             else:
                 before = self._sched.queued_tokens
                 n = self._sched.remove_request(item)
@@ -449,6 +469,7 @@ class ReplicaCore:
         window = self._window_counters()
         while True:
             expired: list[_Request] = []
+            handed: list[_HandedBack] = []
             seqs = None
             with self._cv:
                 while True:
@@ -457,7 +478,8 @@ class ReplicaCore:
                         return
                     now = time.monotonic()
                     expired = self._expire(now)
-                    if expired:
+                    handed, self._handed = self._handed, []
+                    if expired or handed:
                         break   # completed outside the lock
                     if now >= next_tune:
                         window = self._tune(now, window)
@@ -481,7 +503,9 @@ class ReplicaCore:
                         timeout = max(0.0, expiry - now) if timeout is None else min(
                             timeout, max(0.0, expiry - now))
                     self._cv.wait(timeout)
-            if expired:
+            for item in handed:
+                self._finish_q.put(item)   # (outside the lock: the finisher takes it)
+            if expired or handed:
                 for req in expired:
                     self._complete(req, DeadlineError(
                         f"request {req.request_id} passed its deadline while queued; it was "
@@ -582,8 +606,7 @@ class ReplicaCore:
             self._sched.min_fill = k.min_fill
             self._count("tuning_changes", len(changes))
             for c in changes:
-                log.info("replica %s tuning: %s %s -> %s (%s)", self.replica_id, c.knob,
-                         _knob_text(c.old), _knob_text(c.new), c.reason)
+                log.info("replica %s tuning: %s", self.replica_id, c)
         return cur
 
     # --- engine thread --------------------------------------------------------------------
@@ -639,12 +662,31 @@ class ReplicaCore:
             item = self._finish_q.get()
             if item is None:
                 return
+            if isinstance(item, _HandedBack):
+                self._count_handed_back(item)
+                continue
             try:
                 self._finish(*item)
             except BaseException:  # noqa: BLE001 - a bug here must not strand every later request
                 log.exception("finishing batch %d failed", item[0].number)
                 for req in {s.payload[0] for s in item[0].seqs}:
                     self._complete(req, InternalError("inference failed for this batch"))
+
+    def _count_handed_back(self, item: _HandedBack) -> None:
+        item.req.handed_back = item.items
+        item.req.remaining -= len(item.items)
+        if item.req.remaining == 0 and not (item.req.done or item.req.dropped):
+            self._answer(item.req)
+
+    def _answer(self, req: _Request) -> None:
+        """Completes a request whose last row is stored, with its answer (finisher thread)."""
+        try:
+            req.result = self._post(req)
+        except Exception:  # noqa: BLE001 - this request's post step, not the batch's
+            log.exception("post-processing request %s failed", req.request_id)
+            self._complete(req, InternalError("post-processing failed for this request"))
+            return
+        self._complete(req)
 
     def _finish(self, batch: _Batch, out: Any, started: float,
                 error: Optional[BaseException], forward_s: float) -> None:
@@ -713,13 +755,7 @@ class ReplicaCore:
                             int(starts[row + 1]), s.payload[3])
             req.remaining -= 1
             if req.remaining == 0:
-                try:
-                    req.result = self._post(req)
-                except Exception:  # noqa: BLE001 - this request's post step, not the batch's
-                    log.exception("post-processing request %s failed", req.request_id)
-                    self._complete(req, InternalError("post-processing failed for this request"))
-                    continue
-                self._complete(req)
+                self._answer(req)
 
     # --- introspection --------------------------------------------------------------------
 
@@ -751,35 +787,12 @@ class ReplicaCore:
         return msg
 
 
-def wall_factor(current: float, seconds: float, idle_s: float, predicted_s: float) -> float:
-    """The moving wall-per-predicted-second factor after a window of ``seconds`` in which the
-    engine waited ``idle_s`` and ran batches the cost model priced at ``predicted_s``. A window
-    with little work says nothing (the factor stays); the factor is kept within [0.5, 10]."""
-    if seconds <= 0 or predicted_s < 0.2 * seconds:
-        return current
-    ratio = min(10.0, max(0.5, max(0.0, seconds - idle_s) / predicted_s))
-    return current + 0.3 * (ratio - current)
-
-
-def _knob_text(v: Any) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
-
-
-def _refusal(decision) -> str:
-    """The client's message for a refused request: why, with the prediction."""
-    if decision.reason == "queue":
-        return (f"the queue holds {decision.predicted_s:.1f} s of work, more than the server's "
-                "bound; retry later")
-    what = "its deadline" if decision.reason == "deadline" else "the server's latency target"
-    return (f"the request is predicted to finish in {decision.predicted_s * 1000:.0f} ms, past "
-            f"{what} ({max(0.0, decision.limit_s) * 1000:.0f} ms left); retry later")
-
-
 def _rows(tokens: TokenBatch) -> int:
     """Output rows of a request: one per item, or one per span (late chunking)."""
     return tokens.n if tokens.spans is None else tokens.spans.rows
 
 
-def _wake(fut: asyncio.Future) -> None:
+def _resolve(fut: asyncio.Future, value: Any) -> None:
     if not fut.done():
-        fut.set_result(None)
+        fut.set_result(value)
+

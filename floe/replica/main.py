@@ -175,6 +175,11 @@ class ReplicaBackend:
     async def abort(self, request_id: str) -> bool:
         return self.core.abort(request_id)
 
+    async def hand_back(self, request_ids: list[str], max_tokens: int, min_tokens: int) -> list:
+        if self.draining:
+            return []   # draining: what is queued here is computed here
+        return await self.core.hand_back(request_ids, max_tokens, min_tokens)
+
 
 def _setup_logging(rt: Runtime) -> None:
     from floe.logs import JsonFormatter

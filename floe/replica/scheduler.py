@@ -197,6 +197,13 @@ class Scheduler:
             self._by_len.extend(new)
             self._by_len.sort()
 
+    def requeue(self, seqs: Iterable[Sequence]) -> None:
+        """Puts back sequences taken out in a batch that did not run (their arrival kept); they
+        say nothing about the company a lone batch had."""
+        company_until, self._company_until = self._company_until, None
+        self.add_many(seqs)
+        self._company_until = company_until
+
     def remove_request(self, request_key: Hashable) -> int:
         """Drops every queued sequence of a request; returns how many were dropped."""
         sids = self._by_request.pop(request_key, None)
@@ -206,6 +213,24 @@ class Scheduler:
             self._forget(sid, keep_request_index=True)
         self._maybe_compact()
         return len(sids)
+
+    def take_request(self, request_key: Hashable, max_tokens: int) -> list[Sequence]:
+        """Takes a request's queued sequences out of the queue, its last items first, while
+        their tokens stay within ``max_tokens``; returns them (the replica hands them back to
+        be computed elsewhere)."""
+        sids = self._by_request.get(request_key)
+        if not sids:
+            return []
+        taken: list[Sequence] = []
+        room = max_tokens
+        for sid in sorted(sids, key=lambda s: -self._live[s].index):
+            if self._live[sid].length > room:
+                continue
+            room -= self._live[sid].length
+            taken.append(self._forget(sid))
+        if taken:
+            self._maybe_compact()
+        return taken
 
     def _forget(self, sid: int, keep_request_index: bool = False) -> Sequence:
         seq = self._live.pop(sid)

@@ -81,6 +81,11 @@ class Change:
     new: Any
     reason: str
 
+    def __str__(self) -> str:
+        def text(v: Any) -> str:
+            return f"{v:g}" if isinstance(v, float) else str(v)
+        return f"{self.knob} {text(self.old)} -> {text(self.new)} ({self.reason})"
+
 
 class Tuner:
     def __init__(self, base: Knobs, *, min_budget: int, max_budget: int, max_batch_size: int,

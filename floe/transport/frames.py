@@ -24,7 +24,8 @@ from floe.errors import FloeError, InternalError, ValidationError
 from floe.proto import floe_pb2
 from floe.protocol import (FRAME_CALLS, MAX_CALL_ID, AbortAnswer, Frame, FrameReader, HealthAnswer,
                            decode_message, encode_answer, encode_message, error_from_frame,
-                           error_to_frame, frame, options_from_link, tokens_from_call)
+                           error_to_frame, frame, hand_back_answer, options_from_link,
+                           tokens_from_call)
 
 log = logging.getLogger("floe.frames")
 
@@ -42,6 +43,9 @@ class FramesBackend(Protocol):
     async def replica_info(self) -> floe_pb2.GetReplicaInfoResponse: ...
 
     async def abort(self, request_id: str) -> bool: ...
+
+    async def hand_back(self, request_ids: list[str], max_tokens: int,
+                        min_tokens: int) -> list[tuple[str, Any]]: ...
 
 
 # --- the replica's side ---------------------------------------------------------------------------
@@ -111,6 +115,9 @@ class _ServerConnection(asyncio.Protocol):
             return encode_message(HealthAnswer(healthy=h.healthy, ready=h.ready, message=h.message))
         if kind == Frame.INFO:
             return encode_message(await backend.replica_info())
+        if kind == Frame.HAND_BACK:
+            given = await backend.hand_back(msg.request_ids, msg.max_tokens, msg.min_tokens)
+            return encode_message(hand_back_answer(given))
         ok = await backend.abort(msg.request_id)
         return encode_message(AbortAnswer(success=ok, message="aborted" if ok else
                                           "no such request in flight"))

@@ -115,9 +115,11 @@ async def test_policy_distribution(fake_env, policy):
 async def test_least_loaded_avoids_the_busy_replica(fake_env):
     # a 4000-token request takes ~16 s: six small ones must finish while it runs, on a loaded
     # machine; no health probe meanwhile (see test_policy_distribution)
+    # (nor handing back: the idle replica would take part of the large request,
+    # test_a_busy_replica_hands_back_queued_inputs_to_an_idle_one)
     m, _ = await started(make_settings(load_balancing="least_loaded", fake_seconds_per_token=0.004,
                                        forward_timeout=60.0, health_interval=60.0,
-                                       split_min_tokens=0))
+                                       split_min_tokens=0, hand_back_min_tokens=0))
     try:
         big = asyncio.create_task(m.encode(tokens(0, n_items=16, length=250), EncodeOptions(), "big"))
         await asyncio.sleep(0.1)
@@ -160,6 +162,36 @@ async def test_a_large_request_is_cut_across_the_replicas_and_loses_nothing_to_a
             tb = tokens(k, n_items=64, length=16)
             expected = engine.run(engine.prepare([tb.item(i) for i in range(tb.n)]))
             np.testing.assert_allclose(r.as_float32(), expected, rtol=1e-6, atol=1e-6)
+    finally:
+        await m.stop()
+
+
+async def test_a_busy_replica_hands_back_queued_inputs_to_an_idle_one(fake_env):
+    """A 4,000-token request on one replica, a small one on the other: when the small one is
+    answered, the busy replica gives back the inputs it has not started (the batch it prepared
+    included), the idle one computes them, and the large request's answer is whole and exact."""
+    m, spec = await started(make_settings(load_balancing="least_loaded", health_interval=60.0,
+                                          fake_seconds_per_token=0.0002, split_min_tokens=0,
+                                          forward_timeout=60.0))
+    try:
+        engine = FakeEngine(spec)
+        big_tokens = tokens(0, n_items=40, length=100)
+        big = asyncio.create_task(m.encode(big_tokens, EncodeOptions(normalize=False), "big"))
+        await asyncio.sleep(0.2)
+        busy = next(r.index for r in m.slots if r.client.in_flight_tokens)
+        small = await m.encode(tokens(1, length=8), EncodeOptions(normalize=False), "small")
+        assert small.n == 1
+        r = await asyncio.wait_for(big, 60)
+        expected = engine.run(engine.prepare([big_tokens.item(i) for i in range(40)]))
+        np.testing.assert_allclose(r.as_float32(), expected, rtol=1e-6, atol=1e-6)
+        assert r.n == 40 and r.request_id == "big" and r.token_counts.tolist() == [100] * 40
+        # the busy replica's running batch is its own; of the rest, up to half went
+        assert 1 <= m.router.handed_back <= 20, m.router.handed_back
+        assert m.status()["handed_back_rows"] == m.router.handed_back
+        infos = await m.replica_infos()
+        assert infos[busy].stats.sequences == 40 - m.router.handed_back
+        assert infos[1 - busy].stats.sequences == 1 + m.router.handed_back
+        assert [s.client.in_flight_tokens for s in m.slots] == [0, 0]
     finally:
         await m.stop()
 

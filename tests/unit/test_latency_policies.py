@@ -426,7 +426,7 @@ def test_every_change_says_what_and_why_and_is_counted():
 # --- the wall factor: queue drain slower than the passes add up to -----------------------------
 
 def test_wall_factor_follows_how_much_slower_the_queue_drains_than_predicted():
-    from floe.replica.core import wall_factor
+    from floe.replica.admission import wall_factor
 
     f = 1.0
     for _ in range(30):   # 1 s windows, never idle, passes priced at 0.5 s: the queue drains at half

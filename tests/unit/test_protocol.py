@@ -142,7 +142,7 @@ def test_every_call_frame_has_its_request_and_answer_messages():
 
     import msgspec
 
-    assert set(FRAME_CALLS) == {Frame.ENCODE, Frame.HEALTH, Frame.INFO, Frame.ABORT}
+    assert set(FRAME_CALLS) == {Frame.ENCODE, Frame.HEALTH, Frame.INFO, Frame.ABORT, Frame.HAND_BACK}
     for kind, (request_type, answer_type) in FRAME_CALLS.items():
         # the link's own messages; only GetReplicaInfo is the public API's (what it returns)
         assert issubclass(request_type, msgspec.Struct)
@@ -200,3 +200,52 @@ def test_the_private_encode_answer_round_trips_dense_and_sparse():
     sb = result_from_answer(decode_message(EncodeAnswer, encode_message(encode_answer(sparse))))
     assert sb.sparse.counts.tolist() == [2, 1] and sb.sparse.indices.tolist() == [3, 9, 7]
     assert sb.sparse.values.tolist() == [0.5, 1.5, 2.0] and sb.data == b""
+
+
+def test_picked_items_keep_their_ids_lengths_and_type_splits():
+    tb = TokenBatch(np.arange(10, dtype=np.int32), np.array([1, 2, 3, 4]),
+                    type_splits=np.array([1, 1, 2, 3]))
+    got = tb.pick(np.array([1, 3]))
+    assert got.lengths.tolist() == [2, 4]
+    assert got.ids.tolist() == [1, 2, 6, 7, 8, 9]
+    assert got.type_splits.tolist() == [1, 3]
+    assert tb.pick(np.array([], dtype=np.int64)).n == 0
+
+
+def test_a_handed_back_answer_interleaves_into_item_order():
+    from floe.protocol import EmbedResult
+
+    full = np.arange(5 * 3, dtype=np.float32).reshape(5, 3)
+    counts = np.array([10, 11, 12, 13, 14])
+    rest_items = np.array([1, 4])
+    kept_items = np.array([0, 2, 3])
+    kept = EmbedResult.from_array(full[kept_items], "bfloat16", counts[kept_items],
+                                  handed_back=rest_items)
+    rest = EmbedResult.from_array(full[rest_items], "bfloat16", counts[rest_items])
+    joined = EmbedResult.interleave(kept, rest, rest_items)
+    assert joined.handed_back is None
+    assert joined.n == 5 and joined.token_counts.tolist() == counts.tolist()
+    assert joined.data == EmbedResult.from_array(full, "bfloat16", counts).data
+    with pytest.raises(ValueError, match="does not fit"):
+        EmbedResult.interleave(kept, rest, np.array([1]))   # rows and items disagree
+    with pytest.raises(ValueError, match="does not fit"):
+        EmbedResult.interleave(kept, rest, np.array([1, 5]))   # an item past the call
+
+
+def test_hand_back_messages_round_trip():
+    from floe.protocol import (EmbedResult, HandBackAnswer, HandBackCall, decode_message,
+                               encode_answer, encode_message, hand_back_answer,
+                               handed_from_answer, result_from_answer)
+
+    call = decode_message(HandBackCall, encode_message(HandBackCall(["b", "a"], 900, 300)))
+    assert (call.request_ids, call.max_tokens, call.min_tokens) == (["b", "a"], 900, 300)
+    wire = encode_message(hand_back_answer([("a", np.array([2, 7]))]))
+    back = handed_from_answer(decode_message(HandBackAnswer, wire))
+    assert back[0][0] == "a" and back[0][1].tolist() == [2, 7]
+    with pytest.raises(ValidationError, match="whole int32s"):
+        handed_from_answer(HandBackAnswer(calls=[("a", b"\x01\x02")]))
+    r = EmbedResult.from_array(np.ones((1, 2), np.float32), "float32", [3],
+                               handed_back=np.array([0, 2]))
+    assert result_from_answer(encode_answer(r)).handed_back.tolist() == [0, 2]
+    assert result_from_answer(encode_answer(EmbedResult.from_array(
+        np.ones((1, 2), np.float32), "float32", [3]))).handed_back is None
