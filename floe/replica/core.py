@@ -341,12 +341,14 @@ class ReplicaCore:
         return await fut
 
     def _take_back(self, request_ids: list[str], max_tokens: int, min_tokens: int) -> list:
-        # scheduler thread, _cv held. Late chunking's rows and a sparse model's stay. A batch
-        # prepared for the engine but not started is unstarted work too: at a wave's end it is
-        # most of what is left, so its inputs go back to the queue to be shared.
+        # scheduler thread, _cv held. Late chunking's and sparse rows stay. The batch prepared
+        # but not started is most of a wave's end: its inputs go back to the queue, to share.
         slot = self._slot if self._slot is not None and self._slot.error is None else None
         slot_tokens = sum(s.length for s in slot.seqs) if slot and slot.seqs[0].group == 0 else 0
-        room = min(max_tokens, (self._sched.queued_tokens + slot_tokens) // 2)
+        # half of all it holds goes, counting the running pass's rest (in tokens) as held
+        per_token, movable = self.cost.coefficients.per_token_s, self._sched.queued_tokens + slot_tokens
+        running = max(0.0, self._running_until - time.monotonic()) / per_token if per_token > 0 else 0
+        room = int(min(max_tokens, movable, (movable + running) / 2))
         given: list[tuple[str, np.ndarray]] = []
         if room < min_tokens or self.kind.keeps_sparse_rows:
             return given
