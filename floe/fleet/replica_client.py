@@ -28,11 +28,11 @@ from typing import Awaitable, Callable, Optional
 
 import numpy as np
 
-from floe.errors import FloeError, InternalError
+from floe.errors import FloeError, InternalError, PoisonInputError
 from floe.proto import floe_pb2
 from floe.protocol import EmbedResult, EncodeOptions, HealthAnswer, TokenBatch
 from floe.fleet.coalesce import Coalescer
-from floe.fleet.link import LinkError, ReplicaLink, open_link
+from floe.fleet.link import LinkError, ReplicaLink, ReplicaLost, open_link
 
 # Seconds an exited replica's link is kept open for the answers it sent before exiting.
 CLOSE_GRACE_S = 2.0
@@ -186,6 +186,11 @@ class ReplicaClient:
         tokens = call.tokens.pick(items)
         try:
             return await rehome(tokens, call.options, request_id + "/rest", call.timeout)
+        except PoisonInputError as e:
+            # one of these rows crashed two replicas: the call's own requests are the suspects,
+            # each retried alone by the router as after a crash (never all answered as poison)
+            raise ReplicaLost(f"handed-back rows crashed the model ({e.message})",
+                              self.replica_index) from None
         except FloeError as e:
             log.warning("handed-back rows of %s: %s; computing them on replica %d", request_id,
                         e.message, self.replica_index)

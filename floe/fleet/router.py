@@ -44,7 +44,9 @@ taken yet, up to half its work, of this front end's calls only, most recent firs
 replica's ``hand_back``); each call that gave some is answered without them, and the rows are
 routed as a request of their own, to the idle replica first, then joined into the call's answer
 (floe/fleet/replica_client.py). Nothing computed is computed twice, and rows the other replica
-cannot take go back to the first one: a hand-back never loses a row. One hand-back at a time.
+cannot take go back to the first one: a hand-back never loses a row. Rows that crash the model
+there make the call's requests crash suspects, retried alone as after any crash. One hand-back
+at a time.
 
 Client-facing messages never name replica addresses; the log line does.
 """

@@ -309,3 +309,23 @@ async def test_a_call_is_named_in_one_hand_back_only_and_withdrawn_with_its_rest
     await asyncio.sleep(0)
     assert rest.cancelled() or rest.done()
     assert client._calls == {}
+
+
+async def test_rows_that_crash_the_model_elsewhere_make_the_call_a_crash_suspect():
+    from floe.errors import PoisonInputError
+    from floe.fleet.link import ReplicaLost
+
+    link = HandingLink(give=2)
+    client = client_with(link)
+
+    async def rehome(tokens, options, request_id, timeout):
+        raise PoisonInputError("the input made the model's process exit on two replicas")
+
+    call = asyncio.ensure_future(client.encode(TEN, EncodeOptions(), "r"))
+    await asyncio.sleep(0.01)
+    assert await client.hand_back(1000, 1, rehome) == 2
+    link.release.set()
+    # not the poison answer for every request of the call: the router retries each alone
+    with pytest.raises(ReplicaLost, match="crashed the model"):
+        await call
+    assert [c[0] for c in link.calls] == ["r"]
