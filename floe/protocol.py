@@ -270,7 +270,7 @@ class EmbedResult:
     sparse: Optional[SparseRows] = None
     # items of the call this answer leaves out, ascending: a replica handed their rows back
     # before computing them (``HandBackCall``); the front end has them computed elsewhere and
-    # ``interleave``s the two answers. None: every item is here.
+    # joins the two answers (floe/fleet/replica_client.py). None: every item is here.
     handed_back: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
@@ -313,32 +313,6 @@ class EmbedResult:
                    timings=Timings(*(max(getattr(p.timings, f) for p in parts) for f in
                                      ("tokenize_s", "queue_s", "inference_s", "total_s"))),
                    model=first.model, request_id=request_id or first.request_id, sparse=sparse)
-
-    @classmethod
-    def interleave(cls, kept: "EmbedResult", rest: "EmbedResult", rest_items: np.ndarray
-                   ) -> "EmbedResult":
-        """One call's answer from a replica's (``kept``: every item but ``rest_items``, in item
-        order) and the answer for the items it handed back (``rest``, in ``rest_items``'s
-        order). Timings are the longer of the two."""
-        n = kept.n + rest.n
-        rest_items = np.asarray(rest_items, dtype=np.int64)
-        if kept.sparse is not None or rest.sparse is not None or rest.n != rest_items.size \
-                or (kept.dim, kept.dtype) != (rest.dim, rest.dtype) or \
-                (rest_items.size and (rest_items.min() < 0 or rest_items.max() >= n)):
-            raise ValueError("the handed-back answer does not fit the replica's")
-        mine = np.ones(n, dtype=bool)
-        mine[rest_items] = False
-        size = row_bytes(kept.dtype, kept.dim)
-        out = np.empty((n, size), dtype=np.uint8)
-        out[mine] = np.frombuffer(kept.data, dtype=np.uint8).reshape(kept.n, size)
-        out[rest_items] = np.frombuffer(rest.data, dtype=np.uint8).reshape(rest.n, size)
-        counts = np.empty(n, dtype=np.int64)
-        counts[mine] = kept.token_counts
-        counts[rest_items] = rest.token_counts
-        return cls(n=n, dim=kept.dim, dtype=kept.dtype, data=out.tobytes(), token_counts=counts,
-                   timings=Timings(*(max(getattr(kept.timings, f), getattr(rest.timings, f))
-                                     for f in ("tokenize_s", "queue_s", "inference_s", "total_s"))),
-                   model=kept.model, request_id=kept.request_id)
 
     @classmethod
     def from_array(cls, arr: np.ndarray, dtype: str, token_counts, **kw) -> "EmbedResult":

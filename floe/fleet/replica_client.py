@@ -12,7 +12,7 @@ TCP; the errors and link outcomes are told apart there, once). Here:
   requests down with it a second time);
 - handing back (``hand_back``, floe/fleet/router.py): the replica gives back queued rows of its
   calls that it has not started, another replica computes them (``Rehome``), and the call's
-  answer is joined here (``EmbedResult.interleave``), so the coalescer and the router above see
+  answer is joined here (``interleave``), so the coalescer and the router above see
   a whole answer. Where the rows cannot be computed elsewhere, this replica gets them back in a
   call of their own: rows handed back are never lost.
 """
@@ -30,7 +30,7 @@ import numpy as np
 
 from floe.errors import FloeError, InternalError, PoisonInputError
 from floe.proto import floe_pb2
-from floe.protocol import EmbedResult, EncodeOptions, HealthAnswer, TokenBatch
+from floe.protocol import EmbedResult, EncodeOptions, HealthAnswer, Timings, TokenBatch, row_bytes
 from floe.fleet.coalesce import Coalescer
 from floe.fleet.link import LinkError, ReplicaLink, ReplicaLost, open_link
 
@@ -149,7 +149,7 @@ class ReplicaClient:
                 call.tokens.pick(items), call.options, request_id + "/back", call.timeout, True))
         rest = await call.rest
         try:
-            return EmbedResult.interleave(kept, rest, items)
+            return interleave(kept, rest, items)
         except ValueError as e:
             raise InternalError(f"joining a handed-back call failed: {e}") from None
 
@@ -219,6 +219,32 @@ class ReplicaClient:
 
     async def close(self, grace: Optional[float] = None) -> None:
         await self.link.close(grace)
+
+
+def interleave(kept: EmbedResult, rest: EmbedResult, rest_items: np.ndarray) -> EmbedResult:
+    """One call's answer from a replica's (``kept``: every item but ``rest_items``, in item
+    order) and the answer for the items it handed back (``rest``, in ``rest_items``'s order).
+    Timings are the longer of the two."""
+    n = kept.n + rest.n
+    rest_items = np.asarray(rest_items, dtype=np.int64)
+    if kept.sparse is not None or rest.sparse is not None or rest.n != rest_items.size \
+            or (kept.dim, kept.dtype) != (rest.dim, rest.dtype) or \
+            (rest_items.size and (rest_items.min() < 0 or rest_items.max() >= n)):
+        raise ValueError("the handed-back answer does not fit the replica's")
+    mine = np.ones(n, dtype=bool)
+    mine[rest_items] = False
+    size = row_bytes(kept.dtype, kept.dim)
+    out = np.empty((n, size), dtype=np.uint8)
+    out[mine] = np.frombuffer(kept.data, dtype=np.uint8).reshape(kept.n, size)
+    out[rest_items] = np.frombuffer(rest.data, dtype=np.uint8).reshape(rest.n, size)
+    counts = np.empty(n, dtype=np.int64)
+    counts[mine] = kept.token_counts
+    counts[rest_items] = rest.token_counts
+    return EmbedResult(n=n, dim=kept.dim, dtype=kept.dtype, data=out.tobytes(),
+                       token_counts=counts, model=kept.model, request_id=kept.request_id,
+                       timings=Timings(*(max(getattr(kept.timings, f), getattr(rest.timings, f))
+                                         for f in ("tokenize_s", "queue_s", "inference_s",
+                                                   "total_s"))))
 
 
 def coalesce_limits(settings) -> dict:

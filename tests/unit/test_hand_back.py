@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from floe.fleet.balance import Balancer, ReplicaLoad
-from floe.protocol import EncodeOptions, Spans, TokenBatch
+from floe.protocol import EmbedResult, EncodeOptions, Spans, TokenBatch
 from floe.replica.scheduler import Scheduler, Sequence
 from tests.unit.test_replica_core import expected_rows, make_core  # noqa: F401 - the fixture
 
@@ -190,10 +190,8 @@ async def test_a_request_gone_gives_nothing(make_core, when):
 
 # --- the front end's join (floe/fleet/replica_client.py) ---------------------------------------
 
-def answer(tokens: TokenBatch, request_id: str, keep=None) -> "EmbedResult":
+def answer(tokens: TokenBatch, request_id: str, keep=None) -> EmbedResult:
     """Each item's row: its first id, twice."""
-    from floe.protocol import EmbedResult
-
     firsts = tokens.ids[tokens.offsets()[:-1]].astype(np.float32)
     rows = np.stack([firsts, firsts], axis=1)
     counts = tokens.lengths
@@ -202,6 +200,26 @@ def answer(tokens: TokenBatch, request_id: str, keep=None) -> "EmbedResult":
         handed = np.setdiff1d(np.arange(tokens.n), keep)
         rows, counts = rows[keep], counts[keep]
     return EmbedResult.from_array(rows, "float32", counts, request_id=request_id, handed_back=handed)
+
+
+def test_a_handed_back_answer_interleaves_into_item_order():
+    from floe.fleet.replica_client import interleave
+
+    full = np.arange(5 * 3, dtype=np.float32).reshape(5, 3)
+    counts = np.array([10, 11, 12, 13, 14])
+    rest_items = np.array([1, 4])
+    kept_items = np.array([0, 2, 3])
+    kept = EmbedResult.from_array(full[kept_items], "bfloat16", counts[kept_items],
+                                  handed_back=rest_items)
+    rest = EmbedResult.from_array(full[rest_items], "bfloat16", counts[rest_items])
+    joined = interleave(kept, rest, rest_items)
+    assert joined.handed_back is None
+    assert joined.n == 5 and joined.token_counts.tolist() == counts.tolist()
+    assert joined.data == EmbedResult.from_array(full, "bfloat16", counts).data
+    with pytest.raises(ValueError, match="does not fit"):
+        interleave(kept, rest, np.array([1]))   # rows and items disagree
+    with pytest.raises(ValueError, match="does not fit"):
+        interleave(kept, rest, np.array([1, 5]))   # an item past the call
 
 
 class HandingLink:

@@ -212,26 +212,6 @@ def test_picked_items_keep_their_ids_lengths_and_type_splits():
     assert tb.pick(np.array([], dtype=np.int64)).n == 0
 
 
-def test_a_handed_back_answer_interleaves_into_item_order():
-    from floe.protocol import EmbedResult
-
-    full = np.arange(5 * 3, dtype=np.float32).reshape(5, 3)
-    counts = np.array([10, 11, 12, 13, 14])
-    rest_items = np.array([1, 4])
-    kept_items = np.array([0, 2, 3])
-    kept = EmbedResult.from_array(full[kept_items], "bfloat16", counts[kept_items],
-                                  handed_back=rest_items)
-    rest = EmbedResult.from_array(full[rest_items], "bfloat16", counts[rest_items])
-    joined = EmbedResult.interleave(kept, rest, rest_items)
-    assert joined.handed_back is None
-    assert joined.n == 5 and joined.token_counts.tolist() == counts.tolist()
-    assert joined.data == EmbedResult.from_array(full, "bfloat16", counts).data
-    with pytest.raises(ValueError, match="does not fit"):
-        EmbedResult.interleave(kept, rest, np.array([1]))   # rows and items disagree
-    with pytest.raises(ValueError, match="does not fit"):
-        EmbedResult.interleave(kept, rest, np.array([1, 5]))   # an item past the call
-
-
 def test_hand_back_messages_round_trip():
     from floe.protocol import (EmbedResult, HandBackAnswer, HandBackCall, decode_message,
                                encode_answer, encode_message, hand_back_answer,
