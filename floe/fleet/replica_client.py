@@ -112,9 +112,10 @@ class ReplicaClient:
 
     async def _call(self, tokens: TokenBatch, options: EncodeOptions, request_id: str,
                     timeout: Optional[float], alone: bool = False) -> EmbedResult:
-        call = None
-        if not alone and tokens.spans is None and request_id not in self._calls:
-            call = self._calls[request_id] = _Call(tokens, options, timeout)
+        call = _Call(tokens, options, timeout)
+        named = not alone and tokens.spans is None and request_id not in self._calls
+        if named:   # a hand-back may name it (an id already in flight here never is)
+            self._calls[request_id] = call
         self.calls_in_flight += 1
         try:
             try:
@@ -128,23 +129,22 @@ class ReplicaClient:
                 self.calls_in_flight -= 1
             self.last_answer = time.monotonic()
             if result.handed_back is not None:
-                result = await self._join(call, result, request_id)
+                result = await self._join(call, named, result, request_id)
             return result
         finally:
-            if call is not None:
+            if named:
                 self._calls.pop(request_id, None)
-                if call.rest is not None and not call.rest.done():
-                    call.rest.cancel()   # the call failed or was withdrawn: so is its rest
+            if call.rest is not None and not call.rest.done():
+                call.rest.cancel()   # the call failed or was withdrawn: so is its rest
 
-    async def _join(self, call: Optional["_Call"], kept: EmbedResult, request_id: str) -> EmbedResult:
-        """The call's whole answer from the replica's and its handed-back rows'."""
+    async def _join(self, call: "_Call", named: bool, kept: EmbedResult,
+                    request_id: str) -> EmbedResult:
+        """The call's whole answer from the replica's and its handed-back rows'. A call this
+        client never named (another in flight had its id) gets them here."""
         items = kept.handed_back
-        if call is None:
-            raise InternalError(f"replica {self.replica_index} left rows out of a call it was "
-                                "never asked to hand back")
-        if call.rest is None and self._handing is not None:
+        if named and call.rest is None and self._handing is not None:
             await asyncio.shield(self._handing)   # its hand-back's answer is on the wire
-        if call.rest is None:   # that answer was lost: the rows go back to this replica
+        if call.rest is None:   # that answer was lost, or never meant for this call: here
             call.rest = asyncio.ensure_future(self._call(
                 call.tokens.pick(items), call.options, request_id + "/back", call.timeout, True))
         rest = await call.rest

@@ -37,7 +37,7 @@ aborts every part. A sequential client, one large request at a time, then gets e
 
 **Handing back.** A client that sends a wave of requests and waits for all of them (an indexing
 tool's batch of calls) ends each wave with one replica still working through its queue while
-the other, done, waits: on two cores that was 2-12% of a short wave. When a replica answers its
+the other, done, waits: on two cores 0.2-0.3 s of a 4 s prose pass. When a replica answers its
 last request while another holds at least twice ``hand_back_min_tokens`` in flight
 (``Balancer.donor``), the router asks the busy one to give back queued inputs no batch has
 taken yet, up to half its work, of this front end's calls only, most recent first (the

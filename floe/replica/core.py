@@ -151,8 +151,7 @@ class ReplicaCore:
         self._engine_cv = threading.Condition(lock)  # the engine thread waits for the slot
         self._drain_cv = threading.Condition(lock)   # stop() waits for in-flight requests
         # --- guarded by lock (any of the three conditions) ---
-        # ("add", _Request) | ("drop", key) | ("hand_back", (ids, max, min tokens, loop, future))
-        self._inbox: list[tuple[str, Any]] = []
+        self._inbox: list[tuple[str, Any]] = []    # ("add", req), ("drop", key), ("hand_back", ..)
         self._handed: list[_HandedBack] = []       # taken out, not yet given to the finisher
         self._slot: Optional[_Batch] = None        # prepared batch waiting for the engine
         self._running = False                      # engine thread inside engine.run
@@ -336,7 +335,9 @@ class ReplicaCore:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         with self._cv:
-            self._inbox.append(("hand_back", (list(request_ids), max_tokens, min_tokens, loop, fut)))
+            if not self._accepting or self._stopping:
+                return []   # stopping: what is queued here is computed here or fails here
+            self._inbox.append(("hand_back", (request_ids, max_tokens, max(1, min_tokens), loop, fut)))
             self._cv.notify()
         return await fut
 
@@ -349,17 +350,18 @@ class ReplicaCore:
         per_token, movable = self.cost.coefficients.per_token_s, self._sched.queued_tokens + slot_tokens
         running = max(0.0, self._running_until - time.monotonic()) / per_token if per_token > 0 else 0
         room = int(min(max_tokens, movable, (movable + running) / 2))
-        given: list[tuple[str, np.ndarray]] = []
         if room < min_tokens or self.kind.keeps_sparse_rows:
-            return given
+            return []
         if slot_tokens:
             self._slot = None
             live = [q for q in slot.seqs if not (q.payload[0].dropped or q.payload[0].done)]
             self._sched.requeue(live)
             self._queued_tokens += sum(q.length for q in live)
             self._queued_seqs += len(live)
-        for rid in request_ids:
-            req = next((r for r in self._by_id.get(rid, ()) if not (r.dropped or r.done)), None)
+        given: list[tuple[str, np.ndarray]] = []
+        for rid in request_ids:   # (an id two live requests share, a client's own, is skipped)
+            live = [r for r in self._by_id.get(rid, ()) if not (r.dropped or r.done)]
+            req = live[0] if len(live) == 1 else None
             seqs = (self._sched.take_request(req.key, room)
                     if req is not None and req.tokens.spans is None and room > 0 else ())
             if seqs:

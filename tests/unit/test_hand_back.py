@@ -347,3 +347,35 @@ async def test_rows_that_crash_the_model_elsewhere_make_the_call_a_crash_suspect
     with pytest.raises(ReplicaLost, match="crashed the model"):
         await call
     assert [c[0] for c in link.calls] == ["r"]
+
+
+async def test_an_id_two_live_requests_share_gives_nothing_and_a_stopping_core_neither(make_core):
+    # a client may send its own request id twice: which request a hand-back named is unknown
+    core, engine, a, b, b_items = await held(make_core)
+    twin = asyncio.ensure_future(core.submit(TokenBatch.from_lists(items(8)), EncodeOptions(), "b"))
+    await asyncio.sleep(0.05)
+    assert await core.hand_back(["b"], max_tokens=1000, min_tokens=1) == []
+    engine.gate.set()
+    assert (await b).n == 8 and (await twin).n == 8
+    await a
+    core.stop(drain_timeout=0.0)
+    assert await core.hand_back(["b"], max_tokens=1000, min_tokens=1) == []
+
+
+async def test_rows_left_out_of_a_call_this_client_never_named_are_computed_here():
+    # another call with the same id was in flight: the replica's answer still comes back whole
+    link = HandingLink(give=3)
+    client = client_with(link)
+
+    async def rehome(tokens, options, request_id, timeout):
+        raise AssertionError("not named: nothing goes elsewhere")
+
+    first = asyncio.ensure_future(client.encode(TEN, EncodeOptions(), "r"))
+    await asyncio.sleep(0.01)
+    second = asyncio.ensure_future(client.encode(TEN, EncodeOptions(), "r", alone=True))
+    await asyncio.sleep(0.01)
+    link.handed["r"] = np.array([7, 8, 9])   # the replica took the twin's rows, unasked
+    link.release.set()
+    for result in await asyncio.gather(first, second):
+        np.testing.assert_array_equal(result.as_float32()[:, 0], np.arange(100, 110))
+    assert ("r/back", [107, 108, 109]) in link.calls
