@@ -239,6 +239,13 @@ class ReplicaSetSettings:
         "engine, BERT-family embedding models. The replica's batcher then forms packed batches "
         "where its cost model prices them lower per token."
     )
+    native_attention: bool = _knob(
+        True, "Run attention on floe's own kernel (floe/engine/native/) where it applies: the "
+        "OpenVINO engine in bf16 on a CPU with AVX-512 BF16 and without AMX, BERT-family models "
+        "with heads of 32 dimensions (all-MiniLM, BGE-small, e5-small ...). It computes each "
+        "input's attention over its own keys only; it is built with the machine's C++ compiler "
+        "at the first start and checked against OpenVINO's attention before it is used. "
+        "Anything that stops it leaves OpenVINO's attention running (`floe info` says which).")
     fake_seconds_per_token: float = _knob(
         0.0, "fake engine only: simulated compute time per padded token (load and failover tests).")
     fake_seconds_per_batch: float = _knob(

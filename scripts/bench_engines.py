@@ -21,6 +21,7 @@ a GPU's budget (``--max-batch-tokens 16384``) the mixed batches are far from ful
     .venv/bin/python scripts/bench_engines.py --model DIR --workloads 8x1024,4x2048
     .venv/bin/python scripts/bench_engines.py --engines torch,torch-padded --workloads mixed,prose --max-batch-tokens 16384
     .venv/bin/python scripts/bench_engines.py --engines openvino-unaligned,openvino --threads 1 --workloads 40x50,16x120,8x250,mixed,prose
+    .venv/bin/python scripts/bench_engines.py --engines openvino,openvino-native --packing --threads 1 --workloads prose,mixed,40x50,8x256
     .venv/bin/python scripts/bench_engines.py --device cuda --dtype bfloat16 --engines torch,torch-padded --workloads mixed,prose --max-batch-tokens 16384
 
 Each engine's ``--seconds`` per workload is cut into ``--turns`` turns taken in alternation, and
@@ -167,6 +168,8 @@ def main(argv=None) -> int:
                    help="each engine's --seconds per workload is cut into this many turns, the "
                         "engines alternating; the median turn is reported")
     p.add_argument("--cache-dir", default=None, help="converted-model cache (default: floe's)")
+    p.add_argument("--packing", action="store_true",
+                   help="OpenVINO engines pack short inputs into shared rows, as served")
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -198,11 +201,16 @@ def main(argv=None) -> int:
         elif args.device != "cpu":
             raise SystemExit(f"{kind} runs on the CPU only; --device {args.device} takes torch "
                              "and torch-padded")
-        elif kind == "openvino":
+        elif kind in ("openvino", "openvino-native"):   # without / with floe's attention kernel
             from floe.engine.openvino_engine import OpenVINOEngine
 
             engines[kind] = OpenVINOEngine(spec, dtype=args.dtype, threads=args.threads,
-                                           cache_dir=args.cache_dir)
+                                           cache_dir=args.cache_dir, packing=args.packing,
+                                           native_attention=kind == "openvino-native")
+            if args.packing:
+                engines[kind].warmup(args.max_batch_tokens)
+            if kind == "openvino-native" and not engines[kind].native.startswith("yes"):
+                raise SystemExit(f"floe's attention kernel does not run: {engines[kind].native}")
         elif kind == "openvino-unaligned":   # the graph without floe/engine/aligned_keys.py's keys
             from floe.engine import aligned_keys
             from floe.engine.openvino_convert import default_cache_dir

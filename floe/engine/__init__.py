@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 def create_engine(spec: ModelSpec, kind: str = "auto", device: str = "auto", dtype: str = "auto",
                   threads: Optional[int] = None, cache_dir: Optional[str] = None,
-                  share_cores: bool = False, packing: bool = False) -> Engine:
+                  share_cores: bool = False, packing: bool = False,
+                  native_attention: bool = False) -> Engine:
     """Builds the engine for ``spec``: "auto", "torch", "openvino" or "fake".
 
     ``auto`` logs which backend it picked and why. When OpenVINO cannot convert the model (or the
@@ -29,7 +30,8 @@ def create_engine(spec: ModelSpec, kind: str = "auto", device: str = "auto", dty
     ``cache_dir`` holds converted models (default: ``openvino_convert.default_cache_dir()``).
     ``share_cores``: other engines run in this process too, so none may pin its threads to cores.
     ``packing``: let the engine pack short inputs into shared rows where it can
-    (floe/engine/packing.py; OpenVINO only).
+    (floe/engine/packing.py; OpenVINO only). ``native_attention``: run attention on floe's own
+    kernel where it applies (floe/engine/native/; OpenVINO only).
 
     Raises ConfigError for an unknown kind or an impossible device/dtype, ModelLoadError when the
     weights cannot be loaded.
@@ -47,7 +49,8 @@ def create_engine(spec: ModelSpec, kind: str = "auto", device: str = "auto", dty
 
         try:
             return OpenVINOEngine(spec, dtype=dtype, threads=threads, cache_dir=cache_dir,
-                                  pin_threads=not share_cores, packing=packing)
+                                  pin_threads=not share_cores, packing=packing,
+                                  native_attention=native_attention)
         except ConversionError as exc:
             log.warning("engine: OpenVINO cannot run %s (%s): falling back to the torch engine",
                         spec.name, exc)
@@ -70,4 +73,4 @@ def engine_for(spec: ModelSpec, replicas: "ReplicaSetSettings", device: str = "a
                           crash_token_id=replicas.fake_crash_token_id)
     return create_engine(spec, replicas.engine, device=device, dtype=dtype, threads=threads,
                          cache_dir=replicas.engine_cache_dir, share_cores=share_cores,
-                         packing=replicas.packing)
+                         packing=replicas.packing, native_attention=replicas.native_attention)

@@ -15,6 +15,14 @@ own: late chunking's (span weights as a third input), a sliding-window model's b
 for a BERT-family embedding model with ``packing`` the packed one, several inputs per row
 (floe/engine/packed_graph.py; ``prepare`` packs a batch where that is smaller than padding it).
 
+floe's attention kernel (floe/engine/native/): with ``native_attention`` on a CPU with AVX-512
+BF16 and without AMX, in bf16, a BERT-family graph with heads of 32 dimensions (the padded one
+and the packed one) has its attention rewritten to the kernel, which computes each input's
+scores over its own keys only. The rewritten graph is checked against the untouched one on a
+probe batch, cached under a key of its own (the graph's and the kernel build's), and run in its
+place; anything that stops it (no compiler, a graph it does not match, a probe that differs)
+leaves the untouched graph running, logged and shown by ``native``.
+
 Precision: the ``INFERENCE_PRECISION_HINT`` is bf16 on CPUs with AMX or avx512_bf16 (read from
 /proc/cpuinfo flags) and f32 elsewhere or when float32 is asked.
 """
@@ -73,12 +81,15 @@ class OpenVINOEngine(Engine):
 
     def __init__(self, spec: ModelSpec, dtype: str = "auto", threads: Optional[int] = None,
                  cache_dir: Optional[str] = None, pin_threads: bool = True,
-                 profile: bool = False, packing: bool = False) -> None:
+                 profile: bool = False, packing: bool = False,
+                 native_attention: bool = False) -> None:
         """``pin_threads``: let OpenVINO pin its threads to cores (its default). Off where several
         engines share one process: each would pin to the same first cores. ``profile``: keep
         per-node performance counters (``profiling_info``), for scripts/profile_engine.py.
         ``packing``: pack short inputs into shared rows (floe/engine/packing.py) where the model
-        allows it; the packed graph is made ready by ``warmup``, after which ``packing`` is set."""
+        allows it; the packed graph is made ready by ``warmup``, after which ``packing`` is set.
+        ``native_attention``: run attention on floe's kernel where it applies (floe/engine/native/;
+        ``native`` says whether it runs, or why not)."""
         import openvino as ov
 
         self.spec = spec
@@ -141,6 +152,10 @@ class OpenVINOEngine(Engine):
         actual = str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
         if self.dtype != "int8" and (actual.endswith("f32") or actual == "float32"):
             self.dtype = "float32"  # a CPU that cannot run the bf16 hint runs f32
+        self._kernel: Optional[str] = None   # floe's attention kernel, where it is loaded
+        self.native = self._load_kernel() if native_attention else "off"
+        if self._kernel is not None:
+            self._request = self._on_kernel(self._request, key, "attention_mask", self._probe_feed())
         log.info("OpenVINO engine: %s %s on cpu in %s, %d threads (%s; graph %s)",
                  spec.name, "converted" if self.converted else "loaded from the cache", self.dtype,
                  self.threads, head_summary(spec), self.model_dir)
@@ -213,6 +228,115 @@ class OpenVINOEngine(Engine):
         if why is not None:
             raise ConversionError("the converted graph differs from the torch model on a probe "
                                   f"batch ({why})")
+
+    # --- floe's attention kernel -------------------------------------------------------------
+
+    def _load_kernel(self) -> str:
+        """Loads floe's attention kernel into this engine's OpenVINO where it applies; returns
+        what ``native`` shows: "yes: ...", or "no: why"."""
+        from floe.engine import native
+
+        if self.dtype == "int8" or self._config["INFERENCE_PRECISION_HINT"] != "bf16":
+            return "no: the kernel computes in bf16, and this engine does not"
+        if self.spec.model_type not in packing.BERT_FAMILIES or self._window is not None:
+            return f"no: {self.spec.model_type} is not a BERT-family encoder"
+        path, why = native.library(self.cache_dir)
+        if path is None:
+            log.info("floe's attention kernel does not run here: %s", why)
+            return f"no: {why}"
+        try:
+            self._core.add_extension(path)
+        except RuntimeError as exc:
+            log.warning("floe's attention kernel did not load (%s): OpenVINO's attention runs", exc)
+            return f"no: it did not load ({str(exc)[:200]})"
+        self._kernel = path
+        return f"yes: {path}"
+
+    def _probe_feed(self) -> dict[str, np.ndarray]:
+        """A padded batch of four inputs of different lengths, random ids."""
+        rng = np.random.default_rng(7)
+        low = min(5, self.spec.vocab_size - 1)
+        seqs = [rng.integers(low, self.spec.vocab_size, n).astype(np.int32)
+                for n in (min(40, self.spec.max_seq_length), 3, 17, 1)]
+        feed = graph_feed(right_pad(self.spec, seqs, None))
+        if TYPE_INPUT in self._inputs:
+            feed[TYPE_INPUT] = np.zeros_like(feed["input_ids"])
+        return feed
+
+    def _on_kernel(self, request: Any, key: str, segments_input: str, feed: dict,
+                   rows: Optional[np.ndarray] = None) -> Any:
+        """The infer request of graph ``key`` with its attention on floe's kernel (floe/engine/
+        native/graph.py), checked against ``request`` (the same graph untouched) on ``feed`` (its
+        output's ``rows``: the real ones of a packed batch);
+        ``request`` itself where the rewrite does not apply or differs. The rewritten graph is
+        cached as ``<key>-attention-<kernel build>``, a refusal beside it."""
+        root = openvino_dir(self.cache_dir)
+        source = os.path.join(root, key, "model.xml")
+        from floe.engine.native import graph
+
+        build = os.path.basename(os.path.dirname(self._kernel))
+        name = f"{key}-attention-{build}-{graph.VERSION}"
+        folder = os.path.join(root, name)
+        xml = os.path.join(folder, "model.xml")
+        with locked(os.path.join(root, name + ".lock")):
+            why = read_failure(root, name)
+            if why is None and not os.path.isfile(xml):
+                why = self._rewrite_and_check(request, source, folder, segments_input, feed, rows)
+            if why is not None:
+                log.info("floe's attention kernel is not used for %s (%s)", key, why)
+                return request
+            try:
+                compiled = self._core.compile_model(xml, "CPU", self._config)
+            except RuntimeError as exc:
+                log.warning("the graph on floe's attention kernel did not compile (%s): "
+                            "OpenVINO's attention runs", str(exc)[:300])
+                return request
+        if request is self._request:
+            self._compiled = compiled
+        log.info("attention on floe's kernel: %s", xml)
+        return compiled.create_infer_request()
+
+    def _rewrite_and_check(self, request: Any, source: str, folder: str, segments_input: str,
+                           feed: dict, rows: Optional[np.ndarray]) -> Optional[str]:
+        """Writes ``source`` rewritten into ``folder`` when it matches and agrees with ``request``
+        on ``feed``; else records and returns why not. Caller holds the lock."""
+        import openvino as ov
+
+        from floe.engine.native import graph
+
+        root, name = os.path.dirname(folder), os.path.basename(folder)
+        if not os.path.isfile(source):
+            return "the untouched graph is not in the cache"
+        tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=root)
+        try:
+            model = self._core.read_model(source)
+            try:
+                count = graph.rewrite(model, segments_input)
+            except (ValueError, RuntimeError) as exc:
+                count, why = 0, f"the rewrite failed: {exc}"
+            else:
+                why = "no attention of 32-dimension heads in a shape it takes"
+            if count:
+                ov.save_model(model, os.path.join(tmp, "model.xml"), compress_to_fp16=False)
+                rewritten = self._core.compile_model(os.path.join(tmp, "model.xml"), "CPU",
+                                                     self._config).create_infer_request()
+                outputs = []
+                for r in (request, rewritten):
+                    r.infer(feed, share_inputs=True)
+                    out = np.array(r.get_output_tensor(0).data, dtype=np.float32)
+                    out = out.reshape(-1, out.shape[-1])
+                    outputs.append(out if rows is None else out[rows])
+                why = kind_of(self.spec).probe_error(outputs[1], outputs[0], "bfloat16")
+                if why is None:
+                    os.rename(tmp, folder)
+                    return None
+                why = f"its output differs from the untouched graph's ({why})"
+        except (OSError, RuntimeError) as exc:
+            why = f"{type(exc).__name__}: {str(exc)[:300]}"
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._record_failure(root, name, why)
+        return why
 
     @staticmethod
     def _record_failure(root: str, key: str, message: str) -> None:
@@ -360,6 +484,12 @@ class OpenVINOEngine(Engine):
                 self.packing = packing.ALIGN
                 log.info("packing: short inputs share rows of the forward pass (%s)",
                          self.spec.name)
+                if self._kernel is not None:
+                    probe = packed_graph.example(self.spec, [9, 3, 17, 1, 30], seed=7)[1]
+                    with self._lock:
+                        self._packed_request = self._on_kernel(
+                            self._packed_request, cache_key(self.spec, packed=True), "segments",
+                            probe.inputs, probe.where)
             except Exception as exc:  # noqa: BLE001 - packing is optional: the engine pads
                 self._pack_refused = str(exc)
                 log.warning("packing off for %s: %s: %s", self.spec.name, type(exc).__name__, exc)
