@@ -155,7 +155,9 @@ class OpenVINOEngine(Engine):
         self._kernel: Optional[str] = None   # floe's attention kernel, where it is loaded
         self.native = self._load_kernel() if native_attention else "off"
         if self._kernel is not None:
-            self._request = self._on_kernel(self._request, key, "attention_mask", self._probe_feed())
+            self._request, why = self._on_kernel(self._request, key, "attention_mask",
+                                                 self._probe_feed())
+            self.native = f"no: {why}" if why else f"yes: floe's attention kernel ({self._kernel})"
         log.info("OpenVINO engine: %s %s on cpu in %s, %d threads (%s; graph %s)",
                  spec.name, "converted" if self.converted else "loaded from the cache", self.dtype,
                  self.threads, head_summary(spec), self.model_dir)
@@ -264,12 +266,13 @@ class OpenVINOEngine(Engine):
         return feed
 
     def _on_kernel(self, request: Any, key: str, segments_input: str, feed: dict,
-                   rows: Optional[np.ndarray] = None) -> Any:
+                   rows: Optional[np.ndarray] = None) -> tuple[Any, Optional[str]]:
         """The infer request of graph ``key`` with its attention on floe's kernel (floe/engine/
         native/graph.py), checked against ``request`` (the same graph untouched) on ``feed`` (its
         output's ``rows``: the real ones of a packed batch);
-        ``request`` itself where the rewrite does not apply or differs. The rewritten graph is
-        cached as ``<key>-attention-<kernel build>``, a refusal beside it."""
+        ``request`` itself where the rewrite does not apply or differs; and why not (None: it
+        does). The rewritten graph is cached as ``<key>-attention-<kernel build>-<rewrite
+        version>``, a refusal beside it."""
         root = openvino_dir(self.cache_dir)
         source = os.path.join(root, key, "model.xml")
         from floe.engine.native import graph
@@ -284,17 +287,17 @@ class OpenVINOEngine(Engine):
                 why = self._rewrite_and_check(request, source, folder, segments_input, feed, rows)
             if why is not None:
                 log.info("floe's attention kernel is not used for %s (%s)", key, why)
-                return request
+                return request, why
             try:
                 compiled = self._core.compile_model(xml, "CPU", self._config)
             except RuntimeError as exc:
-                log.warning("the graph on floe's attention kernel did not compile (%s): "
-                            "OpenVINO's attention runs", str(exc)[:300])
-                return request
+                why = f"the graph on the kernel did not compile: {str(exc)[:300]}"
+                log.warning("%s; OpenVINO's attention runs", why)
+                return request, why
         if request is self._request:
             self._compiled = compiled
         log.info("attention on floe's kernel: %s", xml)
-        return compiled.create_infer_request()
+        return compiled.create_infer_request(), None
 
     def _rewrite_and_check(self, request: Any, source: str, folder: str, segments_input: str,
                            feed: dict, rows: Optional[np.ndarray]) -> Optional[str]:
@@ -487,7 +490,7 @@ class OpenVINOEngine(Engine):
                 if self._kernel is not None:
                     probe = packed_graph.example(self.spec, [9, 3, 17, 1, 30], seed=7)[1]
                     with self._lock:
-                        self._packed_request = self._on_kernel(
+                        self._packed_request, _ = self._on_kernel(
                             self._packed_request, cache_key(self.spec, packed=True), "segments",
                             probe.inputs, probe.where)
             except Exception as exc:  # noqa: BLE001 - packing is optional: the engine pads
