@@ -49,7 +49,7 @@ def _info(args: argparse.Namespace) -> int:
     spec = load_spec(settings.model)
     r = settings.replicas
     info = describe(spec, settings.model.device, settings.model.dtype, engine=r.engine,
-                    engine_cache_dir=r.engine_cache_dir)
+                    engine_cache_dir=r.engine_cache_dir, native_attention=r.native_attention)
     if args.json:
         print(json.dumps(info, indent=2))
     else:

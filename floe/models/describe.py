@@ -9,7 +9,8 @@ from floe.models.spec import ModelSpec
 
 
 def describe(spec: ModelSpec, device: str = "auto", dtype: str = "auto", engine: str = "auto",
-             engine_cache_dir: Optional[str] = None) -> dict[str, Any]:
+             engine_cache_dir: Optional[str] = None,
+             native_attention: bool = True) -> dict[str, Any]:
     """A JSON-ready summary of ``spec`` plus the engine, device and dtype ``create_engine`` would
     pick, and why that engine ("engine_reason"); for OpenVINO also whether the converted graph is
     already cached, and a recorded conversion failure (the replica then runs torch).
@@ -68,6 +69,9 @@ def describe(spec: ModelSpec, device: str = "auto", dtype: str = "auto", engine:
         from floe.engine import packed_graph
 
         out["packing"] = packed_graph.state(spec, dtype, engine_cache_dir)
+        from floe.engine import native
+
+        out["attention"] = native.state(spec, dtype, engine_cache_dir, native_attention)
         if dtype == "int8":
             from floe.engine import int8
 

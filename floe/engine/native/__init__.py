@@ -127,3 +127,43 @@ def library(cache_dir: str) -> tuple[Optional[str], Optional[str]]:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return path, None
+
+
+def head_dim(spec) -> Optional[int]:
+    """The model's attention head size from its config.json (None where it does not say)."""
+    import json
+
+    try:
+        with open(os.path.join(spec.backbone_path, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+        return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
+def state(spec, dtype: str, cache_dir: Optional[str] = None, enabled: bool = True) -> str:
+    """Whether the OpenVINO engine would run ``spec``'s attention on the kernel, for `floe info`
+    (the engine decides at start, and checks the rewritten graph before it keeps it)."""
+    from floe.engine.hardware import cpu_has_fast_bf16
+    from floe.engine.openvino_convert import band_window, default_cache_dir
+    from floe.engine.packing import BERT_FAMILIES
+
+    if not enabled:
+        return "no: --no-native-attention"
+    why = cpu_refusal()
+    if why is None and (dtype in ("float32", "int8") or not cpu_has_fast_bf16()):
+        why = "the kernel computes in bf16, and this engine does not"
+    if why is None and (spec.model_type not in BERT_FAMILIES or band_window(spec) is not None):
+        why = f"{spec.model_type} is not a BERT-family encoder"
+    if why is None and head_dim(spec) != 32:
+        why = f"heads of {head_dim(spec)} dimensions (the kernel takes 32)"
+    if why is None and _compiler() is None:
+        why = "no C++ compiler (g++) on this machine"
+    if why is not None:
+        return f"no: {why}"
+    root = os.path.join(cache_dir or default_cache_dir(), "native")
+    try:
+        built = os.path.isfile(os.path.join(root, build_key(_compiler()), LIBRARY))
+    except (OSError, ImportError):
+        built = False
+    return ("yes: floe's kernel, " + (f"built in {root}" if built else f"built at first start into {root}"))
