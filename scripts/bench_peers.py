@@ -30,7 +30,8 @@ per ``--max-batch-tokens`` value (columns ``floe_openvino_b<budget>``), ``--fill
 ``--min-batch-fill`` value (``_f<fill>``) and ``--packing on,off`` with and without packing
 (``_pack_on``, ``_pack_off``), ``--split on,off`` with and without cutting requests across
 replicas (``_split_on``, ``_split_off``), ``--hand-back on,off`` with and without handing back
-queued inputs to an idle replica (``_hb_on``, ``_hb_off``). The load generator runs on the same cores as the
+queued inputs to an idle replica (``_hb_on``, ``_hb_off``), ``--native on,off`` with and without
+floe's attention kernel (``_nat_on``, ``_nat_off``). The load generator runs on the same cores as the
 servers: by default wrk (C, one thread, scripts/bench_peers.lua), which takes a twentieth of
 the Python asyncio client's CPU per token (``--client python``: httpx, about 3% of the two cores
 on all-MiniLM); the Python client still sends each pass's warm-up and decodes its answers, and
@@ -390,6 +391,9 @@ def main() -> None:
                     help="on,off: serve floe with and without handing back queued inputs to an "
                          "idle replica (--hand-back-min-tokens at its default, or 0): columns "
                          "_hb_on, _hb_off")
+    ap.add_argument("--native", default="",
+                    help="on,off: serve floe with --native-attention and --no-native-attention: "
+                         "columns _nat_on, _nat_off")
     ap.add_argument("--per-request", type=int, default=16, help="inputs per request")
     ap.add_argument("--concurrency", type=int, default=64,
                     help="requests in flight (1: a sequential client, one request at a time)")
@@ -433,9 +437,11 @@ def main() -> None:
         packs = [p for p in args.packing.split(",") if p] or [None]
         splits = [p for p in args.split.split(",") if p] or [None]
         hand_backs = [p for p in args.hand_back.split(",") if p] or [None]
-        for engine, budget, fill, pack, split, hb in (
-                [("openvino", b, f, p, c, h) for b in budgets for f in fills for p in packs
-                 for c in splits for h in hand_backs] + [("torch", None, None, None, None, None)]):
+        natives = [p for p in args.native.split(",") if p] or [None]
+        for engine, budget, fill, pack, split, hb, nat in (
+                [("openvino", b, f, p, c, h, n) for b in budgets for f in fills for p in packs
+                 for c in splits for h in hand_backs for n in natives]
+                + [("torch", None, None, None, None, None, None)]):
             if engine in skip:
                 continue
             port = free_port()
@@ -443,7 +449,8 @@ def main() -> None:
                 ["--min-batch-fill", fill] if fill else []) + (
                 [{"on": "--packing", "off": "--no-packing"}[pack]] if pack else []) + (
                 ["--split-min-tokens", "0"] if split == "off" else []) + (
-                ["--hand-back-min-tokens", "0"] if hb == "off" else [])
+                ["--hand-back-min-tokens", "0"] if hb == "off" else []) + (
+                ["--no-native-attention"] if nat == "off" else [])
             srv = Server([sys.executable, "-m", "floe", "serve", "--model", model_path,
                           "--engine", engine, "--dtype",
                           args.floe_dtype if engine == "openvino" else "bfloat16",
@@ -453,7 +460,8 @@ def main() -> None:
             servers.append(srv)
             systems[f"floe_{engine}" + (f"_b{budget}" if budget else "")
                     + (f"_f{fill}" if fill else "") + (f"_pack_{pack}" if pack else "")
-                    + (f"_split_{split}" if split else "") + (f"_hb_{hb}" if hb else "")] = srv
+                    + (f"_split_{split}" if split else "") + (f"_hb_{hb}" if hb else "")
+                    + (f"_nat_{nat}" if nat else "")] = srv
         inf = os.path.join(args.infinity, "bin", "infinity_emb")
         if "infinity" not in skip and os.path.exists(inf):
             port = free_port()
