@@ -267,16 +267,16 @@ class OpenVINOEngine(Engine):
 
     def _on_kernel(self, request: Any, key: str, segments_input: str, feed: dict,
                    rows: Optional[np.ndarray] = None) -> tuple[Any, Optional[str]]:
-        """The infer request of graph ``key`` with its attention on floe's kernel (floe/engine/
-        native/graph.py), checked against ``request`` (the same graph untouched) on ``feed`` (its
-        output's ``rows``: the real ones of a packed batch);
-        ``request`` itself where the rewrite does not apply or differs; and why not (None: it
-        does). The rewritten graph is cached as ``<key>-attention-<kernel build>-<rewrite
-        version>``, a refusal beside it."""
-        root = openvino_dir(self.cache_dir)
-        source = os.path.join(root, key, "model.xml")
+        """(request, None): an infer request of graph ``key`` with its attention on floe's kernel
+        (floe/engine/native/graph.py), checked against ``request``, the same graph untouched, on
+        ``feed`` (``rows``: the output rows to compare, a packed batch's real ones). (request,
+        why): ``request`` itself, where the rewrite does not apply or differs. The rewritten
+        graph is cached as ``<key>-attention-<kernel build>-<rewrite version>``, a refusal
+        beside it."""
         from floe.engine.native import graph
 
+        root = openvino_dir(self.cache_dir)
+        source = os.path.join(root, key, "model.xml")
         build = os.path.basename(os.path.dirname(self._kernel))
         name = f"{key}-attention-{build}-{graph.VERSION}"
         folder = os.path.join(root, name)

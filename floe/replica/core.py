@@ -93,7 +93,6 @@ class _Request:
 class _HandedBack:
     """Items of a request the scheduler thread took out of the queue and handed back: the
     finisher, the only writer of ``remaining`` once a request is queued, counts them done."""
-
     req: _Request
     items: np.ndarray
 
@@ -274,8 +273,7 @@ class ReplicaCore:
             if not decision.admit:
                 self._count("refused_requests")
                 raise OverloadedError(refusal_message(decision), retry_after=decision.retry_after_s)
-            key = self._next_key
-            self._next_key += 1
+            key, self._next_key = self._next_key, self._next_key + 1
             req = _Request(key=key, request_id=request_id, tokens=tokens, options=options,
                            loop=loop, future=fut, submitted=t0,
                            rows=self.kind.new_rows(self.spec, _rows(tokens)),

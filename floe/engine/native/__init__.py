@@ -34,7 +34,7 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "segment_atten
 LIBRARY = "libfloe_segment_attention.so"
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512dq",
          "-mavx512vl", "-mavx512bf16", "-mfma", "-DOV_THREAD=OV_THREAD_TBB")
-BUILD_TIMEOUT_S = 300
+BUILD_TIMEOUT_S = 120   # well inside a replica's --startup-timeout (300 s)
 
 
 def cpu_refusal(flags: Optional[set[str]] = None) -> Optional[str]:
