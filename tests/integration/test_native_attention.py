@@ -209,3 +209,17 @@ def test_which_cpus_take_the_kernel():
     assert native.cpu_refusal({"avx512f", "avx512_bf16"}) is None
     assert "AMX" in native.cpu_refusal({"avx512_bf16", "amx_bf16", "amx_tile"})
     assert "AVX-512 BF16" in native.cpu_refusal({"avx2", "fma"})
+
+
+@runs_here
+def test_floe_info_says_whether_attention_runs_on_the_kernel(tiny_bert, bert32, kernel, engine_cache_dir):
+    from floe.models import describe
+
+    assert describe(load_spec(ModelSettings(model=bert32)), engine="openvino",
+                    engine_cache_dir=engine_cache_dir)["attention"].startswith("yes: floe's kernel, built in")
+    assert describe(load_spec(ModelSettings(model=tiny_bert)), engine="openvino")["attention"] == \
+        "no: heads of 8 dimensions (the kernel takes 32)"
+    assert describe(load_spec(ModelSettings(model=bert32)), engine="openvino", dtype="float32")[
+        "attention"].startswith("no: the kernel computes in bf16")
+    assert describe(load_spec(ModelSettings(model=bert32)), engine="openvino",
+                    native_attention=False)["attention"] == "no: --no-native-attention"
