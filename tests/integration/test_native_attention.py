@@ -159,6 +159,27 @@ def test_a_bert_with_32_dimension_heads_runs_on_the_kernel(engines, bert32, st_m
 
 
 @runs_here
+def test_a_cross_encoder_with_32_dimension_heads_scores_on_the_kernel(tmp_path_factory, kernel):
+    # a reranker's graph (token types, a classifier head) takes the same rewrite
+    folder = tiny_models.build_bert_cross_encoder(str(tmp_path_factory.mktemp("ce32") / "model"),
+                                                  hidden=64, heads=2, seed=12)
+    spec = load_spec(ModelSettings(model=folder))
+    # converted (and checked against torch) in float32: this random head's logits are large
+    # enough that bf16 misses the conversion's own probe tolerance, kernel or not
+    OpenVINOEngine(spec, dtype="float32", threads=1)
+    on, off = (OpenVINOEngine(spec, dtype="bfloat16", threads=1, native_attention=flag)
+               for flag in (True, False))
+    assert on.native.startswith("yes"), on.native
+    assert _on_kernel(on._request) and not _on_kernel(off._request)
+    seqs = _inputs(spec, [40, 3, 17, 100, 64])
+    splits = np.array([20, 2, 9, 50, 30], dtype=np.int64)   # query / passage boundaries
+    got = on.run(on.prepare(seqs, type_splits=splits))
+    want = off.run(off.prepare(seqs, type_splits=splits))
+    np.testing.assert_allclose(got, want, atol=5e-2, rtol=5e-2)
+    assert np.abs(want).max() > 1e-3   # scores that say something
+
+
+@runs_here
 def test_an_input_batched_equals_itself_alone_on_the_kernel(engines):
     engine = engines["kernel"]
     seqs = _inputs(engine.spec, [120, 7, 64, 33, 16, 250])
