@@ -35,7 +35,7 @@ import queue
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -80,8 +80,10 @@ class _Request:
     rows: Any                   # its output rows as the model's kind keeps them (Kind.new_rows)
     remaining: int              # sequences not yet stored
     queue_s: float = 0.0
-    inference_s: float = 0.0
-    batches: set = field(default_factory=set)
+    # the wall span its batches' forwards covered: pipelined batches overlap, so summing
+    # each batch's time could count the same seconds twice and exceed the request's total
+    forward_from: float = float("inf")
+    forward_until: float = 0.0
     error: Optional[FloeError] = None
     result: Optional[EmbedResult] = None   # set by the finisher before it completes the request
     dropped: bool = False   # cancelled or aborted: results are discarded
@@ -390,7 +392,8 @@ class ReplicaCore:
             kept[req.handed_back] = False
             rows, lengths = rows[kept], lengths[kept]
         result = self.kind.finish(self.spec, rows, req.options, lengths, req.request_id,
-                                  Timings(queue_s=req.queue_s, inference_s=req.inference_s))
+                                  Timings(queue_s=req.queue_s, inference_s=max(
+                                      0.0, req.forward_until - req.forward_from)))
         result.handed_back = req.handed_back
         return result
 
@@ -744,9 +747,8 @@ class ReplicaCore:
             req: _Request = s.payload[0]
             if req.done or req.dropped:
                 continue
-            if batch.number not in req.batches:
-                req.batches.add(batch.number)
-                req.inference_s += elapsed
+            req.forward_from = min(req.forward_from, started)
+            req.forward_until = max(req.forward_until, started + elapsed)
             if not finite[row]:
                 log.error("non-finite embedding for request %s item %d", req.request_id, s.index)
                 self._complete(req, InternalError(
