@@ -16,12 +16,14 @@ for a BERT-family embedding model with ``packing`` the packed one, several input
 (floe/engine/packed_graph.py; ``prepare`` packs a batch where that is smaller than padding it).
 
 floe's attention kernel (floe/engine/native/): with ``native_attention`` on a CPU with AVX-512
-BF16 and without AMX, in bf16, a BERT-family graph with heads of 32 dimensions (the padded one
-and the packed one) has its attention rewritten to the kernel, which computes each input's
-scores over its own keys only. The rewritten graph is checked against the untouched one on a
-probe batch, cached under a key of its own (the graph's and the kernel build's), and run in its
-place; anything that stops it (no compiler, a graph it does not match, a probe that differs)
-leaves the untouched graph running, logged and shown by ``native``.
+BF16, in bf16, a BERT-family graph with heads of 32 dimensions (the padded one and the packed
+one) has its attention rewritten to the kernel, which computes each input's scores over its own
+keys only. The rewritten graph is checked against the untouched one on a probe batch, cached
+under a key of its own (the graph's and the kernel build's), and run in its place; on a CPU with
+AMX, whose attention overtakes the kernel's on long inputs (``native.reach``), both are kept and
+a batch runs on the kernel's when its longest input is short. Anything that stops it (no
+compiler, a graph it does not match, a probe that differs) leaves the untouched graph running,
+logged and shown by ``native``.
 
 Precision: the ``INFERENCE_PRECISION_HINT`` is bf16 on CPUs with AMX or avx512_bf16 (read from
 /proc/cpuinfo flags) and f32 elsewhere or when float32 is asked.
@@ -42,6 +44,7 @@ import numpy as np
 from floe.engine import packed_graph, packing
 from floe.engine.base import Engine, head_summary, right_pad, span_rows, span_weights
 from floe.engine.hardware import cpu_has_fast_bf16
+from floe.engine.native import describe_reach as native_reach_words
 from floe.engine.openvino_convert import (CACHE_FORMAT, SPAN_INPUT, TYPE_INPUT, ConversionError,
                                           band_window, cache_key, convert, convert_spans,
                                           default_cache_dir, graph_feed, graph_inputs,
@@ -55,6 +58,7 @@ log = logging.getLogger(__name__)
 
 _SPAN_ROWS = "span_rows"   # (not a graph input) which rows of the span graph's output are real
 _PACKED_WHERE = "packed_where"  # (not a graph input) each input's row of the packed output
+_LONGEST = "longest_input"      # (not a graph input) a packed batch's longest input, in tokens
 _PRECISION = {"bfloat16": "bf16", "float32": "f32"}
 
 
@@ -102,6 +106,12 @@ class OpenVINOEngine(Engine):
         self._spans: dict[bool, Any] = {}   # late chunking's infer requests (plain, banded),
                                              # made on first use
         self._packed_request: Any = None    # the packed graph's (warmup makes it)
+        self._kernel: Optional[str] = None   # floe's attention kernel, where it is loaded
+        # its graphs ("padded", "packed") kept beside the untouched ones where it runs only the
+        # batches whose longest input is within its reach (a CPU with AMX); elsewhere they replace
+        # the untouched ones
+        self._short: dict[str, Any] = {}
+        self._reach: Optional[int] = None
         self._lock = threading.Lock()
         # Sliding-window models whose inputs can outgrow the key span have a second graph, run on
         # batches wider than the span (floe/engine/attention.py); int8 quantizes and gates both.
@@ -152,12 +162,12 @@ class OpenVINOEngine(Engine):
         actual = str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
         if self.dtype != "int8" and (actual.endswith("f32") or actual == "float32"):
             self.dtype = "float32"  # a CPU that cannot run the bf16 hint runs f32
-        self._kernel: Optional[str] = None   # floe's attention kernel, where it is loaded
         self.native = self._load_kernel() if native_attention else "off"
         if self._kernel is not None:
             self._request, why = self._on_kernel(self._request, key, "attention_mask",
-                                                 self._probe_feed())
-            self.native = f"no: {why}" if why else f"yes: floe's attention kernel ({self._kernel})"
+                                                 self._probe_feed(), layout="padded")
+            self.native = (f"no: {why}" if why else f"yes: floe's attention kernel ({self._kernel})"
+                           + native_reach_words(self._reach))
         log.info("OpenVINO engine: %s %s on cpu in %s, %d threads (%s; graph %s)",
                  spec.name, "converted" if self.converted else "loaded from the cache", self.dtype,
                  self.threads, head_summary(spec), self.model_dir)
@@ -252,6 +262,7 @@ class OpenVINOEngine(Engine):
             log.warning("floe's attention kernel did not load (%s): OpenVINO's attention runs", exc)
             return f"no: it did not load ({str(exc)[:200]})"
         self._kernel = path
+        self._reach = native.reach()
         return f"yes: {path}"
 
     def _probe_feed(self) -> dict[str, np.ndarray]:
@@ -266,13 +277,14 @@ class OpenVINOEngine(Engine):
         return feed
 
     def _on_kernel(self, request: Any, key: str, segments_input: str, feed: dict,
-                   rows: Optional[np.ndarray] = None) -> tuple[Any, Optional[str]]:
+                   rows: Optional[np.ndarray] = None, layout: str = "padded") -> tuple[Any, Optional[str]]:
         """(request, None): an infer request of graph ``key`` with its attention on floe's kernel
         (floe/engine/native/graph.py), checked against ``request``, the same graph untouched, on
-        ``feed`` (``rows``: the output rows to compare, a packed batch's real ones). (request,
-        why): ``request`` itself, where the rewrite does not apply or differs. The rewritten
-        graph is cached as ``<key>-attention-<kernel build>-<rewrite version>``, a refusal
-        beside it."""
+        ``feed`` (``rows``: the output rows to compare, a packed batch's real ones); where the
+        kernel has a reach (AMX), ``request`` itself, the kernel's kept in ``_short[layout]``.
+        (request, why): ``request`` itself, where the rewrite does not apply or differs. The
+        rewritten graph is cached as ``<key>-attention-<kernel build>-<rewrite version>``, a
+        refusal beside it."""
         from floe.engine.native import graph
 
         root = openvino_dir(self.cache_dir)
@@ -294,9 +306,12 @@ class OpenVINOEngine(Engine):
                 why = f"the graph on the kernel did not compile: {str(exc)[:300]}"
                 log.warning("%s; OpenVINO's attention runs", why)
                 return request, why
+        log.info("attention on floe's kernel%s: %s", native_reach_words(self._reach), xml)
+        if self._reach is not None:
+            self._short[layout] = compiled.create_infer_request()
+            return request, None
         if request is self._request:
             self._compiled = compiled
-        log.info("attention on floe's kernel: %s", xml)
         return compiled.create_infer_request(), None
 
     def _rewrite_and_check(self, request: Any, source: str, folder: str, segments_input: str,
@@ -365,7 +380,8 @@ class OpenVINOEngine(Engine):
             if layout is not None:   # smaller packed than padded: the packed graph
                 feed = packing.packed_feed(sequences, layout[0], layout[1], self.spec.pooling,
                                            self.spec.pad_token_id)
-                return {**feed.inputs, _PACKED_WHERE: feed.where}
+                return {**feed.inputs, _PACKED_WHERE: feed.where,
+                        _LONGEST: np.int64(max(len(s) for s in sequences))}
         padded = right_pad(self.spec, sequences, type_splits if takes_types else None)
         feed = graph_feed(padded)
         if spans is not None:
@@ -381,10 +397,11 @@ class OpenVINOEngine(Engine):
         span for a late-chunking batch)."""
         if _PACKED_WHERE in prepared:
             where = prepared[_PACKED_WHERE]
-            feed = {k: v for k, v in prepared.items() if k != _PACKED_WHERE}
+            feed = {k: v for k, v in prepared.items() if k not in (_PACKED_WHERE, _LONGEST)}
+            request = self._within_reach("packed", int(prepared[_LONGEST]), self._packed_request)
             with self._lock:
-                self._packed_request.infer(feed, share_inputs=True)
-                out = self._packed_request.get_output_tensor(0).data
+                request.infer(feed, share_inputs=True)
+                out = request.get_output_tensor(0).data
                 return np.array(out.reshape(-1, out.shape[-1])[where], dtype=np.float32, copy=True)
         if SPAN_INPUT in prepared:
             rows = prepared[_SPAN_ROWS]
@@ -395,12 +412,18 @@ class OpenVINOEngine(Engine):
                 request.infer(feed, share_inputs=True)
                 out = np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
             return out[rows]
-        request = self._request
+        request = self._within_reach("padded", prepared["input_ids"].shape[1], self._request)
         if self._band_request is not None and self._window.banded(prepared["input_ids"].shape[1]):
             request = self._band_request  # wider than the key span: the banded graph
         with self._lock:
             request.infer(prepared, share_inputs=True)
             return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+
+    def _within_reach(self, layout: str, longest: int, untouched: Any) -> Any:
+        """The kernel's request of the ``layout`` graph for a batch whose longest input is within its reach
+        (a CPU with AMX), else ``untouched`` (which is the kernel's where it has no reach)."""
+        short = self._short.get(layout)
+        return short if short is not None and longest <= self._reach else untouched
 
     def _span_request(self, banded: bool = False) -> Any:
         """Late chunking's graph, converted (or read from the cache) and compiled on first use,
@@ -492,7 +515,7 @@ class OpenVINOEngine(Engine):
                     with self._lock:
                         self._packed_request, _ = self._on_kernel(
                             self._packed_request, cache_key(self.spec, packed=True), "segments",
-                            probe.inputs, probe.where)
+                            probe.inputs, probe.where, layout="packed")
             except Exception as exc:  # noqa: BLE001 - packing is optional: the engine pads
                 self._pack_refused = str(exc)
                 log.warning("packing off for %s: %s: %s", self.spec.name, type(exc).__name__, exc)

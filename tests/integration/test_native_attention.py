@@ -2,11 +2,13 @@
 inputs of every awkward length (1, 15-17, 31-33, 300 tokens, several per row, padding between and
 after them), in float32 and bf16; the rewritten graph of a BERT with 32-dimension heads against
 the untouched one and sentence-transformers, padded and packed, an input batched equal to itself
-alone; and every way it stays off (no compiler, heads of another size, bf16 not run, a CPU that
-refuses it), each leaving OpenVINO's attention running.
+alone; a kernel with a reach (a CPU with AMX) given only the batches whose longest input is
+within it; and every way it stays off (no compiler, heads of another size, bf16 not run, a CPU
+that refuses it), each leaving OpenVINO's attention running.
 
 The kernel is built once per session into the session's engine cache (a few seconds). On a CPU
-without AVX-512 BF16, or with AMX, only the refusal tests run.
+without AVX-512 BF16 only the refusal tests run. The engines of the module's fixture run every
+batch on the kernel, whatever the CPU (its reach set to None), so they test the same on every CPU.
 """
 
 from __future__ import annotations
@@ -113,13 +115,19 @@ def test_the_kernel_equals_attention_over_each_input(kernel, element):
     np.testing.assert_allclose(got[1, 0], _bf16(v[1, 0]), atol=1e-2)
 
 
+def _engine(spec, reach, **kwargs) -> OpenVINOEngine:
+    """An engine whose kernel has ``reach`` (None: every batch), whatever this CPU's is."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native, "reach", lambda flags=None: reach)
+        return OpenVINOEngine(spec, dtype="bfloat16", threads=1, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def engines(bert32, kernel):
     spec = load_spec(ModelSettings(model=bert32))
     made = {}
     for name, on in (("kernel", True), ("openvino", False)):
-        engine = OpenVINOEngine(spec, dtype="bfloat16", threads=1, packing=True,
-                                native_attention=on)
+        engine = _engine(spec, None, packing=True, native_attention=on)
         engine.warmup(1024)
         made[name] = engine
     return made
@@ -167,8 +175,7 @@ def test_a_cross_encoder_with_32_dimension_heads_scores_on_the_kernel(tmp_path_f
     # converted (and checked against torch) in float32: this random head's logits are large
     # enough that bf16 misses the conversion's own probe tolerance, kernel or not
     OpenVINOEngine(spec, dtype="float32", threads=1)
-    on, off = (OpenVINOEngine(spec, dtype="bfloat16", threads=1, native_attention=flag)
-               for flag in (True, False))
+    on, off = (_engine(spec, None, native_attention=flag) for flag in (True, False))
     assert on.native.startswith("yes"), on.native
     assert _on_kernel(on._request) and not _on_kernel(off._request)
     seqs = _inputs(spec, [40, 3, 17, 100, 64])
@@ -177,6 +184,37 @@ def test_a_cross_encoder_with_32_dimension_heads_scores_on_the_kernel(tmp_path_f
     want = off.run(off.prepare(seqs, type_splits=splits))
     np.testing.assert_allclose(got, want, atol=5e-2, rtol=5e-2)
     assert np.abs(want).max() > 1e-3   # scores that say something
+
+
+@runs_here
+def test_a_kernel_with_a_reach_runs_only_the_batches_within_it(bert32, kernel):
+    spec = load_spec(ModelSettings(model=bert32))
+    engine = _engine(spec, 20, packing=True, native_attention=True)
+    engine.warmup(1024)
+    assert engine.native.startswith("yes") and "20 tokens or shorter" in engine.native, engine.native
+    # both graphs of each layout kept: the untouched ones, and the kernel's beside them
+    assert not _on_kernel(engine._request) and not _on_kernel(engine._packed_request)
+    assert _on_kernel(engine._short["padded"]) and _on_kernel(engine._short["packed"])
+
+    def alone(request, prepared, packed):
+        feed = {k: v for k, v in prepared.items() if k not in ("packed_where", "longest_input")}
+        request.infer(feed, share_inputs=True)
+        out = np.array(request.get_output_tensor(0).data, dtype=np.float32)
+        out = out.reshape(-1, out.shape[-1])
+        return out[prepared["packed_where"]] if packed else out
+
+    for lengths, packed, within in (([20, 18, 19], False, True), ([21, 20, 19], False, False),
+                                    ([20, 3, 5, 1, 9, 2], True, True),
+                                    ([40, 3, 5, 1, 9, 2, 7, 11], True, False)):
+        prepared = engine.prepare(_inputs(spec, lengths))
+        assert ("segments" in prepared) is packed
+        layout = "packed" if packed else "padded"
+        untouched = engine._packed_request if packed else engine._request
+        expected = alone(engine._short[layout] if within else untouched, prepared, packed)
+        np.testing.assert_array_equal(engine.run(prepared), expected)
+        other = alone(untouched if within else engine._short[layout], prepared, packed)
+        # the two graphs agree, as checked at start, and differ in their last bits: which ran shows
+        assert cosines(expected, other).min() > 0.9995 and not np.array_equal(expected, other)
 
 
 @runs_here
@@ -228,8 +266,11 @@ def test_float32_does_not_take_the_kernel(bert32):
 
 def test_which_cpus_take_the_kernel():
     assert native.cpu_refusal({"avx512f", "avx512_bf16"}) is None
-    assert "AMX" in native.cpu_refusal({"avx512_bf16", "amx_bf16", "amx_tile"})
+    assert native.cpu_refusal({"avx512_bf16", "amx_bf16", "amx_tile"}) is None
     assert "AVX-512 BF16" in native.cpu_refusal({"avx2", "fma"})
+    # with AMX, OpenVINO's attention overtakes the kernel on long inputs
+    assert native.reach({"avx512f", "avx512_bf16"}) is None
+    assert native.reach({"avx512_bf16", "amx_bf16", "amx_tile"}) == native.AMX_REACH
 
 
 @runs_here
@@ -237,7 +278,7 @@ def test_floe_info_says_whether_attention_runs_on_the_kernel(tiny_bert, bert32, 
     from floe.models import describe
 
     assert describe(load_spec(ModelSettings(model=bert32)), engine="openvino",
-                    engine_cache_dir=engine_cache_dir)["attention"].startswith("yes: floe's kernel, built in")
+                    engine_cache_dir=engine_cache_dir)["attention"].startswith("yes: floe's kernel")
     assert describe(load_spec(ModelSettings(model=tiny_bert)), engine="openvino")["attention"] == \
         "no: heads of 8 dimensions (the kernel takes 32)"
     assert describe(load_spec(ModelSettings(model=bert32)), engine="openvino", dtype="float32")[

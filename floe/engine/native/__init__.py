@@ -9,11 +9,14 @@ of the row (docs/benchmarks.md, "floe's attention kernel").
 
 ``library()`` compiles the source with the machine's C++ compiler against the OpenVINO headers
 and library that ship in the openvino wheel, once per source, OpenVINO version and compiler, into
-the engine cache (``native/<key>/``); later starts load it. ``refusal()`` says why it will not run
-here: a CPU without AVX-512 BF16, or with AMX (whose fused attention is left to OpenVINO: not
-measured against), no compiler, a compiler that failed (recorded beside the cache, so that a start
-does not retry a build that fails; delete the ``.failed`` file to retry). The engine then runs
-OpenVINO's own attention, as before: the kernel is a speed-up, never a requirement.
+the engine cache (``native/<key>/``); later starts load it, or say why it will not run here: a CPU
+without AVX-512 BF16, no compiler, a compiler that failed (recorded beside the cache, so that a
+start does not retry a build that fails; delete the ``.failed`` file to retry). The engine then
+runs OpenVINO's own attention, as before: the kernel is a speed-up, never a requirement.
+
+``reach()``: on a CPU with AMX, OpenVINO's fused attention runs its products on the tiles and
+overtakes the kernel on long inputs, so there the engine keeps both graphs and gives the kernel's
+the batches whose longest input is short (docs/benchmarks.md, "floe's attention kernel on AMX").
 """
 
 from __future__ import annotations
@@ -37,14 +40,32 @@ FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-m
 BUILD_TIMEOUT_S = 120   # well inside a replica's --startup-timeout (300 s)
 
 
+# The longest input (tokens) whose batches run on the kernel on a CPU with AMX. Measured on an
+# Intel Xeon with AMX, MiniLM bf16, 2 threads, padded batches, kernel / OpenVINO's AMX attention:
+# 1.28x at 16 tokens, 1.08x at 32, 1.06x at 50, 1.03x at 64, 0.97x at 80, 0.94x at 96-100,
+# 0.90x at 256 (docs/benchmarks.md, "floe's attention kernel on AMX").
+AMX_REACH = 64
+
+
 def cpu_refusal(flags: Optional[set[str]] = None) -> Optional[str]:
     """Why this CPU does not take the kernel (None: it does)."""
     flags = cpu_flags() if flags is None else flags
     if "avx512_bf16" not in flags:
         return "the CPU has no AVX-512 BF16"
-    if "amx_bf16" in flags:
-        return "the CPU has AMX, whose attention OpenVINO's own kernel runs"
     return None
+
+
+def reach(flags: Optional[set[str]] = None) -> Optional[int]:
+    """The longest input, in tokens, of a batch the kernel runs faster than OpenVINO's attention
+    on this CPU; None: every batch."""
+    flags = cpu_flags() if flags is None else flags
+    return AMX_REACH if "amx_bf16" in flags else None
+
+
+def describe_reach(longest: Optional[int]) -> str:
+    return ("" if longest is None else
+            f", batches whose inputs are {longest} tokens or shorter (longer ones: OpenVINO's "
+            "attention, on AMX)")
 
 
 def _openvino_paths() -> tuple[str, str, str]:
@@ -166,4 +187,5 @@ def state(spec, dtype: str, cache_dir: Optional[str] = None, enabled: bool = Tru
         built = os.path.isfile(os.path.join(root, build_key(_compiler()), LIBRARY))
     except (OSError, ImportError):
         built = False
-    return ("yes: floe's kernel, " + (f"built in {root}" if built else f"built at first start into {root}"))
+    return ("yes: floe's kernel" + describe_reach(reach()) + ", "
+            + (f"built in {root}" if built else f"built at first start into {root}"))
