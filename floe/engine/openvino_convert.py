@@ -45,7 +45,8 @@ from floe.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 3          # bump when the graph floe builds changes (2: tailored, 3: aligned keys)
+CACHE_FORMAT = 4          # bump when the graph floe builds changes (2: tailored, 3: aligned keys,
+                          # 4: gate and up projections in one matmul)
 ENV_CACHE_DIR = "FLOE_ENGINE_CACHE_DIR"
 INPUTS = ("input_ids", "attention_mask")
 TYPE_INPUT = "token_type_ids"
@@ -290,10 +291,43 @@ def fold_query_scale(backbone: Any) -> int:
     return folded
 
 
+def merge_gate_up(backbone: Any) -> int:
+    """Gives each gated MLP (transformers' ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``:
+    Gemma3's, Qwen3's) one matmul for its gate and up projections, split after it. On a CPU with
+    AMX in bf16, OpenVINO's CPU plugin fuses the separate form into its LLM MLP kernel, which
+    dies of a division by zero (SIGFPE) when the engine has one thread, as a replica on a core
+    of its own does (OpenVINO 2026.4); the merged form runs as one FullyConnected, as fast as that
+    kernel on two threads (docs/benchmarks.md, section 9). Returns how many modules it changed;
+    ``tailored`` checks that the float32 output did not."""
+    import torch
+
+    def gated(module: Any, x: torch.Tensor) -> torch.Tensor:
+        gate, up = module.gate_up(x).chunk(2, dim=-1)
+        return module.down_proj(module.act_fn(gate) * up)
+
+    merged = 0
+    for module in backbone.modules():
+        gate, up = getattr(module, "gate_proj", None), getattr(module, "up_proj", None)
+        if not (isinstance(gate, torch.nn.Linear) and isinstance(up, torch.nn.Linear)
+                and isinstance(getattr(module, "down_proj", None), torch.nn.Linear)
+                and callable(getattr(module, "act_fn", None))
+                and gate.weight.shape == up.weight.shape and gate.bias is None and up.bias is None):
+            continue
+        module.gate_up = torch.nn.Linear(gate.in_features, 2 * gate.out_features, bias=False,
+                                         dtype=gate.weight.dtype)
+        with torch.no_grad():
+            module.gate_up.weight.copy_(torch.cat([gate.weight, up.weight], dim=0))
+        module.forward = gated.__get__(module)
+        del module.gate_proj, module.up_proj
+        merged += 1
+    return merged
+
+
 def tailored(make_source: Callable[[], Any], pipeline_of: Callable[[Any], Any],
               probe: dict[str, np.ndarray]) -> tuple[Any, np.ndarray]:
     """The pipeline to trace, and its float32 output on ``probe`` before any change: the torch
-    engine ``make_source()`` builds, with the query scale folded in, pooling as a matmul
+    engine ``make_source()`` builds, with the query scale folded in, gate and up projections
+    merged (merge_gate_up), pooling as a matmul
     (floe/kinds/embed.py pool) and the attention's keys padded to whole blocks
     (floe/engine/aligned_keys.py), so the graph runs faster on OpenVINO's CPU plugin. These change
     the graph, not the function: if the tailored pipeline's output on the probe moves by more
@@ -312,13 +346,14 @@ def tailored(make_source: Callable[[], Any], pipeline_of: Callable[[Any], Any],
     want = run(pipeline)
     source.matmul_pooling = True
     folded = fold_query_scale(source.model)
+    merged = merge_gate_up(source.model)
     aligned = aligned_keys.install(source.model)
     got = run(pipeline)
     scale = max(float(np.abs(want).max()), 1e-6)
     if not np.isfinite(got).all() or float(np.abs(got - want).max()) > 1e-4 * scale:
-        log.warning("the graph's tailoring (%d query scales folded, pooling as a matmul%s) "
-                    "changed the float32 output (%.3g): converting the model unchanged",
-                    folded, ", keys aligned" if aligned else "",
+        log.warning("the graph's tailoring (%d query scales folded, %d gated MLPs merged, pooling "
+                    "as a matmul%s) changed the float32 output (%.3g): converting the model "
+                    "unchanged", folded, merged, ", keys aligned" if aligned else "",
                     float(np.nan_to_num(np.abs(got - want)).max()))
         pipeline = pipeline_of(make_source())
     return pipeline, want
