@@ -411,3 +411,37 @@ def test_bf16_graph_runs_its_residual_stream_in_bf16(folder):
     # (integer ones compute the aligned keys' padding from the length)
     assert not [names for kind, prec, names in ops
                 if kind == "Eltwise" and names.startswith("Multiply_") and prec in ("bf16", "f32")]
+
+
+# A child process: a crash of OpenVINO's compile is then a failed test, not a dead test run.
+_ONE_THREAD_BF16 = """
+import json, sys
+import numpy as np
+from floe.config import ModelSettings
+from floe.engine.openvino_engine import OpenVINOEngine
+from floe.models import load_spec
+engine = OpenVINOEngine(load_spec(ModelSettings(model=sys.argv[1])), dtype="bfloat16", threads=1)
+out = engine.run(engine.prepare([np.arange(5, 45, dtype=np.int32), np.arange(5, 9, dtype=np.int32)]))
+names = [op.get_friendly_name() for op in engine._core.read_model(
+    engine.model_dir + "/model.xml").get_ordered_ops() if op.get_type_name() == "MatMul"]
+print(json.dumps({"finite": bool(np.isfinite(out).all()), "matmuls": names}))
+"""
+
+
+@pytest.mark.parametrize("name", ["embeddinggemma", "qwen3"])
+def test_a_gated_mlp_runs_as_one_matmul_on_one_thread_in_bf16(tmp_path, name):
+    # Gate and up projections in one matmul (openvino_convert.merge_gate_up). On a CPU with AMX
+    # in bf16, OpenVINO fuses the separate form into its LLM MLP kernel, which dies of SIGFPE
+    # on one thread (a replica's); embeddinggemma's hidden 96 / intermediate 128 and the tiny
+    # Qwen3's 64 / 128 are sizes it fuses.
+    model = (families.build_embeddinggemma(str(tmp_path / name), hidden=96, intermediate=128)
+             if name == "embeddinggemma" else families.build_qwen3_embedding(str(tmp_path / name)))
+    done = subprocess.run([sys.executable, "-c", _ONE_THREAD_BF16, model], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["finite"]
+    mlp = [n for n in result["matmuls"] if ".mlp." in n]
+    layers = 6 if name == "embeddinggemma" else 2
+    assert len(mlp) == 2 * layers and sum(".gate_up" in n for n in mlp) == layers, mlp
+    assert not any("gate_proj" in n or "up_proj" in n for n in mlp), mlp
