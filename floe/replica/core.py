@@ -80,10 +80,8 @@ class _Request:
     rows: Any                   # its output rows as the model's kind keeps them (Kind.new_rows)
     remaining: int              # sequences not yet stored
     queue_s: float = 0.0
-    # the wall span its batches' forwards covered: pipelined batches overlap, so summing
-    # each batch's time could count the same seconds twice and exceed the request's total
-    forward_from: float = float("inf")
-    forward_until: float = 0.0
+    forward_from: float = float("inf")   # the wall span its batches' forwards covered (they
+    forward_until: float = 0.0           # overlap when pipelined: a sum could pass its total)
     error: Optional[FloeError] = None
     result: Optional[EmbedResult] = None   # set by the finisher before it completes the request
     dropped: bool = False   # cancelled or aborted: results are discarded
