@@ -420,8 +420,8 @@ class OpenVINOEngine(Engine):
             return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
 
     def _within_reach(self, layout: str, longest: int, untouched: Any) -> Any:
-        """The kernel's request of the ``layout`` graph for a batch whose longest input is within its reach
-        (a CPU with AMX), else ``untouched`` (which is the kernel's where it has no reach)."""
+        """The kernel's request of the ``layout`` graph for a batch whose longest input is within
+        its reach (a CPU with AMX), else ``untouched`` (the kernel's itself where it has no reach)."""
         short = self._short.get(layout)
         return short if short is not None and longest <= self._reach else untouched
 
