@@ -277,7 +277,8 @@ class OpenVINOEngine(Engine):
         return feed
 
     def _on_kernel(self, request: Any, key: str, segments_input: str, feed: dict,
-                   rows: Optional[np.ndarray] = None, layout: str = "padded") -> tuple[Any, Optional[str]]:
+                   rows: Optional[np.ndarray] = None,
+                   layout: str = "padded") -> tuple[Any, Optional[str]]:
         """(request, None): an infer request of graph ``key`` with its attention on floe's kernel
         (floe/engine/native/graph.py), checked against ``request``, the same graph untouched, on
         ``feed`` (``rows``: the output rows to compare, a packed batch's real ones); where the
@@ -421,7 +422,7 @@ class OpenVINOEngine(Engine):
 
     def _within_reach(self, layout: str, longest: int, untouched: Any) -> Any:
         """The kernel's request of the ``layout`` graph for a batch whose longest input is within
-        its reach (a CPU with AMX), else ``untouched`` (the kernel's itself where it has no reach)."""
+        its reach (a CPU with AMX), else ``untouched`` (the kernel's own where it has no reach)."""
         short = self._short.get(layout)
         return short if short is not None and longest <= self._reach else untouched
 
