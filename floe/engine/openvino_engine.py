@@ -111,7 +111,7 @@ class OpenVINOEngine(Engine):
         # batches whose longest input is within its reach (a CPU with AMX); elsewhere they replace
         # the untouched ones
         self._short: dict[str, Any] = {}
-        self._reach: Optional[int] = None
+        self._reach: Optional[dict[str, int]] = None
         self._lock = threading.Lock()
         # Sliding-window models whose inputs can outgrow the key span have a second graph, run on
         # batches wider than the span (floe/engine/attention.py); int8 quantizes and gates both.
@@ -424,7 +424,7 @@ class OpenVINOEngine(Engine):
         """The kernel's request of the ``layout`` graph for a batch whose longest input is within
         its reach (a CPU with AMX), else ``untouched`` (the kernel's own where it has no reach)."""
         short = self._short.get(layout)
-        return short if short is not None and longest <= self._reach else untouched
+        return short if short is not None and longest <= self._reach[layout] else untouched
 
     def _span_request(self, banded: bool = False) -> Any:
         """Late chunking's graph, converted (or read from the cache) and compiled on first use,

@@ -40,11 +40,14 @@ FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-m
 BUILD_TIMEOUT_S = 120   # well inside a replica's --startup-timeout (300 s)
 
 
-# The longest input (tokens) whose batches run on the kernel on a CPU with AMX. Measured on an
-# Intel Xeon with AMX, MiniLM bf16, 2 threads, padded batches, kernel / OpenVINO's AMX attention:
-# 1.28x at 16 tokens, 1.08x at 32, 1.06x at 50, 1.03x at 64, 0.97x at 80, 0.94x at 96-100,
-# 0.90x at 256 (docs/benchmarks.md, "floe's attention kernel on AMX").
-AMX_REACH = 64
+# The longest input (tokens) of a batch that runs on the kernel on a CPU with AMX, by the graph's
+# layout. Measured on an Intel Xeon with AMX, MiniLM bf16, kernel / OpenVINO's AMX attention:
+# padded batches (2 threads) 1.28x at 16 tokens, 1.06x at 50, 1.03x at 64, 0.97x at 80, 0.94x
+# at 96, 0.90x at 256 (1 thread: 1.03x at 50 and 80, 0.92x at 96); packed batches (1 thread,
+# inputs of 8 tokens to the longest) 1.12-1.14x to 96, 1.06x at 128, 1.04x at 192, 0.99x at
+# 256: a packed row's attention on OpenVINO spans the whole row, on the kernel each input alone
+# (docs/benchmarks.md, "floe's attention kernel on AMX").
+AMX_REACH = {"padded": 64, "packed": 192}
 
 
 def cpu_refusal(flags: Optional[set[str]] = None) -> Optional[str]:
@@ -55,17 +58,17 @@ def cpu_refusal(flags: Optional[set[str]] = None) -> Optional[str]:
     return None
 
 
-def reach(flags: Optional[set[str]] = None) -> Optional[int]:
+def reach(flags: Optional[set[str]] = None) -> Optional[dict[str, int]]:
     """The longest input, in tokens, of a batch the kernel runs faster than OpenVINO's attention
-    on this CPU; None: every batch."""
+    on this CPU, by layout ("padded", "packed"); None: every batch."""
     flags = cpu_flags() if flags is None else flags
-    return AMX_REACH if "amx_bf16" in flags else None
+    return dict(AMX_REACH) if "amx_bf16" in flags else None
 
 
-def describe_reach(longest: Optional[int]) -> str:
+def describe_reach(longest: Optional[dict[str, int]]) -> str:
     return ("" if longest is None else
-            f", batches whose inputs are {longest} tokens or shorter (longer ones: OpenVINO's "
-            "attention, on AMX)")
+            f", batches whose inputs are {longest['padded']} tokens or shorter (packed: "
+            f"{longest['packed']}; longer ones: OpenVINO's attention, on AMX)")
 
 
 def _openvino_paths() -> tuple[str, str, str]:
