@@ -25,3 +25,10 @@ def cpu_has_fast_bf16(flags: Optional[set[str]] = None) -> bool:
     """True on CPUs with bf16 matmul instructions (Intel AMX, or avx512_bf16 on Intel/AMD)."""
     flags = cpu_flags() if flags is None else flags
     return bool({"amx_bf16", "avx512_bf16"} & flags)
+
+
+def cpu_has_amx(flags: Optional[set[str]] = None) -> bool:
+    """True on CPUs with AMX tiles for bf16 (Intel Xeon since Sapphire Rapids), where OpenVINO's
+    CPU plugin takes other kernels and fusions than on AVX-512 alone."""
+    flags = cpu_flags() if flags is None else flags
+    return "amx_bf16" in flags

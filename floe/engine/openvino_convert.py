@@ -39,14 +39,15 @@ import numpy as np
 
 from floe.engine import packed_graph
 from floe.engine.base import Padded, right_pad, span_weights
+from floe.engine.hardware import cpu_has_amx
 from floe.engine.window import Window, window_of
 from floe.kinds import kind_of
 from floe.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 4          # bump when the graph floe builds changes (2: tailored, 3: aligned keys,
-                          # 4: gate and up projections in one matmul)
+CACHE_FORMAT = 5          # bump when the graph floe builds changes (2: tailored, 3: aligned keys,
+                          # 4: gate and up projections in one matmul, 5: that only on AMX)
 ENV_CACHE_DIR = "FLOE_ENGINE_CACHE_DIR"
 INPUTS = ("input_ids", "attention_mask")
 TYPE_INPUT = "token_type_ids"
@@ -118,6 +119,8 @@ def cache_key(spec: ModelSpec, versions: Optional[dict[str, str]] = None,
         "dense": [[d.in_features, d.out_features, d.bias, d.activation, d.use_residual] for d in spec.dense],
         "pad_token_id": spec.pad_token_id,
     }
+    if merges_gate_up():   # a different graph (merge_gate_up), so a cache shared with a CPU
+        parts["gate_up"] = "merged"   # without AMX never hands it the other one
     window = window_of(spec.backbone_path)
     if window is not None and _own_forward(spec):  # floe's own forward builds this graph
         parts["window"] = {"radius": window.radius, "block": window.block,
@@ -291,6 +294,14 @@ def fold_query_scale(backbone: Any) -> int:
     return folded
 
 
+def merges_gate_up(flags: Optional[set[str]] = None) -> bool:
+    """Whether the conversion gives gated MLPs one matmul for gate and up (merge_gate_up): on a
+    CPU with AMX, where it must; elsewhere the separate form runs 3-7% faster (AMD Zen 4,
+    embeddinggemma-300m's shape, 16 x 50 to 1 x 2,048: docs/benchmarks.md, section 9), its
+    activation fused into the gate's matmul."""
+    return cpu_has_amx(flags)
+
+
 def merge_gate_up(backbone: Any) -> int:
     """Gives each gated MLP (transformers' ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``:
     Gemma3's, Qwen3's) one matmul for its gate and up projections, split after it. On a CPU with
@@ -327,7 +338,7 @@ def tailored(make_source: Callable[[], Any], pipeline_of: Callable[[Any], Any],
               probe: dict[str, np.ndarray]) -> tuple[Any, np.ndarray]:
     """The pipeline to trace, and its float32 output on ``probe`` before any change: the torch
     engine ``make_source()`` builds, with the query scale folded in, gate and up projections
-    merged (merge_gate_up), pooling as a matmul
+    merged on a CPU with AMX (merge_gate_up), pooling as a matmul
     (floe/kinds/embed.py pool) and the attention's keys padded to whole blocks
     (floe/engine/aligned_keys.py), so the graph runs faster on OpenVINO's CPU plugin. These change
     the graph, not the function: if the tailored pipeline's output on the probe moves by more
@@ -346,7 +357,7 @@ def tailored(make_source: Callable[[], Any], pipeline_of: Callable[[Any], Any],
     want = run(pipeline)
     source.matmul_pooling = True
     folded = fold_query_scale(source.model)
-    merged = merge_gate_up(source.model)
+    merged = merge_gate_up(source.model) if merges_gate_up() else 0
     aligned = aligned_keys.install(source.model)
     got = run(pipeline)
     scale = max(float(np.abs(want).max()), 1e-6)

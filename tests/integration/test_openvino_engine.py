@@ -25,7 +25,7 @@ import pytest
 
 from floe.config import ModelSettings
 from floe.engine import create_engine
-from floe.engine.hardware import cpu_has_fast_bf16
+from floe.engine.hardware import cpu_has_amx, cpu_has_fast_bf16
 from floe.engine.openvino_convert import cache_key, openvino_dir
 from floe.engine.openvino_engine import OpenVINOEngine
 from floe.models import load_spec
@@ -418,8 +418,11 @@ _ONE_THREAD_BF16 = """
 import json, sys
 import numpy as np
 from floe.config import ModelSettings
+from floe.engine import openvino_convert
 from floe.engine.openvino_engine import OpenVINOEngine
 from floe.models import load_spec
+if sys.argv[2] == "merged":   # as on a CPU with AMX, whatever this one is
+    openvino_convert.merges_gate_up = lambda flags=None: True
 engine = OpenVINOEngine(load_spec(ModelSettings(model=sys.argv[1])), dtype="bfloat16", threads=1)
 out = engine.run(engine.prepare([np.arange(5, 45, dtype=np.int32), np.arange(5, 9, dtype=np.int32)]))
 names = [op.get_friendly_name() for op in engine._core.read_model(
@@ -428,20 +431,27 @@ print(json.dumps({"finite": bool(np.isfinite(out).all()), "matmuls": names}))
 """
 
 
+@pytest.mark.parametrize("form", ["this-cpu", "merged"])
 @pytest.mark.parametrize("name", ["embeddinggemma", "qwen3"])
-def test_a_gated_mlp_runs_as_one_matmul_on_one_thread_in_bf16(tmp_path, name):
-    # Gate and up projections in one matmul (openvino_convert.merge_gate_up). On a CPU with AMX
-    # in bf16, OpenVINO fuses the separate form into its LLM MLP kernel, which dies of SIGFPE
-    # on one thread (a replica's); embeddinggemma's hidden 96 / intermediate 128 and the tiny
-    # Qwen3's 64 / 128 are sizes it fuses.
+def test_a_gated_mlp_runs_on_one_thread_in_bf16(tmp_path, name, form):
+    # On a CPU with AMX in bf16, OpenVINO fuses a gated MLP's separate gate and up projections
+    # into its LLM MLP kernel, which dies of SIGFPE on one thread (a replica's); there the
+    # conversion gives them one matmul (openvino_convert.merge_gate_up), elsewhere it keeps the
+    # faster separate form. "merged" forces the AMX form on any CPU, so its conversion (checked
+    # against float32) and its run are tested everywhere. embeddinggemma's hidden 96 /
+    # intermediate 128 and the tiny Qwen3's 64 / 128 are sizes OpenVINO fuses.
     model = (families.build_embeddinggemma(str(tmp_path / name), hidden=96, intermediate=128)
              if name == "embeddinggemma" else families.build_qwen3_embedding(str(tmp_path / name)))
-    done = subprocess.run([sys.executable, "-c", _ONE_THREAD_BF16, model], capture_output=True,
+    done = subprocess.run([sys.executable, "-c", _ONE_THREAD_BF16, model, form], capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["finite"]
     mlp = [n for n in result["matmuls"] if ".mlp." in n]
     layers = 6 if name == "embeddinggemma" else 2
-    assert len(mlp) == 2 * layers and sum(".gate_up" in n for n in mlp) == layers, mlp
-    assert not any("gate_proj" in n or "up_proj" in n for n in mlp), mlp
+    if form == "merged" or cpu_has_amx():
+        assert len(mlp) == 2 * layers and sum(".gate_up" in n for n in mlp) == layers, mlp
+        assert not any("gate_proj" in n or "up_proj" in n for n in mlp), mlp
+    else:
+        assert len(mlp) == 3 * layers and not any(".gate_up" in n for n in mlp), mlp
+        assert sum("gate_proj" in n for n in mlp) == sum("up_proj" in n for n in mlp) == layers, mlp

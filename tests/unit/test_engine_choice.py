@@ -13,6 +13,7 @@ import subprocess
 import pytest
 
 from floe.engine.choice import OPENVINO_MODEL_TYPES, choose_engine
+from floe.engine import openvino_convert
 from floe.engine.openvino_convert import cache_key, cached_state, default_cache_dir, openvino_dir
 from floe.engine.openvino_engine import pick_precision
 from floe.errors import ConfigError
@@ -139,6 +140,10 @@ def test_cache_key_is_stable_and_follows_files_options_and_versions(folder):
     assert cache_key(make_spec(folder, dense=(dense,)), VERSIONS) != key
     assert cache_key(spec, {**VERSIONS, "openvino": "2026.5.0"}) != key
     assert cache_key(spec, {**VERSIONS, "transformers": "5.24.0"}) != key
+    with pytest.MonkeyPatch.context() as patch:   # the graph with gate and up merged (AMX) is another
+        merged = not openvino_convert.merges_gate_up()
+        patch.setattr(openvino_convert, "merges_gate_up", lambda flags=None: merged)
+        assert cache_key(spec, VERSIONS) != key
 
     weights = os.path.join(folder, "model.safetensors")
     st = os.stat(weights)

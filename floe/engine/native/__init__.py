@@ -29,7 +29,7 @@ import subprocess
 import tempfile
 from typing import Optional
 
-from floe.engine.hardware import cpu_flags
+from floe.engine.hardware import cpu_flags, cpu_has_amx
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def reach(flags: Optional[set[str]] = None) -> Optional[dict[str, int]]:
     """The longest input, in tokens, of a batch the kernel runs faster than OpenVINO's attention
     on this CPU, by layout ("padded", "packed"); None: every batch."""
     flags = cpu_flags() if flags is None else flags
-    return dict(AMX_REACH) if "amx_bf16" in flags else None
+    return dict(AMX_REACH) if cpu_has_amx(flags) else None
 
 
 def describe_reach(longest: Optional[dict[str, int]]) -> str:
