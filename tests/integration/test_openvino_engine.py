@@ -432,7 +432,7 @@ print(json.dumps({"finite": bool(np.isfinite(out).all()), "matmuls": names}))
 
 
 @pytest.mark.parametrize("form", ["this-cpu", "merged"])
-@pytest.mark.parametrize("name", ["embeddinggemma", "qwen3"])
+@pytest.mark.parametrize("name", ["embeddinggemma", pytest.param("qwen3", marks=pytest.mark.full)])
 def test_a_gated_mlp_runs_on_one_thread_in_bf16(tmp_path, name, form):
     # On a CPU with AMX in bf16, OpenVINO fuses a gated MLP's separate gate and up projections
     # into its LLM MLP kernel, which dies of SIGFPE on one thread (a replica's); there the
