@@ -702,6 +702,7 @@ class ReplicaHello(_HelloLine):
     engine: str
     dtype: str
     device: str
+    attention: str = ""   # the engine's ``attention``: floe's kernel runs, or why not
 
     PREFIX = "FLOE_REPLICA_READY"
 

@@ -30,6 +30,9 @@ class Engine(abc.ABC):
     dtype: str      # "float32" | "bfloat16" | "float16"
     device: str     # "cpu" | "cuda:0" ...
     backend: str = ""  # "torch" | "openvino" | "fake": what runs the forward pass
+    # Whether floe's attention kernel runs, and if not why, in `floe info`'s words (the OpenVINO
+    # engine: floe/engine/native/); "" for an engine that has no such choice.
+    attention: str = ""
     # The row width's multiple where the engine packs several short inputs into one row of a
     # forward pass (floe/engine/packing.py), None where it only pads. The replica's scheduler
     # forms packed batches for it, priced as the engine will run them.

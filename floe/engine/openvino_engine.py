@@ -173,6 +173,10 @@ class OpenVINOEngine(Engine):
                  self.threads, head_summary(spec), self.model_dir)
 
     @property
+    def attention(self) -> str:   # Engine.attention, in `floe info`'s words
+        return "no: --no-native-attention" if self.native == "off" else self.native
+
+    @property
     def _float_dtype(self) -> str:
         """The float precision the graph's float layers run in (all of them, but for int8)."""
         hint = self._config["INFERENCE_PRECISION_HINT"]

@@ -137,7 +137,7 @@ class ReplicaManager(Routed):
             "cuda_visible_devices": s.placement.cuda_visible_devices,
             "gpu_memory_fraction": s.placement.gpu_memory_fraction,
             "cpu_cores": s.placement.cpu_cores, "threads": s.placement.threads,
-            **s.runs,   # engine, dtype, device: what its hello said
+            **s.runs,   # engine, dtype, device, attention: what its hello said
         } for s in self.slots]
         return self.router.status(out, self.ready(), self._stopped)
 

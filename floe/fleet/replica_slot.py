@@ -62,7 +62,7 @@ class ReplicaSlot(ChildProcess):
         self._healthy = False
         self.probe_failures = 0
         self.killed_as_hung = False   # this process was killed here after failed probes
-        self.runs: dict[str, str] = {}   # engine, dtype, device, from the latest hello
+        self.runs: dict[str, str] = {}   # engine, dtype, device, attention, from the latest hello
 
     @property
     def healthy(self) -> bool:
@@ -134,7 +134,8 @@ class ReplicaSlot(ChildProcess):
                                     receive_limit=256 * 1024 * 1024, model=self.key[0],
                                     kind=self.key[1], **coalesce_limits(self.settings))
         self.probe_failures = 0
-        self.runs = {"engine": hello.engine, "dtype": hello.dtype, "device": hello.device}
+        self.runs = {"engine": hello.engine, "dtype": hello.dtype, "device": hello.device,
+                     "attention": hello.attention}
         self.healthy = True
 
     async def _on_exit(self) -> None:

@@ -289,8 +289,9 @@ class EmbedService:
         for replica in self.router.status().get("replicas", []):
             if replica.get("dtype"):
                 return {"dtype": replica["dtype"], "engine": replica.get("engine", ""),
-                        "device": replica.get("device", "")}
-        return {"dtype": self.settings.model.dtype, "engine": "", "device": ""}
+                        "device": replica.get("device", ""),
+                        "attention": replica.get("attention", "")}
+        return {"dtype": self.settings.model.dtype, "engine": "", "device": "", "attention": ""}
 
     def calibration(self) -> dict:
         """The int8 / uint8 ranges in use, for /info (a client dequantizes with them)."""

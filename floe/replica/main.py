@@ -307,7 +307,7 @@ async def serve(rt: Runtime, engine, tokenizers) -> int:
 
     engine_kind = getattr(engine, "backend", settings.replicas.engine)
     hello = ReplicaHello(address=address, pid=os.getpid(), engine=engine_kind,
-                         dtype=engine.dtype, device=engine.device)
+                         dtype=engine.dtype, device=engine.device, attention=engine.attention)
     print(hello.to_line(), flush=True)
     log.info("replica %s serving %s on %s (engine %s, %s on %s)", rt.replica_id,
              engine.spec.name, address, engine_kind, engine.dtype, engine.device)

@@ -4,9 +4,13 @@ a CPU, converted on the first start) equals sentence-transformers: cosine >= 0.9
 
 from __future__ import annotations
 
+import httpx
 import numpy as np
 import pytest
 
+from floe.config import ModelSettings
+from floe.engine import native
+from floe.models import load_spec
 from tests.support import floe_serve
 
 # Full tier: a first OpenVINO conversion in a replica process (one and a half minutes on 2 cores).
@@ -53,6 +57,15 @@ def test_http_embeddings_equal_sentence_transformers(reference, tmp_path, dtype,
         got = np.array([d.embedding for d in resp.data], dtype=np.float32)
         alone = np.array([client.embeddings.create(model=model, input=t).data[0].embedding
                           for t in TEXTS], dtype=np.float32)
+        info = httpx.get(server.url + "/info", timeout=10).json()
+    # what runs attention, as the replica said at start: floe's kernel where `floe info` says it
+    # would (bf16 on a CPU with AVX-512 BF16 and a compiler), otherwise why not
+    predicted = native.state(load_spec(ModelSettings(model="default")), dtype)
+    assert info["engine"] == "openvino", info
+    assert info["attention"].split(":")[0] == predicted.split(":")[0], (info["attention"], predicted)
+    assert info["replicas"]["replicas"][0]["attention"] == info["attention"]
+    if dtype == "float32":
+        assert info["attention"].startswith("no: the kernel computes in bf16"), info["attention"]
     assert got.shape == reference.shape
     assert cosine(got, reference).min() >= threshold, cosine(got, reference)
     # an input inside a batch equals the same input alone

@@ -28,5 +28,12 @@ def test_unknown_settings_are_refused():
 def test_hello_round_trip():
     h = ReplicaHello(address="unix:/run/r0.sock", pid=7, engine="fake", dtype="float32", device="cpu")
     assert ReplicaHello.from_line(h.to_line()) == h
+    kernel = ReplicaHello(address="127.0.0.1:1", pid=8, engine="openvino", dtype="bfloat16",
+                          device="cpu", attention="yes: floe's attention kernel")
+    assert ReplicaHello.from_line(kernel.to_line()) == kernel
+    # a replica of a floe from before `attention` was in its hello
+    old = ReplicaHello.from_line('FLOE_REPLICA_READY {"address":"a","pid":1,"engine":"torch",'
+                                 '"dtype":"float32","device":"cpu"}')
+    assert old is not None and old.attention == ""
     assert ReplicaHello.from_line("some other line") is None
     assert ReplicaHello.from_line("FLOE_REPLICA_READY {not json") is None
