@@ -9,6 +9,7 @@ batch shapes, after a warm-up, and print each category's share of the forward.
 
     .venv/bin/python scripts/profile_engine.py --dtype auto --shapes 64x50,16x256,256x64
     .venv/bin/python scripts/profile_engine.py --engines openvino --dtype int8 --shapes 64x50
+    .venv/bin/python scripts/profile_engine.py --engines openvino-native --dtype bfloat16 --threads 1 --shapes 64x18,40x50
 
 Run it with nothing else on the cores.
 """
@@ -49,11 +50,14 @@ def batch(engine, rows: int, length: int, vocab: int, seed: int = 0):
     return engine.prepare([rng.integers(min(1000, vocab - 1), vocab, length).astype(np.int32) for _ in range(rows)])
 
 
-def profile_openvino(spec, dtype: str, threads: int, shapes, repeats: int) -> None:
+def profile_openvino(spec, dtype: str, threads: int, shapes, repeats: int,
+                     native: bool = False) -> None:
     from floe.engine.openvino_engine import OpenVINOEngine
 
-    engine = OpenVINOEngine(spec, dtype=dtype, threads=threads, profile=True)
-    print(f"## OpenVINO {engine.dtype}, {threads} threads")
+    engine = OpenVINOEngine(spec, dtype=dtype, threads=threads, profile=True,
+                            native_attention=native)
+    attention = f", attention: {engine.attention}" if native else ""
+    print(f"## OpenVINO {engine.dtype}, {threads} threads{attention}")
     for rows, length in shapes:
         prepared = batch(engine, rows, length, spec.vocab_size)
         for _ in range(2):
@@ -140,8 +144,9 @@ def main(argv=None) -> int:
                                 "avx_vnni", "avx2"})
     print(f"# {spec.name}; CPU flags of note: {', '.join(isa) or 'none'}")
     for kind in args.engines.split(","):
-        if kind == "openvino":
-            profile_openvino(spec, args.dtype, args.threads, args.shapes, args.repeats)
+        if kind in ("openvino", "openvino-native"):
+            profile_openvino(spec, args.dtype, args.threads, args.shapes, args.repeats,
+                             native=kind == "openvino-native")
         elif kind == "torch":
             dtype = args.dtype
             if dtype == "int8":
