@@ -149,6 +149,127 @@ struct Scratch {            // per thread, grown to the longest input seen
     }
 };
 
+// Q queries of one input from query i0 on (nq of them real: a short last tile repeats its last
+// query), against all its keys and values, already laid out in the scratch by ``attend``.
+template <int Q, typename T>
+void attend_tile(const T* q, T* o, int i0, int nq, size_t stride, float scale, Scratch& w,
+                 int width, int blocks, int last, __mmask16 last_keys, int pairs) {
+    const __m512 scale_v = _mm512_set1_ps(scale);
+    // a masked key's score: finite, so that its exponent is 0 and never NaN (-inf - -inf)
+    const __m512 minus_inf = _mm512_set1_ps(-1e30f);
+    alignas(64) uint32_t qp[Q][16];
+#pragma GCC unroll 8
+    for (int t = 0; t < Q; ++t) {   // a short last tile repeats its last query
+        const T* row = q + (i0 + std::min(t, nq - 1)) * stride;
+        _mm512_store_si512(qp[t], scale == 1.f ? head_bf16(row) : head_bf16_scaled(row, scale_v));
+    }
+    __m512 best[kTile];
+#pragma GCC unroll 8
+    for (int t = 0; t < Q; ++t) best[t] = minus_inf;
+    // Blocks of keys two at a time: each query's broadcast feeds two dot products. The
+    // pointer is hidden from the compiler at every step, which would otherwise hoist all
+    // 128 broadcasts of a tile out of the loop into 8 KB of stack, stored and reloaded.
+    for (int b = 0; b <= last; b += 2) {
+        const uint32_t* qv = &qp[0][0];
+        asm volatile("" : "+r"(qv));
+        if (b + 1 <= last) {
+            __m512 acc0[Q], acc1[Q];
+#pragma GCC unroll 8
+            for (int t = 0; t < Q; ++t) acc0[t] = acc1[t] = _mm512_setzero_ps();
+#pragma GCC unroll 16
+            for (int p = 0; p < 16; ++p) {
+                const __m512bh k0 = (__m512bh)_mm512_loadu_si512(&w.keys[p * width + b * 16]);
+                const __m512bh k1 = (__m512bh)_mm512_loadu_si512(&w.keys[p * width + b * 16 + 16]);
+#pragma GCC unroll 8
+                for (int t = 0; t < Q; ++t) {
+                    const __m512bh a = (__m512bh)_mm512_set1_epi32(qv[t * 16 + p]);
+                    acc0[t] = _mm512_dpbf16_ps(acc0[t], a, k0);
+                    acc1[t] = _mm512_dpbf16_ps(acc1[t], a, k1);
+                }
+            }
+            const __mmask16 real = b + 1 < last ? (__mmask16)0xffff : last_keys;
+#pragma GCC unroll 8
+            for (int t = 0; t < Q; ++t) {
+                acc1[t] = _mm512_mask_blend_ps(real, minus_inf, acc1[t]);
+                best[t] = _mm512_max_ps(best[t], _mm512_max_ps(acc0[t], acc1[t]));
+                _mm512_storeu_ps(&w.scores[t * width + b * 16], acc0[t]);
+                _mm512_storeu_ps(&w.scores[t * width + b * 16 + 16], acc1[t]);
+            }
+        } else {   // the last block alone
+            __m512 acc[Q];
+#pragma GCC unroll 8
+            for (int t = 0; t < Q; ++t) acc[t] = _mm512_setzero_ps();
+#pragma GCC unroll 16
+            for (int p = 0; p < 16; ++p) {
+                const __m512bh kb = (__m512bh)_mm512_loadu_si512(&w.keys[p * width + b * 16]);
+#pragma GCC unroll 8
+                for (int t = 0; t < Q; ++t)
+                    acc[t] = _mm512_dpbf16_ps(acc[t], (__m512bh)_mm512_set1_epi32(qv[t * 16 + p]), kb);
+            }
+#pragma GCC unroll 8
+            for (int t = 0; t < Q; ++t) {
+                acc[t] = _mm512_mask_blend_ps(last_keys, minus_inf, acc[t]);
+                best[t] = _mm512_max_ps(best[t], acc[t]);
+                _mm512_storeu_ps(&w.scores[t * width + b * 16], acc[t]);
+            }
+        }
+    }
+    const auto max = [](__m512 a, __m512 b) { return _mm512_max_ps(a, b); };
+    const auto add = [](__m512 a, __m512 b) { return _mm512_add_ps(a, b); };
+    alignas(64) float tops[16], sums[16];
+    for (int t = Q; t < kTile; ++t) best[t] = best[t - Q];   // a half tile: its own again
+    _mm512_store_ps(tops, reduce8(best, max));
+    __m512 partial[kTile];   // each query's sum of exponentials, 16 lanes of it
+    for (int t = 0; t < Q; ++t) {
+        float* s = &w.scores[t * width];
+        // e^(s - top) = 2^(s log2 e - top log2 e): one fma per 16 scores
+        const __m512 log2e = _mm512_set1_ps(1.44269504f);
+        const __m512 shift = _mm512_set1_ps(-tops[reduced_at(t)] * 1.44269504f);
+        __m512 sum = _mm512_setzero_ps();
+        int b = 0;
+        for (; b + 1 < blocks; b += 2) {
+            const __m512 e0 = exp2_nonpositive(
+                _mm512_fmadd_ps(_mm512_loadu_ps(s + b * 16), log2e, shift));
+            const __m512 e1 = exp2_nonpositive(
+                _mm512_fmadd_ps(_mm512_loadu_ps(s + b * 16 + 16), log2e, shift));
+            sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+            _mm512_storeu_si512(&w.probs[t * width + b * 16], (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+        }
+        if (b < blocks) {   // an odd last block (an input of 16 keys or fewer is one block)
+            const __m512 e0 = exp2_nonpositive(
+                _mm512_fmadd_ps(_mm512_loadu_ps(s + b * 16), log2e, shift));
+            sum = _mm512_add_ps(sum, e0);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(&w.probs[t * width + b * 16]),
+                                (__m256i)_mm512_cvtneps_pbh(e0));
+        }
+        partial[t] = sum;
+    }
+    for (int t = Q; t < kTile; ++t) partial[t] = partial[t - Q];
+    _mm512_store_ps(sums, reduce8(partial, add));
+    __m512 lo[Q], hi[Q];
+#pragma GCC unroll 8
+    for (int t = 0; t < Q; ++t) lo[t] = hi[t] = _mm512_setzero_ps();
+    const uint32_t* pp = reinterpret_cast<const uint32_t*>(w.probs.data());
+    const int pstride = width / 2;
+    for (int jp = 0; jp < pairs; ++jp) {
+        const __m512bh v0 = (__m512bh)_mm512_loadu_si512(&w.values[jp * kHead]);
+        const __m512bh v1 = (__m512bh)_mm512_loadu_si512(&w.values[jp * kHead + 16]);
+#pragma GCC unroll 8
+        for (int t = 0; t < Q; ++t) {
+            const __m512bh a = (__m512bh)_mm512_set1_epi32(pp[t * pstride + jp]);
+            lo[t] = _mm512_dpbf16_ps(lo[t], a, v0);
+            hi[t] = _mm512_dpbf16_ps(hi[t], a, v1);
+        }
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < Q; ++t) {
+        if (t < nq) {
+            const __m512 inv = _mm512_set1_ps(1.f / sums[reduced_at(t)]);
+            store_head(o + (i0 + t) * stride, _mm512_mul_ps(lo[t], inv), _mm512_mul_ps(hi[t], inv));
+        }
+    }
+}
+
 // One input (length n) of one head: q, k, v, o point at its first token, rows `stride` apart.
 template <typename T>
 void attend(const T* q, const T* k, const T* v, T* o, int n, size_t stride, float scale,
@@ -177,122 +298,14 @@ void attend(const T* q, const T* k, const T* v, T* o, int n, size_t stride, floa
         _mm512_storeu_si512(&w.values[jp * kHead], _mm512_permutex2var_epi16(a, low, b));
         _mm512_storeu_si512(&w.values[jp * kHead + 16], _mm512_permutex2var_epi16(a, high, b));
     }
-    const __m512 scale_v = _mm512_set1_ps(scale);
-    // a masked key's score: finite, so that its exponent is 0 and never NaN (-inf - -inf)
-    const __m512 minus_inf = _mm512_set1_ps(-1e30f);
     const int last = (n - 1) / 16;  // the block holding the last key
     const __mmask16 last_keys = n % 16 == 0 ? (__mmask16)0xffff : (__mmask16)((1u << (n % 16)) - 1u);
     for (int i0 = 0; i0 < n; i0 += kTile) {
         const int nq = std::min(kTile, n - i0);
-        alignas(64) uint32_t qp[kTile][16];
-#pragma GCC unroll 8
-        for (int t = 0; t < kTile; ++t) {   // a short last tile repeats its last query
-            const T* row = q + (i0 + std::min(t, nq - 1)) * stride;
-            _mm512_store_si512(qp[t], scale == 1.f ? head_bf16(row) : head_bf16_scaled(row, scale_v));
-        }
-        __m512 best[kTile];
-#pragma GCC unroll 8
-        for (int t = 0; t < kTile; ++t) best[t] = minus_inf;
-        // Blocks of keys two at a time: each query's broadcast feeds two dot products. The
-        // pointer is hidden from the compiler at every step, which would otherwise hoist all
-        // 128 broadcasts of a tile out of the loop into 8 KB of stack, stored and reloaded.
-        for (int b = 0; b <= last; b += 2) {
-            const uint32_t* qv = &qp[0][0];
-            asm volatile("" : "+r"(qv));
-            if (b + 1 <= last) {
-                __m512 acc0[kTile], acc1[kTile];
-#pragma GCC unroll 8
-                for (int t = 0; t < kTile; ++t) acc0[t] = acc1[t] = _mm512_setzero_ps();
-#pragma GCC unroll 16
-                for (int p = 0; p < 16; ++p) {
-                    const __m512bh k0 = (__m512bh)_mm512_loadu_si512(&w.keys[p * width + b * 16]);
-                    const __m512bh k1 = (__m512bh)_mm512_loadu_si512(&w.keys[p * width + b * 16 + 16]);
-#pragma GCC unroll 8
-                    for (int t = 0; t < kTile; ++t) {
-                        const __m512bh a = (__m512bh)_mm512_set1_epi32(qv[t * 16 + p]);
-                        acc0[t] = _mm512_dpbf16_ps(acc0[t], a, k0);
-                        acc1[t] = _mm512_dpbf16_ps(acc1[t], a, k1);
-                    }
-                }
-                const __mmask16 real = b + 1 < last ? (__mmask16)0xffff : last_keys;
-#pragma GCC unroll 8
-                for (int t = 0; t < kTile; ++t) {
-                    acc1[t] = _mm512_mask_blend_ps(real, minus_inf, acc1[t]);
-                    best[t] = _mm512_max_ps(best[t], _mm512_max_ps(acc0[t], acc1[t]));
-                    _mm512_storeu_ps(&w.scores[t * width + b * 16], acc0[t]);
-                    _mm512_storeu_ps(&w.scores[t * width + b * 16 + 16], acc1[t]);
-                }
-            } else {   // the last block alone
-                __m512 acc[kTile];
-#pragma GCC unroll 8
-                for (int t = 0; t < kTile; ++t) acc[t] = _mm512_setzero_ps();
-#pragma GCC unroll 16
-                for (int p = 0; p < 16; ++p) {
-                    const __m512bh kb = (__m512bh)_mm512_loadu_si512(&w.keys[p * width + b * 16]);
-#pragma GCC unroll 8
-                    for (int t = 0; t < kTile; ++t)
-                        acc[t] = _mm512_dpbf16_ps(acc[t], (__m512bh)_mm512_set1_epi32(qv[t * 16 + p]), kb);
-                }
-#pragma GCC unroll 8
-                for (int t = 0; t < kTile; ++t) {
-                    acc[t] = _mm512_mask_blend_ps(last_keys, minus_inf, acc[t]);
-                    best[t] = _mm512_max_ps(best[t], acc[t]);
-                    _mm512_storeu_ps(&w.scores[t * width + b * 16], acc[t]);
-                }
-            }
-        }
-        const auto max = [](__m512 a, __m512 b) { return _mm512_max_ps(a, b); };
-        const auto add = [](__m512 a, __m512 b) { return _mm512_add_ps(a, b); };
-        alignas(64) float tops[16], sums[16];
-        _mm512_store_ps(tops, reduce8(best, max));
-        __m512 partial[kTile];   // each query's sum of exponentials, 16 lanes of it
-        for (int t = 0; t < kTile; ++t) {
-            float* s = &w.scores[t * width];
-            // e^(s - top) = 2^(s log2 e - top log2 e): one fma per 16 scores
-            const __m512 log2e = _mm512_set1_ps(1.44269504f);
-            const __m512 shift = _mm512_set1_ps(-tops[reduced_at(t)] * 1.44269504f);
-            __m512 sum = _mm512_setzero_ps();
-            int b = 0;
-            for (; b + 1 < blocks; b += 2) {
-                const __m512 e0 = exp2_nonpositive(
-                    _mm512_fmadd_ps(_mm512_loadu_ps(s + b * 16), log2e, shift));
-                const __m512 e1 = exp2_nonpositive(
-                    _mm512_fmadd_ps(_mm512_loadu_ps(s + b * 16 + 16), log2e, shift));
-                sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
-                _mm512_storeu_si512(&w.probs[t * width + b * 16], (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
-            }
-            if (b < blocks) {   // an odd last block (an input of 16 keys or fewer is one block)
-                const __m512 e0 = exp2_nonpositive(
-                    _mm512_fmadd_ps(_mm512_loadu_ps(s + b * 16), log2e, shift));
-                sum = _mm512_add_ps(sum, e0);
-                _mm256_storeu_si256(reinterpret_cast<__m256i*>(&w.probs[t * width + b * 16]),
-                                    (__m256i)_mm512_cvtneps_pbh(e0));
-            }
-            partial[t] = sum;
-        }
-        _mm512_store_ps(sums, reduce8(partial, add));
-        __m512 lo[kTile], hi[kTile];
-#pragma GCC unroll 8
-        for (int t = 0; t < kTile; ++t) lo[t] = hi[t] = _mm512_setzero_ps();
-        const uint32_t* pp = reinterpret_cast<const uint32_t*>(w.probs.data());
-        const int pstride = width / 2;
-        for (int jp = 0; jp < pairs; ++jp) {
-            const __m512bh v0 = (__m512bh)_mm512_loadu_si512(&w.values[jp * kHead]);
-            const __m512bh v1 = (__m512bh)_mm512_loadu_si512(&w.values[jp * kHead + 16]);
-#pragma GCC unroll 8
-            for (int t = 0; t < kTile; ++t) {
-                const __m512bh a = (__m512bh)_mm512_set1_epi32(pp[t * pstride + jp]);
-                lo[t] = _mm512_dpbf16_ps(lo[t], a, v0);
-                hi[t] = _mm512_dpbf16_ps(hi[t], a, v1);
-            }
-        }
-#pragma GCC unroll 8
-        for (int t = 0; t < kTile; ++t) {
-            if (t < nq) {
-                const __m512 inv = _mm512_set1_ps(1.f / sums[reduced_at(t)]);
-                store_head(o + (i0 + t) * stride, _mm512_mul_ps(lo[t], inv), _mm512_mul_ps(hi[t], inv));
-            }
-        }
+        if (nq <= 4)   // half a tile (an input's last few queries): half the work
+            attend_tile<4>(q, o, i0, nq, stride, scale, w, width, blocks, last, last_keys, pairs);
+        else
+            attend_tile<kTile>(q, o, i0, nq, stride, scale, w, width, blocks, last, last_keys, pairs);
     }
 }
 
