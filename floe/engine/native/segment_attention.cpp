@@ -31,7 +31,7 @@
 namespace {
 
 constexpr int kHead = 32;    // dimensions per head
-constexpr int kTile = 8;     // queries computed together (8 independent dot-product chains)
+constexpr int kTile = 8;     // queries computed together (times two key blocks: 16 dot-product chains)
 
 // 2^t for t <= 0 (a masked key's t, about -1e30, gives 0): 2^n times a degree-3 polynomial of
 // the fraction (fitted on [-0.5, 0.5]), accurate to about 1e-4 relative: the probabilities are
