@@ -134,25 +134,38 @@ inline void prefetch_head(const T* q, const T* k, const T* v, int n, size_t stri
     }
 }
 
+// One thread's buffers for one input, as plain pointers. The kernel reads them through this
+// copy, never through the thread_local Scratch itself: a store through a vector's data could, as
+// far as the compiler knows, change the vector, so each loop step reloaded the pointer, and
+// reaching a thread_local in a shared library is a call (__tls_get_addr) that also spilled the
+// softmax's registers to the stack around it, once per 32 scores.
+struct Buffers {
+    uint32_t* keys;     // [16 dimension pairs][width]: the keys, transposed
+    uint32_t* values;   // [width / 2][32]: pairs of consecutive tokens' values
+    float* scores;      // [kTile][width]
+    uint16_t* probs;    // [kTile][width], bf16
+};
+
 struct Scratch {            // per thread, grown to the longest input seen
-    std::vector<uint32_t> keys;     // [16 dimension pairs][width]: the keys, transposed
-    std::vector<uint32_t> values;   // [width / 2][32]: pairs of consecutive tokens' values
-    std::vector<float> scores;      // [kTile][width]
-    std::vector<uint16_t> probs;    // [kTile][width], bf16
-    void fit(int width) {
+    std::vector<uint32_t> keys;
+    std::vector<uint32_t> values;
+    std::vector<float> scores;
+    std::vector<uint16_t> probs;
+    Buffers fit(int width) {
         if ((int)keys.size() < 16 * width) {
             keys.resize(16 * width);
             values.resize(width / 2 * kHead);
             scores.resize(kTile * width);
             probs.resize(kTile * width);
         }
+        return {keys.data(), values.data(), scores.data(), probs.data()};
     }
 };
 
 // Q queries of one input from query i0 on (nq of them real: a short last tile repeats its last
 // query), against all its keys and values, already laid out in the scratch by ``attend``.
 template <int Q, typename T>
-void attend_tile(const T* q, T* o, int i0, int nq, size_t stride, float scale, Scratch& w,
+void attend_tile(const T* q, T* o, int i0, int nq, size_t stride, float scale, const Buffers w,
                  int width, int blocks, int last, __mmask16 last_keys, int pairs) {
     const __m512 scale_v = _mm512_set1_ps(scale);
     // a masked key's score: finite, so that its exponent is 0 and never NaN (-inf - -inf)
@@ -249,7 +262,7 @@ void attend_tile(const T* q, T* o, int i0, int nq, size_t stride, float scale, S
     __m512 lo[Q], hi[Q];
 #pragma GCC unroll 8
     for (int t = 0; t < Q; ++t) lo[t] = hi[t] = _mm512_setzero_ps();
-    const uint32_t* pp = reinterpret_cast<const uint32_t*>(w.probs.data());
+    const uint32_t* pp = reinterpret_cast<const uint32_t*>(w.probs);
     const int pstride = width / 2;
     for (int jp = 0; jp < pairs; ++jp) {
         const __m512bh v0 = (__m512bh)_mm512_loadu_si512(&w.values[jp * kHead]);
@@ -273,10 +286,10 @@ void attend_tile(const T* q, T* o, int i0, int nq, size_t stride, float scale, S
 // One input (length n) of one head: q, k, v, o point at its first token, rows `stride` apart.
 template <typename T>
 void attend(const T* q, const T* k, const T* v, T* o, int n, size_t stride, float scale,
-            Scratch& w) {
+            Scratch& scratch) {
     const int width = (n + 15) / 16 * 16;    // keys in whole 16-key blocks
     const int blocks = width / 16;
-    w.fit(width);
+    const Buffers w = scratch.fit(width);
     for (int b = 0; b < blocks; ++b) {
         __m512i rows[16];
         for (int t = 0; t < 16; ++t) {
